@@ -1,0 +1,493 @@
+//! The model configuration: what a `.safetensors` file says about itself in its
+//! `__metadata__["xmoe_config"]` entry (or a `config.json` beside it).
+
+use serde::{Deserialize, Serialize};
+
+use crate::routing::RoutingPolicy;
+
+/// Current version of the configuration schema written by this crate.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The metadata key under which the JSON configuration is stored in a safetensors header.
+pub const METADATA_KEY: &str = "xmoe_config";
+
+/// How text becomes token ids.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    /// One token per byte; `vocab_size` must be at least 256.
+    Byte,
+}
+
+/// Normalisation used before attention, before the FFN and at the end.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// LayerNorm with weight and bias.
+    LayerNorm,
+    /// RMSNorm with weight only.
+    RmsNorm,
+}
+
+/// How token positions enter the model.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionKind {
+    /// A learned table `pos_embeddings.weight` [max_seq_len, d_model] added to the embeddings.
+    Learned,
+    /// Rotary embeddings on queries and keys (half-split layout, as in GPT-NeoX / Llama).
+    Rotary,
+}
+
+/// FFN and expert nonlinearity.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// GELU, tanh approximation.
+    Gelu,
+    /// SiLU (swish).
+    Silu,
+}
+
+impl Activation {
+    /// Applies the activation to one value (f32, as the engine computes).
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Gelu => {
+                const C: f32 = 0.797_884_6; // sqrt(2/pi)
+                0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+            }
+            Activation::Silu => x / (1.0 + (-x).exp()),
+        }
+    }
+}
+
+/// Which blocks carry a Mixture-of-Experts FFN (the others carry a dense FFN).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum MoeLayers {
+    /// An explicit list of block indices.
+    List(Vec<usize>),
+    /// Every `every`-th block starting at `offset` (offset, offset + every, ...).
+    Every {
+        /// Stride between MoE blocks (>= 1).
+        every: usize,
+        /// Index of the first MoE block.
+        #[serde(default)]
+        offset: usize,
+    },
+    /// The keyword `"all"` (every block) or `"none"` (a dense model).
+    Keyword(String),
+}
+
+/// Routing policy as written in a configuration file.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PolicySpec {
+    /// Threshold routing with threshold `t`.
+    Threshold {
+        /// Cumulative probability mass to reach, in (0, 1].
+        t: f32,
+    },
+    /// Top-k routing.
+    TopK {
+        /// Experts per token.
+        k: usize,
+        /// Renormalise the selected weights to sum to 1.
+        #[serde(default)]
+        renormalize: bool,
+    },
+    /// All experts, weighted by their probability.
+    Dense,
+}
+
+impl Default for PolicySpec {
+    fn default() -> Self {
+        PolicySpec::Threshold { t: 0.9 }
+    }
+}
+
+impl From<PolicySpec> for RoutingPolicy {
+    fn from(p: PolicySpec) -> Self {
+        match p {
+            PolicySpec::Threshold { t } => RoutingPolicy::Threshold { t },
+            PolicySpec::TopK { k, renormalize } => RoutingPolicy::TopK { k, renormalize },
+            PolicySpec::Dense => RoutingPolicy::Dense,
+        }
+    }
+}
+
+impl From<RoutingPolicy> for PolicySpec {
+    fn from(p: RoutingPolicy) -> Self {
+        match p {
+            RoutingPolicy::Threshold { t } => PolicySpec::Threshold { t },
+            RoutingPolicy::TopK { k, renormalize } => PolicySpec::TopK { k, renormalize },
+            RoutingPolicy::Dense => PolicySpec::Dense,
+        }
+    }
+}
+
+fn default_format_version() -> u32 {
+    FORMAT_VERSION
+}
+fn default_name() -> String {
+    "xmoe".to_string()
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The full configuration of an XMoE decoder-only language model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Schema version; this crate writes [`FORMAT_VERSION`].
+    #[serde(default = "default_format_version")]
+    pub format_version: u32,
+    /// Human-readable model name.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Number of token ids.
+    pub vocab_size: usize,
+    /// Tokenizer kind.
+    pub tokenizer: TokenizerKind,
+    /// Residual stream width.
+    pub d_model: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Attention heads per block; must divide `d_model`.
+    pub n_heads: usize,
+    /// Longest sequence the model accepts.
+    pub max_seq_len: usize,
+    /// Normalisation kind.
+    pub norm: NormKind,
+    /// Normalisation epsilon.
+    #[serde(default = "default_eps")]
+    pub norm_eps: f64,
+    /// Position encoding kind.
+    pub positions: PositionKind,
+    /// Rotary base (used only with rotary positions).
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// FFN / expert nonlinearity.
+    pub activation: Activation,
+    /// Gated FFN and experts (`act(gate(x)) * up(x)`, SwiGLU-style) when true.
+    #[serde(default)]
+    pub gated: bool,
+    /// Biases on the attention projections.
+    #[serde(default)]
+    pub attn_bias: bool,
+    /// Hidden width of the dense FFN blocks (and the reference width for the split ratio).
+    pub dense_ffn_hidden: usize,
+    /// Biases on the dense FFN projections.
+    #[serde(default)]
+    pub ffn_bias: bool,
+    /// Which blocks are MoE.
+    pub moe_layers: MoeLayers,
+    /// Experts per MoE block.
+    pub n_experts: usize,
+    /// Hidden width of one expert.
+    pub expert_hidden: usize,
+    /// Each expert has an input bias [h] and an output bias [d] (added before gating).
+    #[serde(default)]
+    pub expert_bias: bool,
+    /// LM head shares the token embedding matrix.
+    #[serde(default = "default_true")]
+    pub tie_embeddings: bool,
+    /// Policy used when the user does not choose one.
+    #[serde(default)]
+    pub default_policy: PolicySpec,
+    /// k of the compute-matched top-k baseline; default: the split ratio.
+    #[serde(default)]
+    pub top_k_baseline: Option<usize>,
+    /// Optional inference-time capacity factor.
+    #[serde(default)]
+    pub capacity_factor: Option<f32>,
+}
+
+/// A configuration field that is missing, out of range or inconsistent.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("configuration field `{field}`: {message}")]
+pub struct ConfigError {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong, with expected versus found.
+    pub message: String,
+}
+
+fn err(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        message: message.into(),
+    }
+}
+
+impl ModelConfig {
+    /// Checks every field for range and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(err(
+                "format_version",
+                format!(
+                    "expected {FORMAT_VERSION}, found {} (file written by a newer or older xmoe-top?)",
+                    self.format_version
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("max_seq_len", self.max_seq_len),
+            ("dense_ffn_hidden", self.dense_ffn_hidden),
+            ("n_experts", self.n_experts),
+            ("expert_hidden", self.expert_hidden),
+        ] {
+            if v == 0 {
+                return Err(err(field, "must be positive, found 0"));
+            }
+        }
+        if self.tokenizer == TokenizerKind::Byte && self.vocab_size < 256 {
+            return Err(err(
+                "vocab_size",
+                format!(
+                    "a byte tokenizer needs at least 256, found {}",
+                    self.vocab_size
+                ),
+            ));
+        }
+        if self.d_model % self.n_heads != 0 {
+            return Err(err(
+                "n_heads",
+                format!(
+                    "d_model {} is not divisible by n_heads {}",
+                    self.d_model, self.n_heads
+                ),
+            ));
+        }
+        if self.positions == PositionKind::Rotary && (self.d_model / self.n_heads) % 2 != 0 {
+            return Err(err(
+                "positions",
+                format!(
+                    "rotary positions need an even head size, found {}",
+                    self.d_model / self.n_heads
+                ),
+            ));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(err(
+                "norm_eps",
+                format!("must be positive and finite, found {}", self.norm_eps),
+            ));
+        }
+        if self.n_experts > u16::MAX as usize {
+            return Err(err(
+                "n_experts",
+                format!("at most {} supported, found {}", u16::MAX, self.n_experts),
+            ));
+        }
+        match &self.moe_layers {
+            MoeLayers::List(list) => {
+                for &l in list {
+                    if l >= self.n_layers {
+                        return Err(err(
+                            "moe_layers",
+                            format!(
+                                "layer {l} is out of range: the model has {} layers (0..{})",
+                                self.n_layers, self.n_layers
+                            ),
+                        ));
+                    }
+                }
+                let mut sorted = list.clone();
+                sorted.sort_unstable();
+                sorted.dedup();
+                if sorted.len() != list.len() {
+                    return Err(err("moe_layers", "the list names a layer twice"));
+                }
+            }
+            MoeLayers::Every { every, offset } => {
+                if *every == 0 {
+                    return Err(err("moe_layers", "`every` must be at least 1, found 0"));
+                }
+                if *offset >= self.n_layers {
+                    return Err(err(
+                        "moe_layers",
+                        format!(
+                            "offset {offset} is out of range: the model has {} layers",
+                            self.n_layers
+                        ),
+                    ));
+                }
+            }
+            MoeLayers::Keyword(k) if k == "all" || k == "none" => {}
+            MoeLayers::Keyword(k) => {
+                return Err(err(
+                    "moe_layers",
+                    format!(
+                        "expected \"all\", \"none\", a list or {{\"every\": n}}, found \"{k}\""
+                    ),
+                ));
+            }
+        }
+        let policy: RoutingPolicy = self.default_policy.into();
+        policy
+            .validate(self.n_experts)
+            .map_err(|e| err("default_policy", e.to_string()))?;
+        if let Some(k) = self.top_k_baseline
+            && (k == 0 || k > self.n_experts)
+        {
+            return Err(err(
+                "top_k_baseline",
+                format!("must be in 1..={}, found {k}", self.n_experts),
+            ));
+        }
+        if let Some(c) = self.capacity_factor
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(err(
+                "capacity_factor",
+                format!("must be positive and finite, found {c}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Indices of the MoE blocks, ascending.
+    pub fn moe_layer_indices(&self) -> Vec<usize> {
+        match &self.moe_layers {
+            MoeLayers::List(list) => {
+                let mut v = list.clone();
+                v.sort_unstable();
+                v
+            }
+            MoeLayers::Every { every, offset } => {
+                (*offset..self.n_layers).step_by((*every).max(1)).collect()
+            }
+            MoeLayers::Keyword(k) if k == "all" => (0..self.n_layers).collect(),
+            MoeLayers::Keyword(_) => Vec::new(),
+        }
+    }
+
+    /// True when block `layer` has an MoE FFN.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.moe_layer_indices().contains(&layer)
+    }
+
+    /// Attention head size.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// Split ratio: how many experts together are as wide as the dense FFN (at least 1).
+    pub fn split_ratio(&self) -> usize {
+        ((self.dense_ffn_hidden as f64 / self.expert_hidden as f64).round() as usize).max(1)
+    }
+
+    /// k of the compute-matched top-k baseline (configured, or the split ratio), clamped to 1..=E.
+    pub fn top_k_baseline(&self) -> usize {
+        self.top_k_baseline
+            .unwrap_or_else(|| self.split_ratio())
+            .clamp(1, self.n_experts)
+    }
+
+    /// Parses and validates a JSON configuration.
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        let cfg: ModelConfig = serde_json::from_str(json)
+            .map_err(|e| err("(json)", format!("cannot parse the configuration: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Serialises to compact JSON (as stored in safetensors metadata).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("ModelConfig serialises")
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A small valid configuration for tests.
+    pub fn small() -> ModelConfig {
+        ModelConfig {
+            format_version: FORMAT_VERSION,
+            name: "test".into(),
+            vocab_size: 256,
+            tokenizer: TokenizerKind::Byte,
+            d_model: 16,
+            n_layers: 2,
+            n_heads: 2,
+            max_seq_len: 32,
+            norm: NormKind::LayerNorm,
+            norm_eps: 1e-5,
+            positions: PositionKind::Learned,
+            rope_theta: 10_000.0,
+            activation: Activation::Gelu,
+            gated: false,
+            attn_bias: false,
+            dense_ffn_hidden: 64,
+            ffn_bias: false,
+            moe_layers: MoeLayers::Keyword("all".into()),
+            n_experts: 8,
+            expert_hidden: 16,
+            expert_bias: true,
+            tie_embeddings: true,
+            default_policy: PolicySpec::default(),
+            top_k_baseline: None,
+            capacity_factor: None,
+        }
+    }
+
+    #[test]
+    fn json_round_trip_and_defaults() {
+        let c = small();
+        let back = ModelConfig::from_json(&c.to_json()).unwrap();
+        assert_eq!(c, back);
+        assert_eq!(c.split_ratio(), 4);
+        assert_eq!(c.top_k_baseline(), 4);
+    }
+
+    #[test]
+    fn moe_layer_forms() {
+        let mut c = small();
+        c.n_layers = 6;
+        c.moe_layers = serde_json::from_str(r#"{"every": 2, "offset": 1}"#).unwrap();
+        assert_eq!(c.moe_layer_indices(), vec![1, 3, 5]);
+        c.moe_layers = serde_json::from_str("[0, 4]").unwrap();
+        assert_eq!(c.moe_layer_indices(), vec![0, 4]);
+        c.moe_layers = serde_json::from_str(r#""all""#).unwrap();
+        assert_eq!(c.moe_layer_indices().len(), 6);
+    }
+
+    #[test]
+    fn inconsistent_configs_are_rejected_with_the_field() {
+        let mut c = small();
+        c.n_heads = 3;
+        assert_eq!(c.validate().unwrap_err().field, "n_heads");
+        let mut c = small();
+        c.moe_layers = MoeLayers::List(vec![0, 2]);
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "moe_layers");
+        assert!(e.message.contains("layer 2 is out of range"), "{e}");
+        let mut c = small();
+        c.d_model = 0;
+        assert_eq!(c.validate().unwrap_err().field, "d_model");
+        let mut c = small();
+        c.default_policy = PolicySpec::Threshold { t: 1.5 };
+        assert_eq!(c.validate().unwrap_err().field, "default_policy");
+        let mut c = small();
+        c.vocab_size = 100;
+        assert_eq!(c.validate().unwrap_err().field, "vocab_size");
+        assert!(ModelConfig::from_json("{\"d_model\": 3}").is_err());
+    }
+}

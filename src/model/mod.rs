@@ -1,0 +1,3 @@
+//! The model: configuration, file format and loading, forward pass.
+
+pub mod config;

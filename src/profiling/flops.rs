@@ -1,0 +1,173 @@
+//! Exact FLOP accounting for one token, per layer, for the actual routing and for the baselines.
+//!
+//! Convention (see `docs/flops.md`): one multiply-add is 2 FLOPs; a bias add is 1 FLOP per
+//! element; activations, softmax and normalisation are not counted (they are O(d), not O(d^2)).
+//!
+//! | part | FLOPs per token |
+//! |---|---|
+//! | attention projections (q, k, v, o) | 4 · 2·d·d (+ 4·d with biases) |
+//! | attention scores and weighted sum over `c` keys | 2·2·c·d |
+//! | router | 2·d·E |
+//! | one expert, non-gated | 2·2·d·h (+ h + d with biases) |
+//! | one expert, gated | 3·2·d·h (+ h + d with biases) |
+//! | combining a selected expert's output (scale and add) | 2·d |
+//! | dense FFN of width H | as one expert of width H, without the combine |
+//! | LM head | 2·d·V |
+
+use crate::model::config::ModelConfig;
+
+/// Computes FLOPs per token for a given configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlopModel {
+    d: u64,
+    vocab: u64,
+    n_layers: usize,
+    n_experts: u64,
+    expert_hidden: u64,
+    dense_hidden: u64,
+    gated: bool,
+    expert_bias: bool,
+    ffn_bias: bool,
+    attn_bias: bool,
+    moe_layers: Vec<usize>,
+    top_k: u64,
+}
+
+impl FlopModel {
+    /// Builds the model of a configuration; `top_k` is the baseline's k.
+    pub fn new(cfg: &ModelConfig) -> Self {
+        Self {
+            d: cfg.d_model as u64,
+            vocab: cfg.vocab_size as u64,
+            n_layers: cfg.n_layers,
+            n_experts: cfg.n_experts as u64,
+            expert_hidden: cfg.expert_hidden as u64,
+            dense_hidden: cfg.dense_ffn_hidden as u64,
+            gated: cfg.gated,
+            expert_bias: cfg.expert_bias,
+            ffn_bias: cfg.ffn_bias,
+            attn_bias: cfg.attn_bias,
+            moe_layers: cfg.moe_layer_indices(),
+            top_k: cfg.top_k_baseline() as u64,
+        }
+    }
+
+    /// Same model with another top-k baseline.
+    pub fn with_top_k(mut self, k: usize) -> Self {
+        self.top_k = k as u64;
+        self
+    }
+
+    /// k of the top-k baseline.
+    pub fn top_k(&self) -> usize {
+        self.top_k as usize
+    }
+
+    /// Experts per MoE layer.
+    pub fn n_experts(&self) -> usize {
+        self.n_experts as usize
+    }
+
+    fn ffn_flops(&self, h: u64, bias: bool) -> u64 {
+        let mats = if self.gated { 3 } else { 2 };
+        mats * 2 * self.d * h + if bias { h + self.d } else { 0 }
+    }
+
+    /// One expert applied to one token, including the weighted combine into the output.
+    pub fn expert(&self) -> u64 {
+        self.ffn_flops(self.expert_hidden, self.expert_bias) + 2 * self.d
+    }
+
+    /// Router logits for one token.
+    pub fn router(&self) -> u64 {
+        2 * self.d * self.n_experts
+    }
+
+    /// A MoE layer for one token that used `experts` (kept) experts.
+    pub fn moe_layer(&self, experts: usize) -> u64 {
+        self.router() + experts as u64 * self.expert()
+    }
+
+    /// The all-experts baseline for one token of one MoE layer.
+    pub fn moe_layer_all_experts(&self) -> u64 {
+        self.moe_layer(self.n_experts as usize)
+    }
+
+    /// The top-k baseline for one token of one MoE layer.
+    pub fn moe_layer_top_k(&self) -> u64 {
+        self.moe_layer(self.top_k as usize)
+    }
+
+    /// A dense FFN block for one token.
+    pub fn dense_ffn(&self) -> u64 {
+        self.ffn_flops(self.dense_hidden, self.ffn_bias)
+    }
+
+    /// Attention of one token attending over `context` keys (itself included).
+    pub fn attention(&self, context: usize) -> u64 {
+        let proj = 4 * 2 * self.d * self.d + if self.attn_bias { 4 * self.d } else { 0 };
+        proj + 2 * 2 * context as u64 * self.d
+    }
+
+    /// LM head for one token.
+    pub fn lm_head(&self) -> u64 {
+        2 * self.d * self.vocab
+    }
+
+    /// Everything but the MoE layers, for one token with `context` keys.
+    pub fn non_moe(&self, context: usize) -> u64 {
+        let dense_blocks = (self.n_layers - self.moe_layers.len()) as u64;
+        self.n_layers as u64 * self.attention(context)
+            + dense_blocks * self.dense_ffn()
+            + self.lm_head()
+    }
+
+    /// Indices of the MoE blocks.
+    pub fn moe_layers(&self) -> &[usize] {
+        &self.moe_layers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::tests::small;
+
+    #[test]
+    fn formulas_by_hand() {
+        // d 16, E 8, h 16, expert bias, non-gated, dense 64, V 256, 2 layers both MoE, k = 4.
+        let f = FlopModel::new(&small());
+        assert_eq!(f.router(), 2 * 16 * 8);
+        assert_eq!(f.expert(), 2 * 2 * 16 * 16 + 16 + 16 + 2 * 16);
+        assert_eq!(f.moe_layer(3), 256 + 3 * 1088);
+        assert_eq!(f.moe_layer_all_experts(), 256 + 8 * 1088);
+        assert_eq!(f.moe_layer_top_k(), 256 + 4 * 1088);
+        assert_eq!(f.attention(5), 8 * 256 + 4 * 5 * 16);
+        assert_eq!(f.lm_head(), 2 * 16 * 256);
+        assert_eq!(f.non_moe(1), 2 * f.attention(1) + f.lm_head());
+        let mut c = small();
+        c.gated = true;
+        c.expert_bias = false;
+        assert_eq!(FlopModel::new(&c).expert(), 3 * 2 * 16 * 16 + 2 * 16);
+    }
+
+    #[test]
+    fn paper_split_ratio_is_compute_matched() {
+        // d 768: top-2 of 16 x 1536 costs the same as top-4 of 32 x 768 (routers aside).
+        let mut c = small();
+        c.d_model = 768;
+        c.n_heads = 12;
+        c.expert_bias = false;
+        c.dense_ffn_hidden = 3072;
+        c.n_experts = 16;
+        c.expert_hidden = 1536;
+        let a = FlopModel::new(&c);
+        c.n_experts = 32;
+        c.expert_hidden = 768;
+        let b = FlopModel::new(&c);
+        assert_eq!(a.top_k(), 2);
+        assert_eq!(b.top_k(), 4);
+        let matmuls = |f: &FlopModel| f.moe_layer_top_k() - f.router() - f.top_k() as u64 * 2 * 768;
+        assert_eq!(matmuls(&a), matmuls(&b));
+    }
+}

@@ -1,0 +1,4 @@
+//! Profiling: forward traces, FLOP accounting, statistics.
+
+pub mod flops;
+pub mod trace;
