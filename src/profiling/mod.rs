@@ -1,4 +1,5 @@
-//! Profiling: forward traces, FLOP accounting, statistics.
+//! Profiling: forward traces, FLOP accounting, statistics and the snapshots views read.
 
 pub mod flops;
+pub mod snapshot;
 pub mod trace;
