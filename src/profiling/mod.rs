@@ -2,4 +2,5 @@
 
 pub mod flops;
 pub mod snapshot;
+pub mod stats;
 pub mod trace;
