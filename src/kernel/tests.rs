@@ -187,10 +187,12 @@ fn variants() -> Vec<KernelVariant> {
 #[test]
 fn matches_f64_reference_every_variant_threads_and_shape() {
     let mut rng = StdRng::seed_from_u64(7);
-    let mut scratch = MoeScratch::default();
     // Force the threaded paths even for small shapes: T=1 and 7 take the pair split, T=256 the
     // token split.
-    scratch.par_min_flops = 0;
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
     let acts = [Activation::Gelu, Activation::Silu];
     // (E, d, h, gated, up_bias, down_bias): multiples of the 32-wide panel and ragged sizes.
     let shapes = [
@@ -297,8 +299,10 @@ fn only_the_rows_that_chose_an_expert_are_computed() {
     }
     assert!(idle_tokens > 0);
     let packed = raw.pack();
-    let mut scratch = MoeScratch::default();
-    scratch.par_min_flops = 0;
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
     for v in variants() {
         for threads in [1, 2] {
             let mut out = vec![f32::NAN; x.len()];
@@ -325,8 +329,10 @@ fn repeated_runs_are_bit_identical() {
     let x: Vec<f32> = (0..200 * 64)
         .map(|_| rng.random_range(-1.0f32..1.0))
         .collect();
-    let mut scratch = MoeScratch::default();
-    scratch.par_min_flops = 0;
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
     for v in variants() {
         let mut a = vec![0.0; x.len()];
         let mut b = vec![1.0; x.len()];
