@@ -2,10 +2,11 @@
 //!
 //! Data flows one way: [`model`] (format, loading, forward) produces a
 //! [`profiling::trace::ForwardTrace`] per pass; [`routing`] is the pure policy code the model calls;
-//! [`profiling`] turns traces into statistics and FLOP figures.
+//! [`profiling`] turns traces into statistics and FLOP figures; [`kernel`] is the CPU expert layer.
 
 pub mod cli;
 pub mod inspect;
+pub mod kernel;
 pub mod model;
 pub mod profiling;
 pub mod routing;
