@@ -4,6 +4,7 @@
 //! [`profiling::trace::ForwardTrace`] per pass; [`routing`] is the pure policy code the model calls;
 //! [`profiling`] turns traces into statistics and FLOP figures.
 
+pub mod gpu;
 pub mod model;
 pub mod profiling;
 pub mod routing;
