@@ -5,6 +5,7 @@
 //! [`profiling`] turns traces into statistics and FLOP figures.
 
 pub mod gpu;
+pub mod inspect;
 pub mod model;
 pub mod profiling;
 pub mod routing;

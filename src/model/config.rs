@@ -264,7 +264,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(err(
                 "n_heads",
                 format!(
@@ -273,7 +273,9 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.positions == PositionKind::Rotary && (self.d_model / self.n_heads) % 2 != 0 {
+        if self.positions == PositionKind::Rotary
+            && !(self.d_model / self.n_heads).is_multiple_of(2)
+        {
             return Err(err(
                 "positions",
                 format!(

@@ -1,6 +1,6 @@
 //! What one forward pass reports besides logits: plain data, reused across passes.
 
-use crate::routing::Routing;
+use crate::routing::{ExpertGroups, Routing};
 
 /// Wall time of one block, split by part, in nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -20,6 +20,8 @@ pub struct MoeLayerTrace {
     pub layer: usize,
     /// Selections, weights, probabilities, top-1 and dropped pairs for each token.
     pub routing: Routing,
+    /// The kept pairs grouped by expert: exactly the rows each expert computed.
+    pub groups: ExpertGroups,
 }
 
 /// The trace of one forward pass.

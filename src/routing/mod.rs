@@ -170,11 +170,7 @@ pub fn route(
     {
         return Err(RoutingError::BadCapacityFactor(c));
     }
-    let tokens = if n_experts == 0 {
-        0
-    } else {
-        logits.len() / n_experts
-    };
+    let tokens = logits.len().checked_div(n_experts).unwrap_or(0);
     if n_experts == 0 || tokens * n_experts != logits.len() {
         return Err(RoutingError::ShapeMismatch {
             expected: tokens * n_experts,

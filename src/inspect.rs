@@ -1,0 +1,259 @@
+//! `xmoe-top inspect`: what a model file holds, its parameter counts and its FLOPs per token.
+
+use serde::Serialize;
+
+use crate::model::config::ModelConfig;
+use crate::model::format::ModelFile;
+use crate::model::forward::{ParamCounts, param_counts};
+use crate::profiling::flops::FlopModel;
+
+/// One row of the tensor table.
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorRow {
+    /// Tensor name.
+    pub name: String,
+    /// Storage dtype.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Bytes in the file.
+    pub bytes: usize,
+}
+
+/// FLOPs per token, computed by [`FlopModel`].
+#[derive(Clone, Debug, Serialize)]
+pub struct FlopSummary {
+    /// Context length (keys attended) the attention figures assume.
+    pub context: usize,
+    /// Router FLOPs of one MoE layer.
+    pub router: u64,
+    /// One expert on one token (with the weighted combine).
+    pub per_expert: u64,
+    /// One MoE layer with every expert.
+    pub moe_layer_all_experts: u64,
+    /// One MoE layer under the top-k baseline.
+    pub moe_layer_top_k: u64,
+    /// k of the top-k baseline.
+    pub top_k: usize,
+    /// One MoE layer under the default policy cannot be known without running; this is the
+    /// whole model with all experts.
+    pub model_all_experts: u64,
+    /// The whole model under the top-k baseline.
+    pub model_top_k: u64,
+}
+
+/// Everything `inspect` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct InspectReport {
+    /// Where the model came from.
+    pub source: String,
+    /// File size in bytes.
+    pub file_bytes: usize,
+    /// The configuration.
+    pub config: ModelConfig,
+    /// MoE block indices.
+    pub moe_layers: Vec<usize>,
+    /// Split ratio (dense FFN width / expert width).
+    pub split_ratio: usize,
+    /// Parameter counts.
+    pub params: ParamCounts,
+    /// FLOPs per token.
+    pub flops: FlopSummary,
+    /// Every tensor in the file.
+    pub tensors: Vec<TensorRow>,
+    /// Non-fatal findings.
+    pub warnings: Vec<String>,
+}
+
+impl InspectReport {
+    /// Describes a checked model file.
+    pub fn new(file: &ModelFile) -> Self {
+        let cfg = file.config().clone();
+        let f = FlopModel::new(&cfg);
+        let context = cfg.max_seq_len / 2;
+        let n_moe = cfg.moe_layer_indices().len() as u64;
+        let non_moe = f.non_moe(context);
+        Self {
+            source: file.path().display().to_string(),
+            file_bytes: file.file_bytes(),
+            moe_layers: cfg.moe_layer_indices(),
+            split_ratio: cfg.split_ratio(),
+            params: param_counts(&cfg),
+            flops: FlopSummary {
+                context,
+                router: f.router(),
+                per_expert: f.expert(),
+                moe_layer_all_experts: f.moe_layer_all_experts(),
+                moe_layer_top_k: f.moe_layer_top_k(),
+                top_k: f.top_k(),
+                model_all_experts: non_moe + n_moe * f.moe_layer_all_experts(),
+                model_top_k: non_moe + n_moe * f.moe_layer_top_k(),
+            },
+            tensors: file
+                .tensor_table()
+                .into_iter()
+                .map(|(name, dtype, shape, bytes)| TensorRow {
+                    name,
+                    dtype,
+                    shape,
+                    bytes,
+                })
+                .collect(),
+            warnings: file.warnings().to_vec(),
+            config: cfg,
+        }
+    }
+
+    /// Human-readable text.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let c = &self.config;
+        let mut s = String::new();
+        let _ = writeln!(s, "model      {} ({})", c.name, self.source);
+        let _ = writeln!(s, "file       {}", human_bytes(self.file_bytes as u64));
+        let _ = writeln!(
+            s,
+            "shape      {} layers, d_model {}, {} heads, context {}, vocab {} ({:?} tokenizer)",
+            c.n_layers, c.d_model, c.n_heads, c.max_seq_len, c.vocab_size, c.tokenizer
+        );
+        let _ = writeln!(
+            s,
+            "blocks     {:?} norm, {:?} positions, {:?}{} FFN, dense FFN width {}",
+            c.norm,
+            c.positions,
+            c.activation,
+            if c.gated { " gated" } else { "" },
+            c.dense_ffn_hidden
+        );
+        let _ = writeln!(
+            s,
+            "MoE        layers {:?}: {} experts x hidden {} (split ratio {}), expert bias {}",
+            self.moe_layers, c.n_experts, c.expert_hidden, self.split_ratio, c.expert_bias
+        );
+        let policy: crate::routing::RoutingPolicy = c.default_policy.into();
+        let _ = writeln!(
+            s,
+            "routing    default {policy}, top-k baseline k = {}, capacity factor {}",
+            self.flops.top_k,
+            c.capacity_factor
+                .map_or("none".to_string(), |v| v.to_string())
+        );
+        let p = &self.params;
+        let _ = writeln!(s, "\nparameters");
+        let _ = writeln!(s, "  total        {:>12}", group(p.total as u64));
+        let _ = writeln!(s, "  embeddings   {:>12}", group(p.embeddings as u64));
+        let _ = writeln!(s, "  experts      {:>12}", group(p.experts_total as u64));
+        let _ = writeln!(s, "  per expert   {:>12}", group(p.per_expert as u64));
+        for (i, n) in p.per_layer.iter().enumerate() {
+            let kind = if self.moe_layers.contains(&i) {
+                "MoE"
+            } else {
+                "dense"
+            };
+            let _ = writeln!(s, "  layer {i:<3} {kind:<5}{:>12}", group(*n as u64));
+        }
+        let f = &self.flops;
+        let _ = writeln!(
+            s,
+            "\nFLOPs per token (multiply-add = 2; attention at context {})",
+            f.context
+        );
+        let _ = writeln!(
+            s,
+            "  router, one MoE layer          {:>14}",
+            group(f.router)
+        );
+        let _ = writeln!(
+            s,
+            "  one expert                     {:>14}",
+            group(f.per_expert)
+        );
+        let _ = writeln!(
+            s,
+            "  MoE layer, all experts         {:>14}",
+            group(f.moe_layer_all_experts)
+        );
+        let _ = writeln!(
+            s,
+            "  MoE layer, top-{} baseline      {:>14}",
+            f.top_k,
+            group(f.moe_layer_top_k)
+        );
+        let _ = writeln!(
+            s,
+            "  whole model, all experts       {:>14}",
+            group(f.model_all_experts)
+        );
+        let _ = writeln!(
+            s,
+            "  whole model, top-{} baseline    {:>14}",
+            f.top_k,
+            group(f.model_top_k)
+        );
+        let _ = writeln!(
+            s,
+            "  (threshold routing's cost depends on the tokens: run `xmoe-top run` or `sweep`)"
+        );
+        let _ = writeln!(s, "\ntensors ({})", self.tensors.len());
+        let w = self.tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);
+        for t in &self.tensors {
+            let _ = writeln!(
+                s,
+                "  {:<w$}  {:<5} {:<18} {:>10}",
+                t.name,
+                t.dtype,
+                format!("{:?}", t.shape),
+                human_bytes(t.bytes as u64)
+            );
+        }
+        for warn in &self.warnings {
+            let _ = writeln!(s, "warning: {warn}");
+        }
+        s
+    }
+}
+
+/// `1234567` -> `1,234,567`.
+pub fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// Bytes with a binary unit.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_formatting() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(1234567), "1,234,567");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(8 * 1024 * 1024), "8.0 MiB");
+    }
+}

@@ -1,0 +1,634 @@
+//! The file format: reading and checking a safetensors file against its configuration, and
+//! writing one (atomically). See `docs/model-format.md`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors, View};
+
+use super::config::{METADATA_KEY, ModelConfig, NormKind, PositionKind};
+
+/// Everything that can go wrong opening a model. Every message names the file, and the tensor or
+/// field when there is one, with expected versus found.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The path does not exist or cannot be opened.
+    #[error("{path}: cannot open the model file: {io}")]
+    Open {
+        /// The model path.
+        path: PathBuf,
+        /// The OS error (shown in the message, so not chained as a source).
+        io: std::io::Error,
+    },
+    /// The path is a directory (or another non-file).
+    #[error("{path}: is a directory, not a .safetensors file")]
+    NotAFile {
+        /// The model path.
+        path: PathBuf,
+    },
+    /// Zero bytes.
+    #[error("{path}: the file is empty (0 bytes); expected a safetensors model")]
+    Empty {
+        /// The model path.
+        path: PathBuf,
+    },
+    /// Too short to hold the 8-byte header length, or data shorter than the header says.
+    #[error("{path}: the file is truncated: {detail}")]
+    Truncated {
+        /// The model path.
+        path: PathBuf,
+        /// What was expected versus found.
+        detail: String,
+    },
+    /// The header is not valid safetensors JSON.
+    #[error("{path}: corrupt safetensors header: {detail}")]
+    CorruptHeader {
+        /// The model path.
+        path: PathBuf,
+        /// Parser message.
+        detail: String,
+    },
+    /// No `xmoe_config` metadata and no `config.json` beside the file.
+    #[error(
+        "{path}: no model configuration: the header has no `__metadata__[\"{METADATA_KEY}\"]` and {config_json} does not exist"
+    )]
+    NoConfig {
+        /// The model path.
+        path: PathBuf,
+        /// The config.json that was looked for.
+        config_json: PathBuf,
+    },
+    /// The configuration is not valid.
+    #[error("{path}: {problem}")]
+    Config {
+        /// Where the configuration came from.
+        path: PathBuf,
+        /// What is wrong.
+        problem: super::config::ConfigError,
+    },
+    /// A tensor the configuration calls for is missing.
+    #[error("{path}: missing tensor `{tensor}` (expected shape {expected:?})")]
+    MissingTensor {
+        /// The model path.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
+    WrongShape {
+        /// The model path.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor has an unsupported dtype.
+    #[error("{path}: tensor `{tensor}` has dtype {found}, expected F32, F16 or BF16")]
+    WrongDtype {
+        /// The model path.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// Dtype in the file.
+        found: String,
+    },
+    /// A router weight is NaN or infinite.
+    #[error("{path}: tensor `{tensor}` has a non-finite value ({value}) at flat index {index}")]
+    NonFinite {
+        /// The model path.
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// Flat index of the first bad value.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+    /// The tensor backend failed (device out of memory, CUDA error).
+    #[error("{path}: cannot place the weights on the device: {detail}")]
+    Device {
+        /// The model path.
+        path: PathBuf,
+        /// Backend message.
+        detail: String,
+    },
+}
+
+/// One tensor's raw bytes as found in the file.
+#[derive(Clone, Copy, Debug)]
+pub struct RawTensor<'a> {
+    /// Storage dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: &'a [usize],
+    /// Little-endian bytes.
+    pub data: &'a [u8],
+}
+
+impl RawTensor<'_> {
+    /// Converts to f32 (from F32, F16 or BF16).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.dtype {
+            Dtype::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => self
+                .data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            _ => unreachable!("dtype checked at open"),
+        }
+    }
+}
+
+/// A memory-mapped (or embedded) safetensors file whose header, configuration and tensors have
+/// been checked.
+pub struct ModelFile {
+    path: PathBuf,
+    bytes: Bytes,
+    config: ModelConfig,
+    tensors: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
+    per_expert: Vec<bool>,
+    warnings: Vec<String>,
+}
+
+enum Bytes {
+    Mapped(Mmap),
+    Static(&'static [u8]),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Static(s) => s,
+        }
+    }
+}
+
+impl ModelFile {
+    /// Opens and checks a model file: header, configuration (metadata or `config.json` beside it)
+    /// and every tensor's presence, shape and dtype, before any compute.
+    pub fn open(path: &Path) -> Result<Self, LoadError> {
+        let path_buf = path.to_path_buf();
+        let meta = std::fs::metadata(path).map_err(|io| LoadError::Open {
+            path: path_buf.clone(),
+            io,
+        })?;
+        if !meta.is_file() {
+            return Err(LoadError::NotAFile { path: path_buf });
+        }
+        let file = File::open(path).map_err(|io| LoadError::Open {
+            path: path_buf.clone(),
+            io,
+        })?;
+        if meta.len() == 0 {
+            return Err(LoadError::Empty { path: path_buf });
+        }
+        // SAFETY: the map is read-only; a file truncated by another process while mapped is
+        // outside what any mmap-based loader can defend against.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|io| LoadError::Open {
+            path: path_buf.clone(),
+            io,
+        })?;
+        let config_json = path.with_file_name("config.json");
+        Self::from_bytes(path_buf, Bytes::Mapped(mmap), Some(config_json))
+    }
+
+    /// Checks a model embedded in the binary.
+    pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self, LoadError> {
+        Self::from_bytes(PathBuf::from(name), Bytes::Static(bytes), None)
+    }
+
+    fn from_bytes(
+        path: PathBuf,
+        bytes: Bytes,
+        config_json: Option<PathBuf>,
+    ) -> Result<Self, LoadError> {
+        let data = bytes.as_slice();
+        if data.is_empty() {
+            return Err(LoadError::Empty { path });
+        }
+        if data.len() < 8 {
+            return Err(LoadError::Truncated {
+                path,
+                detail: format!(
+                    "expected at least 8 bytes for the header length, found {}",
+                    data.len()
+                ),
+            });
+        }
+        let header_len = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+        if header_len > (data.len() - 8) as u64 {
+            return Err(LoadError::Truncated {
+                path,
+                detail: format!(
+                    "the header length field says {header_len} bytes but only {} follow it",
+                    data.len() - 8
+                ),
+            });
+        }
+        let (_, metadata) =
+            SafeTensors::read_metadata(data).map_err(|e| LoadError::CorruptHeader {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
+        let data_start = 8 + header_len as usize;
+        let config_text = match metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(METADATA_KEY))
+        {
+            Some(text) => text.clone(),
+            None => match &config_json {
+                Some(cj) if cj.is_file() => {
+                    std::fs::read_to_string(cj).map_err(|io| LoadError::Open {
+                        path: cj.clone(),
+                        io,
+                    })?
+                }
+                _ => {
+                    return Err(LoadError::NoConfig {
+                        config_json: config_json
+                            .unwrap_or_else(|| PathBuf::from("(embedded: no config.json)")),
+                        path,
+                    });
+                }
+            },
+        };
+        let config = ModelConfig::from_json(&config_text).map_err(|problem| LoadError::Config {
+            path: path.clone(),
+            problem,
+        })?;
+
+        let mut tensors = HashMap::new();
+        for (name, info) in metadata.tensors() {
+            let (start, end) = info.data_offsets;
+            let range = data_start + start..data_start + end;
+            if range.end > data.len() {
+                return Err(LoadError::Truncated {
+                    path,
+                    detail: format!(
+                        "tensor `{name}` ends at byte {} but the file has {} bytes",
+                        range.end,
+                        data.len()
+                    ),
+                });
+            }
+            tensors.insert(name, (info.dtype, info.shape.clone(), range));
+        }
+        let per_expert: Vec<bool> = (0..config.n_layers)
+            .map(|i| {
+                config.is_moe_layer(i)
+                    && !tensors.contains_key(&format!("layers.{i}.moe.experts.up_proj"))
+                    && tensors.contains_key(&format!("layers.{i}.moe.experts.0.up_proj.weight"))
+            })
+            .collect();
+        let expected = expected_tensors(&config, |i| per_expert[i]);
+        for (name, shape) in &expected {
+            let Some((dtype, found, _)) = tensors.get(name) else {
+                return Err(LoadError::MissingTensor {
+                    path,
+                    tensor: name.clone(),
+                    expected: shape.clone(),
+                });
+            };
+            if found != shape {
+                return Err(LoadError::WrongShape {
+                    path,
+                    tensor: name.clone(),
+                    expected: shape.clone(),
+                    found: found.clone(),
+                });
+            }
+            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(LoadError::WrongDtype {
+                    path,
+                    tensor: name.clone(),
+                    found: format!("{dtype:?}"),
+                });
+            }
+        }
+        let expected_names: std::collections::HashSet<&str> =
+            expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut warnings: Vec<String> = tensors
+            .keys()
+            .filter(|n| !expected_names.contains(n.as_str()))
+            .map(|n| {
+                format!(
+                    "{}: ignoring tensor `{n}`, which the configuration does not use",
+                    path.display()
+                )
+            })
+            .collect();
+        warnings.sort();
+        let file = ModelFile {
+            path,
+            bytes,
+            config,
+            tensors,
+            per_expert,
+            warnings,
+        };
+        for i in file.config.moe_layer_indices() {
+            file.check_finite(&format!("layers.{i}.moe.router.weight"))?;
+        }
+        Ok(file)
+    }
+
+    fn check_finite(&self, name: &str) -> Result<(), LoadError> {
+        let values = self.f32(name);
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(LoadError::NonFinite {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                index,
+                value: values[index],
+            });
+        }
+        Ok(())
+    }
+
+    /// The checked configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Where the model came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Non-fatal findings (extra tensors).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Whether MoE block `layer` stores one tensor per expert.
+    pub fn is_per_expert(&self, layer: usize) -> bool {
+        self.per_expert[layer]
+    }
+
+    /// The raw tensor `name`. Panics if absent: every expected tensor was checked at open.
+    pub fn raw(&self, name: &str) -> RawTensor<'_> {
+        let (dtype, shape, range) = self
+            .tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("tensor `{name}` was checked at open"));
+        RawTensor {
+            dtype: *dtype,
+            shape,
+            data: &self.bytes.as_slice()[range.clone()],
+        }
+    }
+
+    /// The tensor `name` converted to f32.
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        self.raw(name).to_f32()
+    }
+
+    /// A table of every tensor in the file: name, dtype, shape, bytes; sorted by name.
+    pub fn tensor_table(&self) -> Vec<(String, String, Vec<usize>, usize)> {
+        let mut rows: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|(n, (d, s, r))| (n.clone(), format!("{d:?}"), s.clone(), r.len()))
+            .collect();
+        rows.sort_by_key(|r| natural_key(&r.0));
+        rows
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_bytes(&self) -> usize {
+        self.bytes.as_slice().len()
+    }
+}
+
+/// Sort key that orders `layers.10` after `layers.9`.
+fn natural_key(s: &str) -> Vec<(String, u64)> {
+    s.split('.')
+        .map(|p| match p.parse::<u64>() {
+            Ok(n) => (String::new(), n),
+            Err(_) => (p.to_string(), 0),
+        })
+        .collect()
+}
+
+/// Every tensor a configuration calls for, with its shape. `per_expert(i)` selects the
+/// one-tensor-per-expert form for MoE block `i`.
+pub fn expected_tensors(
+    cfg: &ModelConfig,
+    per_expert: impl Fn(usize) -> bool,
+) -> Vec<(String, Vec<usize>)> {
+    let (d, v, l) = (cfg.d_model, cfg.vocab_size, cfg.max_seq_len);
+    let (e, h, hd) = (cfg.n_experts, cfg.expert_hidden, cfg.dense_ffn_hidden);
+    let mut t: Vec<(String, Vec<usize>)> = vec![("tok_embeddings.weight".into(), vec![v, d])];
+    if cfg.positions == PositionKind::Learned {
+        t.push(("pos_embeddings.weight".into(), vec![l, d]));
+    }
+    let norm = |t: &mut Vec<(String, Vec<usize>)>, prefix: &str| {
+        t.push((format!("{prefix}.weight"), vec![d]));
+        if cfg.norm == NormKind::LayerNorm {
+            t.push((format!("{prefix}.bias"), vec![d]));
+        }
+    };
+    for i in 0..cfg.n_layers {
+        norm(&mut t, &format!("layers.{i}.attn_norm"));
+        for p in ["q", "k", "v", "o"] {
+            t.push((format!("layers.{i}.attn.{p}_proj.weight"), vec![d, d]));
+            if cfg.attn_bias {
+                t.push((format!("layers.{i}.attn.{p}_proj.bias"), vec![d]));
+            }
+        }
+        norm(&mut t, &format!("layers.{i}.ffn_norm"));
+        if cfg.is_moe_layer(i) {
+            t.push((format!("layers.{i}.moe.router.weight"), vec![e, d]));
+            let p = format!("layers.{i}.moe.experts");
+            if per_expert(i) {
+                for x in 0..e {
+                    t.push((format!("{p}.{x}.up_proj.weight"), vec![h, d]));
+                    if cfg.gated {
+                        t.push((format!("{p}.{x}.gate_proj.weight"), vec![h, d]));
+                    }
+                    t.push((format!("{p}.{x}.down_proj.weight"), vec![d, h]));
+                    if cfg.expert_bias {
+                        t.push((format!("{p}.{x}.up_proj.bias"), vec![h]));
+                        t.push((format!("{p}.{x}.down_proj.bias"), vec![d]));
+                    }
+                }
+            } else {
+                t.push((format!("{p}.up_proj"), vec![e, h, d]));
+                if cfg.gated {
+                    t.push((format!("{p}.gate_proj"), vec![e, h, d]));
+                }
+                t.push((format!("{p}.down_proj"), vec![e, d, h]));
+                if cfg.expert_bias {
+                    t.push((format!("{p}.up_bias"), vec![e, h]));
+                    t.push((format!("{p}.down_bias"), vec![e, d]));
+                }
+            }
+        } else {
+            let p = format!("layers.{i}.ffn");
+            t.push((format!("{p}.up_proj.weight"), vec![hd, d]));
+            if cfg.gated {
+                t.push((format!("{p}.gate_proj.weight"), vec![hd, d]));
+            }
+            t.push((format!("{p}.down_proj.weight"), vec![d, hd]));
+            if cfg.ffn_bias {
+                t.push((format!("{p}.up_proj.bias"), vec![hd]));
+                if cfg.gated {
+                    t.push((format!("{p}.gate_proj.bias"), vec![hd]));
+                }
+                t.push((format!("{p}.down_proj.bias"), vec![d]));
+            }
+        }
+    }
+    norm(&mut t, "norm_f");
+    if !cfg.tie_embeddings {
+        t.push(("lm_head.weight".into(), vec![v, d]));
+    }
+    t
+}
+
+/// Storage dtype when writing a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreDtype {
+    /// 4 bytes per value.
+    F32,
+    /// 2 bytes per value (IEEE half).
+    F16,
+    /// 2 bytes per value (bfloat16).
+    BF16,
+}
+
+struct OwnedView {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &OwnedView {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes a model file (configuration in the metadata) atomically: a temporary file in the target
+/// directory, then a rename. Refuses to overwrite an existing file unless `force`.
+pub fn write_model(
+    path: &Path,
+    config: &ModelConfig,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: StoreDtype,
+    force: bool,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let mut views = BTreeMap::new();
+    for (name, shape, values) in tensors {
+        let n: usize = shape.iter().product();
+        anyhow::ensure!(
+            n == values.len(),
+            "tensor `{name}`: shape {shape:?} needs {n} values, got {}",
+            values.len()
+        );
+        let (dt, data) = match dtype {
+            StoreDtype::F32 => (
+                Dtype::F32,
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            StoreDtype::F16 => (
+                Dtype::F16,
+                values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+            StoreDtype::BF16 => (
+                Dtype::BF16,
+                values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            ),
+        };
+        views.insert(
+            name.clone(),
+            OwnedView {
+                dtype: dt,
+                shape: shape.clone(),
+                data,
+            },
+        );
+    }
+    let mut meta = HashMap::new();
+    meta.insert(METADATA_KEY.to_string(), config.to_json());
+    let bytes = safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))?;
+    write_atomically(path, &bytes, force)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// reader never sees a half-written file. An existing `path` is kept unless `force`.
+pub fn write_atomically(path: &Path, bytes: &[u8], force: bool) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if !force && path.exists() {
+        anyhow::bail!(
+            "{} already exists (use --force to overwrite)",
+            path.display()
+        );
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if force {
+            return std::fs::rename(&tmp, path);
+        }
+        // A hard link fails if `path` appeared meanwhile, so an existing file is never replaced.
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => std::fs::remove_file(&tmp),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+            Err(_) => std::fs::rename(&tmp, path),
+        }
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow::anyhow!("cannot write {}: {e}", path.display()));
+    }
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! The engine's sparse forward pass against the naive f64 reference in `common`.
+
+mod common;
+
+use candle_core::Device;
+use common::{Naive, NaivePolicy, max_rel_err, small_config, write_random};
+use xmoe_top::model::config::{Activation, ModelConfig, MoeLayers, NormKind, PositionKind};
+use xmoe_top::model::format::StoreDtype;
+use xmoe_top::model::{Model, MoeDispatch, RoutingConfig};
+use xmoe_top::profiling::trace::ForwardTrace;
+use xmoe_top::routing::RoutingPolicy;
+
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed * 97)) % 256)
+        .collect()
+}
+
+fn to_naive(p: RoutingPolicy) -> NaivePolicy {
+    match p {
+        RoutingPolicy::Threshold { t } => NaivePolicy::Threshold(t),
+        RoutingPolicy::TopK { k, renormalize } => NaivePolicy::TopK(k, renormalize),
+        RoutingPolicy::Dense => NaivePolicy::Dense,
+    }
+}
+
+/// Every configuration variant the format allows, paired with how it is stored.
+fn variants() -> Vec<(&'static str, ModelConfig, bool, StoreDtype)> {
+    let base = small_config();
+    let mut rotary = small_config();
+    rotary.positions = PositionKind::Rotary;
+    rotary.norm = NormKind::RmsNorm;
+    rotary.activation = Activation::Silu;
+    rotary.gated = true;
+    rotary.expert_bias = false;
+    rotary.tie_embeddings = false;
+    rotary.n_layers = 3;
+    rotary.moe_layers = MoeLayers::Every {
+        every: 2,
+        offset: 1,
+    };
+    rotary.ffn_bias = true;
+    rotary.attn_bias = true;
+    let mut one_expert = small_config();
+    one_expert.n_experts = 1;
+    vec![
+        (
+            "learned-layernorm-gelu-stacked-f32",
+            base.clone(),
+            false,
+            StoreDtype::F32,
+        ),
+        (
+            "rotary-rms-swiglu-per-expert-f16",
+            rotary,
+            true,
+            StoreDtype::F16,
+        ),
+        ("single-expert-bf16", one_expert, false, StoreDtype::BF16),
+    ]
+}
+
+fn policies(e: usize) -> Vec<RoutingPolicy> {
+    vec![
+        RoutingPolicy::Threshold { t: 0.5 },
+        RoutingPolicy::Threshold { t: 0.9 },
+        RoutingPolicy::Threshold { t: 1.0 },
+        RoutingPolicy::TopK {
+            k: 2.min(e),
+            renormalize: false,
+        },
+        RoutingPolicy::TopK {
+            k: 2.min(e),
+            renormalize: true,
+        },
+        RoutingPolicy::Dense,
+    ]
+}
+
+#[test]
+fn sparse_forward_matches_naive_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut checked, mut ambiguous, mut decisions) = (0, 0, 0);
+    for (name, cfg, per_expert, dtype) in variants() {
+        let path = write_random(
+            dir.path(),
+            &format!("{name}.safetensors"),
+            &cfg,
+            7,
+            per_expert,
+            dtype,
+        );
+        let naive = Naive::load(&path);
+        let mut model = Model::load(&path, &Device::Cpu).unwrap();
+        let n_moe = model.moe_layers().len();
+        let (batch, seq) = (2, 12);
+        let toks = tokens(batch * seq, 3);
+        for dispatch in [MoeDispatch::Auto, MoeDispatch::Candle] {
+            model.set_moe_dispatch(dispatch);
+            for policy in policies(cfg.n_experts) {
+                for capacity in [None, Some(1.0)] {
+                    let routing = RoutingConfig {
+                        policies: vec![policy; n_moe],
+                        capacity_factor: capacity,
+                    };
+                    let mut trace = ForwardTrace::default();
+                    let logits = model
+                        .forward(&toks, batch, &routing, None, &mut trace)
+                        .unwrap();
+                    checked += 1;
+                    let (reference, sel) =
+                        naive.forward(&toks, batch, &vec![to_naive(policy); n_moe], capacity);
+                    let err = max_rel_err(&logits, &reference);
+                    assert!(
+                        err < 1e-4,
+                        "{name} {dispatch:?} {policy} cap {capacity:?}: relative error {err}"
+                    );
+                    for (slot, layer) in trace.moe.iter().enumerate() {
+                        for (t, want) in sel[slot].iter().enumerate() {
+                            let mut got: Vec<usize> = layer
+                                .routing
+                                .choices(t)
+                                .filter(|c| c.2)
+                                .map(|c| c.0)
+                                .collect();
+                            got.sort_unstable();
+                            decisions += 1;
+                            if want.last() == Some(&usize::MAX) {
+                                ambiguous += 1;
+                                continue;
+                            }
+                            assert_eq!(
+                                &got, want,
+                                "{name} {policy} cap {capacity:?} layer {slot} token {t}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Rounding-ambiguous decisions must stay rare, or the comparison would prove little.
+    assert!(
+        checked == 72 && ambiguous * 5 < decisions,
+        "checked {checked}, ambiguous {ambiguous} of {decisions}"
+    );
+}
+
+#[test]
+fn dense_equals_topk_all_equals_threshold_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config();
+    let path = write_random(
+        dir.path(),
+        "m.safetensors",
+        &cfg,
+        11,
+        false,
+        StoreDtype::F32,
+    );
+    let model = Model::load(&path, &Device::Cpu).unwrap();
+    let toks = tokens(20, 5);
+    let run = |p: RoutingPolicy| {
+        let mut trace = ForwardTrace::default();
+        model
+            .forward(&toks, 1, &RoutingConfig::uniform(p, 2), None, &mut trace)
+            .unwrap()
+    };
+    let dense = run(RoutingPolicy::Dense);
+    let topk = run(RoutingPolicy::TopK {
+        k: cfg.n_experts,
+        renormalize: false,
+    });
+    let t1 = run(RoutingPolicy::Threshold { t: 1.0 });
+    let close = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + y.abs()))
+    };
+    assert!(close(&dense, &topk));
+    assert!(close(&dense, &t1));
+    // And a real threshold is a different function.
+    let t5 = run(RoutingPolicy::Threshold { t: 0.5 });
+    assert!(!close(&dense, &t5));
+}
+
+#[test]
+fn each_expert_computes_exactly_the_rows_that_chose_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config();
+    let path = write_random(dir.path(), "m.safetensors", &cfg, 5, false, StoreDtype::F32);
+    let model = Model::load(&path, &Device::Cpu).unwrap();
+    let toks = tokens(32, 1);
+    let mut trace = ForwardTrace::default();
+    model
+        .forward(
+            &toks,
+            1,
+            &RoutingConfig::uniform(RoutingPolicy::Threshold { t: 0.6 }, 2),
+            None,
+            &mut trace,
+        )
+        .unwrap();
+    for layer in &trace.moe {
+        let mut total = 0;
+        for e in 0..cfg.n_experts {
+            let chose: Vec<u32> = (0..32)
+                .filter(|&t| layer.routing.choices(t).any(|c| c.0 == e && c.2))
+                .map(|t| t as u32)
+                .collect();
+            assert_eq!(layer.groups.group(e).0, chose.as_slice(), "expert {e}");
+            total += chose.len();
+        }
+        // Sparse: fewer rows than the all-experts product.
+        assert_eq!(layer.groups.pairs(), total);
+        assert!(total < 32 * cfg.n_experts);
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, cfg, per_expert, dtype) in variants() {
+        let path = write_random(
+            dir.path(),
+            &format!("{name}.safetensors"),
+            &cfg,
+            9,
+            per_expert,
+            dtype,
+        );
+        let model = Model::load(&path, &Device::Cpu).unwrap();
+        let routing = model.default_routing();
+        let toks = tokens(10, 2);
+        let mut trace = ForwardTrace::default();
+        let full = model.forward(&toks, 1, &routing, None, &mut trace).unwrap();
+        let mut cache = model.new_cache(1);
+        // A 4-token prefill, then one token at a time.
+        let mut got = model
+            .forward(&toks[..4], 1, &routing, Some(&mut cache), &mut trace)
+            .unwrap();
+        for i in 4..10 {
+            got.extend(
+                model
+                    .forward(&toks[i..i + 1], 1, &routing, Some(&mut cache), &mut trace)
+                    .unwrap(),
+            );
+            assert_eq!(trace.start_pos, i);
+        }
+        assert_eq!(cache.len(), 10);
+        let worst = full
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-3, "{name}: cached decoding differs by {worst}");
+    }
+}
+
+#[test]
+fn forward_rejects_bad_input_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_config();
+    let path = write_random(dir.path(), "m.safetensors", &cfg, 1, false, StoreDtype::F32);
+    let model = Model::load(&path, &Device::Cpu).unwrap();
+    let r = model.default_routing();
+    let mut trace = ForwardTrace::default();
+    let e = model
+        .forward(&tokens(65, 0), 1, &r, None, &mut trace)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("exceeds the model's context of 64"),
+        "{e}"
+    );
+    let e = model
+        .forward(&[1, 2, 300], 1, &r, None, &mut trace)
+        .unwrap_err();
+    assert!(e.to_string().contains("token id 300"), "{e}");
+    let e = model
+        .forward(&[1, 2, 3], 2, &r, None, &mut trace)
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot be split"), "{e}");
+    let bad = RoutingConfig::uniform(
+        RoutingPolicy::TopK {
+            k: 9,
+            renormalize: false,
+        },
+        2,
+    );
+    let e = model
+        .forward(&[1, 2, 3], 1, &bad, None, &mut trace)
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("k in 1..=8"), "{e:#}");
+}
