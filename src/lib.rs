@@ -9,4 +9,5 @@ pub mod inspect;
 pub mod model;
 pub mod profiling;
 pub mod routing;
+pub mod session;
 pub mod workload;

@@ -221,7 +221,7 @@ struct GenerateState {
 
 enum State {
     Eval(EvalState),
-    Generate(GenerateState),
+    Generate(Box<GenerateState>),
 }
 
 /// A workload, ready to run passes.
@@ -338,7 +338,7 @@ impl Workload {
             ),
         };
         Ok(Self {
-            state: State::Generate(GenerateState {
+            state: State::Generate(Box::new(GenerateState {
                 rng: StdRng::seed_from_u64(spec.seed),
                 spec,
                 max_len,
@@ -347,7 +347,7 @@ impl Workload {
                 cache: None,
                 pending: None,
                 probs: Vec::new(),
-            }),
+            })),
             info,
             vocab: cfg.vocab_size,
         })
