@@ -7,6 +7,7 @@
 //! samples device counters; [`kernel`] is the CPU expert layer.
 
 pub mod cli;
+pub mod embedded;
 pub mod gpu;
 pub mod inspect;
 pub mod kernel;

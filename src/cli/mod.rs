@@ -2,6 +2,7 @@
 
 mod inspect;
 pub mod policy_args;
+pub mod run;
 mod synth;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ pub struct Cli {
 enum Command {
     /// Print a model's configuration, parameter counts, FLOPs per token and tensor table.
     Inspect(inspect::InspectArgs),
+    /// Run a session over a workload and print a summary (or draw the live UI on a terminal).
+    Run(run::RunArgs),
     /// Write a model with random weights (for benchmarks and engine checks; not a trained model).
     Synth(synth::SynthArgs),
 }
@@ -57,9 +60,10 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Option<Command>, _threads: usize) -> Result<ExitCode> {
+fn run(command: Option<Command>, threads: usize) -> Result<ExitCode> {
     match command {
         Some(Command::Inspect(a)) => inspect::run(a),
+        Some(Command::Run(a)) => run::run(a, threads),
         Some(Command::Synth(a)) => synth::run(a),
         None => {
             anyhow::bail!("no command given: try `xmoe-top inspect MODEL` or `xmoe-top --help`")
