@@ -38,11 +38,10 @@ xt() { timeout "${XMOE_GPU_CHECK_STEP_TIMEOUT:-300}" "$BIN" "$@"; }
 cmd_version()  { local v; v=$(xt --version); echo "$v"; grep -q '^xmoe-top ' <<<"$v"; }
 cmd_inspect()  { xt inspect --json; }                       # embedded model
 cmd_headless() { xt run --headless --device "$1" --tokens "$TOKENS" --report "$OUT_DIR/run-$1.json"; }
-cmd_bench()    { xt bench --device "$1"; }                  # TODO(lead): quick/CI-sized flags, JSON output
-# TODO(lead): GPU-vs-CPU logits. Proposed: `xmoe-top parity --model embedded|synthetic
-#   --policy dense|topk|threshold --device cuda --tol TOL`, comparing logits within TOL and
-#   selections where probabilities are not tied; exit 1 on a mismatch. Rename here once it exists.
-cmd_parity()   { xt parity --device cuda --model "$1" --policy "$2" --tol "$TOL"; }
+cmd_bench()    { xt bench --device "$1"; }
+# GPU (or, on cpu, candle dispatch) against the CPU kernel: logits within TOL, identical expert
+# selections except near ties; exit 1 on a mismatch. MODEL: embedded or synthetic.
+cmd_parity()   { local m=(); [ "$1" = synthetic ] && m=(--synthetic); xt parity "${m[@]}" --device "$3" --policy "$2" --tol "$TOL"; }
 # -------------------------------------------------------------------------------------------------
 
 has_gpu() { { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; } || [ -e /dev/nvidia0 ]; }
@@ -116,6 +115,9 @@ fi
 
 # ---- 2. CPU part (also what CI runs) -----------------------------------------------------------
 if have inspect; then check inspect cmd_inspect; else todo inspect "xmoe-top inspect"; fi
+if have parity; then
+  check parity-cpu-candle-vs-kernel cmd_parity embedded all cpu
+else todo parity-cpu "xmoe-top parity --device cpu"; fi
 if have run; then
   check headless-cpu cmd_headless cpu
   check report-cpu python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$OUT_DIR/run-cpu.json"
@@ -125,13 +127,12 @@ else todo headless-cpu "xmoe-top run --headless"; fi
 if [ "$DEVICE" = cuda ]; then
   if have parity; then
     for model in embedded synthetic; do for policy in dense topk threshold; do
-      check "parity-$model-$policy" cmd_parity "$model" "$policy"
+      check "parity-$model-$policy" cmd_parity "$model" "$policy" cuda
     done; done
   else todo parity "GPU vs CPU logits: xmoe-top parity (see cmd_parity)"; fi
   if have run; then
     check headless-cuda cmd_headless cuda
-    # TODO(lead): assert the NVML fields once the report schema is fixed (name, utilisation, memory, power).
-    check report-cuda python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps(r.get("device", "no device section"))[:400])' "$OUT_DIR/run-cuda.json"
+    check report-cuda python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); d=r["snapshot"]["device"]; print(json.dumps(d)[:600]); sys.exit(0 if d.get("gpus") else 1)' "$OUT_DIR/run-cuda.json"
   else todo headless-cuda "xmoe-top run --headless --device cuda"; fi
   if have bench; then check bench-cuda cmd_bench cuda; else todo bench-cuda "xmoe-top bench --device cuda"; fi
 fi

@@ -1,6 +1,8 @@
 //! The command line: one module per subcommand; `main` parses, sets up threads and reports errors.
 
+mod bench;
 mod inspect;
+mod parity;
 pub mod policy_args;
 pub mod run;
 mod synth;
@@ -28,6 +30,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Whole-model tokens/s per policy (eval and decode) and model load time.
+    Bench(bench::BenchArgs),
+    /// Compare two engines on the same tokens: the GPU against the CPU, or candle against the kernel.
+    Parity(parity::ParityArgs),
     /// Print a model's configuration, parameter counts, FLOPs per token and tensor table.
     Inspect(inspect::InspectArgs),
     /// Run a session over a workload and print a summary (or draw the live UI on a terminal).
@@ -62,7 +68,9 @@ pub fn main() -> ExitCode {
 
 fn run(command: Option<Command>, threads: usize) -> Result<ExitCode> {
     match command {
+        Some(Command::Bench(a)) => bench::run(a, threads),
         Some(Command::Inspect(a)) => inspect::run(a),
+        Some(Command::Parity(a)) => parity::run(a, threads),
         Some(Command::Run(a)) => run::run(a, threads),
         Some(Command::Synth(a)) => synth::run(a),
         None => {
