@@ -9,3 +9,4 @@ pub mod inspect;
 pub mod model;
 pub mod profiling;
 pub mod routing;
+pub mod tui;
