@@ -815,10 +815,92 @@ fn frame_time_200x60_24x64() {
             t.draw(|f| render::draw(f, &app)).unwrap();
         }
         let per = start.elapsed() / n as u32;
+        // The terminal's own share: diffing and copying an unchanged 200x60 buffer.
+        let start = Instant::now();
+        for _ in 0..n {
+            t.draw(|_| {}).unwrap();
+        }
+        let empty = start.elapsed() / n as u32;
+        println!("empty frame (ratatui diff only): {:.3} ms", empty.as_secs_f64() * 1e3);
         println!(
             "{mode:?}: {:.3} ms per frame at 200x60, 24 x 64; {:.2}% of one core at 10 fps",
             per.as_secs_f64() * 1e3,
             per.as_secs_f64() * 10.0 * 100.0
         );
     }
+}
+
+/// Prints the screens at the test sizes (a look without a terminal: `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn print_screens() {
+    for (kind, gpu, n) in [
+        (WorkloadKind::Eval, false, 16),
+        (WorkloadKind::Generate, true, 64),
+    ] {
+        for (w, h) in SIZES {
+            let mut app = app_with(example_snapshot(kind, n, gpu), ColorMode::NoColor);
+            println!("{kind:?} {w}x{h}\n{}", text(&draw(&mut app, w, h)));
+        }
+    }
+}
+
+/// CPU time of the calling thread in nanoseconds (Linux: /proc/thread-self/schedstat).
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The UI thread's CPU use at the default 10 fps with a new 24 x 64 snapshot every 100 ms,
+/// through the real crossterm backend (escape sequences written to a sink), over 5 s.
+#[test]
+#[ignore]
+fn ui_cpu_use_at_default_fps() {
+    use std::time::{Duration, Instant};
+    let (tx, rx) = mpsc::channel();
+    let a = big_snapshot();
+    let mut b = a.clone();
+    // A second picture with every heatmap cell changed, so every frame repaints the heatmap.
+    for l in &mut b.epoch.window.layers {
+        l.expert_token_share.reverse();
+    }
+    let feeder = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut i = 0u64;
+        while start.elapsed() < Duration::from_secs(5) {
+            let mut s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            s.sequence = i;
+            if tx.send(UiEvent::Snapshot(Box::new(s))).is_err() {
+                return;
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = tx.send(UiEvent::Input(key(KeyCode::Char('q'))));
+    });
+    let backend = ratatui::backend::CrosstermBackend::new(std::io::sink());
+    let mut term = Terminal::with_options(
+        backend,
+        ratatui::TerminalOptions {
+            viewport: ratatui::Viewport::Fixed(Rect::new(0, 0, 200, 60)),
+        },
+    )
+    .unwrap();
+    let mut app = App::new(Theme::new(ColorMode::TrueColor));
+    let (cpu0, t0) = (thread_cpu_ns().unwrap(), Instant::now());
+    event_loop(&mut term, &rx, &mut app, &mut |_| Ok(()), super::DEFAULT_FPS).unwrap();
+    let (cpu, wall) = (thread_cpu_ns().unwrap() - cpu0, t0.elapsed());
+    feeder.join().unwrap();
+    let frames = term.draw(|_| {}).unwrap().count;
+    println!(
+        "UI thread: {:.1} ms CPU over {:.2} s wall, {frames} frames: {:.2}% of one core, {:.3} ms per frame",
+        cpu as f64 / 1e6,
+        wall.as_secs_f64(),
+        100.0 * cpu as f64 / wall.as_nanos() as f64,
+        cpu as f64 / 1e6 / frames as f64
+    );
 }

@@ -151,10 +151,12 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     let mut title = vec![Span::raw(" Experts: share of window tokens ")];
     // Legend: the ramp (or shades) from 0 to the scale's maximum.
     title.push(Span::styled("0 ", theme.dim()));
-    for v in [0.01, 0.25, 0.5, 0.75, 1.0] {
-        if theme.has_color() {
+    if theme.has_color() {
+        for v in [0.01, 0.25, 0.5, 0.75, 1.0] {
             title.push(Span::styled("█", Style::new().fg(theme.heat(v))));
-        } else {
+        }
+    } else {
+        for v in [0.25, 0.5, 0.75, 1.0] {
             title.push(Span::raw(Theme::shade(v)));
         }
     }

@@ -99,7 +99,7 @@ pub fn render_status(frame: &mut Frame, area: Rect, app: &App) {
             },
         ),
         None => Span::styled(
-            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  Space freeze",
+            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze",
             theme.dim(),
         ),
     };

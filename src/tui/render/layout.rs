@@ -62,22 +62,15 @@ pub fn screen(area: Rect, app: &App) -> Option<ScreenLayout> {
             Constraint::Percentage(58),
             Constraint::Fill(1),
         ]));
-        let [h, s] = stack(left, [(5, n + 3), (3, n + 2)], [0, 1], 1);
+        // Left: what the user acts on and its device cost; right: the distributions.
         let device_want = if gpus > 0 { 1 + 3 * gpus + 1 } else { 4 };
-        let [hi, d] = stack(right, [(9, 200), (3, device_want)], [0, 1], 0);
-        // The device panel gets what it wants before the histograms take the rest.
-        let [hi, d] = if d.height < device_want && hi.height > 9 {
-            let give = (device_want - d.height).min(hi.height - 9);
-            stack(
-                right,
-                [(hi.height - give, hi.height - give), (3, 200)],
-                [0, 1],
-                1,
-            )
-        } else {
-            [hi, d]
-        };
-        (heatmap, sliders, histograms, device) = (h, s, hi, d);
+        let [h, s, d] = stack(
+            left,
+            [(4, n + 3), (3, n + 2), (2, device_want)],
+            [1, 0, 2],
+            1,
+        );
+        (heatmap, sliders, histograms, device) = (h, s, right, d);
     } else {
         let device_want = if gpus > 0 { 1 + 2 * gpus } else { 3 };
         // Sliders first: they are what the user acts on; then the heatmap.
