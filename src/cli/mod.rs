@@ -3,6 +3,7 @@
 mod inspect;
 pub mod policy_args;
 mod synth;
+pub mod tui;
 
 use std::process::ExitCode;
 

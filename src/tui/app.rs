@@ -81,8 +81,15 @@ pub struct App {
     pause_requested: Option<bool>,
     last_threshold: Vec<f32>,
     last_top_k: Vec<usize>,
+    capacity_on: f32,
+    capacity_requested: Option<(Option<f32>, u64)>,
     exporter: Option<Exporter>,
 }
+
+/// Capacity factor `c` switches on when no other is known: the XMoE language models' setting
+/// (capacity per expert = ceil(8 x tokens / E)); with threshold routing a factor must exceed the
+/// mean experts per token, or most tokens lose experts.
+pub const DEFAULT_CAPACITY_FACTOR: f32 = 8.0;
 
 /// Two policies are the same setting (thresholds compared to 1e-4, below the 0.01 step).
 pub fn same_policy(a: &PolicySpec, b: &PolicySpec) -> bool {
@@ -112,6 +119,8 @@ impl App {
             pause_requested: None,
             last_threshold: Vec::new(),
             last_top_k: Vec::new(),
+            capacity_on: DEFAULT_CAPACITY_FACTOR,
+            capacity_requested: None,
             exporter: None,
         }
     }
@@ -120,6 +129,30 @@ impl App {
     pub fn with_exporter(mut self, exporter: Option<Exporter>) -> Self {
         self.exporter = exporter;
         self
+    }
+
+    /// The capacity factor `c` switches on (until a snapshot shows one in force).
+    pub fn with_capacity_factor(mut self, factor: f32) -> Self {
+        if factor.is_finite() && factor > 0.0 {
+            self.capacity_on = factor;
+        }
+        self
+    }
+
+    /// The capacity factor to ask for when `c` is pressed: off when one is (or is about to be)
+    /// in force, else the last one in force.
+    pub fn toggled_capacity(&mut self) -> Option<f32> {
+        let current = match self.capacity_requested {
+            Some((c, _)) => c,
+            None => self.latest.as_ref().and_then(|s| s.policy.capacity_factor),
+        };
+        let next = match current {
+            Some(_) => None,
+            None => Some(self.capacity_on),
+        };
+        let at = self.latest.as_ref().map_or(0, |s| s.sequence);
+        self.capacity_requested = Some((next, at));
+        next
     }
 
     /// True when an exporter is plugged in.
@@ -146,6 +179,14 @@ impl App {
             {
                 self.pending[slot] = None;
             }
+        }
+        if let Some(c) = snap.policy.capacity_factor {
+            self.capacity_on = c;
+        }
+        if let Some((c, at)) = self.capacity_requested
+            && (c == snap.policy.capacity_factor || snap.sequence >= at + PENDING_EXPIRY_SNAPSHOTS)
+        {
+            self.capacity_requested = None;
         }
         if self.pause_requested == Some(snap.paused) {
             self.pause_requested = None;

@@ -26,9 +26,10 @@ pub enum Control {
         /// The new policy.
         policy: PolicySpec,
     },
-    /// Switch the inference-time capacity factor on (the model's configured factor, or the
-    /// session's default) or off.
-    ToggleCapacityFactor,
+    /// Set the inference-time capacity factor of every MoE layer (`Some`, positive) or switch
+    /// it off (`None`). The `c` key toggles between off and the factor last in force (or
+    /// [`crate::tui::TuiOptions::capacity_factor`]).
+    SetCapacityFactor(Option<f32>),
     /// Stop (`true`) or resume (`false`) forward passes; statistics collection stops with them.
     SetPaused(bool),
     /// Clear the statistics and start a new epoch with the same settings.

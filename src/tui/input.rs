@@ -375,7 +375,7 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             }
             c
         }
-        Action::ToggleCapacity => Some(Control::ToggleCapacityFactor),
+        Action::ToggleCapacity => Some(Control::SetCapacityFactor(app.toggled_capacity())),
         Action::ToggleFreeze => {
             app.toggle_freeze();
             None

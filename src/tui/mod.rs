@@ -13,6 +13,7 @@ pub mod app;
 pub mod control;
 pub mod input;
 pub mod render;
+pub mod session_link;
 pub mod theme;
 
 use std::io;
@@ -45,6 +46,9 @@ pub struct TuiOptions {
     pub fps: f64,
     /// Colour mode (see [`ColorMode::detect`]).
     pub color: ColorMode,
+    /// Capacity factor the `c` key switches on when none has been in force (the model's
+    /// configured factor is a good choice; [`app::DEFAULT_CAPACITY_FACTOR`] otherwise).
+    pub capacity_factor: f32,
     /// Writes a report of the displayed snapshot on `e`; `None` disables the key (the help
     /// says so).
     pub exporter: Option<Exporter>,
@@ -55,6 +59,7 @@ impl Default for TuiOptions {
         Self {
             fps: DEFAULT_FPS,
             color: ColorMode::detect(false),
+            capacity_factor: app::DEFAULT_CAPACITY_FACTOR,
             exporter: None,
         }
     }
@@ -67,24 +72,92 @@ pub enum UiEvent {
     Input(Event),
     /// A new snapshot from the session.
     Snapshot(Box<Snapshot>),
-    /// The session dropped its snapshot sender.
+    /// The session will publish no more snapshots.
     SessionEnded,
     /// Reading the terminal failed; the UI cannot take keys any more.
     InputError(String),
 }
 
-/// Runs the UI until the user quits: draws `snapshots` as they come, sends the user's requests
-/// to `control`, and always restores the terminal before returning (also on error or panic).
-/// `control` receives [`Control::Quit`] last, whichever way the UI ends. Requires stdout to be
-/// a terminal; check with [`std::io::IsTerminal`] and use the headless summary otherwise.
+/// The one channel the UI thread blocks on. Create it first, hand [`UiChannel::sink`] to the
+/// session (e.g. `Session::start_with_sink`), then give the channel to [`run_tui`].
+pub struct UiChannel {
+    tx: Sender<UiEvent>,
+    rx: Receiver<UiEvent>,
+}
+
+impl Default for UiChannel {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl UiChannel {
+    /// A new, empty channel.
+    pub fn new() -> Self {
+        let (tx, rx) = mpsc::channel();
+        Self { tx, rx }
+    }
+
+    /// Where the session puts its snapshots. Sending never blocks (the channel is unbounded and
+    /// the UI takes everything queued before each frame); dropping the sink tells the UI that
+    /// the session has ended.
+    pub fn sink(&self) -> SnapshotSink {
+        SnapshotSink {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Forwards snapshots from a receiver (for sessions that publish on their own channel) on a
+    /// small thread; the UI learns the session has ended when that channel closes.
+    pub fn forward(&self, snapshots: Receiver<Snapshot>) -> Result<()> {
+        let mut sink = self.sink();
+        thread::Builder::new()
+            .name("tui-snapshots".into())
+            .spawn(move || {
+                for s in snapshots {
+                    if !sink.send(s) {
+                        return;
+                    }
+                }
+            })
+            .context("cannot start the snapshot thread")?;
+        Ok(())
+    }
+}
+
+/// The session's end of the [`UiChannel`].
+pub struct SnapshotSink {
+    tx: Sender<UiEvent>,
+}
+
+impl SnapshotSink {
+    /// Hands a snapshot to the UI without waiting; false once the UI has gone.
+    pub fn send(&mut self, snapshot: Snapshot) -> bool {
+        self.tx.send(UiEvent::Snapshot(Box::new(snapshot))).is_ok()
+    }
+}
+
+impl Drop for SnapshotSink {
+    fn drop(&mut self) {
+        let _ = self.tx.send(UiEvent::SessionEnded);
+    }
+}
+
+/// Runs the UI until the user quits: draws the snapshots arriving on `channel`, sends the
+/// user's requests to `control`, and always restores the terminal before returning (also on
+/// error or panic). `control` receives [`Control::Quit`] last, whichever way the UI ends.
+/// Requires stdout to be a terminal; check with [`std::io::IsTerminal`] and use the headless
+/// summary otherwise. See [`session_link::run_session_tui`] for the whole thing wired to a
+/// [`crate::session::Session`].
 pub fn run_tui(
-    snapshots: Receiver<Snapshot>,
+    channel: UiChannel,
     mut control: impl FnMut(Control) -> Result<()>,
     options: TuiOptions,
 ) -> Result<()> {
-    let (tx, rx) = mpsc::channel();
-    spawn_forwarder(snapshots, tx.clone())?;
-    let mut app = App::new(Theme::new(options.color)).with_exporter(options.exporter);
+    let UiChannel { tx, rx } = channel;
+    let mut app = App::new(Theme::new(options.color))
+        .with_exporter(options.exporter)
+        .with_capacity_factor(options.capacity_factor);
     let result = (|| -> Result<()> {
         let guard = TerminalGuard::enter()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -104,22 +177,6 @@ pub fn run_tui(
         eprintln!("{msg}");
     }
     result
-}
-
-fn spawn_forwarder(snapshots: Receiver<Snapshot>, tx: Sender<UiEvent>) -> Result<()> {
-    // Detached: it ends when the session drops its sender or when the UI has gone.
-    thread::Builder::new()
-        .name("tui-snapshots".into())
-        .spawn(move || {
-            for s in snapshots {
-                if tx.send(UiEvent::Snapshot(Box::new(s))).is_err() {
-                    return;
-                }
-            }
-            let _ = tx.send(UiEvent::SessionEnded);
-        })
-        .context("cannot start the snapshot thread")?;
-    Ok(())
 }
 
 fn spawn_input(tx: Sender<UiEvent>, stop: Arc<AtomicBool>) -> Result<thread::JoinHandle<()>> {
@@ -162,9 +219,10 @@ fn process(
         }
         UiEvent::SessionEnded => {
             app.session_ended = true;
-            let why = other_panics_first_line();
+            let why =
+                other_panics_first_line().or_else(|| app.latest().and_then(|s| s.ended.clone()));
             app.say_error(match why {
-                Some(p) => format!("the model session stopped: {p}; press q to quit"),
+                Some(p) => format!("the model session has ended: {p}; press q to quit"),
                 None => "the model session has ended; press q to quit".to_string(),
             });
             true

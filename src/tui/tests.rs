@@ -592,10 +592,33 @@ fn other_keys_and_releases() {
         KeyEventKind::Release,
     ));
     assert_eq!(input::map_event(&app, &release), None);
-    assert!(press(&mut app, &[release.clone()]).is_empty());
+    assert!(press(&mut app, std::slice::from_ref(&release)).is_empty());
+    // Capacity: on at the default factor, off again before any snapshot confirms it.
     assert_eq!(
-        press(&mut app, &[key(KeyCode::Char('c'))]),
-        [Control::ToggleCapacityFactor]
+        press(
+            &mut app,
+            &[key(KeyCode::Char('c')), key(KeyCode::Char('c'))]
+        ),
+        [
+            Control::SetCapacityFactor(Some(8.0)),
+            Control::SetCapacityFactor(None)
+        ]
+    );
+    // A factor seen in force is the one switched back on.
+    let mut other = eval_app();
+    let mut s = other.latest().unwrap().clone();
+    s.policy.capacity_factor = Some(2.0);
+    other.push_snapshot(s.clone());
+    assert_eq!(
+        press(&mut other, &[key(KeyCode::Char('c'))]),
+        [Control::SetCapacityFactor(None)]
+    );
+    s.policy.capacity_factor = None;
+    s.sequence += 1;
+    other.push_snapshot(s);
+    assert_eq!(
+        press(&mut other, &[key(KeyCode::Char('c'))]),
+        [Control::SetCapacityFactor(Some(2.0))]
     );
     assert_eq!(
         press(&mut app, &[key(KeyCode::Char('r'))]),
@@ -821,7 +844,10 @@ fn frame_time_200x60_24x64() {
             t.draw(|_| {}).unwrap();
         }
         let empty = start.elapsed() / n as u32;
-        println!("empty frame (ratatui diff only): {:.3} ms", empty.as_secs_f64() * 1e3);
+        println!(
+            "empty frame (ratatui diff only): {:.3} ms",
+            empty.as_secs_f64() * 1e3
+        );
         println!(
             "{mode:?}: {:.3} ms per frame at 200x60, 24 x 64; {:.2}% of one core at 10 fps",
             per.as_secs_f64() * 1e3,
@@ -872,7 +898,11 @@ fn ui_cpu_use_at_default_fps() {
         let start = Instant::now();
         let mut i = 0u64;
         while start.elapsed() < Duration::from_secs(5) {
-            let mut s = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let mut s = if i.is_multiple_of(2) {
+                a.clone()
+            } else {
+                b.clone()
+            };
             s.sequence = i;
             if tx.send(UiEvent::Snapshot(Box::new(s))).is_err() {
                 return;
@@ -892,7 +922,14 @@ fn ui_cpu_use_at_default_fps() {
     .unwrap();
     let mut app = App::new(Theme::new(ColorMode::TrueColor));
     let (cpu0, t0) = (thread_cpu_ns().unwrap(), Instant::now());
-    event_loop(&mut term, &rx, &mut app, &mut |_| Ok(()), super::DEFAULT_FPS).unwrap();
+    event_loop(
+        &mut term,
+        &rx,
+        &mut app,
+        &mut |_| Ok(()),
+        super::DEFAULT_FPS,
+    )
+    .unwrap();
     let (cpu, wall) = (thread_cpu_ns().unwrap() - cpu0, t0.elapsed());
     feeder.join().unwrap();
     let frames = term.draw(|_| {}).unwrap().count;

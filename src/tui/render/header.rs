@@ -66,6 +66,9 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     if s.paused {
         marks.push(Span::styled(" PAUSED ", theme.mark()));
     }
+    if s.ended.is_some() {
+        marks.push(Span::styled(" ENDED ", theme.mark()));
+    }
     let e = &s.epoch;
     let capacity = match s.policy.capacity_factor {
         Some(c) => format!("capacity factor {c:.1}"),
