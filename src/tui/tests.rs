@@ -263,8 +263,9 @@ fn marks_help_and_waiting_screen() {
     has(&screen, "PAUSED", "paused mark");
     has(&screen, "Help", "help overlay");
     has(&screen, "export: disabled", "export disabled in help");
-    for (keys, _) in render::help::help_entries(&app) {
+    for (keys, what) in render::help::help_entries(&app) {
         has(&screen, keys.trim(), "every key is listed");
+        has(&screen, what, "every explanation fits at 80 columns");
     }
 }
 

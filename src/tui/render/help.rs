@@ -15,11 +15,11 @@ pub fn help_entries(app: &App) -> Vec<(&'static str, &'static str)> {
         ("↑ ↓  k j", "move between sliders / layers"),
         (
             "← →  h l",
-            "sliders: threshold -/+0.01; heatmap: move the expert cursor",
+            "threshold -/+0.01 (heatmap panel: expert cursor)",
         ),
         (
             "Shift+← →  H L",
-            "threshold -/+0.05 (heatmap: cursor by 8 experts)",
+            "threshold -/+0.05 (heatmap panel: cursor by 8)",
         ),
         ("PgUp PgDn", "threshold +0.05 / -0.05"),
         ("Tab", "switch panel: sliders / heatmap"),
@@ -35,7 +35,7 @@ pub fn help_entries(app: &App) -> Vec<(&'static str, &'static str)> {
             if app.can_export() {
                 "export a report of the displayed snapshot"
             } else {
-                "export: disabled, reports are not available in this build yet"
+                "export: disabled, reports are not built in yet"
             },
         ),
         ("?", "open / close this help"),
@@ -43,12 +43,9 @@ pub fn help_entries(app: &App) -> Vec<(&'static str, &'static str)> {
         ("Esc", "close this help; otherwise quit"),
         (
             "mouse",
-            "click a slider to focus it, click/drag its bar to set t",
+            "click a slider to focus it; click or drag its bar: t",
         ),
-        (
-            "",
-            "click a heatmap cell to select it; wheel moves between layers",
-        ),
+        ("", "click a heatmap cell to select it; wheel: layers"),
     ]
 }
 
