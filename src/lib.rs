@@ -16,4 +16,5 @@ pub mod model;
 pub mod profiling;
 pub mod routing;
 pub mod session;
+pub mod tui;
 pub mod workload;

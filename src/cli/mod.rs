@@ -6,6 +6,7 @@ mod parity;
 pub mod policy_args;
 pub mod run;
 mod synth;
+pub mod tui;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,71 @@
+//! Options of the live UI and the entry the main command calls when stdout is a terminal.
+
+use std::io::IsTerminal;
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::model::Model;
+use crate::session::{SessionConfig, SessionOutcome};
+use crate::tui::app::DEFAULT_CAPACITY_FACTOR;
+use crate::tui::session_link::run_session_tui;
+use crate::tui::{ColorMode, DEFAULT_FPS, Exporter, TuiOptions};
+use crate::workload::Workload;
+
+/// How the live UI draws.
+#[derive(Args, Debug, Clone)]
+pub struct TuiArgs {
+    /// Most redraws per second (the screen is redrawn only when something changed).
+    #[arg(long, default_value_t = DEFAULT_FPS, value_parser = parse_fps)]
+    pub fps: f64,
+    /// No colours: shade glyphs in the heatmap (also with NO_COLOR set, or a 16-colour terminal).
+    #[arg(long)]
+    pub no_color: bool,
+}
+
+fn parse_fps(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.5..=120.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("--fps must be between 0.5 and 120, found {v}"))
+    }
+}
+
+impl TuiArgs {
+    /// The UI options for these arguments; `capacity_factor` is what the `c` key switches on
+    /// (pass the model's or the command line's factor when there is one).
+    pub fn options(&self, capacity_factor: Option<f32>, exporter: Option<Exporter>) -> TuiOptions {
+        TuiOptions {
+            fps: self.fps,
+            color: ColorMode::detect(self.no_color),
+            capacity_factor: capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR),
+            exporter,
+        }
+    }
+}
+
+/// True when the UI can draw: stdout (and stdin, for keys) are terminals. Otherwise the caller
+/// prints the headless summary.
+pub fn can_draw() -> bool {
+    std::io::stdout().is_terminal() && std::io::stdin().is_terminal()
+}
+
+/// Runs `model` over `workload` in the live UI until the user quits; returns the session's
+/// outcome (its last snapshot, for a summary after the UI closes).
+pub fn run(
+    args: &TuiArgs,
+    model: Model,
+    workload: Workload,
+    config: SessionConfig,
+    exporter: Option<Exporter>,
+) -> Result<SessionOutcome> {
+    if !can_draw() {
+        bail!("the live UI needs a terminal on stdin and stdout");
+    }
+    let capacity = config
+        .routing
+        .capacity_factor
+        .or(model.config().capacity_factor);
+    run_session_tui(model, workload, config, args.options(capacity, exporter))
+}

@@ -1,0 +1,350 @@
+//! The UI's whole state: what is shown, what is focused, and what was asked of the session.
+//!
+//! Everything drawn comes from the displayed [`Snapshot`] (the latest, or the frozen copy) plus
+//! this state; the render functions only read it.
+
+use std::path::PathBuf;
+
+use crate::model::config::PolicySpec;
+use crate::profiling::snapshot::Snapshot;
+use crate::tui::theme::Theme;
+
+/// Writes a report of the displayed snapshot and returns the paths written. The UI calls it on
+/// `e` (on the UI thread) and shows the paths or the error.
+pub type Exporter = Box<dyn FnMut(&Snapshot) -> anyhow::Result<Vec<PathBuf>>>;
+
+/// The panel that arrow keys act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Panel {
+    /// Up/down choose a slider, left/right change its threshold.
+    Sliders,
+    /// Up/down choose a layer, left/right move the expert cursor.
+    Heatmap,
+}
+
+/// A threshold slider: the global one or one MoE layer (by MoE slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// All MoE layers at once.
+    Global,
+    /// One MoE layer, by MoE slot.
+    Layer(usize),
+}
+
+/// A line for the status bar: the result of the last action.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// The text shown.
+    pub text: String,
+    /// Shown in the error style.
+    pub is_error: bool,
+}
+
+/// A policy the UI asked for that the snapshots do not show yet.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pending {
+    /// The requested policy.
+    pub policy: PolicySpec,
+    /// Sequence number of the latest snapshot when it was requested.
+    pub requested_at: u64,
+}
+
+/// Snapshots after which an unacknowledged request is dropped (the session refused or
+/// adjusted it); about 5 s at the session's 10 snapshots per second.
+const PENDING_EXPIRY_SNAPSHOTS: u64 = 50;
+
+/// The UI state.
+pub struct App {
+    latest: Option<Snapshot>,
+    frozen: Option<Snapshot>,
+    /// The panel arrow keys act on.
+    pub panel: Panel,
+    /// The focused slider.
+    pub slider: Target,
+    /// The selected MoE slot: the highlighted heatmap row and the experts-per-token histogram.
+    pub layer: usize,
+    /// The expert under the heatmap cursor.
+    pub expert: usize,
+    /// The help overlay is open.
+    pub help_open: bool,
+    /// Colours and styles.
+    pub theme: Theme,
+    /// The result of the last action, if worth saying.
+    pub message: Option<Message>,
+    /// Terminal size (columns, rows), for mouse hit-testing with the same layout as drawing.
+    pub size: (u16, u16),
+    /// The snapshot channel is closed: the model session has ended.
+    pub session_ended: bool,
+    /// The user asked to quit.
+    pub should_quit: bool,
+    pending: Vec<Option<Pending>>,
+    pause_requested: Option<bool>,
+    last_threshold: Vec<f32>,
+    last_top_k: Vec<usize>,
+    capacity_on: f32,
+    capacity_requested: Option<(Option<f32>, u64)>,
+    exporter: Option<Exporter>,
+}
+
+/// Capacity factor `c` switches on when no other is known: the XMoE language models' setting
+/// (capacity per expert = ceil(8 x tokens / E)); with threshold routing a factor must exceed the
+/// mean experts per token, or most tokens lose experts.
+pub const DEFAULT_CAPACITY_FACTOR: f32 = 8.0;
+
+/// Two policies are the same setting (thresholds compared to 1e-4, below the 0.01 step).
+pub fn same_policy(a: &PolicySpec, b: &PolicySpec) -> bool {
+    match (a, b) {
+        (PolicySpec::Threshold { t: x }, PolicySpec::Threshold { t: y }) => (x - y).abs() < 1e-4,
+        _ => a == b,
+    }
+}
+
+impl App {
+    /// An empty state (no snapshot yet) with `theme`.
+    pub fn new(theme: Theme) -> Self {
+        Self {
+            latest: None,
+            frozen: None,
+            panel: Panel::Sliders,
+            slider: Target::Global,
+            layer: 0,
+            expert: 0,
+            help_open: false,
+            theme,
+            message: None,
+            size: (0, 0),
+            session_ended: false,
+            should_quit: false,
+            pending: Vec::new(),
+            pause_requested: None,
+            last_threshold: Vec::new(),
+            last_top_k: Vec::new(),
+            capacity_on: DEFAULT_CAPACITY_FACTOR,
+            capacity_requested: None,
+            exporter: None,
+        }
+    }
+
+    /// Plugs in the report exporter that `e` calls; without one, `e` says export is unavailable.
+    pub fn with_exporter(mut self, exporter: Option<Exporter>) -> Self {
+        self.exporter = exporter;
+        self
+    }
+
+    /// The capacity factor `c` switches on (until a snapshot shows one in force).
+    pub fn with_capacity_factor(mut self, factor: f32) -> Self {
+        if factor.is_finite() && factor > 0.0 {
+            self.capacity_on = factor;
+        }
+        self
+    }
+
+    /// The capacity factor to ask for when `c` is pressed: off when one is (or is about to be)
+    /// in force, else the last one in force.
+    pub fn toggled_capacity(&mut self) -> Option<f32> {
+        let current = match self.capacity_requested {
+            Some((c, _)) => c,
+            None => self.latest.as_ref().and_then(|s| s.policy.capacity_factor),
+        };
+        let next = match current {
+            Some(_) => None,
+            None => Some(self.capacity_on),
+        };
+        let at = self.latest.as_ref().map_or(0, |s| s.sequence);
+        self.capacity_requested = Some((next, at));
+        next
+    }
+
+    /// True when an exporter is plugged in.
+    pub fn can_export(&self) -> bool {
+        self.exporter.is_some()
+    }
+
+    /// Takes a new snapshot from the session: it becomes the latest (the display keeps the frozen
+    /// copy while frozen), acknowledged requests are cleared and selections are kept in range.
+    pub fn push_snapshot(&mut self, snap: Snapshot) {
+        let n = snap.policy.layers.len();
+        self.pending.resize(n, None);
+        self.last_threshold.resize(n, 0.9);
+        self.last_top_k.resize(n, snap.model.top_k_baseline.max(1));
+        for (slot, lp) in snap.policy.layers.iter().enumerate() {
+            match lp.policy {
+                PolicySpec::Threshold { t } => self.last_threshold[slot] = t,
+                PolicySpec::TopK { k, .. } => self.last_top_k[slot] = k,
+                PolicySpec::Dense => {}
+            }
+            if let Some(p) = self.pending[slot]
+                && (same_policy(&p.policy, &lp.policy)
+                    || snap.sequence >= p.requested_at + PENDING_EXPIRY_SNAPSHOTS)
+            {
+                self.pending[slot] = None;
+            }
+        }
+        if let Some(c) = snap.policy.capacity_factor {
+            self.capacity_on = c;
+        }
+        if let Some((c, at)) = self.capacity_requested
+            && (c == snap.policy.capacity_factor || snap.sequence >= at + PENDING_EXPIRY_SNAPSHOTS)
+        {
+            self.capacity_requested = None;
+        }
+        if self.pause_requested == Some(snap.paused) {
+            self.pause_requested = None;
+        }
+        self.latest = Some(snap);
+        self.clamp_selection();
+    }
+
+    fn clamp_selection(&mut self) {
+        let (n, e) = (self.n_slots(), self.n_experts());
+        self.layer = self.layer.min(n.saturating_sub(1));
+        self.expert = self.expert.min(e.saturating_sub(1));
+        if let Target::Layer(s) = self.slider
+            && s >= n
+        {
+            self.slider = if n == 0 {
+                Target::Global
+            } else {
+                Target::Layer(n - 1)
+            };
+        }
+    }
+
+    /// The snapshot on screen: the frozen copy while frozen, else the latest.
+    pub fn displayed(&self) -> Option<&Snapshot> {
+        self.frozen.as_ref().or(self.latest.as_ref())
+    }
+
+    /// The latest snapshot from the session (also while frozen).
+    pub fn latest(&self) -> Option<&Snapshot> {
+        self.latest.as_ref()
+    }
+
+    /// True while the display is frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// Freezes the display on the latest snapshot, or unfreezes it.
+    pub fn toggle_freeze(&mut self) {
+        self.frozen = match self.frozen {
+            Some(_) => None,
+            None => self.latest.clone(),
+        };
+    }
+
+    /// MoE layers of the model (0 before the first snapshot).
+    pub fn n_slots(&self) -> usize {
+        self.latest.as_ref().map_or(0, |s| s.policy.layers.len())
+    }
+
+    /// Experts per MoE layer (0 before the first snapshot).
+    pub fn n_experts(&self) -> usize {
+        self.latest.as_ref().map_or(0, |s| s.model.n_experts)
+    }
+
+    /// The request for `slot` not yet shown by a snapshot.
+    pub fn pending(&self, slot: usize) -> Option<Pending> {
+        self.pending.get(slot).copied().flatten()
+    }
+
+    /// The policy `slot` will have once the session has applied every request: the pending
+    /// request, else the latest snapshot's policy.
+    pub fn effective_policy(&self, slot: usize) -> Option<PolicySpec> {
+        self.pending(slot).map(|p| p.policy).or_else(|| {
+            self.latest
+                .as_ref()
+                .and_then(|s| s.policy.layers.get(slot).map(|l| l.policy))
+        })
+    }
+
+    /// The last threshold `slot` used (its current t when it routes by threshold).
+    pub fn last_threshold(&self, slot: usize) -> f32 {
+        match self.effective_policy(slot) {
+            Some(PolicySpec::Threshold { t }) => t,
+            _ => self.last_threshold.get(slot).copied().unwrap_or(0.9),
+        }
+    }
+
+    /// The last k `slot` used in top-k (the compute-matched baseline k before any).
+    pub fn last_top_k(&self, slot: usize) -> usize {
+        match self.effective_policy(slot) {
+            Some(PolicySpec::TopK { k, .. }) => k,
+            _ => self.last_top_k.get(slot).copied().unwrap_or(1),
+        }
+    }
+
+    /// Records a request for `slots` so that further key presses build on it.
+    pub fn set_pending(&mut self, slots: impl IntoIterator<Item = usize>, policy: PolicySpec) {
+        let at = self.latest.as_ref().map_or(0, |s| s.sequence);
+        for slot in slots {
+            match policy {
+                PolicySpec::Threshold { t } => {
+                    if let Some(x) = self.last_threshold.get_mut(slot) {
+                        *x = t;
+                    }
+                }
+                PolicySpec::TopK { k, .. } => {
+                    if let Some(x) = self.last_top_k.get_mut(slot) {
+                        *x = k;
+                    }
+                }
+                PolicySpec::Dense => {}
+            }
+            if let Some(p) = self.pending.get_mut(slot) {
+                *p = Some(Pending {
+                    policy,
+                    requested_at: at,
+                });
+            }
+        }
+    }
+
+    /// Whether the model is (or has been asked to be) paused.
+    pub fn paused_effective(&self) -> bool {
+        self.pause_requested
+            .or_else(|| self.latest.as_ref().map(|s| s.paused))
+            .unwrap_or(false)
+    }
+
+    /// Records a pause or resume request.
+    pub fn request_pause(&mut self, paused: bool) {
+        self.pause_requested = Some(paused);
+    }
+
+    /// Runs the exporter on the displayed snapshot and reports the outcome in the status bar.
+    pub fn export(&mut self) {
+        let Some(exporter) = self.exporter.as_mut() else {
+            self.say_error("export is not available in this build yet (reports are not built)");
+            return;
+        };
+        let Some(snap) = self.frozen.as_ref().or(self.latest.as_ref()) else {
+            self.say_error("nothing to export yet: no snapshot has arrived");
+            return;
+        };
+        match exporter(snap) {
+            Ok(paths) if paths.is_empty() => self.say("export finished; no files written"),
+            Ok(paths) => {
+                let list: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                self.say(format!("report written: {}", list.join(", ")));
+            }
+            Err(e) => self.say_error(format!("export failed: {e:#}")),
+        }
+    }
+
+    /// Shows an informational message.
+    pub fn say(&mut self, text: impl Into<String>) {
+        self.message = Some(Message {
+            text: text.into(),
+            is_error: false,
+        });
+    }
+
+    /// Shows an error message.
+    pub fn say_error(&mut self, text: impl Into<String>) {
+        self.message = Some(Message {
+            text: text.into(),
+            is_error: true,
+        });
+    }
+}

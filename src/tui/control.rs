@@ -1,0 +1,39 @@
+//! Requests the UI sends to the model session.
+//!
+//! The UI never touches the model: a key press becomes one [`Control`] message, the session
+//! applies it between forward passes, and the change shows up in the next snapshot (a new epoch).
+
+use crate::model::config::PolicySpec;
+
+/// Which MoE layers a policy change applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layers {
+    /// Every MoE layer.
+    All,
+    /// One MoE layer, by MoE slot (the `i`-th MoE layer, the index of the snapshot's per-layer
+    /// vectors), not by block index.
+    Slot(usize),
+}
+
+/// A request from the UI to the model session.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Control {
+    /// Route `layers` with `policy` from now on (threshold t, top-k with its k, or dense). The
+    /// UI has already clamped t to (0, 1] and k to 1..=E.
+    SetPolicy {
+        /// The layers to change.
+        layers: Layers,
+        /// The new policy.
+        policy: PolicySpec,
+    },
+    /// Set the inference-time capacity factor of every MoE layer (`Some`, positive) or switch
+    /// it off (`None`). The `c` key toggles between off and the factor last in force (or
+    /// [`crate::tui::TuiOptions::capacity_factor`]).
+    SetCapacityFactor(Option<f32>),
+    /// Stop (`true`) or resume (`false`) forward passes; statistics collection stops with them.
+    SetPaused(bool),
+    /// Clear the statistics and start a new epoch with the same settings.
+    ResetStats,
+    /// The UI is closing: stop the session.
+    Quit,
+}

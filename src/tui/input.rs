@@ -1,0 +1,419 @@
+//! The one place where terminal events become actions, and actions become state changes and
+//! [`Control`] requests to the session.
+//!
+//! [`map_event`] turns a crossterm event into an [`Action`] (key presses only: some terminals
+//! also report releases and repeats, which would make keys fire twice), [`apply`] changes the
+//! [`App`] and returns the request for the session, if any.
+
+use crossterm::event::{
+    Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
+};
+use ratatui::layout::{Position, Rect};
+
+use crate::model::config::PolicySpec;
+use crate::tui::app::{App, Panel, Target, same_policy};
+use crate::tui::control::{Control, Layers};
+use crate::tui::render::heatmap::HeatGeometry;
+use crate::tui::render::{layout, sliders};
+
+/// Small threshold step (arrow keys).
+pub const STEP_SMALL: f32 = 0.01;
+/// Big threshold step (Shift, PgUp / PgDn).
+pub const STEP_BIG: f32 = 0.05;
+/// Expert-cursor jump with Shift in the heatmap.
+const EXPERT_JUMP: isize = 8;
+
+/// What the user asked for, independent of how (key or mouse).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Action {
+    /// Leave the UI.
+    Quit,
+    /// Esc: close the help overlay, or quit when none is open.
+    Escape,
+    /// Open or close the help overlay.
+    ToggleHelp,
+    /// Switch between the sliders and the heatmap.
+    NextPanel,
+    /// Previous slider / layer.
+    Up,
+    /// Next slider / layer.
+    Down,
+    /// Change the focused threshold by this much.
+    AdjustThreshold(f32),
+    /// Move the heatmap's expert cursor by this many experts.
+    MoveExpert(isize),
+    /// Apply the focused layer's policy to every layer.
+    ApplyToAll,
+    /// Threshold → top-k → dense → threshold, for the focused slider.
+    CyclePolicy,
+    /// Change k of top-k by this much.
+    ChangeK(i32),
+    /// Capacity factor on / off.
+    ToggleCapacity,
+    /// Freeze / unfreeze the display.
+    ToggleFreeze,
+    /// Pause / resume the model.
+    TogglePause,
+    /// Reset the statistics.
+    Reset,
+    /// Export a report.
+    Export,
+    /// Focus a slider and, when the click was on its bar, set its threshold.
+    FocusSlider {
+        /// The slider.
+        target: Target,
+        /// Threshold from the click position, if on the bar.
+        set_t: Option<f32>,
+    },
+    /// Select a heatmap cell.
+    SelectCell {
+        /// MoE slot.
+        slot: usize,
+        /// Expert.
+        expert: usize,
+    },
+    /// The terminal has a new size.
+    Resize(u16, u16),
+}
+
+/// Maps one terminal event to an action, or `None` when it means nothing here.
+pub fn map_event(app: &App, ev: &Event) -> Option<Action> {
+    match ev {
+        Event::Key(k) if k.kind == KeyEventKind::Press => map_key(app, k),
+        Event::Mouse(m) => map_mouse(app, m),
+        Event::Resize(w, h) => Some(Action::Resize(*w, *h)),
+        _ => None,
+    }
+}
+
+fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
+    let shift = k.modifiers.contains(KeyModifiers::SHIFT);
+    if k.modifiers.contains(KeyModifiers::CONTROL) {
+        return matches!(k.code, KeyCode::Char('c') | KeyCode::Char('C')).then_some(Action::Quit);
+    }
+    if app.help_open {
+        return match k.code {
+            KeyCode::Char('?') => Some(Action::ToggleHelp),
+            KeyCode::Esc => Some(Action::Escape),
+            KeyCode::Char('q') => Some(Action::Quit),
+            _ => None,
+        };
+    }
+    let horizontal = |sign: f32, big: bool| match app.panel {
+        Panel::Sliders => Action::AdjustThreshold(sign * if big { STEP_BIG } else { STEP_SMALL }),
+        Panel::Heatmap => Action::MoveExpert(sign as isize * if big { EXPERT_JUMP } else { 1 }),
+    };
+    Some(match k.code {
+        KeyCode::Char('q') => Action::Quit,
+        KeyCode::Esc => Action::Escape,
+        KeyCode::Char('?') => Action::ToggleHelp,
+        KeyCode::Tab | KeyCode::BackTab => Action::NextPanel,
+        KeyCode::Up | KeyCode::Char('k') => Action::Up,
+        KeyCode::Down | KeyCode::Char('j') => Action::Down,
+        KeyCode::Left | KeyCode::Char('h') => horizontal(-1.0, shift),
+        KeyCode::Right | KeyCode::Char('l') => horizontal(1.0, shift),
+        KeyCode::Char('H') => horizontal(-1.0, true),
+        KeyCode::Char('L') => horizontal(1.0, true),
+        KeyCode::PageUp => Action::AdjustThreshold(STEP_BIG),
+        KeyCode::PageDown => Action::AdjustThreshold(-STEP_BIG),
+        KeyCode::Char('g') => Action::ApplyToAll,
+        KeyCode::Char('p') => Action::CyclePolicy,
+        KeyCode::Char('+') | KeyCode::Char('=') => Action::ChangeK(1),
+        KeyCode::Char('-') | KeyCode::Char('_') => Action::ChangeK(-1),
+        KeyCode::Char('c') => Action::ToggleCapacity,
+        KeyCode::Char(' ') | KeyCode::Char('f') => Action::ToggleFreeze,
+        KeyCode::Char('P') => Action::TogglePause,
+        KeyCode::Char('r') => Action::Reset,
+        KeyCode::Char('e') => Action::Export,
+        _ => return None,
+    })
+}
+
+fn map_mouse(app: &App, m: &MouseEvent) -> Option<Action> {
+    if app.help_open {
+        return None;
+    }
+    let snap = app.displayed()?;
+    let area = Rect::new(0, 0, app.size.0, app.size.1);
+    let l = layout::screen(area, app)?;
+    let pos = Position::new(m.column, m.row);
+    match m.kind {
+        MouseEventKind::Down(MouseButton::Left) | MouseEventKind::Drag(MouseButton::Left) => {
+            let drag = matches!(m.kind, MouseEventKind::Drag(_));
+            if l.sliders.contains(pos) {
+                let row = sliders::geometry(l.sliders, app, snap)
+                    .into_iter()
+                    .find(|r| r.line.contains(pos))?;
+                let on_bar = row.bar.contains(pos);
+                // A drag only moves the slider it is on; it never refocuses by passing over labels.
+                if drag && !on_bar {
+                    return None;
+                }
+                return Some(Action::FocusSlider {
+                    target: row.target,
+                    set_t: on_bar.then(|| sliders::t_at(row.bar, m.column)),
+                });
+            }
+            if !drag && l.heatmap.contains(pos) {
+                let g = HeatGeometry::new(l.heatmap, app, snap);
+                let slot = g.slot_at(m.row)?;
+                let expert = g.expert_at(m.column)?;
+                return (slot < snap.policy.layers.len())
+                    .then_some(Action::SelectCell { slot, expert });
+            }
+            None
+        }
+        MouseEventKind::ScrollUp if l.heatmap.contains(pos) || l.sliders.contains(pos) => {
+            Some(Action::Up)
+        }
+        MouseEventKind::ScrollDown if l.heatmap.contains(pos) || l.sliders.contains(pos) => {
+            Some(Action::Down)
+        }
+        _ => None,
+    }
+}
+
+/// Thresholds move on a 0.01 grid within (0, 1].
+fn clamp_t(t: f32) -> f32 {
+    ((t * 100.0).round() / 100.0).clamp(STEP_SMALL, 1.0)
+}
+
+/// The slots a target covers.
+fn slots(app: &App, target: Target) -> Vec<usize> {
+    match target {
+        Target::Global => (0..app.n_slots()).collect(),
+        Target::Layer(s) => vec![s],
+    }
+}
+
+/// The threshold a target currently stands at (its pending request first): the layer's t, or
+/// for the global slider the mean over layers (their last t where they route otherwise).
+fn target_threshold(app: &App, target: Target) -> f32 {
+    let s = slots(app, target);
+    s.iter().map(|&i| app.last_threshold(i)).sum::<f32>() / s.len().max(1) as f32
+}
+
+fn layers_of(target: Target) -> Layers {
+    match target {
+        Target::Global => Layers::All,
+        Target::Layer(s) => Layers::Slot(s),
+    }
+}
+
+/// Asks for `policy` on `target` unless every covered layer already has (or awaits) it.
+fn request(app: &mut App, target: Target, policy: PolicySpec) -> Option<Control> {
+    let covered = slots(app, target);
+    if covered.iter().all(|&s| {
+        app.effective_policy(s)
+            .is_some_and(|p| same_policy(&p, &policy))
+    }) {
+        return None;
+    }
+    app.set_pending(covered, policy);
+    Some(Control::SetPolicy {
+        layers: layers_of(target),
+        policy,
+    })
+}
+
+fn set_threshold(app: &mut App, target: Target, t: f32) -> Option<Control> {
+    request(app, target, PolicySpec::Threshold { t: clamp_t(t) })
+}
+
+fn move_selection(app: &mut App, down: bool) {
+    let n = app.n_slots();
+    if n == 0 {
+        return;
+    }
+    match app.panel {
+        Panel::Sliders => {
+            app.slider = match (app.slider, down) {
+                (Target::Global, true) => Target::Layer(0),
+                (Target::Global, false) => Target::Global,
+                (Target::Layer(0), false) => Target::Global,
+                (Target::Layer(s), false) => Target::Layer(s - 1),
+                (Target::Layer(s), true) => Target::Layer((s + 1).min(n - 1)),
+            };
+            if let Target::Layer(s) = app.slider {
+                app.layer = s;
+            }
+        }
+        Panel::Heatmap => {
+            app.layer = if down {
+                (app.layer + 1).min(n - 1)
+            } else {
+                app.layer.saturating_sub(1)
+            };
+            app.slider = Target::Layer(app.layer);
+        }
+    }
+}
+
+/// Applies `action` to the state; returns the request for the session, if the action makes one.
+pub fn apply(app: &mut App, action: Action) -> Option<Control> {
+    // Settings actions need to know the model; before the first snapshot they only explain.
+    let needs_model = matches!(
+        action,
+        Action::AdjustThreshold(_)
+            | Action::ApplyToAll
+            | Action::CyclePolicy
+            | Action::ChangeK(_)
+            | Action::ToggleCapacity
+            | Action::TogglePause
+            | Action::Reset
+            | Action::FocusSlider { .. }
+    );
+    if needs_model && app.latest().is_none() {
+        app.say_error("no snapshot from the model yet");
+        return None;
+    }
+    match action {
+        Action::Quit => {
+            app.should_quit = true;
+            None
+        }
+        Action::Escape => {
+            if app.help_open {
+                app.help_open = false;
+            } else {
+                app.should_quit = true;
+            }
+            None
+        }
+        Action::ToggleHelp => {
+            app.help_open = !app.help_open;
+            None
+        }
+        Action::NextPanel => {
+            app.panel = match app.panel {
+                Panel::Sliders => Panel::Heatmap,
+                Panel::Heatmap => Panel::Sliders,
+            };
+            if app.panel == Panel::Heatmap {
+                app.slider = Target::Layer(app.layer);
+            }
+            None
+        }
+        Action::Up => {
+            move_selection(app, false);
+            None
+        }
+        Action::Down => {
+            move_selection(app, true);
+            None
+        }
+        Action::MoveExpert(d) => {
+            let e = app.n_experts();
+            app.expert = (app.expert as isize + d).clamp(0, e.saturating_sub(1) as isize) as usize;
+            None
+        }
+        Action::AdjustThreshold(delta) => {
+            let target = app.slider;
+            let t = clamp_t(target_threshold(app, target) + delta);
+            set_threshold(app, target, t)
+        }
+        Action::FocusSlider { target, set_t } => {
+            app.panel = Panel::Sliders;
+            app.slider = target;
+            if let Target::Layer(s) = target {
+                app.layer = s;
+            }
+            set_t.and_then(|t| set_threshold(app, target, t))
+        }
+        Action::SelectCell { slot, expert } => {
+            app.panel = Panel::Heatmap;
+            app.layer = slot;
+            app.slider = Target::Layer(slot);
+            app.expert = expert;
+            None
+        }
+        Action::ApplyToAll => {
+            let Target::Layer(s) = app.slider else {
+                app.say("the global slider already sets every layer");
+                return None;
+            };
+            let policy = app.effective_policy(s)?;
+            let c = request(app, Target::Global, policy);
+            if c.is_none() {
+                app.say("every layer already has this policy");
+            }
+            c
+        }
+        Action::CyclePolicy => {
+            let target = app.slider;
+            let s = match target {
+                Target::Layer(s) => s,
+                Target::Global => app.layer,
+            };
+            let next = match app.effective_policy(s)? {
+                PolicySpec::Threshold { .. } => PolicySpec::TopK {
+                    k: app.last_top_k(s).clamp(1, app.n_experts().max(1)),
+                    renormalize: false,
+                },
+                PolicySpec::TopK { .. } => PolicySpec::Dense,
+                PolicySpec::Dense => PolicySpec::Threshold {
+                    t: clamp_t(app.last_threshold(s)),
+                },
+            };
+            request(app, target, next)
+        }
+        Action::ChangeK(d) => {
+            let target = app.slider;
+            let s = match target {
+                Target::Layer(s) => s,
+                Target::Global => app.layer,
+            };
+            let Some(PolicySpec::TopK { k, renormalize }) = app.effective_policy(s) else {
+                app.say_error("+/- change k of top-k routing: press p to switch to top-k");
+                return None;
+            };
+            let e = app.n_experts().max(1) as i64;
+            let k2 = (k as i64 + d as i64).clamp(1, e) as usize;
+            let c = request(app, target, PolicySpec::TopK { k: k2, renormalize });
+            if c.is_none() {
+                app.say(format!("k stays within 1..={e}"));
+            }
+            c
+        }
+        Action::ToggleCapacity => Some(Control::SetCapacityFactor(app.toggled_capacity())),
+        Action::ToggleFreeze => {
+            app.toggle_freeze();
+            None
+        }
+        Action::TogglePause => {
+            let paused = !app.paused_effective();
+            app.request_pause(paused);
+            Some(Control::SetPaused(paused))
+        }
+        Action::Reset => Some(Control::ResetStats),
+        Action::Export => {
+            app.export();
+            None
+        }
+        Action::Resize(w, h) => {
+            app.size = (w, h);
+            None
+        }
+    }
+}
+
+/// Maps and applies one event; a request for the session goes to `send`, and a failure to
+/// deliver it is shown in the status bar.
+pub fn handle_event(
+    app: &mut App,
+    ev: &Event,
+    send: &mut dyn FnMut(Control) -> anyhow::Result<()>,
+) {
+    let Some(action) = map_event(app, ev) else {
+        return;
+    };
+    let clears_message = !matches!(action, Action::Resize(..));
+    if clears_message {
+        app.message = None;
+    }
+    if let Some(c) = apply(app, action)
+        && let Err(e) = send(c)
+    {
+        app.say_error(format!("the model session did not take the request: {e:#}"));
+    }
+}

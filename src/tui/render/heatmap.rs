@@ -1,0 +1,299 @@
+//! The expert heatmap: one row per MoE layer, one column per expert (or per bin of experts),
+//! intensity = share of the window's tokens routed to the expert.
+
+use ratatui::Frame;
+use ratatui::layout::Rect;
+use ratatui::style::Style;
+use ratatui::text::{Line, Span};
+use ratatui::widgets::Paragraph;
+
+use crate::profiling::snapshot::Snapshot;
+use crate::tui::app::{App, Panel};
+use crate::tui::render::{layout::first_visible, panel_block};
+use crate::tui::theme::Theme;
+
+/// How experts map onto character cells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CellMode {
+    /// Each expert gets this many characters (at least one).
+    Wide(u16),
+    /// Two experts per character: `▌` with the left expert as foreground, the right as background.
+    Half,
+    /// Each character shows the mean share of this many consecutive experts.
+    Binned(usize),
+}
+
+/// Where the heatmap's parts are, shared by drawing and mouse hit-testing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeatGeometry {
+    /// Width of the row labels (`▶L13 `).
+    pub label_w: u16,
+    /// The cell region: one line per visible MoE layer.
+    pub cells: Rect,
+    /// Experts per character.
+    pub mode: CellMode,
+    /// First visible MoE slot.
+    pub first_row: usize,
+    /// Experts per layer.
+    pub n_experts: usize,
+    /// Line of the expert axis and cursor, if there is room.
+    pub axis_y: Option<u16>,
+    /// Line of the detail for the cell under the cursor, if there is room.
+    pub detail_y: Option<u16>,
+}
+
+impl HeatGeometry {
+    /// Computes the geometry of the heatmap in panel `area`.
+    pub fn new(area: Rect, app: &App, snap: &Snapshot) -> Self {
+        let inner = Rect {
+            y: area.y + 1,
+            height: area.height.saturating_sub(1),
+            ..area
+        };
+        let n = snap.policy.layers.len();
+        let e = snap.model.n_experts.max(1);
+        // Rows first, then the detail line, then the axis.
+        let rows = inner
+            .height
+            .saturating_sub(1)
+            .max(inner.height.min(1))
+            .min(n as u16);
+        let detail = inner.height > rows;
+        let axis = inner.height > rows + 1;
+        let widest = snap.model.moe_layers.iter().max().copied().unwrap_or(0);
+        let label_w = format!("L{widest}").len() as u16 + 2;
+        let cells_w = inner.width.saturating_sub(label_w + 1).max(1);
+        let mode = if e <= cells_w as usize {
+            CellMode::Wide((cells_w / e as u16).clamp(1, 3))
+        } else if app.theme.has_color() && e <= 2 * cells_w as usize {
+            CellMode::Half
+        } else {
+            CellMode::Binned(e.div_ceil(cells_w as usize))
+        };
+        let used_w = match mode {
+            CellMode::Wide(w) => w * e as u16,
+            CellMode::Half => e.div_ceil(2) as u16,
+            CellMode::Binned(b) => e.div_ceil(b) as u16,
+        };
+        let cells = Rect::new(inner.x + label_w, inner.y, used_w.min(cells_w), rows);
+        Self {
+            label_w,
+            cells,
+            mode,
+            first_row: first_visible(app.layer, rows as usize, n),
+            n_experts: e,
+            axis_y: axis.then_some(inner.y + rows),
+            detail_y: detail.then_some(inner.y + rows + axis as u16),
+        }
+    }
+
+    /// Column (absolute x) of expert `e`.
+    pub fn x_of(&self, e: usize) -> u16 {
+        let off = match self.mode {
+            CellMode::Wide(w) => e as u16 * w,
+            CellMode::Half => (e / 2) as u16,
+            CellMode::Binned(b) => (e / b) as u16,
+        };
+        self.cells.x + off
+    }
+
+    /// The expert drawn at absolute column `x` (the first of its bin), if any.
+    pub fn expert_at(&self, x: u16) -> Option<usize> {
+        if x < self.cells.x || x >= self.cells.x + self.cells.width {
+            return None;
+        }
+        let c = (x - self.cells.x) as usize;
+        let e = match self.mode {
+            CellMode::Wide(w) => c / w as usize,
+            CellMode::Half => 2 * c,
+            CellMode::Binned(b) => c * b,
+        };
+        (e < self.n_experts).then_some(e)
+    }
+
+    /// The MoE slot drawn on absolute line `y`, if any.
+    pub fn slot_at(&self, y: u16) -> Option<usize> {
+        (y >= self.cells.y && y < self.cells.y + self.cells.height)
+            .then(|| self.first_row + (y - self.cells.y) as usize)
+    }
+}
+
+/// The value drawn for each column of one layer's row (share, or mean share of a bin).
+fn column_values(shares: &[f64], mode: CellMode) -> Vec<f64> {
+    match mode {
+        CellMode::Wide(_) | CellMode::Half => shares.to_vec(),
+        CellMode::Binned(b) => shares
+            .chunks(b)
+            .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+            .collect(),
+    }
+}
+
+/// The scale of the heatmap: the largest value drawn, over all layers.
+pub fn scale_max(snap: &Snapshot, mode: CellMode) -> f64 {
+    snap.epoch
+        .window
+        .layers
+        .iter()
+        .flat_map(|l| column_values(&l.expert_token_share, mode))
+        .fold(0.0, f64::max)
+}
+
+/// Draws the heatmap panel.
+pub fn render(frame: &mut Frame, area: Rect, app: &App) {
+    let Some(snap) = app.displayed() else {
+        return;
+    };
+    let theme = &app.theme;
+    let g = HeatGeometry::new(area, app, snap);
+    let max = scale_max(snap, g.mode);
+    let window = &snap.epoch.window;
+    let mut title = vec![Span::raw(" Experts: share of window tokens ")];
+    // Legend: the ramp (or shades) from 0 to the scale's maximum.
+    title.push(Span::styled("0 ", theme.dim()));
+    if theme.has_color() {
+        for v in [0.01, 0.25, 0.5, 0.75, 1.0] {
+            title.push(Span::styled("█", Style::new().fg(theme.heat(v))));
+        }
+    } else {
+        for v in [0.25, 0.5, 0.75, 1.0] {
+            title.push(Span::raw(Theme::shade(v)));
+        }
+    }
+    title.push(Span::styled(format!(" {:.1}% ", 100.0 * max), theme.dim()));
+    let mode_note = match g.mode {
+        CellMode::Wide(_) => String::new(),
+        CellMode::Half => "2 experts/char ".to_string(),
+        CellMode::Binned(b) => format!("binned: {b} experts/column "),
+    };
+    title.push(Span::styled(
+        format!("{mode_note}{} tok ", window.tokens),
+        theme.dim(),
+    ));
+    let n = window.layers.len();
+    if (g.cells.height as usize) < n {
+        title.push(Span::styled(
+            format!(
+                "rows {}-{} of {n} ",
+                g.first_row + 1,
+                g.first_row + g.cells.height as usize
+            ),
+            theme.dim(),
+        ));
+    }
+    frame.render_widget(
+        panel_block(app, Line::from(title), app.panel == Panel::Heatmap),
+        area,
+    );
+    let norm = |v: f64| if max > 0.0 { v / max } else { 0.0 };
+    let buf = frame.buffer_mut();
+    for row in 0..g.cells.height {
+        let slot = g.first_row + row as usize;
+        let Some(layer) = window.layers.get(slot) else {
+            break;
+        };
+        let y = g.cells.y + row;
+        let selected = slot == app.layer;
+        let label = format!(
+            "{}L{:<w$}",
+            if selected { "▶" } else { " " },
+            layer.layer,
+            w = (g.label_w - 3) as usize
+        );
+        let style = if selected {
+            theme.selected()
+        } else {
+            theme.dim()
+        };
+        buf.set_stringn(area.x, y, &label, g.label_w as usize - 1, style);
+        let values = column_values(&layer.expert_token_share, g.mode);
+        match g.mode {
+            CellMode::Half => {
+                for (c, pair) in values.chunks(2).enumerate() {
+                    let x = g.cells.x + c as u16;
+                    let fg = theme.heat(norm(pair[0]));
+                    // An odd expert count leaves the last right half empty.
+                    let bg = pair
+                        .get(1)
+                        .map_or(ratatui::style::Color::Reset, |&v| theme.heat(norm(v)));
+                    buf[(x, y)]
+                        .set_symbol("▌")
+                        .set_style(Style::new().fg(fg).bg(bg));
+                }
+            }
+            CellMode::Wide(_) | CellMode::Binned(_) => {
+                let w = match g.mode {
+                    CellMode::Wide(w) => w,
+                    _ => 1,
+                };
+                for (c, &v) in values.iter().enumerate() {
+                    for dx in 0..w {
+                        let x = g.cells.x + c as u16 * w + dx;
+                        let cell = &mut buf[(x, y)];
+                        if theme.has_color() {
+                            cell.set_symbol("█")
+                                .set_style(Style::new().fg(theme.heat(norm(v))));
+                        } else {
+                            cell.set_symbol(Theme::shade(norm(v)));
+                        }
+                    }
+                }
+            }
+        }
+        if selected {
+            let end = g.cells.x + g.cells.width;
+            if end < area.x + area.width {
+                buf.set_string(end, y, "◀", theme.selected());
+            }
+        }
+    }
+    if let Some(y) = g.axis_y {
+        // Expert numbers every 8 or more columns, then the cursor on top.
+        let e = g.n_experts;
+        let step = match g.mode {
+            CellMode::Wide(w) => (8usize).div_ceil(w as usize),
+            CellMode::Half => 16,
+            CellMode::Binned(b) => 8 * b,
+        };
+        let mut next_free = g.cells.x;
+        for ex in (0..e).step_by(step.max(1)) {
+            let x = g.x_of(ex);
+            let s = ex.to_string();
+            if x >= next_free && x + (s.len() as u16) <= g.cells.x + g.cells.width {
+                buf.set_string(x, y, &s, theme.dim());
+                next_free = x + s.len() as u16 + 1;
+            }
+        }
+        let cx = g.x_of(app.expert.min(e.saturating_sub(1)));
+        buf.set_string(cx, y, "▲", theme.marker());
+    }
+    if let Some(y) = g.detail_y {
+        let line = detail_line(app, snap);
+        frame.render_widget(Paragraph::new(line), Rect::new(area.x, y, area.width, 1));
+    }
+}
+
+/// The words and numbers for the cell under the cursor.
+fn detail_line<'a>(app: &App, snap: &'a Snapshot) -> Line<'a> {
+    let theme = &app.theme;
+    let Some(l) = snap.epoch.window.layers.get(app.layer) else {
+        return Line::raw("no MoE layers");
+    };
+    let e = app.expert.min(l.expert_token_share.len().saturating_sub(1));
+    let share = l.expert_token_share.get(e).copied().unwrap_or(0.0);
+    let mass = l.expert_gate_mass.get(e).copied().unwrap_or(0.0);
+    Line::from(vec![
+        Span::styled(format!(" L{} expert {e}: ", l.layer), theme.value()),
+        Span::styled(format!("{:.1}%", 100.0 * share), theme.value()),
+        Span::raw(" of tokens, gate mass "),
+        Span::styled(format!("{mass:.3}"), theme.value()),
+        Span::styled(
+            format!(
+                " · {} unused · load max/mean {:.2}",
+                l.unused_experts.len(),
+                l.load_balance.max_over_mean
+            ),
+            theme.dim(),
+        ),
+    ])
+}

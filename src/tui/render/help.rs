@@ -1,0 +1,143 @@
+//! The help overlay (every key), the status bar, and the "terminal too small" screen.
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Rect};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
+
+use crate::tui::app::App;
+use crate::tui::render::layout::{MIN_HEIGHT, MIN_WIDTH};
+
+/// Every key and mouse action, as (keys, what it does); the export line depends on whether an
+/// exporter is plugged in.
+pub fn help_entries(app: &App) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("↑ ↓  k j", "move between sliders / layers"),
+        (
+            "← →  h l",
+            "threshold -/+0.01 (heatmap panel: expert cursor)",
+        ),
+        (
+            "Shift+← →  H L",
+            "threshold -/+0.05 (heatmap panel: cursor by 8)",
+        ),
+        ("PgUp PgDn", "threshold +0.05 / -0.05"),
+        ("Tab", "switch panel: sliders / heatmap"),
+        ("g", "apply the focused layer's policy to all layers"),
+        ("p", "cycle the policy: threshold, top-k, dense"),
+        ("+ -", "k of top-k, within 1..=E"),
+        ("c", "capacity factor on / off"),
+        ("Space  f", "freeze the display (collection continues)"),
+        ("P", "pause / resume the model"),
+        ("r", "reset statistics (starts a new epoch)"),
+        (
+            "e",
+            if app.can_export() {
+                "export a report of the displayed snapshot"
+            } else {
+                "export: disabled, reports are not built in yet"
+            },
+        ),
+        ("?", "open / close this help"),
+        ("q  Ctrl-C", "quit"),
+        ("Esc", "close this help; otherwise quit"),
+        (
+            "mouse",
+            "click a slider to focus it; click or drag its bar: t",
+        ),
+        ("", "click a heatmap cell to select it; wheel: layers"),
+    ]
+}
+
+/// Draws the help overlay over the middle of `area`.
+pub fn render_help(frame: &mut Frame, area: Rect, app: &App) {
+    let theme = &app.theme;
+    let entries = help_entries(app);
+    let h = (entries.len() as u16 + 2).min(area.height);
+    let w = 78.min(area.width);
+    let popup = area.centered(Constraint::Length(w), Constraint::Length(h));
+    frame.render_widget(Clear, popup);
+    let lines: Vec<Line> = entries
+        .iter()
+        .map(|(k, what)| {
+            Line::from(vec![
+                Span::styled(format!(" {k:<15}"), theme.value()),
+                Span::raw(*what),
+            ])
+        })
+        .collect();
+    frame.render_widget(
+        Paragraph::new(lines).block(Block::bordered().title(Line::styled(
+            " Help: ? or Esc to close ",
+            theme.title_focused(),
+        ))),
+        popup,
+    );
+}
+
+/// Draws the status bar: the last message, else key hints; the snapshot counter on the right.
+pub fn render_status(frame: &mut Frame, area: Rect, app: &App) {
+    let theme = &app.theme;
+    let right = match app.displayed() {
+        Some(s) if app.session_ended => {
+            format!("session ended · snapshot #{} ", s.sequence)
+        }
+        Some(s) => format!("snapshot #{} · {:.1} s ", s.sequence, s.session_elapsed_s),
+        None if app.session_ended => "session ended ".to_string(),
+        None => String::new(),
+    };
+    let left = match &app.message {
+        Some(m) => Span::styled(
+            format!(" {}", m.text),
+            if m.is_error {
+                theme.error()
+            } else {
+                theme.info()
+            },
+        ),
+        None => Span::styled(
+            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze",
+            theme.dim(),
+        ),
+    };
+    let rw = (right.chars().count() as u16).min(area.width / 2);
+    frame.render_widget(
+        Paragraph::new(Line::from(left)),
+        Rect {
+            width: area.width.saturating_sub(rw + 1),
+            ..area
+        },
+    );
+    frame.render_widget(
+        Paragraph::new(Line::styled(right, theme.dim())),
+        Rect {
+            x: area.x + area.width - rw,
+            width: rw,
+            ..area
+        },
+    );
+}
+
+/// The whole screen when the terminal is below the minimum size.
+pub fn render_too_small(frame: &mut Frame, area: Rect, app: &App) {
+    let theme = &app.theme;
+    let text = vec![
+        Line::styled(
+            format!("terminal too small: need {MIN_WIDTH} x {MIN_HEIGHT}"),
+            theme.error(),
+        ),
+        Line::raw(format!(
+            "now {} x {}; enlarge it or press q to quit",
+            area.width, area.height
+        )),
+    ];
+    let h = 2.min(area.height);
+    let y = area.y + area.height.saturating_sub(h) / 2;
+    frame.render_widget(
+        Paragraph::new(text)
+            .centered()
+            .wrap(Wrap { trim: true })
+            .block(Block::new().borders(Borders::NONE)),
+        Rect::new(area.x, y, area.width, area.height - (y - area.y)),
+    );
+}

@@ -1,0 +1,170 @@
+//! Where each panel goes, for a terminal size and the displayed snapshot.
+//!
+//! Drawing and mouse hit-testing both call [`screen`], so a click lands on what was drawn.
+
+use ratatui::layout::{Constraint, Layout, Rect};
+
+use crate::tui::app::App;
+
+/// Smallest terminal the full screen fits in.
+pub const MIN_WIDTH: u16 = 80;
+/// Smallest terminal height the full screen fits in.
+pub const MIN_HEIGHT: u16 = 24;
+/// From this width on, panels go in two columns.
+pub const WIDE_WIDTH: u16 = 120;
+
+/// The area of every panel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScreenLayout {
+    /// Model, workload, policy, throughput, compute saved, quality.
+    pub header: Rect,
+    /// Expert heatmap.
+    pub heatmap: Rect,
+    /// Threshold sliders.
+    pub sliders: Rect,
+    /// Latency, FLOPs and experts-per-token histograms.
+    pub histograms: Rect,
+    /// GPU counters or process CPU and memory.
+    pub device: Rect,
+    /// Generated text (generate workload only).
+    pub generated: Option<Rect>,
+    /// Messages and key hints.
+    pub status: Rect,
+}
+
+/// The layout for `area`, or `None` when the terminal is below [`MIN_WIDTH`] x [`MIN_HEIGHT`].
+pub fn screen(area: Rect, app: &App) -> Option<ScreenLayout> {
+    if area.width < MIN_WIDTH || area.height < MIN_HEIGHT {
+        return None;
+    }
+    let snap = app.displayed();
+    let n = snap.map_or(0, |s| s.policy.layers.len()) as u16;
+    let gpus = snap.map_or(0, |s| s.device.gpus.len()) as u16;
+    let has_text = snap.is_some_and(|s| s.generated.is_some());
+    let gen_h = if !has_text {
+        0
+    } else if app.theme.has_color() {
+        // Title and two lines of text (shaded by background colour).
+        if area.height >= 40 { 4 } else { 3 }
+    } else {
+        // Each line of text has a line of shade glyphs under it.
+        if area.height >= 40 { 5 } else { 3 }
+    };
+    let [header, body, generated, status] = area.layout(&Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Fill(1),
+        Constraint::Length(gen_h),
+        Constraint::Length(1),
+    ]));
+    let (heatmap, sliders, histograms, device);
+    if area.width >= WIDE_WIDTH {
+        let [left, right] = body.layout(&Layout::horizontal([
+            Constraint::Percentage(58),
+            Constraint::Fill(1),
+        ]));
+        // Left: what the user acts on and its device cost; right: the distributions.
+        let device_want = if gpus > 0 { 1 + 3 * gpus + 1 } else { 4 };
+        let [h, s, d] = stack(
+            left,
+            [(4, n + 3), (3, n + 2), (2, device_want)],
+            [1, 0, 2],
+            1,
+        );
+        (heatmap, sliders, histograms, device) = (h, s, right, d);
+    } else {
+        let device_want = if gpus > 0 { 1 + 2 * gpus } else { 3 };
+        // Sliders first: they are what the user acts on; then the heatmap.
+        let [h, s, hi, d] = stack(
+            body,
+            [(4, n + 3), (3, n + 2), (5, 8), (2, device_want)],
+            [1, 0, 2, 3],
+            2,
+        );
+        (heatmap, sliders, histograms, device) = (h, s, hi, d);
+    }
+    Some(ScreenLayout {
+        header,
+        heatmap,
+        sliders,
+        histograms,
+        device,
+        generated: has_text.then_some(generated),
+        status,
+    })
+}
+
+/// Splits `area` vertically into parts given as (minimum, wish): every part gets its minimum
+/// (the last ones shrink first when even that does not fit), then up to its wish in the
+/// priority `order`, and the part `flex` takes what is left.
+pub fn stack<const N: usize>(
+    area: Rect,
+    parts: [(u16, u16); N],
+    order: [usize; N],
+    flex: usize,
+) -> [Rect; N] {
+    let mut h: [u16; N] = parts.map(|p| p.0);
+    let mut over = h.iter().map(|&x| x as u32).sum::<u32>() as i64 - area.height as i64;
+    for x in h.iter_mut().rev() {
+        if over <= 0 {
+            break;
+        }
+        let cut = (*x as i64).min(over);
+        *x -= cut as u16;
+        over -= cut;
+    }
+    let mut left = area.height.saturating_sub(h.iter().sum());
+    for i in order {
+        let add = left.min(parts[i].1.saturating_sub(h[i]));
+        h[i] += add;
+        left -= add;
+    }
+    h[flex] += left;
+    let mut y = area.y;
+    let mut out = [Rect::default(); N];
+    for i in 0..N {
+        out[i] = Rect::new(area.x, y, area.width, h[i]);
+        y += h[i];
+    }
+    out
+}
+
+/// The first of `n` items to show in `rows` rows so that `selected` is visible: the selection
+/// stays centred while scrolling, which needs no scroll state.
+pub fn first_visible(selected: usize, rows: usize, n: usize) -> usize {
+    if rows == 0 || n <= rows {
+        return 0;
+    }
+    selected.saturating_sub(rows / 2).min(n - rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stack_gives_minimums_then_wishes() {
+        let a = Rect::new(0, 0, 10, 20);
+        let [x, y, z] = stack(a, [(2, 5), (2, 4), (3, 3)], [0, 1, 2], 1);
+        assert_eq!((x.height, y.height, z.height), (5, 12, 3));
+        assert_eq!((x.y, y.y, z.y), (0, 5, 17));
+        let small = Rect::new(0, 0, 10, 5);
+        let [x, y, z] = stack(small, [(2, 5), (2, 4), (3, 3)], [0, 1, 2], 0);
+        assert_eq!((x.height, y.height, z.height), (2, 2, 1));
+        let [x, y, z] = stack(a, [(2, 5), (2, 30), (3, 3)], [1, 0, 2], 0);
+        assert_eq!((x.height, y.height, z.height), (2, 15, 3));
+        let [x, y, z] = stack(small, [(2, 5), (2, 4), (3, 3)], [0, 1, 2], 0);
+        assert_eq!((x.height, y.height, z.height), (2, 2, 1));
+    }
+
+    #[test]
+    fn scrolling_keeps_selection_visible() {
+        assert_eq!(first_visible(0, 5, 24), 0);
+        assert_eq!(first_visible(10, 5, 24), 8);
+        assert_eq!(first_visible(23, 5, 24), 19);
+        assert_eq!(first_visible(3, 5, 4), 0);
+        for sel in 0..24 {
+            let f = first_visible(sel, 5, 24);
+            assert!(f <= sel && sel < f + 5);
+        }
+    }
+}

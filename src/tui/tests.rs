@@ -1,0 +1,944 @@
+//! Render, style, input-mapping and event-loop tests of the UI, on snapshots built by the real
+//! statistics code (`profiling::fixtures`).
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use crossterm::event::{
+    Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
+};
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use ratatui::buffer::Buffer;
+use ratatui::layout::Rect;
+use ratatui::style::Color;
+
+use super::app::{App, Panel, Target};
+use super::control::{Control, Layers};
+use super::input::{self, Action};
+use super::render::fmt::micros;
+use super::render::heatmap::{self, CellMode, HeatGeometry};
+use super::render::{self, layout, sliders};
+use super::theme::{ColorMode, Theme};
+use super::{UiEvent, event_loop};
+use crate::model::config::PolicySpec;
+use crate::profiling::fixtures::example_snapshot;
+use crate::profiling::snapshot::{Snapshot, WorkloadKind};
+
+const SIZES: [(u16, u16); 3] = [(80, 24), (120, 40), (200, 60)];
+
+fn app_with(snap: Snapshot, mode: ColorMode) -> App {
+    let mut app = App::new(Theme::new(mode));
+    app.push_snapshot(snap);
+    app
+}
+
+fn draw(app: &mut App, w: u16, h: u16) -> Buffer {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    let done = t.draw(|f| render::draw(f, app)).unwrap();
+    app.size = (done.area.width, done.area.height);
+    t.backend().buffer().clone()
+}
+
+fn text(buf: &Buffer) -> String {
+    let a = buf.area;
+    let mut s = String::new();
+    for y in a.y..a.y + a.height {
+        for x in a.x..a.x + a.width {
+            s.push_str(buf[(x, y)].symbol());
+        }
+        s.push('\n');
+    }
+    s
+}
+
+#[track_caller]
+fn has(screen: &str, needle: &str, what: &str) {
+    assert!(
+        screen.contains(needle),
+        "{what}: {needle:?} not on screen:\n{screen}"
+    );
+}
+
+/// A 24-layer x 64-expert snapshot: the fixture's layers repeated with new block indices (for
+/// scrolling and timing; the figures of the copies repeat those of the originals).
+fn big_snapshot() -> Snapshot {
+    let mut s = example_snapshot(WorkloadKind::Eval, 64, true);
+    let base_w = s.epoch.window.layers.clone();
+    let base_c = s.epoch.cumulative.layers.clone();
+    let base_p = s.policy.layers.clone();
+    s.epoch.window.layers.clear();
+    s.epoch.cumulative.layers.clear();
+    s.policy.layers.clear();
+    s.model.moe_layers.clear();
+    for i in 0..24 {
+        let block = 2 * i + 1;
+        let mut w = base_w[i % 3].clone();
+        w.layer = block;
+        let mut c = base_c[i % 3].clone();
+        c.layer = block;
+        let mut p = base_p[i % 3].clone();
+        p.layer = block;
+        s.epoch.window.layers.push(w);
+        s.epoch.cumulative.layers.push(c);
+        s.policy.layers.push(p);
+        s.model.moe_layers.push(block);
+    }
+    s.model.n_layers = 48;
+    s
+}
+
+fn key(code: KeyCode) -> Event {
+    Event::Key(KeyEvent::new(code, KeyModifiers::NONE))
+}
+
+fn shift(code: KeyCode) -> Event {
+    Event::Key(KeyEvent::new(code, KeyModifiers::SHIFT))
+}
+
+/// Feeds events and collects the requests sent to the session.
+fn press(app: &mut App, events: &[Event]) -> Vec<Control> {
+    let mut sent = Vec::new();
+    for ev in events {
+        input::handle_event(app, ev, &mut |c| {
+            sent.push(c);
+            Ok(())
+        });
+    }
+    sent
+}
+
+fn threshold(slot: Layers, t: f32) -> Control {
+    Control::SetPolicy {
+        layers: slot,
+        policy: PolicySpec::Threshold { t },
+    }
+}
+
+// ---------------------------------------------------------------- render
+
+#[test]
+fn every_panel_and_its_figures_at_each_size() {
+    for kind in [WorkloadKind::Eval, WorkloadKind::Generate] {
+        for gpu in [false, true] {
+            for mode in [ColorMode::TrueColor, ColorMode::NoColor] {
+                for (w, h) in SIZES {
+                    let snap = example_snapshot(kind, 16, gpu);
+                    let mut app = app_with(snap.clone(), mode);
+                    let screen = text(&draw(&mut app, w, h));
+                    let ctx = format!("{kind:?} gpu={gpu} {mode:?} {w}x{h}");
+                    check_screen(&screen, &snap, &ctx, w);
+                }
+            }
+        }
+    }
+}
+
+fn check_screen(screen: &str, s: &Snapshot, ctx: &str, width: u16) {
+    let e = &s.epoch;
+    let f = &e.window.flops;
+    // Header.
+    has(screen, &s.model.name, ctx);
+    has(screen, &format!("{:.0} tok/s", e.tokens_per_second), ctx);
+    has(
+        screen,
+        &format!("{:.1}%", f.moe_saved_vs_all_experts_pct),
+        ctx,
+    );
+    has(screen, &format!("{:.1}%", f.moe_saved_vs_top_k_pct), ctx);
+    has(screen, &format!("vs top-{}", f.top_k), ctx);
+    has(screen, &format!("epoch {}", e.id), ctx);
+    has(screen, "t 0.70 (all layers)", ctx);
+    if s.workload.kind == WorkloadKind::Eval {
+        has(
+            screen,
+            &format!("{:.3}", e.quality.bits_per_byte.unwrap()),
+            ctx,
+        );
+        has(
+            screen,
+            &format!("{:+.3}", e.quality.delta_bits_per_byte.unwrap()),
+            ctx,
+        );
+    }
+    // Heatmap: every row label and the detail of the cursor cell (layer 0, expert 0).
+    has(screen, "Experts: share of window tokens", ctx);
+    let l0 = &e.window.layers[0];
+    for l in &e.window.layers {
+        has(screen, &format!("L{}", l.layer), ctx);
+    }
+    has(screen, &format!("L{} expert 0: ", l0.layer), ctx);
+    has(
+        screen,
+        &format!("{:.1}% of tokens", 100.0 * l0.expert_token_share[0]),
+        ctx,
+    );
+    has(
+        screen,
+        &format!("gate mass {:.3}", l0.expert_gate_mass[0]),
+        ctx,
+    );
+    // Sliders: the global one and each layer's figures.
+    has(screen, "Thresholds", ctx);
+    has(
+        screen,
+        &format!("{:5.2} exp/tok", e.window.mean_experts_per_token),
+        ctx,
+    );
+    has(
+        screen,
+        &format!("{:5.1}% FLOPs", 100.0 - f.moe_saved_vs_all_experts_pct),
+        ctx,
+    );
+    for l in &e.window.layers {
+        has(
+            screen,
+            &format!("{:5.2} exp/tok", l.mean_experts_per_token),
+            ctx,
+        );
+        has(
+            screen,
+            &format!("{:5.1}% FLOPs", 100.0 * l.moe_flops_fraction_of_all_experts),
+            ctx,
+        );
+    }
+    // Histograms.
+    let hl = &e.histograms.token_latency_us;
+    has(screen, "Latency/token", ctx);
+    has(screen, "MoE FLOPs/token", ctx);
+    has(screen, &format!("p50 {}", micros(hl.p50)), ctx);
+    has(screen, &format!("p90 {}", micros(hl.p90)), ctx);
+    has(screen, &format!("Experts/token L{}", l0.layer), ctx);
+    has(
+        screen,
+        &format!("mean {:.2}", e.cumulative.layers[0].mean_experts_per_token),
+        ctx,
+    );
+    if width >= 120 {
+        has(screen, &format!("p99 {}", micros(hl.p99)), ctx);
+        has(screen, &format!("max {}", micros(hl.max)), ctx);
+    }
+    // Device.
+    if let Some(g) = s.device.gpus.first() {
+        has(screen, &g.name, ctx);
+        has(
+            screen,
+            &format!("util {}%", g.utilization_pct.unwrap()),
+            ctx,
+        );
+    } else {
+        has(screen, "Device: no GPU", ctx);
+        has(
+            screen,
+            &format!("CPU {:.0}%", s.device.process.cpu_pct.unwrap()),
+            ctx,
+        );
+        has(screen, "329 MiB", ctx);
+    }
+    // Generated text: the newest characters are shown.
+    if let Some(g) = &s.generated {
+        has(screen, "Generated text", ctx);
+        let tail: String = g.tokens[g.tokens.len() - 12..]
+            .iter()
+            .map(|t| render::generated::token_char(t.token))
+            .collect();
+        has(screen, tail.trim(), ctx);
+    } else {
+        assert!(!screen.contains("Generated text"), "{ctx}");
+    }
+}
+
+#[test]
+fn marks_help_and_waiting_screen() {
+    let mut app = App::new(Theme::new(ColorMode::NoColor));
+    let screen = text(&draw(&mut app, 80, 24));
+    has(&screen, "waiting for the first snapshot", "no snapshot");
+    let mut snap = example_snapshot(WorkloadKind::Eval, 16, false);
+    snap.paused = true;
+    app.push_snapshot(snap);
+    app.toggle_freeze();
+    app.help_open = true;
+    let screen = text(&draw(&mut app, 80, 24));
+    has(&screen, "FROZEN", "frozen mark");
+    has(&screen, "PAUSED", "paused mark");
+    has(&screen, "Help", "help overlay");
+    has(&screen, "export: disabled", "export disabled in help");
+    for (keys, what) in render::help::help_entries(&app) {
+        has(&screen, keys.trim(), "every key is listed");
+        has(&screen, what, "every explanation fits at 80 columns");
+    }
+}
+
+#[test]
+fn too_small_screen_and_resizing_never_panic() {
+    let mut app = app_with(big_snapshot(), ColorMode::TrueColor);
+    for (w, h) in [(79, 24), (80, 23), (40, 10)] {
+        let screen = text(&draw(&mut app, w, h));
+        has(
+            &screen,
+            "terminal too small: need 80 x 24",
+            &format!("{w}x{h}"),
+        );
+    }
+    let mut t = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    let sizes = [
+        (80, 24),
+        (1, 1),
+        (200, 60),
+        (2, 30),
+        (80, 24),
+        (119, 24),
+        (120, 24),
+        (121, 33),
+        (300, 100),
+        (79, 80),
+        (80, 200),
+        (10, 2),
+        (200, 24),
+        (81, 25),
+        (0, 0),
+        (150, 45),
+    ];
+    for mode in [ColorMode::TrueColor, ColorMode::NoColor] {
+        app.theme = Theme::new(mode);
+        for (kind, n) in [(WorkloadKind::Generate, 16), (WorkloadKind::Eval, 256)] {
+            app.push_snapshot(example_snapshot(kind, n, false));
+            for &(w, h) in &sizes {
+                t.backend_mut().resize(w, h);
+                t.draw(|f| render::draw(f, &app)).unwrap();
+            }
+        }
+        app.push_snapshot(big_snapshot());
+        for &(w, h) in &sizes {
+            app.layer = (w as usize) % 24;
+            app.help_open = w % 2 == 0;
+            t.backend_mut().resize(w, h);
+            t.draw(|f| render::draw(f, &app)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn many_layers_scroll_with_the_selection() {
+    let mut app = app_with(big_snapshot(), ColorMode::TrueColor);
+    app.panel = Panel::Heatmap;
+    let screen = text(&draw(&mut app, 80, 24));
+    has(&screen, "rows 1-", "scroll note");
+    for _ in 0..20 {
+        press(&mut app, &[key(KeyCode::Down)]);
+    }
+    assert_eq!(app.layer, 20);
+    let screen = text(&draw(&mut app, 80, 24));
+    has(&screen, "▶L41", "selected layer visible after scrolling");
+    has(&screen, "L41 expert 0:", "detail follows the selection");
+}
+
+// ---------------------------------------------------------------- style
+
+fn heat_geometry(app: &App, w: u16, h: u16) -> (HeatGeometry, f64) {
+    let snap = app.displayed().unwrap();
+    let l = layout::screen(Rect::new(0, 0, w, h), app).unwrap();
+    let g = HeatGeometry::new(l.heatmap, app, snap);
+    (g, heatmap::scale_max(snap, g.mode))
+}
+
+#[test]
+fn heatmap_cells_carry_the_expected_colour_and_glyphs() {
+    let snap = example_snapshot(WorkloadKind::Eval, 16, false);
+    let rows = &snap.epoch.window.layers;
+    // Colour: every cell is a full block in the ramp colour of its share.
+    let mut app = app_with(snap.clone(), ColorMode::TrueColor);
+    let buf = draw(&mut app, 120, 40);
+    let (g, max) = heat_geometry(&app, 120, 40);
+    assert!(matches!(g.mode, CellMode::Wide(_)));
+    let mut saw_top = false;
+    for (slot, l) in rows.iter().enumerate() {
+        for (e, &share) in l.expert_token_share.iter().enumerate() {
+            let cell = &buf[(g.x_of(e), g.cells.y + slot as u16)];
+            assert_eq!(cell.symbol(), "█");
+            assert_eq!(
+                cell.fg,
+                app.theme.heat(share / max),
+                "slot {slot} expert {e}"
+            );
+            if share == max {
+                assert_eq!(cell.fg, Color::Rgb(253, 231, 37));
+                saw_top = true;
+            }
+        }
+    }
+    assert!(saw_top);
+    // 256 colours: palette indices.
+    let mut app = app_with(snap.clone(), ColorMode::Ansi256);
+    let buf = draw(&mut app, 120, 40);
+    let cell = &buf[(g.x_of(0), g.cells.y)];
+    assert!(matches!(cell.fg, Color::Indexed(_)));
+    // No colour: shade glyphs matching the share, no colour at all.
+    let mut app = app_with(snap.clone(), ColorMode::NoColor);
+    let buf = draw(&mut app, 120, 40);
+    let (g, max) = heat_geometry(&app, 120, 40);
+    for (slot, l) in rows.iter().enumerate() {
+        for (e, &share) in l.expert_token_share.iter().enumerate() {
+            let cell = &buf[(g.x_of(e), g.cells.y + slot as u16)];
+            assert_eq!(cell.symbol(), Theme::shade(share / max));
+            assert_eq!((cell.fg, cell.bg), (Color::Reset, Color::Reset));
+        }
+    }
+    assert!(
+        (0..buf.area.height)
+            .flat_map(|y| (0..buf.area.width).map(move |x| (x, y)))
+            .all(|p| buf[p].fg == Color::Reset && buf[p].bg == Color::Reset),
+        "no-colour mode uses no colour anywhere"
+    );
+}
+
+#[test]
+fn dense_heatmaps_use_half_blocks_or_bins() {
+    // 128 experts in 80 columns: two experts per character, left as fg, right as bg.
+    let snap = example_snapshot(WorkloadKind::Eval, 128, false);
+    let mut app = app_with(snap.clone(), ColorMode::TrueColor);
+    let buf = draw(&mut app, 80, 24);
+    let (g, max) = heat_geometry(&app, 80, 24);
+    assert_eq!(g.mode, CellMode::Half);
+    let l = &snap.epoch.window.layers[1];
+    for e in (0..128).step_by(2) {
+        let cell = &buf[(g.x_of(e), g.cells.y + 1)];
+        assert_eq!(cell.symbol(), "▌");
+        assert_eq!(cell.fg, app.theme.heat(l.expert_token_share[e] / max));
+        assert_eq!(cell.bg, app.theme.heat(l.expert_token_share[e + 1] / max));
+    }
+    has(&text(&buf), "2 experts/char", "half-block note");
+    // Without colour the same model is binned, and says so.
+    let mut app = app_with(snap.clone(), ColorMode::NoColor);
+    let screen = text(&draw(&mut app, 80, 24));
+    let (g, _) = heat_geometry(&app, 80, 24);
+    assert_eq!(g.mode, CellMode::Binned(2));
+    has(&screen, "binned: 2 experts/column", "binning note");
+}
+
+#[test]
+fn generated_text_is_shaded_by_experts() {
+    let snap = example_snapshot(WorkloadKind::Generate, 16, false);
+    let g = snap.generated.as_ref().unwrap();
+    let hi = g
+        .tokens
+        .iter()
+        .map(|t| t.mean_experts)
+        .fold(0.0f32, f32::max);
+    let last = g.tokens.last().unwrap();
+    for mode in [ColorMode::TrueColor, ColorMode::NoColor] {
+        let mut app = app_with(snap.clone(), mode);
+        let buf = draw(&mut app, 80, 24);
+        let area = layout::screen(Rect::new(0, 0, 80, 24), &app)
+            .unwrap()
+            .generated
+            .unwrap();
+        // Find the last token: the last filled cell of the first text line(s).
+        let v = (last.mean_experts / hi) as f64;
+        let found = (area.y + 1..area.y + area.height).any(|y| {
+            (area.x..area.x + area.width).any(|x| {
+                let c = &buf[(x, y)];
+                c.symbol() == render::generated::token_char(last.token).to_string()
+                    && match mode {
+                        ColorMode::NoColor => buf[(x, y + 1)].symbol() == Theme::shade(v),
+                        _ => c.bg == app.theme.heat(v),
+                    }
+            })
+        });
+        assert!(found, "{mode:?}: newest token with its shade");
+    }
+}
+
+// ---------------------------------------------------------------- input
+
+fn eval_app() -> App {
+    // Every layer at t = 0.70 in the fixture; E = 16, top-k baseline k = 4.
+    let mut app = app_with(
+        example_snapshot(WorkloadKind::Eval, 16, false),
+        ColorMode::TrueColor,
+    );
+    app.size = (120, 40);
+    app
+}
+
+#[test]
+fn arrows_change_the_focused_threshold() {
+    let mut app = eval_app();
+    assert_eq!(app.slider, Target::Global);
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Right)]),
+        [threshold(Layers::All, 0.71)]
+    );
+    press(&mut app, &[key(KeyCode::Down)]);
+    assert_eq!(app.slider, Target::Layer(0));
+    // Requests build on the pending value, not on the stale snapshot.
+    let s0 = Layers::Slot(0);
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Left), key(KeyCode::Char('h'))]),
+        [threshold(s0, 0.70), threshold(s0, 0.69)]
+    );
+    assert_eq!(
+        press(&mut app, &[shift(KeyCode::Left)]),
+        [threshold(s0, 0.64)]
+    );
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('L'))]),
+        [threshold(s0, 0.69)]
+    );
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::PageUp)]),
+        [threshold(s0, 0.74)]
+    );
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::PageDown)]),
+        [threshold(s0, 0.69)]
+    );
+    // Clamped to (0, 1]: no request once at the bound.
+    let up = vec![key(KeyCode::PageUp); 10];
+    let sent = press(&mut app, &up);
+    assert_eq!(sent.last(), Some(&threshold(s0, 1.0)));
+    assert_eq!(sent.len(), 7);
+    assert!(press(&mut app, &[key(KeyCode::Right)]).is_empty());
+    let down = vec![key(KeyCode::PageDown); 30];
+    let sent = press(&mut app, &down);
+    assert_eq!(sent.last(), Some(&threshold(s0, 0.01)));
+    assert!(press(&mut app, &[key(KeyCode::Left)]).is_empty());
+    // A snapshot showing the request clears it; the slider then shows the snapshot's value.
+    assert!(app.pending(0).is_some());
+    let mut snap = app.latest().unwrap().clone();
+    snap.policy.layers[0].policy = PolicySpec::Threshold { t: 0.01 };
+    snap.sequence += 1;
+    app.push_snapshot(snap);
+    assert!(app.pending(0).is_none());
+}
+
+#[test]
+fn g_applies_to_all_and_p_cycles_the_policy() {
+    let mut app = eval_app();
+    press(&mut app, &[key(KeyCode::Down), key(KeyCode::Down)]);
+    assert_eq!(app.slider, Target::Layer(1));
+    press(&mut app, &[key(KeyCode::Right)]);
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('g'))]),
+        [threshold(Layers::All, 0.71)]
+    );
+    let s1 = Layers::Slot(1);
+    let set = |policy| Control::SetPolicy { layers: s1, policy };
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('p'))]),
+        [set(PolicySpec::TopK {
+            k: 4,
+            renormalize: false
+        })]
+    );
+    assert_eq!(
+        press(
+            &mut app,
+            &[
+                key(KeyCode::Char('+')),
+                key(KeyCode::Char('-')),
+                key(KeyCode::Char('-'))
+            ]
+        ),
+        [
+            set(PolicySpec::TopK {
+                k: 5,
+                renormalize: false
+            }),
+            set(PolicySpec::TopK {
+                k: 4,
+                renormalize: false
+            }),
+            set(PolicySpec::TopK {
+                k: 3,
+                renormalize: false
+            }),
+        ]
+    );
+    // k stays within 1..=E.
+    let minus = vec![key(KeyCode::Char('-')); 5];
+    let sent = press(&mut app, &minus);
+    assert_eq!(sent.len(), 2);
+    assert!(app.message.as_ref().unwrap().text.contains("1..=16"));
+    let plus = vec![key(KeyCode::Char('+')); 20];
+    let sent = press(&mut app, &plus);
+    assert_eq!(
+        sent.last(),
+        Some(&set(PolicySpec::TopK {
+            k: 16,
+            renormalize: false
+        }))
+    );
+    assert_eq!(sent.len(), 15);
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('p'))]),
+        [set(PolicySpec::Dense)]
+    );
+    // Back to threshold at the layer's last t.
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('p'))]),
+        [set(PolicySpec::Threshold { t: 0.71 })]
+    );
+    // +/- outside top-k explain instead of sending.
+    assert!(press(&mut app, &[key(KeyCode::Char('+'))]).is_empty());
+    assert!(app.message.as_ref().unwrap().is_error);
+}
+
+#[test]
+fn other_keys_and_releases() {
+    let mut app = eval_app();
+    let release = Event::Key(KeyEvent::new_with_kind(
+        KeyCode::Right,
+        KeyModifiers::NONE,
+        KeyEventKind::Release,
+    ));
+    assert_eq!(input::map_event(&app, &release), None);
+    assert!(press(&mut app, std::slice::from_ref(&release)).is_empty());
+    // Capacity: on at the default factor, off again before any snapshot confirms it.
+    assert_eq!(
+        press(
+            &mut app,
+            &[key(KeyCode::Char('c')), key(KeyCode::Char('c'))]
+        ),
+        [
+            Control::SetCapacityFactor(Some(8.0)),
+            Control::SetCapacityFactor(None)
+        ]
+    );
+    // A factor seen in force is the one switched back on.
+    let mut other = eval_app();
+    let mut s = other.latest().unwrap().clone();
+    s.policy.capacity_factor = Some(2.0);
+    other.push_snapshot(s.clone());
+    assert_eq!(
+        press(&mut other, &[key(KeyCode::Char('c'))]),
+        [Control::SetCapacityFactor(None)]
+    );
+    s.policy.capacity_factor = None;
+    s.sequence += 1;
+    other.push_snapshot(s);
+    assert_eq!(
+        press(&mut other, &[key(KeyCode::Char('c'))]),
+        [Control::SetCapacityFactor(Some(2.0))]
+    );
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('r'))]),
+        [Control::ResetStats]
+    );
+    // Pause toggles from the requested state until a snapshot confirms it.
+    assert_eq!(
+        press(
+            &mut app,
+            &[key(KeyCode::Char('P')), key(KeyCode::Char('P'))]
+        ),
+        [Control::SetPaused(true), Control::SetPaused(false)]
+    );
+    // Freeze keeps the picture while snapshots keep coming.
+    let shown = app.displayed().unwrap().sequence;
+    press(&mut app, &[key(KeyCode::Char(' '))]);
+    let mut next = app.latest().unwrap().clone();
+    next.sequence += 1;
+    app.push_snapshot(next);
+    assert_eq!(app.displayed().unwrap().sequence, shown);
+    press(&mut app, &[key(KeyCode::Char('f'))]);
+    assert_eq!(app.displayed().unwrap().sequence, shown + 1);
+    // Help: Esc closes it; outside it Esc quits.
+    press(&mut app, &[key(KeyCode::Char('?'))]);
+    assert!(app.help_open);
+    assert!(
+        press(&mut app, &[key(KeyCode::Right)]).is_empty(),
+        "keys wait while help is open"
+    );
+    press(&mut app, &[key(KeyCode::Esc)]);
+    assert!(!app.help_open && !app.should_quit);
+    press(&mut app, &[key(KeyCode::Esc)]);
+    assert!(app.should_quit);
+    for quit in [
+        key(KeyCode::Char('q')),
+        Event::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)),
+    ] {
+        let mut app = eval_app();
+        press(&mut app, &[quit]);
+        assert!(app.should_quit);
+    }
+    // Tab: the heatmap takes left/right for its cursor.
+    let mut app = eval_app();
+    press(&mut app, &[key(KeyCode::Tab), key(KeyCode::Down)]);
+    assert_eq!(
+        (app.panel, app.layer, app.slider),
+        (Panel::Heatmap, 1, Target::Layer(1))
+    );
+    assert!(press(&mut app, &[key(KeyCode::Right), shift(KeyCode::Right)]).is_empty());
+    assert_eq!(app.expert, 9);
+    press(&mut app, &[key(KeyCode::Char('L'))]);
+    assert_eq!(app.expert, 15, "clamped to E - 1");
+}
+
+#[test]
+fn export_reports_paths_errors_or_absence() {
+    let mut app = eval_app();
+    press(&mut app, &[key(KeyCode::Char('e'))]);
+    let m = app.message.clone().unwrap();
+    assert!(m.is_error && m.text.contains("not available"), "{m:?}");
+    let mut app = eval_app().with_exporter(Some(Box::new(|s: &Snapshot| {
+        Ok(vec![PathBuf::from(format!("report-{}.json", s.sequence))])
+    })));
+    press(&mut app, &[key(KeyCode::Char('e'))]);
+    assert_eq!(
+        app.message.clone().unwrap().text,
+        "report written: report-42.json"
+    );
+    let mut app =
+        eval_app().with_exporter(Some(Box::new(|_: &Snapshot| anyhow::bail!("disk full"))));
+    press(&mut app, &[key(KeyCode::Char('e'))]);
+    let m = app.message.clone().unwrap();
+    assert!(m.is_error && m.text.contains("disk full"));
+}
+
+#[test]
+fn mouse_focuses_sliders_sets_t_and_selects_cells() {
+    let mut app = eval_app();
+    draw(&mut app, 120, 40);
+    let snap = app.displayed().unwrap().clone();
+    let l = layout::screen(Rect::new(0, 0, 120, 40), &app).unwrap();
+    let rows = sliders::geometry(l.sliders, &app, &snap);
+    let row = rows.iter().find(|r| r.target == Target::Layer(2)).unwrap();
+    let click = |kind, x, y| {
+        Event::Mouse(MouseEvent {
+            kind,
+            column: x,
+            row: y,
+            modifiers: KeyModifiers::NONE,
+        })
+    };
+    // A click on the label focuses without a request.
+    let down = MouseEventKind::Down(MouseButton::Left);
+    assert!(press(&mut app, &[click(down, row.line.x + 3, row.line.y)]).is_empty());
+    assert_eq!(app.slider, Target::Layer(2));
+    // A click on the bar sets t from the position; a drag moves it further.
+    let x = row.bar.x + row.bar.width / 2;
+    let t = sliders::t_at(row.bar, x);
+    let xe = row.bar.x + row.bar.width - 1;
+    let drag = MouseEventKind::Drag(MouseButton::Left);
+    assert_eq!(
+        press(
+            &mut app,
+            &[click(down, x, row.line.y), click(drag, xe, row.line.y)]
+        ),
+        [
+            threshold(Layers::Slot(2), t),
+            threshold(Layers::Slot(2), 1.0)
+        ]
+    );
+    // A release is not a click.
+    let up = MouseEventKind::Up(MouseButton::Left);
+    assert!(press(&mut app, &[click(up, x, row.line.y)]).is_empty());
+    // Heatmap: a click selects the cell; the wheel moves between layers.
+    let g = HeatGeometry::new(l.heatmap, &app, &snap);
+    press(&mut app, &[click(down, g.x_of(5), g.cells.y)]);
+    assert_eq!((app.panel, app.layer, app.expert), (Panel::Heatmap, 0, 5));
+    press(
+        &mut app,
+        &[click(MouseEventKind::ScrollDown, g.x_of(5), g.cells.y)],
+    );
+    assert_eq!(app.layer, 1);
+    assert_eq!(
+        input::map_event(&app, &click(MouseEventKind::ScrollUp, g.x_of(1), g.cells.y)),
+        Some(Action::Up)
+    );
+}
+
+#[test]
+fn failed_delivery_is_shown() {
+    let mut app = eval_app();
+    input::handle_event(&mut app, &key(KeyCode::Char('r')), &mut |_| {
+        anyhow::bail!("session gone")
+    });
+    let m = app.message.clone().unwrap();
+    assert!(m.is_error && m.text.contains("session gone"));
+}
+
+// ---------------------------------------------------------------- event loop
+
+#[test]
+fn event_loop_coalesces_bursts_and_quits() {
+    let (tx, rx) = mpsc::channel();
+    let snap = example_snapshot(WorkloadKind::Eval, 16, false);
+    for i in 0..200 {
+        let mut s = snap.clone();
+        s.sequence = i;
+        tx.send(UiEvent::Snapshot(Box::new(s))).unwrap();
+    }
+    tx.send(UiEvent::Input(key(KeyCode::Right))).unwrap();
+    tx.send(UiEvent::Input(key(KeyCode::Char('q')))).unwrap();
+    let mut term = Terminal::new(TestBackend::new(120, 40)).unwrap();
+    let mut app = App::new(Theme::new(ColorMode::NoColor));
+    let mut sent = Vec::new();
+    event_loop(
+        &mut term,
+        &rx,
+        &mut app,
+        &mut |c| {
+            sent.push(c);
+            Ok(())
+        },
+        10.0,
+    )
+    .unwrap();
+    assert!(app.should_quit);
+    assert_eq!(app.latest().unwrap().sequence, 199);
+    assert_eq!(sent, [threshold(Layers::All, 0.71)]);
+    // One frame before the burst; the whole burst was taken before the next draw.
+    let frames = term.draw(|_| {}).unwrap().count;
+    assert!(frames <= 2, "{frames} frames drawn for one burst");
+}
+
+#[test]
+fn event_loop_ends_when_the_channel_closes_and_reports_session_end() {
+    let (tx, rx) = mpsc::channel();
+    tx.send(UiEvent::Snapshot(Box::new(example_snapshot(
+        WorkloadKind::Generate,
+        16,
+        true,
+    ))))
+    .unwrap();
+    tx.send(UiEvent::SessionEnded).unwrap();
+    drop(tx);
+    let mut term = Terminal::new(TestBackend::new(80, 24)).unwrap();
+    let mut app = App::new(Theme::new(ColorMode::TrueColor));
+    event_loop(&mut term, &rx, &mut app, &mut |_| Ok(()), 1000.0).unwrap();
+    assert!(app.session_ended);
+    let screen = text(&draw(&mut app, 80, 24));
+    has(&screen, "session has ended", "status message");
+    // A broken terminal input ends the loop with an error.
+    let (tx, rx) = mpsc::channel();
+    tx.send(UiEvent::InputError("gone".into())).unwrap();
+    let r = event_loop(&mut term, &rx, &mut app, &mut |_| Ok(()), 10.0);
+    assert!(r.unwrap_err().to_string().contains("gone"));
+}
+
+// ---------------------------------------------------------------- cost
+
+/// Frame time at 200x60 with 24 MoE layers x 64 experts (run with `--ignored --nocapture`;
+/// recorded in docs/tui.md).
+#[test]
+#[ignore]
+fn frame_time_200x60_24x64() {
+    use std::time::Instant;
+    for mode in [ColorMode::TrueColor, ColorMode::NoColor] {
+        let mut app = app_with(big_snapshot(), mode);
+        let mut t = Terminal::new(TestBackend::new(200, 60)).unwrap();
+        for _ in 0..20 {
+            t.draw(|f| render::draw(f, &app)).unwrap();
+        }
+        let n = 500;
+        let start = Instant::now();
+        for i in 0..n {
+            // A new snapshot each frame, as in a live session: every cell changes.
+            app.layer = i % 24;
+            t.draw(|f| render::draw(f, &app)).unwrap();
+        }
+        let per = start.elapsed() / n as u32;
+        // The terminal's own share: diffing and copying an unchanged 200x60 buffer.
+        let start = Instant::now();
+        for _ in 0..n {
+            t.draw(|_| {}).unwrap();
+        }
+        let empty = start.elapsed() / n as u32;
+        println!(
+            "empty frame (ratatui diff only): {:.3} ms",
+            empty.as_secs_f64() * 1e3
+        );
+        println!(
+            "{mode:?}: {:.3} ms per frame at 200x60, 24 x 64; {:.2}% of one core at 10 fps",
+            per.as_secs_f64() * 1e3,
+            per.as_secs_f64() * 10.0 * 100.0
+        );
+    }
+}
+
+/// Prints the screens at the test sizes (a look without a terminal: `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn print_screens() {
+    for (kind, gpu, n) in [
+        (WorkloadKind::Eval, false, 16),
+        (WorkloadKind::Generate, true, 64),
+    ] {
+        for (w, h) in SIZES {
+            let mut app = app_with(example_snapshot(kind, n, gpu), ColorMode::NoColor);
+            println!("{kind:?} {w}x{h}\n{}", text(&draw(&mut app, w, h)));
+        }
+    }
+}
+
+/// CPU time of the calling thread in nanoseconds (Linux: /proc/thread-self/schedstat).
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The UI thread's CPU use at the default 10 fps with a new 24 x 64 snapshot every 100 ms,
+/// through the real crossterm backend (escape sequences written to a sink), over 5 s.
+#[test]
+#[ignore]
+fn ui_cpu_use_at_default_fps() {
+    use std::time::{Duration, Instant};
+    let (tx, rx) = mpsc::channel();
+    let a = big_snapshot();
+    let mut b = a.clone();
+    // A second picture with every heatmap cell changed, so every frame repaints the heatmap.
+    for l in &mut b.epoch.window.layers {
+        l.expert_token_share.reverse();
+    }
+    let feeder = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut i = 0u64;
+        while start.elapsed() < Duration::from_secs(5) {
+            let mut s = if i.is_multiple_of(2) {
+                a.clone()
+            } else {
+                b.clone()
+            };
+            s.sequence = i;
+            if tx.send(UiEvent::Snapshot(Box::new(s))).is_err() {
+                return;
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = tx.send(UiEvent::Input(key(KeyCode::Char('q'))));
+    });
+    let backend = ratatui::backend::CrosstermBackend::new(std::io::sink());
+    let mut term = Terminal::with_options(
+        backend,
+        ratatui::TerminalOptions {
+            viewport: ratatui::Viewport::Fixed(Rect::new(0, 0, 200, 60)),
+        },
+    )
+    .unwrap();
+    let mut app = App::new(Theme::new(ColorMode::TrueColor));
+    let (cpu0, t0) = (thread_cpu_ns().unwrap(), Instant::now());
+    event_loop(
+        &mut term,
+        &rx,
+        &mut app,
+        &mut |_| Ok(()),
+        super::DEFAULT_FPS,
+    )
+    .unwrap();
+    let (cpu, wall) = (thread_cpu_ns().unwrap() - cpu0, t0.elapsed());
+    feeder.join().unwrap();
+    let frames = term.draw(|_| {}).unwrap().count;
+    println!(
+        "UI thread: {:.1} ms CPU over {:.2} s wall, {frames} frames: {:.2}% of one core, {:.3} ms per frame",
+        cpu as f64 / 1e6,
+        wall.as_secs_f64(),
+        100.0 * cpu as f64 / wall.as_nanos() as f64,
+        cpu as f64 / 1e6 / frames as f64
+    );
+}

@@ -1,0 +1,278 @@
+//! Every colour and text style of the UI, and the no-colour fallback, in one place.
+//!
+//! Colour never carries information alone: every coloured figure is also printed as a number
+//! somewhere (the heatmap's detail line, the sliders' figures), and in [`ColorMode::NoColor`] the
+//! heatmap and the generated-text shading switch to the shade glyphs ` ░▒▓█`.
+
+use ratatui::style::{Color, Modifier, Style};
+
+/// How much colour the terminal gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColorMode {
+    /// 24-bit colour (`COLORTERM=truecolor` or `24bit`).
+    TrueColor,
+    /// The xterm 256-colour palette (`TERM` mentions 256).
+    Ansi256,
+    /// No colour at all: `--no-color`, `NO_COLOR`, or a terminal with 16 colours or fewer, where
+    /// a colour ramp cannot be told apart reliably. Shade glyphs and text modifiers only.
+    NoColor,
+}
+
+impl ColorMode {
+    /// Chooses the mode from the `--no-color` flag and the process environment.
+    pub fn detect(no_color_flag: bool) -> Self {
+        let var = |k: &str| std::env::var(k).ok();
+        Self::from_env(
+            no_color_flag,
+            var("NO_COLOR").as_deref(),
+            var("COLORTERM").as_deref(),
+            var("TERM").as_deref(),
+        )
+    }
+
+    /// The decision itself, from explicit values (testable without touching the environment).
+    /// `NO_COLOR` counts when set to a non-empty value (<https://no-color.org>).
+    pub fn from_env(
+        no_color_flag: bool,
+        no_color: Option<&str>,
+        colorterm: Option<&str>,
+        term: Option<&str>,
+    ) -> Self {
+        if no_color_flag || no_color.is_some_and(|v| !v.is_empty()) {
+            return ColorMode::NoColor;
+        }
+        if colorterm.is_some_and(|c| c.contains("truecolor") || c.contains("24bit")) {
+            return ColorMode::TrueColor;
+        }
+        match term {
+            Some(t) if t.contains("truecolor") || t.contains("direct") => ColorMode::TrueColor,
+            Some(t) if t.contains("256") => ColorMode::Ansi256,
+            // xterm, linux, screen, vt100, dumb or unset: 16 colours at best.
+            _ => ColorMode::NoColor,
+        }
+    }
+}
+
+/// The five shade glyphs of the no-colour heatmap, lightest first.
+pub const SHADES: [&str; 5] = [" ", "░", "▒", "▓", "█"];
+
+/// Stops of the heat ramp (viridis), from low to high.
+const RAMP: [(u8, u8, u8); 5] = [
+    (68, 1, 84),
+    (59, 82, 139),
+    (33, 145, 140),
+    (94, 201, 98),
+    (253, 231, 37),
+];
+
+/// The colour of a cell no token used: darker than the ramp's lowest stop, so "unused" and
+/// "rarely used" differ (the detail line and the unused-experts count say it in words too).
+const UNUSED: (u8, u8, u8) = (28, 28, 28);
+
+/// Colours and styles of the UI for one [`ColorMode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Theme {
+    /// The colour mode in force.
+    pub mode: ColorMode,
+}
+
+impl Theme {
+    /// A theme for `mode`.
+    pub fn new(mode: ColorMode) -> Self {
+        Self { mode }
+    }
+
+    /// True when colours may be used.
+    pub fn has_color(&self) -> bool {
+        self.mode != ColorMode::NoColor
+    }
+
+    fn rgb(&self, (r, g, b): (u8, u8, u8)) -> Color {
+        match self.mode {
+            ColorMode::TrueColor => Color::Rgb(r, g, b),
+            ColorMode::Ansi256 => Color::Indexed(ansi256_of(r, g, b)),
+            ColorMode::NoColor => Color::Reset,
+        }
+    }
+
+    fn color(&self, c: Color) -> Color {
+        if self.has_color() { c } else { Color::Reset }
+    }
+
+    /// Heat colour of a normalised intensity `v` in 0..=1; exactly 0 is the "unused" colour.
+    pub fn heat(&self, v: f64) -> Color {
+        self.rgb(heat_rgb(v))
+    }
+
+    /// Shade glyph of a normalised intensity `v` in 0..=1: a blank only for exactly 0, so an
+    /// expert that a few tokens used is never drawn like an unused one.
+    pub fn shade(v: f64) -> &'static str {
+        SHADES[shade_level(v)]
+    }
+
+    /// Panel titles.
+    pub fn title(&self) -> Style {
+        Style::new()
+            .fg(self.color(Color::Cyan))
+            .add_modifier(Modifier::BOLD)
+    }
+
+    /// The title of the focused panel.
+    pub fn title_focused(&self) -> Style {
+        Style::new()
+            .fg(self.color(Color::Yellow))
+            .add_modifier(Modifier::BOLD | Modifier::REVERSED)
+    }
+
+    /// The focused slider row or selected heatmap row label.
+    pub fn selected(&self) -> Style {
+        Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED)
+    }
+
+    /// Secondary text (units, hints).
+    pub fn dim(&self) -> Style {
+        if self.has_color() {
+            Style::new().fg(Color::DarkGray)
+        } else {
+            Style::new().add_modifier(Modifier::DIM)
+        }
+    }
+
+    /// Key figures.
+    pub fn value(&self) -> Style {
+        Style::new()
+            .fg(self.color(Color::White))
+            .add_modifier(Modifier::BOLD)
+    }
+
+    /// Good news (compute saved).
+    pub fn good(&self) -> Style {
+        Style::new()
+            .fg(self.color(Color::Green))
+            .add_modifier(Modifier::BOLD)
+    }
+
+    /// FROZEN / PAUSED marks.
+    pub fn mark(&self) -> Style {
+        Style::new()
+            .fg(self.color(Color::Black))
+            .bg(self.color(Color::Yellow))
+            .add_modifier(Modifier::BOLD | Modifier::REVERSED)
+    }
+
+    /// Error messages.
+    pub fn error(&self) -> Style {
+        Style::new()
+            .fg(self.color(Color::Red))
+            .add_modifier(Modifier::BOLD)
+    }
+
+    /// Informational messages.
+    pub fn info(&self) -> Style {
+        Style::new().fg(self.color(Color::Cyan))
+    }
+
+    /// The filled part of a slider bar and histogram bars.
+    pub fn bar(&self) -> Style {
+        Style::new().fg(self.color(Color::LightBlue))
+    }
+
+    /// The filled part of the focused slider.
+    pub fn bar_focused(&self) -> Style {
+        Style::new()
+            .fg(self.color(Color::Yellow))
+            .add_modifier(Modifier::BOLD)
+    }
+
+    /// Percentile markers under histograms, the heatmap cursor.
+    pub fn marker(&self) -> Style {
+        Style::new()
+            .fg(self.color(Color::Magenta))
+            .add_modifier(Modifier::BOLD)
+    }
+
+    /// Prompt tokens in the generated-text strip (sampled tokens use the plain style).
+    pub fn prompt_text(&self) -> Style {
+        Style::new().add_modifier(Modifier::ITALIC | Modifier::UNDERLINED)
+    }
+}
+
+/// The 0..=4 level of the shade glyph for intensity `v`.
+pub fn shade_level(v: f64) -> usize {
+    if v.is_nan() || v <= 0.0 {
+        0
+    } else {
+        ((v.min(1.0) * 4.0).ceil() as usize).clamp(1, 4)
+    }
+}
+
+/// RGB of the heat ramp at `v` (0..=1), linear between the stops; exactly 0 is [`UNUSED`].
+pub fn heat_rgb(v: f64) -> (u8, u8, u8) {
+    if v.is_nan() || v <= 0.0 {
+        return UNUSED;
+    }
+    let x = v.min(1.0) * (RAMP.len() - 1) as f64;
+    let i = (x.floor() as usize).min(RAMP.len() - 2);
+    let f = x - i as f64;
+    let (a, b) = (RAMP[i], RAMP[i + 1]);
+    let mix = |p: u8, q: u8| (p as f64 + (q as f64 - p as f64) * f).round() as u8;
+    (mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// The nearest entry of the xterm 6x6x6 colour cube.
+pub fn ansi256_of(r: u8, g: u8, b: u8) -> u8 {
+    let q = |c: u8| ((c as u16 * 5 + 127) / 255) as u8;
+    16 + 36 * q(r) + 6 * q(g) + q(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_detection() {
+        use ColorMode::*;
+        assert_eq!(
+            ColorMode::from_env(true, None, Some("truecolor"), None),
+            NoColor
+        );
+        assert_eq!(
+            ColorMode::from_env(false, Some("1"), Some("truecolor"), None),
+            NoColor
+        );
+        // An empty NO_COLOR does not count.
+        assert_eq!(
+            ColorMode::from_env(false, Some(""), Some("truecolor"), None),
+            TrueColor
+        );
+        assert_eq!(
+            ColorMode::from_env(false, None, None, Some("xterm-256color")),
+            Ansi256
+        );
+        assert_eq!(
+            ColorMode::from_env(false, None, None, Some("xterm")),
+            NoColor
+        );
+        assert_eq!(
+            ColorMode::from_env(false, None, None, Some("linux")),
+            NoColor
+        );
+        assert_eq!(ColorMode::from_env(false, None, None, None), NoColor);
+    }
+
+    #[test]
+    fn shades_and_ramp() {
+        assert_eq!(Theme::shade(0.0), " ");
+        assert_eq!(Theme::shade(0.001), "░");
+        assert_eq!(Theme::shade(0.25), "░");
+        assert_eq!(Theme::shade(0.26), "▒");
+        assert_eq!(Theme::shade(0.6), "▓");
+        assert_eq!(Theme::shade(1.0), "█");
+        assert_eq!(heat_rgb(0.0), UNUSED);
+        assert_eq!(heat_rgb(1.0), RAMP[4]);
+        assert_eq!(heat_rgb(1e-9), RAMP[0]);
+        assert_eq!(heat_rgb(0.5), RAMP[2]);
+        assert_eq!(ansi256_of(0, 0, 0), 16);
+        assert_eq!(ansi256_of(255, 255, 255), 231);
+    }
+}
