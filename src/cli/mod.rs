@@ -24,6 +24,8 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    run: run::RunArgs,
     /// Worker threads for the CPU (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -58,7 +60,7 @@ pub fn main() -> ExitCode {
     // small matmuls 100x slower. Set before any thread exists.
     // SAFETY: no other thread has been started yet.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    match run(cli.command, threads) {
+    match dispatch(cli.command, cli.run, threads) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("xmoe-top: error: {e:#}");
@@ -67,15 +69,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Option<Command>, threads: usize) -> Result<ExitCode> {
+fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Result<ExitCode> {
     match command {
         Some(Command::Bench(a)) => bench::run(a, threads),
         Some(Command::Inspect(a)) => inspect::run(a),
         Some(Command::Parity(a)) => parity::run(a, threads),
         Some(Command::Run(a)) => run::run(a, threads),
         Some(Command::Synth(a)) => synth::run(a),
-        None => {
-            anyhow::bail!("no command given: try `xmoe-top inspect MODEL` or `xmoe-top --help`")
-        }
+        None => run::run(main, threads),
     }
 }

@@ -75,11 +75,13 @@ pub struct SessionArgs {
     pub reference_every: u32,
 }
 
-/// `run`'s own flags.
+/// Flags of `run` and of the main command.
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
     pub session: SessionArgs,
+    #[command(flatten)]
+    pub tui: super::tui::TuiArgs,
     /// Never draw the live UI: run, then print a summary (automatic when stdout is not a terminal).
     #[arg(long)]
     pub headless: bool,
@@ -227,7 +229,12 @@ fn progress_line(s: &Snapshot) -> String {
     )
 }
 
-/// `xmoe-top run`.
+/// `xmoe-top [MODEL]` and `xmoe-top run`: the live UI on a terminal, else headless.
 pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
-    run_headless(&a, threads).context("headless run")
+    if a.headless || a.json || !super::tui::can_draw() {
+        return run_headless(&a, threads).context("headless run");
+    }
+    let p = prepare(&a.session, threads)?;
+    super::tui::run(&a.tui, p.model, p.workload, p.config, None)?;
+    Ok(ExitCode::SUCCESS)
 }
