@@ -7,3 +7,4 @@
 pub mod model;
 pub mod profiling;
 pub mod routing;
+pub mod train;
