@@ -355,3 +355,33 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
     let den = num.sum_keepdim(D::Minus1)?;
     num.broadcast_div(&den)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(model: &TrainModel, ids: &[u32]) -> Vec<Vec<f32>> {
+        let x = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+        model.forward(&x).unwrap().logits.to_vec2::<f32>().unwrap()
+    }
+
+    #[test]
+    fn attention_is_causal_and_uses_the_context() {
+        let cfg = crate::model::config::tests::small();
+        let mut model = TrainModel::new(&cfg, 0.9, 5, 0.5, &Device::Cpu).unwrap();
+        for t in [Some(0.9), None] {
+            model.set_threshold(t);
+            let a: Vec<u32> = (0..12).map(|i| 97 + i).collect();
+            let mut b = a.clone();
+            *b.last_mut().unwrap() = 7; // the future changes: earlier positions must not
+            let (la, lb) = (logits(&model, &a), logits(&model, &b));
+            for i in 0..11 {
+                assert_eq!(la[i], lb[i], "position {i} saw the future");
+            }
+            let mut c = a.clone();
+            c[0] = 3; // the past changes: later positions must
+            let lc = logits(&model, &c);
+            assert!((1..12).all(|i| la[i] != lc[i]));
+        }
+    }
+}
