@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Train the embedded byte-level XMoE model (see docs/embedded-model.md).
     Train(xmoe_top::train::TrainArgs),
+    /// Held-out quality of a trained model under several routing policies (trainer's forward pass).
+    TrainEval(xmoe_top::train::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +28,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("xmoe-top train: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::TrainEval(args)) => match xmoe_top::train::run_eval(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xmoe-top train-eval: {e:#}");
                 ExitCode::FAILURE
             }
         },

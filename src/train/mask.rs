@@ -18,7 +18,7 @@ pub struct MaskStats {
 /// The rule is XMoE's: experts in descending probability (ties to the lower id), an expert is
 /// selected while the mass ranked before it is below `t`, and the first expert always.
 pub fn threshold_mask(probs: &[f32], n_experts: usize, t: f32, mask: &mut Vec<f32>) -> MaskStats {
-    assert!(n_experts > 0 && probs.len() % n_experts == 0);
+    assert!(n_experts > 0 && probs.len().is_multiple_of(n_experts));
     mask.clear();
     mask.resize(probs.len(), 0.0);
     let mut stats = MaskStats {

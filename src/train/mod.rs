@@ -22,6 +22,7 @@ use crate::model::config::{
     Activation, FORMAT_VERSION, ModelConfig, MoeLayers, NormKind, PolicySpec, PositionKind,
     TokenizerKind,
 };
+use crate::routing::RoutingPolicy;
 use model::{ParamGroup, TrainModel};
 
 /// Command-line options of `xmoe-top train`. The defaults reproduce the shipped model.
@@ -390,9 +391,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                     args.eval_windows
                 };
                 let ev = evaluate(&model, &heldout, args.seq, windows, &dev)?;
-                model.set_threshold(None);
+                model.set_policy(RoutingPolicy::Dense)?;
                 let dense = evaluate(&model, &heldout, args.seq, windows, &dev);
-                model.set_threshold(Some(args.threshold));
+                model.set_policy(RoutingPolicy::Threshold { t: args.threshold })?;
                 let dense = dense?;
                 eval_cols = format!("{:.4},{:.3},{:.4}", ev.bpb, ev.experts_per_token, dense.bpb);
                 eval_msg = format!(
@@ -454,5 +455,69 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         size as f64 / (1024.0 * 1024.0),
         started.elapsed().as_secs_f64() / 60.0
     );
+    Ok(())
+}
+
+/// Command-line options of `xmoe-top train-eval`: held-out quality of a trained model under
+/// several routing policies, computed with the trainer's forward pass (all experts computed,
+/// masked; the same function as sparse execution, but its speed says nothing about the engine's).
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvalArgs {
+    /// Model file.
+    #[arg(long, default_value = "assets/xmoe-kjv.safetensors")]
+    pub model: PathBuf,
+    /// Held-out text.
+    #[arg(long, default_value = "assets/kjv-heldout.txt")]
+    pub heldout_text: PathBuf,
+    /// Window length in bytes (<= max_seq_len).
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Evenly spaced held-out windows to evaluate.
+    #[arg(long, default_value_t = 64)]
+    pub windows: usize,
+}
+
+/// Prints a markdown table: policy, held-out bits per byte, experts per token, MoE FLOPs as a
+/// fraction of all experts.
+pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
+    tune_allocator();
+    let dev = Device::Cpu;
+    let mut model = TrainModel::from_file(&args.model, &dev)?;
+    let cfg = model.config().clone();
+    let heldout = std::fs::read(&args.heldout_text)
+        .with_context(|| format!("reading {}", args.heldout_text.display()))?;
+    let flops = crate::profiling::flops::FlopModel::new(&cfg);
+    let mut policies: Vec<RoutingPolicy> = [0.5f32, 0.7, 0.8, 0.9, 0.95, 0.99]
+        .iter()
+        .map(|&t| RoutingPolicy::Threshold { t })
+        .collect();
+    policies.push(RoutingPolicy::Dense);
+    let mut ks = vec![1, 2, cfg.split_ratio()];
+    ks.dedup();
+    for k in ks {
+        policies.push(RoutingPolicy::TopK {
+            k,
+            renormalize: false,
+        });
+    }
+    println!(
+        "held-out: {} windows of {} bytes from {}\n",
+        args.windows,
+        args.seq,
+        args.heldout_text.display()
+    );
+    println!("| policy | bits/byte | experts/token | MoE FLOPs / all experts |");
+    println!("|---|---|---|---|");
+    for p in policies {
+        model.set_policy(p)?;
+        let ev = evaluate(&model, &heldout, args.seq, args.windows, &dev)?;
+        // FLOPs are linear in the number of experts, so the mean count gives the mean FLOPs.
+        let frac = (flops.router() as f64 + ev.experts_per_token * flops.expert() as f64)
+            / flops.moe_layer_all_experts() as f64;
+        println!(
+            "| {p} | {:.4} | {:.2} | {:.3} |",
+            ev.bpb, ev.experts_per_token, frac
+        );
+    }
     Ok(())
 }

@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use super::gelu::gelu;
 use super::mask::threshold_mask;
 use crate::model::config::{Activation, ModelConfig, NormKind, PositionKind, TokenizerKind};
+use crate::routing::{Routing, RoutingPolicy, route};
 
 /// One named trainable tensor.
 pub struct Param {
@@ -72,7 +73,8 @@ pub struct ForwardOut {
 /// The trainable model.
 pub struct TrainModel {
     cfg: ModelConfig,
-    threshold: Option<f32>,
+    policy: RoutingPolicy,
+    routing: std::cell::RefCell<Routing>,
     tok: Var,
     pos: Var,
     blocks: Vec<Block>,
@@ -193,7 +195,8 @@ impl TrainModel {
         );
         Ok(Self {
             cfg: cfg.clone(),
-            threshold: Some(threshold),
+            policy: RoutingPolicy::Threshold { t: threshold },
+            routing: Default::default(),
             tok,
             pos,
             blocks,
@@ -202,10 +205,46 @@ impl TrainModel {
         })
     }
 
-    /// Sets the routing used by [`TrainModel::forward`]: `Some(t)` is threshold routing, `None`
-    /// every expert (Dense).
-    pub fn set_threshold(&mut self, threshold: Option<f32>) {
-        self.threshold = threshold;
+    /// Sets the routing used by [`TrainModel::forward`] (training uses the threshold policy).
+    /// Top-k with renormalisation is not supported: the weights are always the raw `p`.
+    pub fn set_policy(&mut self, policy: RoutingPolicy) -> anyhow::Result<()> {
+        policy.validate(self.cfg.n_experts)?;
+        anyhow::ensure!(
+            !matches!(
+                policy,
+                RoutingPolicy::TopK {
+                    renormalize: true,
+                    ..
+                }
+            ),
+            "renormalised top-k is not supported by the training forward pass"
+        );
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Loads a file written by [`super::save::save_safetensors`] (f16 values widened to f32),
+    /// routing with the file's default policy.
+    pub fn from_file(path: &std::path::Path, dev: &Device) -> anyhow::Result<Self> {
+        let cfg = super::save::check_saved(path)?;
+        let bytes = std::fs::read(path)?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)?;
+        let t = match cfg.default_policy {
+            crate::model::config::PolicySpec::Threshold { t } => t,
+            _ => 0.9,
+        };
+        let mut model = Self::new(&cfg, t, 0, 0.02, dev)?;
+        for p in &model.params {
+            let view = st.tensor(&p.name)?;
+            let data: Vec<f32> = view
+                .data()
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect();
+            p.var.set(&Tensor::from_vec(data, view.shape(), dev)?)?;
+        }
+        model.set_policy(cfg.default_policy.into())?;
+        Ok(model)
     }
 
     /// The configuration.
@@ -280,10 +319,31 @@ impl TrainModel {
             let logits_r = f.matmul(&blk.router.as_tensor().t()?)?;
             let p = softmax_last(&logits_r)?;
             let pv = p.flatten_all()?.to_vec1::<f32>()?;
-            let mut ms = threshold_mask(&pv, e, self.threshold.unwrap_or(1.0), &mut mask);
-            if self.threshold.is_none() {
-                mask.fill(1.0);
-                ms.pairs = n * e;
+            let t = match self.policy {
+                RoutingPolicy::Threshold { t } => t,
+                _ => 1.0,
+            };
+            let mut ms = threshold_mask(&pv, e, t, &mut mask);
+            match self.policy {
+                RoutingPolicy::Threshold { .. } => {}
+                RoutingPolicy::Dense => {
+                    mask.fill(1.0);
+                    ms.pairs = n * e;
+                }
+                RoutingPolicy::TopK { .. } => {
+                    // Softmax again from the logits in the routing module: same probabilities.
+                    let lv = logits_r.flatten_all()?.to_vec1::<f32>()?;
+                    let mut r = std::mem::take(&mut *self.routing.borrow_mut());
+                    route(&lv, e, self.policy, None, &mut r)?;
+                    mask.fill(0.0);
+                    for i in 0..n {
+                        for (x, _, _) in r.choices(i) {
+                            mask[i * e + x] = 1.0;
+                        }
+                    }
+                    ms.pairs = r.pairs();
+                    *self.routing.borrow_mut() = r;
+                }
             }
             let mask_t = Tensor::from_slice(&mask, (n, e), dev)?;
             let w = (&p * &mask_t)?; // [n, e]; mask is a constant (no gradient)
@@ -369,8 +429,8 @@ mod tests {
     fn attention_is_causal_and_uses_the_context() {
         let cfg = crate::model::config::tests::small();
         let mut model = TrainModel::new(&cfg, 0.9, 5, 0.5, &Device::Cpu).unwrap();
-        for t in [Some(0.9), None] {
-            model.set_threshold(t);
+        for p in [RoutingPolicy::Threshold { t: 0.9 }, RoutingPolicy::Dense] {
+            model.set_policy(p).unwrap();
             let a: Vec<u32> = (0..12).map(|i| 97 + i).collect();
             let mut b = a.clone();
             *b.last_mut().unwrap() = 7; // the future changes: earlier positions must not
