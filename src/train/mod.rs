@@ -70,6 +70,10 @@ pub struct TrainArgs {
     /// Standard deviation of the router weights at initialisation.
     #[arg(long, default_value_t = 0.1)]
     pub router_std: f32,
+    /// Standard deviation of the q, k, v and expert up projections at initialisation (output
+    /// projections divided by sqrt(2 * layers), position embeddings by 2).
+    #[arg(long, default_value_t = 0.02)]
+    pub init_std: f32,
     /// Coefficient of the top-1 load-balancing loss (summed over MoE blocks).
     #[arg(long, default_value_t = 0.01)]
     pub aux_coef: f64,
@@ -262,7 +266,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.heldout_text.display()))?;
     anyhow::ensure!(train.len() > args.seq + 1, "training text too short");
 
-    let mut model = TrainModel::new(&cfg, args.threshold, args.seed, args.router_std, &dev)?;
+    let mut model = TrainModel::new(
+        &cfg,
+        args.threshold,
+        args.seed,
+        args.router_std,
+        args.init_std,
+        &dev,
+    )?;
     eprintln!(
         "model {}: {} params, d={} layers={} heads={} E={} h={} (split ratio {}), seq {} batch {}; train {} bytes, held-out {} bytes; threshold {}, RAYON_NUM_THREADS={}",
         cfg.name,

@@ -119,19 +119,21 @@ pub fn check_trainable(cfg: &ModelConfig) -> anyhow::Result<()> {
 
 impl TrainModel {
     /// Initialises a model with a seeded generator. `router_std` is the router weights' standard
-    /// deviation; the other matrices use 0.02 (output projections scaled by 1/sqrt(2 * layers)).
+    /// deviation; q, k, v and expert up projections use `init_std`, the output projections
+    /// `init_std / sqrt(2 * layers)`, position embeddings `init_std / 2`, token embeddings 0.02.
     pub fn new(
         cfg: &ModelConfig,
         threshold: f32,
         seed: u64,
         router_std: f32,
+        init_std: f32,
         dev: &Device,
     ) -> anyhow::Result<Self> {
         check_trainable(cfg)?;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut params = Vec::new();
         let (d, e, h) = (cfg.d_model, cfg.n_experts, cfg.expert_hidden);
-        let out_std = 0.02 / (2.0 * cfg.n_layers as f32).sqrt();
+        let out_std = init_std / (2.0 * cfg.n_layers as f32).sqrt();
         let mut mk =
             |name: String, shape: &[usize], init: Init, group: ParamGroup| -> Result<Var> {
                 let n: usize = shape.iter().product();
@@ -158,7 +160,7 @@ impl TrainModel {
         let pos = mk(
             "pos_embeddings.weight".into(),
             &[cfg.max_seq_len, d],
-            Normal(0.01),
+            Normal(init_std / 2.0),
             NoDecay,
         )?;
         let mut blocks = Vec::new();
@@ -169,16 +171,21 @@ impl TrainModel {
                     mk(p("attn_norm.weight"), &[d], Const(1.0), NoDecay)?,
                     mk(p("attn_norm.bias"), &[d], Const(0.0), NoDecay)?,
                 ),
-                q: mk(p("attn.q_proj.weight"), &[d, d], Normal(0.02), Matrix)?,
-                k: mk(p("attn.k_proj.weight"), &[d, d], Normal(0.02), Matrix)?,
-                v: mk(p("attn.v_proj.weight"), &[d, d], Normal(0.02), Matrix)?,
+                q: mk(p("attn.q_proj.weight"), &[d, d], Normal(init_std), Matrix)?,
+                k: mk(p("attn.k_proj.weight"), &[d, d], Normal(init_std), Matrix)?,
+                v: mk(p("attn.v_proj.weight"), &[d, d], Normal(init_std), Matrix)?,
                 o: mk(p("attn.o_proj.weight"), &[d, d], Normal(out_std), Matrix)?,
                 ffn_norm: (
                     mk(p("ffn_norm.weight"), &[d], Const(1.0), NoDecay)?,
                     mk(p("ffn_norm.bias"), &[d], Const(0.0), NoDecay)?,
                 ),
                 router: mk(p("moe.router.weight"), &[e, d], Normal(router_std), Router)?,
-                up: mk(p("moe.experts.up_proj"), &[e, h, d], Normal(0.02), Matrix)?,
+                up: mk(
+                    p("moe.experts.up_proj"),
+                    &[e, h, d],
+                    Normal(init_std),
+                    Matrix,
+                )?,
                 up_bias: mk(p("moe.experts.up_bias"), &[e, h], Const(0.0), NoDecay)?,
                 down: mk(
                     p("moe.experts.down_proj"),
@@ -233,7 +240,7 @@ impl TrainModel {
             crate::model::config::PolicySpec::Threshold { t } => t,
             _ => 0.9,
         };
-        let mut model = Self::new(&cfg, t, 0, 0.02, dev)?;
+        let mut model = Self::new(&cfg, t, 0, 0.02, 0.02, dev)?;
         for p in &model.params {
             let view = st.tensor(&p.name)?;
             let data: Vec<f32> = view
@@ -428,7 +435,7 @@ mod tests {
     #[test]
     fn attention_is_causal_and_uses_the_context() {
         let cfg = crate::model::config::tests::small();
-        let mut model = TrainModel::new(&cfg, 0.9, 5, 0.5, &Device::Cpu).unwrap();
+        let mut model = TrainModel::new(&cfg, 0.9, 5, 0.5, 0.02, &Device::Cpu).unwrap();
         for p in [RoutingPolicy::Threshold { t: 0.9 }, RoutingPolicy::Dense] {
             model.set_policy(p).unwrap();
             let a: Vec<u32> = (0..12).map(|i| 97 + i).collect();

@@ -138,7 +138,7 @@ mod tests {
     fn saved_file_round_trips_config_and_shapes() {
         let mut cfg = crate::model::config::tests::small();
         cfg.name = "roundtrip".into();
-        let model = TrainModel::new(&cfg, 0.9, 3, 0.02, &Device::Cpu).unwrap();
+        let model = TrainModel::new(&cfg, 0.9, 3, 0.02, 0.02, &Device::Cpu).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
         save_safetensors(&model, &path).unwrap();
