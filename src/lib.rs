@@ -16,5 +16,6 @@ pub mod model;
 pub mod profiling;
 pub mod routing;
 pub mod session;
+pub mod train;
 pub mod tui;
 pub mod workload;

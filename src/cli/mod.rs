@@ -43,6 +43,10 @@ enum Command {
     Run(run::RunArgs),
     /// Write a model with random weights (for benchmarks and engine checks; not a trained model).
     Synth(synth::SynthArgs),
+    /// Train the embedded byte-level XMoE model (see docs/embedded-model.md).
+    Train(crate::train::TrainArgs),
+    /// Held-out quality of a trained model under several policies (the trainer's forward pass).
+    TrainEval(crate::train::EvalArgs),
 }
 
 /// Thread count chosen by `--threads` or the number of cores.
@@ -76,6 +80,8 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::Parity(a)) => parity::run(a, threads),
         Some(Command::Run(a)) => run::run(a, threads),
         Some(Command::Synth(a)) => synth::run(a),
+        Some(Command::Train(a)) => crate::train::run(&a).map(|()| ExitCode::SUCCESS),
+        Some(Command::TrainEval(a)) => crate::train::run_eval(&a).map(|()| ExitCode::SUCCESS),
         None => run::run(main, threads),
     }
 }
