@@ -6,7 +6,9 @@
 //! runs the model on its own thread over a [`workload`] and publishes those snapshots; [`gpu`]
 //! samples device counters; [`kernel`] is the CPU expert layer.
 
+pub mod bench;
 pub mod cli;
+pub mod embedded;
 pub mod gpu;
 pub mod inspect;
 pub mod kernel;

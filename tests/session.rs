@@ -240,3 +240,26 @@ fn generate_streams_prompt_and_generated_bytes() {
     assert!(s.epoch.decode_tokens_per_second.unwrap() > 0.0);
     assert!(s.epoch.quality.bits_per_byte.is_none());
 }
+
+#[test]
+fn sink_receives_every_published_snapshot_including_the_last() {
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&model_file(dir.path()), &Device::Cpu).unwrap();
+    let w = eval_workload(&model);
+    let mut c = config(&model);
+    c.token_budget = Some(20 * SEQ as u64);
+    let seen: Arc<Mutex<Vec<Snapshot>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let session =
+        Session::start_with_sink(model, w, c, move |s| sink.lock().unwrap().push(s)).unwrap();
+    let last = session
+        .wait_for(WAIT, |s| s.ended.is_some())
+        .expect("the session ends on its budget");
+    let out = session.join().unwrap();
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() >= 2);
+    assert!(seen.windows(2).all(|w| w[0].sequence + 1 == w[1].sequence));
+    assert_eq!(seen.last().unwrap().sequence, last.sequence);
+    assert_eq!(out.final_snapshot.sequence, last.sequence);
+}

@@ -12,8 +12,8 @@ use crate::model::format::ModelFile;
 /// Arguments of `inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Model file (.safetensors).
-    model: PathBuf,
+    /// Model file (.safetensors); default: the embedded model.
+    model: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -21,7 +21,10 @@ pub struct InspectArgs {
 
 /// Prints the report.
 pub fn run(a: InspectArgs) -> Result<ExitCode> {
-    let file = ModelFile::open(&a.model)?;
+    let file = match &a.model {
+        Some(p) => ModelFile::open(p)?,
+        None => crate::embedded::model_file()?,
+    };
     let report = InspectReport::new(&file);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,7 +1,10 @@
 //! The command line: one module per subcommand; `main` parses, sets up threads and reports errors.
 
+mod bench;
 mod inspect;
+mod parity;
 pub mod policy_args;
+pub mod run;
 mod synth;
 pub mod tui;
 
@@ -21,6 +24,8 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    #[command(flatten)]
+    run: run::RunArgs,
     /// Worker threads for the CPU (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -28,8 +33,14 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Whole-model tokens/s per policy (eval and decode) and model load time.
+    Bench(bench::BenchArgs),
+    /// Compare two engines on the same tokens: the GPU against the CPU, or candle against the kernel.
+    Parity(parity::ParityArgs),
     /// Print a model's configuration, parameter counts, FLOPs per token and tensor table.
     Inspect(inspect::InspectArgs),
+    /// Run a session over a workload and print a summary (or draw the live UI on a terminal).
+    Run(run::RunArgs),
     /// Write a model with random weights (for benchmarks and engine checks; not a trained model).
     Synth(synth::SynthArgs),
 }
@@ -49,7 +60,7 @@ pub fn main() -> ExitCode {
     // small matmuls 100x slower. Set before any thread exists.
     // SAFETY: no other thread has been started yet.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    match run(cli.command, threads) {
+    match dispatch(cli.command, cli.run, threads) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("xmoe-top: error: {e:#}");
@@ -58,12 +69,13 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Option<Command>, _threads: usize) -> Result<ExitCode> {
+fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Result<ExitCode> {
     match command {
+        Some(Command::Bench(a)) => bench::run(a, threads),
         Some(Command::Inspect(a)) => inspect::run(a),
+        Some(Command::Parity(a)) => parity::run(a, threads),
+        Some(Command::Run(a)) => run::run(a, threads),
         Some(Command::Synth(a)) => synth::run(a),
-        None => {
-            anyhow::bail!("no command given: try `xmoe-top inspect MODEL` or `xmoe-top --help`")
-        }
+        None => run::run(main, threads),
     }
 }

@@ -73,7 +73,18 @@ impl DeviceChoice {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> anyhow::Result<ResolvedDevice> {
-    let device = Device::new_cuda(n).map_err(|e| anyhow::anyhow!("cannot open cuda:{n}: {e}"))?;
+    // The CUDA build loads the driver library at run time (scripts/build-cuda.sh) and cudarc
+    // panics when it is missing: that means "no GPU", not a crash.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Device::new_cuda(n));
+    std::panic::set_hook(hook);
+    let device = match opened {
+        Ok(r) => r.map_err(|e| anyhow::anyhow!("cannot open cuda:{n}: {e}"))?,
+        Err(_) => anyhow::bail!(
+            "cannot open cuda:{n}: the NVIDIA driver library (libcuda.so.1) could not be loaded"
+        ),
+    };
     Ok(ResolvedDevice {
         device,
         description: format!("CUDA:{n}"),

@@ -137,22 +137,45 @@ pub struct RawTensor<'a> {
 impl RawTensor<'_> {
     /// Converts to f32 (from F32, F16 or BF16).
     pub fn to_f32(&self) -> Vec<f32> {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        let n = self.data.len() / (self.dtype.bitsize() / 8).max(1);
+        // Aligned data (the usual case: safetensors writers align offsets) converts in bulk with
+        // the CPU's conversion instructions; unaligned data falls back to a byte loop.
+        // SAFETY: every bit pattern is a valid u16 / f32.
         match self.dtype {
-            Dtype::F32 => self
-                .data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => self
-                .data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => self
-                .data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => {
+                let (pre, mid, _) = unsafe { self.data.align_to::<f32>() };
+                if pre.is_empty() && mid.len() == n {
+                    return mid.to_vec();
+                }
+                self.data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            }
+            Dtype::F16 | Dtype::BF16 => {
+                let (pre, mid, _) = unsafe { self.data.align_to::<u16>() };
+                let mut out = vec![0.0f32; n];
+                if pre.is_empty() && mid.len() == n && cfg!(target_endian = "little") {
+                    if self.dtype == Dtype::F16 {
+                        mid.reinterpret_cast::<half::f16>()
+                            .convert_to_f32_slice(&mut out);
+                    } else {
+                        mid.reinterpret_cast::<half::bf16>()
+                            .convert_to_f32_slice(&mut out);
+                    }
+                    return out;
+                }
+                for (o, b) in out.iter_mut().zip(self.data.chunks_exact(2)) {
+                    let bits = u16::from_le_bytes([b[0], b[1]]);
+                    *o = if self.dtype == Dtype::F16 {
+                        half::f16::from_bits(bits).to_f32()
+                    } else {
+                        half::bf16::from_bits(bits).to_f32()
+                    };
+                }
+                out
+            }
             _ => unreachable!("dtype checked at open"),
         }
     }
@@ -631,4 +654,50 @@ pub fn write_atomically(path: &Path, bytes: &[u8], force: bool) -> anyhow::Resul
         return Err(anyhow::anyhow!("cannot write {}: {e}", path.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversion_is_the_same_aligned_and_unaligned() {
+        let values = [0.0f32, -1.5, 3.25, 65504.0, 1e-3, -7.0];
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let bytes: Vec<u8> = match dtype {
+                Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Dtype::F16 => values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                _ => values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            };
+            // One buffer shifted by a byte so that exactly one of the two views is misaligned.
+            let mut shifted = vec![0u8; bytes.len() + 1];
+            shifted[1..].copy_from_slice(&bytes);
+            let shape = [values.len()];
+            let a = RawTensor {
+                dtype,
+                shape: &shape,
+                data: &bytes,
+            }
+            .to_f32();
+            let b = RawTensor {
+                dtype,
+                shape: &shape,
+                data: &shifted[1..],
+            }
+            .to_f32();
+            assert_eq!(a, b, "{dtype:?}");
+            for (x, v) in a.iter().zip(values) {
+                assert!(
+                    (x - v).abs() <= 0.01 * v.abs().max(1e-2),
+                    "{dtype:?}: {x} vs {v}"
+                );
+            }
+        }
+    }
 }

@@ -874,7 +874,9 @@ pub fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
 }
 
 /// Sum of next-token cross-entropies in nats: row `i` of `logits` (`rows x vocab`) scored against
-/// `targets[i]`. Accumulated in f64.
+/// `targets[i]`, as `logsumexp(row) - row[target]` (the negative log-softmax of the target).
+/// Exponentials are taken in f32 on max-shifted logits (at most 1, so no overflow); sums and
+/// logarithms are accumulated in f64.
 ///
 /// # Panics
 /// If `logits.len() != targets.len() * vocab` or a target is out of the vocabulary.
@@ -884,13 +886,14 @@ pub fn cross_entropy_nats(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 
         targets.len() * vocab,
         "logits vs targets shape"
     );
-    let mut lp = Vec::with_capacity(vocab);
     logits
         .chunks_exact(vocab)
         .zip(targets)
         .map(|(row, &t)| {
-            log_softmax(row, &mut lp);
-            -lp[t as usize]
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z));
+            let sum: f64 = row.iter().map(|&z| (z - max).exp() as f64).sum();
+            let lse = max as f64 + sum.ln();
+            lse - row[t as usize] as f64
         })
         .sum()
 }

@@ -331,8 +331,12 @@ pub fn render_summary(s: &Snapshot) -> String {
     match q.bits_per_byte {
         Some(bpb) => {
             line!(
-                "quality     {bpb:.4} bits per byte (perplexity {:.3} per token) over {} predictions",
-                q.perplexity.unwrap_or(f64::NAN),
+                "quality     {bpb:.4} bits per byte (perplexity {} per token) over {} predictions",
+                q.perplexity.map_or("-".to_string(), |p| if p < 1e4 {
+                    format!("{p:.3}")
+                } else {
+                    format!("{p:.3e}")
+                }),
                 q.scored_tokens
             );
             match (q.reference_bits_per_byte, q.delta_bits_per_byte) {
@@ -503,5 +507,8 @@ mod tests {
         assert_eq!(format_bytes(329 << 20), "329.0 MiB");
         assert_eq!(format_params(1_234_567), "1.23 M parameters");
         assert_eq!(printable(b"a\nb\x01"), "a\\nb\\x01");
+        let mut s = example_snapshot(WorkloadKind::Eval, 8, false);
+        s.epoch.quality.perplexity = Some(59_217_959.8);
+        assert!(render_summary(&s).contains("perplexity 5.922e7 per token"));
     }
 }

@@ -374,7 +374,14 @@ impl Session {
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return self.latest().filter(|s| pred(s));
+                    // Sink mode, or the session has ended: only the latest slot can change.
+                    if let Some(s) = self.latest().filter(|s| pred(s)) {
+                        return Some(s);
+                    }
+                    if self.is_finished() {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             }
         }
@@ -537,8 +544,8 @@ impl Runner {
         self.new_epoch(reason);
     }
 
-    /// Applies one control message; returns false if it was refused (already validated by the
-    /// controller, so this only guards against misuse of the channel).
+    /// Applies one control message. Messages were validated by the controller; an invalid one
+    /// (only possible by bypassing it) is ignored.
     fn apply(&mut self, c: Control) {
         let cfg = self.model.config();
         if validate_control(&c, self.model.moe_layers(), cfg.n_experts).is_err() {

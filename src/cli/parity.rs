@@ -1,0 +1,218 @@
+//! `xmoe-top parity`: the same tokens through two engines, compared. With `--device cuda` it
+//! checks the GPU path against the CPU; with `--device cpu` the candle dispatch against the CPU
+//! kernel. Logits must agree within `--tol` (relative to each row's largest logit) and the expert
+//! selections must be identical wherever the routing decision is not within rounding of a tie.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+use candle_core::Device;
+use clap::{Args, ValueEnum};
+
+use crate::model::config::ModelConfig;
+use crate::model::format::{ModelFile, StoreDtype, write_model};
+use crate::model::synth::random_weights;
+use crate::model::{DeviceChoice, LoadOptions, Model, MoeDispatch, RoutingConfig};
+use crate::profiling::trace::ForwardTrace;
+use crate::routing::{Routing, RoutingPolicy};
+
+/// Which policies to compare.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ParityPolicy {
+    /// Every expert.
+    Dense,
+    /// Top-k with the model's baseline k.
+    Topk,
+    /// Threshold 0.9 and 0.5.
+    Threshold,
+    /// All of the above.
+    All,
+}
+
+/// Arguments of `parity`.
+#[derive(Args, Debug)]
+pub struct ParityArgs {
+    /// Model file; default: the embedded model.
+    model: Option<PathBuf>,
+    /// Use a generated random model (d 512, 4 layers, 64 experts x 32) instead.
+    #[arg(long, conflicts_with = "model")]
+    synthetic: bool,
+    /// The engine under test: cuda[:N] (against the CPU) or cpu (candle dispatch against the kernel).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Policies to compare.
+    #[arg(long, value_enum, default_value = "all")]
+    policy: ParityPolicy,
+    /// Largest allowed |a - b| / max(1, max |row|) over all logits.
+    #[arg(long, default_value_t = 1e-3)]
+    tol: f64,
+}
+
+/// Runs the comparison and prints one row per policy.
+pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
+    let tmp;
+    let file = if a.synthetic {
+        tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("synthetic.safetensors");
+        let cfg = synthetic_config();
+        write_model(
+            &path,
+            &cfg,
+            &random_weights(&cfg, 3, false, 2.0),
+            StoreDtype::F32,
+            true,
+        )?;
+        ModelFile::open(&path)?
+    } else {
+        match &a.model {
+            Some(p) => ModelFile::open(p)?,
+            None => crate::embedded::model_file()?,
+        }
+    };
+    let device = a.device.resolve(threads)?;
+    let reference = Model::from_file(
+        &file,
+        &Device::Cpu,
+        LoadOptions {
+            dispatch: MoeDispatch::Auto,
+            threads,
+        },
+    )?;
+    let test_dispatch = if device.device.is_cpu() {
+        MoeDispatch::Candle
+    } else {
+        MoeDispatch::Auto
+    };
+    let tested = Model::from_file(
+        &file,
+        &device.device,
+        LoadOptions {
+            dispatch: test_dispatch,
+            threads,
+        },
+    )?;
+    let cfg = reference.config().clone();
+    let n_moe = reference.moe_layers().len();
+    let (batch, seq) = (4, cfg.max_seq_len.min(64));
+    let text = crate::embedded::HELDOUT_TEXT;
+    let tokens: Vec<u32> = text[1000..1000 + batch * seq]
+        .iter()
+        .map(|&b| (b as u32) % cfg.vocab_size as u32)
+        .collect();
+    let k = cfg.top_k_baseline();
+    let policies: Vec<RoutingPolicy> = match a.policy {
+        ParityPolicy::Dense => vec![RoutingPolicy::Dense],
+        ParityPolicy::Topk => vec![RoutingPolicy::TopK {
+            k,
+            renormalize: false,
+        }],
+        ParityPolicy::Threshold => vec![
+            RoutingPolicy::Threshold { t: 0.9 },
+            RoutingPolicy::Threshold { t: 0.5 },
+        ],
+        ParityPolicy::All => vec![
+            RoutingPolicy::Dense,
+            RoutingPolicy::TopK {
+                k,
+                renormalize: false,
+            },
+            RoutingPolicy::Threshold { t: 0.9 },
+            RoutingPolicy::Threshold { t: 0.5 },
+        ],
+    };
+    println!(
+        "parity: {} on {} ({:?} dispatch) against the CPU kernel; {batch} x {seq} tokens; tolerance {}",
+        cfg.name, device.description, test_dispatch, a.tol
+    );
+    println!(
+        "{:<20} {:>14} {:>12} {:>12} {:>8}",
+        "policy", "max rel err", "sel. differ", "near ties", "result"
+    );
+    let mut failed = false;
+    for policy in policies {
+        let routing = RoutingConfig::uniform(policy, n_moe);
+        let (mut rt, mut tt) = (ForwardTrace::default(), ForwardTrace::default());
+        let lr = reference.forward(&tokens, batch, &routing, None, &mut rt)?;
+        let lt = tested.forward(&tokens, batch, &routing, None, &mut tt)?;
+        let err = max_rel_err(&lr, &lt, cfg.vocab_size);
+        let (mut differ, mut near) = (0usize, 0usize);
+        for (r, t) in rt.moe.iter().zip(&tt.moe) {
+            for i in 0..r.routing.tokens() {
+                let mut a: Vec<usize> = r.routing.choices(i).map(|c| c.0).collect();
+                let mut b: Vec<usize> = t.routing.choices(i).map(|c| c.0).collect();
+                a.sort_unstable();
+                b.sort_unstable();
+                if a != b {
+                    if decision_margin(&r.routing, i, policy) < 1e-4 {
+                        near += 1;
+                    } else {
+                        differ += 1;
+                    }
+                }
+            }
+        }
+        // A flipped near-tie changes logits legitimately; only a clean run is held to `tol`.
+        let ok = differ == 0 && (near > 0 || err <= a.tol);
+        failed |= !ok;
+        println!(
+            "{:<20} {:>14.3e} {:>12} {:>12} {:>8}",
+            policy.to_string(),
+            err,
+            differ,
+            near,
+            if ok { "ok" } else { "FAIL" }
+        );
+    }
+    if failed {
+        bail!("the engines disagree beyond the tolerance");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn synthetic_config() -> ModelConfig {
+    let mut cfg: ModelConfig = serde_json::from_str(
+        r#"{"vocab_size":256,"tokenizer":"byte","d_model":512,"n_layers":4,"n_heads":8,
+            "max_seq_len":256,"norm":"layer_norm","positions":"learned","activation":"gelu",
+            "dense_ffn_hidden":2048,"moe_layers":"all","n_experts":64,"expert_hidden":32,
+            "expert_bias":true}"#,
+    )
+    .expect("valid synthetic configuration");
+    cfg.name = "synthetic-d512-l4-e64x32".into();
+    cfg
+}
+
+/// Largest |a - b| / max(1, max |a row|).
+fn max_rel_err(a: &[f32], b: &[f32], vocab: usize) -> f64 {
+    a.chunks_exact(vocab)
+        .zip(b.chunks_exact(vocab))
+        .map(|(ra, rb)| {
+            let scale = ra.iter().fold(1.0f32, |m, v| m.max(v.abs())) as f64;
+            ra.iter()
+                .zip(rb)
+                .map(|(x, y)| (x - y).abs() as f64 / scale)
+                .fold(0.0, f64::max)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// How far token `i`'s decision is from flipping: the gap between the last selected and the
+/// first unselected probability, and for thresholds the distance of the cumulative mass from t.
+fn decision_margin(r: &Routing, i: usize, policy: RoutingPolicy) -> f32 {
+    let e = r.n_experts;
+    let mut p: Vec<f32> = r.probs[i * e..(i + 1) * e].to_vec();
+    p.sort_unstable_by(|a, b| b.total_cmp(a));
+    let n = r.selected(i);
+    if n >= e {
+        return f32::INFINITY;
+    }
+    let gap = p[n - 1] - p[n];
+    match policy {
+        RoutingPolicy::Threshold { t } => {
+            let before_last: f32 = p[..n - 1].iter().sum();
+            let with_last = before_last + p[n - 1];
+            gap.min((t - before_last).abs()).min((with_last - t).abs())
+        }
+        _ => gap,
+    }
+}

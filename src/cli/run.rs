@@ -1,0 +1,240 @@
+//! `xmoe-top [MODEL]` and `xmoe-top run [MODEL]`: a session over a workload, shown live in the
+//! terminal or, headless, summarised at the end.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+
+use super::policy_args::PolicyArgs;
+use crate::model::{DeviceChoice, LoadOptions, Model, ModelFile, MoeDispatch};
+use crate::profiling::snapshot::Snapshot;
+use crate::profiling::summary::render_summary;
+use crate::session::{Session, SessionConfig};
+use crate::workload::{
+    EvalSpec, GenerateSpec, TextSource, Workload, builtin_prompts, prompts_from_file,
+};
+
+/// What the model runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadArg {
+    /// Teacher-forced batches over a text (quality measured as bits per byte).
+    Eval,
+    /// Autoregressive decoding from prompts with a KV cache.
+    Generate,
+}
+
+/// Model, workload and session options shared by the live UI and headless runs.
+#[derive(Args, Debug, Clone)]
+pub struct SessionArgs {
+    /// Model file (.safetensors); default: the model embedded in xmoe-top.
+    pub model: Option<PathBuf>,
+    /// Stop after this many tokens (headless default: 20000).
+    #[arg(long)]
+    pub tokens: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub seconds: Option<f64>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Workload.
+    #[arg(long, value_enum, default_value = "eval")]
+    pub workload: WorkloadArg,
+    /// Text for the eval workload (default: the embedded held-out text).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// A prompt for the generate workload.
+    #[arg(long, conflicts_with = "prompts")]
+    pub prompt: Option<String>,
+    /// A file of prompts, one per line, for the generate workload.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
+    /// Sequences per pass (eval).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per sequence (eval) or positions per sequence (generate); default: min(128, context).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Sampling temperature for generate (0: greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the model runs: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// How MoE layers compute on the CPU: auto, kernel, portable, avx2, avx512, gemm or candle.
+    #[arg(long, default_value = "auto")]
+    pub moe_dispatch: MoeDispatch,
+    /// Re-run every n-th eval batch under Dense routing to measure the quality cost (0: never).
+    #[arg(long, default_value_t = 8)]
+    pub reference_every: u32,
+}
+
+/// Flags of `run` and of the main command.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub session: SessionArgs,
+    #[command(flatten)]
+    pub tui: super::tui::TuiArgs,
+    /// Never draw the live UI: run, then print a summary (automatic when stdout is not a terminal).
+    #[arg(long)]
+    pub headless: bool,
+    /// Print the final snapshot as JSON on stdout instead of the text summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A model ready to run, with what the session needs to describe it.
+pub struct Prepared {
+    /// The model.
+    pub model: Model,
+    /// The workload.
+    pub workload: Workload,
+    /// Session options.
+    pub config: SessionConfig,
+}
+
+/// Loads the model and builds the workload and session options these flags ask for.
+pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
+    let device = a.device.resolve(threads)?;
+    if let Some(note) = &device.note {
+        eprintln!("xmoe-top: {note}");
+    }
+    let file = match &a.model {
+        Some(p) => ModelFile::open(p)?,
+        None => crate::embedded::model_file()?,
+    };
+    for w in file.warnings() {
+        eprintln!("xmoe-top: warning: {w}");
+    }
+    let options = LoadOptions {
+        dispatch: a.moe_dispatch,
+        threads,
+    };
+    let model = Model::from_file(&file, &device.device, options)?;
+    let cfg = model.config().clone();
+    let routing = a.policy.routing(&cfg)?;
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let seq_len = a.seq_len.unwrap_or(cfg.max_seq_len.min(128));
+    if seq_len == 0 || seq_len > cfg.max_seq_len {
+        bail!(
+            "--seq-len must be in 1..={} (the model's context), found {seq_len}",
+            cfg.max_seq_len
+        );
+    }
+    let workload = match a.workload {
+        WorkloadArg::Eval => {
+            if a.prompt.is_some() || a.prompts.is_some() {
+                bail!("--prompt and --prompts go with --workload generate");
+            }
+            let text = match &a.text {
+                Some(p) => TextSource::from_file(p)?,
+                None if a.model.is_none() => crate::embedded::heldout_text(),
+                None => bail!(
+                    "--text FILE is needed to evaluate a model of your own (the embedded held-out text belongs to the embedded model)"
+                ),
+            };
+            Workload::eval(
+                EvalSpec {
+                    text,
+                    batch: a.batch,
+                    seq_len,
+                },
+                &cfg,
+            )?
+        }
+        WorkloadArg::Generate => {
+            if a.text.is_some() {
+                bail!("--text goes with --workload eval");
+            }
+            let (prompts, source) = match (&a.prompt, &a.prompts) {
+                (Some(p), _) => (vec![p.as_bytes().to_vec()], "--prompt".to_string()),
+                (None, Some(path)) => (prompts_from_file(path)?, path.display().to_string()),
+                (None, None) => (builtin_prompts(), "built-in prompts".to_string()),
+            };
+            Workload::generate(
+                GenerateSpec {
+                    prompts,
+                    source,
+                    max_len: seq_len,
+                    temperature: a.temperature,
+                    seed: a.seed,
+                },
+                &cfg,
+            )?
+        }
+    };
+    let mut config = SessionConfig::new(&model, device.description.clone());
+    config.routing = routing;
+    config.reference_every = a.reference_every;
+    config.token_budget = a.tokens;
+    if let Some(s) = a.seconds {
+        if !(s.is_finite() && s > 0.0) {
+            bail!("--seconds must be positive, found {s}");
+        }
+        config.time_budget = Some(Duration::from_secs_f64(s));
+    }
+    Ok(Prepared {
+        model,
+        workload,
+        config,
+    })
+}
+
+/// Runs a session to its budget and prints the summary (or JSON) to stdout; progress goes to
+/// stderr when stderr is a terminal.
+pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
+    let mut p = prepare(&a.session, threads)?;
+    if p.config.token_budget.is_none() && p.config.time_budget.is_none() {
+        p.config.token_budget = Some(20_000);
+    }
+    let session = Session::start(p.model, p.workload, p.config)?;
+    let progress = std::io::stderr().is_terminal();
+    while !session.is_finished() {
+        if let Ok(s) = session.snapshots().recv_timeout(Duration::from_millis(200))
+            && progress
+        {
+            eprint!("\r{}", progress_line(&s));
+            let _ = std::io::stderr().flush();
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    let last = session.join()?.final_snapshot;
+    if a.json {
+        println!("{}", last.to_json_pretty());
+    } else {
+        print!("{}", render_summary(&last));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_line(s: &Snapshot) -> String {
+    let e = &s.epoch;
+    format!(
+        "{} tokens  {:.0} tok/s  {:.2} experts/token  {:.1}% MoE compute saved vs all experts   ",
+        s.tokens_processed_total,
+        e.tokens_per_second,
+        e.window.mean_experts_per_token,
+        e.window.flops.moe_saved_vs_all_experts_pct
+    )
+}
+
+/// `xmoe-top [MODEL]` and `xmoe-top run`: the live UI on a terminal, else headless.
+pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
+    if a.headless || a.json || !super::tui::can_draw() {
+        return run_headless(&a, threads).context("headless run");
+    }
+    let p = prepare(&a.session, threads)?;
+    super::tui::run(&a.tui, p.model, p.workload, p.config, None)?;
+    Ok(ExitCode::SUCCESS)
+}
