@@ -262,6 +262,13 @@ fn marks_help_and_waiting_screen() {
     has(&screen, "FROZEN", "frozen mark");
     has(&screen, "PAUSED", "paused mark");
     has(&screen, "Help", "help overlay");
+    // An epoch that has just started shows no per-token figure rather than zeros.
+    let mut fresh = example_snapshot(WorkloadKind::Eval, 16, false);
+    fresh.epoch.window.tokens = 0;
+    let mut other = app_with(fresh, ColorMode::NoColor);
+    let s2 = text(&draw(&mut other, 80, 24));
+    has(&s2, "no tokens yet in this epoch", "empty window");
+    assert!(!s2.contains("exp/tok"), "{s2}");
     has(&screen, "export: disabled", "export disabled in help");
     for (keys, what) in render::help::help_entries(&app) {
         has(&screen, keys.trim(), "every key is listed");

@@ -205,7 +205,12 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                 buf.set_string(row.bar.x + i as u16, y, sym, s);
             }
         }
-        let figures = format!("  {experts:5.2} exp/tok  {flops_pct:5.1}% FLOPs");
+        // A new epoch starts with an empty window: no figure rather than a misleading 0.
+        let figures = if window.tokens == 0 {
+            "  no tokens yet in this epoch".to_string()
+        } else {
+            format!("  {experts:5.2} exp/tok  {flops_pct:5.1}% FLOPs")
+        };
         buf.set_stringn(
             row.bar.x + row.bar.width,
             y,
