@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand; `main` parses, sets up threads and reports errors.
 
 mod inspect;
+mod sweep;
 mod synth;
 
 use std::process::ExitCode;
@@ -30,6 +31,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Write a model with random weights (for benchmarks and engine checks; not a trained model).
     Synth(synth::SynthArgs),
+    /// Run the same tokens under a range of thresholds (and top-k) with Dense as the quality
+    /// reference; print the trade-off table and write a report.
+    Sweep(sweep::SweepArgs),
 }
 
 /// Thread count chosen by `--threads` or the number of cores.
@@ -56,10 +60,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(command: Option<Command>, _threads: usize) -> Result<ExitCode> {
+fn run(command: Option<Command>, threads: usize) -> Result<ExitCode> {
     match command {
         Some(Command::Inspect(a)) => inspect::run(a),
         Some(Command::Synth(a)) => synth::run(a),
+        Some(Command::Sweep(a)) => sweep::run(a, threads),
         None => {
             anyhow::bail!("no command given: try `xmoe-top inspect MODEL` or `xmoe-top --help`")
         }
