@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand; `main` parses, sets up threads and reports errors.
 
 mod inspect;
+mod report;
 mod sweep;
 mod synth;
 
@@ -34,6 +35,8 @@ enum Command {
     /// Run the same tokens under a range of thresholds (and top-k) with Dense as the quality
     /// reference; print the trade-off table and write a report.
     Sweep(sweep::SweepArgs),
+    /// Write a saved JSON report in another format (html, md, csv).
+    Report(report::ReportArgs),
 }
 
 /// Thread count chosen by `--threads` or the number of cores.
@@ -65,6 +68,7 @@ fn run(command: Option<Command>, threads: usize) -> Result<ExitCode> {
         Some(Command::Inspect(a)) => inspect::run(a),
         Some(Command::Synth(a)) => synth::run(a),
         Some(Command::Sweep(a)) => sweep::run(a, threads),
+        Some(Command::Report(a)) => report::run(a),
         None => {
             anyhow::bail!("no command given: try `xmoe-top inspect MODEL` or `xmoe-top --help`")
         }

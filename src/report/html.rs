@@ -19,7 +19,7 @@ h1 { font-size: 22px; margin: 0 0 4px; }
 h2 { font-size: 17px; margin: 28px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
 p.meta { color: var(--muted); margin: 0 0 14px; font-size: 12.5px; }
 code { font: 12px/1.3 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: var(--panel); padding: 1px 4px; border-radius: 3px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; margin: 12px 0; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)); gap: 10px; margin: 12px 0; }
 .card { background: var(--panel); border: 1px solid var(--line); border-radius: 6px; padding: 8px 10px; }
 .card .k { color: var(--muted); font-size: 11.5px; text-transform: uppercase; letter-spacing: .03em; }
 .card .v { font-size: 18px; font-weight: 600; margin-top: 2px; }
@@ -242,7 +242,11 @@ fn histogram(h: &HistogramSnapshot, title: &str, fmt_unit: &str) -> String {
     };
     let max_c = *h.counts.iter().max().expect("counts") as f64;
     let n = h.counts.len();
-    let yticks = nice_ticks(0.0, max_c, 4);
+    // Counts are whole numbers: no fractional ticks.
+    let yticks: Vec<f64> = nice_ticks(0.0, max_c, 4)
+        .into_iter()
+        .filter(|v| v.fract() == 0.0)
+        .collect();
     for &v in &yticks {
         let y = t + ph - ph * v / max_c.max(1.0);
         let _ = write!(
@@ -298,11 +302,16 @@ fn histogram(h: &HistogramSnapshot, title: &str, fmt_unit: &str) -> String {
     );
     for (name, v, colour) in [("p50", h.p50, "#d9822b"), ("p99", h.p99, "#c23030")] {
         let x = l + pw * pos(v);
+        // Labels near the right edge go to the left of their line.
+        let (tx, anchor) = if x > l + pw * 0.8 {
+            (x - 3.0, "end")
+        } else {
+            (x + 3.0, "start")
+        };
         let _ = write!(
             s,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{t}" y2="{:.1}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" font-size="10.5" fill="{colour}">{name} {}</text>"##,
+            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{t}" y2="{:.1}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3"/><text x="{tx:.1}" y="{:.1}" font-size="10.5" text-anchor="{anchor}" fill="{colour}">{name} {}</text>"##,
             t + ph,
-            x + 3.0,
             if name == "p50" { t + 10.0 } else { t + 22.0 },
             num(v)
         );
@@ -483,11 +492,15 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
                 );
                 // Label every other threshold to avoid clutter, always the ends.
                 if n_thr <= 8 || i % 2 == 0 || i + 1 == n_thr {
+                    // Near the right edge the label goes below-left, inside the plot.
+                    let (tx, ty, anchor) = if cx > l + pw * 0.9 {
+                        (cx - 6.0, cy + 16.0, "end")
+                    } else {
+                        (cx + 6.0, cy - 6.0, "start")
+                    };
                     let _ = write!(
                         s,
-                        r##"<text x="{:.1}" y="{:.1}" font-size="10" fill="#2f6fb3">{}</text>"##,
-                        cx + 6.0,
-                        cy - 6.0,
+                        r##"<text x="{tx:.1}" y="{ty:.1}" font-size="10" text-anchor="{anchor}" fill="#2f6fb3">{}</text>"##,
                         esc(&p.label)
                     );
                 }
@@ -519,11 +532,14 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
             }
         }
         if p.is_default {
+            // A ring on the point and a dashed line up to a label at the top of the plot, clear
+            // of the point labels.
             let _ = write!(
                 s,
-                r##"<circle class="default-marker" cx="{cx:.1}" cy="{cy:.1}" r="9" fill="none" stroke="#c23030" stroke-width="2"/><text x="{:.1}" y="{:.1}" font-size="11" font-weight="600" fill="#c23030">default {}</text>"##,
-                cx + 8.0,
-                cy + 20.0,
+                r##"<line x1="{cx:.1}" x2="{cx:.1}" y1="{t}" y2="{:.1}" stroke="#c23030" stroke-width="1" stroke-dasharray="3 3"/><circle class="default-marker" cx="{cx:.1}" cy="{cy:.1}" r="9" fill="none" stroke="#c23030" stroke-width="2"/><text x="{:.1}" y="{:.1}" font-size="11" font-weight="600" fill="#c23030">default {}</text>"##,
+                cy - 9.0,
+                cx + 5.0,
+                t + 14.0,
                 esc(&p.label)
             );
         }
