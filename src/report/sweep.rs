@@ -452,13 +452,20 @@ pub fn run_sweep(
     let mut trace = ForwardTrace::default();
     let mut inputs = Vec::with_capacity(batch * seq_len);
     let mut targets = Vec::with_capacity(batch * seq_len);
-    for tokens in batches {
+    let split = |tokens: &[u32], inputs: &mut Vec<u32>, targets: &mut Vec<u32>| {
         inputs.clear();
         targets.clear();
         for w in tokens.chunks_exact(window) {
             inputs.extend_from_slice(&w[..seq_len]);
             targets.extend_from_slice(&w[1..]);
         }
+    };
+    // One untimed, unrecorded pass first, so that start-up costs (allocations, thread pools)
+    // do not land in the first point's latency.
+    split(&batches[0], &mut inputs, &mut targets);
+    model.forward(&inputs, batch, &dense.routing, None, &mut trace)?;
+    for tokens in batches {
+        split(tokens, &mut inputs, &mut targets);
         let quality = |nats: f64| BatchQuality {
             scored_tokens: targets.len() as u64,
             bytes: targets.len() as u64,
