@@ -303,6 +303,19 @@ fn export_writes_timestamped_files() {
         assert!(p.exists());
     }
     assert_valid(&std::fs::read_to_string(&paths[1]).unwrap());
+    // Exporting again within the same second does not fail and does not overwrite.
+    let data = ReportData::new(snap.clone(), None);
+    let a = xmoe_top::report::export_data(&data, dir.path(), &[ReportFormat::Json], false).unwrap();
+    let b = xmoe_top::report::export_data(&data, dir.path(), &[ReportFormat::Json], false).unwrap();
+    assert_ne!(a, b);
+    let stem = |p: &std::path::PathBuf| p.file_stem().unwrap().to_str().unwrap().to_string();
+    // Same timestamp: the second name is the first's base with a counter.
+    let base = format!(
+        "xmoe-top-report-{}",
+        xmoe_top::report::file_timestamp(data.created_unix_ms)
+    );
+    assert!(stem(&b[0]).starts_with(&format!("{base}-")), "{a:?} {b:?}");
+    assert!(a[0].exists() && b[0].exists());
     let e = export(
         &snap,
         &dir.path().join("missing"),

@@ -193,8 +193,9 @@ pub fn write_report(
 }
 
 /// Writes `snapshot`'s report in each of `formats` into `dir` under a timestamped name
-/// (`xmoe-top-report-YYYYMMDD-HHMMSS.EXT`) and returns the paths written. For the TUI's `e` key
-/// and `run --headless --report-dir`. Stops at the first error (files already written stay).
+/// (`xmoe-top-report-YYYYMMDD-HHMMSS.EXT`, UTC; `-2`, `-3`, ... appended when that name is taken)
+/// and returns the paths written. For the TUI's `e` key and `run --headless --report-dir`. Stops
+/// at the first error (files already written stay).
 pub fn export(
     snapshot: &Snapshot,
     dir: &Path,
@@ -225,7 +226,21 @@ pub fn export_data(
             dir.display()
         );
     }
-    let stem = format!("xmoe-top-report-{}", file_timestamp(data.created_unix_ms));
+    let base = format!("xmoe-top-report-{}", file_timestamp(data.created_unix_ms));
+    // Two exports within one second get "-2", "-3", ... rather than an error.
+    let taken = |stem: &str| {
+        formats
+            .iter()
+            .any(|f| dir.join(format!("{stem}.{}", f.extension())).exists())
+    };
+    let stem = if force || !taken(&base) {
+        base
+    } else {
+        (2..1000)
+            .map(|i| format!("{base}-{i}"))
+            .find(|s| !taken(s))
+            .with_context(|| format!("too many reports named {base}-N in {}", dir.display()))?
+    };
     let mut written = Vec::with_capacity(formats.len());
     for &f in formats {
         let path = dir.join(format!("{stem}.{}", f.extension()));
