@@ -2,12 +2,18 @@
 //!
 //! Data flows one way: [`model`] (format, loading, forward) produces a
 //! [`profiling::trace::ForwardTrace`] per pass; [`routing`] is the pure policy code the model calls;
-//! [`profiling`] turns traces into statistics and FLOP figures; [`report`] writes them out
-//! (reports, threshold sweeps, routing traces).
+//! [`profiling`] turns traces into statistics, FLOP figures and immutable snapshots; [`session`]
+//! runs the model on its own thread over a [`workload`] and publishes those snapshots; [`gpu`]
+//! samples device counters; [`kernel`] is the CPU expert layer; [`report`] writes reports,
+//! threshold sweeps and routing traces.
 
 pub mod cli;
+pub mod gpu;
 pub mod inspect;
+pub mod kernel;
 pub mod model;
 pub mod profiling;
 pub mod report;
 pub mod routing;
+pub mod session;
+pub mod workload;

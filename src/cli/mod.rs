@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand; `main` parses, sets up threads and reports errors.
 
 mod inspect;
+pub mod policy_args;
 mod report;
 mod sweep;
 mod synth;

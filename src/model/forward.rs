@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::config::{Activation, ModelConfig, NormKind, PositionKind};
 use super::format::{LoadError, ModelFile};
-use super::moe::MoeExperts;
+use super::moe::{LoadOptions, MoeExperts};
 use crate::profiling::trace::ForwardTrace;
 use crate::routing::{RoutingPolicy, route};
 
@@ -73,7 +73,7 @@ enum Ffn {
     Moe {
         /// Router weight transposed, [d, E].
         router_t: Tensor,
-        experts: MoeExperts,
+        experts: Box<MoeExperts>,
         /// Index of this layer among the MoE layers.
         slot: usize,
     },
@@ -155,14 +155,18 @@ fn dev_err(file: &ModelFile) -> impl Fn(candle_core::Error) -> LoadError + '_ {
 }
 
 impl Model {
-    /// Opens, checks and loads a model file onto `device`.
+    /// Opens, checks and loads a model file onto `device` with default options.
     pub fn load(path: &std::path::Path, device: &Device) -> Result<Self, LoadError> {
         let file = ModelFile::open(path)?;
-        Self::from_file(&file, device)
+        Self::from_file(&file, device, LoadOptions::default())
     }
 
     /// Loads an already checked file onto `device`.
-    pub fn from_file(file: &ModelFile, device: &Device) -> Result<Self, LoadError> {
+    pub fn from_file(
+        file: &ModelFile,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self, LoadError> {
         let cfg = file.config().clone();
         let de = dev_err(file);
         let t = |name: &str, shape: &[usize]| -> Result<Tensor, LoadError> {
@@ -211,7 +215,7 @@ impl Model {
                 let router = t(&format!("{p}.moe.router.weight"), &[cfg.n_experts, d])?;
                 Ffn::Moe {
                     router_t: router.t().and_then(|r| r.contiguous()).map_err(&de)?,
-                    experts: MoeExperts::load(file, i, device)?,
+                    experts: Box::new(MoeExperts::load(file, i, device, options)?),
                     slot,
                 }
             } else {
@@ -311,13 +315,12 @@ impl Model {
         }
     }
 
-    /// Chooses how the MoE layers compute on the CPU (see [`super::moe::MoeDispatch`]).
-    pub fn set_moe_dispatch(&mut self, dispatch: super::moe::MoeDispatch) {
-        for b in &mut self.blocks {
-            if let Ffn::Moe { experts, .. } = &mut b.ffn {
-                experts.set_dispatch(dispatch);
-            }
-        }
+    /// How the MoE layers compute (the kernel variant resolved for this CPU).
+    pub fn moe_dispatch(&self) -> Option<super::moe::MoeDispatch> {
+        self.blocks.iter().find_map(|b| match &b.ffn {
+            Ffn::Moe { experts, .. } => Some(experts.dispatch()),
+            Ffn::Dense(_) => None,
+        })
     }
 
     /// Runs `batch` sequences of `tokens.len() / batch` tokens (row-major) and returns the logits,

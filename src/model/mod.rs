@@ -10,4 +10,4 @@ pub mod synth;
 pub use device::DeviceChoice;
 pub use format::{LoadError, ModelFile};
 pub use forward::{KvCache, Model, ParamCounts, RoutingConfig};
-pub use moe::MoeDispatch;
+pub use moe::{LoadOptions, MoeDispatch};

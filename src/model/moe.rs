@@ -1,10 +1,13 @@
 //! A MoE layer's experts and how they compute the selected (token, expert) pairs.
 
-use candle_core::{Device, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{Device, Storage, Tensor};
 
 use super::config::Activation;
 use super::format::{LoadError, ModelFile};
 use super::forward::activate;
+use crate::kernel::{KernelVariant, MoeScratch, PackedExperts, moe_forward};
 use crate::routing::ExpertGroups;
 
 /// How the experts of a MoE layer compute.
@@ -16,12 +19,59 @@ pub enum MoeDispatch {
     /// Per-expert candle ops: gather the expert's rows (`index_select`), two matmuls, scatter-add
     /// (`index_add`). Works on every candle device; the baseline the CPU kernel must beat.
     Candle,
+    /// The CPU kernel of [`crate::kernel`] with a given variant (CPU device only).
+    Kernel(KernelVariant),
 }
 
-/// The experts of one MoE layer.
-pub struct MoeExperts {
-    n_experts: usize,
-    activation: Activation,
+impl std::str::FromStr for MoeDispatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => MoeDispatch::Auto,
+            "candle" => MoeDispatch::Candle,
+            "kernel" => MoeDispatch::Kernel(KernelVariant::Auto),
+            "portable" => MoeDispatch::Kernel(KernelVariant::Portable),
+            "avx2" => MoeDispatch::Kernel(KernelVariant::Avx2),
+            "avx512" => MoeDispatch::Kernel(KernelVariant::Avx512),
+            "gemm" => MoeDispatch::Kernel(KernelVariant::Gemm),
+            _ => {
+                return Err(format!(
+                    "expected auto, candle, kernel, portable, avx2, avx512 or gemm, found `{s}`"
+                ));
+            }
+        })
+    }
+}
+
+/// How a model is loaded: MoE dispatch and CPU threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// How MoE layers compute.
+    pub dispatch: MoeDispatch,
+    /// Threads the CPU kernel may use.
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dispatch: MoeDispatch::Auto,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// The kernel path: weights packed once at load, scratch reused across passes.
+struct KernelExperts {
+    packed: PackedExperts,
+    variant: KernelVariant,
+    threads: usize,
+    // The model is used from one thread at a time; the lock is uncontended and keeps `forward(&self)`.
+    scratch: Mutex<MoeScratch>,
+}
+
+/// The candle path (any device).
+struct CandleExperts {
     /// [E, d, h]: each expert's up projection transposed for `x @ up_t`.
     up_t: Tensor,
     gate_t: Option<Tensor>,
@@ -29,12 +79,28 @@ pub struct MoeExperts {
     down_t: Tensor,
     up_b: Option<Tensor>,
     down_b: Option<Tensor>,
-    dispatch: MoeDispatch,
+}
+
+enum ExpertCompute {
+    Kernel(Box<KernelExperts>),
+    Candle(CandleExperts),
+}
+
+/// The experts of one MoE layer.
+pub struct MoeExperts {
+    n_experts: usize,
+    activation: Activation,
+    compute: ExpertCompute,
 }
 
 impl MoeExperts {
     /// Loads block `layer`'s experts (stacked or per-expert form) onto `device`.
-    pub fn load(file: &ModelFile, layer: usize, device: &Device) -> Result<Self, LoadError> {
+    pub fn load(
+        file: &ModelFile,
+        layer: usize,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self, LoadError> {
         let cfg = file.config();
         let (e, d, h) = (cfg.n_experts, cfg.d_model, cfg.expert_hidden);
         let p = format!("layers.{layer}.moe.experts");
@@ -48,6 +114,59 @@ impl MoeExperts {
                 file.f32(&format!("{p}.{suffix}"))
             }
         };
+        let variant = match (options.dispatch, device.is_cpu()) {
+            (MoeDispatch::Candle, _) | (MoeDispatch::Auto, false) => None,
+            (MoeDispatch::Auto, true) => Some(KernelVariant::Auto),
+            (MoeDispatch::Kernel(v), true) => Some(v),
+            (MoeDispatch::Kernel(_), false) => {
+                return Err(LoadError::Device {
+                    path: file.path().to_path_buf(),
+                    detail: "the CPU expert kernel needs --device cpu".into(),
+                });
+            }
+        };
+        if let Some(variant) = variant {
+            if !variant.is_supported() {
+                return Err(LoadError::Device {
+                    path: file.path().to_path_buf(),
+                    detail: format!("this CPU does not support the {variant:?} kernel"),
+                });
+            }
+            let up = stacked("up_proj", "up_proj.weight", &[e, h, d]);
+            let gate = cfg
+                .gated
+                .then(|| stacked("gate_proj", "gate_proj.weight", &[e, h, d]));
+            let down = stacked("down_proj", "down_proj.weight", &[e, d, h]);
+            let (ub, db) = if cfg.expert_bias {
+                (
+                    Some(stacked("up_bias", "up_proj.bias", &[e, h])),
+                    Some(stacked("down_bias", "down_proj.bias", &[e, d])),
+                )
+            } else {
+                (None, None)
+            };
+            let packed = PackedExperts::new(
+                e,
+                d,
+                h,
+                cfg.activation,
+                &up,
+                gate.as_deref(),
+                &down,
+                ub.as_deref(),
+                db.as_deref(),
+            );
+            return Ok(Self {
+                n_experts: e,
+                activation: cfg.activation,
+                compute: ExpertCompute::Kernel(Box::new(KernelExperts {
+                    packed,
+                    variant: variant.resolve(),
+                    threads: options.threads,
+                    scratch: Mutex::new(MoeScratch::default()),
+                })),
+            });
+        }
         let de = |err: candle_core::Error| LoadError::Device {
             path: file.path().to_path_buf(),
             detail: err.to_string(),
@@ -90,33 +209,75 @@ impl MoeExperts {
         Ok(Self {
             n_experts: e,
             activation: cfg.activation,
-            up_t,
-            gate_t,
-            down_t,
-            up_b,
-            down_b,
-            dispatch: MoeDispatch::Auto,
+            compute: ExpertCompute::Candle(CandleExperts {
+                up_t,
+                gate_t,
+                down_t,
+                up_b,
+                down_b,
+            }),
         })
     }
 
-    /// Chooses the dispatch.
-    pub fn set_dispatch(&mut self, dispatch: MoeDispatch) {
-        self.dispatch = dispatch;
+    /// The dispatch in use, with the kernel variant resolved for this CPU.
+    pub fn dispatch(&self) -> MoeDispatch {
+        match &self.compute {
+            ExpertCompute::Kernel(k) => MoeDispatch::Kernel(k.variant),
+            ExpertCompute::Candle(_) => MoeDispatch::Candle,
+        }
     }
 
     /// `sum over kept pairs (t, e, w) of w * expert_e(x[t])` for `x` = [T, d]; rows without a
     /// pair are zero. Only the grouped rows are computed.
     pub fn forward(&self, x: &Tensor, groups: &ExpertGroups) -> candle_core::Result<Tensor> {
         debug_assert_eq!(groups.n_experts(), self.n_experts);
-        match self.dispatch {
-            MoeDispatch::Auto | MoeDispatch::Candle => self.forward_candle(x, groups),
+        match &self.compute {
+            ExpertCompute::Kernel(k) => k.forward(x, groups),
+            ExpertCompute::Candle(c) => c.forward(x, groups, self.n_experts, self.activation),
         }
     }
+}
 
-    fn forward_candle(&self, x: &Tensor, groups: &ExpertGroups) -> candle_core::Result<Tensor> {
+impl KernelExperts {
+    fn forward(&self, x: &Tensor, groups: &ExpertGroups) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        let mut out = vec![0.0f32; x.elem_count()];
+        {
+            // Read the normed activations in place: no copy of x on the hot path.
+            let (storage, layout) = x.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("the CPU expert kernel got a tensor on another device");
+            };
+            let (start, end) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("non-contiguous input".into()))?;
+            let xs = &cpu.as_slice::<f32>()?[start..end];
+            let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+            moe_forward(
+                &self.packed,
+                xs,
+                groups,
+                &mut out,
+                &mut scratch,
+                self.variant,
+                self.threads,
+            );
+        }
+        Tensor::from_vec(out, x.shape(), x.device())
+    }
+}
+
+impl CandleExperts {
+    fn forward(
+        &self,
+        x: &Tensor,
+        groups: &ExpertGroups,
+        n_experts: usize,
+        activation: Activation,
+    ) -> candle_core::Result<Tensor> {
         let device = x.device();
         let mut y = x.zeros_like()?;
-        for e in 0..self.n_experts {
+        for e in 0..n_experts {
             let (rows, weights) = groups.group(e);
             if rows.is_empty() {
                 continue;
@@ -129,8 +290,8 @@ impl MoeExperts {
                 up = up.broadcast_add(&b.get(e)?)?;
             }
             let hidden = match &self.gate_t {
-                Some(g) => (activate(&xs.matmul(&g.get(e)?)?, self.activation)? * up)?,
-                None => activate(&up, self.activation)?,
+                Some(g) => (activate(&xs.matmul(&g.get(e)?)?, activation)? * up)?,
+                None => activate(&up, activation)?,
             };
             let mut out = hidden.matmul(&self.down_t.get(e)?)?;
             if let Some(b) = &self.down_b {

@@ -317,6 +317,7 @@ pub fn example_snapshot(kind: WorkloadKind, n_experts: usize, with_gpu: bool) ->
         ),
         workload,
         paused: false,
+        ended: None,
         device: device(with_gpu),
         generated: (kind == WorkloadKind::Generate).then_some(generated),
     })

@@ -4,4 +4,5 @@ pub mod fixtures;
 pub mod flops;
 pub mod snapshot;
 pub mod stats;
+pub mod summary;
 pub mod trace;

@@ -43,6 +43,8 @@ pub struct Snapshot {
     pub policy: PolicyState,
     /// The model thread is paused (no forward passes until resumed).
     pub paused: bool,
+    /// Set once the session has stopped: why (budget reached, stopped by the user, or the error).
+    pub ended: Option<String>,
     /// Tokens run through the model since the session started, all epochs, reference passes excluded.
     pub tokens_processed_total: u64,
     /// Target size of the sliding window, in tokens.

@@ -518,6 +518,8 @@ pub struct SnapshotInputs {
     pub workload: WorkloadInfo,
     /// The model thread is paused.
     pub paused: bool,
+    /// Why the session ended, once it has.
+    pub ended: Option<String>,
     /// Latest device counters.
     pub device: DeviceSnapshot,
     /// Generate stream, if any.
@@ -805,6 +807,7 @@ impl RunStats {
             workload: inputs.workload,
             policy: self.policy.clone(),
             paused: inputs.paused,
+            ended: inputs.ended,
             tokens_processed_total: self.tokens_total,
             window_tokens_target: self.window_target,
             epoch: EpochStats {
@@ -1007,6 +1010,7 @@ mod tests {
                 description: "test".into(),
             },
             paused: false,
+            ended: None,
             device: DeviceSnapshot::not_sampled(),
             generated: None,
         }

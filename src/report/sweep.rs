@@ -559,6 +559,7 @@ pub fn run_sweep(
                 paused: false,
                 device: device.clone(),
                 generated: None,
+                ended: Some("sweep finished".to_string()),
             })
         })
         .collect();

@@ -1,0 +1,871 @@
+//! The CPU Mixture-of-Experts layer on raw f32 slices.
+//!
+//! `out[t] = sum over kept (t, e, w) of w * expert_e(x[t])`, with
+//! `expert_e(f) = down_e(act(up_e f + up_bias_e)) + down_bias_e` (gated:
+//! `down_e(act(gate_e f) * (up_e f + up_bias_e)) + down_bias_e`), computing only the selected
+//! (token, expert) pairs so that wall time follows the FLOPs the router saves.
+//!
+//! # Why the hot path leaves candle
+//! The obvious candle dispatch (per expert `index_select` -> `matmul` -> `index_add`, as
+//! candle-transformers' Mixtral and Qwen-MoE do) was measured at 2.6x the dense FFN with all experts
+//! active and still 0.77x at 12.5% active (issue 7): every op allocates a fresh tensor, `index_add`
+//! copies the whole output per expert, small matmuls go through candle's generic dispatch (and
+//! re-read `/proc/cpuinfo` when `RAYON_NUM_THREADS` is unset), and splitting each small GEMM over
+//! threads costs more than it gains. Here the weights are packed once, tokens are gathered straight
+//! from `x`, the hidden activations stay in a per-thread scratch block that lives in L2, and each
+//! thread writes its own output rows, so a pass allocates nothing once the scratch has grown.
+//!
+//! # Variants
+//! - [`KernelVariant::Avx512`] / [`KernelVariant::Avx2`]: the fused kernel. For a block of up to
+//!   ~96 rows of one expert, a register-tiled micro-kernel multiplies the gathered token rows by the
+//!   packed `[up | gate]` weights into a scratch block, the epilogue adds the bias, applies the
+//!   activation (a vectorised `exp`, within a few ulp of [`Activation::apply`]) and the routing
+//!   weight, and a second micro-kernel multiplies by `down` and accumulates into the output rows.
+//! - [`KernelVariant::Portable`]: the same fused kernel on plain arrays (SSE2 after
+//!   auto-vectorisation) with the exact scalar activation; the fallback for any CPU.
+//! - [`KernelVariant::Gemm`]: per row block, gather into scratch and call the `gemm` crate twice
+//!   (`Parallelism::None`); kept as the measured stepping stone of issue 7.
+//!
+//! # Threads and determinism
+//! Small passes (under ~4 MFLOP, e.g. decode) run on the calling thread: waking the pool costs
+//! more than it saves. Larger ones split either the *tokens* (each thread owns a contiguous range of
+//! output rows, balanced by pair count, and runs every expert's rows in that range) or, when there
+//! are too few tokens for that, the *pairs* (each thread computes a balanced slice of the
+//! expert-sorted pairs into a per-pair buffer, summed per token afterwards). Either way every output
+//! row receives its experts' contributions in ascending expert order, each computed by the same
+//! arithmetic, so the fused variants give bit-identical results for every thread count.
+
+mod simd;
+#[cfg(test)]
+mod tests;
+
+use crate::model::config::Activation;
+use crate::routing::ExpertGroups;
+#[cfg(target_arch = "x86_64")]
+use simd::{Avx2, Avx512};
+use simd::{Portable, Simd};
+
+/// Width of a weight panel: the micro-kernels compute 32 output columns at a time (2 AVX-512 or 4
+/// AVX2 registers), so `h` and `d` are padded to multiples of it in the packed weights.
+const PANEL: usize = 32;
+/// Below this many FLOPs a pass runs on the calling thread (about 20-40 us of one core).
+const PAR_MIN_FLOPS: usize = 4_000_000;
+/// Token splitting needs enough rows per thread for the weights each thread streams to be reused.
+const MIN_TOKENS_PER_THREAD: usize = 32;
+
+fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+/// Expert weights of one MoE layer, packed once at load in the orientation the kernel reads.
+///
+/// Layout (per expert, row-major, zero padded): `w1` is `[d][n1]` with `n1 = h_pad` columns of
+/// `up` (non-gated) or `2 * h_pad` columns, `gate` then `up` (gated); `w2` is `[h_pad][d_pad]`
+/// (`down` transposed). `h_pad` and `d_pad` round up to 32. Zero padding is harmless: a padded
+/// hidden unit is `act(0) = 0` and meets a zero row of `w2`.
+#[derive(Clone, Debug)]
+pub struct PackedExperts {
+    n_experts: usize,
+    d: usize,
+    h: usize,
+    h_pad: usize,
+    d_pad: usize,
+    n1: usize,
+    gated: bool,
+    activation: Activation,
+    w1: Vec<f32>,
+    w2: Vec<f32>,
+    b1: Option<Vec<f32>>,
+    b2: Option<Vec<f32>>,
+}
+
+impl PackedExperts {
+    /// Packs expert weights given in the model-file layout: `up`/`gate` `[E, h, d]` (PyTorch
+    /// `[out, in]` per expert), `down` `[E, d, h]`, `up_bias` `[E, h]`, `down_bias` `[E, d]`.
+    ///
+    /// # Panics
+    /// When a slice length does not match the shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        n_experts: usize,
+        d: usize,
+        h: usize,
+        activation: Activation,
+        up: &[f32],
+        gate: Option<&[f32]>,
+        down: &[f32],
+        up_bias: Option<&[f32]>,
+        down_bias: Option<&[f32]>,
+    ) -> Self {
+        let (e_n, hd) = (n_experts, h * d);
+        assert_eq!(up.len(), e_n * hd, "up must be [E, h, d]");
+        assert_eq!(down.len(), e_n * hd, "down must be [E, d, h]");
+        if let Some(g) = gate {
+            assert_eq!(g.len(), e_n * hd, "gate must be [E, h, d]");
+        }
+        if let Some(b) = up_bias {
+            assert_eq!(b.len(), e_n * h, "up_bias must be [E, h]");
+        }
+        if let Some(b) = down_bias {
+            assert_eq!(b.len(), e_n * d, "down_bias must be [E, d]");
+        }
+        let h_pad = round_up(h, PANEL);
+        let d_pad = round_up(d, PANEL);
+        let gated = gate.is_some();
+        let n1 = if gated { 2 * h_pad } else { h_pad };
+        let up_col0 = if gated { h_pad } else { 0 };
+
+        let mut w1 = vec![0.0f32; e_n * d * n1];
+        let mut w2 = vec![0.0f32; e_n * h_pad * d_pad];
+        for e in 0..e_n {
+            let w1e = &mut w1[e * d * n1..(e + 1) * d * n1];
+            let upe = &up[e * hd..(e + 1) * hd];
+            for j in 0..h {
+                for k in 0..d {
+                    w1e[k * n1 + up_col0 + j] = upe[j * d + k];
+                }
+            }
+            if let Some(g) = gate {
+                let ge = &g[e * hd..(e + 1) * hd];
+                for j in 0..h {
+                    for k in 0..d {
+                        w1e[k * n1 + j] = ge[j * d + k];
+                    }
+                }
+            }
+            let w2e = &mut w2[e * h_pad * d_pad..(e + 1) * h_pad * d_pad];
+            let downe = &down[e * hd..(e + 1) * hd];
+            for n in 0..d {
+                for j in 0..h {
+                    w2e[j * d_pad + n] = downe[n * h + j];
+                }
+            }
+        }
+        let b1 = up_bias.map(|b| {
+            let mut p = vec![0.0f32; e_n * h_pad];
+            for e in 0..e_n {
+                p[e * h_pad..e * h_pad + h].copy_from_slice(&b[e * h..(e + 1) * h]);
+            }
+            p
+        });
+        let b2 = down_bias.map(|b| {
+            let mut p = vec![0.0f32; e_n * d_pad];
+            for e in 0..e_n {
+                p[e * d_pad..e * d_pad + d].copy_from_slice(&b[e * d..(e + 1) * d]);
+            }
+            p
+        });
+        PackedExperts {
+            n_experts,
+            d,
+            h,
+            h_pad,
+            d_pad,
+            n1,
+            gated,
+            activation,
+            w1,
+            w2,
+            b1,
+            b2,
+        }
+    }
+
+    /// Number of experts E.
+    pub fn n_experts(&self) -> usize {
+        self.n_experts
+    }
+
+    /// Model width d.
+    pub fn d_model(&self) -> usize {
+        self.d
+    }
+
+    /// Hidden width h of one expert.
+    pub fn hidden(&self) -> usize {
+        self.h
+    }
+
+    /// True for gated (SwiGLU-style) experts.
+    pub fn gated(&self) -> bool {
+        self.gated
+    }
+
+    /// Multiply-add FLOPs (2 per multiply-add) of one (token, expert) pair, without padding.
+    pub fn flops_per_pair(&self) -> usize {
+        2 * self.d * self.h * if self.gated { 3 } else { 2 }
+    }
+
+    /// Rows of the per-thread scratch block: large enough to reuse each weight panel over many
+    /// rows, small enough that the `rows x n1` block stays in L2.
+    fn block_rows(&self) -> usize {
+        (32 * 1024 / self.n1).clamp(24, 96) / 12 * 12
+    }
+
+    fn w1(&self, e: usize) -> *const f32 {
+        self.w1[e * self.d * self.n1..].as_ptr()
+    }
+
+    fn w2(&self, e: usize) -> *const f32 {
+        self.w2[e * self.h_pad * self.d_pad..].as_ptr()
+    }
+}
+
+/// Which implementation [`moe_forward`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelVariant {
+    /// The fastest supported here: AVX-512, else AVX2, else portable.
+    Auto,
+    /// Fused kernel in plain Rust; any CPU.
+    Portable,
+    /// Fused kernel with AVX2 + FMA (x86-64).
+    Avx2,
+    /// Fused kernel with AVX-512F (x86-64).
+    Avx512,
+    /// Gather + two `gemm` crate calls per row block, epilogue with the best SIMD available.
+    Gemm,
+}
+
+impl KernelVariant {
+    /// Every variant except `Auto`, for tests and benchmarks.
+    pub const ALL: [KernelVariant; 4] = [
+        KernelVariant::Portable,
+        KernelVariant::Avx2,
+        KernelVariant::Avx512,
+        KernelVariant::Gemm,
+    ];
+
+    /// True when this CPU can run the variant (checked at run time).
+    pub fn is_supported(self) -> bool {
+        match self {
+            KernelVariant::Auto | KernelVariant::Portable | KernelVariant::Gemm => true,
+            KernelVariant::Avx2 => has_avx2(),
+            KernelVariant::Avx512 => has_avx512(),
+        }
+    }
+
+    /// The concrete variant `Auto` stands for on this CPU (other variants map to themselves).
+    pub fn resolve(self) -> KernelVariant {
+        match self {
+            KernelVariant::Auto if has_avx512() => KernelVariant::Avx512,
+            KernelVariant::Auto if has_avx2() => KernelVariant::Avx2,
+            KernelVariant::Auto => KernelVariant::Portable,
+            v => v,
+        }
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One thread's reusable buffers.
+#[derive(Default, Debug)]
+struct ThreadScratch {
+    /// Pre-activation / hidden block, `block_rows x n1`.
+    z: Vec<f32>,
+    /// Gathered token rows (gemm variant).
+    xg: Vec<f32>,
+    /// Second-matmul result rows (gemm variant).
+    y: Vec<f32>,
+    /// Work items: (expert, first pair, end pair).
+    items: Vec<(u32, u32, u32)>,
+}
+
+/// Buffers reused across [`moe_forward`] calls (one per calling thread): nothing is allocated once
+/// they have grown to the largest pass seen.
+#[derive(Debug)]
+pub struct MoeScratch {
+    threads: Vec<ThreadScratch>,
+    /// Per-pair outputs when pairs are split over threads, `pairs x d`.
+    pair_out: Vec<f32>,
+    /// Pairs per token.
+    token_pairs: Vec<u32>,
+    /// Passes below this many FLOPs stay on the calling thread (tests lower it to reach the
+    /// threaded paths with small shapes).
+    pub(crate) par_min_flops: usize,
+}
+
+impl Default for MoeScratch {
+    fn default() -> Self {
+        MoeScratch {
+            threads: Vec::new(),
+            pair_out: Vec::new(),
+            token_pairs: Vec::new(),
+            par_min_flops: PAR_MIN_FLOPS,
+        }
+    }
+}
+
+/// Where a thread's results go: its own rows of `out` (indexed by token) or its slice of the
+/// per-pair buffer (indexed by pair).
+#[derive(Clone, Copy)]
+enum Dst {
+    Tokens { base: *mut f32, row0: usize },
+    Pairs { base: *mut f32, pair0: usize },
+}
+
+struct Job<'a> {
+    ex: &'a PackedExperts,
+    x: &'a [f32],
+    groups: &'a ExpertGroups,
+}
+
+impl Job<'_> {
+    #[inline(always)]
+    fn dst_row(&self, dst: Dst, pair: usize) -> *mut f32 {
+        let d = self.ex.d;
+        match dst {
+            Dst::Tokens { base, row0 } => {
+                let t = self.groups.tokens[pair] as usize;
+                base.wrapping_add((t - row0) * d)
+            }
+            Dst::Pairs { base, pair0 } => base.wrapping_add((pair - pair0) * d),
+        }
+    }
+}
+
+/// Runs the MoE layer: `out[t] = sum over (t, e, w) in groups of w * expert_e(x[t])`; rows with no
+/// pair get 0. `x` and `out` are `[T, d]` row-major; `threads` caps the threads used (0 or 1: the
+/// calling thread only; more: the rayon global pool, only when the pass is large enough).
+///
+/// # Panics
+/// When shapes disagree (`x`/`out` not `T x d`, groups for another E, a token id >= T) or the
+/// variant is not supported by this CPU (see [`KernelVariant::is_supported`]).
+pub fn moe_forward(
+    experts: &PackedExperts,
+    x: &[f32],
+    groups: &ExpertGroups,
+    out: &mut [f32],
+    scratch: &mut MoeScratch,
+    variant: KernelVariant,
+    threads: usize,
+) {
+    let d = experts.d;
+    assert!(d > 0, "d_model must be positive");
+    assert_eq!(x.len() % d, 0, "x must be [T, d]");
+    assert_eq!(out.len(), x.len(), "out must have the shape of x");
+    assert_eq!(
+        groups.n_experts(),
+        experts.n_experts,
+        "groups are for another number of experts"
+    );
+    let tokens = x.len() / d;
+    if let Some(&t) = groups.tokens.iter().max() {
+        assert!(
+            (t as usize) < tokens,
+            "token id {t} out of range 0..{tokens}"
+        );
+    }
+    let variant = variant.resolve();
+    assert!(
+        variant.is_supported(),
+        "kernel variant {variant:?} is not supported by this CPU"
+    );
+    let job = Job {
+        ex: experts,
+        x,
+        groups,
+    };
+    let pairs = groups.pairs();
+    let flops = pairs * 2 * (d * experts.n1 + experts.h_pad * d);
+    let threads = threads.max(1);
+    if scratch.threads.len() < threads {
+        scratch.threads.resize_with(threads, ThreadScratch::default);
+    }
+
+    if threads == 1 || flops < scratch.par_min_flops {
+        out.fill(0.0);
+        let ts = &mut scratch.threads[0];
+        plan_tokens(groups, 0, tokens, &mut ts.items);
+        let dst = Dst::Tokens {
+            base: out.as_mut_ptr(),
+            row0: 0,
+        };
+        run(variant, &job, dst, ts);
+    } else if tokens >= threads * MIN_TOKENS_PER_THREAD {
+        // Token split: cut points balanced by pairs, so a hot expert does not load one thread.
+        let cuts = token_cuts(groups, tokens, threads, &mut scratch.token_pairs);
+        let mut rest: &mut [f32] = out;
+        let mut chunks = Vec::with_capacity(threads);
+        for w in cuts.windows(2) {
+            let (a, b) = rest.split_at_mut((w[1] - w[0]) * d);
+            chunks.push((w[0], w[1], a));
+            rest = b;
+        }
+        rayon::in_place_scope(|s| {
+            let mut work = chunks.into_iter().zip(scratch.threads.iter_mut());
+            let first = work.next();
+            let job = &job;
+            for ((t0, t1, chunk), ts) in work {
+                s.spawn(move |_| token_range(variant, job, t0, t1, chunk, ts));
+            }
+            if let Some(((t0, t1, chunk), ts)) = first {
+                token_range(variant, job, t0, t1, chunk, ts);
+            }
+        });
+    } else {
+        // Too few tokens to split: split the expert-sorted pairs, one output row per pair, then
+        // sum per token in pair (= ascending expert) order, as the serial path does.
+        scratch.pair_out.clear();
+        scratch.pair_out.resize(pairs * d, 0.0);
+        let mut rest: &mut [f32] = &mut scratch.pair_out;
+        let mut chunks = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (p0, p1) = (pairs * i / threads, pairs * (i + 1) / threads);
+            let (a, b) = rest.split_at_mut((p1 - p0) * d);
+            chunks.push((p0, p1, a));
+            rest = b;
+        }
+        rayon::in_place_scope(|s| {
+            let mut work = chunks.into_iter().zip(scratch.threads.iter_mut());
+            let first = work.next();
+            let job = &job;
+            for ((p0, p1, chunk), ts) in work {
+                s.spawn(move |_| pair_range(variant, job, p0, p1, chunk, ts));
+            }
+            if let Some(((p0, p1, chunk), ts)) = first {
+                pair_range(variant, job, p0, p1, chunk, ts);
+            }
+        });
+        out.fill(0.0);
+        for (p, y) in scratch.pair_out.chunks_exact(d).enumerate() {
+            let t = groups.tokens[p] as usize;
+            for (o, v) in out[t * d..(t + 1) * d].iter_mut().zip(y) {
+                *o += v;
+            }
+        }
+    }
+}
+
+fn token_range(
+    variant: KernelVariant,
+    job: &Job,
+    t0: usize,
+    t1: usize,
+    out: &mut [f32],
+    ts: &mut ThreadScratch,
+) {
+    out.fill(0.0);
+    plan_tokens(job.groups, t0, t1, &mut ts.items);
+    let dst = Dst::Tokens {
+        base: out.as_mut_ptr(),
+        row0: t0,
+    };
+    run(variant, job, dst, ts);
+}
+
+fn pair_range(
+    variant: KernelVariant,
+    job: &Job,
+    p0: usize,
+    p1: usize,
+    out: &mut [f32],
+    ts: &mut ThreadScratch,
+) {
+    ts.items.clear();
+    let g = job.groups;
+    for e in 0..g.n_experts() {
+        let lo = (g.offsets[e] as usize).max(p0);
+        let hi = (g.offsets[e + 1] as usize).min(p1);
+        if lo < hi {
+            ts.items.push((e as u32, lo as u32, hi as u32));
+        }
+    }
+    let dst = Dst::Pairs {
+        base: out.as_mut_ptr(),
+        pair0: p0,
+    };
+    run(variant, job, dst, ts);
+}
+
+/// Work items for tokens `t0..t1`: in each expert's group (tokens ascending) the pairs in range.
+fn plan_tokens(g: &ExpertGroups, t0: usize, t1: usize, items: &mut Vec<(u32, u32, u32)>) {
+    items.clear();
+    for e in 0..g.n_experts() {
+        let (toks, _) = g.group(e);
+        let lo = toks.partition_point(|&t| (t as usize) < t0);
+        let hi = toks.partition_point(|&t| (t as usize) < t1);
+        if lo < hi {
+            let base = g.offsets[e];
+            items.push((e as u32, base + lo as u32, base + hi as u32));
+        }
+    }
+}
+
+/// `threads + 1` token cut points with about the same number of pairs between them.
+fn token_cuts(g: &ExpertGroups, tokens: usize, threads: usize, buf: &mut Vec<u32>) -> Vec<usize> {
+    buf.clear();
+    buf.resize(tokens, 0);
+    for &t in &g.tokens {
+        buf[t as usize] += 1;
+    }
+    let total = g.pairs();
+    let mut cuts = Vec::with_capacity(threads + 1);
+    cuts.push(0);
+    let mut acc = 0usize;
+    let mut t = 0usize;
+    for i in 1..threads {
+        let target = total * i / threads;
+        while t < tokens && acc + (buf[t] as usize) <= target {
+            acc += buf[t] as usize;
+            t += 1;
+        }
+        cuts.push(t.max(cuts[i - 1]));
+    }
+    cuts.push(tokens);
+    cuts
+}
+
+fn run(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    let rows = job.ex.block_rows();
+    let n1 = job.ex.n1;
+    if ts.z.len() < rows * n1 {
+        ts.z.resize(rows * n1, 0.0);
+    }
+    match variant {
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx512 => unsafe { run_avx512(job, dst, ts) },
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx2 => unsafe { run_avx2(job, dst, ts) },
+        KernelVariant::Gemm => {
+            let (d, d_pad) = (job.ex.d, job.ex.d_pad);
+            if ts.xg.len() < rows * d {
+                ts.xg.resize(rows * d, 0.0);
+            }
+            if ts.y.len() < rows * d_pad {
+                ts.y.resize(rows * d_pad, 0.0);
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if has_avx512() {
+                    return unsafe { run_gemm_avx512(job, dst, ts) };
+                }
+                if has_avx2() {
+                    return unsafe { run_gemm_avx2(job, dst, ts) };
+                }
+            }
+            unsafe { gemm_items::<Portable>(job, dst, ts) }
+        }
+        _ => unsafe { fused_items::<Portable, 4, 4>(job, dst, ts) },
+    }
+}
+
+// The entry points carry the target features; everything below them is `#[inline(always)]` so the
+// intrinsics are compiled with those features in one function body.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn run_avx512(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    // 12 rows x 2 registers = 24 of the 32 zmm registers as accumulators.
+    unsafe { fused_items::<Avx512, 12, 2>(job, dst, ts) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    // 3 rows x 4 registers = 12 of the 16 ymm registers as accumulators.
+    unsafe { fused_items::<Avx2, 3, 4>(job, dst, ts) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn run_gemm_avx512(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    unsafe { gemm_items::<Avx512>(job, dst, ts) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_gemm_avx2(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    unsafe { gemm_items::<Avx2>(job, dst, ts) }
+}
+
+/// `acc[i][v] = sum_k a[i][k] * b[k * ldb + v * W ..]`: M rows by `NV * W` = 32 columns, the k
+/// loop in order, so every element's arithmetic is independent of how rows are tiled.
+#[inline(always)]
+unsafe fn tile<S: Simd, const M: usize, const NV: usize>(
+    a: &[*const f32; M],
+    b: *const f32,
+    ldb: usize,
+    k: usize,
+) -> [[S::V; NV]; M] {
+    unsafe {
+        let mut acc = [[S::zero(); NV]; M];
+        let mut bp = b;
+        for kk in 0..k {
+            let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * S::W)));
+            for i in 0..M {
+                let av = S::splat(*a[i].add(kk));
+                for v in 0..NV {
+                    acc[i][v] = S::fma(av, bv[v], acc[i][v]);
+                }
+            }
+            bp = bp.add(ldb);
+        }
+        acc
+    }
+}
+
+/// First matmul for rows `r0..r0+M` of the block: gathered token rows times all `w1` panels.
+#[inline(always)]
+unsafe fn mm1_rows<S: Simd, const M: usize, const NV: usize>(
+    job: &Job,
+    e: usize,
+    pair0: usize,
+    r0: usize,
+    z: *mut f32,
+) {
+    let ex = job.ex;
+    let (d, n1) = (ex.d, ex.n1);
+    let xp = job.x.as_ptr();
+    let a: [*const f32; M] = std::array::from_fn(|i| {
+        let t = job.groups.tokens[pair0 + r0 + i] as usize;
+        xp.wrapping_add(t * d)
+    });
+    let w1 = ex.w1(e);
+    for p in (0..n1).step_by(PANEL) {
+        unsafe {
+            let acc = tile::<S, M, NV>(&a, w1.add(p), n1, d);
+            for (i, row) in acc.iter().enumerate() {
+                for (v, &r) in row.iter().enumerate() {
+                    S::store(z.add((r0 + i) * n1 + p + v * S::W), r);
+                }
+            }
+        }
+    }
+}
+
+/// Second matmul for rows `r0..r0+M`: hidden rows times `w2`, plus `w * down_bias`, added into
+/// the destination rows.
+#[inline(always)]
+unsafe fn mm2_rows<S: Simd, const M: usize, const NV: usize>(
+    job: &Job,
+    e: usize,
+    pair0: usize,
+    r0: usize,
+    z: *const f32,
+    dst: Dst,
+) {
+    let ex = job.ex;
+    let (d, d_pad, n1) = (ex.d, ex.d_pad, ex.n1);
+    let a: [*const f32; M] = std::array::from_fn(|i| z.wrapping_add((r0 + i) * n1));
+    let out: [*mut f32; M] = std::array::from_fn(|i| job.dst_row(dst, pair0 + r0 + i));
+    let w: [f32; M] = std::array::from_fn(|i| job.groups.weights[pair0 + r0 + i]);
+    let w2 = ex.w2(e);
+    let b2 = ex.b2.as_ref().map(|b| b[e * d_pad..].as_ptr());
+    for q in (0..d_pad).step_by(PANEL) {
+        unsafe {
+            let acc = tile::<S, M, NV>(&a, w2.add(q), d_pad, ex.h_pad);
+            for (i, row) in acc.iter().enumerate() {
+                for (v, &r) in row.iter().enumerate() {
+                    let col = q + v * S::W;
+                    if col >= d {
+                        break;
+                    }
+                    accumulate::<S>(out[i].add(col), r, w[i], b2.map(|b| b.add(col)), d - col);
+                }
+            }
+        }
+    }
+}
+
+/// `dst[..] += acc + w * bias[..]` for the first `min(valid, W)` lanes.
+#[inline(always)]
+unsafe fn accumulate<S: Simd>(
+    dst: *mut f32,
+    mut acc: S::V,
+    w: f32,
+    bias: Option<*const f32>,
+    valid: usize,
+) {
+    unsafe {
+        if let Some(b) = bias {
+            acc = S::fma(S::splat(w), S::load(b), acc);
+        }
+        if valid >= S::W {
+            S::store(dst, S::add(S::load(dst), acc));
+        } else {
+            let mut tmp = [0.0f32; 16];
+            S::store(tmp.as_mut_ptr(), acc);
+            for (l, &t) in tmp[..valid].iter().enumerate() {
+                *dst.add(l) += t;
+            }
+        }
+    }
+}
+
+/// Hidden epilogue on rows `0..m` of the block: `z[r][j] = w_r * act(gate + ...)`: bias, activation,
+/// gating and the routing weight, in place (the hidden lands in the first `h_pad` columns).
+#[inline(always)]
+unsafe fn hidden<S: Simd>(job: &Job, e: usize, pair0: usize, m: usize, z: *mut f32) {
+    let ex = job.ex;
+    let (h_pad, n1) = (ex.h_pad, ex.n1);
+    let b1 = ex.b1.as_ref().map(|b| b[e * h_pad..].as_ptr());
+    let act = ex.activation;
+    for r in 0..m {
+        let w = unsafe { S::splat(job.groups.weights[pair0 + r]) };
+        let row = z.wrapping_add(r * n1);
+        for j in (0..h_pad).step_by(S::W) {
+            unsafe {
+                let up_at = if ex.gated {
+                    row.add(h_pad + j)
+                } else {
+                    row.add(j)
+                };
+                let mut u = S::load(up_at);
+                if let Some(b) = b1 {
+                    u = S::add(u, S::load(b.add(j)));
+                }
+                let hv = if ex.gated {
+                    S::mul(S::act(act, S::load(row.add(j))), u)
+                } else {
+                    S::act(act, u)
+                };
+                S::store(row.add(j), S::mul(hv, w));
+            }
+        }
+    }
+}
+
+/// Runs `f::<S, M, NV>(.., r0, ..)` over rows `0..m` in tiles of `MR` rows, then 4, 2 and 1 for the
+/// remainder (const generics need a literal per tile height).
+macro_rules! row_tiles {
+    ($m:expr, $mr:ident, $r0:ident => $f:ident::<$s:ident, _, $nv:ident>($($arg:expr),*)) => {{
+        let m = $m;
+        let mut $r0 = 0usize;
+        while $r0 + $mr <= m {
+            $f::<$s, $mr, $nv>($($arg),*);
+            $r0 += $mr;
+        }
+        while $r0 + 4 <= m {
+            $f::<$s, 4, $nv>($($arg),*);
+            $r0 += 4;
+        }
+        while $r0 + 2 <= m {
+            $f::<$s, 2, $nv>($($arg),*);
+            $r0 += 2;
+        }
+        while $r0 < m {
+            $f::<$s, 1, $nv>($($arg),*);
+            $r0 += 1;
+        }
+    }};
+}
+
+#[inline(always)]
+unsafe fn fused_items<S: Simd, const MR: usize, const NV: usize>(
+    job: &Job,
+    dst: Dst,
+    ts: &mut ThreadScratch,
+) {
+    debug_assert_eq!(NV * S::W, PANEL);
+    let block = job.ex.block_rows();
+    let z = ts.z.as_mut_ptr();
+    for &(e, lo, hi) in &ts.items {
+        let (e, lo, hi) = (e as usize, lo as usize, hi as usize);
+        let mut b0 = lo;
+        while b0 < hi {
+            let m = (hi - b0).min(block);
+            unsafe {
+                row_tiles!(m, MR, r0 => mm1_rows::<S, _, NV>(job, e, b0, r0, z));
+                hidden::<S>(job, e, b0, m, z);
+                row_tiles!(m, MR, r0 => mm2_rows::<S, _, NV>(job, e, b0, r0, z, dst));
+            }
+            b0 += m;
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    let ex = job.ex;
+    let (d, d_pad, n1, h_pad) = (ex.d, ex.d_pad, ex.n1, ex.h_pad);
+    let block = ex.block_rows();
+    let z = ts.z.as_mut_ptr();
+    let xg = ts.xg.as_mut_ptr();
+    let y = ts.y.as_mut_ptr();
+    for &(e, lo, hi) in &ts.items {
+        let (e, lo, hi) = (e as usize, lo as usize, hi as usize);
+        let b2 = ex.b2.as_ref().map(|b| b[e * d_pad..].as_ptr());
+        let mut b0 = lo;
+        while b0 < hi {
+            let m = (hi - b0).min(block);
+            unsafe {
+                for r in 0..m {
+                    let t = job.groups.tokens[b0 + r] as usize;
+                    std::ptr::copy_nonoverlapping(job.x.as_ptr().add(t * d), xg.add(r * d), d);
+                }
+                // z = xg @ w1 (read_dst false: dst = beta * lhs @ rhs).
+                gemm::gemm(
+                    m,
+                    n1,
+                    d,
+                    z,
+                    1,
+                    n1 as isize,
+                    false,
+                    xg,
+                    1,
+                    d as isize,
+                    ex.w1(e),
+                    1,
+                    n1 as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                hidden::<S>(job, e, b0, m, z);
+                gemm::gemm(
+                    m,
+                    d_pad,
+                    h_pad,
+                    y,
+                    1,
+                    d_pad as isize,
+                    false,
+                    z,
+                    1,
+                    n1 as isize,
+                    ex.w2(e),
+                    1,
+                    d_pad as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+                for r in 0..m {
+                    let w = job.groups.weights[b0 + r];
+                    let out = job.dst_row(dst, b0 + r);
+                    for col in (0..d).step_by(S::W) {
+                        let acc = S::load(y.add(r * d_pad + col));
+                        accumulate::<S>(out.add(col), acc, w, b2.map(|b| b.add(col)), d - col);
+                    }
+                }
+            }
+            b0 += m;
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The few vector operations the fused kernel needs, behind one trait so that the kernel is written
+//! once and instantiated per instruction set.
+//!
+//! Every method is `#[inline(always)]`: the kernel is only ever called from a
+//! `#[target_feature]` entry point, and the intrinsics are inlined there (an intrinsic left as a
+//! call in a function without the feature would cost a call per FMA).
+
+use crate::model::config::Activation;
+
+/// A SIMD register of `W` f32 lanes and the operations the kernel uses on it.
+///
+/// # Safety
+/// Implementations use instructions that the CPU must support; callers reach them only through
+/// entry points that checked the feature at run time.
+pub(crate) unsafe trait Simd: Copy {
+    /// Lanes per register.
+    const W: usize;
+    /// The register type.
+    type V: Copy;
+    /// All lanes 0.
+    unsafe fn zero() -> Self::V;
+    /// All lanes `x`.
+    unsafe fn splat(x: f32) -> Self::V;
+    /// Unaligned load of `W` floats.
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// Unaligned store of `W` floats.
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a * b + c` (fused where the hardware has FMA).
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a + b`.
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b`.
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    /// The activation, lane-wise.
+    unsafe fn act(a: Activation, x: Self::V) -> Self::V;
+}
+
+/// Plain Rust "vector" of 8 lanes: LLVM turns the lane loops into SSE2 code on any x86-64, and the
+/// activation is [`Activation::apply`] itself, so this variant is also the exact engine semantics.
+#[derive(Clone, Copy)]
+pub(crate) struct Portable;
+
+unsafe impl Simd for Portable {
+    const W: usize = 8;
+    type V = [f32; 8];
+    #[inline(always)]
+    unsafe fn zero() -> Self::V {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self::V {
+        [x; 8]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self::V {
+        unsafe { p.cast::<[f32; 8]>().read_unaligned() }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Self::V) {
+        unsafe { p.cast::<[f32; 8]>().write_unaligned(v) }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+        // Not `mul_add`: without hardware FMA that is a libm call per lane.
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] + b[i])
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i] * b[i])
+    }
+    #[inline(always)]
+    unsafe fn act(a: Activation, x: Self::V) -> Self::V {
+        x.map(|v| a.apply(v))
+    }
+}
+
+/// Both activations as `x * sigmoid(z)`: SiLU has `z = x`, and GELU-tanh
+/// `0.5 x (1 + tanh(u)) = x / (1 + exp(-2u))` with `u = sqrt(2/pi) (x + 0.044715 x^3)`. The sigmoid
+/// form avoids the cancellation of `1 + tanh(u)` for negative `u` and needs one `exp`.
+const GELU_K1: f32 = 2.0 * 0.797_884_6;
+const GELU_K3: f32 = 2.0 * 0.797_884_6 * 0.044_715;
+
+// Cephes-style expf: exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, degree-6 polynomial.
+const EXP_HI: f32 = 88.0;
+const EXP_LO: f32 = -87.0;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const P0: f32 = 1.987_569_1e-4;
+const P1: f32 = 1.398_199_9e-3;
+const P2: f32 = 8.333_452e-3;
+const P3: f32 = 4.166_579_6e-2;
+const P4: f32 = 1.666_666_5e-1;
+const P5: f32 = 0.5;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{Avx2, Avx512};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// AVX2 + FMA, 8 lanes.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2;
+
+    #[inline(always)]
+    unsafe fn exp256(x: __m256) -> __m256 {
+        unsafe {
+            let x = _mm256_min_ps(
+                _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)),
+                _mm256_set1_ps(EXP_HI),
+            );
+            // cvtps rounds to nearest under the default MXCSR.
+            let n = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)));
+            let nf = _mm256_cvtepi32_ps(n);
+            let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(LN2_HI), x);
+            let r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(LN2_LO), r);
+            let mut p = _mm256_set1_ps(P0);
+            for c in [P1, P2, P3, P4, P5] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            let r2 = _mm256_mul_ps(r, r);
+            let p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+            let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                n,
+                _mm256_set1_epi32(127),
+            )));
+            _mm256_mul_ps(p, scale)
+        }
+    }
+
+    unsafe impl Simd for Avx2 {
+        const W: usize = 8;
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn zero() -> Self::V {
+            unsafe { _mm256_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self::V {
+            unsafe { _mm256_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self::V {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: Self::V) {
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+            unsafe { _mm256_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn act(a: Activation, x: Self::V) -> Self::V {
+            unsafe {
+                let z = match a {
+                    Activation::Silu => x,
+                    Activation::Gelu => {
+                        let x2 = _mm256_mul_ps(x, x);
+                        let k =
+                            _mm256_fmadd_ps(x2, _mm256_set1_ps(GELU_K3), _mm256_set1_ps(GELU_K1));
+                        _mm256_mul_ps(x, k)
+                    }
+                };
+                let neg = _mm256_sub_ps(_mm256_setzero_ps(), z);
+                let den = _mm256_add_ps(_mm256_set1_ps(1.0), exp256(neg));
+                _mm256_div_ps(x, den)
+            }
+        }
+    }
+
+    /// AVX-512F, 16 lanes.
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512;
+
+    #[inline(always)]
+    unsafe fn exp512(x: __m512) -> __m512 {
+        unsafe {
+            let x = _mm512_min_ps(
+                _mm512_max_ps(x, _mm512_set1_ps(EXP_LO)),
+                _mm512_set1_ps(EXP_HI),
+            );
+            let n = _mm512_cvtps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)));
+            let nf = _mm512_cvtepi32_ps(n);
+            let r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(LN2_HI), x);
+            let r = _mm512_fnmadd_ps(nf, _mm512_set1_ps(LN2_LO), r);
+            let mut p = _mm512_set1_ps(P0);
+            for c in [P1, P2, P3, P4, P5] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+            }
+            let r2 = _mm512_mul_ps(r, r);
+            let p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+            let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+                n,
+                _mm512_set1_epi32(127),
+            )));
+            _mm512_mul_ps(p, scale)
+        }
+    }
+
+    unsafe impl Simd for Avx512 {
+        const W: usize = 16;
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn zero() -> Self::V {
+            unsafe { _mm512_setzero_ps() }
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self::V {
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self::V {
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: Self::V) {
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn act(a: Activation, x: Self::V) -> Self::V {
+            unsafe {
+                let z = match a {
+                    Activation::Silu => x,
+                    Activation::Gelu => {
+                        let x2 = _mm512_mul_ps(x, x);
+                        let k =
+                            _mm512_fmadd_ps(x2, _mm512_set1_ps(GELU_K3), _mm512_set1_ps(GELU_K1));
+                        _mm512_mul_ps(x, k)
+                    }
+                };
+                let neg = _mm512_sub_ps(_mm512_setzero_ps(), z);
+                let den = _mm512_add_ps(_mm512_set1_ps(1.0), exp512(neg));
+                _mm512_div_ps(x, den)
+            }
+        }
+    }
+}

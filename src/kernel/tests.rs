@@ -1,0 +1,408 @@
+//! Every variant against a naive per-token f64 reference, on random experts and random routings.
+
+use super::*;
+use crate::routing::{Routing, RoutingPolicy, route};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Raw expert weights in the model-file layout, kept for the reference.
+struct Raw {
+    e: usize,
+    d: usize,
+    h: usize,
+    act: Activation,
+    up: Vec<f32>,
+    gate: Option<Vec<f32>>,
+    down: Vec<f32>,
+    up_bias: Option<Vec<f32>>,
+    down_bias: Option<Vec<f32>>,
+}
+
+impl Raw {
+    #[allow(clippy::too_many_arguments)]
+    fn random(
+        rng: &mut StdRng,
+        e: usize,
+        d: usize,
+        h: usize,
+        act: Activation,
+        gated: bool,
+        up_bias: bool,
+        down_bias: bool,
+    ) -> Raw {
+        let mut v = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+                .collect()
+        };
+        let (si, so) = (2.0 / (d as f32).sqrt(), 2.0 / (h as f32).sqrt());
+        let up = v(e * h * d, si);
+        let gate = gated.then(|| v(e * h * d, si));
+        let down = v(e * d * h, so);
+        let up_bias = up_bias.then(|| v(e * h, 0.5));
+        let down_bias = down_bias.then(|| v(e * d, 0.5));
+        Raw {
+            e,
+            d,
+            h,
+            act,
+            up,
+            gate,
+            down,
+            up_bias,
+            down_bias,
+        }
+    }
+
+    fn pack(&self) -> PackedExperts {
+        PackedExperts::new(
+            self.e,
+            self.d,
+            self.h,
+            self.act,
+            &self.up,
+            self.gate.as_deref(),
+            &self.down,
+            self.up_bias.as_deref(),
+            self.down_bias.as_deref(),
+        )
+    }
+
+    /// Overwrites every weight and bias of expert `e` with NaN.
+    fn poison(&mut self, e: usize) {
+        let (d, h) = (self.d, self.h);
+        self.up[e * h * d..(e + 1) * h * d].fill(f32::NAN);
+        self.down[e * h * d..(e + 1) * h * d].fill(f32::NAN);
+        if let Some(g) = &mut self.gate {
+            g[e * h * d..(e + 1) * h * d].fill(f32::NAN);
+        }
+        if let Some(b) = &mut self.up_bias {
+            b[e * h..(e + 1) * h].fill(f32::NAN);
+        }
+        if let Some(b) = &mut self.down_bias {
+            b[e * d..(e + 1) * d].fill(f32::NAN);
+        }
+    }
+
+    fn act64(&self, x: f64) -> f64 {
+        match self.act {
+            Activation::Gelu => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+            }
+            Activation::Silu => x / (1.0 + (-x).exp()),
+        }
+    }
+
+    /// expert_e(f) exactly as docs/model-format.md writes it, in f64.
+    fn expert(&self, e: usize, f: &[f32]) -> Vec<f64> {
+        let (d, h) = (self.d, self.h);
+        let dot = |w: &[f32], j: usize| -> f64 {
+            (0..d)
+                .map(|k| w[(e * h + j) * d + k] as f64 * f[k] as f64)
+                .sum()
+        };
+        let hidden: Vec<f64> = (0..h)
+            .map(|j| {
+                let u =
+                    dot(&self.up, j) + self.up_bias.as_ref().map_or(0.0, |b| b[e * h + j] as f64);
+                match &self.gate {
+                    Some(g) => self.act64(dot(g, j)) * u,
+                    None => self.act64(u),
+                }
+            })
+            .collect();
+        (0..d)
+            .map(|n| {
+                let s: f64 = (0..h)
+                    .map(|j| self.down[(e * d + n) * h + j] as f64 * hidden[j])
+                    .sum();
+                s + self.down_bias.as_ref().map_or(0.0, |b| b[e * d + n] as f64)
+            })
+            .collect()
+    }
+
+    /// Per token, the kept choices of the routing (not the groups, so a grouping bug shows).
+    fn reference(&self, x: &[f32], routing: &Routing) -> Vec<f64> {
+        let d = self.d;
+        let mut out = vec![0.0f64; x.len()];
+        for t in 0..routing.tokens() {
+            for (e, w, kept) in routing.choices(t) {
+                if kept {
+                    let y = self.expert(e, &x[t * d..(t + 1) * d]);
+                    for (o, v) in out[t * d..(t + 1) * d].iter_mut().zip(y) {
+                        *o += w as f64 * v;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Random routing with capacity drops, some tokens with no pair at all and expert 0 never used.
+fn random_routing(rng: &mut StdRng, tokens: usize, e: usize, policy: RoutingPolicy) -> Routing {
+    let logits: Vec<f32> = (0..tokens * e)
+        .map(|_| rng.random_range(-3.0f32..3.0))
+        .collect();
+    let cf = if tokens > 8 { Some(1.0) } else { None };
+    let mut r = Routing::default();
+    route(&logits, e, policy, cf, &mut r).unwrap();
+    for t in 0..tokens {
+        let range = r.offsets[t] as usize..r.offsets[t + 1] as usize;
+        let no_pair = tokens > 1 && t % 5 == 3;
+        for j in range {
+            if no_pair || r.experts[j] == 0 {
+                r.kept[j] = false;
+            }
+        }
+    }
+    r
+}
+
+fn check(got: &[f32], want: &[f64], what: &str) {
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(
+            err <= 1e-4 * w.abs().max(scale * 1e-2) + 1e-6 * scale,
+            "{what}: element {i}: got {g}, want {w} (err {err:e})"
+        );
+    }
+}
+
+fn variants() -> Vec<KernelVariant> {
+    KernelVariant::ALL
+        .into_iter()
+        .filter(|v| {
+            let ok = v.is_supported();
+            if !ok {
+                println!("skipped {v:?}: this CPU lacks the instructions");
+            }
+            ok
+        })
+        .collect()
+}
+
+#[test]
+fn matches_f64_reference_every_variant_threads_and_shape() {
+    let mut rng = StdRng::seed_from_u64(7);
+    // Force the threaded paths even for small shapes: T=1 and 7 take the pair split, T=256 the
+    // token split.
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
+    let acts = [Activation::Gelu, Activation::Silu];
+    // (E, d, h, gated, up_bias, down_bias): multiples of the 32-wide panel and ragged sizes.
+    let shapes = [
+        (8, 64, 32, false, false, false),
+        (8, 40, 24, true, true, true),
+        (6, 96, 40, false, true, false),
+        (16, 33, 64, true, false, true),
+    ];
+    let policies = [
+        RoutingPolicy::Threshold { t: 0.9 },
+        RoutingPolicy::TopK {
+            k: 2,
+            renormalize: false,
+        },
+        RoutingPolicy::Dense,
+    ];
+    let mut runs = 0;
+    for (si, &(e, d, h, gated, ub, db)) in shapes.iter().enumerate() {
+        let act = acts[si % 2];
+        let raw = Raw::random(&mut rng, e, d, h, act, gated, ub, db);
+        let packed = raw.pack();
+        for &tokens in &[1usize, 7, 256] {
+            let policy = policies[(si + tokens) % policies.len()];
+            let routing = random_routing(&mut rng, tokens, e, policy);
+            let mut groups = ExpertGroups::default();
+            groups.build(&routing);
+            let x: Vec<f32> = (0..tokens * d)
+                .map(|_| rng.random_range(-1.0f32..1.0))
+                .collect();
+            let want = raw.reference(&x, &routing);
+            for v in variants() {
+                let mut first: Option<Vec<f32>> = None;
+                for threads in [1, 2] {
+                    let mut out = vec![f32::NAN; tokens * d];
+                    moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, threads);
+                    let what = format!("{v:?} threads={threads} T={tokens} shape#{si} {policy}");
+                    check(&out, &want, &what);
+                    runs += 1;
+                    // The fused variants promise the same bits for every thread count.
+                    if v != KernelVariant::Gemm {
+                        match &first {
+                            None => first = Some(out),
+                            Some(f) => assert!(
+                                f.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{what}: differs from threads=1"
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(runs >= 4 * 3 * 2 * 2, "only {runs} runs");
+}
+
+#[test]
+fn all_variants_agree_with_auto_and_default_thresholds() {
+    // Default thresholds: a small pass stays serial, a large one goes parallel.
+    let mut rng = StdRng::seed_from_u64(11);
+    let raw = Raw::random(&mut rng, 16, 128, 64, Activation::Silu, true, true, true);
+    let packed = raw.pack();
+    let mut scratch = MoeScratch::default();
+    for tokens in [1usize, 300] {
+        let routing = random_routing(&mut rng, tokens, 16, RoutingPolicy::Threshold { t: 0.7 });
+        let mut groups = ExpertGroups::default();
+        groups.build(&routing);
+        let x: Vec<f32> = (0..tokens * 128)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let want = raw.reference(&x, &routing);
+        for v in [KernelVariant::Auto].into_iter().chain(variants()) {
+            let mut out = vec![0.0; x.len()];
+            moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, 2);
+            check(&out, &want, &format!("{v:?} T={tokens}"));
+        }
+    }
+}
+
+#[test]
+fn only_the_rows_that_chose_an_expert_are_computed() {
+    // An expert whose group is empty has NaN weights, and a token with no pair has a NaN input
+    // row: one stray row or expert would put a NaN in the output.
+    let mut rng = StdRng::seed_from_u64(3);
+    let (e, d, h, tokens) = (12, 48, 32, 64);
+    let mut raw = Raw::random(&mut rng, e, d, h, Activation::Gelu, false, true, true);
+    let routing = random_routing(&mut rng, tokens, e, RoutingPolicy::Threshold { t: 0.5 });
+    let mut groups = ExpertGroups::default();
+    groups.build(&routing);
+    let mut x: Vec<f32> = (0..tokens * d)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let want = raw.reference(&x, &routing);
+    let empty: Vec<usize> = (0..e).filter(|&i| groups.rows(i) == 0).collect();
+    assert!(empty.contains(&0), "expert 0 must be unused: {empty:?}");
+    for &i in &empty {
+        raw.poison(i);
+    }
+    let mut idle_tokens = 0;
+    for t in 0..tokens {
+        if routing.choices(t).all(|(_, _, kept)| !kept) {
+            x[t * d..(t + 1) * d].fill(f32::NAN);
+            idle_tokens += 1;
+        }
+    }
+    assert!(idle_tokens > 0);
+    let packed = raw.pack();
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
+    for v in variants() {
+        for threads in [1, 2] {
+            let mut out = vec![f32::NAN; x.len()];
+            moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, threads);
+            assert!(out.iter().all(|v| v.is_finite()), "{v:?}: NaN leaked");
+            check(&out, &want, &format!("{v:?} threads={threads}"));
+            for t in 0..tokens {
+                if routing.choices(t).all(|(_, _, kept)| !kept) {
+                    assert!(out[t * d..(t + 1) * d].iter().all(|&v| v == 0.0));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn repeated_runs_are_bit_identical() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let raw = Raw::random(&mut rng, 8, 64, 32, Activation::Gelu, false, true, false);
+    let packed = raw.pack();
+    let routing = random_routing(&mut rng, 200, 8, RoutingPolicy::Dense);
+    let mut groups = ExpertGroups::default();
+    groups.build(&routing);
+    let x: Vec<f32> = (0..200 * 64)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
+    for v in variants() {
+        let mut a = vec![0.0; x.len()];
+        let mut b = vec![1.0; x.len()];
+        moe_forward(&packed, &x, &groups, &mut a, &mut scratch, v, 2);
+        moe_forward(&packed, &x, &groups, &mut b, &mut scratch, v, 2);
+        assert!(
+            a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{v:?}"
+        );
+    }
+}
+
+#[test]
+fn activation_matches_engine_scalar() {
+    // The SIMD exp-based activations against Activation::apply over a wide range.
+    let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.01).collect();
+    for act in [Activation::Gelu, Activation::Silu] {
+        let check_isa = |name: &str, got: Vec<f32>| {
+            for (&x, &g) in xs.iter().zip(&got) {
+                let want = act.apply(x);
+                assert!(
+                    (g - want).abs() <= 2e-6 * want.abs().max(1.0),
+                    "{name} {act:?}({x}) = {g}, want {want}"
+                );
+            }
+        };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if KernelVariant::Avx512.is_supported() {
+                check_isa("avx512", unsafe { act_avx512(act, &xs) });
+            }
+            if KernelVariant::Avx2.is_supported() {
+                check_isa("avx2", unsafe { act_avx2(act, &xs) });
+            }
+        }
+        check_isa("portable", unsafe { act_with::<Portable>(act, &xs) });
+    }
+}
+
+#[inline(always)]
+unsafe fn act_with<S: Simd>(act: Activation, xs: &[f32]) -> Vec<f32> {
+    let mut out = vec![0.0f32; xs.len()];
+    for (o, x) in out.chunks_exact_mut(S::W).zip(xs.chunks_exact(S::W)) {
+        unsafe { S::store(o.as_mut_ptr(), S::act(act, S::load(x.as_ptr()))) };
+    }
+    let tail = xs.len() / S::W * S::W;
+    for i in tail..xs.len() {
+        out[i] = act.apply(xs[i]);
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn act_avx512(act: Activation, xs: &[f32]) -> Vec<f32> {
+    unsafe { act_with::<Avx512>(act, xs) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn act_avx2(act: Activation, xs: &[f32]) -> Vec<f32> {
+    unsafe { act_with::<Avx2>(act, xs) }
+}
+
+#[test]
+fn packing_reports_shapes() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let raw = Raw::random(&mut rng, 3, 20, 10, Activation::Silu, true, false, false);
+    let p = raw.pack();
+    assert_eq!((p.n_experts(), p.d_model(), p.hidden()), (3, 20, 10));
+    assert!(p.gated());
+    assert_eq!(p.flops_per_pair(), 2 * 20 * 10 * 3);
+}

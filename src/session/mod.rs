@@ -1,0 +1,824 @@
+//! A session: the model running on its own thread, taking orders, publishing snapshots.
+//!
+//! [`Session::start`] moves a [`Model`] and a [`Workload`] onto a thread that runs forward passes
+//! until a budget (tokens or seconds) is reached or it is stopped. Control messages
+//! ([`Control`], sent through a [`SessionController`]) take effect before the next pass; every
+//! change of settings starts a new statistics epoch (pause and resume do not: they change
+//! nothing about how tokens are routed, and paused time is left out of every rate).
+//!
+//! Snapshots are published at most every [`SessionConfig::snapshot_interval`] (~10 per second),
+//! plus one immediately after every control message, into a small bounded channel with
+//! `try_send`: a slow reader only skips snapshots and can never slow the model thread. The latest
+//! snapshot is also kept in a slot ([`Session::latest`]).
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::gpu::DeviceSampler;
+use crate::model::config::{ModelConfig, PolicySpec};
+use crate::model::{Model, RoutingConfig};
+use crate::profiling::snapshot::{
+    DeviceSnapshot, GeneratedText, GeneratedToken, LayerPolicy, ModelInfo, PolicyState, Snapshot,
+};
+use crate::profiling::stats::{RunStats, SnapshotInputs, experts_per_layer};
+use crate::profiling::trace::ForwardTrace;
+use crate::routing::{RoutingError, RoutingPolicy};
+use crate::workload::Workload;
+
+/// An order for a running session.
+pub enum Control {
+    /// Threshold routing with threshold `t` on one MoE layer (block index) or, with `None`, all.
+    SetThreshold {
+        /// Block index of an MoE layer; `None` for every MoE layer.
+        layer: Option<usize>,
+        /// Threshold in (0, 1].
+        t: f32,
+    },
+    /// Any policy (threshold, top-k, dense) on one MoE layer or all.
+    SetPolicy {
+        /// Block index of an MoE layer; `None` for every MoE layer.
+        layer: Option<usize>,
+        /// The policy.
+        policy: RoutingPolicy,
+    },
+    /// Sets (`Some`) or clears (`None`) the capacity factor of every MoE layer.
+    SetCapacityFactor(Option<f32>),
+    /// Stops running passes until [`Control::Resume`].
+    Pause,
+    /// Resumes after [`Control::Pause`].
+    Resume,
+    /// Starts a new epoch under the same settings and forgets the previous epoch.
+    ResetStats,
+    /// Replaces the workload.
+    SetWorkload(Box<Workload>),
+    /// Ends the session.
+    Stop,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Control::SetThreshold { layer, t } => write!(f, "SetThreshold({layer:?}, {t})"),
+            Control::SetPolicy { layer, policy } => write!(f, "SetPolicy({layer:?}, {policy})"),
+            Control::SetCapacityFactor(c) => write!(f, "SetCapacityFactor({c:?})"),
+            Control::Pause => write!(f, "Pause"),
+            Control::Resume => write!(f, "Resume"),
+            Control::ResetStats => write!(f, "ResetStats"),
+            Control::SetWorkload(w) => write!(f, "SetWorkload({})", w.info().description),
+            Control::Stop => write!(f, "Stop"),
+        }
+    }
+}
+
+/// Why a control message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The layer is not an MoE layer of the model.
+    #[error("layer {layer} is not an MoE layer (MoE layers: {moe_layers:?})")]
+    NotMoeLayer {
+        /// Block index given.
+        layer: usize,
+        /// The model's MoE layers.
+        moe_layers: Vec<usize>,
+    },
+    /// A policy parameter or the capacity factor is out of range.
+    #[error(transparent)]
+    Routing(#[from] RoutingError),
+    /// The session thread has ended.
+    #[error("the session has ended")]
+    Ended,
+}
+
+/// Options of a session.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Routing at the start.
+    pub routing: RoutingConfig,
+    /// Policy of the reference passes (quality comparison), on every MoE layer.
+    pub reference_policy: RoutingPolicy,
+    /// Run every n-th eval batch again under the reference policy; 0 = never.
+    pub reference_every: u32,
+    /// Tokens in the sliding window.
+    pub window_tokens: u64,
+    /// k of the top-k baseline (default: the model's).
+    pub top_k_baseline: Option<usize>,
+    /// Shortest interval between two periodic snapshots.
+    pub snapshot_interval: Duration,
+    /// Stop after this many tokens (all passes, reference passes excluded).
+    pub token_budget: Option<u64>,
+    /// Stop after this much wall time.
+    pub time_budget: Option<Duration>,
+    /// The device in words, for the snapshot (e.g. "CPU (8 threads)").
+    pub device_description: String,
+    /// Sample device counters at this period (`None`: no sampler thread).
+    pub device_sample_period: Option<Duration>,
+    /// Start paused.
+    pub start_paused: bool,
+    /// Tokens of the generate stream kept for the snapshot.
+    pub generated_capacity: usize,
+}
+
+impl SessionConfig {
+    /// Defaults for `model`: its default routing, Dense reference every 8 batches, a 4096-token
+    /// window, snapshots every 100 ms, no budget, device counters every second.
+    pub fn new(model: &Model, device_description: impl Into<String>) -> Self {
+        Self {
+            routing: model.default_routing(),
+            reference_policy: RoutingPolicy::Dense,
+            reference_every: 8,
+            window_tokens: 4096,
+            top_k_baseline: None,
+            snapshot_interval: Duration::from_millis(100),
+            token_budget: None,
+            time_budget: None,
+            device_description: device_description.into(),
+            device_sample_period: Some(Duration::from_secs(1)),
+            start_paused: false,
+            generated_capacity: 2048,
+        }
+    }
+}
+
+/// Checks a control message against the model (MoE layers, number of experts).
+pub fn validate_control(
+    control: &Control,
+    moe_layers: &[usize],
+    n_experts: usize,
+) -> Result<(), ControlError> {
+    let check_layer = |layer: &Option<usize>| match layer {
+        Some(l) if !moe_layers.contains(l) => Err(ControlError::NotMoeLayer {
+            layer: *l,
+            moe_layers: moe_layers.to_vec(),
+        }),
+        _ => Ok(()),
+    };
+    match control {
+        Control::SetThreshold { layer, t } => {
+            check_layer(layer)?;
+            RoutingPolicy::Threshold { t: *t }.validate(n_experts)?;
+        }
+        Control::SetPolicy { layer, policy } => {
+            check_layer(layer)?;
+            policy.validate(n_experts)?;
+        }
+        Control::SetCapacityFactor(Some(c)) if !(c.is_finite() && *c > 0.0) => {
+            return Err(RoutingError::BadCapacityFactor(*c).into());
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Sends validated control messages to a session; cheap to clone (one per UI component).
+#[derive(Clone, Debug)]
+pub struct SessionController {
+    tx: Sender<Control>,
+    moe_layers: Vec<usize>,
+    n_experts: usize,
+    config: ModelConfig,
+}
+
+impl SessionController {
+    /// Validates and sends any control message.
+    pub fn send(&self, control: Control) -> Result<(), ControlError> {
+        validate_control(&control, &self.moe_layers, self.n_experts)?;
+        self.tx.send(control).map_err(|_| ControlError::Ended)
+    }
+
+    /// Threshold `t` on MoE layer `layer` (block index), or on all with `None`.
+    pub fn set_threshold(&self, layer: Option<usize>, t: f32) -> Result<(), ControlError> {
+        self.send(Control::SetThreshold { layer, t })
+    }
+
+    /// Any policy on one MoE layer or all.
+    pub fn set_policy(
+        &self,
+        layer: Option<usize>,
+        policy: RoutingPolicy,
+    ) -> Result<(), ControlError> {
+        self.send(Control::SetPolicy { layer, policy })
+    }
+
+    /// Sets or clears the capacity factor.
+    pub fn set_capacity_factor(&self, c: Option<f32>) -> Result<(), ControlError> {
+        self.send(Control::SetCapacityFactor(c))
+    }
+
+    /// Pauses the model thread.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.send(Control::Pause)
+    }
+
+    /// Resumes the model thread.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.send(Control::Resume)
+    }
+
+    /// Resets the statistics (new epoch, previous epoch forgotten).
+    pub fn reset_stats(&self) -> Result<(), ControlError> {
+        self.send(Control::ResetStats)
+    }
+
+    /// Replaces the workload (build it with the model configuration from [`Self::model_config`]).
+    pub fn set_workload(&self, w: Workload) -> Result<(), ControlError> {
+        self.send(Control::SetWorkload(Box::new(w)))
+    }
+
+    /// Asks the session to end.
+    pub fn stop(&self) -> Result<(), ControlError> {
+        self.send(Control::Stop)
+    }
+
+    /// Block indices of the MoE layers.
+    pub fn moe_layers(&self) -> &[usize] {
+        &self.moe_layers
+    }
+
+    /// The model's configuration (to build workloads and validate values).
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+}
+
+/// What a finished session hands back.
+pub struct SessionOutcome {
+    /// The model, for reuse.
+    pub model: Model,
+    /// The last snapshot (its `ended` says why the session ended).
+    pub final_snapshot: Snapshot,
+}
+
+/// Where snapshots go.
+enum Publisher {
+    Channel(SyncSender<Snapshot>),
+    Sink(Box<dyn FnMut(Snapshot) + Send>),
+}
+
+/// A running session.
+pub struct Session {
+    controller: SessionController,
+    snapshots: Receiver<Snapshot>,
+    latest: Arc<Mutex<Option<Snapshot>>>,
+    handle: Option<JoinHandle<Result<SessionOutcome>>>,
+}
+
+/// Snapshots buffered for a slow reader before newer ones are skipped.
+const CHANNEL_CAPACITY: usize = 4;
+
+impl Session {
+    /// Starts a session; read snapshots from [`Session::snapshots`] or [`Session::latest`].
+    pub fn start(model: Model, workload: Workload, config: SessionConfig) -> Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(CHANNEL_CAPACITY);
+        Self::start_inner(model, workload, config, Publisher::Channel(tx), rx)
+    }
+
+    /// Starts a session that hands every snapshot to `sink` (called on the model thread: it must
+    /// not block, e.g. a `try_send` into the UI's own event channel). [`Session::snapshots`]
+    /// then stays empty; [`Session::latest`] still works.
+    pub fn start_with_sink(
+        model: Model,
+        workload: Workload,
+        config: SessionConfig,
+        sink: impl FnMut(Snapshot) + Send + 'static,
+    ) -> Result<Self> {
+        let (_tx, rx) = mpsc::sync_channel(1);
+        Self::start_inner(model, workload, config, Publisher::Sink(Box::new(sink)), rx)
+    }
+
+    fn start_inner(
+        model: Model,
+        workload: Workload,
+        config: SessionConfig,
+        publisher: Publisher,
+        snapshots: Receiver<Snapshot>,
+    ) -> Result<Self> {
+        let cfg = model.config().clone();
+        let moe_layers = model.moe_layers().to_vec();
+        anyhow::ensure!(
+            config.routing.policies.len() == moe_layers.len(),
+            "routing has {} policies but the model has {} MoE layers",
+            config.routing.policies.len(),
+            moe_layers.len()
+        );
+        for (p, l) in config.routing.policies.iter().zip(&moe_layers) {
+            p.validate(cfg.n_experts)
+                .with_context(|| format!("policy of layer {l}"))?;
+        }
+        config
+            .reference_policy
+            .validate(cfg.n_experts)
+            .context("reference policy")?;
+        let (tx, rx) = mpsc::channel();
+        let latest = Arc::new(Mutex::new(None));
+        let runner = Runner::new(model, workload, config, rx, publisher, Arc::clone(&latest));
+        let handle = std::thread::Builder::new()
+            .name("xmoe-session".into())
+            .spawn(move || runner.run())
+            .context("cannot start the session thread")?;
+        Ok(Self {
+            controller: SessionController {
+                tx,
+                moe_layers,
+                n_experts: cfg.n_experts,
+                config: cfg,
+            },
+            snapshots,
+            latest,
+            handle: Some(handle),
+        })
+    }
+
+    /// A controller for sending orders (clone it freely).
+    pub fn controller(&self) -> SessionController {
+        self.controller.clone()
+    }
+
+    /// The snapshot channel (bounded; skipped snapshots are simply not there).
+    pub fn snapshots(&self) -> &Receiver<Snapshot> {
+        &self.snapshots
+    }
+
+    /// The most recent snapshot, if one was published.
+    pub fn latest(&self) -> Option<Snapshot> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Waits up to `timeout` for a snapshot satisfying `pred` (checking the latest one first).
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Snapshot) -> bool,
+    ) -> Option<Snapshot> {
+        let deadline = Instant::now() + timeout;
+        if let Some(s) = self.latest().filter(|s| pred(s)) {
+            return Some(s);
+        }
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self
+                .snapshots
+                .recv_timeout(left.min(Duration::from_millis(50)))
+            {
+                Ok(s) if pred(&s) => return Some(s),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(s) = self.latest().filter(|s| pred(s)) {
+                        return Some(s);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return self.latest().filter(|s| pred(s));
+                }
+            }
+        }
+    }
+
+    /// True once the session thread has ended (budget reached, stopped, or failed).
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Waits for the session to end by itself (its budget) and returns the model and last snapshot,
+    /// or the error that ended it.
+    pub fn join(mut self) -> Result<SessionOutcome> {
+        let h = self.handle.take().expect("joined once");
+        match h.join() {
+            Ok(r) => r,
+            Err(_) => anyhow::bail!("the session thread panicked"),
+        }
+    }
+
+    /// Asks the session to stop, then waits for it.
+    pub fn stop(self) -> Result<SessionOutcome> {
+        let _ = self.controller.tx.send(Control::Stop);
+        self.join()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = self.controller.tx.send(Control::Stop);
+            let _ = h.join();
+        }
+    }
+}
+
+/// The model thread's state.
+struct Runner {
+    model: Model,
+    workload: Workload,
+    config: SessionConfig,
+    routing: RoutingConfig,
+    reference: RoutingConfig,
+    stats: RunStats,
+    rx: Receiver<Control>,
+    publisher: Publisher,
+    latest: Arc<Mutex<Option<Snapshot>>>,
+    model_info: ModelInfo,
+    sampler: Option<DeviceSampler>,
+    started: Instant,
+    paused: bool,
+    stop: bool,
+    sequence: u64,
+    last_publish: Option<Instant>,
+    generated: GeneratedText,
+    eval_batches: u64,
+}
+
+impl Runner {
+    fn new(
+        model: Model,
+        workload: Workload,
+        config: SessionConfig,
+        rx: Receiver<Control>,
+        publisher: Publisher,
+        latest: Arc<Mutex<Option<Snapshot>>>,
+    ) -> Self {
+        let cfg = model.config();
+        let top_k = config
+            .top_k_baseline
+            .unwrap_or_else(|| cfg.top_k_baseline());
+        let model_info = ModelInfo {
+            name: cfg.name.clone(),
+            parameters: model.param_counts().total as u64,
+            device: config.device_description.clone(),
+            n_layers: cfg.n_layers,
+            moe_layers: model.moe_layers().to_vec(),
+            n_experts: cfg.n_experts,
+            expert_hidden: cfg.expert_hidden,
+            d_model: cfg.d_model,
+            vocab_size: cfg.vocab_size,
+            max_seq_len: cfg.max_seq_len,
+            top_k_baseline: top_k.clamp(1, cfg.n_experts),
+        };
+        let routing = config.routing.clone();
+        let reference = RoutingConfig {
+            policies: vec![config.reference_policy; routing.policies.len()],
+            capacity_factor: None,
+        };
+        let state = policy_state(model.moe_layers(), &routing, config.reference_policy);
+        let stats = RunStats::new(cfg, top_k, config.window_tokens, state, 0.0);
+        let sampler = config.device_sample_period.map(DeviceSampler::start);
+        Self {
+            paused: config.start_paused,
+            model,
+            workload,
+            routing,
+            reference,
+            stats,
+            rx,
+            publisher,
+            latest,
+            model_info,
+            sampler,
+            started: Instant::now(),
+            stop: false,
+            sequence: 0,
+            last_publish: None,
+            generated: GeneratedText::default(),
+            eval_batches: 0,
+            config,
+        }
+    }
+
+    fn now_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn budget_reached(&self) -> Option<String> {
+        if let Some(n) = self.config.token_budget
+            && self.stats.tokens_total() >= n
+        {
+            return Some(format!("token budget of {n} reached"));
+        }
+        if let Some(d) = self.config.time_budget
+            && self.started.elapsed() >= d
+        {
+            return Some(format!("time budget of {:.1} s reached", d.as_secs_f64()));
+        }
+        None
+    }
+
+    fn new_epoch(&mut self, reason: String) {
+        let state = policy_state(
+            self.model.moe_layers(),
+            &self.routing,
+            self.config.reference_policy,
+        );
+        let now = self.now_s();
+        self.stats.begin_epoch(reason, state, now);
+    }
+
+    fn set_policy(&mut self, layer: Option<usize>, policy: RoutingPolicy) {
+        let what = match layer {
+            Some(l) => {
+                if let Some(slot) = self.model.moe_layers().iter().position(|&x| x == l) {
+                    self.routing.policies[slot] = policy;
+                }
+                format!("layer {l}")
+            }
+            None => {
+                self.routing.policies.iter_mut().for_each(|p| *p = policy);
+                "all MoE layers".to_string()
+            }
+        };
+        let reason = match policy {
+            RoutingPolicy::Threshold { t } => format!("threshold of {what} set to {t:.2}"),
+            p => format!("policy of {what} set to {p}"),
+        };
+        self.new_epoch(reason);
+    }
+
+    /// Applies one control message; returns false if it was refused (already validated by the
+    /// controller, so this only guards against misuse of the channel).
+    fn apply(&mut self, c: Control) {
+        let cfg = self.model.config();
+        if validate_control(&c, self.model.moe_layers(), cfg.n_experts).is_err() {
+            return;
+        }
+        match c {
+            Control::SetThreshold { layer, t } => {
+                self.set_policy(layer, RoutingPolicy::Threshold { t })
+            }
+            Control::SetPolicy { layer, policy } => self.set_policy(layer, policy),
+            Control::SetCapacityFactor(c) => {
+                self.routing.capacity_factor = c;
+                self.new_epoch(match c {
+                    Some(c) => format!("capacity factor set to {c:.2}"),
+                    None => "capacity factor cleared".to_string(),
+                });
+            }
+            Control::Pause => self.paused = true,
+            Control::Resume => self.paused = false,
+            Control::ResetStats => {
+                let now = self.now_s();
+                self.stats.reset(now);
+            }
+            Control::SetWorkload(w) => {
+                let reason = format!("workload changed to {}", w.info().description);
+                self.workload = *w;
+                self.generated = GeneratedText::default();
+                self.eval_batches = 0;
+                self.new_epoch(reason);
+            }
+            Control::Stop => self.stop = true,
+        }
+    }
+
+    fn device(&self) -> DeviceSnapshot {
+        self.sampler
+            .as_ref()
+            .map_or_else(DeviceSnapshot::not_sampled, DeviceSampler::latest)
+    }
+
+    fn publish(&mut self, ended: Option<String>) -> Snapshot {
+        let snap = self.stats.snapshot(SnapshotInputs {
+            sequence: self.sequence,
+            session_elapsed_s: self.now_s(),
+            model: self.model_info.clone(),
+            workload: self.workload.info().clone(),
+            paused: self.paused,
+            ended,
+            device: self.device(),
+            generated: (!self.workload.is_eval()).then(|| self.generated.clone()),
+        });
+        self.sequence += 1;
+        self.last_publish = Some(Instant::now());
+        *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
+        match &mut self.publisher {
+            Publisher::Channel(tx) => {
+                let _ = tx.try_send(snap.clone());
+            }
+            Publisher::Sink(f) => f(snap.clone()),
+        }
+        snap
+    }
+
+    fn publish_if_due(&mut self, interval: Duration) {
+        if self.last_publish.is_none_or(|t| t.elapsed() >= interval) {
+            self.publish(None);
+        }
+    }
+
+    /// Drains pending controls; returns true if any arrived.
+    fn drain_controls(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            match self.rx.try_recv() {
+                Ok(c) => {
+                    self.apply(c);
+                    any = true;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.stop = true;
+                    break;
+                }
+            }
+        }
+        any
+    }
+
+    fn push_generated(&mut self, trace: &ForwardTrace, stream: &[crate::workload::StreamToken]) {
+        for s in stream {
+            let experts = experts_per_layer(trace, s.row);
+            let mean = experts.iter().map(|&n| n as f32).sum::<f32>() / experts.len().max(1) as f32;
+            self.generated.tokens.push(GeneratedToken {
+                token: s.token,
+                origin: s.origin,
+                sequence: s.sequence,
+                experts_per_layer: experts,
+                mean_experts: mean,
+            });
+        }
+        let cap = self.config.generated_capacity.max(1);
+        if self.generated.tokens.len() > cap {
+            // Drop a quarter at once so that trimming is amortised.
+            let drop = self.generated.tokens.len() - cap + cap / 4;
+            self.generated.tokens.drain(..drop);
+            self.generated.dropped_tokens += drop as u64;
+        }
+    }
+
+    fn run(mut self) -> Result<SessionOutcome> {
+        let mut trace = ForwardTrace::default();
+        let mut ref_trace = ForwardTrace::default();
+        self.publish(None);
+        let mut last_mark = Instant::now();
+        let ended = loop {
+            if self.drain_controls() {
+                self.publish(None);
+                last_mark = Instant::now();
+            }
+            if self.stop {
+                break "stopped".to_string();
+            }
+            if let Some(why) = self.budget_reached() {
+                break why;
+            }
+            if self.paused {
+                match self.rx.recv_timeout(Duration::from_millis(100)) {
+                    Ok(c) => {
+                        self.apply(c);
+                        self.publish(None);
+                    }
+                    Err(RecvTimeoutError::Timeout) => self.publish_if_due(Duration::from_secs(1)),
+                    Err(RecvTimeoutError::Disconnected) => self.stop = true,
+                }
+                last_mark = Instant::now();
+                continue;
+            }
+            let outcome = match self
+                .workload
+                .run_pass(&self.model, &self.routing, &mut trace)
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    let msg = format!("forward pass failed: {e:#}");
+                    self.publish(Some(msg.clone()));
+                    return Err(e.context("forward pass failed"));
+                }
+            };
+            let now = Instant::now();
+            let wall = now.duration_since(last_mark).as_nanos() as u64;
+            last_mark = now;
+            self.stats.record_pass(&trace, outcome.kind, wall);
+            if let Some(q) = &outcome.quality {
+                self.stats.record_quality(q);
+                self.eval_batches += 1;
+                let every = self.config.reference_every as u64;
+                if every > 0 && self.eval_batches.is_multiple_of(every) {
+                    let cmp = if self.routing == self.reference {
+                        self.workload.self_reference()
+                    } else {
+                        match self.workload.run_reference(
+                            &self.model,
+                            &self.reference,
+                            &mut ref_trace,
+                        ) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                let msg = format!("reference pass failed: {e:#}");
+                                self.publish(Some(msg.clone()));
+                                return Err(e.context("reference pass failed"));
+                            }
+                        }
+                    };
+                    if let Some(c) = cmp {
+                        self.stats.record_reference(&c);
+                    }
+                    // The reference pass is not part of the next pass's wall time.
+                    last_mark = Instant::now();
+                }
+            }
+            if !outcome.stream.is_empty() {
+                self.push_generated(&trace, &outcome.stream);
+            }
+            self.publish_if_due(self.config.snapshot_interval);
+        };
+        let final_snapshot = self.publish(Some(ended));
+        if let Some(s) = self.sampler.take() {
+            s.stop();
+        }
+        Ok(SessionOutcome {
+            model: self.model,
+            final_snapshot,
+        })
+    }
+}
+
+/// The snapshot form of a routing configuration.
+pub fn policy_state(
+    moe_layers: &[usize],
+    routing: &RoutingConfig,
+    reference: RoutingPolicy,
+) -> PolicyState {
+    PolicyState {
+        layers: moe_layers
+            .iter()
+            .zip(&routing.policies)
+            .map(|(&layer, &p)| LayerPolicy {
+                layer,
+                policy: PolicySpec::from(p),
+            })
+            .collect(),
+        capacity_factor: routing.capacity_factor,
+        reference: PolicySpec::from(reference),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controls_are_validated_against_the_model() {
+        let layers = [1, 3];
+        let ok = |c| validate_control(&c, &layers, 8);
+        assert!(
+            ok(Control::SetThreshold {
+                layer: Some(3),
+                t: 0.5
+            })
+            .is_ok()
+        );
+        assert!(
+            ok(Control::SetThreshold {
+                layer: None,
+                t: 1.0
+            })
+            .is_ok()
+        );
+        let e = ok(Control::SetThreshold {
+            layer: Some(2),
+            t: 0.5,
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "layer 2 is not an MoE layer (MoE layers: [1, 3])"
+        );
+        assert!(
+            ok(Control::SetThreshold {
+                layer: None,
+                t: 0.0
+            })
+            .is_err()
+        );
+        assert!(
+            ok(Control::SetThreshold {
+                layer: None,
+                t: 1.5
+            })
+            .is_err()
+        );
+        let topk = |k| RoutingPolicy::TopK {
+            k,
+            renormalize: false,
+        };
+        assert!(
+            ok(Control::SetPolicy {
+                layer: None,
+                policy: topk(8)
+            })
+            .is_ok()
+        );
+        assert!(
+            ok(Control::SetPolicy {
+                layer: None,
+                policy: topk(9)
+            })
+            .is_err()
+        );
+        assert!(ok(Control::SetCapacityFactor(Some(-1.0))).is_err());
+        assert!(ok(Control::SetCapacityFactor(None)).is_ok());
+    }
+}
