@@ -509,12 +509,13 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
             PolicySpec::TopK { .. } => {
                 let _ = write!(
                     s,
-                    r##"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="#d9822b"><title>{}</title></rect><text x="{:.1}" y="{:.1}" font-size="10" fill="#b0651c">{}</text>"##,
+                    r##"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="#d9822b"><title>{}</title></rect><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end" fill="#b0651c">{}</text>"##,
                     cx - 4.5,
                     cy - 4.5,
                     esc(&tip),
-                    cx + 7.0,
-                    cy + 13.0,
+                    // Below-left: the threshold curve's labels sit above-right of its points.
+                    cx - 6.0,
+                    cy + 14.0,
                     esc(&p.label)
                 );
             }
