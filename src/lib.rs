@@ -4,7 +4,8 @@
 //! [`profiling::trace::ForwardTrace`] per pass; [`routing`] is the pure policy code the model calls;
 //! [`profiling`] turns traces into statistics, FLOP figures and immutable snapshots; [`session`]
 //! runs the model on its own thread over a [`workload`] and publishes those snapshots; [`gpu`]
-//! samples device counters; [`kernel`] is the CPU expert layer.
+//! samples device counters; [`kernel`] is the CPU expert layer; [`report`] writes reports,
+//! threshold sweeps and routing traces.
 
 pub mod bench;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod inspect;
 pub mod kernel;
 pub mod model;
 pub mod profiling;
+pub mod report;
 pub mod routing;
 pub mod session;
 pub mod train;

@@ -4,7 +4,9 @@ mod bench;
 mod inspect;
 mod parity;
 pub mod policy_args;
+mod report;
 pub mod run;
+mod sweep;
 mod synth;
 pub mod tui;
 
@@ -47,6 +49,11 @@ enum Command {
     Train(crate::train::TrainArgs),
     /// Held-out quality of a trained model under several policies (the trainer's forward pass).
     TrainEval(crate::train::EvalArgs),
+    /// Run the same tokens under a range of thresholds (and top-k) with Dense as the quality
+    /// reference; print the trade-off table and write a report.
+    Sweep(sweep::SweepArgs),
+    /// Write a saved JSON report in another format (html, md, csv).
+    Report(report::ReportArgs),
 }
 
 /// Thread count chosen by `--threads` or the number of cores.
@@ -82,6 +89,8 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::Synth(a)) => synth::run(a),
         Some(Command::Train(a)) => crate::train::run(&a).map(|()| ExitCode::SUCCESS),
         Some(Command::TrainEval(a)) => crate::train::run_eval(&a).map(|()| ExitCode::SUCCESS),
+        Some(Command::Sweep(a)) => sweep::run(a, threads),
+        Some(Command::Report(a)) => report::run(a),
         None => run::run(main, threads),
     }
 }

@@ -1,0 +1,127 @@
+//! `xmoe-top sweep`: the same tokens under a range of thresholds (and top-k), Dense as reference.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::model::device::DeviceChoice;
+use crate::model::forward::Model;
+use crate::report::{
+    ReportFormat, SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches, write_report,
+};
+
+/// Arguments of `sweep`.
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    /// Model file (.safetensors).
+    model: PathBuf,
+    /// Thresholds: a range start:end:step (end included) or a list such as 0.5,0.7,0.9.
+    #[arg(long, default_value = "0.5:1.0:0.05")]
+    thresholds: String,
+    /// Also sweep top-k with these k (e.g. 1,2,4).
+    #[arg(long, value_name = "K,K,...")]
+    with_topk: Option<String>,
+    /// Tokens per point (rounded up to whole batches).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Tokens per sequence (default: 128, or the model's context if shorter).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Text to evaluate on (any bytes).
+    #[arg(long, value_name = "FILE")]
+    text: PathBuf,
+    /// k of the top-k baseline for "compute saved" (default: the model's).
+    #[arg(long)]
+    top_k_baseline: Option<usize>,
+    /// Inference-time capacity factor for every point (default: the model's setting).
+    #[arg(long)]
+    capacity_factor: Option<f32>,
+    /// Write a report here; the format follows the extension (.json, .md, .csv, .html) or --format.
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+    /// Report format: json, md, csv or html.
+    #[arg(long, value_parser = |s: &str| s.parse::<ReportFormat>())]
+    format: Option<ReportFormat>,
+    /// Overwrite an existing report file.
+    #[arg(long)]
+    force: bool,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<DeviceChoice>())]
+    device: DeviceChoice,
+}
+
+/// Runs the sweep, prints its table and writes the report.
+pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
+    let thresholds = parse_thresholds(&a.thresholds).context("--thresholds")?;
+    // Refuse an existing report before spending minutes on the sweep.
+    if let Some(path) = &a.report {
+        ReportFormat::resolve(path, a.format)?;
+        if path.exists() && !a.force {
+            anyhow::bail!(
+                "{} already exists (use --force to overwrite)",
+                path.display()
+            );
+        }
+    }
+    let dev = a.device.resolve(threads)?;
+    if let Some(note) = &dev.note {
+        eprintln!("{note}");
+    }
+    let model = Model::load(&a.model, &dev.device)?;
+    let cfg = model.config();
+    let top_k = match &a.with_topk {
+        Some(s) => parse_top_k(s, cfg.n_experts).context("--with-topk")?,
+        None => Vec::new(),
+    };
+    if let Some(k) = a.top_k_baseline
+        && (k == 0 || k > cfg.n_experts)
+    {
+        anyhow::bail!(
+            "--top-k-baseline needs k in 1..={}, found {k}",
+            cfg.n_experts
+        );
+    }
+    let seq_len = a.seq_len.unwrap_or(128.min(cfg.max_seq_len));
+    if seq_len == 0 || seq_len > cfg.max_seq_len {
+        anyhow::bail!(
+            "--seq-len must be in 1..={} (the model's context), found {seq_len}",
+            cfg.max_seq_len
+        );
+    }
+    let text =
+        std::fs::read(&a.text).with_context(|| format!("cannot read {}", a.text.display()))?;
+    let batches = text_batches(&text, a.batch, seq_len, a.tokens)
+        .with_context(|| format!("in {}", a.text.display()))?;
+    let spec = SweepSpec {
+        thresholds,
+        top_k,
+        top_k_baseline: a.top_k_baseline,
+        capacity_factor: a.capacity_factor,
+        source: a.text.display().to_string(),
+        source_size: text.len(),
+        device: dev.description.clone(),
+    };
+    let show = std::io::stderr().is_terminal();
+    let mut progress = |done: usize, total: usize| {
+        if show {
+            eprint!("\rsweep: {done}/{total} passes");
+            if done == total {
+                eprintln!();
+            }
+        }
+    };
+    let run = run_sweep(&model, &batches, a.batch, &spec, &mut progress)?;
+    print!("{}", run.result.to_table());
+    if let Some(path) = &a.report {
+        let data = run.into_report();
+        let written = write_report(&data, path, a.format, a.force)?;
+        eprintln!("wrote {}", written.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

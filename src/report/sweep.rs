@@ -1,0 +1,709 @@
+//! The threshold sweep: the same tokens under each policy, with Dense as the quality reference.
+//!
+//! For every batch the Dense pass runs first (it is the Dense point and the reference of every
+//! other point), then each policy runs on the same tokens. Every per-point figure is built by a
+//! [`RunStats`] of its own, exactly as a live session of that policy would build it, so a sweep
+//! point and the TUI agree on what "experts per token" or "compute saved" mean.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::model::config::PolicySpec;
+use crate::model::forward::{Model, RoutingConfig};
+use crate::profiling::snapshot::{
+    DeviceBackend, DeviceSnapshot, LayerPolicy, ModelInfo, PolicyState, ProcessCounters, Snapshot,
+    WorkloadInfo, WorkloadKind,
+};
+use crate::profiling::stats::{
+    BatchQuality, PassKind, ReferenceComparison, RunStats, SnapshotInputs, cross_entropy_nats,
+    kl_nats,
+};
+use crate::profiling::trace::ForwardTrace;
+
+use super::{ReportData, policy_label};
+
+/// Two thresholds closer than this are the same point.
+const T_EPS: f64 = 1e-6;
+
+/// Most points a range may expand to.
+const MAX_POINTS: usize = 1000;
+
+/// Parses thresholds: a range `start:end:step` (the end is included when the steps reach it
+/// within rounding, so `0.5:1.0:0.05` gives 11 values) or a list `0.5,0.7,0.9`. Every value must
+/// lie in (0, 1]. The result is sorted ascending without duplicates.
+pub fn parse_thresholds(s: &str) -> Result<Vec<f32>> {
+    let s = s.trim();
+    if s.is_empty() {
+        bail!(
+            "no thresholds given: use start:end:step (e.g. 0.5:1.0:0.05) or a list (0.5,0.7,0.9)"
+        );
+    }
+    let num = |x: &str| -> Result<f64> {
+        x.trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| anyhow::anyhow!("`{}` is not a number (in thresholds `{s}`)", x.trim()))
+    };
+    let mut values: Vec<f64> = if s.contains(':') {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 3 {
+            bail!("threshold range `{s}` must be start:end:step, e.g. 0.5:1.0:0.05");
+        }
+        let (start, end, step) = (num(parts[0])?, num(parts[1])?, num(parts[2])?);
+        if step <= 0.0 {
+            bail!("threshold step must be positive, found {step}");
+        }
+        if start > end {
+            bail!("threshold range starts at {start}, after its end {end}");
+        }
+        // Relative slack so that 0.5 + 10 * 0.05 counts as reaching 1.0.
+        let steps = ((end - start) / step + 1e-6).floor();
+        if steps as usize + 1 > MAX_POINTS {
+            bail!(
+                "threshold range `{s}` has {} points, more than {MAX_POINTS}",
+                steps as usize + 1
+            );
+        }
+        (0..=steps as usize)
+            .map(|i| {
+                let v = start + i as f64 * step;
+                // Snap to the end when within rounding, and drop float noise (0.15000000000000002).
+                let v = if (v - end).abs() <= step * 1e-6 {
+                    end
+                } else {
+                    v
+                };
+                (v * 1e9).round() / 1e9
+            })
+            .collect()
+    } else {
+        s.split(',').map(num).collect::<Result<_>>()?
+    };
+    for &t in &values {
+        if !(t > 0.0 && t <= 1.0) {
+            bail!("threshold {t} is outside (0, 1]: a threshold is a probability mass to reach");
+        }
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values.dedup_by(|a, b| (*a - *b).abs() < T_EPS);
+    Ok(values.into_iter().map(|v| v as f32).collect())
+}
+
+/// Parses a list of k for top-k points (`1,2,4`); each must be in 1..=`n_experts`. Sorted, no duplicates.
+pub fn parse_top_k(s: &str, n_experts: usize) -> Result<Vec<usize>> {
+    let mut ks = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let k: usize = part
+            .parse()
+            .map_err(|_| anyhow::anyhow!("`{part}` is not a whole number (in top-k list `{s}`)"))?;
+        if k == 0 || k > n_experts {
+            bail!("top-k needs k in 1..={n_experts} (the model's experts per layer), found {k}");
+        }
+        ks.push(k);
+    }
+    if ks.is_empty() {
+        bail!("empty top-k list: give values such as 1,2,4");
+    }
+    ks.sort_unstable();
+    ks.dedup();
+    Ok(ks)
+}
+
+/// Cuts `text` into eval batches for a byte model, as the eval workload does: each batch holds
+/// `batch` windows of `seq_len + 1` bytes, read consecutively (stride `seq_len`) and wrapping to the
+/// start of the text; enough batches to cover at least `tokens` input tokens (at least one).
+/// Each returned vector is `batch * (seq_len + 1)` token ids, window after window.
+pub fn text_batches(
+    text: &[u8],
+    batch: usize,
+    seq_len: usize,
+    tokens: usize,
+) -> Result<Vec<Vec<u32>>> {
+    if batch == 0 || seq_len == 0 {
+        bail!("--batch and --seq-len must be at least 1");
+    }
+    if text.len() < seq_len + 1 {
+        bail!(
+            "the text has {} bytes; a sequence of {seq_len} tokens needs at least {}",
+            text.len(),
+            seq_len + 1
+        );
+    }
+    let per_batch = batch * seq_len;
+    let n_batches = tokens.div_ceil(per_batch).max(1);
+    let mut cursor = 0;
+    let mut out = Vec::with_capacity(n_batches);
+    for _ in 0..n_batches {
+        let mut b = Vec::with_capacity(batch * (seq_len + 1));
+        for _ in 0..batch {
+            if cursor + seq_len + 1 > text.len() {
+                cursor = 0;
+            }
+            b.extend(text[cursor..cursor + seq_len + 1].iter().map(|&x| x as u32));
+            cursor += seq_len;
+        }
+        out.push(b);
+    }
+    Ok(out)
+}
+
+/// What to sweep and how to describe it.
+#[derive(Clone, Debug)]
+pub struct SweepSpec {
+    /// Threshold points, each applied to every MoE layer.
+    pub thresholds: Vec<f32>,
+    /// Top-k points (k values; weights not renormalised, as in the XMoE reference).
+    pub top_k: Vec<usize>,
+    /// k of the compute-matched top-k baseline for "compute saved vs top-k" (None: the model's).
+    pub top_k_baseline: Option<usize>,
+    /// Inference-time capacity factor for every point (None: the model's own setting).
+    pub capacity_factor: Option<f32>,
+    /// Where the tokens come from, for display (e.g. a file path).
+    pub source: String,
+    /// Bytes of that source.
+    pub source_size: usize,
+    /// Where the model runs, in words.
+    pub device: String,
+}
+
+/// One policy's figures over the sweep's tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SweepPoint {
+    /// Short label ("t=0.9", "top-2", "dense").
+    pub label: String,
+    /// The policy, on every MoE layer.
+    pub policy: PolicySpec,
+    /// This is the model's default policy.
+    pub is_default: bool,
+    /// This is the quality reference (Dense).
+    pub is_reference: bool,
+    /// Tokens run.
+    pub tokens: u64,
+    /// Mean experts per token over all MoE layers (before capacity dropping).
+    pub mean_experts_per_token: f64,
+    /// Mean experts per token of each MoE layer, in MoE slot order.
+    pub layer_mean_experts_per_token: Vec<f64>,
+    /// MoE FLOPs per token (routers and kept experts of all MoE layers).
+    pub moe_flops_per_token: f64,
+    /// MoE FLOPs as a fraction of running all experts (0..=1).
+    pub moe_flops_fraction_of_all_experts: f64,
+    /// MoE compute saved against all experts, percent.
+    pub moe_saved_vs_all_experts_pct: f64,
+    /// MoE compute saved against the top-k baseline, percent (negative when above it).
+    pub moe_saved_vs_top_k_pct: f64,
+    /// Whole-model FLOPs per token.
+    pub model_flops_per_token: f64,
+    /// Whole-model compute saved against the top-k baseline, percent.
+    pub model_saved_vs_top_k_pct: f64,
+    /// Bits per byte of next-token prediction.
+    pub bits_per_byte: Option<f64>,
+    /// Bits per byte minus Dense's on the same tokens (positive = worse than Dense).
+    pub delta_bits_per_byte_vs_dense: Option<f64>,
+    /// Per-token perplexity.
+    pub perplexity: Option<f64>,
+    /// Mean KL(Dense || this policy) of next-token distributions, bits per token.
+    pub mean_kl_bits: Option<f64>,
+    /// Per-token latency median, microseconds.
+    pub token_latency_p50_us: f64,
+    /// Per-token latency 99th percentile, microseconds.
+    pub token_latency_p99_us: f64,
+    /// Forward-pass latency median, microseconds.
+    pub forward_latency_p50_us: f64,
+    /// Tokens per second over all passes of this point (forward time).
+    pub tokens_per_second: f64,
+}
+
+/// A finished sweep.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SweepResult {
+    /// Model name.
+    pub model: String,
+    /// Block indices of the MoE layers.
+    pub moe_layers: Vec<usize>,
+    /// Experts per MoE layer.
+    pub n_experts: usize,
+    /// The model's default policy (marked on the curve).
+    pub default_policy: PolicySpec,
+    /// The quality reference (Dense).
+    pub reference_policy: PolicySpec,
+    /// k of the top-k baseline.
+    pub top_k_baseline: usize,
+    /// Capacity factor applied to every point.
+    pub capacity_factor: Option<f32>,
+    /// Where the tokens came from.
+    pub source: String,
+    /// Sequences per pass.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Passes per point.
+    pub batches: usize,
+    /// Tokens per point.
+    pub tokens_per_point: u64,
+    /// Where the model ran.
+    pub device: String,
+    /// Wall time of the whole sweep, seconds.
+    pub elapsed_s: f64,
+    /// One per policy: thresholds ascending, then top-k ascending, then Dense.
+    pub points: Vec<SweepPoint>,
+}
+
+impl SweepResult {
+    /// The point of the model's default policy, if it was swept.
+    pub fn default_point(&self) -> Option<&SweepPoint> {
+        self.points.iter().find(|p| p.is_default)
+    }
+
+    /// The Dense reference point.
+    pub fn reference_point(&self) -> Option<&SweepPoint> {
+        self.points.iter().find(|p| p.is_reference)
+    }
+
+    /// The sweep as a plain-text table (what `xmoe-top sweep` prints).
+    pub fn to_table(&self) -> String {
+        let mut s = format!(
+            "{} | {} tokens per point ({} x {} x {}) | {} | top-k baseline k={}\n",
+            self.model,
+            self.tokens_per_point,
+            self.batches,
+            self.batch,
+            self.seq_len,
+            self.device,
+            self.top_k_baseline
+        );
+        s.push_str(&format!(
+            "{:<12} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  {}\n",
+            "policy",
+            "exp/tok",
+            "MoE FLOPs",
+            "saved/topk",
+            "bits/B",
+            "d vs dense",
+            "p50 us/tok",
+            "p99 us/tok",
+            "tok/s",
+            "experts/token per layer"
+        ));
+        let opt = |v: Option<f64>, prec: usize| match v {
+            Some(x) => format!("{x:.prec$}"),
+            None => "-".to_string(),
+        };
+        for p in &self.points {
+            let mark = if p.is_default { " *" } else { "" };
+            let layers: Vec<String> = p
+                .layer_mean_experts_per_token
+                .iter()
+                .map(|v| format!("{v:.2}"))
+                .collect();
+            s.push_str(&format!(
+                "{:<12} {:>9.2} {:>8.1}% {:>9.1}% {:>9} {:>10} {:>10.1} {:>10.1} {:>10.0}  {}\n",
+                format!("{}{mark}", p.label),
+                p.mean_experts_per_token,
+                100.0 * p.moe_flops_fraction_of_all_experts,
+                p.moe_saved_vs_top_k_pct,
+                opt(p.bits_per_byte, 4),
+                opt(p.delta_bits_per_byte_vs_dense, 4),
+                p.token_latency_p50_us,
+                p.token_latency_p99_us,
+                p.tokens_per_second,
+                layers.join(" ")
+            ));
+        }
+        s.push_str("* the model's default policy\n");
+        s
+    }
+}
+
+/// A sweep and the full session snapshot of its default point (or its first point when the
+/// default was not swept), ready to become a report.
+#[derive(Clone, Debug)]
+pub struct SweepRun {
+    /// Per-point figures.
+    pub result: SweepResult,
+    /// Every statistic of the default point, as a live session of that policy would show it.
+    pub snapshot: Snapshot,
+}
+
+impl SweepRun {
+    /// The report of this sweep.
+    pub fn into_report(self) -> ReportData {
+        ReportData::new(self.snapshot, Some(self.result))
+    }
+}
+
+fn policy_state(policy: PolicySpec, layers: &[usize], capacity: Option<f32>) -> PolicyState {
+    PolicyState {
+        layers: layers
+            .iter()
+            .map(|&layer| LayerPolicy { layer, policy })
+            .collect(),
+        capacity_factor: capacity,
+        reference: PolicySpec::Dense,
+    }
+}
+
+fn same_policy(a: &PolicySpec, b: &PolicySpec) -> bool {
+    match (a, b) {
+        (PolicySpec::Threshold { t: x }, PolicySpec::Threshold { t: y }) => {
+            ((*x as f64) - (*y as f64)).abs() < T_EPS
+        }
+        _ => a == b,
+    }
+}
+
+struct PointRun {
+    policy: PolicySpec,
+    routing: RoutingConfig,
+    stats: RunStats,
+}
+
+/// Runs the sweep: every batch of `batches` (each `batch` windows of `seq_len + 1` tokens, as
+/// [`text_batches`] makes them) under Dense first, then under each threshold of `spec` (plus
+/// the model's default policy when it is a threshold not in the list) and each top-k. Figures of
+/// each point come from its own [`RunStats`]. `progress` is told `(done, total)` passes.
+pub fn run_sweep(
+    model: &Model,
+    batches: &[Vec<u32>],
+    batch: usize,
+    spec: &SweepSpec,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<SweepRun> {
+    let started = Instant::now();
+    let cfg = model.config();
+    let moe_layers = model.moe_layers().to_vec();
+    if moe_layers.is_empty() {
+        bail!("the model has no MoE layers: there is no routing to sweep");
+    }
+    if batches.is_empty() {
+        bail!("no tokens to sweep over");
+    }
+    if batch == 0 || !batches[0].len().is_multiple_of(batch) || batches[0].len() / batch < 2 {
+        bail!("each batch must hold {batch} windows of at least 2 tokens");
+    }
+    let window = batches[0].len() / batch;
+    if let Some(bad) = batches.iter().position(|b| b.len() != batch * window) {
+        bail!(
+            "batch {bad} holds {} tokens, not {}",
+            batches[bad].len(),
+            batch * window
+        );
+    }
+    let seq_len = window - 1;
+    let vocab = cfg.vocab_size;
+    let top_k_baseline = spec
+        .top_k_baseline
+        .unwrap_or_else(|| cfg.top_k_baseline())
+        .clamp(1, cfg.n_experts);
+    let capacity = spec.capacity_factor.or(cfg.capacity_factor);
+    for &t in &spec.thresholds {
+        if !(t > 0.0 && t <= 1.0) {
+            bail!("threshold {t} is outside (0, 1]");
+        }
+    }
+    for &k in &spec.top_k {
+        if k == 0 || k > cfg.n_experts {
+            bail!("top-k needs k in 1..={}, found {k}", cfg.n_experts);
+        }
+    }
+
+    // Points: thresholds (with the default threshold added), top-k, and Dense last.
+    let mut policies: Vec<PolicySpec> = spec
+        .thresholds
+        .iter()
+        .map(|&t| PolicySpec::Threshold { t })
+        .collect();
+    let default_policy = cfg.default_policy;
+    if matches!(default_policy, PolicySpec::Threshold { .. })
+        && !policies.iter().any(|p| same_policy(p, &default_policy))
+    {
+        policies.push(default_policy);
+    }
+    policies.sort_by(|a, b| match (a, b) {
+        (PolicySpec::Threshold { t: x }, PolicySpec::Threshold { t: y }) => x.total_cmp(y),
+        _ => std::cmp::Ordering::Equal,
+    });
+    policies.extend(spec.top_k.iter().map(|&k| PolicySpec::TopK {
+        k,
+        renormalize: false,
+    }));
+    let n_moe = moe_layers.len();
+    let make = |policy: PolicySpec| PointRun {
+        policy,
+        routing: RoutingConfig {
+            policies: vec![policy.into(); n_moe],
+            capacity_factor: capacity,
+        },
+        stats: RunStats::new(
+            cfg,
+            top_k_baseline,
+            u64::MAX,
+            policy_state(policy, &moe_layers, capacity),
+            0.0,
+        ),
+    };
+    let mut dense = make(PolicySpec::Dense);
+    let mut points: Vec<PointRun> = policies.into_iter().map(make).collect();
+
+    let total = batches.len() * (points.len() + 1);
+    let mut done = 0;
+    let mut trace = ForwardTrace::default();
+    let mut inputs = Vec::with_capacity(batch * seq_len);
+    let mut targets = Vec::with_capacity(batch * seq_len);
+    let split = |tokens: &[u32], inputs: &mut Vec<u32>, targets: &mut Vec<u32>| {
+        inputs.clear();
+        targets.clear();
+        for w in tokens.chunks_exact(window) {
+            inputs.extend_from_slice(&w[..seq_len]);
+            targets.extend_from_slice(&w[1..]);
+        }
+    };
+    // One untimed, unrecorded pass first, so that start-up costs (allocations, thread pools)
+    // do not land in the first point's latency.
+    split(&batches[0], &mut inputs, &mut targets);
+    model.forward(&inputs, batch, &dense.routing, None, &mut trace)?;
+    for tokens in batches {
+        split(tokens, &mut inputs, &mut targets);
+        let quality = |nats: f64| BatchQuality {
+            scored_tokens: targets.len() as u64,
+            bytes: targets.len() as u64,
+            nats,
+        };
+        let t0 = Instant::now();
+        let ref_logits = model.forward(&inputs, batch, &dense.routing, None, &mut trace)?;
+        let ref_ns = t0.elapsed().as_nanos() as u64;
+        let ref_q = quality(cross_entropy_nats(&ref_logits, vocab, &targets));
+        dense.stats.record_pass(&trace, PassKind::Eval, ref_ns);
+        dense.stats.record_quality(&ref_q);
+        dense.stats.record_reference(&ReferenceComparison {
+            current: ref_q,
+            reference: ref_q,
+            kl_nats: 0.0,
+            kl_tokens: ref_q.scored_tokens,
+            reference_ns: 0,
+        });
+        done += 1;
+        progress(done, total);
+        for p in &mut points {
+            let t0 = Instant::now();
+            let logits = model.forward(&inputs, batch, &p.routing, None, &mut trace)?;
+            let ns = t0.elapsed().as_nanos() as u64;
+            let q = quality(cross_entropy_nats(&logits, vocab, &targets));
+            p.stats.record_pass(&trace, PassKind::Eval, ns);
+            p.stats.record_quality(&q);
+            p.stats.record_reference(&ReferenceComparison {
+                current: q,
+                reference: ref_q,
+                kl_nats: kl_nats(&ref_logits, &logits, vocab),
+                kl_tokens: q.scored_tokens,
+                reference_ns: ref_ns,
+            });
+            done += 1;
+            progress(done, total);
+        }
+    }
+    points.push(dense);
+
+    let params = model.param_counts().total as u64;
+    let model_info = ModelInfo {
+        name: cfg.name.clone(),
+        parameters: params,
+        device: spec.device.clone(),
+        n_layers: cfg.n_layers,
+        moe_layers: moe_layers.clone(),
+        n_experts: cfg.n_experts,
+        expert_hidden: cfg.expert_hidden,
+        d_model: cfg.d_model,
+        vocab_size: cfg.vocab_size,
+        max_seq_len: cfg.max_seq_len,
+        top_k_baseline,
+    };
+    let workload = WorkloadInfo {
+        kind: WorkloadKind::Eval,
+        source: spec.source.clone(),
+        source_size: spec.source_size,
+        batch,
+        seq_len,
+        temperature: None,
+        seed: 0,
+        description: format!(
+            "sweep: {} passes of {batch} x {seq_len} tokens over {}",
+            batches.len(),
+            spec.source
+        ),
+    };
+    let device = DeviceSnapshot {
+        backend: DeviceBackend::ProcessOnly,
+        note: Some("device counters are not sampled during a sweep".to_string()),
+        driver_version: None,
+        gpus: Vec::new(),
+        process: ProcessCounters {
+            cpu_pct: None,
+            rss_bytes: None,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
+        sample_period_s: 0.0,
+        history: Vec::new(),
+    };
+    let elapsed_s = started.elapsed().as_secs_f64();
+    let mut snapshots: Vec<Snapshot> = points
+        .iter()
+        .map(|p| {
+            p.stats.snapshot(SnapshotInputs {
+                sequence: 0,
+                session_elapsed_s: elapsed_s,
+                model: model_info.clone(),
+                workload: workload.clone(),
+                paused: false,
+                device: device.clone(),
+                generated: None,
+                ended: Some("sweep finished".to_string()),
+            })
+        })
+        .collect();
+    let sweep_points: Vec<SweepPoint> = points
+        .iter()
+        .zip(&snapshots)
+        .map(|(p, s)| {
+            let c = &s.epoch.cumulative;
+            let q = &s.epoch.quality;
+            let h = &s.epoch.histograms;
+            let moe = c.flops.moe_per_token;
+            SweepPoint {
+                label: policy_label(&p.policy),
+                policy: p.policy,
+                is_default: same_policy(&p.policy, &default_policy),
+                is_reference: p.policy == PolicySpec::Dense,
+                tokens: s.epoch.tokens,
+                mean_experts_per_token: c.mean_experts_per_token,
+                layer_mean_experts_per_token: c
+                    .layers
+                    .iter()
+                    .map(|l| l.mean_experts_per_token)
+                    .collect(),
+                moe_flops_per_token: moe.actual,
+                moe_flops_fraction_of_all_experts: if moe.all_experts > 0.0 {
+                    moe.actual / moe.all_experts
+                } else {
+                    0.0
+                },
+                moe_saved_vs_all_experts_pct: c.flops.moe_saved_vs_all_experts_pct,
+                moe_saved_vs_top_k_pct: c.flops.moe_saved_vs_top_k_pct,
+                model_flops_per_token: c.flops.model_per_token.actual,
+                model_saved_vs_top_k_pct: c.flops.model_saved_vs_top_k_pct,
+                bits_per_byte: q.bits_per_byte,
+                delta_bits_per_byte_vs_dense: q.delta_bits_per_byte,
+                perplexity: q.perplexity,
+                mean_kl_bits: q.mean_kl_bits,
+                token_latency_p50_us: h.token_latency_us.p50,
+                token_latency_p99_us: h.token_latency_us.p99,
+                forward_latency_p50_us: h.forward_latency_us.p50,
+                tokens_per_second: s.epoch.tokens_per_second_epoch,
+            }
+        })
+        .collect();
+    let chosen = sweep_points.iter().position(|p| p.is_default).unwrap_or(0);
+    let snapshot = snapshots.swap_remove(chosen);
+    let result = SweepResult {
+        model: cfg.name.clone(),
+        moe_layers,
+        n_experts: cfg.n_experts,
+        default_policy,
+        reference_policy: PolicySpec::Dense,
+        top_k_baseline,
+        capacity_factor: capacity,
+        source: spec.source.clone(),
+        batch,
+        seq_len,
+        batches: batches.len(),
+        tokens_per_point: (batches.len() * batch * seq_len) as u64,
+        device: spec.device.clone(),
+        elapsed_s,
+        points: sweep_points,
+    };
+    Ok(SweepRun { result, snapshot })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_include_their_end() {
+        let v = parse_thresholds("0.5:1.0:0.05").unwrap();
+        assert_eq!(v.len(), 11);
+        assert_eq!(v[0], 0.5);
+        assert_eq!(*v.last().unwrap(), 1.0);
+        assert!((v[1] - 0.55).abs() < 1e-7);
+        assert_eq!(
+            parse_thresholds("0.1:0.3:0.1").unwrap(),
+            vec![0.1, 0.2, 0.3]
+        );
+        // A step that does not land on the end stops before it.
+        assert_eq!(parse_thresholds("0.5:0.9:0.3").unwrap(), vec![0.5, 0.8]);
+        assert_eq!(parse_thresholds("0.7:0.7:0.1").unwrap(), vec![0.7]);
+    }
+
+    #[test]
+    fn lists_are_sorted_and_deduplicated() {
+        assert_eq!(
+            parse_thresholds(" 0.9, 0.5,0.7,0.9 ").unwrap(),
+            vec![0.5, 0.7, 0.9]
+        );
+        assert_eq!(parse_thresholds("1").unwrap(), vec![1.0]);
+    }
+
+    #[test]
+    fn bad_thresholds_are_explained() {
+        for (s, needle) in [
+            ("0:1:0.1", "outside (0, 1]"),
+            ("0.5,1.2", "outside (0, 1]"),
+            ("-0.5", "outside (0, 1]"),
+            ("0.5:1.0:0", "step must be positive"),
+            ("0.9:0.5:0.1", "after its end"),
+            ("0.5:1.0", "start:end:step"),
+            ("0.5,abc", "not a number"),
+            ("nan", "not a number"),
+            ("", "no thresholds"),
+            ("0.000001:1:0.000001", "more than"),
+        ] {
+            let e = parse_thresholds(s).unwrap_err().to_string();
+            assert!(e.contains(needle), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn top_k_lists() {
+        assert_eq!(parse_top_k("4,1,2,2", 8).unwrap(), vec![1, 2, 4]);
+        assert!(
+            parse_top_k("0", 8)
+                .unwrap_err()
+                .to_string()
+                .contains("1..=8")
+        );
+        assert!(
+            parse_top_k("9", 8)
+                .unwrap_err()
+                .to_string()
+                .contains("1..=8")
+        );
+        assert!(parse_top_k("x", 8).is_err());
+        assert!(parse_top_k("", 8).is_err());
+    }
+
+    #[test]
+    fn text_batches_follow_the_eval_windows() {
+        let text: Vec<u8> = (0u8..20).collect();
+        let b = text_batches(&text, 2, 4, 10).unwrap();
+        // 10 tokens at 8 per batch: 2 batches.
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0], vec![0, 1, 2, 3, 4, 4, 5, 6, 7, 8]);
+        assert_eq!(b[1], vec![8, 9, 10, 11, 12, 12, 13, 14, 15, 16]);
+        // Wraps to the start when the text runs out.
+        let b = text_batches(&text, 1, 8, 40).unwrap();
+        assert_eq!(b[2][0], 16 - 16);
+        assert!(text_batches(&text[..4], 1, 4, 4).is_err());
+    }
+}

@@ -1,0 +1,133 @@
+//! `xmoe-top sweep` and `xmoe-top report` as a user runs them: output, files, exit codes, messages.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use xmoe_top::model::format::StoreDtype;
+
+fn xmoe(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn sweep_prints_a_table_and_writes_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::write_random(
+        d,
+        "m.safetensors",
+        &common::small_config(),
+        5,
+        false,
+        StoreDtype::F16,
+    );
+    let corpus: Vec<u8> = b"In the beginning the experts were many and small. ".repeat(20);
+    std::fs::write(d.join("t.txt"), &corpus).unwrap();
+    let base = [
+        "sweep",
+        "m.safetensors",
+        "--text",
+        "t.txt",
+        "--tokens",
+        "96",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--thresholds",
+        "0.5:1.0:0.25",
+        "--with-topk",
+        "1,2",
+        "--device",
+        "cpu",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--report", "s.json"]);
+    let o = xmoe(&args, d);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    // 0.5, 0.75, 1.0, the default 0.9, top-1, top-2, dense.
+    for label in [
+        "t=0.5 ", "t=0.75 ", "t=0.9 *", "t=1 ", "top-1 ", "top-2 ", "dense ",
+    ] {
+        assert!(out.contains(label), "{label} missing in\n{out}");
+    }
+    assert!(err.contains("wrote s.json"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("s.json")).unwrap()).unwrap();
+    assert_eq!(json["sweep"]["points"].as_array().unwrap().len(), 7);
+    assert_eq!(json["command_line"][1], "sweep");
+
+    // The same report as HTML and CSV through `report`, and --format with an odd extension.
+    for (out_name, extra) in [("s.html", None), ("s.csv", None), ("s.txt", Some("md"))] {
+        let mut a = vec!["report", "s.json", out_name];
+        if let Some(f) = extra {
+            a.extend(["--format", f]);
+        }
+        let o = xmoe(&a, d);
+        assert!(o.status.success(), "{}", text(&o).1);
+    }
+    assert!(
+        std::fs::read_to_string(d.join("s.html"))
+            .unwrap()
+            .contains("<svg class=\"sweep\"")
+    );
+    assert!(
+        std::fs::read_to_string(d.join("s.txt"))
+            .unwrap()
+            .contains("## Threshold sweep")
+    );
+
+    // An existing report is refused before the sweep runs, and kept.
+    let before = std::fs::read(d.join("s.json")).unwrap();
+    let o = xmoe(&args, d);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).1.contains("already exists (use --force"),
+        "{}",
+        text(&o).1
+    );
+    assert!(text(&o).0.is_empty(), "nothing ran");
+    assert_eq!(std::fs::read(d.join("s.json")).unwrap(), before);
+    args.push("--force");
+    assert!(xmoe(&args, d).status.success());
+
+    // Clear errors with exit code 1.
+    for (extra, needle) in [
+        (vec!["--thresholds", "0:1:0.1"], "outside (0, 1]"),
+        (vec!["--with-topk", "9"], "1..=8"),
+        (vec!["--report", "missing-dir/r.html"], "does not exist"),
+        (vec!["--report", "r.xml"], "--format"),
+        (vec!["--seq-len", "65"], "--seq-len"),
+    ] {
+        let mut a = base.to_vec();
+        replace_flag(&mut a, &extra);
+        let o = xmoe(&a, d);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    }
+}
+
+/// Sets `flag value` in `args`, replacing an existing value of the same flag.
+fn replace_flag<'a>(args: &mut Vec<&'a str>, flag_value: &[&'a str]) {
+    let (flag, value) = (flag_value[0], flag_value[1]);
+    match args.iter().position(|a| *a == flag) {
+        Some(i) => args[i + 1] = value,
+        None => args.extend([flag, value]),
+    }
+}
