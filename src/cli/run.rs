@@ -4,6 +4,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -13,7 +14,11 @@ use super::policy_args::PolicyArgs;
 use crate::model::{DeviceChoice, LoadOptions, Model, ModelFile, MoeDispatch};
 use crate::profiling::snapshot::Snapshot;
 use crate::profiling::summary::render_summary;
-use crate::session::{Session, SessionConfig};
+use crate::profiling::trace::ForwardTrace;
+use crate::report::trace::{AtomicFile, TraceOptions, TraceWriter};
+use crate::report::{ReportData, ReportFormat, export, write_report};
+use crate::session::{PassObserver, Session, SessionConfig};
+use crate::tui::Exporter;
 use crate::workload::{
     EvalSpec, GenerateSpec, TextSource, Workload, builtin_prompts, prompts_from_file,
 };
@@ -88,6 +93,65 @@ pub struct RunArgs {
     /// Print the final snapshot as JSON on stdout instead of the text summary.
     #[arg(long)]
     pub json: bool,
+    /// Headless: write a report of the session here (.json, .md, .csv or .html, or --format).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Report format: json, md, csv or html (default: from the extension).
+    #[arg(long)]
+    pub format: Option<ReportFormat>,
+    /// Overwrite existing report or trace files.
+    #[arg(long)]
+    pub force: bool,
+    /// Stream a routing trace (JSON Lines, docs/trace-format.md) of every pass to this file.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// With --trace: also record every router probability.
+    #[arg(long, requires = "trace")]
+    pub trace_probs: bool,
+    /// Where the live UI's `e` key writes its reports (HTML and JSON, timestamped names).
+    #[arg(long, default_value = ".")]
+    pub report_dir: PathBuf,
+}
+
+/// The trace file being written by the session, shared with the pass observer.
+type SharedTrace = Arc<Mutex<Option<TraceWriter<AtomicFile>>>>;
+
+/// Opens `--trace` and hooks it into the session; returns the writer to finish after the run.
+fn attach_trace(a: &RunArgs, p: &mut Prepared) -> Result<Option<SharedTrace>> {
+    let Some(path) = &a.trace else {
+        return Ok(None);
+    };
+    let writer = TraceWriter::create(
+        path,
+        p.model.config(),
+        TraceOptions {
+            probs: a.trace_probs,
+        },
+        a.force,
+    )?;
+    let shared: SharedTrace = Arc::new(Mutex::new(Some(writer)));
+    let sink = shared.clone();
+    p.config.pass_observer = Some(PassObserver(Arc::new(Mutex::new(
+        move |tokens: &[u32], trace: &ForwardTrace| -> Result<()> {
+            let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
+            match w.as_mut() {
+                Some(w) => w.write_pass(tokens, trace),
+                None => Ok(()),
+            }
+        },
+    ))));
+    Ok(Some(shared))
+}
+
+fn finish_trace(shared: Option<SharedTrace>) -> Result<()> {
+    if let Some(shared) = shared {
+        let writer = shared.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = writer {
+            let path = w.finish()?;
+            eprintln!("xmoe-top: routing trace written to {}", path.display());
+        }
+    }
+    Ok(())
 }
 
 /// A model ready to run, with what the session needs to describe it.
@@ -192,7 +256,18 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
 /// Runs a session to its budget and prints the summary (or JSON) to stdout; progress goes to
 /// stderr when stderr is a terminal.
 pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
+    // Refuse an existing report before spending time on the run.
+    if let Some(path) = &a.report {
+        ReportFormat::resolve(path, a.format)?;
+        if path.exists() && !a.force {
+            bail!(
+                "{} already exists (use --force to overwrite)",
+                path.display()
+            );
+        }
+    }
     let mut p = prepare(&a.session, threads)?;
+    let trace = attach_trace(a, &mut p)?;
     if p.config.token_budget.is_none() && p.config.time_budget.is_none() {
         p.config.token_budget = Some(20_000);
     }
@@ -209,7 +284,18 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     if progress {
         eprintln!();
     }
-    let last = session.join()?.final_snapshot;
+    let joined = session.join();
+    finish_trace(trace)?;
+    let last = joined?.final_snapshot;
+    if let Some(path) = &a.report {
+        let written = write_report(
+            &ReportData::new(last.clone(), None),
+            path,
+            a.format,
+            a.force,
+        )?;
+        eprintln!("xmoe-top: report written to {}", written.display());
+    }
     if a.json {
         println!("{}", last.to_json_pretty());
     } else {
@@ -234,7 +320,24 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
     if a.headless || a.json || !super::tui::can_draw() {
         return run_headless(&a, threads).context("headless run");
     }
-    let p = prepare(&a.session, threads)?;
-    super::tui::run(&a.tui, p.model, p.workload, p.config, None)?;
+    if a.report.is_some() {
+        bail!(
+            "--report goes with --headless; in the live UI press `e` (reports go to --report-dir)"
+        );
+    }
+    let mut p = prepare(&a.session, threads)?;
+    let trace = attach_trace(&a, &mut p)?;
+    let dir = a.report_dir.clone();
+    let exporter: Exporter = Box::new(move |snapshot: &Snapshot| {
+        export(
+            snapshot,
+            &dir,
+            &[ReportFormat::Html, ReportFormat::Json],
+            false,
+        )
+    });
+    let result = super::tui::run(&a.tui, p.model, p.workload, p.config, Some(exporter));
+    finish_trace(trace)?;
+    result?;
     Ok(ExitCode::SUCCESS)
 }

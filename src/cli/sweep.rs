@@ -16,8 +16,8 @@ use crate::report::{
 /// Arguments of `sweep`.
 #[derive(Args, Debug)]
 pub struct SweepArgs {
-    /// Model file (.safetensors).
-    model: PathBuf,
+    /// Model file (.safetensors); default: the embedded model.
+    model: Option<PathBuf>,
     /// Thresholds: a range start:end:step (end included) or a list such as 0.5,0.7,0.9.
     #[arg(long, default_value = "0.5:1.0:0.05")]
     thresholds: String,
@@ -33,9 +33,9 @@ pub struct SweepArgs {
     /// Tokens per sequence (default: 128, or the model's context if shorter).
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Text to evaluate on (any bytes).
+    /// Text to evaluate on (any bytes); default with the embedded model: its held-out text.
     #[arg(long, value_name = "FILE")]
-    text: PathBuf,
+    text: Option<PathBuf>,
     /// k of the top-k baseline for "compute saved" (default: the model's).
     #[arg(long)]
     top_k_baseline: Option<usize>,
@@ -73,7 +73,15 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
     if let Some(note) = &dev.note {
         eprintln!("{note}");
     }
-    let model = Model::load(&a.model, &dev.device)?;
+    let file = match &a.model {
+        Some(p) => crate::model::ModelFile::open(p)?,
+        None => crate::embedded::model_file()?,
+    };
+    let options = crate::model::LoadOptions {
+        threads,
+        ..Default::default()
+    };
+    let model = Model::from_file(&file, &dev.device, options)?;
     let cfg = model.config();
     let top_k = match &a.with_topk {
         Some(s) => parse_top_k(s, cfg.n_experts).context("--with-topk")?,
@@ -94,16 +102,22 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
             cfg.max_seq_len
         );
     }
-    let text =
-        std::fs::read(&a.text).with_context(|| format!("cannot read {}", a.text.display()))?;
+    let source = match (&a.text, &a.model) {
+        (Some(p), _) => crate::workload::TextSource::from_file(p)?,
+        (None, None) => crate::embedded::heldout_text(),
+        (None, Some(_)) => anyhow::bail!(
+            "--text FILE is needed to sweep a model of your own (the embedded held-out text belongs to the embedded model)"
+        ),
+    };
+    let text = source.bytes;
     let batches = text_batches(&text, a.batch, seq_len, a.tokens)
-        .with_context(|| format!("in {}", a.text.display()))?;
+        .with_context(|| format!("in {}", source.name))?;
     let spec = SweepSpec {
         thresholds,
         top_k,
         top_k_baseline: a.top_k_baseline,
         capacity_factor: a.capacity_factor,
-        source: a.text.display().to_string(),
+        source: source.name.clone(),
         source_size: text.len(),
         device: dev.description.clone(),
     };

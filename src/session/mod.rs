@@ -120,6 +120,24 @@ pub struct SessionConfig {
     pub start_paused: bool,
     /// Tokens of the generate stream kept for the snapshot.
     pub generated_capacity: usize,
+    /// Called after every measured pass (not reference passes) with its input ids and trace,
+    /// e.g. to stream a routing trace to a file; an error stops the session.
+    pub pass_observer: Option<PassObserver>,
+}
+
+/// A callback shared with the session thread; see [`SessionConfig::pass_observer`].
+#[derive(Clone)]
+pub struct PassObserver(
+    #[allow(clippy::type_complexity)]
+    pub  std::sync::Arc<
+        std::sync::Mutex<dyn FnMut(&[u32], &ForwardTrace) -> anyhow::Result<()> + Send>,
+    >,
+);
+
+impl std::fmt::Debug for PassObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PassObserver")
+    }
 }
 
 impl SessionConfig {
@@ -139,6 +157,7 @@ impl SessionConfig {
             device_sample_period: Some(Duration::from_secs(1)),
             start_paused: false,
             generated_capacity: 2048,
+            pass_observer: None,
         }
     }
 }
@@ -698,6 +717,15 @@ impl Runner {
             let wall = now.duration_since(last_mark).as_nanos() as u64;
             last_mark = now;
             self.stats.record_pass(&trace, outcome.kind, wall);
+            if let Some(obs) = self.config.pass_observer.clone() {
+                let mut f = obs.0.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = f(self.workload.last_inputs(), &trace) {
+                    drop(f);
+                    let msg = format!("pass observer failed: {e:#}");
+                    self.publish(Some(msg));
+                    return Err(e);
+                }
+            }
             if let Some(q) = &outcome.quality {
                 self.stats.record_quality(q);
                 self.eval_batches += 1;

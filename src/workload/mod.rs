@@ -217,6 +217,7 @@ struct GenerateState {
     pending: Option<u32>,
     rng: StdRng,
     probs: Vec<f64>,
+    last_tokens: Vec<u32>,
 }
 
 enum State {
@@ -347,6 +348,7 @@ impl Workload {
                 cache: None,
                 pending: None,
                 probs: Vec::new(),
+                last_tokens: Vec::new(),
             })),
             info,
             vocab: cfg.vocab_size,
@@ -364,6 +366,15 @@ impl Workload {
     }
 
     /// Runs the next pass under `routing`, filling `trace`.
+    /// The input token ids of the last pass (row-major, as the trace numbers them).
+    pub fn last_inputs(&self) -> &[u32] {
+        match &self.state {
+            State::Eval(s) => &s.inputs,
+            State::Generate(g) => &g.last_tokens,
+        }
+    }
+
+    /// Runs the next pass of the workload.
     pub fn run_pass(
         &mut self,
         model: &Model,
@@ -486,6 +497,7 @@ impl GenerateState {
         };
         let cache = self.cache.as_mut().expect("created above");
         let logits = model.forward(&tokens, 1, routing, Some(cache), trace)?;
+        self.last_tokens.clone_from(&tokens);
         let last = &logits[logits.len() - vocab..];
         let next = sample(last, self.spec.temperature, &mut self.rng, &mut self.probs);
         if cache.len() >= self.max_len {
