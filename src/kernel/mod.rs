@@ -57,12 +57,20 @@ fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
+/// Index of element (`k`, `col`) of a `[k_len][n]` matrix stored as `[n / 32][k_len][32]` panels.
+fn panel_at(k_len: usize, k: usize, col: usize) -> usize {
+    (col / PANEL) * k_len * PANEL + k * PANEL + col % PANEL
+}
+
 /// Expert weights of one MoE layer, packed once at load in the orientation the kernel reads.
 ///
-/// Layout (per expert, row-major, zero padded): `w1` is `[d][n1]` with `n1 = h_pad` columns of
-/// `up` (non-gated) or `2 * h_pad` columns, `gate` then `up` (gated); `w2` is `[h_pad][d_pad]`
-/// (`down` transposed). `h_pad` and `d_pad` round up to 32. Zero padding is harmless: a padded
-/// hidden unit is `act(0) = 0` and meets a zero row of `w2`.
+/// Layout (per expert, zero padded): the first matmul's matrix `[d][n1]` has `n1 = h_pad` columns
+/// of `up` (non-gated) or `2 * h_pad` columns, `gate` then `up` (gated); the second's is
+/// `[h_pad][d_pad]` (`down` transposed). Both are stored as 32-column panels, `[n/32][k][32]`, so
+/// the micro-kernel streams each panel contiguously: a row-major `[k][n]` layout made it stride by
+/// `n` floats per k (up to 4 KiB, a new page per k at d = 1024) and cost ~20% at large widths.
+/// `h_pad` and `d_pad` round up to 32. Zero padding is harmless: a padded hidden unit is
+/// `act(0) = 0` and meets a zero row of the second matrix.
 #[derive(Clone, Debug)]
 pub struct PackedExperts {
     n_experts: usize,
@@ -122,14 +130,14 @@ impl PackedExperts {
             let upe = &up[e * hd..(e + 1) * hd];
             for j in 0..h {
                 for k in 0..d {
-                    w1e[k * n1 + up_col0 + j] = upe[j * d + k];
+                    w1e[panel_at(d, k, up_col0 + j)] = upe[j * d + k];
                 }
             }
             if let Some(g) = gate {
                 let ge = &g[e * hd..(e + 1) * hd];
                 for j in 0..h {
                     for k in 0..d {
-                        w1e[k * n1 + j] = ge[j * d + k];
+                        w1e[panel_at(d, k, j)] = ge[j * d + k];
                     }
                 }
             }
@@ -137,7 +145,7 @@ impl PackedExperts {
             let downe = &down[e * hd..(e + 1) * hd];
             for n in 0..d {
                 for j in 0..h {
-                    w2e[j * d_pad + n] = downe[n * h + j];
+                    w2e[panel_at(h_pad, j, n)] = downe[n * h + j];
                 }
             }
         }
@@ -642,7 +650,7 @@ unsafe fn mm1_rows<S: Simd, const M: usize, const NV: usize>(
     let w1 = ex.w1(e);
     for p in (0..n1).step_by(PANEL) {
         unsafe {
-            let acc = tile::<S, M, NV>(&a, w1.add(p), n1, d);
+            let acc = tile::<S, M, NV>(&a, w1.add(p * d), PANEL, d);
             for (i, row) in acc.iter().enumerate() {
                 for (v, &r) in row.iter().enumerate() {
                     S::store(z.add((r0 + i) * n1 + p + v * S::W), r);
@@ -672,7 +680,7 @@ unsafe fn mm2_rows<S: Simd, const M: usize, const NV: usize>(
     let b2 = ex.b2.as_ref().map(|b| b[e * d_pad..].as_ptr());
     for q in (0..d_pad).step_by(PANEL) {
         unsafe {
-            let acc = tile::<S, M, NV>(&a, w2.add(q), d_pad, ex.h_pad);
+            let acc = tile::<S, M, NV>(&a, w2.add(q * ex.h_pad), PANEL, ex.h_pad);
             for (i, row) in acc.iter().enumerate() {
                 for (v, &r) in row.iter().enumerate() {
                     let col = q + v * S::W;
@@ -812,50 +820,54 @@ unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                     let t = job.groups.tokens[b0 + r] as usize;
                     std::ptr::copy_nonoverlapping(job.x.as_ptr().add(t * d), xg.add(r * d), d);
                 }
-                // z = xg @ w1 (read_dst false: dst = beta * lhs @ rhs).
-                gemm::gemm(
-                    m,
-                    n1,
-                    d,
-                    z,
-                    1,
-                    n1 as isize,
-                    false,
-                    xg,
-                    1,
-                    d as isize,
-                    ex.w1(e),
-                    1,
-                    n1 as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                // z = xg @ w1, one call per 32-column panel (read_dst false: dst = beta * lhs @ rhs).
+                for p in (0..n1).step_by(PANEL) {
+                    gemm::gemm(
+                        m,
+                        PANEL,
+                        d,
+                        z.add(p),
+                        1,
+                        n1 as isize,
+                        false,
+                        xg,
+                        1,
+                        d as isize,
+                        ex.w1(e).add(p * d),
+                        1,
+                        PANEL as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
                 hidden::<S>(job, e, b0, m, z);
-                gemm::gemm(
-                    m,
-                    d_pad,
-                    h_pad,
-                    y,
-                    1,
-                    d_pad as isize,
-                    false,
-                    z,
-                    1,
-                    n1 as isize,
-                    ex.w2(e),
-                    1,
-                    d_pad as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                for q in (0..d_pad).step_by(PANEL) {
+                    gemm::gemm(
+                        m,
+                        PANEL,
+                        h_pad,
+                        y.add(q),
+                        1,
+                        d_pad as isize,
+                        false,
+                        z,
+                        1,
+                        n1 as isize,
+                        ex.w2(e).add(q * h_pad),
+                        1,
+                        PANEL as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
                 for r in 0..m {
                     let w = job.groups.weights[b0 + r];
                     let out = job.dst_row(dst, b0 + r);
