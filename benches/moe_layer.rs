@@ -233,6 +233,36 @@ fn main() {
         flop / candle_peak_s / 1e9
     );
 
+    // Decode overhead: one token whose every pair was dropped, so no expert runs and what is left
+    // is the layer's fixed cost (planning, zeroing, dispatch).
+    {
+        let (d, e, h) = (1024, 64, 128);
+        let up = rand_vec(&mut rng, e * h * d, 0.03);
+        let packed = PackedExperts::new(e, d, h, ACT, &up, None, &up, None, None);
+        let x = rand_vec(&mut rng, d, 1.0);
+        let mut out = vec![0.0f32; d];
+        let mut r = routing(&mut rng, 1, e, Some(8));
+        r.kept.iter_mut().for_each(|k| *k = false);
+        let mut groups = ExpertGroups::default();
+        groups.build(&r);
+        let mut scratch = MoeScratch::default();
+        let empty = time(clock, budget, || {
+            moe_forward(
+                &packed,
+                &x,
+                &groups,
+                &mut out,
+                &mut scratch,
+                KernelVariant::Auto,
+                threads,
+            )
+        });
+        println!(
+            "decode fixed overhead (d=1024, E=64, 1 token, no expert run): {:.2} us",
+            empty * 1e6
+        );
+    }
+
     let (dims, widths, experts, token_set) = if quick {
         (vec![512], vec![4], vec![16, 64], vec![1, 256])
     } else {
@@ -260,7 +290,8 @@ fn main() {
         for &mult in &widths {
             let width = mult * d;
             // Dense FFN of the same width: the fused kernel with one expert taking every token,
-            // gemm (all threads) and candle; the fastest counts.
+            // gemm (all threads) plus the scalar activation, candle, and the two gemm matmuls
+            // without any activation (a bound no dense FFN beats); the fastest counts.
             let up = rand_vec(&mut rng, width * d, 1.0 / (d as f32).sqrt());
             let down = rand_vec(&mut rng, width * d, 1.0 / (width as f32).sqrt());
             let dense_packed = PackedExperts::new(1, d, width, ACT, &up, None, &down, None, None);
@@ -341,6 +372,52 @@ fn main() {
                         par,
                     );
                 });
+                // Lower bound for any dense FFN of this width: its two matmuls alone.
+                let t_matmuls = time(clock, budget, || unsafe {
+                    let par = par(threads);
+                    gemm::gemm(
+                        tokens,
+                        width,
+                        d,
+                        hbuf.as_mut_ptr(),
+                        1,
+                        width as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        d as isize,
+                        w1t.as_ptr(),
+                        1,
+                        width as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                    gemm::gemm(
+                        tokens,
+                        d,
+                        width,
+                        out.as_mut_ptr(),
+                        1,
+                        d as isize,
+                        false,
+                        hbuf.as_ptr(),
+                        1,
+                        width as isize,
+                        w2t.as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                });
                 let t_candle_dense = time(clock, budget, || {
                     tx.matmul(&tw1)
                         .unwrap()
@@ -353,6 +430,7 @@ fn main() {
                     (t_fused, "fused"),
                     (t_gemm, "gemm"),
                     (t_candle_dense, "candle"),
+                    (t_matmuls, "matmuls only"),
                 ]
                 .into_iter()
                 .min_by(|a, b| a.0.total_cmp(&b.0))
