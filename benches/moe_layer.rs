@@ -7,7 +7,8 @@
 //! /proc/cpuinfo on every CPU matmul when that variable is unset. `MOE_BENCH_CLOCK=cpu` times
 //! the calling thread's CPU time on one thread, for a machine that other jobs keep busy.
 //! `MOE_BENCH_D`, `MOE_BENCH_WIDTH` (multiples of d), `MOE_BENCH_E`, `MOE_BENCH_T` override the
-//! grid with comma-separated lists.
+//! grid with comma-separated lists; `MOE_BENCH_VARIANT=avx2|portable|avx512` picks the fused
+//! variant timed (default: the one `Auto` picks).
 
 use std::time::{Duration, Instant};
 
@@ -181,7 +182,18 @@ fn main() {
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
     let budget = Duration::from_millis(if quick { 40 } else { 100 });
-    let auto = KernelVariant::Auto.resolve();
+    // The fused variant under test (MOE_BENCH_VARIANT=avx2 / portable / avx512; default Auto).
+    let fused = match std::env::var("MOE_BENCH_VARIANT").as_deref() {
+        Ok("avx2") => KernelVariant::Avx2,
+        Ok("portable") => KernelVariant::Portable,
+        Ok("avx512") => KernelVariant::Avx512,
+        _ => KernelVariant::Auto,
+    };
+    assert!(
+        fused.is_supported(),
+        "{fused:?} is not supported by this CPU"
+    );
+    let auto = fused.resolve();
     println!(
         "# MoE layer benchmark: {} mode, {threads} threads, kernel {auto:?}, GELU non-gated experts, f32, {}",
         if quick { "quick" } else { "full" },
@@ -316,7 +328,7 @@ fn main() {
                         &dense_groups,
                         &mut out,
                         &mut scratch,
-                        KernelVariant::Auto,
+                        fused,
                         threads,
                     )
                 });
@@ -459,7 +471,7 @@ fn main() {
                                 &groups,
                                 &mut out,
                                 &mut scratch,
-                                KernelVariant::Auto,
+                                fused,
                                 threads,
                             )
                         });
