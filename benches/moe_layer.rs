@@ -4,7 +4,11 @@
 //! `cargo bench --bench moe_layer` runs the full grid; `-- --quick` (or `MOE_BENCH_QUICK=1`) a
 //! subset in under a minute. `MOE_BENCH_THREADS` sets the thread count (default: all cores); it is
 //! also written to `RAYON_NUM_THREADS` before candle starts, since candle 0.11 re-reads
-//! /proc/cpuinfo on every CPU matmul when that variable is unset.
+//! /proc/cpuinfo on every CPU matmul when that variable is unset. `MOE_BENCH_CLOCK=cpu` times
+//! the calling thread's CPU time on one thread, for a machine that other jobs keep busy.
+//! `MOE_BENCH_D`, `MOE_BENCH_WIDTH` (multiples of d), `MOE_BENCH_E`, `MOE_BENCH_T` override the
+//! grid with comma-separated lists; `MOE_BENCH_VARIANT=avx2|portable|avx512` picks the fused
+//! variant timed (default: the one `Auto` picks).
 
 use std::time::{Duration, Instant};
 
@@ -18,18 +22,61 @@ use xmoe_top::routing::{ExpertGroups, Routing, RoutingPolicy, route};
 
 const ACT: Activation = Activation::Gelu;
 
-/// Median seconds per call of `f`, repeating until `budget` is spent (at least 3 calls).
-fn time<F: FnMut()>(budget: Duration, mut f: F) -> f64 {
+/// How calls are timed.
+#[derive(Clone, Copy, PartialEq)]
+enum Clock {
+    /// Wall time, minimum over the samples (the least disturbed call on a shared machine).
+    Wall,
+    /// CPU time of the calling thread, median over the samples: immune to time slicing when other
+    /// jobs load the machine, but only meaningful with one thread.
+    ThreadCpu,
+}
+
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec; this clock exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// Seconds per call of `f` (see [`Clock`]), repeating until `budget` is spent, at least 3 calls.
+fn time<F: FnMut()>(clock: Clock, budget: Duration, mut f: F) -> f64 {
     f();
     let mut samples = Vec::new();
     let start = Instant::now();
     while samples.len() < 3 || (start.elapsed() < budget && samples.len() < 1000) {
-        let t = Instant::now();
+        let (w, c) = (Instant::now(), thread_cpu_s());
         f();
-        samples.push(t.elapsed().as_secs_f64());
+        samples.push(match clock {
+            Clock::Wall => w.elapsed().as_secs_f64(),
+            Clock::ThreadCpu => thread_cpu_s() - c,
+        });
     }
     samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    match clock {
+        Clock::Wall => samples[0],
+        Clock::ThreadCpu => samples[samples.len() / 2],
+    }
+}
+
+/// A comma-separated list from the environment (e.g. `MOE_BENCH_D=1024`), else `default`.
+fn list_env(name: &str, default: Vec<usize>) -> Vec<usize> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or(default)
+}
+
+/// One thread stays on the calling thread (so the thread CPU clock sees the work).
+fn par(threads: usize) -> gemm::Parallelism {
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
 }
 
 fn rand_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
@@ -119,17 +166,41 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick")
         || std::env::var("MOE_BENCH_QUICK").is_ok_and(|v| v != "0");
-    let threads: usize = std::env::var("MOE_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let clock = if std::env::var("MOE_BENCH_CLOCK").is_ok_and(|v| v == "cpu") {
+        Clock::ThreadCpu
+    } else {
+        Clock::Wall
+    };
+    let threads: usize = if clock == Clock::ThreadCpu {
+        1
+    } else {
+        std::env::var("MOE_BENCH_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    };
     // SAFETY: first thing in main, before any other thread exists.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    let budget = Duration::from_millis(if quick { 60 } else { 250 });
-    let auto = KernelVariant::Auto.resolve();
+    let budget = Duration::from_millis(if quick { 40 } else { 100 });
+    // The fused variant under test (MOE_BENCH_VARIANT=avx2 / portable / avx512; default Auto).
+    let fused = match std::env::var("MOE_BENCH_VARIANT").as_deref() {
+        Ok("avx2") => KernelVariant::Avx2,
+        Ok("portable") => KernelVariant::Portable,
+        Ok("avx512") => KernelVariant::Avx512,
+        _ => KernelVariant::Auto,
+    };
+    assert!(
+        fused.is_supported(),
+        "{fused:?} is not supported by this CPU"
+    );
+    let auto = fused.resolve();
     println!(
-        "# MoE layer benchmark: {} mode, {threads} threads, kernel {auto:?}, GELU non-gated experts, f32",
-        if quick { "quick" } else { "full" }
+        "# MoE layer benchmark: {} mode, {threads} threads, kernel {auto:?}, GELU non-gated experts, f32, {}",
+        if quick { "quick" } else { "full" },
+        match clock {
+            Clock::Wall => "wall time (min of samples)",
+            Clock::ThreadCpu => "thread CPU time (median of samples)",
+        }
     );
 
     // Peak: one 1024^3 matmul, gemm (all threads) and candle.
@@ -138,7 +209,7 @@ fn main() {
     let a = rand_vec(&mut rng, n * n, 1.0);
     let b = rand_vec(&mut rng, n * n, 1.0);
     let mut c = vec![0.0f32; n * n];
-    let gemm_peak_s = time(budget * 2, || unsafe {
+    let gemm_peak_s = time(clock, budget * 2, || unsafe {
         gemm::gemm(
             n,
             n,
@@ -158,12 +229,12 @@ fn main() {
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(threads),
+            par(threads),
         )
     });
     let ta = Tensor::from_slice(&a, (n, n), &Device::Cpu).unwrap();
     let tb = Tensor::from_slice(&b, (n, n), &Device::Cpu).unwrap();
-    let candle_peak_s = time(budget * 2, || {
+    let candle_peak_s = time(clock, budget * 2, || {
         ta.matmul(&tb).unwrap();
     });
     let flop = 2.0 * (n * n * n) as f64;
@@ -174,11 +245,50 @@ fn main() {
         flop / candle_peak_s / 1e9
     );
 
-    let (dims, widths, experts, token_set): (&[usize], &[usize], &[usize], &[usize]) = if quick {
-        (&[512], &[4], &[16, 64], &[1, 256])
+    // Decode overhead: one token whose every pair was dropped, so no expert runs and what is left
+    // is the layer's fixed cost (planning, zeroing, dispatch).
+    {
+        let (d, e, h) = (1024, 64, 128);
+        let up = rand_vec(&mut rng, e * h * d, 0.03);
+        let packed = PackedExperts::new(e, d, h, ACT, &up, None, &up, None, None);
+        let x = rand_vec(&mut rng, d, 1.0);
+        let mut out = vec![0.0f32; d];
+        let mut r = routing(&mut rng, 1, e, Some(8));
+        r.kept.iter_mut().for_each(|k| *k = false);
+        let mut groups = ExpertGroups::default();
+        groups.build(&r);
+        let mut scratch = MoeScratch::default();
+        let empty = time(clock, budget, || {
+            moe_forward(
+                &packed,
+                &x,
+                &groups,
+                &mut out,
+                &mut scratch,
+                KernelVariant::Auto,
+                threads,
+            )
+        });
+        println!(
+            "decode fixed overhead (d=1024, E=64, 1 token, no expert run): {:.2} us",
+            empty * 1e6
+        );
+    }
+
+    let (dims, widths, experts, token_set) = if quick {
+        (vec![512], vec![4], vec![16, 64], vec![1, 256])
     } else {
-        (&[512, 1024], &[4, 8], &[16, 64], &[1, 16, 256, 1024])
+        (
+            vec![512, 1024],
+            vec![4, 8],
+            vec![16, 64],
+            vec![1, 16, 256, 1024],
+        )
     };
+    let dims = list_env("MOE_BENCH_D", dims);
+    let widths = list_env("MOE_BENCH_WIDTH", widths);
+    let experts = list_env("MOE_BENCH_E", experts);
+    let token_set = list_env("MOE_BENCH_T", token_set);
     let shares: [(Option<f64>, &str); 5] = [
         (Some(1.0), "100%"),
         (Some(0.5), "50%"),
@@ -188,11 +298,12 @@ fn main() {
     ];
     let mut rows = Vec::new();
     let mut scratch = MoeScratch::default();
-    for &d in dims {
-        for &mult in widths {
+    for &d in &dims {
+        for &mult in &widths {
             let width = mult * d;
             // Dense FFN of the same width: the fused kernel with one expert taking every token,
-            // gemm (all threads) and candle; the fastest counts.
+            // gemm (all threads) plus the scalar activation, candle, and the two gemm matmuls
+            // without any activation (a bound no dense FFN beats); the fastest counts.
             let up = rand_vec(&mut rng, width * d, 1.0 / (d as f32).sqrt());
             let down = rand_vec(&mut rng, width * d, 1.0 / (width as f32).sqrt());
             let dense_packed = PackedExperts::new(1, d, width, ACT, &up, None, &down, None, None);
@@ -204,26 +315,26 @@ fn main() {
                 .collect();
             let tw1 = Tensor::from_slice(&w1t, (d, width), &Device::Cpu).unwrap();
             let tw2 = Tensor::from_slice(&w2t, (width, d), &Device::Cpu).unwrap();
-            for &tokens in token_set {
+            for &tokens in &token_set {
                 let x = rand_vec(&mut rng, tokens * d, 1.0);
                 let tx = Tensor::from_slice(&x, (tokens, d), &Device::Cpu).unwrap();
                 let mut out = vec![0.0f32; tokens * d];
                 let mut dense_groups = ExpertGroups::default();
                 dense_groups.build(&routing(&mut rng, tokens, 1, Some(1)));
-                let t_fused = time(budget, || {
+                let t_fused = time(clock, budget, || {
                     moe_forward(
                         &dense_packed,
                         &x,
                         &dense_groups,
                         &mut out,
                         &mut scratch,
-                        KernelVariant::Auto,
+                        fused,
                         threads,
                     )
                 });
                 let mut hbuf = vec![0.0f32; tokens * width];
-                let t_gemm = time(budget, || unsafe {
-                    let par = gemm::Parallelism::Rayon(threads);
+                let t_gemm = time(clock, budget, || unsafe {
+                    let par = par(threads);
                     gemm::gemm(
                         tokens,
                         width,
@@ -245,8 +356,12 @@ fn main() {
                         false,
                         par,
                     );
-                    hbuf.par_chunks_mut(4096)
-                        .for_each(|c| c.iter_mut().for_each(|v| *v = ACT.apply(*v)));
+                    if threads > 1 {
+                        hbuf.par_chunks_mut(4096)
+                            .for_each(|c| c.iter_mut().for_each(|v| *v = ACT.apply(*v)));
+                    } else {
+                        hbuf.iter_mut().for_each(|v| *v = ACT.apply(*v));
+                    }
                     gemm::gemm(
                         tokens,
                         d,
@@ -269,7 +384,53 @@ fn main() {
                         par,
                     );
                 });
-                let t_candle_dense = time(budget, || {
+                // Lower bound for any dense FFN of this width: its two matmuls alone.
+                let t_matmuls = time(clock, budget, || unsafe {
+                    let par = par(threads);
+                    gemm::gemm(
+                        tokens,
+                        width,
+                        d,
+                        hbuf.as_mut_ptr(),
+                        1,
+                        width as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        d as isize,
+                        w1t.as_ptr(),
+                        1,
+                        width as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                    gemm::gemm(
+                        tokens,
+                        d,
+                        width,
+                        out.as_mut_ptr(),
+                        1,
+                        d as isize,
+                        false,
+                        hbuf.as_ptr(),
+                        1,
+                        width as isize,
+                        w2t.as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                });
+                let t_candle_dense = time(clock, budget, || {
                     tx.matmul(&tw1)
                         .unwrap()
                         .gelu()
@@ -281,12 +442,13 @@ fn main() {
                     (t_fused, "fused"),
                     (t_gemm, "gemm"),
                     (t_candle_dense, "candle"),
+                    (t_matmuls, "matmuls only"),
                 ]
                 .into_iter()
                 .min_by(|a, b| a.0.total_cmp(&b.0))
                 .unwrap();
 
-                for &e in experts {
+                for &e in &experts {
                     let h = width / e;
                     let up_e = rand_vec(&mut rng, e * h * d, 1.0 / (d as f32).sqrt());
                     let down_e = rand_vec(&mut rng, e * h * d, 1.0 / (h as f32).sqrt());
@@ -302,18 +464,18 @@ fn main() {
                         groups.build(&r);
                         let pairs = groups.pairs();
                         let active = pairs as f64 / (tokens * e) as f64;
-                        let moe_s = time(budget, || {
+                        let moe_s = time(clock, budget, || {
                             moe_forward(
                                 &packed,
                                 &x,
                                 &groups,
                                 &mut out,
                                 &mut scratch,
-                                KernelVariant::Auto,
+                                fused,
                                 threads,
                             )
                         });
-                        let gemm_var_s = time(budget, || {
+                        let gemm_var_s = time(clock, budget, || {
                             moe_forward(
                                 &packed,
                                 &x,
@@ -325,7 +487,7 @@ fn main() {
                             )
                         });
                         let candle_s = ce.as_ref().map(|ce| {
-                            time(budget, || {
+                            time(clock, budget, || {
                                 candle_moe(ce, &tx, &groups);
                             })
                         });

@@ -13,7 +13,10 @@
 //! re-read `/proc/cpuinfo` when `RAYON_NUM_THREADS` is unset), and splitting each small GEMM over
 //! threads costs more than it gains. Here the weights are packed once, tokens are gathered straight
 //! from `x`, the hidden activations stay in a per-thread scratch block that lives in L2, and each
-//! thread writes its own output rows, so a pass allocates nothing once the scratch has grown.
+//! thread writes its own output rows, so once the scratch has grown a pass allocates nothing the
+//! size of the data (only two vectors of `threads` entries when it splits work). On one core of
+//! this machine kind the result is 72-100% of the 1024^3 matmul peak at >= 256 tokens, with time
+//! following the active share (see docs/benchmarks.md, "MoE layer").
 //!
 //! # Variants
 //! - [`KernelVariant::Avx512`] / [`KernelVariant::Avx2`]: the fused kernel. For a block of up to
@@ -57,12 +60,20 @@ fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
+/// Index of element (`k`, `col`) of a `[k_len][n]` matrix stored as `[n / 32][k_len][32]` panels.
+fn panel_at(k_len: usize, k: usize, col: usize) -> usize {
+    (col / PANEL) * k_len * PANEL + k * PANEL + col % PANEL
+}
+
 /// Expert weights of one MoE layer, packed once at load in the orientation the kernel reads.
 ///
-/// Layout (per expert, row-major, zero padded): `w1` is `[d][n1]` with `n1 = h_pad` columns of
-/// `up` (non-gated) or `2 * h_pad` columns, `gate` then `up` (gated); `w2` is `[h_pad][d_pad]`
-/// (`down` transposed). `h_pad` and `d_pad` round up to 32. Zero padding is harmless: a padded
-/// hidden unit is `act(0) = 0` and meets a zero row of `w2`.
+/// Layout (per expert, zero padded): the first matmul's matrix `[d][n1]` has `n1 = h_pad` columns
+/// of `up` (non-gated) or `2 * h_pad` columns, `gate` then `up` (gated); the second's is
+/// `[h_pad][d_pad]` (`down` transposed). Both are stored as 32-column panels, `[n/32][k][32]`, so
+/// the micro-kernel streams each panel contiguously: a row-major `[k][n]` layout made it stride by
+/// `n` floats per k (up to 4 KiB, a new page per k at d = 1024) and cost ~20% at large widths.
+/// `h_pad` and `d_pad` round up to 32. Zero padding is harmless: a padded hidden unit is
+/// `act(0) = 0` and meets a zero row of the second matrix.
 #[derive(Clone, Debug)]
 pub struct PackedExperts {
     n_experts: usize,
@@ -122,14 +133,14 @@ impl PackedExperts {
             let upe = &up[e * hd..(e + 1) * hd];
             for j in 0..h {
                 for k in 0..d {
-                    w1e[k * n1 + up_col0 + j] = upe[j * d + k];
+                    w1e[panel_at(d, k, up_col0 + j)] = upe[j * d + k];
                 }
             }
             if let Some(g) = gate {
                 let ge = &g[e * hd..(e + 1) * hd];
                 for j in 0..h {
                     for k in 0..d {
-                        w1e[k * n1 + j] = ge[j * d + k];
+                        w1e[panel_at(d, k, j)] = ge[j * d + k];
                     }
                 }
             }
@@ -137,7 +148,7 @@ impl PackedExperts {
             let downe = &down[e * hd..(e + 1) * hd];
             for n in 0..d {
                 for j in 0..h {
-                    w2e[j * d_pad + n] = downe[n * h + j];
+                    w2e[panel_at(h_pad, j, n)] = downe[n * h + j];
                 }
             }
         }
@@ -565,7 +576,9 @@ fn run(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
             }
             unsafe { gemm_items::<Portable>(job, dst, ts) }
         }
-        _ => unsafe { fused_items::<Portable, 4, 4>(job, dst, ts) },
+        // 2 rows: 8 accumulator [f32; 8] values, which fit the 32 128-bit registers of NEON and
+        // spill less on SSE2's 16 than 4 rows did.
+        _ => unsafe { fused_items::<Portable, 2, 4>(job, dst, ts) },
     }
 }
 
@@ -581,8 +594,9 @@ unsafe fn run_avx512(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
-    // 3 rows x 4 registers = 12 of the 16 ymm registers as accumulators.
-    unsafe { fused_items::<Avx2, 3, 4>(job, dst, ts) }
+    // 2 rows x 4 registers = 8 accumulators + 4 panel registers + 1 broadcast of the 16 ymm
+    // registers; 3 rows (12 accumulators, 17 live registers) spilled and ran at half the speed.
+    unsafe { fused_items::<Avx2, 2, 4>(job, dst, ts) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -642,7 +656,7 @@ unsafe fn mm1_rows<S: Simd, const M: usize, const NV: usize>(
     let w1 = ex.w1(e);
     for p in (0..n1).step_by(PANEL) {
         unsafe {
-            let acc = tile::<S, M, NV>(&a, w1.add(p), n1, d);
+            let acc = tile::<S, M, NV>(&a, w1.add(p * d), PANEL, d);
             for (i, row) in acc.iter().enumerate() {
                 for (v, &r) in row.iter().enumerate() {
                     S::store(z.add((r0 + i) * n1 + p + v * S::W), r);
@@ -672,7 +686,7 @@ unsafe fn mm2_rows<S: Simd, const M: usize, const NV: usize>(
     let b2 = ex.b2.as_ref().map(|b| b[e * d_pad..].as_ptr());
     for q in (0..d_pad).step_by(PANEL) {
         unsafe {
-            let acc = tile::<S, M, NV>(&a, w2.add(q), d_pad, ex.h_pad);
+            let acc = tile::<S, M, NV>(&a, w2.add(q * ex.h_pad), PANEL, ex.h_pad);
             for (i, row) in acc.iter().enumerate() {
                 for (v, &r) in row.iter().enumerate() {
                     let col = q + v * S::W;
@@ -812,50 +826,54 @@ unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                     let t = job.groups.tokens[b0 + r] as usize;
                     std::ptr::copy_nonoverlapping(job.x.as_ptr().add(t * d), xg.add(r * d), d);
                 }
-                // z = xg @ w1 (read_dst false: dst = beta * lhs @ rhs).
-                gemm::gemm(
-                    m,
-                    n1,
-                    d,
-                    z,
-                    1,
-                    n1 as isize,
-                    false,
-                    xg,
-                    1,
-                    d as isize,
-                    ex.w1(e),
-                    1,
-                    n1 as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                // z = xg @ w1, one call per 32-column panel (read_dst false: dst = beta * lhs @ rhs).
+                for p in (0..n1).step_by(PANEL) {
+                    gemm::gemm(
+                        m,
+                        PANEL,
+                        d,
+                        z.add(p),
+                        1,
+                        n1 as isize,
+                        false,
+                        xg,
+                        1,
+                        d as isize,
+                        ex.w1(e).add(p * d),
+                        1,
+                        PANEL as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
                 hidden::<S>(job, e, b0, m, z);
-                gemm::gemm(
-                    m,
-                    d_pad,
-                    h_pad,
-                    y,
-                    1,
-                    d_pad as isize,
-                    false,
-                    z,
-                    1,
-                    n1 as isize,
-                    ex.w2(e),
-                    1,
-                    d_pad as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                for q in (0..d_pad).step_by(PANEL) {
+                    gemm::gemm(
+                        m,
+                        PANEL,
+                        h_pad,
+                        y.add(q),
+                        1,
+                        d_pad as isize,
+                        false,
+                        z,
+                        1,
+                        n1 as isize,
+                        ex.w2(e).add(q * h_pad),
+                        1,
+                        PANEL as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
                 for r in 0..m {
                     let w = job.groups.weights[b0 + r];
                     let out = job.dst_row(dst, b0 + r);
