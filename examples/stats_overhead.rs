@@ -10,10 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use xmoe_top::model::config::{
-    Activation, FORMAT_VERSION, ModelConfig, MoeLayers, NormKind, PolicySpec, PositionKind,
-    TokenizerKind,
-};
+use xmoe_top::model::config::ModelConfig;
 use xmoe_top::model::format::{StoreDtype, write_model};
 use xmoe_top::model::synth::random_weights;
 use xmoe_top::model::{Model, RoutingConfig};
@@ -31,31 +28,8 @@ const ROUNDS: usize = 5;
 
 fn config() -> ModelConfig {
     ModelConfig {
-        format_version: FORMAT_VERSION,
         name: "random-d256-l4-e64x32".into(),
-        vocab_size: 256,
-        tokenizer: TokenizerKind::Byte,
-        d_model: 256,
-        n_layers: 4,
-        n_heads: 4,
-        max_seq_len: 256,
-        norm: NormKind::LayerNorm,
-        norm_eps: 1e-5,
-        positions: PositionKind::Learned,
-        rope_theta: 10_000.0,
-        activation: Activation::Gelu,
-        gated: false,
-        attn_bias: false,
-        dense_ffn_hidden: 1024,
-        ffn_bias: false,
-        moe_layers: MoeLayers::Keyword("all".into()),
-        n_experts: 64,
-        expert_hidden: 32,
-        expert_bias: true,
-        tie_embeddings: true,
-        default_policy: PolicySpec::Threshold { t: 0.9 },
-        top_k_baseline: None,
-        capacity_factor: None,
+        ..ModelConfig::byte_level(256, 4, 4, 256, 64, 32, 1024)
     }
 }
 

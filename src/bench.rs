@@ -5,10 +5,7 @@
 
 use std::time::Instant;
 
-use crate::model::config::{
-    Activation, FORMAT_VERSION, ModelConfig, MoeLayers, NormKind, PolicySpec, PositionKind,
-    TokenizerKind,
-};
+use crate::model::config::ModelConfig;
 use crate::model::format::{ModelFile, StoreDtype, write_model};
 use crate::model::synth::random_weights;
 use crate::model::{LoadOptions, Model, RoutingConfig};
@@ -125,31 +122,8 @@ fn load_time(quick: bool, device: &Device, threads: usize) -> anyhow::Result<()>
     // d 1024, 64 experts x 128 per layer: 21 M parameters a layer; 25 layers = 1 GiB in f16.
     let layers = if quick { 6 } else { 25 };
     let cfg = ModelConfig {
-        format_version: FORMAT_VERSION,
         name: format!("random-d1024-l{layers}-e64x128"),
-        vocab_size: 256,
-        tokenizer: TokenizerKind::Byte,
-        d_model: 1024,
-        n_layers: layers,
-        n_heads: 16,
-        max_seq_len: 1024,
-        norm: NormKind::LayerNorm,
-        norm_eps: 1e-5,
-        positions: PositionKind::Learned,
-        rope_theta: 10_000.0,
-        activation: Activation::Gelu,
-        gated: false,
-        attn_bias: false,
-        dense_ffn_hidden: 4096,
-        ffn_bias: false,
-        moe_layers: MoeLayers::Keyword("all".into()),
-        n_experts: 64,
-        expert_hidden: 128,
-        expert_bias: true,
-        tie_embeddings: true,
-        default_policy: PolicySpec::default(),
-        top_k_baseline: None,
-        capacity_factor: None,
+        ..ModelConfig::byte_level(1024, layers, 16, 1024, 64, 128, 4096)
     };
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("big.safetensors");

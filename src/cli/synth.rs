@@ -6,10 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::model::config::{
-    Activation, FORMAT_VERSION, ModelConfig, MoeLayers, NormKind, PolicySpec, PositionKind,
-    TokenizerKind,
-};
+use crate::model::config::ModelConfig;
 use crate::model::format::{StoreDtype, write_model};
 use crate::model::synth::random_weights;
 
@@ -62,34 +59,19 @@ pub fn run(a: SynthArgs) -> Result<ExitCode> {
             ModelConfig::from_json(&text).with_context(|| format!("in {}", p.display()))?
         }
         None => ModelConfig {
-            format_version: FORMAT_VERSION,
             name: format!(
                 "random-d{}-l{}-e{}x{}",
                 a.d_model, a.layers, a.experts, a.expert_hidden
             ),
-            vocab_size: 256,
-            tokenizer: TokenizerKind::Byte,
-            d_model: a.d_model,
-            n_layers: a.layers,
-            n_heads: a.heads,
-            max_seq_len: a.seq,
-            norm: NormKind::LayerNorm,
-            norm_eps: 1e-5,
-            positions: PositionKind::Learned,
-            rope_theta: 10_000.0,
-            activation: Activation::Gelu,
-            gated: false,
-            attn_bias: false,
-            dense_ffn_hidden: a.dense_hidden,
-            ffn_bias: false,
-            moe_layers: MoeLayers::Keyword("all".into()),
-            n_experts: a.experts,
-            expert_hidden: a.expert_hidden,
-            expert_bias: true,
-            tie_embeddings: true,
-            default_policy: PolicySpec::default(),
-            top_k_baseline: None,
-            capacity_factor: None,
+            ..ModelConfig::byte_level(
+                a.d_model,
+                a.layers,
+                a.heads,
+                a.seq,
+                a.experts,
+                a.expert_hidden,
+                a.dense_hidden,
+            )
         },
     };
     cfg.validate()?;

@@ -363,6 +363,47 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// A byte-level model with the common choices (pre-norm LayerNorm, learned positions, GELU,
+    /// non-gated experts with biases, every block MoE, tied embeddings, threshold 0.9); change
+    /// fields with struct update syntax.
+    pub fn byte_level(
+        d_model: usize,
+        n_layers: usize,
+        n_heads: usize,
+        max_seq_len: usize,
+        n_experts: usize,
+        expert_hidden: usize,
+        dense_ffn_hidden: usize,
+    ) -> Self {
+        ModelConfig {
+            format_version: FORMAT_VERSION,
+            name: default_name(),
+            vocab_size: 256,
+            tokenizer: TokenizerKind::Byte,
+            d_model,
+            n_layers,
+            n_heads,
+            max_seq_len,
+            norm: NormKind::LayerNorm,
+            norm_eps: default_eps(),
+            positions: PositionKind::Learned,
+            rope_theta: default_rope_theta(),
+            activation: Activation::Gelu,
+            gated: false,
+            attn_bias: false,
+            dense_ffn_hidden,
+            ffn_bias: false,
+            moe_layers: MoeLayers::Keyword("all".into()),
+            n_experts,
+            expert_hidden,
+            expert_bias: true,
+            tie_embeddings: true,
+            default_policy: PolicySpec::default(),
+            top_k_baseline: None,
+            capacity_factor: None,
+        }
+    }
+
     /// Indices of the MoE blocks, ascending.
     pub fn moe_layer_indices(&self) -> Vec<usize> {
         match &self.moe_layers {
@@ -422,31 +463,8 @@ pub(crate) mod tests {
     /// A small valid configuration for tests.
     pub fn small() -> ModelConfig {
         ModelConfig {
-            format_version: FORMAT_VERSION,
             name: "test".into(),
-            vocab_size: 256,
-            tokenizer: TokenizerKind::Byte,
-            d_model: 16,
-            n_layers: 2,
-            n_heads: 2,
-            max_seq_len: 32,
-            norm: NormKind::LayerNorm,
-            norm_eps: 1e-5,
-            positions: PositionKind::Learned,
-            rope_theta: 10_000.0,
-            activation: Activation::Gelu,
-            gated: false,
-            attn_bias: false,
-            dense_ffn_hidden: 64,
-            ffn_bias: false,
-            moe_layers: MoeLayers::Keyword("all".into()),
-            n_experts: 8,
-            expert_hidden: 16,
-            expert_bias: true,
-            tie_embeddings: true,
-            default_policy: PolicySpec::default(),
-            top_k_baseline: None,
-            capacity_factor: None,
+            ..ModelConfig::byte_level(16, 2, 2, 32, 8, 16, 64)
         }
     }
 

@@ -5,10 +5,7 @@
 //! consistent with every other: shares match the distributions, FLOPs match the selections,
 //! percentiles match the histograms. Never shown to users as measurements.
 
-use crate::model::config::{
-    Activation, FORMAT_VERSION, ModelConfig, MoeLayers, NormKind, PolicySpec, PositionKind,
-    TokenizerKind,
-};
+use crate::model::config::{ModelConfig, MoeLayers, PolicySpec};
 use crate::profiling::snapshot::{
     DeviceBackend, DeviceHistoryPoint, DeviceSnapshot, GeneratedText, GeneratedToken, GpuCounters,
     LayerPolicy, ModelInfo, PolicyState, ProcessCounters, Snapshot, TokenOrigin, WorkloadInfo,
@@ -25,34 +22,13 @@ use crate::routing::{RoutingPolicy, route};
 /// `256 / 4` (so the top-k baseline is k = 4), byte vocabulary.
 pub fn example_config(n_experts: usize) -> ModelConfig {
     ModelConfig {
-        format_version: FORMAT_VERSION,
         name: "example-xmoe".into(),
-        vocab_size: 256,
-        tokenizer: TokenizerKind::Byte,
-        d_model: 64,
-        n_layers: 6,
-        n_heads: 4,
-        max_seq_len: 128,
-        norm: NormKind::LayerNorm,
-        norm_eps: 1e-5,
-        positions: PositionKind::Learned,
-        rope_theta: 10_000.0,
-        activation: Activation::Gelu,
-        gated: false,
-        attn_bias: false,
-        dense_ffn_hidden: 256,
-        ffn_bias: false,
         moe_layers: MoeLayers::Every {
             every: 2,
             offset: 1,
         },
-        n_experts,
-        expert_hidden: 64,
-        expert_bias: true,
-        tie_embeddings: true,
-        default_policy: PolicySpec::Threshold { t: 0.9 },
         top_k_baseline: Some(4),
-        capacity_factor: None,
+        ..ModelConfig::byte_level(64, 6, 4, 128, n_experts, 64, 256)
     }
 }
 

@@ -18,10 +18,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use crate::model::config::{
-    Activation, FORMAT_VERSION, ModelConfig, MoeLayers, NormKind, PolicySpec, PositionKind,
-    TokenizerKind,
-};
+use crate::model::config::{ModelConfig, PolicySpec};
 use crate::routing::RoutingPolicy;
 use model::{ParamGroup, TrainModel};
 
@@ -126,31 +123,17 @@ impl TrainArgs {
     /// The model configuration these options describe.
     pub fn model_config(&self) -> ModelConfig {
         ModelConfig {
-            format_version: FORMAT_VERSION,
             name: self.name.clone(),
-            vocab_size: 256,
-            tokenizer: TokenizerKind::Byte,
-            d_model: self.d_model,
-            n_layers: self.layers,
-            n_heads: self.heads,
-            max_seq_len: self.max_seq_len,
-            norm: NormKind::LayerNorm,
-            norm_eps: 1e-5,
-            positions: PositionKind::Learned,
-            rope_theta: 10_000.0,
-            activation: Activation::Gelu,
-            gated: false,
-            attn_bias: false,
-            dense_ffn_hidden: self.dense_hidden,
-            ffn_bias: false,
-            moe_layers: MoeLayers::Keyword("all".into()),
-            n_experts: self.experts,
-            expert_hidden: self.expert_hidden,
-            expert_bias: true,
-            tie_embeddings: true,
             default_policy: PolicySpec::Threshold { t: self.threshold },
-            top_k_baseline: None,
-            capacity_factor: None,
+            ..ModelConfig::byte_level(
+                self.d_model,
+                self.layers,
+                self.heads,
+                self.max_seq_len,
+                self.experts,
+                self.expert_hidden,
+                self.dense_hidden,
+            )
         }
     }
 }

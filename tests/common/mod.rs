@@ -7,41 +7,15 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use xmoe_top::model::config::{
-    Activation, FORMAT_VERSION, ModelConfig, MoeLayers, NormKind, PolicySpec, PositionKind,
-    TokenizerKind,
-};
+use xmoe_top::model::config::{Activation, ModelConfig, NormKind, PositionKind};
 use xmoe_top::model::format::{StoreDtype, write_model};
 use xmoe_top::model::synth::random_weights;
 
 /// A small configuration; tests change fields as they need.
 pub fn small_config() -> ModelConfig {
     ModelConfig {
-        format_version: FORMAT_VERSION,
         name: "test".into(),
-        vocab_size: 256,
-        tokenizer: TokenizerKind::Byte,
-        d_model: 32,
-        n_layers: 2,
-        n_heads: 4,
-        max_seq_len: 64,
-        norm: NormKind::LayerNorm,
-        norm_eps: 1e-5,
-        positions: PositionKind::Learned,
-        rope_theta: 10_000.0,
-        activation: Activation::Gelu,
-        gated: false,
-        attn_bias: false,
-        dense_ffn_hidden: 64,
-        ffn_bias: false,
-        moe_layers: MoeLayers::Keyword("all".into()),
-        n_experts: 8,
-        expert_hidden: 16,
-        expert_bias: true,
-        tie_embeddings: true,
-        default_policy: PolicySpec::default(),
-        top_k_baseline: None,
-        capacity_factor: None,
+        ..ModelConfig::byte_level(32, 2, 4, 64, 8, 16, 64)
     }
 }
 
