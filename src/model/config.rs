@@ -195,7 +195,7 @@ pub struct ModelConfig {
     pub n_experts: usize,
     /// Hidden width of one expert.
     pub expert_hidden: usize,
-    /// Each expert has an input bias [h] and an output bias [d] (added before gating).
+    /// Each expert has an input bias `[h]` and an output bias `[d]` (added before gating).
     #[serde(default)]
     pub expert_bias: bool,
     /// LM head shares the token embedding matrix.

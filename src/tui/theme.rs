@@ -206,7 +206,7 @@ pub fn shade_level(v: f64) -> usize {
     }
 }
 
-/// RGB of the heat ramp at `v` (0..=1), linear between the stops; exactly 0 is [`UNUSED`].
+/// RGB of the heat ramp at `v` (0..=1), linear between the stops; exactly 0 is the colour of an unused expert.
 pub fn heat_rgb(v: f64) -> (u8, u8, u8) {
     if v.is_nan() || v <= 0.0 {
         return UNUSED;
