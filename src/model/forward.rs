@@ -208,8 +208,7 @@ impl Model {
             None
         };
         let moe_layers = cfg.moe_layer_indices();
-        let mut blocks = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
+        let block = |i: usize| -> Result<Block, LoadError> {
             let p = format!("layers.{i}");
             let ffn = if let Some(slot) = moe_layers.iter().position(|&l| l == i) {
                 let router = t(&format!("{p}.moe.router.weight"), &[cfg.n_experts, d])?;
@@ -230,7 +229,7 @@ impl Model {
                     down: linear(&format!("{p}.ffn.down_proj"), d, h, cfg.ffn_bias)?,
                 })
             };
-            blocks.push(Block {
+            Ok(Block {
                 attn_norm: norm(&format!("{p}.attn_norm"))?,
                 q: linear(&format!("{p}.attn.q_proj"), d, d, cfg.attn_bias)?,
                 k: linear(&format!("{p}.attn.k_proj"), d, d, cfg.attn_bias)?,
@@ -238,8 +237,21 @@ impl Model {
                 o: linear(&format!("{p}.attn.o_proj"), d, d, cfg.attn_bias)?,
                 ffn_norm: norm(&format!("{p}.ffn_norm"))?,
                 ffn,
-            });
-        }
+            })
+        };
+        // Converting and packing the weights is most of the load time: on the CPU, layers load on
+        // all cores. (GPU uploads stay on one thread.)
+        let blocks = if device.is_cpu() {
+            use rayon::prelude::*;
+            (0..cfg.n_layers)
+                .into_par_iter()
+                .map(block)
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            (0..cfg.n_layers)
+                .map(block)
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let head = if cfg.tie_embeddings {
             tok_emb.clone()
         } else {
