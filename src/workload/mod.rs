@@ -29,12 +29,12 @@ use crate::profiling::trace::ForwardTrace;
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {io}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        io: std::io::Error,
     },
     /// The text has no bytes.
     #[error("the text {name} is empty")]
@@ -104,9 +104,9 @@ pub struct TextSource {
 impl TextSource {
     /// Reads a file (non-UTF-8 content is fine).
     pub fn from_file(path: &Path) -> Result<Self, WorkloadError> {
-        let bytes = std::fs::read(path).map_err(|source| WorkloadError::Read {
+        let bytes = std::fs::read(path).map_err(|io| WorkloadError::Read {
             path: path.to_path_buf(),
-            source,
+            io,
         })?;
         Ok(Self {
             name: path.display().to_string(),
@@ -157,9 +157,9 @@ pub fn builtin_prompts() -> Vec<Vec<u8>> {
 
 /// Reads prompts from a file, one per line; blank lines are skipped.
 pub fn prompts_from_file(path: &Path) -> Result<Vec<Vec<u8>>, WorkloadError> {
-    let bytes = std::fs::read(path).map_err(|source| WorkloadError::Read {
+    let bytes = std::fs::read(path).map_err(|io| WorkloadError::Read {
         path: path.to_path_buf(),
-        source,
+        io,
     })?;
     let prompts: Vec<Vec<u8>> = bytes
         .split(|&b| b == b'\n')
