@@ -439,7 +439,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     save::save_safetensors(&model, &args.out)?;
     let back = save::check_saved(&args.out)?;
     anyhow::ensure!(
-        back == cfg,
+        back.config() == &cfg,
         "saved configuration differs from the trained one"
     );
     let size = std::fs::metadata(&args.out)?.len();

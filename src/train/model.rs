@@ -233,22 +233,17 @@ impl TrainModel {
     /// Loads a file written by [`super::save::save_safetensors`] (f16 values widened to f32),
     /// routing with the file's default policy.
     pub fn from_file(path: &std::path::Path, dev: &Device) -> anyhow::Result<Self> {
-        let cfg = super::save::check_saved(path)?;
-        let bytes = std::fs::read(path)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)?;
+        let file = super::save::check_saved(path)?;
+        let cfg = file.config().clone();
         let t = match cfg.default_policy {
             crate::model::config::PolicySpec::Threshold { t } => t,
             _ => 0.9,
         };
         let mut model = Self::new(&cfg, t, 0, 0.02, 0.02, dev)?;
         for p in &model.params {
-            let view = st.tensor(&p.name)?;
-            let data: Vec<f32> = view
-                .data()
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect();
-            p.var.set(&Tensor::from_vec(data, view.shape(), dev)?)?;
+            let shape = file.raw(&p.name).shape.to_vec();
+            p.var
+                .set(&Tensor::from_vec(file.f32(&p.name), shape, dev)?)?;
         }
         model.set_policy(cfg.default_policy.into())?;
         Ok(model)
