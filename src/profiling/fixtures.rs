@@ -107,17 +107,9 @@ fn synthetic_pass(
 
 fn model_info(cfg: &ModelConfig, device: &str) -> ModelInfo {
     ModelInfo {
-        name: cfg.name.clone(),
+        // A round synthetic figure that the render tests look for; fixtures are never real runs.
         parameters: 1_234_567,
-        device: device.to_string(),
-        n_layers: cfg.n_layers,
-        moe_layers: cfg.moe_layer_indices(),
-        n_experts: cfg.n_experts,
-        expert_hidden: cfg.expert_hidden,
-        d_model: cfg.d_model,
-        vocab_size: cfg.vocab_size,
-        max_seq_len: cfg.max_seq_len,
-        top_k_baseline: cfg.top_k_baseline(),
+        ..ModelInfo::new(cfg, device, cfg.top_k_baseline())
     }
 }
 

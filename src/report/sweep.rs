@@ -506,20 +506,7 @@ pub fn run_sweep(
     }
     points.push(dense);
 
-    let params = model.param_counts().total as u64;
-    let model_info = ModelInfo {
-        name: cfg.name.clone(),
-        parameters: params,
-        device: spec.device.clone(),
-        n_layers: cfg.n_layers,
-        moe_layers: moe_layers.clone(),
-        n_experts: cfg.n_experts,
-        expert_hidden: cfg.expert_hidden,
-        d_model: cfg.d_model,
-        vocab_size: cfg.vocab_size,
-        max_seq_len: cfg.max_seq_len,
-        top_k_baseline,
-    };
+    let model_info = ModelInfo::new(cfg, spec.device.clone(), top_k_baseline);
     let workload = WorkloadInfo {
         kind: WorkloadKind::Eval,
         source: spec.source.clone(),

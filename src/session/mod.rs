@@ -472,19 +472,7 @@ impl Runner {
         let top_k = config
             .top_k_baseline
             .unwrap_or_else(|| cfg.top_k_baseline());
-        let model_info = ModelInfo {
-            name: cfg.name.clone(),
-            parameters: model.param_counts().total as u64,
-            device: config.device_description.clone(),
-            n_layers: cfg.n_layers,
-            moe_layers: model.moe_layers().to_vec(),
-            n_experts: cfg.n_experts,
-            expert_hidden: cfg.expert_hidden,
-            d_model: cfg.d_model,
-            vocab_size: cfg.vocab_size,
-            max_seq_len: cfg.max_seq_len,
-            top_k_baseline: top_k.clamp(1, cfg.n_experts),
-        };
+        let model_info = ModelInfo::new(cfg, config.device_description.clone(), top_k);
         let routing = config.routing.clone();
         let reference = RoutingConfig {
             policies: vec![config.reference_policy; routing.policies.len()],
