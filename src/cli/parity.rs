@@ -171,15 +171,10 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
 }
 
 fn synthetic_config() -> ModelConfig {
-    let mut cfg: ModelConfig = serde_json::from_str(
-        r#"{"vocab_size":256,"tokenizer":"byte","d_model":512,"n_layers":4,"n_heads":8,
-            "max_seq_len":256,"norm":"layer_norm","positions":"learned","activation":"gelu",
-            "dense_ffn_hidden":2048,"moe_layers":"all","n_experts":64,"expert_hidden":32,
-            "expert_bias":true}"#,
-    )
-    .expect("valid synthetic configuration");
-    cfg.name = "synthetic-d512-l4-e64x32".into();
-    cfg
+    ModelConfig {
+        name: "synthetic-d512-l4-e64x32".into(),
+        ..ModelConfig::byte_level(512, 4, 8, 256, 64, 32, 2048)
+    }
 }
 
 /// Largest |a - b| / max(1, max |a row|).
