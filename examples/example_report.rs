@@ -1,12 +1,16 @@
 //! Writes the example session reports (synthetic data pushed through the real statistics
-//! pipeline; see `xmoe_top::profiling::fixtures`) into a directory, every format: for previewing
+//! pipeline; see `tests/common/fixtures.rs`) into a directory, every format: for previewing
 //! the report layout without a model.
 //!
 //! `cargo run --release --example example_report -- DIR`
 
+#[path = "../tests/common/fixtures.rs"]
+mod fixtures;
+
 use std::path::PathBuf;
 
-use xmoe_top::profiling::fixtures::example_snapshot;
+use fixtures::example_snapshot;
+
 use xmoe_top::profiling::snapshot::WorkloadKind;
 use xmoe_top::report::{ReportData, ReportFormat, write_report};
 

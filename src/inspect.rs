@@ -6,6 +6,7 @@ use crate::model::config::ModelConfig;
 use crate::model::format::ModelFile;
 use crate::model::forward::{ParamCounts, param_counts};
 use crate::profiling::flops::FlopModel;
+use crate::units::{bytes_one_decimal as human_bytes, group_digits as group};
 
 /// One row of the tensor table.
 #[derive(Clone, Debug, Serialize)]
@@ -210,50 +211,5 @@ impl InspectReport {
             let _ = writeln!(s, "warning: {warn}");
         }
         s
-    }
-}
-
-/// `1234567` -> `1,234,567`.
-pub fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
-
-/// Bytes with a binary unit.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn number_formatting() {
-        assert_eq!(group(0), "0");
-        assert_eq!(group(999), "999");
-        assert_eq!(group(1000), "1,000");
-        assert_eq!(group(1234567), "1,234,567");
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(8 * 1024 * 1024), "8.0 MiB");
     }
 }

@@ -7,6 +7,11 @@
 //! samples device counters; [`kernel`] is the CPU expert layer; [`report`] writes reports,
 //! threshold sweeps and routing traces.
 
+// Lets the test fixtures shared with tests/ name this crate `xmoe_top` from inside it too.
+#[cfg(test)]
+extern crate self as xmoe_top;
+
+pub mod atomic_file;
 pub mod bench;
 pub mod cli;
 pub mod embedded;
@@ -20,4 +25,5 @@ pub mod routing;
 pub mod session;
 pub mod train;
 pub mod tui;
+pub mod units;
 pub mod workload;

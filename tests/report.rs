@@ -8,12 +8,12 @@ use std::path::Path;
 use xmoe_top::model::config::PolicySpec;
 use xmoe_top::model::format::StoreDtype;
 use xmoe_top::model::forward::{Model, RoutingConfig};
-use xmoe_top::profiling::fixtures::example_snapshot;
+use common::fixtures::example_snapshot;
 use xmoe_top::profiling::snapshot::WorkloadKind;
 use xmoe_top::profiling::trace::ForwardTrace;
+use xmoe_top::session::sweep::{SweepSpec, run_sweep, text_batches};
 use xmoe_top::report::{
-    ReportData, ReportFormat, SweepSpec, TraceOptions, TraceReader, TraceWriter, export, run_sweep,
-    text_batches, write_report,
+    ReportData, ReportFormat, TraceOptions, TraceReader, TraceWriter, export, write_report,
 };
 use xmoe_top::routing::RoutingPolicy;
 

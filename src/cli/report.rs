@@ -39,7 +39,7 @@ pub fn run(a: ReportArgs) -> Result<ExitCode> {
         ),
         None => bail!("{} is not an xmoe-top JSON report", a.input.display()),
     }
-    let data = json::parse(&text).with_context(|| format!("in {}", a.input.display()))?;
+    let data = json::read(&text).with_context(|| format!("in {}", a.input.display()))?;
     let path = write_report(&data, &a.output, a.format, a.force)?;
     eprintln!("wrote {}", path.display());
     Ok(ExitCode::SUCCESS)

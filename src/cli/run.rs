@@ -13,9 +13,9 @@ use clap::{Args, ValueEnum};
 use super::policy_args::PolicyArgs;
 use crate::model::{DeviceChoice, LoadOptions, Model, ModelFile, MoeDispatch};
 use crate::profiling::snapshot::Snapshot;
-use crate::profiling::summary::render_summary;
 use crate::profiling::trace::ForwardTrace;
-use crate::report::trace::{AtomicFile, TraceOptions, TraceWriter};
+use crate::atomic_file::AtomicFile;
+use crate::report::trace::{TraceOptions, TraceWriter};
 use crate::report::{ReportData, ReportFormat, export, write_report};
 use crate::session::{PassObserver, Session, SessionConfig};
 use crate::tui::Exporter;
@@ -299,7 +299,7 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     if a.json {
         println!("{}", last.to_json_pretty());
     } else {
-        print!("{}", render_summary(&last));
+        print!("{}", crate::report::text::render(&last));
     }
     Ok(ExitCode::SUCCESS)
 }

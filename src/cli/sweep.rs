@@ -9,8 +9,9 @@ use clap::Args;
 
 use crate::model::device::DeviceChoice;
 use crate::model::forward::Model;
+use crate::session::sweep::{SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches};
 use crate::report::{
-    ReportFormat, SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches, write_report,
+    ReportFormat, write_report,
 };
 
 /// Arguments of `sweep`.

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -612,48 +611,7 @@ pub fn write_model(
     let mut meta = HashMap::new();
     meta.insert(METADATA_KEY.to_string(), config.to_json());
     let bytes = safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))?;
-    write_atomically(path, &bytes, force)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
-/// reader never sees a half-written file. An existing `path` is kept unless `force`.
-pub fn write_atomically(path: &Path, bytes: &[u8], force: bool) -> anyhow::Result<()> {
-    use anyhow::Context;
-    if !force && path.exists() {
-        anyhow::bail!(
-            "{} already exists (use --force to overwrite)",
-            path.display()
-        );
-    }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        if force {
-            return std::fs::rename(&tmp, path);
-        }
-        // A hard link fails if `path` appeared meanwhile, so an existing file is never replaced.
-        match std::fs::hard_link(&tmp, path) {
-            Ok(()) => std::fs::remove_file(&tmp),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
-            Err(_) => std::fs::rename(&tmp, path),
-        }
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(anyhow::anyhow!("cannot write {}: {e}", path.display()));
-    }
-    Ok(())
+    crate::atomic_file::write_atomically(path, &bytes, force)
 }
 
 #[cfg(test)]

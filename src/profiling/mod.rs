@@ -1,8 +1,11 @@
 //! Profiling: forward traces, FLOP accounting, statistics and the snapshots views read.
 
+// The library's unit tests share the integration tests' fixtures (see that file's header).
+#[cfg(test)]
+#[path = "../../tests/common/fixtures.rs"]
 pub mod fixtures;
 pub mod flops;
 pub mod snapshot;
 pub mod stats;
-pub mod summary;
+pub mod sweep;
 pub mod trace;

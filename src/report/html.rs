@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use super::markdown::{flops, opt};
+use crate::units::{compact as num, fixed_or_dash as opt, flops};
 use super::{ReportData, policies_label, policy_label};
 use crate::model::config::PolicySpec;
 use crate::profiling::snapshot::{BucketScale, HistogramSnapshot, LayerStatsSnapshot};
@@ -46,33 +46,6 @@ pub(crate) fn esc(s: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-/// A compact number: 3 significant figures, k/M/G suffixes.
-fn num(x: f64) -> String {
-    let a = x.abs();
-    let (v, suffix) = if a >= 1e9 {
-        (x / 1e9, "G")
-    } else if a >= 1e6 {
-        (x / 1e6, "M")
-    } else if a >= 1e4 {
-        (x / 1e3, "k")
-    } else {
-        (x, "")
-    };
-    let av = v.abs();
-    let s = if av == 0.0 {
-        "0".to_string()
-    } else if av >= 100.0 {
-        format!("{v:.0}")
-    } else if av >= 10.0 {
-        format!("{v:.1}")
-    } else if av >= 1.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
-    };
-    format!("{s}{suffix}")
 }
 
 /// About `n` round tick values covering [lo, hi].

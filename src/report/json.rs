@@ -15,3 +15,10 @@ pub fn render(data: &ReportData) -> String {
 pub fn parse(text: &str) -> serde_json::Result<ReportData> {
     serde_json::from_str(text)
 }
+
+/// Reads a JSON report back and checks it ([`super::validate::validate`]) before it is rendered.
+pub fn read(text: &str) -> anyhow::Result<ReportData> {
+    let data = parse(text)?;
+    super::validate::validate(&data).map_err(|e| anyhow::anyhow!("inconsistent report: {e}"))?;
+    Ok(data)
+}

@@ -4,27 +4,7 @@ use std::fmt::Write;
 
 use super::{ReportData, policies_label, policy_label};
 use crate::profiling::snapshot::HistogramSnapshot;
-
-/// `v` with `prec` decimals, or "-" when absent.
-pub(crate) fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map_or_else(|| "-".to_string(), |x| format!("{x:.prec$}"))
-}
-
-/// FLOPs in engineering units: "1.23 MFLOP".
-pub(crate) fn flops(x: f64) -> String {
-    let (v, u) = if x >= 1e12 {
-        (x / 1e12, "TFLOP")
-    } else if x >= 1e9 {
-        (x / 1e9, "GFLOP")
-    } else if x >= 1e6 {
-        (x / 1e6, "MFLOP")
-    } else if x >= 1e3 {
-        (x / 1e3, "kFLOP")
-    } else {
-        (x, "FLOP")
-    };
-    format!("{v:.2} {u}")
-}
+use crate::units::{fixed_or_dash as opt, flops};
 
 fn hist_row(name: &str, h: &HistogramSnapshot) -> String {
     format!(

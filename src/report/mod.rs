@@ -13,8 +13,9 @@ pub mod csv;
 pub mod html;
 pub mod json;
 pub mod markdown;
-pub mod sweep;
+pub mod text;
 pub mod trace;
+pub mod validate;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -23,13 +24,10 @@ use std::str::FromStr;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::model::config::PolicySpec;
-use crate::model::format::write_atomically;
+use crate::atomic_file::write_atomically;
 use crate::profiling::snapshot::{SNAPSHOT_SCHEMA_VERSION, Snapshot};
 
-pub use sweep::{
-    SweepPoint, SweepResult, SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches,
-};
+pub use crate::profiling::sweep::{SweepPoint, SweepResult, policy_label};
 pub use trace::{TraceHeader, TraceOptions, TraceReader, TraceRecord, TraceWriter};
 
 /// Version of the report layout (`docs/report.schema.json`); bumped on any incompatible change.
@@ -317,27 +315,6 @@ pub fn file_timestamp(unix_ms: u64) -> String {
     format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
 }
 
-/// A short label of a policy: "t=0.90", "top-2", "top-2 renorm", "dense".
-pub fn policy_label(p: &PolicySpec) -> String {
-    match *p {
-        PolicySpec::Threshold { t } => format!("t={}", trim_float(t as f64, 3)),
-        PolicySpec::TopK { k, renormalize } => {
-            format!("top-{k}{}", if renormalize { " renorm" } else { "" })
-        }
-        PolicySpec::Dense => "dense".to_string(),
-    }
-}
-
-/// `x` with at most `decimals` decimals and no trailing zeros ("0.9", "0.85", "1").
-pub fn trim_float(x: f64, decimals: usize) -> String {
-    let s = format!("{x:.decimals$}");
-    if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    }
-}
-
 /// The policies of a snapshot's layers in brief: one label when all layers agree, else one per layer.
 pub fn policies_label(snapshot: &Snapshot) -> String {
     let labels: Vec<String> = snapshot
@@ -402,6 +379,5 @@ mod tests {
             }),
             "top-2"
         );
-        assert_eq!(trim_float(1.0, 2), "1");
     }
 }

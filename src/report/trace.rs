@@ -7,12 +7,13 @@
 //! file into place atomically. [`TraceReader`] reads a trace back line by line.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufWriter, Write};
+use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::atomic_file::AtomicFile;
 use crate::model::config::{ModelConfig, TokenizerKind};
 use crate::profiling::trace::ForwardTrace;
 
@@ -102,93 +103,6 @@ pub struct TraceRecord {
     pub byte: Option<u8>,
     /// One entry per MoE layer, in block order.
     pub layers: Vec<TraceLayer>,
-}
-
-/// A file written to a temporary name in its target directory and renamed into place by
-/// [`AtomicFile::commit`]; dropped without commit, the temporary file is removed.
-#[derive(Debug)]
-pub struct AtomicFile {
-    out: Option<BufWriter<File>>,
-    tmp: PathBuf,
-    path: PathBuf,
-    force: bool,
-}
-
-impl AtomicFile {
-    /// Creates the temporary file beside `path`. Fails at once (before any work) when `path`
-    /// exists and `force` is false, or when the directory is missing or not writable.
-    pub fn create(path: &Path, force: bool) -> Result<Self> {
-        if !force && path.exists() {
-            bail!(
-                "{} already exists (use --force to overwrite)",
-                path.display()
-            );
-        }
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .with_context(|| format!("{}: not a file path", path.display()))?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let f = File::create(&tmp).with_context(|| {
-            format!(
-                "cannot write {}: cannot create a file in {}",
-                path.display(),
-                dir.display()
-            )
-        })?;
-        Ok(Self {
-            out: Some(BufWriter::with_capacity(1 << 16, f)),
-            tmp,
-            path: path.to_path_buf(),
-            force,
-        })
-    }
-
-    /// Flushes, syncs and moves the file into place (an existing file is replaced only with `force`).
-    pub fn commit(mut self) -> Result<PathBuf> {
-        let out = self.out.take().expect("committed once");
-        let res = (|| -> io::Result<()> {
-            let f = out.into_inner().map_err(|e| e.into_error())?;
-            f.sync_all()?;
-            drop(f);
-            if self.force {
-                return std::fs::rename(&self.tmp, &self.path);
-            }
-            // A hard link fails if `path` appeared meanwhile, so an existing file is never replaced.
-            match std::fs::hard_link(&self.tmp, &self.path) {
-                Ok(()) => std::fs::remove_file(&self.tmp),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
-                Err(_) => std::fs::rename(&self.tmp, &self.path),
-            }
-        })();
-        if let Err(e) = res {
-            let _ = std::fs::remove_file(&self.tmp);
-            bail!("cannot write {}: {e}", self.path.display());
-        }
-        Ok(self.path.clone())
-    }
-}
-
-impl Write for AtomicFile {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.out.as_mut().expect("not committed").write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.out.as_mut().expect("not committed").flush()
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
 }
 
 /// Streams routing traces, one JSON line per token per pass.

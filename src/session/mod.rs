@@ -11,6 +11,8 @@
 //! `try_send`: a slow reader only skips snapshots and can never slow the model thread. The latest
 //! snapshot is also kept in a slot ([`Session::latest`]).
 
+pub mod sweep;
+
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;

@@ -16,7 +16,7 @@ use ratatui::style::Color;
 use super::app::{App, Panel, Target};
 use super::control::{Control, Layers};
 use super::input::{self, Action};
-use super::render::fmt::micros;
+use crate::units::micros;
 use super::render::heatmap::{self, CellMode, HeatGeometry};
 use super::render::{self, layout, sliders};
 use super::theme::{ColorMode, Theme};

@@ -4,6 +4,8 @@
 // Index loops are the point here: the reference reads like the formulas it checks.
 #![allow(dead_code, clippy::needless_range_loop)]
 
+pub mod fixtures;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -8,7 +8,7 @@ use ratatui::widgets::{Paragraph, Sparkline};
 
 use crate::profiling::snapshot::{DeviceBackend, DeviceSnapshot};
 use crate::tui::app::App;
-use crate::tui::render::fmt::bytes;
+use crate::units::bytes_rounded as bytes;
 use crate::tui::render::panel_block;
 use crate::tui::theme::Theme;
 

@@ -8,7 +8,7 @@ use ratatui::widgets::Paragraph;
 
 use crate::profiling::snapshot::{Snapshot, WorkloadKind};
 use crate::tui::app::App;
-use crate::tui::render::fmt::si;
+use crate::units::si;
 use crate::tui::render::sliders::{common_policy, policy_text};
 
 /// The policy in words: the common one, or a note that layers differ.

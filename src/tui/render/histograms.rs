@@ -9,7 +9,7 @@ use ratatui::widgets::{Block, Borders, Paragraph};
 
 use crate::profiling::snapshot::{BucketScale, HistogramSnapshot};
 use crate::tui::app::App;
-use crate::tui::render::fmt::in_unit;
+use crate::units::in_unit;
 use crate::tui::render::layout::WIDE_WIDTH;
 use crate::tui::theme::Theme;
 

@@ -2,7 +2,6 @@
 //! the screen out and calls them. Nothing here touches the model or changes the state.
 
 pub mod device;
-pub mod fmt;
 pub mod generated;
 pub mod header;
 pub mod heatmap;

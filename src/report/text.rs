@@ -1,66 +1,349 @@
-//! The headless summary: a [`Snapshot`] as plain text for a terminal or a log.
+//! The headless summary: a [`Snapshot`] as plain text for a terminal or a log (what
+//! `xmoe-top run --headless` prints at the end), one function per section.
 
 use std::fmt::Write;
 
 use crate::model::config::PolicySpec;
 use crate::profiling::snapshot::{
-    DeviceBackend, EpochSummary, HistogramSnapshot, PolicyState, Snapshot, TokenOrigin,
+    DeviceBackend, EpochSummary, HistogramSnapshot, LayerTimeHistograms, PolicyState, Snapshot,
+    TokenOrigin,
 };
+use crate::units::{bytes, duration_us, fixed_or_dash, flops, params};
 
-/// A number of FLOPs with an SI prefix ("1.23 MFLOP").
-pub fn format_flops(f: f64) -> String {
-    let (v, unit) = if f >= 1e12 {
-        (f / 1e12, "TFLOP")
-    } else if f >= 1e9 {
-        (f / 1e9, "GFLOP")
-    } else if f >= 1e6 {
-        (f / 1e6, "MFLOP")
-    } else if f >= 1e3 {
-        (f / 1e3, "kFLOP")
-    } else {
-        (f, "FLOP")
+macro_rules! line {
+    ($o:expr) => {
+        $o.push('\n')
     };
-    format!("{v:.2} {unit}")
+    ($o:expr, $($arg:tt)*) => {
+        writeln!($o, $($arg)*).expect("writing to a String")
+    };
 }
 
-/// A duration given in microseconds, in the most readable unit ("850 ns", "12.3 us", "4.56 ms").
-pub fn format_us(us: f64) -> String {
-    if us < 1.0 {
-        format!("{:.0} ns", us * 1e3)
-    } else if us < 1e3 {
-        format!("{us:.1} us")
-    } else if us < 1e6 {
-        format!("{:.2} ms", us / 1e3)
-    } else {
-        format!("{:.2} s", us / 1e6)
+/// The summary printed at the end of `xmoe-top run --headless`.
+pub fn render(s: &Snapshot) -> String {
+    let mut o = String::new();
+    header(&mut o, s);
+    latency(&mut o, s);
+    routing(&mut o, s);
+    compute(&mut o, s);
+    quality(&mut o, s);
+    device(&mut o, s);
+    generated(&mut o, s);
+    o
+}
+
+/// Model, workload, policy, epoch and throughput lines.
+fn header(o: &mut String, s: &Snapshot) {
+    let e = &s.epoch;
+    let m = &s.model;
+    line!(o, 
+        "xmoe-top: {} ({}, {} MoE layers x {} experts) on {}",
+        m.name,
+        params(m.parameters),
+        m.moe_layers.len(),
+        m.n_experts,
+        m.device
+    );
+    line!(o, "workload    {}", s.workload.description);
+    line!(o, "policy      {}", format_policy_state(&s.policy));
+    line!(o, 
+        "epoch       {} ({}): {} tokens in {} forward passes, {:.2} s running",
+        e.id,
+        e.reason,
+        e.tokens,
+        e.forward_passes,
+        e.running_s
+    );
+    if let Some(why) = &s.ended {
+        line!(o, "ended       {why}");
+    } else if s.paused {
+        line!(o, "state       PAUSED");
+    }
+    let mut tput = format!(
+        "throughput  {:.0} tokens/s over the epoch ({:.0} over the last {} tokens)",
+        e.tokens_per_second_epoch, e.tokens_per_second, e.window.tokens
+    );
+    if let Some(d) = e.decode_tokens_per_second {
+        write!(tput, "; decoding {d:.1} tokens/s").expect("string");
+    }
+    line!(o, "{tput}");
+    line!(o);
+}
+
+/// Per-token and per-pass latency percentiles, and the MoE blocks' mean split.
+fn latency(o: &mut String, s: &Snapshot) {
+    let e = &s.epoch;
+    line!(o, 
+        "latency (epoch)    {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "p50",
+        "p90",
+        "p99",
+        "max",
+        "mean",
+        "samples"
+    );
+    latency_row(o, "per token", &e.histograms.token_latency_us);
+    latency_row(o, "per forward pass", &e.histograms.forward_latency_us);
+    let moe_time = |f: &dyn Fn(&LayerTimeHistograms) -> f64| -> f64 {
+        e.histograms
+            .layer_time_us
+            .iter()
+            .filter(|l| l.is_moe)
+            .map(f)
+            .sum()
+    };
+    let (attn, router, experts) = (
+        moe_time(&|l| l.attention_us.mean),
+        moe_time(&|l| l.router_us.mean),
+        moe_time(&|l| l.ffn_us.mean),
+    );
+    if e.histograms.forward_latency_us.count > 0 {
+        line!(o, 
+            "  MoE blocks per pass (mean): attention {}, router {}, experts {}",
+            duration_us(attn),
+            duration_us(router),
+            duration_us(experts)
+        );
+    }
+    line!(o);
+}
+
+/// Per-layer routing figures and experts-per-token distributions.
+fn routing(o: &mut String, s: &Snapshot) {
+    let e = &s.epoch;
+    let m = &s.model;
+    let c = &e.cumulative;
+    line!(o, 
+        "routing (epoch)  {:>7} {:>11} {:>8} {:>7} {:>6} {:>8} {:>9} {:>8} {:>10}",
+        "policy",
+        "experts/tok",
+        "top-1 p",
+        "unused",
+        "CV",
+        "entropy",
+        "max/mean",
+        "dropped",
+        "FLOPs/all"
+    );
+    for l in &c.layers {
+        line!(o, 
+            "  layer {:<8} {:>7} {:>11.2} {:>8.3} {:>7} {:>6.2} {:>8.3} {:>9.2} {:>8} {:>9.1}%",
+            l.layer,
+            format_policy(&l.policy),
+            l.mean_experts_per_token,
+            l.mean_top1_prob,
+            format!("{}/{}", l.unused_experts.len(), m.n_experts),
+            l.load_balance.coefficient_of_variation,
+            l.load_balance.normalized_entropy,
+            l.load_balance.max_over_mean,
+            l.dropped_pairs,
+            100.0 * l.moe_flops_fraction_of_all_experts
+        );
+    }
+    line!(o, 
+        "  all MoE layers  {:>19.2} experts per token",
+        c.mean_experts_per_token
+    );
+    for l in &c.layers {
+        let total: u64 = l.experts_per_token_counts.iter().sum();
+        if total == 0 {
+            continue;
+        }
+        let shown = l.experts_per_token_counts.len().min(8);
+        let mut parts: Vec<String> = l.experts_per_token_counts[..shown]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| format!("{}:{:.0}%", i + 1, 100.0 * n as f64 / total as f64))
+            .collect();
+        let rest: u64 = l.experts_per_token_counts[shown..].iter().sum();
+        if rest > 0 || l.experts_per_token_counts.len() > shown {
+            parts.push(format!(
+                ">{}:{:.0}%",
+                shown,
+                100.0 * rest as f64 / total as f64
+            ));
+        }
+        line!(o, 
+            "  layer {} experts/token distribution  {}",
+            l.layer,
+            parts.join(" ")
+        );
+    }
+    line!(o);
+}
+
+/// FLOPs per token against the all-experts and top-k baselines.
+fn compute(o: &mut String, s: &Snapshot) {
+    let e = &s.epoch;
+    let c = &e.cumulative;
+    let f = &c.flops;
+    line!(o, 
+        "compute per token (epoch) {:>12} {:>14} {:>14}",
+        "actual",
+        "all experts",
+        format!("top-{}", f.top_k)
+    );
+    line!(o, 
+        "  MoE layers              {:>12} {:>14} {:>14}",
+        flops(f.moe_per_token.actual),
+        flops(f.moe_per_token.all_experts),
+        flops(f.moe_per_token.top_k)
+    );
+    line!(o, 
+        "  whole model             {:>12} {:>14} {:>14}",
+        flops(f.model_per_token.actual),
+        flops(f.model_per_token.all_experts),
+        flops(f.model_per_token.top_k)
+    );
+    line!(o, 
+        "  compute saved: MoE layers {:.1}% vs all experts, {:.1}% vs top-{}; whole model {:.1}% vs all experts, {:.1}% vs top-{}{}",
+        f.moe_saved_vs_all_experts_pct,
+        f.moe_saved_vs_top_k_pct,
+        f.top_k,
+        f.model_saved_vs_all_experts_pct,
+        f.model_saved_vs_top_k_pct,
+        f.top_k,
+        if f.moe_saved_vs_top_k_pct < 0.0 {
+            " (negative: more compute than the baseline)"
+        } else {
+            ""
+        }
+    );
+    let h = &e.histograms.token_moe_flops;
+    if h.count > 0 {
+        line!(o, 
+            "  MoE FLOPs per token: p50 {}, p90 {}, p99 {}, max {}",
+            flops(h.p50),
+            flops(h.p90),
+            flops(h.p99),
+            flops(h.max)
+        );
+    }
+    line!(o);
+}
+
+/// Bits per byte, the reference comparison, and the previous epoch.
+fn quality(o: &mut String, s: &Snapshot) {
+    let e = &s.epoch;
+    let q = &e.quality;
+    match q.bits_per_byte {
+        Some(bpb) => {
+            line!(o, 
+                "quality     {bpb:.4} bits per byte (perplexity {} per token) over {} predictions",
+                q.perplexity.map_or("-".to_string(), |p| if p < 1e4 {
+                    format!("{p:.3}")
+                } else {
+                    format!("{p:.3e}")
+                }),
+                q.scored_tokens
+            );
+            match (q.reference_bits_per_byte, q.delta_bits_per_byte) {
+                (Some(r), Some(d)) => line!(o, 
+                    "            reference ({}) on {} batches: {r:.4} bits/byte; current on the same batches {:.4} (difference {d:+.4}); mean KL {} bits/token; reference cost {} ({:.1}% of forward time, not in latency)",
+                    format_policy(&q.reference_policy),
+                    q.reference_batches,
+                    q.compared_bits_per_byte.unwrap_or(f64::NAN),
+                    fixed_or_dash(q.mean_kl_bits, 5),
+                    duration_us(q.reference_time_s * 1e6),
+                    100.0 * q.reference_time_fraction
+                ),
+                _ => line!(o, 
+                    "            no reference ({}) pass yet",
+                    format_policy(&q.reference_policy)
+                ),
+            }
+        }
+        None => line!(o, "quality     not measured (the generate workload has no reference text)"),
+    }
+    if let Some(p) = &s.previous_epoch {
+        line!(o, "{}", previous_line(p));
     }
 }
 
-/// A byte count in binary units ("329.0 MiB").
-pub fn format_bytes(b: u64) -> String {
-    let b = b as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else if b >= 1024.0 {
-        format!("{:.1} KiB", b / 1024.0)
-    } else {
-        format!("{b:.0} B")
+/// GPU or process counters.
+fn device(o: &mut String, s: &Snapshot) {
+    let d = &s.device;
+    let mut dev = String::from("device      ");
+    match d.backend {
+        DeviceBackend::Nvml => {
+            for g in &d.gpus {
+                write!(
+                    dev,
+                    "GPU {} {}: {}% busy, {} / {}, {}, {}, {}; ",
+                    g.index,
+                    g.name,
+                    g.utilization_pct.map_or("-".into(), |u| u.to_string()),
+                    g.memory_used_bytes.map_or("-".into(), bytes),
+                    g.memory_total_bytes.map_or("-".into(), bytes),
+                    g.power_watts.map_or("- W".into(), |w| format!("{w:.0} W")),
+                    g.temperature_c.map_or("- C".into(), |t| format!("{t} C")),
+                    g.sm_clock_mhz
+                        .map_or("- MHz".into(), |c| format!("{c} MHz")),
+                )
+                .expect("string");
+            }
+        }
+        DeviceBackend::ProcessOnly => {
+            if let Some(n) = &d.note {
+                write!(dev, "{n}; ").expect("string");
+            }
+        }
     }
+    write!(
+        dev,
+        "process CPU {}, memory {}",
+        d.process
+            .cpu_pct
+            .map_or("-".into(), |c| format!("{c:.0}% of one core")),
+        d.process.rss_bytes.map_or("-".into(), bytes)
+    )
+    .expect("string");
+    line!(o, "{dev}");
 }
 
-/// A parameter count ("1.23 M parameters").
-pub fn format_params(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2} B parameters", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.2} M parameters", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1} k parameters", n / 1e3)
-    } else {
-        format!("{n:.0} parameters")
+/// The last generated sequence (generate workload only).
+fn generated(o: &mut String, s: &Snapshot) {
+    if let Some(g) = &s.generated
+        && let Some(last) = g.tokens.last()
+    {
+        let seq: Vec<_> = g
+            .tokens
+            .iter()
+            .filter(|t| t.sequence == last.sequence)
+            .collect();
+        let prompt: Vec<u8> = seq
+            .iter()
+            .filter(|t| t.origin == TokenOrigin::Prompt)
+            .map(|t| t.token as u8)
+            .collect();
+        let generated: Vec<u8> = seq
+            .iter()
+            .filter(|t| t.origin == TokenOrigin::Generated)
+            .map(|t| t.token as u8)
+            .collect();
+        let mean = |o: TokenOrigin| {
+            let v: Vec<f32> = seq
+                .iter()
+                .filter(|t| t.origin == o)
+                .map(|t| t.mean_experts)
+                .collect();
+            if v.is_empty() {
+                0.0
+            } else {
+                v.iter().sum::<f32>() / v.len() as f32
+            }
+        };
+        line!(o);
+        line!(o, 
+            "last sequence  prompt \"{}\" ({:.2} experts/token)",
+            printable(&prompt),
+            mean(TokenOrigin::Prompt)
+        );
+        line!(o, 
+            "               generated \"{}\" ({:.2} experts/token)",
+            printable(&generated),
+            mean(TokenOrigin::Generated)
+        );
     }
 }
 
@@ -106,18 +389,14 @@ fn latency_row(out: &mut String, name: &str, h: &HistogramSnapshot) {
     writeln!(
         out,
         "  {name:<18} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        format_us(h.p50),
-        format_us(h.p90),
-        format_us(h.p99),
-        format_us(h.max),
-        format_us(h.mean),
+        duration_us(h.p50),
+        duration_us(h.p90),
+        duration_us(h.p99),
+        duration_us(h.max),
+        duration_us(h.mean),
         h.count
     )
     .expect("string");
-}
-
-fn pct_or_dash(v: Option<f64>, digits: usize) -> String {
-    v.map_or("-".to_string(), |x| format!("{x:.digits$}"))
 }
 
 fn previous_line(p: &EpochSummary) -> String {
@@ -131,8 +410,8 @@ fn previous_line(p: &EpochSummary) -> String {
         p.flops.moe_saved_vs_top_k_pct,
         p.flops.top_k,
         p.tokens_per_second,
-        format_us(p.token_latency_p50_us),
-        pct_or_dash(p.bits_per_byte, 3),
+        duration_us(p.token_latency_p50_us),
+        fixed_or_dash(p.bits_per_byte, 3),
     )
 }
 
@@ -148,302 +427,6 @@ fn printable(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The summary printed at the end of `xmoe-top run --headless`.
-pub fn render_summary(s: &Snapshot) -> String {
-    let mut o = String::new();
-    let e = &s.epoch;
-    let m = &s.model;
-    macro_rules! line {
-        ($($arg:tt)*) => { writeln!(o, $($arg)*).expect("writing to a String") };
-    }
-    line!(
-        "xmoe-top: {} ({}, {} MoE layers x {} experts) on {}",
-        m.name,
-        format_params(m.parameters),
-        m.moe_layers.len(),
-        m.n_experts,
-        m.device
-    );
-    line!("workload    {}", s.workload.description);
-    line!("policy      {}", format_policy_state(&s.policy));
-    line!(
-        "epoch       {} ({}): {} tokens in {} forward passes, {:.2} s running",
-        e.id,
-        e.reason,
-        e.tokens,
-        e.forward_passes,
-        e.running_s
-    );
-    if let Some(why) = &s.ended {
-        line!("ended       {why}");
-    } else if s.paused {
-        line!("state       PAUSED");
-    }
-    let mut tput = format!(
-        "throughput  {:.0} tokens/s over the epoch ({:.0} over the last {} tokens)",
-        e.tokens_per_second_epoch, e.tokens_per_second, e.window.tokens
-    );
-    if let Some(d) = e.decode_tokens_per_second {
-        write!(tput, "; decoding {d:.1} tokens/s").expect("string");
-    }
-    line!("{tput}");
-    line!();
-
-    line!(
-        "latency (epoch)    {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        "p50",
-        "p90",
-        "p99",
-        "max",
-        "mean",
-        "samples"
-    );
-    latency_row(&mut o, "per token", &e.histograms.token_latency_us);
-    latency_row(&mut o, "per forward pass", &e.histograms.forward_latency_us);
-    let moe_time = |f: &dyn Fn(&crate::profiling::snapshot::LayerTimeHistograms) -> f64| -> f64 {
-        e.histograms
-            .layer_time_us
-            .iter()
-            .filter(|l| l.is_moe)
-            .map(f)
-            .sum()
-    };
-    let (attn, router, experts) = (
-        moe_time(&|l| l.attention_us.mean),
-        moe_time(&|l| l.router_us.mean),
-        moe_time(&|l| l.ffn_us.mean),
-    );
-    if e.histograms.forward_latency_us.count > 0 {
-        line!(
-            "  MoE blocks per pass (mean): attention {}, router {}, experts {}",
-            format_us(attn),
-            format_us(router),
-            format_us(experts)
-        );
-    }
-    line!();
-
-    let c = &e.cumulative;
-    line!(
-        "routing (epoch)  {:>7} {:>11} {:>8} {:>7} {:>6} {:>8} {:>9} {:>8} {:>10}",
-        "policy",
-        "experts/tok",
-        "top-1 p",
-        "unused",
-        "CV",
-        "entropy",
-        "max/mean",
-        "dropped",
-        "FLOPs/all"
-    );
-    for l in &c.layers {
-        line!(
-            "  layer {:<8} {:>7} {:>11.2} {:>8.3} {:>7} {:>6.2} {:>8.3} {:>9.2} {:>8} {:>9.1}%",
-            l.layer,
-            format_policy(&l.policy),
-            l.mean_experts_per_token,
-            l.mean_top1_prob,
-            format!("{}/{}", l.unused_experts.len(), m.n_experts),
-            l.load_balance.coefficient_of_variation,
-            l.load_balance.normalized_entropy,
-            l.load_balance.max_over_mean,
-            l.dropped_pairs,
-            100.0 * l.moe_flops_fraction_of_all_experts
-        );
-    }
-    line!(
-        "  all MoE layers  {:>19.2} experts per token",
-        c.mean_experts_per_token
-    );
-    for l in &c.layers {
-        let total: u64 = l.experts_per_token_counts.iter().sum();
-        if total == 0 {
-            continue;
-        }
-        let shown = l.experts_per_token_counts.len().min(8);
-        let mut parts: Vec<String> = l.experts_per_token_counts[..shown]
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| format!("{}:{:.0}%", i + 1, 100.0 * n as f64 / total as f64))
-            .collect();
-        let rest: u64 = l.experts_per_token_counts[shown..].iter().sum();
-        if rest > 0 || l.experts_per_token_counts.len() > shown {
-            parts.push(format!(
-                ">{}:{:.0}%",
-                shown,
-                100.0 * rest as f64 / total as f64
-            ));
-        }
-        line!(
-            "  layer {} experts/token distribution  {}",
-            l.layer,
-            parts.join(" ")
-        );
-    }
-    line!();
-
-    let f = &c.flops;
-    line!(
-        "compute per token (epoch) {:>12} {:>14} {:>14}",
-        "actual",
-        "all experts",
-        format!("top-{}", f.top_k)
-    );
-    line!(
-        "  MoE layers              {:>12} {:>14} {:>14}",
-        format_flops(f.moe_per_token.actual),
-        format_flops(f.moe_per_token.all_experts),
-        format_flops(f.moe_per_token.top_k)
-    );
-    line!(
-        "  whole model             {:>12} {:>14} {:>14}",
-        format_flops(f.model_per_token.actual),
-        format_flops(f.model_per_token.all_experts),
-        format_flops(f.model_per_token.top_k)
-    );
-    line!(
-        "  compute saved: MoE layers {:.1}% vs all experts, {:.1}% vs top-{}; whole model {:.1}% vs all experts, {:.1}% vs top-{}{}",
-        f.moe_saved_vs_all_experts_pct,
-        f.moe_saved_vs_top_k_pct,
-        f.top_k,
-        f.model_saved_vs_all_experts_pct,
-        f.model_saved_vs_top_k_pct,
-        f.top_k,
-        if f.moe_saved_vs_top_k_pct < 0.0 {
-            " (negative: more compute than the baseline)"
-        } else {
-            ""
-        }
-    );
-    let h = &e.histograms.token_moe_flops;
-    if h.count > 0 {
-        line!(
-            "  MoE FLOPs per token: p50 {}, p90 {}, p99 {}, max {}",
-            format_flops(h.p50),
-            format_flops(h.p90),
-            format_flops(h.p99),
-            format_flops(h.max)
-        );
-    }
-    line!();
-
-    let q = &e.quality;
-    match q.bits_per_byte {
-        Some(bpb) => {
-            line!(
-                "quality     {bpb:.4} bits per byte (perplexity {} per token) over {} predictions",
-                q.perplexity.map_or("-".to_string(), |p| if p < 1e4 {
-                    format!("{p:.3}")
-                } else {
-                    format!("{p:.3e}")
-                }),
-                q.scored_tokens
-            );
-            match (q.reference_bits_per_byte, q.delta_bits_per_byte) {
-                (Some(r), Some(d)) => line!(
-                    "            reference ({}) on {} batches: {r:.4} bits/byte; current on the same batches {:.4} (difference {d:+.4}); mean KL {} bits/token; reference cost {} ({:.1}% of forward time, not in latency)",
-                    format_policy(&q.reference_policy),
-                    q.reference_batches,
-                    q.compared_bits_per_byte.unwrap_or(f64::NAN),
-                    pct_or_dash(q.mean_kl_bits, 5),
-                    format_us(q.reference_time_s * 1e6),
-                    100.0 * q.reference_time_fraction
-                ),
-                _ => line!(
-                    "            no reference ({}) pass yet",
-                    format_policy(&q.reference_policy)
-                ),
-            }
-        }
-        None => line!("quality     not measured (the generate workload has no reference text)"),
-    }
-    if let Some(p) = &s.previous_epoch {
-        line!("{}", previous_line(p));
-    }
-
-    let d = &s.device;
-    let mut dev = String::from("device      ");
-    match d.backend {
-        DeviceBackend::Nvml => {
-            for g in &d.gpus {
-                write!(
-                    dev,
-                    "GPU {} {}: {}% busy, {} / {}, {}, {}, {}; ",
-                    g.index,
-                    g.name,
-                    g.utilization_pct.map_or("-".into(), |u| u.to_string()),
-                    g.memory_used_bytes.map_or("-".into(), format_bytes),
-                    g.memory_total_bytes.map_or("-".into(), format_bytes),
-                    g.power_watts.map_or("- W".into(), |w| format!("{w:.0} W")),
-                    g.temperature_c.map_or("- C".into(), |t| format!("{t} C")),
-                    g.sm_clock_mhz
-                        .map_or("- MHz".into(), |c| format!("{c} MHz")),
-                )
-                .expect("string");
-            }
-        }
-        DeviceBackend::ProcessOnly => {
-            if let Some(n) = &d.note {
-                write!(dev, "{n}; ").expect("string");
-            }
-        }
-    }
-    write!(
-        dev,
-        "process CPU {}, memory {}",
-        d.process
-            .cpu_pct
-            .map_or("-".into(), |c| format!("{c:.0}% of one core")),
-        d.process.rss_bytes.map_or("-".into(), format_bytes)
-    )
-    .expect("string");
-    line!("{dev}");
-
-    if let Some(g) = &s.generated
-        && let Some(last) = g.tokens.last()
-    {
-        let seq: Vec<_> = g
-            .tokens
-            .iter()
-            .filter(|t| t.sequence == last.sequence)
-            .collect();
-        let prompt: Vec<u8> = seq
-            .iter()
-            .filter(|t| t.origin == TokenOrigin::Prompt)
-            .map(|t| t.token as u8)
-            .collect();
-        let generated: Vec<u8> = seq
-            .iter()
-            .filter(|t| t.origin == TokenOrigin::Generated)
-            .map(|t| t.token as u8)
-            .collect();
-        let mean = |o: TokenOrigin| {
-            let v: Vec<f32> = seq
-                .iter()
-                .filter(|t| t.origin == o)
-                .map(|t| t.mean_experts)
-                .collect();
-            if v.is_empty() {
-                0.0
-            } else {
-                v.iter().sum::<f32>() / v.len() as f32
-            }
-        };
-        line!();
-        line!(
-            "last sequence  prompt \"{}\" ({:.2} experts/token)",
-            printable(&prompt),
-            mean(TokenOrigin::Prompt)
-        );
-        line!(
-            "               generated \"{}\" ({:.2} experts/token)",
-            printable(&generated),
-            mean(TokenOrigin::Generated)
-        );
-    }
-    o
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,7 +436,7 @@ mod tests {
     #[test]
     fn eval_summary_shows_every_headline_figure() {
         let s = example_snapshot(WorkloadKind::Eval, 16, false);
-        let text = render_summary(&s);
+        let text = render(&s);
         let e = &s.epoch;
         let f = &e.cumulative.flops;
         for needle in [
@@ -461,7 +444,7 @@ mod tests {
             "t=0.70 on all 3 MoE layers; no capacity limit",
             "epoch       1 (threshold of all layers set to 0.70)",
             &format!("{:.0} tokens/s over the epoch", e.tokens_per_second_epoch),
-            &format_us(e.histograms.token_latency_us.p99),
+            &duration_us(e.histograms.token_latency_us.p99),
             &format!(
                 "MoE layers {:.1}% vs all experts, {:.1}% vs top-4",
                 f.moe_saved_vs_all_experts_pct, f.moe_saved_vs_top_k_pct
@@ -482,7 +465,7 @@ mod tests {
     #[test]
     fn generate_summary_shows_decoding_and_text() {
         let s = example_snapshot(WorkloadKind::Generate, 16, true);
-        let text = render_summary(&s);
+        let text = render(&s);
         assert!(text.contains("decoding"), "{text}");
         assert!(
             text.contains("prompt \"The experts of a small model \""),
@@ -497,18 +480,10 @@ mod tests {
     }
 
     #[test]
-    fn units() {
-        assert_eq!(format_flops(1_234_000.0), "1.23 MFLOP");
-        assert_eq!(format_flops(12.0), "12.00 FLOP");
-        assert_eq!(format_us(0.85), "850 ns");
-        assert_eq!(format_us(12.34), "12.3 us");
-        assert_eq!(format_us(4560.0), "4.56 ms");
-        assert_eq!(format_us(2.5e6), "2.50 s");
-        assert_eq!(format_bytes(329 << 20), "329.0 MiB");
-        assert_eq!(format_params(1_234_567), "1.23 M parameters");
+    fn escapes_generated_bytes_and_prints_large_perplexities_in_scientific_notation() {
         assert_eq!(printable(b"a\nb\x01"), "a\\nb\\x01");
         let mut s = example_snapshot(WorkloadKind::Eval, 8, false);
         s.epoch.quality.perplexity = Some(59_217_959.8);
-        assert!(render_summary(&s).contains("perplexity 5.922e7 per token"));
+        assert!(render(&s).contains("perplexity 5.922e7 per token"));
     }
 }

@@ -1,22 +1,26 @@
 //! Deterministic example snapshots for render tests, docs and report tests.
 //!
+//! Test-only: compiled into the integration tests (through `tests/common`), the library's unit
+//! tests (`profiling::fixtures`, under `cfg(test)`) and the `example_report` example, never into
+//! the binary. Paths go through `xmoe_top::` so the one file builds in all three.
+//!
 //! The data is synthetic (router logits from a seeded generator, made-up timings and device
 //! counters) but it goes through the real [`RunStats`] pipeline, so every figure in the snapshot is
 //! consistent with every other: shares match the distributions, FLOPs match the selections,
 //! percentiles match the histograms. Never shown to users as measurements.
 
-use crate::model::config::{ModelConfig, MoeLayers, PolicySpec};
-use crate::profiling::snapshot::{
+use xmoe_top::model::config::{ModelConfig, MoeLayers, PolicySpec};
+use xmoe_top::profiling::snapshot::{
     DeviceBackend, DeviceHistoryPoint, DeviceSnapshot, GeneratedText, GeneratedToken, GpuCounters,
     LayerPolicy, ModelInfo, PolicyState, ProcessCounters, Snapshot, TokenOrigin, WorkloadInfo,
     WorkloadKind,
 };
-use crate::profiling::stats::{
+use xmoe_top::profiling::stats::{
     BatchQuality, PassKind, ReferenceComparison, RunStats, SnapshotInputs, cross_entropy_nats,
     experts_per_layer, kl_nats,
 };
-use crate::profiling::trace::ForwardTrace;
-use crate::routing::{RoutingPolicy, route};
+use xmoe_top::profiling::trace::ForwardTrace;
+use xmoe_top::routing::{RoutingPolicy, route};
 
 /// A small configuration: 6 blocks, MoE in blocks 1, 3, 5, `n_experts` experts of width
 /// `256 / 4` (so the top-k baseline is k = 4), byte vocabulary.

@@ -1,4 +1,4 @@
-//! The threshold sweep: the same tokens under each policy, with Dense as the quality reference.
+//! The threshold-sweep driver: the same tokens under each policy, with Dense as the quality reference.
 //!
 //! For every batch the Dense pass runs first (it is the Dense point and the reference of every
 //! other point), then each policy runs on the same tokens. Every per-point figure is built by a
@@ -8,7 +8,6 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use serde::{Deserialize, Serialize};
 
 use crate::model::config::PolicySpec;
 use crate::model::forward::{Model, RoutingConfig};
@@ -22,7 +21,8 @@ use crate::profiling::stats::{
 };
 use crate::profiling::trace::ForwardTrace;
 
-use super::{ReportData, policy_label};
+use crate::profiling::sweep::{SweepPoint, SweepResult, policy_label};
+use crate::report::ReportData;
 
 /// Two thresholds closer than this are the same point.
 const T_EPS: f64 = 1e-6;
@@ -167,154 +167,6 @@ pub struct SweepSpec {
     pub source_size: usize,
     /// Where the model runs, in words.
     pub device: String,
-}
-
-/// One policy's figures over the sweep's tokens.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SweepPoint {
-    /// Short label ("t=0.9", "top-2", "dense").
-    pub label: String,
-    /// The policy, on every MoE layer.
-    pub policy: PolicySpec,
-    /// This is the model's default policy.
-    pub is_default: bool,
-    /// This is the quality reference (Dense).
-    pub is_reference: bool,
-    /// Tokens run.
-    pub tokens: u64,
-    /// Mean experts per token over all MoE layers (before capacity dropping).
-    pub mean_experts_per_token: f64,
-    /// Mean experts per token of each MoE layer, in MoE slot order.
-    pub layer_mean_experts_per_token: Vec<f64>,
-    /// MoE FLOPs per token (routers and kept experts of all MoE layers).
-    pub moe_flops_per_token: f64,
-    /// MoE FLOPs as a fraction of running all experts (0..=1).
-    pub moe_flops_fraction_of_all_experts: f64,
-    /// MoE compute saved against all experts, percent.
-    pub moe_saved_vs_all_experts_pct: f64,
-    /// MoE compute saved against the top-k baseline, percent (negative when above it).
-    pub moe_saved_vs_top_k_pct: f64,
-    /// Whole-model FLOPs per token.
-    pub model_flops_per_token: f64,
-    /// Whole-model compute saved against the top-k baseline, percent.
-    pub model_saved_vs_top_k_pct: f64,
-    /// Bits per byte of next-token prediction.
-    pub bits_per_byte: Option<f64>,
-    /// Bits per byte minus Dense's on the same tokens (positive = worse than Dense).
-    pub delta_bits_per_byte_vs_dense: Option<f64>,
-    /// Per-token perplexity.
-    pub perplexity: Option<f64>,
-    /// Mean KL(Dense || this policy) of next-token distributions, bits per token.
-    pub mean_kl_bits: Option<f64>,
-    /// Per-token latency median, microseconds.
-    pub token_latency_p50_us: f64,
-    /// Per-token latency 99th percentile, microseconds.
-    pub token_latency_p99_us: f64,
-    /// Forward-pass latency median, microseconds.
-    pub forward_latency_p50_us: f64,
-    /// Tokens per second over all passes of this point (forward time).
-    pub tokens_per_second: f64,
-}
-
-/// A finished sweep.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SweepResult {
-    /// Model name.
-    pub model: String,
-    /// Block indices of the MoE layers.
-    pub moe_layers: Vec<usize>,
-    /// Experts per MoE layer.
-    pub n_experts: usize,
-    /// The model's default policy (marked on the curve).
-    pub default_policy: PolicySpec,
-    /// The quality reference (Dense).
-    pub reference_policy: PolicySpec,
-    /// k of the top-k baseline.
-    pub top_k_baseline: usize,
-    /// Capacity factor applied to every point.
-    pub capacity_factor: Option<f32>,
-    /// Where the tokens came from.
-    pub source: String,
-    /// Sequences per pass.
-    pub batch: usize,
-    /// Tokens per sequence.
-    pub seq_len: usize,
-    /// Passes per point.
-    pub batches: usize,
-    /// Tokens per point.
-    pub tokens_per_point: u64,
-    /// Where the model ran.
-    pub device: String,
-    /// Wall time of the whole sweep, seconds.
-    pub elapsed_s: f64,
-    /// One per policy: thresholds ascending, then top-k ascending, then Dense.
-    pub points: Vec<SweepPoint>,
-}
-
-impl SweepResult {
-    /// The point of the model's default policy, if it was swept.
-    pub fn default_point(&self) -> Option<&SweepPoint> {
-        self.points.iter().find(|p| p.is_default)
-    }
-
-    /// The Dense reference point.
-    pub fn reference_point(&self) -> Option<&SweepPoint> {
-        self.points.iter().find(|p| p.is_reference)
-    }
-
-    /// The sweep as a plain-text table (what `xmoe-top sweep` prints).
-    pub fn to_table(&self) -> String {
-        let mut s = format!(
-            "{} | {} tokens per point ({} x {} x {}) | {} | top-k baseline k={}\n",
-            self.model,
-            self.tokens_per_point,
-            self.batches,
-            self.batch,
-            self.seq_len,
-            self.device,
-            self.top_k_baseline
-        );
-        s.push_str(&format!(
-            "{:<12} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  {}\n",
-            "policy",
-            "exp/tok",
-            "MoE FLOPs",
-            "saved/topk",
-            "bits/B",
-            "d vs dense",
-            "p50 us/tok",
-            "p99 us/tok",
-            "tok/s",
-            "experts/token per layer"
-        ));
-        let opt = |v: Option<f64>, prec: usize| match v {
-            Some(x) => format!("{x:.prec$}"),
-            None => "-".to_string(),
-        };
-        for p in &self.points {
-            let mark = if p.is_default { " *" } else { "" };
-            let layers: Vec<String> = p
-                .layer_mean_experts_per_token
-                .iter()
-                .map(|v| format!("{v:.2}"))
-                .collect();
-            s.push_str(&format!(
-                "{:<12} {:>9.2} {:>8.1}% {:>9.1}% {:>9} {:>10} {:>10.1} {:>10.1} {:>10.0}  {}\n",
-                format!("{}{mark}", p.label),
-                p.mean_experts_per_token,
-                100.0 * p.moe_flops_fraction_of_all_experts,
-                p.moe_saved_vs_top_k_pct,
-                opt(p.bits_per_byte, 4),
-                opt(p.delta_bits_per_byte_vs_dense, 4),
-                p.token_latency_p50_us,
-                p.token_latency_p99_us,
-                p.tokens_per_second,
-                layers.join(" ")
-            ));
-        }
-        s.push_str("* the model's default policy\n");
-        s
-    }
 }
 
 /// A sweep and the full session snapshot of its default point (or its first point when the

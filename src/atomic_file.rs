@@ -1,0 +1,143 @@
+//! Atomic file writes: every file xmoe-top writes (models, reports, routing traces) goes through
+//! a temporary file in the target's directory, is synced, and is then moved into place, so a
+//! reader never sees a half-written file and an existing file is never replaced without `force`.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// A file written to a temporary name in its target directory and moved into place by
+/// [`AtomicFile::commit`]; dropped without commit, the temporary file is removed.
+#[derive(Debug)]
+pub struct AtomicFile {
+    out: Option<BufWriter<File>>,
+    tmp: PathBuf,
+    path: PathBuf,
+    force: bool,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file beside `path`. Fails at once (before any work) when `path`
+    /// exists and `force` is false, or when the directory is missing or not writable.
+    pub fn create(path: &Path, force: bool) -> Result<Self> {
+        if !force && path.exists() {
+            bail!(
+                "{} already exists (use --force to overwrite)",
+                path.display()
+            );
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .with_context(|| format!("{}: not a file path", path.display()))?
+            .to_string_lossy()
+            .into_owned();
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let f = File::create(&tmp).with_context(|| {
+            format!(
+                "cannot write {}: cannot create a file in {}",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        Ok(Self {
+            out: Some(BufWriter::with_capacity(1 << 16, f)),
+            tmp,
+            path: path.to_path_buf(),
+            force,
+        })
+    }
+
+    /// Flushes, syncs and moves the file into place (an existing file is replaced only with `force`).
+    pub fn commit(mut self) -> Result<PathBuf> {
+        let out = self.out.take().expect("committed once");
+        let res = (|| -> io::Result<()> {
+            let f = out.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            drop(f);
+            if self.force {
+                return std::fs::rename(&self.tmp, &self.path);
+            }
+            // A hard link fails if `path` appeared meanwhile, so an existing file is never replaced.
+            match std::fs::hard_link(&self.tmp, &self.path) {
+                Ok(()) => std::fs::remove_file(&self.tmp),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
+                Err(_) => std::fs::rename(&self.tmp, &self.path),
+            }
+        })();
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&self.tmp);
+            bail!("cannot write {}: {e}", self.path.display());
+        }
+        Ok(self.path.clone())
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.as_mut().expect("not committed").write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.as_mut().expect("not committed").flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (see [`AtomicFile`]). An existing `path` is kept unless
+/// `force`.
+pub fn write_atomically(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    let mut f = AtomicFile::create(path, force)?;
+    f.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_once_and_keeps_existing_files_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.txt");
+        write_atomically(&path, b"first", false).unwrap();
+        let e = write_atomically(&path, b"second", false).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        write_atomically(&path, b"second", true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_uncommitted_file_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("never.txt");
+        {
+            let mut f = AtomicFile::create(&path, false).unwrap();
+            f.write_all(b"partial").unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_missing_directory_fails_before_any_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("x.txt");
+        assert!(AtomicFile::create(&path, false).is_err());
+    }
+}
