@@ -131,3 +131,30 @@ fn replace_flag<'a>(args: &mut Vec<&'a str>, flag_value: &[&'a str]) {
         None => args.extend([flag, value]),
     }
 }
+
+#[test]
+fn report_refuses_an_inconsistent_json_report_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut data = xmoe_top::report::ReportData::new(
+        common::fixtures::example_snapshot(
+            xmoe_top::profiling::snapshot::WorkloadKind::Eval,
+            8,
+            false,
+        ),
+        None,
+    );
+    // The panic this guards against: buckets with counts but no edges.
+    data.snapshot.epoch.histograms.token_latency_us.edges.clear();
+    std::fs::write(d.join("bad.json"), xmoe_top::report::json::render(&data)).unwrap();
+    let o = xmoe(&["report", "bad.json", "out.html"], d);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("bad.json")
+            && err.contains("snapshot.epoch.histograms.token_latency_us.edges: 0 edges"),
+        "{err}"
+    );
+    assert!(!d.join("out.html").exists());
+}

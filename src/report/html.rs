@@ -553,12 +553,24 @@ fn card(o: &mut String, k: &str, v: &str, sub: &str) {
 
 /// The report as one HTML page.
 pub fn render(data: &ReportData) -> String {
-    let s = &data.snapshot;
-    let e = &s.epoch;
-    let c = &e.cumulative;
-    let q = &e.quality;
-    let m = &s.model;
     let mut o = String::with_capacity(64 * 1024);
+    page_head(&mut o, data);
+    cards(&mut o, data);
+    device_notes(&mut o, data);
+    sweep_section(&mut o, data);
+    heatmap_section(&mut o, data);
+    experts_per_token_section(&mut o, data);
+    histograms_section(&mut o, data);
+    generated_section(&mut o, data);
+    layers_section(&mut o, data);
+    o.push_str("</body></html>\n");
+    o
+}
+
+/// The document head, title and the model line.
+fn page_head(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
+    let m = &s.model;
     let title = format!("xmoe-top report: {}", m.name);
     let _ = write!(
         o,
@@ -586,10 +598,18 @@ pub fn render(data: &ReportData) -> String {
         esc(&m.device),
         esc(&s.workload.description)
     );
+}
 
+/// The headline figures as cards.
+fn cards(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
+    let e = &s.epoch;
+    let c = &e.cumulative;
+    let q = &e.quality;
+    let m = &s.model;
     o.push_str(r##"<div class="cards">"##);
     card(
-        &mut o,
+        o,
         "policy",
         &policies_label(s),
         &format!(
@@ -602,13 +622,13 @@ pub fn render(data: &ReportData) -> String {
         ),
     );
     card(
-        &mut o,
+        o,
         "experts / token",
         &format!("{:.2}", c.mean_experts_per_token),
         &format!("of {} per MoE layer", m.n_experts),
     );
     card(
-        &mut o,
+        o,
         "MoE compute saved",
         &format!("{:.1}%", c.flops.moe_saved_vs_all_experts_pct),
         &format!(
@@ -617,7 +637,7 @@ pub fn render(data: &ReportData) -> String {
         ),
     );
     card(
-        &mut o,
+        o,
         "MoE FLOPs / token",
         &flops(c.flops.moe_per_token.actual),
         &format!("model {}", flops(c.flops.model_per_token.actual)),
@@ -633,19 +653,19 @@ pub fn render(data: &ReportData) -> String {
         "measured by the eval workload only".to_string()
     };
     card(
-        &mut o,
+        o,
         "bits / byte",
         &opt(q.bits_per_byte, 4),
         &quality_sub,
     );
     card(
-        &mut o,
+        o,
         "token latency",
         &format!("{} us", num(e.histograms.token_latency_us.p50)),
         &format!("p50; p99 {} us", num(e.histograms.token_latency_us.p99)),
     );
     card(
-        &mut o,
+        o,
         "throughput",
         &format!("{:.0} tok/s", e.tokens_per_second_epoch),
         &match e.decode_tokens_per_second {
@@ -657,6 +677,11 @@ pub fn render(data: &ReportData) -> String {
         },
     );
     o.push_str("</div>");
+}
+
+/// The device note and one line per GPU.
+fn device_notes(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
     if let Some(note) = &s.device.note {
         let _ = write!(o, r##"<p class="note">Device: {}</p>"##, esc(note));
     }
@@ -680,7 +705,11 @@ pub fn render(data: &ReportData) -> String {
             esc(s.device.driver_version.as_deref().unwrap_or("-"))
         );
     }
+}
 
+/// The sweep curve and table (reports of `xmoe-top sweep` only).
+fn sweep_section(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
     if let Some(sw) = &data.sweep {
         let _ = write!(
             o,
@@ -730,14 +759,27 @@ pub fn render(data: &ReportData) -> String {
             esc(&policies_label(s))
         );
     }
+}
 
+/// The routing heatmap.
+fn heatmap_section(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
+    let e = &s.epoch;
+    let c = &e.cumulative;
+    let m = &s.model;
     let _ = write!(
         o,
         r##"<h2>Routing heatmap</h2><figure id="fig-heatmap">{}<figcaption>Share of each MoE layer's {} tokens whose selection includes each expert (whole epoch). Hover a cell for its figures.</figcaption></figure>"##,
         heatmap(&c.layers, m.n_experts),
         c.tokens
     );
+}
 
+/// One experts-per-token bar chart per MoE layer.
+fn experts_per_token_section(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
+    let e = &s.epoch;
+    let c = &e.cumulative;
     let n_max = c
         .layers
         .iter()
@@ -751,7 +793,12 @@ pub fn render(data: &ReportData) -> String {
         o.push_str(&experts_per_token(l, n_max));
     }
     o.push_str("</div><figcaption>Share of tokens that selected exactly n experts, per MoE layer (before any capacity dropping).</figcaption></figure>");
+}
 
+/// Latency and FLOP histograms.
+fn histograms_section(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
+    let e = &s.epoch;
     let h = &e.histograms;
     let _ = write!(
         o,
@@ -764,7 +811,11 @@ pub fn render(data: &ReportData) -> String {
         ),
         histogram(&h.token_moe_flops, "MoE FLOPs per token", "FLOPs")
     );
+}
 
+/// The recent generated text (generate workload only).
+fn generated_section(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
     if let Some(g) = &s.generated {
         o.push_str(r##"<h2>Generated text</h2><figure id="generated">"##);
         for (seq, text) in g.text_by_sequence() {
@@ -784,6 +835,13 @@ pub fn render(data: &ReportData) -> String {
             }
         );
     }
+}
+
+/// The per-layer table and the previous epoch's line.
+fn layers_section(o: &mut String, data: &ReportData) {
+    let s = &data.snapshot;
+    let e = &s.epoch;
+    let c = &e.cumulative;
     o.push_str(r##"<h2>MoE layers</h2><table class="layers"><tr><th>layer</th><th class="l">policy</th><th>experts/token</th><th>kept/token</th><th>top-1 p</th><th>MoE FLOPs vs all</th><th>load CV</th><th>load entropy</th><th>max/mean</th><th>unused experts</th><th>dropped pairs</th></tr>"##);
     for l in &c.layers {
         let _ = write!(
@@ -815,8 +873,6 @@ pub fn render(data: &ReportData) -> String {
             opt(p.bits_per_byte, 4)
         );
     }
-    o.push_str("</body></html>\n");
-    o
 }
 
 #[cfg(test)]

@@ -340,6 +340,7 @@ pub fn policies_label(snapshot: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::PolicySpec;
 
     #[test]
     fn timestamps() {

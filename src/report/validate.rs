@@ -202,3 +202,98 @@ fn layer(at: &str, l: &LayerStatsSnapshot, n_experts: usize) -> Result<(), Inval
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profiling::fixtures::example_snapshot;
+    use crate::profiling::snapshot::WorkloadKind;
+    use crate::report::ReportFormat;
+
+    fn report() -> ReportData {
+        ReportData::new(example_snapshot(WorkloadKind::Eval, 8, false), None)
+    }
+
+    fn error_of(data: &ReportData) -> String {
+        validate(data).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_real_report_is_valid() {
+        validate(&report()).unwrap();
+    }
+
+    #[test]
+    fn a_histogram_without_edges_is_refused() {
+        let mut d = report();
+        d.snapshot.epoch.histograms.token_latency_us.edges.clear();
+        let n = d.snapshot.epoch.histograms.token_latency_us.counts.len();
+        assert_eq!(
+            error_of(&d),
+            format!(
+                "snapshot.epoch.histograms.token_latency_us.edges: 0 edges for {n} buckets (expected {})",
+                n + 1
+            )
+        );
+    }
+
+    #[test]
+    fn inconsistent_histograms_are_refused() {
+        let mut d = report();
+        d.snapshot.epoch.histograms.forward_latency_us.counts.clear();
+        d.snapshot.epoch.histograms.forward_latency_us.edges.clear();
+        assert!(
+            error_of(&d).contains("forward_latency_us.counts: empty, but count says"),
+            "{}",
+            error_of(&d)
+        );
+
+        let mut d = report();
+        d.snapshot.epoch.histograms.token_moe_flops.counts[0] += 1;
+        assert!(error_of(&d).contains("token_moe_flops.counts: they add up to"));
+
+        let mut d = report();
+        let edges = &mut d.snapshot.epoch.histograms.token_latency_us.edges;
+        edges.swap(0, 1);
+        assert!(error_of(&d).contains("token_latency_us.edges[1]: edges must ascend"));
+
+        let mut d = report();
+        d.snapshot.epoch.histograms.layer_time_us[0].ffn_us.p99 = f64::NAN;
+        assert!(error_of(&d).contains("layer_time_us[0].ffn_us.p99: NaN is not a finite number"));
+    }
+
+    #[test]
+    fn per_expert_lists_must_match_the_model() {
+        let mut d = report();
+        d.snapshot.epoch.cumulative.layers[1].expert_token_share.pop();
+        assert_eq!(
+            error_of(&d),
+            "snapshot.epoch.cumulative.layers[1].expert_token_share: 7 values for 8 experts"
+        );
+
+        let mut d = report();
+        d.snapshot.epoch.window.layers[0].unused_experts.push(8);
+        assert!(error_of(&d).contains("expert 8 does not exist"));
+    }
+
+    #[test]
+    fn every_format_renders_a_report_with_empty_histograms() {
+        // A run that recorded nothing (zero tokens) has empty histograms: legitimate, and valid.
+        let mut d = report();
+        let h = &mut d.snapshot.epoch.histograms;
+        h.token_latency_us = HistogramSnapshot::empty("us");
+        h.forward_latency_us = HistogramSnapshot::empty("us");
+        h.token_moe_flops = HistogramSnapshot::empty("FLOPs");
+        for l in &mut h.layer_time_us {
+            l.attention_us = HistogramSnapshot::empty("us");
+            l.router_us = HistogramSnapshot::empty("us");
+            l.ffn_us = HistogramSnapshot::empty("us");
+        }
+        validate(&d).unwrap();
+        for f in ReportFormat::ALL {
+            assert!(!f.render(&d).is_empty(), "{f}");
+        }
+        assert!(ReportFormat::Html.render(&d).contains("nothing recorded"));
+        assert!(crate::report::text::render(&d.snapshot).contains("no samples"));
+    }
+}

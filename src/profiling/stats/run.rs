@@ -366,6 +366,8 @@ impl RunStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::config::PolicySpec;
+    use crate::profiling::stats::{BatchQuality, ReferenceComparison};
     use crate::model::config::tests::small;
     use crate::profiling::snapshot::LayerPolicy;
     use crate::routing::{RoutingPolicy, route};
