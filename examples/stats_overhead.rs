@@ -14,10 +14,11 @@ use xmoe_top::model::config::ModelConfig;
 use xmoe_top::model::format::{StoreDtype, write_model};
 use xmoe_top::model::synth::random_weights;
 use xmoe_top::model::{Model, RoutingConfig};
-use xmoe_top::profiling::snapshot::{DeviceSnapshot, ModelInfo};
+use xmoe_top::profiling::snapshot::DeviceSnapshot;
 use xmoe_top::profiling::stats::{PassKind, RunStats, SnapshotInputs};
 use xmoe_top::profiling::trace::ForwardTrace;
 use xmoe_top::routing::RoutingPolicy;
+use xmoe_top::session::describe::model_info;
 use xmoe_top::session::{Session, SessionConfig, policy_state};
 use xmoe_top::workload::{EvalSpec, TextSource, Workload};
 
@@ -175,7 +176,7 @@ fn main() -> anyhow::Result<()> {
     let inputs = SnapshotInputs {
         sequence: 0,
         session_elapsed_s: 0.0,
-        model: ModelInfo::new(&cfg, "CPU", cfg.top_k_baseline()),
+        model: model_info(&cfg, "CPU", cfg.top_k_baseline()),
         workload: make_workload(&model)?.info().clone(),
         paused: false,
         ended: None,

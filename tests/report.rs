@@ -5,17 +5,17 @@ mod common;
 
 use std::path::Path;
 
+use common::fixtures::example_snapshot;
 use xmoe_top::model::config::PolicySpec;
 use xmoe_top::model::format::StoreDtype;
 use xmoe_top::model::forward::{Model, RoutingConfig};
-use common::fixtures::example_snapshot;
 use xmoe_top::profiling::snapshot::WorkloadKind;
 use xmoe_top::profiling::trace::ForwardTrace;
-use xmoe_top::session::sweep::{SweepSpec, run_sweep, text_batches};
 use xmoe_top::report::{
     ReportData, ReportFormat, TraceOptions, TraceReader, TraceWriter, export, write_report,
 };
 use xmoe_top::routing::RoutingPolicy;
+use xmoe_top::session::sweep::{SweepSpec, run_sweep, text_batches};
 
 const TEXT: &[u8] = b"Threshold routing lets each token take as many experts as it needs: \
 the smallest set whose probabilities reach t. Easy tokens take one expert; hard ones take many. \

@@ -145,7 +145,12 @@ fn report_refuses_an_inconsistent_json_report_with_one_line() {
         None,
     );
     // The panic this guards against: buckets with counts but no edges.
-    data.snapshot.epoch.histograms.token_latency_us.edges.clear();
+    data.snapshot
+        .epoch
+        .histograms
+        .token_latency_us
+        .edges
+        .clear();
     std::fs::write(d.join("bad.json"), xmoe_top::report::json::render(&data)).unwrap();
     let o = xmoe(&["report", "bad.json", "out.html"], d);
     let (_, err) = text(&o);

@@ -11,10 +11,10 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
 use super::policy_args::PolicyArgs;
+use crate::atomic_file::AtomicFile;
 use crate::model::{DeviceChoice, LoadOptions, Model, ModelFile, MoeDispatch};
 use crate::profiling::snapshot::Snapshot;
 use crate::profiling::trace::ForwardTrace;
-use crate::atomic_file::AtomicFile;
 use crate::report::trace::{TraceOptions, TraceWriter};
 use crate::report::{ReportData, ReportFormat, export, write_report};
 use crate::session::{PassObserver, Session, SessionConfig};

@@ -9,10 +9,8 @@ use clap::Args;
 
 use crate::model::device::DeviceChoice;
 use crate::model::forward::Model;
+use crate::report::{ReportFormat, write_report};
 use crate::session::sweep::{SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches};
-use crate::report::{
-    ReportFormat, write_report,
-};
 
 /// Arguments of `sweep`.
 #[derive(Args, Debug)]

@@ -17,7 +17,7 @@
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::model::config::{ModelConfig, PolicySpec};
+use crate::model::config::PolicySpec;
 
 /// Version of the snapshot layout; bumped on any incompatible change (reports embed it).
 pub const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
@@ -84,26 +84,6 @@ pub struct ModelInfo {
     pub max_seq_len: usize,
     /// k of the compute-matched top-k baseline used for "compute saved vs top-k".
     pub top_k_baseline: usize,
-}
-
-impl ModelInfo {
-    /// Describes a model with configuration `cfg` running on `device`, with the top-k baseline's
-    /// `k` (clamped to 1..=E); the parameter count comes from the configuration.
-    pub fn new(cfg: &ModelConfig, device: impl Into<String>, top_k_baseline: usize) -> Self {
-        Self {
-            name: cfg.name.clone(),
-            parameters: crate::model::forward::param_counts(cfg).total as u64,
-            device: device.into(),
-            n_layers: cfg.n_layers,
-            moe_layers: cfg.moe_layer_indices(),
-            n_experts: cfg.n_experts,
-            expert_hidden: cfg.expert_hidden,
-            d_model: cfg.d_model,
-            vocab_size: cfg.vocab_size,
-            max_seq_len: cfg.max_seq_len,
-            top_k_baseline: top_k_baseline.clamp(1, cfg.n_experts),
-        }
-    }
 }
 
 /// Which kind of workload drives the model.

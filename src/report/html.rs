@@ -5,10 +5,10 @@
 
 use std::fmt::Write;
 
-use crate::units::{compact as num, fixed_or_dash as opt, flops};
 use super::{ReportData, policies_label, policy_label};
 use crate::model::config::PolicySpec;
 use crate::profiling::snapshot::{BucketScale, HistogramSnapshot, LayerStatsSnapshot};
+use crate::units::{compact as num, fixed_or_dash as opt, flops};
 
 const CSS: &str = r##"
 :root { --fg:#1d2433; --muted:#5b6578; --line:#d5dae3; --accent:#2f6fb3; --bg:#ffffff; --panel:#f6f8fb; }
@@ -652,12 +652,7 @@ fn cards(o: &mut String, data: &ReportData) {
     } else {
         "measured by the eval workload only".to_string()
     };
-    card(
-        o,
-        "bits / byte",
-        &opt(q.bits_per_byte, 4),
-        &quality_sub,
-    );
+    card(o, "bits / byte", &opt(q.bits_per_byte, 4), &quality_sub);
     card(
         o,
         "token latency",

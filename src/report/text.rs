@@ -36,7 +36,8 @@ pub fn render(s: &Snapshot) -> String {
 fn header(o: &mut String, s: &Snapshot) {
     let e = &s.epoch;
     let m = &s.model;
-    line!(o, 
+    line!(
+        o,
         "xmoe-top: {} ({}, {} MoE layers x {} experts) on {}",
         m.name,
         params(m.parameters),
@@ -46,7 +47,8 @@ fn header(o: &mut String, s: &Snapshot) {
     );
     line!(o, "workload    {}", s.workload.description);
     line!(o, "policy      {}", format_policy_state(&s.policy));
-    line!(o, 
+    line!(
+        o,
         "epoch       {} ({}): {} tokens in {} forward passes, {:.2} s running",
         e.id,
         e.reason,
@@ -73,7 +75,8 @@ fn header(o: &mut String, s: &Snapshot) {
 /// Per-token and per-pass latency percentiles, and the MoE blocks' mean split.
 fn latency(o: &mut String, s: &Snapshot) {
     let e = &s.epoch;
-    line!(o, 
+    line!(
+        o,
         "latency (epoch)    {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
         "p50",
         "p90",
@@ -98,7 +101,8 @@ fn latency(o: &mut String, s: &Snapshot) {
         moe_time(&|l| l.ffn_us.mean),
     );
     if e.histograms.forward_latency_us.count > 0 {
-        line!(o, 
+        line!(
+            o,
             "  MoE blocks per pass (mean): attention {}, router {}, experts {}",
             duration_us(attn),
             duration_us(router),
@@ -113,7 +117,8 @@ fn routing(o: &mut String, s: &Snapshot) {
     let e = &s.epoch;
     let m = &s.model;
     let c = &e.cumulative;
-    line!(o, 
+    line!(
+        o,
         "routing (epoch)  {:>7} {:>11} {:>8} {:>7} {:>6} {:>8} {:>9} {:>8} {:>10}",
         "policy",
         "experts/tok",
@@ -126,7 +131,8 @@ fn routing(o: &mut String, s: &Snapshot) {
         "FLOPs/all"
     );
     for l in &c.layers {
-        line!(o, 
+        line!(
+            o,
             "  layer {:<8} {:>7} {:>11.2} {:>8.3} {:>7} {:>6.2} {:>8.3} {:>9.2} {:>8} {:>9.1}%",
             l.layer,
             format_policy(&l.policy),
@@ -140,7 +146,8 @@ fn routing(o: &mut String, s: &Snapshot) {
             100.0 * l.moe_flops_fraction_of_all_experts
         );
     }
-    line!(o, 
+    line!(
+        o,
         "  all MoE layers  {:>19.2} experts per token",
         c.mean_experts_per_token
     );
@@ -163,7 +170,8 @@ fn routing(o: &mut String, s: &Snapshot) {
                 100.0 * rest as f64 / total as f64
             ));
         }
-        line!(o, 
+        line!(
+            o,
             "  layer {} experts/token distribution  {}",
             l.layer,
             parts.join(" ")
@@ -177,25 +185,29 @@ fn compute(o: &mut String, s: &Snapshot) {
     let e = &s.epoch;
     let c = &e.cumulative;
     let f = &c.flops;
-    line!(o, 
+    line!(
+        o,
         "compute per token (epoch) {:>12} {:>14} {:>14}",
         "actual",
         "all experts",
         format!("top-{}", f.top_k)
     );
-    line!(o, 
+    line!(
+        o,
         "  MoE layers              {:>12} {:>14} {:>14}",
         flops(f.moe_per_token.actual),
         flops(f.moe_per_token.all_experts),
         flops(f.moe_per_token.top_k)
     );
-    line!(o, 
+    line!(
+        o,
         "  whole model             {:>12} {:>14} {:>14}",
         flops(f.model_per_token.actual),
         flops(f.model_per_token.all_experts),
         flops(f.model_per_token.top_k)
     );
-    line!(o, 
+    line!(
+        o,
         "  compute saved: MoE layers {:.1}% vs all experts, {:.1}% vs top-{}; whole model {:.1}% vs all experts, {:.1}% vs top-{}{}",
         f.moe_saved_vs_all_experts_pct,
         f.moe_saved_vs_top_k_pct,
@@ -211,7 +223,8 @@ fn compute(o: &mut String, s: &Snapshot) {
     );
     let h = &e.histograms.token_moe_flops;
     if h.count > 0 {
-        line!(o, 
+        line!(
+            o,
             "  MoE FLOPs per token: p50 {}, p90 {}, p99 {}, max {}",
             flops(h.p50),
             flops(h.p90),
@@ -228,7 +241,8 @@ fn quality(o: &mut String, s: &Snapshot) {
     let q = &e.quality;
     match q.bits_per_byte {
         Some(bpb) => {
-            line!(o, 
+            line!(
+                o,
                 "quality     {bpb:.4} bits per byte (perplexity {} per token) over {} predictions",
                 q.perplexity.map_or("-".to_string(), |p| if p < 1e4 {
                     format!("{p:.3}")
@@ -238,7 +252,8 @@ fn quality(o: &mut String, s: &Snapshot) {
                 q.scored_tokens
             );
             match (q.reference_bits_per_byte, q.delta_bits_per_byte) {
-                (Some(r), Some(d)) => line!(o, 
+                (Some(r), Some(d)) => line!(
+                    o,
                     "            reference ({}) on {} batches: {r:.4} bits/byte; current on the same batches {:.4} (difference {d:+.4}); mean KL {} bits/token; reference cost {} ({:.1}% of forward time, not in latency)",
                     format_policy(&q.reference_policy),
                     q.reference_batches,
@@ -247,13 +262,17 @@ fn quality(o: &mut String, s: &Snapshot) {
                     duration_us(q.reference_time_s * 1e6),
                     100.0 * q.reference_time_fraction
                 ),
-                _ => line!(o, 
+                _ => line!(
+                    o,
                     "            no reference ({}) pass yet",
                     format_policy(&q.reference_policy)
                 ),
             }
         }
-        None => line!(o, "quality     not measured (the generate workload has no reference text)"),
+        None => line!(
+            o,
+            "quality     not measured (the generate workload has no reference text)"
+        ),
     }
     if let Some(p) = &s.previous_epoch {
         line!(o, "{}", previous_line(p));
@@ -334,12 +353,14 @@ fn generated(o: &mut String, s: &Snapshot) {
             }
         };
         line!(o);
-        line!(o, 
+        line!(
+            o,
             "last sequence  prompt \"{}\" ({:.2} experts/token)",
             printable(&prompt),
             mean(TokenOrigin::Prompt)
         );
-        line!(o, 
+        line!(
+            o,
             "               generated \"{}\" ({:.2} experts/token)",
             printable(&generated),
             mean(TokenOrigin::Generated)

@@ -66,7 +66,10 @@ pub fn validate(data: &ReportData) -> Result<(), InvalidReport> {
     routing("snapshot.epoch.cumulative", &s.epoch.cumulative, n_experts)?;
     if let Some(sw) = &data.sweep {
         if sw.n_experts == 0 {
-            return Err(invalid("sweep.n_experts", "a sweep needs at least one expert"));
+            return Err(invalid(
+                "sweep.n_experts",
+                "a sweep needs at least one expert",
+            ));
         }
         for (i, p) in sw.points.iter().enumerate() {
             let at = format!("sweep.points[{i}]");
@@ -137,10 +140,7 @@ fn histogram(at: &str, h: &HistogramSnapshot) -> Result<(), InvalidReport> {
         ));
     }
     if let Some(i) = h.edges.iter().position(|e| !e.is_finite()) {
-        return Err(invalid(
-            format!("{at}.edges[{i}]"),
-            "not a finite number",
-        ));
+        return Err(invalid(format!("{at}.edges[{i}]"), "not a finite number"));
     }
     if let Some(i) = h.edges.windows(2).position(|w| w[1] < w[0]) {
         return Err(invalid(
@@ -159,7 +159,10 @@ fn histogram(at: &str, h: &HistogramSnapshot) -> Result<(), InvalidReport> {
 }
 
 fn routing(at: &str, r: &RoutingStats, n_experts: usize) -> Result<(), InvalidReport> {
-    finite(&format!("{at}.mean_experts_per_token"), r.mean_experts_per_token)?;
+    finite(
+        &format!("{at}.mean_experts_per_token"),
+        r.mean_experts_per_token,
+    )?;
     for (i, l) in r.layers.iter().enumerate() {
         layer(&format!("{at}.layers[{i}]"), l, n_experts)?;
     }
@@ -240,7 +243,12 @@ mod tests {
     #[test]
     fn inconsistent_histograms_are_refused() {
         let mut d = report();
-        d.snapshot.epoch.histograms.forward_latency_us.counts.clear();
+        d.snapshot
+            .epoch
+            .histograms
+            .forward_latency_us
+            .counts
+            .clear();
         d.snapshot.epoch.histograms.forward_latency_us.edges.clear();
         assert!(
             error_of(&d).contains("forward_latency_us.counts: empty, but count says"),
@@ -265,7 +273,9 @@ mod tests {
     #[test]
     fn per_expert_lists_must_match_the_model() {
         let mut d = report();
-        d.snapshot.epoch.cumulative.layers[1].expert_token_share.pop();
+        d.snapshot.epoch.cumulative.layers[1]
+            .expert_token_share
+            .pop();
         assert_eq!(
             error_of(&d),
             "snapshot.epoch.cumulative.layers[1].expert_token_share: 7 values for 8 experts"

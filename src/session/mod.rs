@@ -11,6 +11,7 @@
 //! `try_send`: a slow reader only skips snapshots and can never slow the model thread. The latest
 //! snapshot is also kept in a slot ([`Session::latest`]).
 
+pub mod describe;
 pub mod sweep;
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
@@ -474,7 +475,7 @@ impl Runner {
         let top_k = config
             .top_k_baseline
             .unwrap_or_else(|| cfg.top_k_baseline());
-        let model_info = ModelInfo::new(cfg, config.device_description.clone(), top_k);
+        let model_info = describe::model_info(cfg, config.device_description.clone(), top_k);
         let routing = config.routing.clone();
         let reference = RoutingConfig {
             policies: vec![config.reference_policy; routing.policies.len()],

@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 use crate::model::config::PolicySpec;
 use crate::model::forward::{Model, RoutingConfig};
 use crate::profiling::snapshot::{
-    DeviceBackend, DeviceSnapshot, LayerPolicy, ModelInfo, PolicyState, ProcessCounters, Snapshot,
+    DeviceBackend, DeviceSnapshot, LayerPolicy, PolicyState, ProcessCounters, Snapshot,
     WorkloadInfo, WorkloadKind,
 };
 use crate::profiling::stats::{
@@ -358,7 +358,7 @@ pub fn run_sweep(
     }
     points.push(dense);
 
-    let model_info = ModelInfo::new(cfg, spec.device.clone(), top_k_baseline);
+    let model_info = super::describe::model_info(cfg, spec.device.clone(), top_k_baseline);
     let workload = WorkloadInfo {
         kind: WorkloadKind::Eval,
         source: spec.source.clone(),

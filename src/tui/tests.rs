@@ -16,7 +16,6 @@ use ratatui::style::Color;
 use super::app::{App, Panel, Target};
 use super::control::{Control, Layers};
 use super::input::{self, Action};
-use crate::units::micros;
 use super::render::heatmap::{self, CellMode, HeatGeometry};
 use super::render::{self, layout, sliders};
 use super::theme::{ColorMode, Theme};
@@ -24,6 +23,7 @@ use super::{UiEvent, event_loop};
 use crate::model::config::PolicySpec;
 use crate::profiling::fixtures::example_snapshot;
 use crate::profiling::snapshot::{Snapshot, WorkloadKind};
+use crate::units::micros;
 
 const SIZES: [(u16, u16); 3] = [(80, 24), (120, 40), (200, 60)];
 

@@ -21,6 +21,7 @@ use xmoe_top::profiling::stats::{
 };
 use xmoe_top::profiling::trace::ForwardTrace;
 use xmoe_top::routing::{RoutingPolicy, route};
+use xmoe_top::session::describe::model_info as describe_model;
 
 /// A small configuration: 6 blocks, MoE in blocks 1, 3, 5, `n_experts` experts of width
 /// `256 / 4` (so the top-k baseline is k = 4), byte vocabulary.
@@ -113,7 +114,7 @@ fn model_info(cfg: &ModelConfig, device: &str) -> ModelInfo {
     ModelInfo {
         // A round synthetic figure that the render tests look for; fixtures are never real runs.
         parameters: 1_234_567,
-        ..ModelInfo::new(cfg, device, cfg.top_k_baseline())
+        ..describe_model(cfg, device, cfg.top_k_baseline())
     }
 }
 

@@ -367,9 +367,9 @@ impl RunStats {
 mod tests {
     use super::*;
     use crate::model::config::PolicySpec;
-    use crate::profiling::stats::{BatchQuality, ReferenceComparison};
     use crate::model::config::tests::small;
     use crate::profiling::snapshot::LayerPolicy;
+    use crate::profiling::stats::{BatchQuality, ReferenceComparison};
     use crate::routing::{RoutingPolicy, route};
 
     const E: usize = 8;
@@ -726,8 +726,6 @@ mod tests {
         assert!((l.mean_kept_experts_per_token - 0.4).abs() < 1e-12);
         assert_eq!(l.mean_experts_per_token, 1.0);
     }
-
-
 
     #[test]
     fn quality_and_reference_accounting() {

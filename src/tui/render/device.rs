@@ -8,9 +8,9 @@ use ratatui::widgets::{Paragraph, Sparkline};
 
 use crate::profiling::snapshot::{DeviceBackend, DeviceSnapshot};
 use crate::tui::app::App;
-use crate::units::bytes_rounded as bytes;
 use crate::tui::render::panel_block;
 use crate::tui::theme::Theme;
+use crate::units::bytes_rounded as bytes;
 
 fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map_or("n/a".to_string(), f)

@@ -8,8 +8,8 @@ use ratatui::widgets::Paragraph;
 
 use crate::profiling::snapshot::{Snapshot, WorkloadKind};
 use crate::tui::app::App;
-use crate::units::si;
 use crate::tui::render::sliders::{common_policy, policy_text};
+use crate::units::si;
 
 /// The policy in words: the common one, or a note that layers differ.
 pub fn policy_summary(snap: &Snapshot) -> String {

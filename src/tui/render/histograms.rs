@@ -9,9 +9,9 @@ use ratatui::widgets::{Block, Borders, Paragraph};
 
 use crate::profiling::snapshot::{BucketScale, HistogramSnapshot};
 use crate::tui::app::App;
-use crate::units::in_unit;
 use crate::tui::render::layout::WIDE_WIDTH;
 use crate::tui::theme::Theme;
+use crate::units::in_unit;
 
 const EIGHTHS: [&str; 9] = [" ", "▁", "▂", "▃", "▄", "▅", "▆", "▇", "█"];
 
