@@ -1,5 +1,8 @@
 //! The threshold-sweep driver: the same tokens under each policy, with Dense as the quality reference.
 //!
+//! A batch driver beside the session: batches are cut exactly as the eval workload cuts them
+//! ([`for_each_eval_window`]) and every figure goes through the same statistics code.
+//!
 //! For every batch the Dense pass runs first (it is the Dense point and the reference of every
 //! other point), then each policy runs on the same tokens. Every per-point figure is built by a
 //! [`RunStats`] of its own, exactly as a live session of that policy would build it, so a sweep
@@ -20,6 +23,7 @@ use crate::profiling::stats::{
     kl_nats,
 };
 use crate::profiling::trace::ForwardTrace;
+use crate::workload::for_each_eval_window;
 
 use crate::profiling::sweep::{SweepPoint, SweepResult, policy_label};
 use crate::report::ReportData;
@@ -138,13 +142,9 @@ pub fn text_batches(
     let mut out = Vec::with_capacity(n_batches);
     for _ in 0..n_batches {
         let mut b = Vec::with_capacity(batch * (seq_len + 1));
-        for _ in 0..batch {
-            if cursor + seq_len + 1 > text.len() {
-                cursor = 0;
-            }
-            b.extend(text[cursor..cursor + seq_len + 1].iter().map(|&x| x as u32));
-            cursor += seq_len;
-        }
+        for_each_eval_window(text, batch, seq_len, &mut cursor, |w| {
+            b.extend(w.iter().map(|&x| x as u32));
+        });
         out.push(b);
     }
     Ok(out)
@@ -329,13 +329,9 @@ pub fn run_sweep(
         let ref_q = quality(cross_entropy_nats(&ref_logits, vocab, &targets));
         dense.stats.record_pass(&trace, PassKind::Eval, ref_ns);
         dense.stats.record_quality(&ref_q);
-        dense.stats.record_reference(&ReferenceComparison {
-            current: ref_q,
-            reference: ref_q,
-            kl_nats: 0.0,
-            kl_tokens: ref_q.scored_tokens,
-            reference_ns: 0,
-        });
+        dense
+            .stats
+            .record_reference(&ReferenceComparison::with_itself(ref_q));
         done += 1;
         progress(done, total);
         for p in &mut points {

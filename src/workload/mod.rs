@@ -442,14 +442,7 @@ impl Workload {
         let State::Eval(s) = &self.state else {
             return None;
         };
-        let q = s.last_quality?;
-        Some(ReferenceComparison {
-            current: q,
-            reference: q,
-            kl_nats: 0.0,
-            kl_tokens: q.scored_tokens,
-            reference_ns: 0,
-        })
+        s.last_quality.map(ReferenceComparison::with_itself)
     }
 }
 
@@ -458,18 +451,33 @@ impl EvalState {
     /// consecutively through the text and wrapping to its start.
     fn next_batch(&mut self) {
         let (b, s) = (self.spec.batch, self.spec.seq_len);
-        let text = &self.spec.text.bytes;
         self.inputs.clear();
         self.targets.clear();
-        for _ in 0..b {
-            if self.cursor + s + 1 > text.len() {
-                self.cursor = 0;
-            }
-            let w = &text[self.cursor..self.cursor + s + 1];
-            self.inputs.extend(w[..s].iter().map(|&x| x as u32));
-            self.targets.extend(w[1..].iter().map(|&x| x as u32));
-            self.cursor += s;
+        let (inputs, targets) = (&mut self.inputs, &mut self.targets);
+        for_each_eval_window(&self.spec.text.bytes, b, s, &mut self.cursor, |w| {
+            inputs.extend(w[..s].iter().map(|&x| x as u32));
+            targets.extend(w[1..].iter().map(|&x| x as u32));
+        });
+    }
+}
+
+/// Calls `f` with the next `batch` windows of `seq_len + 1` bytes of `text` from `*cursor`, read
+/// consecutively (stride `seq_len`, so a window's last byte is the next one's first) and wrapping
+/// to the start of the text when it runs out; advances `cursor`. The eval workload's batching,
+/// shared with the sweep. `text` must hold at least `seq_len + 1` bytes.
+pub fn for_each_eval_window(
+    text: &[u8],
+    batch: usize,
+    seq_len: usize,
+    cursor: &mut usize,
+    mut f: impl FnMut(&[u8]),
+) {
+    for _ in 0..batch {
+        if *cursor + seq_len + 1 > text.len() {
+            *cursor = 0;
         }
+        f(&text[*cursor..*cursor + seq_len + 1]);
+        *cursor += seq_len;
     }
 }
 

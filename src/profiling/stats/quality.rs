@@ -44,6 +44,20 @@ pub struct ReferenceComparison {
     pub reference_ns: u64,
 }
 
+impl ReferenceComparison {
+    /// A batch compared with itself: for when the current routing is the reference routing
+    /// (identical logits, so zero difference and zero KL, and no reference pass to time).
+    pub fn with_itself(q: BatchQuality) -> Self {
+        Self {
+            current: q,
+            reference: q,
+            kl_nats: 0.0,
+            kl_tokens: q.scored_tokens,
+            reference_ns: 0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 pub(super) struct QualityAccum {
     pub(super) current: BatchQuality,
