@@ -4,8 +4,9 @@
 //! [`profiling::trace::ForwardTrace`] per pass; [`routing`] is the pure policy code the model calls;
 //! [`profiling`] turns traces into statistics, FLOP figures and immutable snapshots; [`session`]
 //! runs the model on its own thread over a [`workload`] and publishes those snapshots; [`gpu`]
-//! samples device counters; [`kernel`] is the CPU expert layer; [`report`] writes reports,
-//! threshold sweeps and routing traces.
+//! samples device counters; [`kernel`] is the CPU expert layer; [`report`] renders reports, the
+//! headless summary and routing traces (the sweep driver lives in [`session::sweep`]); [`units`]
+//! formats numbers for every output and [`atomic_file`] writes every file.
 
 // Lets the test fixtures shared with tests/ name this crate `xmoe_top` from inside it too.
 #[cfg(test)]

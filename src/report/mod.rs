@@ -1,10 +1,12 @@
-//! Reports, threshold sweeps and routing traces: the files people share and script against.
+//! Reports and routing traces: the files people share and script against. Rendering only: the
+//! figures come from snapshot and statistics types (the sweep is run by [`crate::session::sweep`]).
 //!
 //! Every report is written from one data type, [`ReportData`] (a session [`Snapshot`], an optional
 //! [`SweepResult`], the command line, versions and a timestamp), in four formats
 //! ([`ReportFormat`]): JSON (every figure; schema in `docs/report.schema.json`), Markdown tables,
 //! CSV (one file with a `table` column, see `docs/report-format.md`) and one self-contained HTML
-//! file with inline SVG figures.
+//! file with inline SVG figures. [`text`] renders the headless summary of a snapshot, and a JSON
+//! report read back is checked by [`validate`] before any renderer sees it.
 //!
 //! Writes are atomic (a temporary file in the target directory, then a rename) and never replace
 //! an existing file unless asked to (`force`).
