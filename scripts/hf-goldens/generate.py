@@ -49,7 +49,7 @@ HEADS = 4
 KV_HEADS = 2
 EXPERTS = 8
 TOP_K = 2
-MOE_INTER = 16
+MOE_INTER = 12  # 2*I=24, I=12, H=32 and E=8 all differ, so the fused dimension order is unambiguous
 DENSE_INTER = 48
 WEIGHT_STD = 0.2  # much larger than the default 0.02 so routing and logits are not degenerate
 
@@ -117,7 +117,7 @@ def family_configs(vocab: int):
                 num_hidden_layers=3,
                 intermediate_size=DENSE_INTER,
                 moe_intermediate_size=MOE_INTER,
-                shared_expert_intermediate_size=40,
+                shared_expert_intermediate_size=40,  # != 2*MOE_INTER, H, DENSE_INTER
                 num_experts=EXPERTS,
                 decoder_sparse_step=1,
                 mlp_only_layers=[1],
@@ -324,10 +324,16 @@ def main():
             mb = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
             mb.load_state_dict(model.state_dict())
             mb = mb.to(torch.bfloat16).eval()
+            mb.set_experts_implementation("eager")
             d = fdir / "bf16"
             mb.save_pretrained(str(d))
             shutil.copy(tok_path, d / "tokenizer.json")
-            mbl = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16, attn_implementation="eager").eval()
+            # experts_implementation="eager": the default grouped_mm kernel rejects bf16 rows of I=12 elements
+            # (24 bytes; it needs strides that are multiples of 16 bytes). "eager" is the per-expert loop of
+            # the modeling file (index_add_ accumulation in bf16).
+            mbl = transformers.AutoModelForCausalLM.from_pretrained(
+                str(d), dtype=torch.bfloat16, attn_implementation="eager", experts_implementation="eager"
+            ).eval()
             outb, capb = run(mbl, input_ids)
             out_cast, _ = run(mb, input_ids)
             gb = {"input_ids": input_ids.contiguous(), "logits": outb.logits.float().contiguous()}
@@ -340,6 +346,7 @@ def main():
             diff = (outb.logits.float() - logits).abs()
             extra["bf16"] = dict(
                 folder="bf16/ (per-expert layout, bf16 weights = f32 weights rounded to bf16)",
+                experts_implementation="eager (grouped_mm rejects bf16 with I=12, see generate.py)",
                 goldens="golden-bf16.safetensors: same keys as golden.safetensors, computed by "
                 "from_pretrained('bf16', dtype=torch.bfloat16) (all activations bf16; RMSNorm and softmax "
                 "internally f32 as in the modeling code); values stored as f32",
