@@ -356,6 +356,26 @@ def main():
                 topk_ids_equal_to_f32={
                     str(L): bool(torch.equal(capb[L][2], cap[L][2])) for L in sorted(capb)
                 },
+                topk_set_differs_from_f32={
+                    str(L): [
+                        dict(
+                            token=t,
+                            f32_ids=[int(x) for x in cap[L][2][t]],
+                            bf16_ids=[int(x) for x in capb[L][2][t]],
+                            f32_prob_gap_at_topk_boundary=float(
+                                torch.sort(torch.softmax(cap[L][0][t].float(), -1), descending=True).values[
+                                    config.num_experts_per_tok - 1
+                                ]
+                                - torch.sort(torch.softmax(cap[L][0][t].float(), -1), descending=True).values[
+                                    config.num_experts_per_tok
+                                ]
+                            ),
+                        )
+                        for t in range(input_ids.numel())
+                        if set(cap[L][2][t].tolist()) != set(capb[L][2][t].tolist())
+                    ]
+                    for L in sorted(capb)
+                },
                 max_abs_logit_diff_if_cast_with_to_bf16_instead=float(
                     (out_cast.logits.float() - outb.logits.float()).abs().max()
                 ),
