@@ -11,11 +11,12 @@ For each family (mixtral, qwen2_moe, qwen3_moe, olmoe):
     each with the shared byte-level BPE tokenizer.json;
   - reloads every saved folder with from_pretrained and checks that it reproduces the logits bit for bit;
   - writes <family>/golden.safetensors and <family>/golden.json.
-Extras: one sharded copy (qwen2_moe/per_expert_sharded/) and one bf16 copy with bf16 goldens (mixtral/bf16/).
+Extras: one bf16 copy with bf16 goldens, saved sharded (mixtral/bf16/: model-0000x-of-0000n.safetensors + index).
 """
 
 import argparse
 import json
+import re
 import os
 import shutil
 import sys
@@ -50,7 +51,7 @@ KV_HEADS = 2
 EXPERTS = 8
 TOP_K = 2
 MOE_INTER = 12  # 2*I=24, I=12, H=32 and E=8 all differ, so the fused dimension order is unambiguous
-DENSE_INTER = 48
+DENSE_INTER = 20
 WEIGHT_STD = 0.2  # much larger than the default 0.02 so routing and logits are not degenerate
 
 
@@ -70,7 +71,7 @@ def train_tokenizer(out_dir: Path) -> Tokenizer:
     tok.train_from_iterator(lines, trainer=trainer)
     assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
+    tok.save(str(out_dir / "tokenizer.json"), pretty=False)
     return tok
 
 
@@ -174,6 +175,128 @@ def family_configs(vocab: int):
             rule="softmax over all E router logits (f32), top-k of the probabilities, NOT renormalised "
             "(norm_topk_prob=false, as in OLMoE-1B-7B)",
         ),
+        dict(
+            family="deepseek_v2",
+            cls=transformers.DeepseekV2Config,
+            kwargs=dict(
+                common,
+                num_key_value_heads=HEADS,  # MLA: every head has its own k/v (expanded from the latent)
+                num_hidden_layers=2,
+                intermediate_size=DENSE_INTER,
+                moe_intermediate_size=MOE_INTER,
+                n_routed_experts=EXPERTS,
+                n_shared_experts=2,
+                first_k_dense_replace=1,
+                topk_method="group_limited_greedy",
+                n_group=2,
+                topk_group=1,
+                routed_scaling_factor=16.0,
+                norm_topk_prob=False,
+                q_lora_rank=None,  # as DeepSeek-V2-Lite: plain q_proj
+                kv_lora_rank=16,
+                qk_nope_head_dim=8,
+                qk_rope_head_dim=8,
+                v_head_dim=12,
+                attention_bias=False,
+                tie_word_embeddings=True,  # published: untied; tied here to fit the 4 MB budget
+                max_position_embeddings=128,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10_000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "mscale": 0.707,
+                    "mscale_all_dim": 0.707,
+                },
+            ),
+            notes="layer 0 dense (first_k_dense_replace=1), layers 1-2 MoE with 2 shared experts; MLA without "
+            "q LoRA (q_lora_rank=null, as V2-Lite); YaRN rope (factor 4, mscale 0.707 as DeepSeek-V2) on the "
+            "complex-pair (interleaved) layout; group_limited_greedy over 2 groups of 4, 1 group kept",
+            rule="softmax over all E router logits (f32); group score = max prob in each of n_group=2 groups; keep "
+            "the topk_group=1 best group(s), zero the other probabilities; top-2 of what is left (torch.topk "
+            "sorted=False); weights = those probabilities * routed_scaling_factor (16), never renormalised "
+            "(transformers ignores norm_topk_prob for deepseek_v2); plus the shared experts (ungated)",
+            select="v2",
+        ),
+        dict(
+            family="deepseek_v3",
+            cls=transformers.DeepseekV3Config,
+            kwargs=dict(
+                common,
+                num_key_value_heads=HEADS,
+                num_hidden_layers=2,
+                intermediate_size=DENSE_INTER,
+                moe_intermediate_size=MOE_INTER,
+                n_routed_experts=EXPERTS,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                n_group=2,
+                topk_group=1,
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+                q_lora_rank=24,
+                kv_lora_rank=16,
+                qk_nope_head_dim=8,
+                qk_rope_head_dim=8,
+                v_head_dim=12,
+                attention_bias=False,
+                rope_interleave=True,
+                tie_word_embeddings=True,  # published: untied; tied here to fit the 4 MB budget
+                max_position_embeddings=128,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 10_000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 1.0,
+                },
+            ),
+            notes="layer 0 dense (first_k_dense_replace=1), layers 1-2 MoE with 1 shared expert; MLA with q LoRA "
+            "(q_lora_rank=24); YaRN rope (factor 4, mscale 1.0 as DeepSeek-V3), rope_interleave=true; sigmoid "
+            "router with e_score_correction_bias (random, non-zero here), 2 groups of 4, 1 kept",
+            rule="scores = sigmoid(router logits) (f32); choice = scores + e_score_correction_bias; group score = "
+            "sum of the top-2 choice values in each of n_group=2 groups; keep topk_group=1 group(s); top-2 of the "
+            "choice values in the kept groups (torch.topk sorted=False); weights = the *unbiased* sigmoid scores of "
+            "those experts, divided by their sum (+1e-20) (norm_topk_prob=true), times routed_scaling_factor (2.5); "
+            "plus the shared expert (ungated)",
+            select="v3",
+        ),
+        dict(
+            family="gpt_oss",
+            cls=transformers.GptOssConfig,
+            kwargs=dict(
+                common,
+                num_hidden_layers=2,
+                intermediate_size=MOE_INTER,
+                num_local_experts=EXPERTS,
+                head_dim=12,
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=5,
+                attention_bias=True,
+                tie_word_embeddings=True,  # published: untied; tied here to fit the 4 MB budget
+                max_position_embeddings=128,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 150_000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "truncate": False,
+                },
+            ),
+            notes="layer 0 sliding (window 5), layer 1 full attention; both MoE (gpt-oss has no dense blocks); "
+            "attention sinks; biases on q/k/v/o, router and experts; clamped SwiGLU (alpha 1.702, limit 7); "
+            "YaRN rope (factor 4, truncate false, as gpt-oss); explicit head_dim 12",
+            rule="router logits = x W^T + b; top-2 of the logits; weights = softmax over those 2 logits",
+            select="logits",
+            layouts=("fused",),
+        ),
     ]
 
 
@@ -189,14 +312,17 @@ def init_weights(model, seed: int):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(WEIGHT_STD * torch.randn(p.shape, generator=g))
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: make the bias matter
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
 
 
 def router_hooks(model):
     captured = {}
     handles = []
     for name, mod in model.named_modules():
-        if type(mod).__name__.endswith("TopKRouter"):
-            layer = int(name.split(".")[2])  # model.layers.{L}.mlp.gate
+        if type(mod).__name__.lower().endswith("topkrouter"):
+            layer = int(name.split(".")[2])  # model.layers.{L}.mlp.gate (gpt_oss: .mlp.router)
 
             def hook(_m, _inp, out, layer=layer):
                 logits, weights, ids = out
@@ -226,12 +352,39 @@ def tensor_listing(folder: Path):
 
 
 def moe_block_listing(rows: dict, layer: int):
+    """Tensors of one MoE block (per-expert tensors: expert 0 only, the others have the same shapes)."""
     pre = f"model.layers.{layer}."
     return {
         k: v
         for k, v in rows.items()
-        if k.startswith(pre) and not any(s in k for s in ("self_attn", "layernorm"))
+        if k.startswith(pre)
+        and not any(s in k for s in ("self_attn", "layernorm"))
+        and not re.search(r"\.experts\.[1-9][0-9]*\.", k)
     }
+
+
+def selection_scores(spec, config, model, layer: int, router_logits: torch.Tensor):
+    """The values torch.topk picks the experts from, recomputed from the router logits as the family's
+    router does (to look for ties at the top-k boundary), and the group scores where routing is grouped."""
+    rl = router_logits.float()
+    sel = spec.get("select", "softmax")
+    if sel == "softmax":
+        return torch.softmax(rl, -1), None
+    if sel == "logits":
+        return rl, None
+    E, G, TG = config.n_routed_experts, config.n_group, config.topk_group
+    if sel == "v2":
+        scores = torch.softmax(rl, -1)
+        group = scores.view(-1, G, E // G).max(-1).values
+        fill = 0.0
+    else:  # v3
+        bias = model.model.layers[layer].mlp.gate.e_score_correction_bias.float()
+        scores = rl.sigmoid() + bias
+        group = scores.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1)
+        fill = float("-inf")
+    keep = torch.zeros_like(group).scatter_(1, torch.topk(group, TG, dim=-1)[1], 1.0)
+    mask = keep.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E).bool()
+    return scores.masked_fill(~mask, fill), group
 
 
 def find_ties(probs: torch.Tensor, k: int, eps=1e-6):
@@ -297,7 +450,14 @@ def main():
             golden[f"topk_ids.{L}"] = ids.to(torch.int64).contiguous()
             golden[f"topk_weights.{L}"] = w.float().contiguous()
             probs = torch.softmax(rl.float(), dim=-1)
-            ties[str(L)] = find_ties(probs, config.num_experts_per_tok)
+            sel, group = selection_scores(spec, config, model, L, rl)
+            # the chosen set must be the top-k of the recomputed selection scores
+            assert torch.equal(
+                torch.sort(ids, -1).values, torch.sort(torch.topk(sel, config.num_experts_per_tok, -1)[1], -1).values
+            ), f"{fam} layer {L}: recomputed selection differs"
+            ties[str(L)] = find_ties(sel, config.num_experts_per_tok)
+            if group is not None:
+                ties[f"{L}.groups"] = find_ties(group, config.topk_group)
             router_summary[str(L)] = dict(
                 max_prob_mean=float(probs.max(-1).values.mean()),
                 min_prob_mean=float(probs.min(-1).values.mean()),
@@ -307,16 +467,13 @@ def main():
 
         layouts = {}
         for layout, kw in (("per_expert", {}), ("fused", {"save_original_format": False})):
+            if layout not in spec.get("layouts", ("per_expert", "fused")):
+                continue
             d = fdir / layout
             model.save_pretrained(str(d), **kw)
             shutil.copy(tok_path, d / "tokenizer.json")
             layouts[layout] = d
         extra = {}
-        if fam == "qwen2_moe":
-            d = fdir / "per_expert_sharded"
-            model.save_pretrained(str(d), max_shard_size="160KB")
-            shutil.copy(tok_path, d / "tokenizer.json")
-            layouts["per_expert_sharded"] = d
         if fam == "mixtral":
             # bf16 copy: cast the f32 weights to bf16, save, and take the bf16 goldens from the model as
             # from_pretrained(dtype=bfloat16) builds it (the path a user takes; note that a model cast with
@@ -326,8 +483,9 @@ def main():
             mb = mb.to(torch.bfloat16).eval()
             mb.set_experts_implementation("eager")
             d = fdir / "bf16"
-            mb.save_pretrained(str(d))
+            mb.save_pretrained(str(d), max_shard_size="40KB")  # also the sharded example: 2-3 shards + index
             shutil.copy(tok_path, d / "tokenizer.json")
+            assert (d / "model.safetensors.index.json").exists()
             # experts_implementation="eager": the default grouped_mm kernel rejects bf16 rows of I=12 elements
             # (24 bytes; it needs strides that are multiples of 16 bytes). "eager" is the per-expert loop of
             # the modeling file (index_add_ accumulation in bf16).
@@ -384,11 +542,12 @@ def main():
 
         # The two layouts hold the same numbers: fused gate_up_proj[e] == cat(gate_e, up_e) on dim 0
         # and fused down_proj[e] == down_e.
+        layout_check = "gpt_oss has one on-disk layout in transformers (no conversion mapping): only fused/"
         per = {k: v for f in (fdir / "per_expert").glob("*.safetensors") for k, v in load_file(str(f)).items()}
         fus = {k: v for f in (fdir / "fused").glob("*.safetensors") for k, v in load_file(str(f)).items()}
         names = dict(mixtral=("block_sparse_moe", "w1", "w3", "w2"))
         blk, gname, uname, dname = names.get(fam, ("mlp", "gate_proj", "up_proj", "down_proj"))
-        for L in moe_layers:
+        for L in moe_layers if per else []:
             gu = fus[f"model.layers.{L}.mlp.experts.gate_up_proj"]
             dn = fus[f"model.layers.{L}.mlp.experts.down_proj"]
             for e in range(EXPERTS):
@@ -396,7 +555,7 @@ def main():
                 cat = torch.cat([per[pre + gname + ".weight"], per[pre + uname + ".weight"]], dim=0)
                 assert torch.equal(gu[e], cat), (fam, L, e)
                 assert torch.equal(dn[e], per[pre + dname + ".weight"]), (fam, L, e)
-        layout_check = (
+        layout_check = layout_check if not per else (
             f"checked by the generator: fused model.layers.L.mlp.experts.gate_up_proj[e] == "
             f"cat(model.layers.L.{blk}.experts.e.{gname}.weight, ...{uname}.weight, dim=0) and "
             f"fused down_proj[e] == ...experts.e.{dname}.weight, for every MoE layer and expert; "
@@ -433,8 +592,12 @@ def main():
             input_ids=dict(dtype="int64", shape=list(input_ids.shape), note=f"first {SEQ} tokens of each text, no padding, no BOS"),
             golden_tensors={k: dict(shape=list(v.shape), dtype=str(v.dtype).replace("torch.", "")) for k, v in golden.items()},
             router_tensors_note="tokens are flattened batch-major: row = b * seq + s; topk_ids/topk_weights are in "
-            "torch.topk order (descending probability); topk_weights are exactly what the experts' outputs are "
-            "multiplied by",
+            + ("torch.topk(sorted=False) order (unspecified: compare as sets of (id, weight) pairs)"
+               if fam.startswith("deepseek") else "torch.topk order (descending)")
+            + "; topk_weights are exactly what the experts' outputs are multiplied by",
+            ties_note="gap between the k-th and (k+1)-th of the values torch.topk selects from (probabilities, or "
+            "gpt_oss logits, or DeepSeek-V3 biased sigmoid scores), after group masking; 'L.groups': the same at the "
+            "topk_group boundary of the group scores",
             ties_within_1e_6_at_topk_boundary=ties,
             router_stats=router_summary,
             attn_implementation="eager",
