@@ -12,6 +12,19 @@ root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().pare
 for fam_dir in sorted(p for p in root.iterdir() if p.is_dir()):
     meta = json.loads((fam_dir / "golden.json").read_text())
     L = meta["moe_layers"][0]
+    first = sorted(p for p in fam_dir.iterdir() if p.is_dir())[0]
+    attn = {}
+    for f in sorted(first.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                if k.startswith("model.layers.0.") and ("self_attn" in k or "layernorm" in k):
+                    s = sf.get_slice(k)
+                    attn[k] = (s.get_shape(), s.get_dtype())
+    print(f"`{fam_dir.name}`: attention and norms of layer 0 (`{first.name}/`; the same in every folder of the family):\n")
+    print("| tensor | shape | dtype |\n|---|---|---|")
+    for k in sorted(attn):
+        print(f"| `{k}` | {list(attn[k][0])} | {attn[k][1]} |")
+    print()
     for folder in sorted(p for p in fam_dir.iterdir() if p.is_dir()):
         rows = {}
         for f in sorted(folder.glob("*.safetensors")):

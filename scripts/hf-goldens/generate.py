@@ -3,12 +3,12 @@
 
 Run by hand (never in CI); see scripts/hf-goldens/README.md. Writes tests/fixtures/hf/.
 
-For each family (mixtral, qwen2_moe, qwen3_moe, olmoe):
+For each family (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss):
   - builds a tiny random config (transformers' own config class) and model, with a fixed seed;
   - saves it with save_pretrained in every expert layout the family has on disk:
       per_expert/  save_pretrained(...)                              (default: original per-expert names)
       fused/       save_pretrained(..., save_original_format=False) (transformers 5 in-memory 3D tensors)
-    each with the shared byte-level BPE tokenizer.json;
+    each with the shared byte-level BPE tokenizer.json (gpt_oss: fused/ only, its single on-disk layout);
   - reloads every saved folder with from_pretrained and checks that it reproduces the logits bit for bit;
   - writes <family>/golden.safetensors and <family>/golden.json.
 Extras: one bf16 copy with bf16 goldens, saved sharded (mixtral/bf16/: model-0000x-of-0000n.safetensors + index).
@@ -236,7 +236,7 @@ def family_configs(vocab: int):
                 topk_group=1,
                 routed_scaling_factor=2.5,
                 norm_topk_prob=True,
-                q_lora_rank=24,
+                q_lora_rank=20,
                 kv_lora_rank=16,
                 qk_nope_head_dim=8,
                 qk_rope_head_dim=8,
@@ -257,7 +257,7 @@ def family_configs(vocab: int):
                 },
             ),
             notes="layer 0 dense (first_k_dense_replace=1), layers 1-2 MoE with 1 shared expert; MLA with q LoRA "
-            "(q_lora_rank=24); YaRN rope (factor 4, mscale 1.0 as DeepSeek-V3), rope_interleave=true; sigmoid "
+            "(q_lora_rank=20); YaRN rope (factor 4, mscale 1.0 as DeepSeek-V3), rope_interleave=true; sigmoid "
             "router with e_score_correction_bias (random, non-zero here), 2 groups of 4, 1 kept",
             rule="scores = sigmoid(router logits) (f32); choice = scores + e_score_correction_bias; group score = "
             "sum of the top-2 choice values in each of n_group=2 groups; keep topk_group=1 group(s); top-2 of the "
