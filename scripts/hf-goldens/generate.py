@@ -503,7 +503,8 @@ def main():
             save_file(gb, str(fdir / "golden-bf16.safetensors"))
             diff = (outb.logits.float() - logits).abs()
             extra["bf16"] = dict(
-                folder="bf16/ (per-expert layout, bf16 weights = f32 weights rounded to bf16)",
+                folder="bf16/ (per-expert layout, bf16 weights = f32 weights rounded to bf16, saved with "
+                "max_shard_size='40KB': 3 shards + model.safetensors.index.json)",
                 experts_implementation="eager (grouped_mm rejects bf16 with I=12, see generate.py)",
                 goldens="golden-bf16.safetensors: same keys as golden.safetensors, computed by "
                 "from_pretrained('bf16', dtype=torch.bfloat16) (all activations bf16; RMSNorm and softmax "
@@ -575,6 +576,12 @@ def main():
             # parameters, and the grouped_mm experts kernel then rounds differently (~1e-6).
             assert max_diff < 1e-4, f"{fam}/{layout}: reloaded logits differ by {max_diff}"
             layout_info[layout] = dict(
+                holds={
+                    "per_expert": "save_pretrained(dir) (save_original_format=True, the default): transformers "
+                    "converts its 3D expert tensors back to the original one-tensor-per-expert names",
+                    "fused": "save_pretrained(dir, save_original_format=False): the in-memory 3D expert tensors "
+                    "(gate_up_proj, down_proj) as they are",
+                }[layout],
                 files=sorted(p.name for p in d.iterdir()),
                 num_tensors=len(rows),
                 moe_block_tensors=moe_block_listing(rows, moe_layers[0]),
