@@ -207,7 +207,10 @@ pub const BINDINGS: &[Binding] = &[
         in_help: false,
     },
     Binding {
-        keys: &[(ch(' '), Command::ToggleFreeze), (ch('f'), Command::ToggleFreeze)],
+        keys: &[
+            (ch(' '), Command::ToggleFreeze),
+            (ch('f'), Command::ToggleFreeze),
+        ],
         label: "Space  f",
         help: &["freeze the display (collection continues)"],
         help_without_exporter: None,
