@@ -131,7 +131,7 @@ impl InspectReport {
             "MoE        layers {:?}: {} experts x hidden {} (split ratio {}), expert bias {}",
             self.moe_layers, c.n_experts, c.expert_hidden, self.split_ratio, c.expert_bias
         );
-        let policy: crate::routing::RoutingPolicy = c.default_policy.into();
+        let policy: crate::routing::RoutingPolicy = c.default_policy;
         let _ = writeln!(
             s,
             "routing    default {policy}, top-k baseline k = {}, capacity factor {}",

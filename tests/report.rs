@@ -6,7 +6,6 @@ mod common;
 use std::path::Path;
 
 use common::fixtures::example_snapshot;
-use xmoe_top::model::config::PolicySpec;
 use xmoe_top::model::format::StoreDtype;
 use xmoe_top::model::forward::{Model, RoutingConfig};
 use xmoe_top::profiling::snapshot::WorkloadKind;
@@ -77,7 +76,7 @@ fn sweep_is_monotone_and_consistent() {
     let thr: Vec<_> = sw
         .points
         .iter()
-        .filter(|p| matches!(p.policy, PolicySpec::Threshold { .. }))
+        .filter(|p| matches!(p.policy, RoutingPolicy::Threshold { .. }))
         .collect();
     assert_eq!(thr.len(), 7);
     for w in thr.windows(2) {
@@ -99,10 +98,10 @@ fn sweep_is_monotone_and_consistent() {
     }
     // The default threshold (0.9) was added and marked, and its snapshot is the report's.
     let def = sw.default_point().unwrap();
-    assert_eq!(def.policy, PolicySpec::Threshold { t: 0.9 });
+    assert_eq!(def.policy, RoutingPolicy::Threshold { t: 0.9 });
     assert_eq!(
         data.snapshot.policy.layers[0].policy,
-        PolicySpec::Threshold { t: 0.9 }
+        RoutingPolicy::Threshold { t: 0.9 }
     );
     assert_eq!(
         data.snapshot.epoch.cumulative.mean_experts_per_token,
@@ -111,16 +110,16 @@ fn sweep_is_monotone_and_consistent() {
     // Top-k takes exactly k; Dense takes all and is its own reference.
     for p in &sw.points {
         match p.policy {
-            PolicySpec::TopK { k, .. } => {
+            RoutingPolicy::TopK { k, .. } => {
                 assert!((p.mean_experts_per_token - k as f64).abs() < 1e-12)
             }
-            PolicySpec::Dense => {
+            RoutingPolicy::Dense => {
                 assert!((p.mean_experts_per_token - 8.0).abs() < 1e-12);
                 assert!((p.moe_flops_fraction_of_all_experts - 1.0).abs() < 1e-12);
                 assert_eq!(p.delta_bits_per_byte_vs_dense, Some(0.0));
                 assert!(p.is_reference);
             }
-            PolicySpec::Threshold { .. } => {}
+            RoutingPolicy::Threshold { .. } => {}
         }
         assert_eq!(p.tokens, sw.tokens_per_point);
         assert!(p.bits_per_byte.unwrap() > 0.0);

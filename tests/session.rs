@@ -111,7 +111,7 @@ fn threshold_change_pause_and_reset() {
     assert_eq!(layer_means(&s1), after);
     assert_eq!(
         s1.policy.layers[1].policy,
-        xmoe_top::model::config::PolicySpec::Threshold { t: 0.2 }
+        xmoe_top::routing::RoutingPolicy::Threshold { t: 0.2 }
     );
     let prev = s1.previous_epoch.as_ref().expect("previous epoch kept");
     assert_eq!(prev.layer_mean_experts_per_token, before);

@@ -52,7 +52,7 @@ impl PolicyArgs {
     pub fn routing(&self, cfg: &ModelConfig) -> Result<RoutingConfig> {
         let moe = cfg.moe_layer_indices();
         let e = cfg.n_experts;
-        let default: RoutingPolicy = cfg.default_policy.into();
+        let default: RoutingPolicy = cfg.default_policy;
         let kind = self.policy.unwrap_or(match default {
             _ if self.threshold.is_some() => PolicyKind::Threshold,
             RoutingPolicy::Threshold { .. } => PolicyKind::Threshold,

@@ -81,53 +81,6 @@ pub enum MoeLayers {
     Keyword(String),
 }
 
-/// Routing policy as written in a configuration file.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum PolicySpec {
-    /// Threshold routing with threshold `t`.
-    Threshold {
-        /// Cumulative probability mass to reach, in (0, 1].
-        t: f32,
-    },
-    /// Top-k routing.
-    TopK {
-        /// Experts per token.
-        k: usize,
-        /// Renormalise the selected weights to sum to 1.
-        #[serde(default)]
-        renormalize: bool,
-    },
-    /// All experts, weighted by their probability.
-    Dense,
-}
-
-impl Default for PolicySpec {
-    fn default() -> Self {
-        PolicySpec::Threshold { t: 0.9 }
-    }
-}
-
-impl From<PolicySpec> for RoutingPolicy {
-    fn from(p: PolicySpec) -> Self {
-        match p {
-            PolicySpec::Threshold { t } => RoutingPolicy::Threshold { t },
-            PolicySpec::TopK { k, renormalize } => RoutingPolicy::TopK { k, renormalize },
-            PolicySpec::Dense => RoutingPolicy::Dense,
-        }
-    }
-}
-
-impl From<RoutingPolicy> for PolicySpec {
-    fn from(p: RoutingPolicy) -> Self {
-        match p {
-            RoutingPolicy::Threshold { t } => PolicySpec::Threshold { t },
-            RoutingPolicy::TopK { k, renormalize } => PolicySpec::TopK { k, renormalize },
-            RoutingPolicy::Dense => PolicySpec::Dense,
-        }
-    }
-}
-
 fn default_format_version() -> u32 {
     FORMAT_VERSION
 }
@@ -142,6 +95,9 @@ fn default_rope_theta() -> f64 {
 }
 fn default_true() -> bool {
     true
+}
+fn default_policy() -> RoutingPolicy {
+    RoutingPolicy::Threshold { t: 0.9 }
 }
 
 /// The full configuration of an XMoE decoder-only language model.
@@ -202,8 +158,8 @@ pub struct ModelConfig {
     #[serde(default = "default_true")]
     pub tie_embeddings: bool,
     /// Policy used when the user does not choose one.
-    #[serde(default)]
-    pub default_policy: PolicySpec,
+    #[serde(default = "default_policy")]
+    pub default_policy: RoutingPolicy,
     /// k of the compute-matched top-k baseline; default: the split ratio.
     #[serde(default)]
     pub top_k_baseline: Option<usize>,
@@ -340,8 +296,7 @@ impl ModelConfig {
                 ));
             }
         }
-        let policy: RoutingPolicy = self.default_policy.into();
-        policy
+        self.default_policy
             .validate(self.n_experts)
             .map_err(|e| err("default_policy", e.to_string()))?;
         if let Some(k) = self.top_k_baseline
@@ -398,7 +353,7 @@ impl ModelConfig {
             expert_hidden,
             expert_bias: true,
             tie_embeddings: true,
-            default_policy: PolicySpec::default(),
+            default_policy: default_policy(),
             top_k_baseline: None,
             capacity_factor: None,
         }
@@ -503,7 +458,7 @@ pub(crate) mod tests {
         c.d_model = 0;
         assert_eq!(c.validate().unwrap_err().field, "d_model");
         let mut c = small();
-        c.default_policy = PolicySpec::Threshold { t: 1.5 };
+        c.default_policy = RoutingPolicy::Threshold { t: 1.5 };
         assert_eq!(c.validate().unwrap_err().field, "default_policy");
         let mut c = small();
         c.vocab_size = 100;

@@ -307,7 +307,7 @@ impl Model {
     /// Routing the configuration asks for by default.
     pub fn default_routing(&self) -> RoutingConfig {
         RoutingConfig {
-            policies: vec![self.config.default_policy.into(); self.moe_layers.len()],
+            policies: vec![self.config.default_policy; self.moe_layers.len()],
             capacity_factor: self.config.capacity_factor,
         }
     }

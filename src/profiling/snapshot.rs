@@ -17,7 +17,7 @@
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::model::config::PolicySpec;
+use crate::routing::RoutingPolicy;
 
 /// Version of the snapshot layout; bumped on any incompatible change (reports embed it).
 pub const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
@@ -123,7 +123,7 @@ pub struct LayerPolicy {
     /// Block index of the MoE layer.
     pub layer: usize,
     /// Its policy.
-    pub policy: PolicySpec,
+    pub policy: RoutingPolicy,
 }
 
 /// Routing settings in force.
@@ -134,7 +134,7 @@ pub struct PolicyState {
     /// Inference-time capacity factor, if any.
     pub capacity_factor: Option<f32>,
     /// Policy of the reference passes used for the quality comparison (Dense by default).
-    pub reference: PolicySpec,
+    pub reference: RoutingPolicy,
 }
 
 /// Everything measured in the current epoch.
@@ -189,7 +189,7 @@ pub struct LayerStatsSnapshot {
     /// Block index of the layer.
     pub layer: usize,
     /// Its policy.
-    pub policy: PolicySpec,
+    pub policy: RoutingPolicy,
     /// The heatmap row: for each expert, the share of tokens whose selection includes it (0..=1).
     pub expert_token_share: Vec<f64>,
     /// For each expert, its mean gate weight per token (0 where not selected); the row sums to
@@ -459,7 +459,7 @@ pub struct QualityStats {
     /// Per-token perplexity, `exp(mean cross-entropy in nats)`.
     pub perplexity: Option<f64>,
     /// Reference policy (Dense by default).
-    pub reference_policy: PolicySpec,
+    pub reference_policy: RoutingPolicy,
     /// Batches also run under the reference policy.
     pub reference_batches: u64,
     /// Tokens scored in those batches.

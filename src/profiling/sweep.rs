@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::config::PolicySpec;
+use crate::routing::RoutingPolicy;
 
 /// One policy's figures over the sweep's tokens.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -11,7 +11,7 @@ pub struct SweepPoint {
     /// Short label ("t=0.9", "top-2", "dense").
     pub label: String,
     /// The policy, on every MoE layer.
-    pub policy: PolicySpec,
+    pub policy: RoutingPolicy,
     /// This is the model's default policy.
     pub is_default: bool,
     /// This is the quality reference (Dense).
@@ -62,9 +62,9 @@ pub struct SweepResult {
     /// Experts per MoE layer.
     pub n_experts: usize,
     /// The model's default policy (marked on the curve).
-    pub default_policy: PolicySpec,
+    pub default_policy: RoutingPolicy,
     /// The quality reference (Dense).
-    pub reference_policy: PolicySpec,
+    pub reference_policy: RoutingPolicy,
     /// k of the top-k baseline.
     pub top_k_baseline: usize,
     /// Capacity factor applied to every point.
@@ -149,12 +149,12 @@ impl SweepResult {
 }
 
 /// A short label of a policy: "t=0.90", "top-2", "top-2 renorm", "dense".
-pub fn policy_label(p: &PolicySpec) -> String {
+pub fn policy_label(p: &RoutingPolicy) -> String {
     match *p {
-        PolicySpec::Threshold { t } => format!("t={}", crate::units::trim_float(t as f64, 3)),
-        PolicySpec::TopK { k, renormalize } => {
+        RoutingPolicy::Threshold { t } => format!("t={}", crate::units::trim_float(t as f64, 3)),
+        RoutingPolicy::TopK { k, renormalize } => {
             format!("top-{k}{}", if renormalize { " renorm" } else { "" })
         }
-        PolicySpec::Dense => "dense".to_string(),
+        RoutingPolicy::Dense => "dense".to_string(),
     }
 }

@@ -6,8 +6,8 @@
 use std::fmt::Write;
 
 use super::{ReportData, policies_label, policy_label};
-use crate::model::config::PolicySpec;
 use crate::profiling::snapshot::{BucketScale, HistogramSnapshot, LayerStatsSnapshot};
+use crate::routing::RoutingPolicy;
 use crate::units::{compact as num, fixed_or_dash as opt, flops};
 
 const CSS: &str = r##"
@@ -433,7 +433,7 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
     // Threshold points joined in order of t.
     let thr: Vec<&(&super::SweepPoint, f64, f64)> = pts
         .iter()
-        .filter(|p| matches!(p.0.policy, PolicySpec::Threshold { .. }))
+        .filter(|p| matches!(p.0.policy, RoutingPolicy::Threshold { .. }))
         .collect();
     if thr.len() > 1 {
         let d: Vec<String> = thr
@@ -458,7 +458,7 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
             p.mean_experts_per_token
         );
         match p.policy {
-            PolicySpec::Threshold { .. } => {
+            RoutingPolicy::Threshold { .. } => {
                 let _ = write!(
                     s,
                     r##"<circle cx="{cx:.1}" cy="{cy:.1}" r="4" fill="#2f6fb3"><title>{}</title></circle>"##,
@@ -479,7 +479,7 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
                     );
                 }
             }
-            PolicySpec::TopK { .. } => {
+            RoutingPolicy::TopK { .. } => {
                 let _ = write!(
                     s,
                     r##"<rect x="{:.1}" y="{:.1}" width="9" height="9" fill="#d9822b"><title>{}</title></rect><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end" fill="#b0651c">{}</text>"##,
@@ -492,7 +492,7 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
                     esc(&p.label)
                 );
             }
-            PolicySpec::Dense => {
+            RoutingPolicy::Dense => {
                 let _ = write!(
                     s,
                     r##"<path d="M {cx:.1} {:.1} L {:.1} {cy:.1} L {cx:.1} {:.1} L {:.1} {cy:.1} Z" fill="#1d2433"><title>{}</title></path><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">dense (reference)</text>"##,

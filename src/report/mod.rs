@@ -342,7 +342,7 @@ pub fn policies_label(snapshot: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::PolicySpec;
+    use crate::routing::RoutingPolicy;
 
     #[test]
     fn timestamps() {
@@ -373,10 +373,13 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(policy_label(&PolicySpec::Threshold { t: 0.9 }), "t=0.9");
-        assert_eq!(policy_label(&PolicySpec::Threshold { t: 0.85 }), "t=0.85");
+        assert_eq!(policy_label(&RoutingPolicy::Threshold { t: 0.9 }), "t=0.9");
         assert_eq!(
-            policy_label(&PolicySpec::TopK {
+            policy_label(&RoutingPolicy::Threshold { t: 0.85 }),
+            "t=0.85"
+        );
+        assert_eq!(
+            policy_label(&RoutingPolicy::TopK {
                 k: 2,
                 renormalize: false
             }),

@@ -3,11 +3,11 @@
 
 use std::fmt::Write;
 
-use crate::model::config::PolicySpec;
 use crate::profiling::snapshot::{
     DeviceBackend, EpochSummary, HistogramSnapshot, LayerTimeHistograms, PolicyState, Snapshot,
     TokenOrigin,
 };
+use crate::routing::RoutingPolicy;
 use crate::units::{bytes, duration_us, fixed_or_dash, flops, params};
 
 macro_rules! line {
@@ -369,13 +369,13 @@ fn generated(o: &mut String, s: &Snapshot) {
 }
 
 /// A policy in a few characters ("t=0.90", "top-2", "dense").
-pub fn format_policy(p: &PolicySpec) -> String {
+pub fn format_policy(p: &RoutingPolicy) -> String {
     match p {
-        PolicySpec::Threshold { t } => format!("t={t:.2}"),
-        PolicySpec::TopK { k, renormalize } => {
+        RoutingPolicy::Threshold { t } => format!("t={t:.2}"),
+        RoutingPolicy::TopK { k, renormalize } => {
             format!("top-{k}{}", if *renormalize { " renorm" } else { "" })
         }
-        PolicySpec::Dense => "dense".to_string(),
+        RoutingPolicy::Dense => "dense".to_string(),
     }
 }
 

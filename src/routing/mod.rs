@@ -8,8 +8,14 @@
 
 use std::fmt;
 
-/// How a MoE layer picks experts for each token.
-#[derive(Clone, Copy, Debug, PartialEq)]
+use serde::{Deserialize, Serialize};
+
+/// How a MoE layer picks experts for each token: the one policy type of the crate, used by model
+/// files, the command line, the session, the UI and reports. Its JSON form is
+/// `{"kind": "threshold", "t": 0.9}`, `{"kind": "top_k", "k": 2, "renormalize": false}` or
+/// `{"kind": "dense"}`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum RoutingPolicy {
     /// The smallest descending-probability prefix whose mass reaches `t` (0 < t <= 1).
     Threshold {
@@ -21,6 +27,7 @@ pub enum RoutingPolicy {
         /// Experts per token, 1..=E.
         k: usize,
         /// Divide the selected probabilities by their sum.
+        #[serde(default)]
         renormalize: bool,
     },
     /// Every expert, weighted by its probability.
@@ -82,7 +89,22 @@ pub enum RoutingError {
     },
 }
 
+/// Thresholds closer than this are the same policy: far below the slider's 0.01 step and the
+/// two decimals every screen and report shows, far above the f32 error of repeated slider steps.
+pub const SAME_THRESHOLD_TOLERANCE: f32 = 1e-5;
+
 impl RoutingPolicy {
+    /// True when both route every token the same way: equal kind and parameters, thresholds
+    /// within [`SAME_THRESHOLD_TOLERANCE`].
+    pub fn same_as(&self, other: &RoutingPolicy) -> bool {
+        match (self, other) {
+            (RoutingPolicy::Threshold { t: a }, RoutingPolicy::Threshold { t: b }) => {
+                (a - b).abs() < SAME_THRESHOLD_TOLERANCE
+            }
+            (a, b) => a == b,
+        }
+    }
+
     /// Checks the policy's parameters against the number of experts.
     pub fn validate(&self, n_experts: usize) -> Result<(), RoutingError> {
         match *self {

@@ -22,14 +22,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::gpu::DeviceSampler;
-use crate::model::config::{ModelConfig, PolicySpec};
+use crate::model::config::ModelConfig;
 use crate::model::{Model, RoutingConfig};
 use crate::profiling::snapshot::{
     DeviceSnapshot, GeneratedText, GeneratedToken, LayerPolicy, ModelInfo, PolicyState, Snapshot,
 };
 use crate::profiling::stats::{RunStats, SnapshotInputs, experts_per_layer};
 use crate::profiling::trace::ForwardTrace;
-use crate::routing::{RoutingError, RoutingPolicy};
+use crate::routing::RoutingError;
+use crate::routing::RoutingPolicy;
 use crate::workload::Workload;
 
 /// An order for a running session.
@@ -771,13 +772,10 @@ pub fn policy_state(
         layers: moe_layers
             .iter()
             .zip(&routing.policies)
-            .map(|(&layer, &p)| LayerPolicy {
-                layer,
-                policy: PolicySpec::from(p),
-            })
+            .map(|(&layer, &p)| LayerPolicy { layer, policy: p })
             .collect(),
         capacity_factor: routing.capacity_factor,
-        reference: PolicySpec::from(reference),
+        reference,
     }
 }
 

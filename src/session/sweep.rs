@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 
-use crate::model::config::PolicySpec;
 use crate::model::forward::{Model, RoutingConfig};
 use crate::profiling::snapshot::{
     DeviceBackend, DeviceSnapshot, LayerPolicy, PolicyState, ProcessCounters, Snapshot,
@@ -23,6 +22,7 @@ use crate::profiling::stats::{
     kl_nats,
 };
 use crate::profiling::trace::ForwardTrace;
+use crate::routing::RoutingPolicy;
 use crate::workload::for_each_eval_window;
 
 use crate::profiling::sweep::{SweepPoint, SweepResult, policy_label};
@@ -178,28 +178,19 @@ pub struct SweepRun {
     pub snapshot: Snapshot,
 }
 
-fn policy_state(policy: PolicySpec, layers: &[usize], capacity: Option<f32>) -> PolicyState {
+fn policy_state(policy: RoutingPolicy, layers: &[usize], capacity: Option<f32>) -> PolicyState {
     PolicyState {
         layers: layers
             .iter()
             .map(|&layer| LayerPolicy { layer, policy })
             .collect(),
         capacity_factor: capacity,
-        reference: PolicySpec::Dense,
-    }
-}
-
-fn same_policy(a: &PolicySpec, b: &PolicySpec) -> bool {
-    match (a, b) {
-        (PolicySpec::Threshold { t: x }, PolicySpec::Threshold { t: y }) => {
-            ((*x as f64) - (*y as f64)).abs() < T_EPS
-        }
-        _ => a == b,
+        reference: RoutingPolicy::Dense,
     }
 }
 
 struct PointRun {
-    policy: PolicySpec,
+    policy: RoutingPolicy,
     routing: RoutingConfig,
     stats: RunStats,
 }
@@ -254,30 +245,30 @@ pub fn run_sweep(
     }
 
     // Points: thresholds (with the default threshold added), top-k, and Dense last.
-    let mut policies: Vec<PolicySpec> = spec
+    let mut policies: Vec<RoutingPolicy> = spec
         .thresholds
         .iter()
-        .map(|&t| PolicySpec::Threshold { t })
+        .map(|&t| RoutingPolicy::Threshold { t })
         .collect();
     let default_policy = cfg.default_policy;
-    if matches!(default_policy, PolicySpec::Threshold { .. })
-        && !policies.iter().any(|p| same_policy(p, &default_policy))
+    if matches!(default_policy, RoutingPolicy::Threshold { .. })
+        && !policies.iter().any(|p| p.same_as(&default_policy))
     {
         policies.push(default_policy);
     }
     policies.sort_by(|a, b| match (a, b) {
-        (PolicySpec::Threshold { t: x }, PolicySpec::Threshold { t: y }) => x.total_cmp(y),
+        (RoutingPolicy::Threshold { t: x }, RoutingPolicy::Threshold { t: y }) => x.total_cmp(y),
         _ => std::cmp::Ordering::Equal,
     });
-    policies.extend(spec.top_k.iter().map(|&k| PolicySpec::TopK {
+    policies.extend(spec.top_k.iter().map(|&k| RoutingPolicy::TopK {
         k,
         renormalize: false,
     }));
     let n_moe = moe_layers.len();
-    let make = |policy: PolicySpec| PointRun {
+    let make = |policy: RoutingPolicy| PointRun {
         policy,
         routing: RoutingConfig {
-            policies: vec![policy.into(); n_moe],
+            policies: vec![policy; n_moe],
             capacity_factor: capacity,
         },
         stats: RunStats::new(
@@ -288,7 +279,7 @@ pub fn run_sweep(
             0.0,
         ),
     };
-    let mut dense = make(PolicySpec::Dense);
+    let mut dense = make(RoutingPolicy::Dense);
     let mut points: Vec<PointRun> = policies.into_iter().map(make).collect();
 
     let total = batches.len() * (points.len() + 1);
@@ -401,8 +392,8 @@ pub fn run_sweep(
             SweepPoint {
                 label: policy_label(&p.policy),
                 policy: p.policy,
-                is_default: same_policy(&p.policy, &default_policy),
-                is_reference: p.policy == PolicySpec::Dense,
+                is_default: p.policy.same_as(&default_policy),
+                is_reference: p.policy == RoutingPolicy::Dense,
                 tokens: s.epoch.tokens,
                 mean_experts_per_token: c.mean_experts_per_token,
                 layer_mean_experts_per_token: c
@@ -438,7 +429,7 @@ pub fn run_sweep(
         moe_layers,
         n_experts: cfg.n_experts,
         default_policy,
-        reference_policy: PolicySpec::Dense,
+        reference_policy: RoutingPolicy::Dense,
         top_k_baseline,
         capacity_factor: capacity,
         source: spec.source.clone(),

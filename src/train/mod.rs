@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use crate::model::config::{ModelConfig, PolicySpec};
+use crate::model::config::ModelConfig;
 use crate::routing::RoutingPolicy;
 use model::{ParamGroup, TrainModel};
 
@@ -124,7 +124,7 @@ impl TrainArgs {
     pub fn model_config(&self) -> ModelConfig {
         ModelConfig {
             name: self.name.clone(),
-            default_policy: PolicySpec::Threshold { t: self.threshold },
+            default_policy: RoutingPolicy::Threshold { t: self.threshold },
             ..ModelConfig::byte_level(
                 self.d_model,
                 self.layers,

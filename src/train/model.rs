@@ -237,7 +237,7 @@ impl TrainModel {
         let file = super::save::check_saved(path)?;
         let cfg = file.config().clone();
         let t = match cfg.default_policy {
-            crate::model::config::PolicySpec::Threshold { t } => t,
+            crate::routing::RoutingPolicy::Threshold { t } => t,
             _ => 0.9,
         };
         let mut model = Self::new(&cfg, t, 0, 0.02, 0.02, dev)?;
@@ -246,7 +246,7 @@ impl TrainModel {
             p.var
                 .set(&Tensor::from_vec(file.f32(&p.name), shape, dev)?)?;
         }
-        model.set_policy(cfg.default_policy.into())?;
+        model.set_policy(cfg.default_policy)?;
         Ok(model)
     }
 

@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use crate::model::config::PolicySpec;
 use crate::profiling::snapshot::Snapshot;
+use crate::routing::RoutingPolicy;
 use crate::tui::theme::Theme;
 
 /// Writes a report of the displayed snapshot and returns the paths written. The UI calls it on
@@ -44,7 +44,7 @@ pub struct Message {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Pending {
     /// The requested policy.
-    pub policy: PolicySpec,
+    pub policy: RoutingPolicy,
     /// Sequence number of the latest snapshot when it was requested.
     pub requested_at: u64,
 }
@@ -90,14 +90,6 @@ pub struct App {
 /// (capacity per expert = ceil(8 x tokens / E)); with threshold routing a factor must exceed the
 /// mean experts per token, or most tokens lose experts.
 pub const DEFAULT_CAPACITY_FACTOR: f32 = 8.0;
-
-/// Two policies are the same setting (thresholds compared to 1e-4, below the 0.01 step).
-pub fn same_policy(a: &PolicySpec, b: &PolicySpec) -> bool {
-    match (a, b) {
-        (PolicySpec::Threshold { t: x }, PolicySpec::Threshold { t: y }) => (x - y).abs() < 1e-4,
-        _ => a == b,
-    }
-}
 
 impl App {
     /// An empty state (no snapshot yet) with `theme`.
@@ -169,12 +161,12 @@ impl App {
         self.last_top_k.resize(n, snap.model.top_k_baseline.max(1));
         for (slot, lp) in snap.policy.layers.iter().enumerate() {
             match lp.policy {
-                PolicySpec::Threshold { t } => self.last_threshold[slot] = t,
-                PolicySpec::TopK { k, .. } => self.last_top_k[slot] = k,
-                PolicySpec::Dense => {}
+                RoutingPolicy::Threshold { t } => self.last_threshold[slot] = t,
+                RoutingPolicy::TopK { k, .. } => self.last_top_k[slot] = k,
+                RoutingPolicy::Dense => {}
             }
             if let Some(p) = self.pending[slot]
-                && (same_policy(&p.policy, &lp.policy)
+                && (p.policy.same_as(&lp.policy)
                     || snap.sequence >= p.requested_at + PENDING_EXPIRY_SNAPSHOTS)
             {
                 self.pending[slot] = None;
@@ -250,7 +242,7 @@ impl App {
 
     /// The policy `slot` will have once the session has applied every request: the pending
     /// request, else the latest snapshot's policy.
-    pub fn effective_policy(&self, slot: usize) -> Option<PolicySpec> {
+    pub fn effective_policy(&self, slot: usize) -> Option<RoutingPolicy> {
         self.pending(slot).map(|p| p.policy).or_else(|| {
             self.latest
                 .as_ref()
@@ -261,7 +253,7 @@ impl App {
     /// The last threshold `slot` used (its current t when it routes by threshold).
     pub fn last_threshold(&self, slot: usize) -> f32 {
         match self.effective_policy(slot) {
-            Some(PolicySpec::Threshold { t }) => t,
+            Some(RoutingPolicy::Threshold { t }) => t,
             _ => self.last_threshold.get(slot).copied().unwrap_or(0.9),
         }
     }
@@ -269,27 +261,27 @@ impl App {
     /// The last k `slot` used in top-k (the compute-matched baseline k before any).
     pub fn last_top_k(&self, slot: usize) -> usize {
         match self.effective_policy(slot) {
-            Some(PolicySpec::TopK { k, .. }) => k,
+            Some(RoutingPolicy::TopK { k, .. }) => k,
             _ => self.last_top_k.get(slot).copied().unwrap_or(1),
         }
     }
 
     /// Records a request for `slots` so that further key presses build on it.
-    pub fn set_pending(&mut self, slots: impl IntoIterator<Item = usize>, policy: PolicySpec) {
+    pub fn set_pending(&mut self, slots: impl IntoIterator<Item = usize>, policy: RoutingPolicy) {
         let at = self.latest.as_ref().map_or(0, |s| s.sequence);
         for slot in slots {
             match policy {
-                PolicySpec::Threshold { t } => {
+                RoutingPolicy::Threshold { t } => {
                     if let Some(x) = self.last_threshold.get_mut(slot) {
                         *x = t;
                     }
                 }
-                PolicySpec::TopK { k, .. } => {
+                RoutingPolicy::TopK { k, .. } => {
                     if let Some(x) = self.last_top_k.get_mut(slot) {
                         *x = k;
                     }
                 }
-                PolicySpec::Dense => {}
+                RoutingPolicy::Dense => {}
             }
             if let Some(p) = self.pending.get_mut(slot) {
                 *p = Some(Pending {

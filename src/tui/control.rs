@@ -3,7 +3,7 @@
 //! The UI never touches the model: a key press becomes one [`Control`] message, the session
 //! applies it between forward passes, and the change shows up in the next snapshot (a new epoch).
 
-use crate::model::config::PolicySpec;
+use crate::routing::RoutingPolicy;
 
 /// Which MoE layers a policy change applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,7 +24,7 @@ pub enum Control {
         /// The layers to change.
         layers: Layers,
         /// The new policy.
-        policy: PolicySpec,
+        policy: RoutingPolicy,
     },
     /// Set the inference-time capacity factor of every MoE layer (`Some`, positive) or switch
     /// it off (`None`). The `c` key toggles between off and the factor last in force (or

@@ -11,8 +11,8 @@ use crossterm::event::{
 };
 use ratatui::layout::{Position, Rect};
 
-use crate::model::config::PolicySpec;
-use crate::tui::app::{App, Panel, Target, same_policy};
+use crate::routing::RoutingPolicy;
+use crate::tui::app::{App, Panel, Target};
 use crate::tui::control::{Control, Layers};
 use crate::tui::keys::{self, Command};
 use crate::tui::render::heatmap::HeatGeometry;
@@ -192,12 +192,12 @@ fn layers_of(target: Target) -> Layers {
 }
 
 /// Asks for `policy` on `target` unless every covered layer already has (or awaits) it.
-fn request(app: &mut App, target: Target, policy: PolicySpec) -> Option<Control> {
+fn request(app: &mut App, target: Target, policy: RoutingPolicy) -> Option<Control> {
     let covered = slots(app, target);
-    if covered.iter().all(|&s| {
-        app.effective_policy(s)
-            .is_some_and(|p| same_policy(&p, &policy))
-    }) {
+    if covered
+        .iter()
+        .all(|&s| app.effective_policy(s).is_some_and(|p| p.same_as(&policy)))
+    {
         return None;
     }
     app.set_pending(covered, policy);
@@ -208,7 +208,7 @@ fn request(app: &mut App, target: Target, policy: PolicySpec) -> Option<Control>
 }
 
 fn set_threshold(app: &mut App, target: Target, t: f32) -> Option<Control> {
-    request(app, target, PolicySpec::Threshold { t: clamp_t(t) })
+    request(app, target, RoutingPolicy::Threshold { t: clamp_t(t) })
 }
 
 fn move_selection(app: &mut App, down: bool) {
@@ -337,12 +337,12 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
                 Target::Global => app.layer,
             };
             let next = match app.effective_policy(s)? {
-                PolicySpec::Threshold { .. } => PolicySpec::TopK {
+                RoutingPolicy::Threshold { .. } => RoutingPolicy::TopK {
                     k: app.last_top_k(s).clamp(1, app.n_experts().max(1)),
                     renormalize: false,
                 },
-                PolicySpec::TopK { .. } => PolicySpec::Dense,
-                PolicySpec::Dense => PolicySpec::Threshold {
+                RoutingPolicy::TopK { .. } => RoutingPolicy::Dense,
+                RoutingPolicy::Dense => RoutingPolicy::Threshold {
                     t: clamp_t(app.last_threshold(s)),
                 },
             };
@@ -354,13 +354,13 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
                 Target::Layer(s) => s,
                 Target::Global => app.layer,
             };
-            let Some(PolicySpec::TopK { k, renormalize }) = app.effective_policy(s) else {
+            let Some(RoutingPolicy::TopK { k, renormalize }) = app.effective_policy(s) else {
                 app.say_error("+/- change k of top-k routing: press p to switch to top-k");
                 return None;
             };
             let e = app.n_experts().max(1) as i64;
             let k2 = (k as i64 + d as i64).clamp(1, e) as usize;
-            let c = request(app, target, PolicySpec::TopK { k: k2, renormalize });
+            let c = request(app, target, RoutingPolicy::TopK { k: k2, renormalize });
             if c.is_none() {
                 app.say(format!("k stays within 1..={e}"));
             }

@@ -23,7 +23,7 @@ pub fn to_session_control(c: &Control, moe_layers: &[usize]) -> Result<session::
                         .with_context(|| format!("the model has no MoE layer number {s}"))?,
                 ),
             };
-            match RoutingPolicy::from(*policy) {
+            match *policy {
                 RoutingPolicy::Threshold { t } => session::Control::SetThreshold { layer, t },
                 policy => session::Control::SetPolicy { layer, policy },
             }
@@ -72,7 +72,7 @@ pub fn run_session_tui(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::PolicySpec;
+    use crate::routing::RoutingPolicy;
 
     #[test]
     fn ui_requests_map_onto_session_messages() {
@@ -80,22 +80,22 @@ mod tests {
         let map = |c: Control| format!("{:?}", to_session_control(&c, &moe).unwrap());
         let set = |layers, policy| Control::SetPolicy { layers, policy };
         assert_eq!(
-            map(set(Layers::Slot(1), PolicySpec::Threshold { t: 0.5 })),
+            map(set(Layers::Slot(1), RoutingPolicy::Threshold { t: 0.5 })),
             "SetThreshold(Some(3), 0.5)"
         );
         assert_eq!(
-            map(set(Layers::All, PolicySpec::Threshold { t: 0.8 })),
+            map(set(Layers::All, RoutingPolicy::Threshold { t: 0.8 })),
             "SetThreshold(None, 0.8)"
         );
         let top = map(set(
             Layers::Slot(2),
-            PolicySpec::TopK {
+            RoutingPolicy::TopK {
                 k: 4,
                 renormalize: false,
             },
         ));
         assert!(top.starts_with("SetPolicy(Some(5), "), "{top}");
-        assert!(map(set(Layers::All, PolicySpec::Dense)).starts_with("SetPolicy(None, "));
+        assert!(map(set(Layers::All, RoutingPolicy::Dense)).starts_with("SetPolicy(None, "));
         assert_eq!(
             map(Control::SetCapacityFactor(Some(2.0))),
             "SetCapacityFactor(Some(2.0))"
@@ -104,6 +104,6 @@ mod tests {
         assert_eq!(map(Control::SetPaused(false)), "Resume");
         assert_eq!(map(Control::ResetStats), "ResetStats");
         assert_eq!(map(Control::Quit), "Stop");
-        assert!(to_session_control(&set(Layers::Slot(3), PolicySpec::Dense), &moe).is_err());
+        assert!(to_session_control(&set(Layers::Slot(3), RoutingPolicy::Dense), &moe).is_err());
     }
 }

@@ -20,9 +20,9 @@ use super::render::heatmap::{self, CellMode, HeatGeometry};
 use super::render::{self, layout, sliders};
 use super::theme::{ColorMode, Theme};
 use super::{UiEvent, event_loop};
-use crate::model::config::PolicySpec;
 use crate::profiling::fixtures::{example_snapshot, large_snapshot};
 use crate::profiling::snapshot::{Snapshot, WorkloadKind};
+use crate::routing::RoutingPolicy;
 use crate::units::micros;
 
 const SIZES: [(u16, u16); 3] = [(80, 24), (120, 40), (200, 60)];
@@ -83,7 +83,7 @@ fn press(app: &mut App, events: &[Event]) -> Vec<Control> {
 fn threshold(slot: Layers, t: f32) -> Control {
     Control::SetPolicy {
         layers: slot,
-        policy: PolicySpec::Threshold { t },
+        policy: RoutingPolicy::Threshold { t },
     }
 }
 
@@ -485,7 +485,7 @@ fn arrows_change_the_focused_threshold() {
     // A snapshot showing the request clears it; the slider then shows the snapshot's value.
     assert!(app.pending(0).is_some());
     let mut snap = app.latest().unwrap().clone();
-    snap.policy.layers[0].policy = PolicySpec::Threshold { t: 0.01 };
+    snap.policy.layers[0].policy = RoutingPolicy::Threshold { t: 0.01 };
     snap.sequence += 1;
     app.push_snapshot(snap);
     assert!(app.pending(0).is_none());
@@ -505,7 +505,7 @@ fn g_applies_to_all_and_p_cycles_the_policy() {
     let set = |policy| Control::SetPolicy { layers: s1, policy };
     assert_eq!(
         press(&mut app, &[key(KeyCode::Char('p'))]),
-        [set(PolicySpec::TopK {
+        [set(RoutingPolicy::TopK {
             k: 4,
             renormalize: false
         })]
@@ -520,15 +520,15 @@ fn g_applies_to_all_and_p_cycles_the_policy() {
             ]
         ),
         [
-            set(PolicySpec::TopK {
+            set(RoutingPolicy::TopK {
                 k: 5,
                 renormalize: false
             }),
-            set(PolicySpec::TopK {
+            set(RoutingPolicy::TopK {
                 k: 4,
                 renormalize: false
             }),
-            set(PolicySpec::TopK {
+            set(RoutingPolicy::TopK {
                 k: 3,
                 renormalize: false
             }),
@@ -543,7 +543,7 @@ fn g_applies_to_all_and_p_cycles_the_policy() {
     let sent = press(&mut app, &plus);
     assert_eq!(
         sent.last(),
-        Some(&set(PolicySpec::TopK {
+        Some(&set(RoutingPolicy::TopK {
             k: 16,
             renormalize: false
         }))
@@ -551,12 +551,12 @@ fn g_applies_to_all_and_p_cycles_the_policy() {
     assert_eq!(sent.len(), 15);
     assert_eq!(
         press(&mut app, &[key(KeyCode::Char('p'))]),
-        [set(PolicySpec::Dense)]
+        [set(RoutingPolicy::Dense)]
     );
     // Back to threshold at the layer's last t.
     assert_eq!(
         press(&mut app, &[key(KeyCode::Char('p'))]),
-        [set(PolicySpec::Threshold { t: 0.71 })]
+        [set(RoutingPolicy::Threshold { t: 0.71 })]
     );
     // +/- outside top-k explain instead of sending.
     assert!(press(&mut app, &[key(KeyCode::Char('+'))]).is_empty());

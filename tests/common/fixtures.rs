@@ -9,7 +9,7 @@
 //! consistent with every other: shares match the distributions, FLOPs match the selections,
 //! percentiles match the histograms. Never shown to users as measurements.
 
-use xmoe_top::model::config::{ModelConfig, MoeLayers, PolicySpec};
+use xmoe_top::model::config::{ModelConfig, MoeLayers};
 use xmoe_top::profiling::snapshot::{
     DeviceBackend, DeviceHistoryPoint, DeviceSnapshot, GeneratedText, GeneratedToken, GpuCounters,
     LayerPolicy, ModelInfo, PolicyState, ProcessCounters, Snapshot, TokenOrigin, WorkloadInfo,
@@ -20,7 +20,8 @@ use xmoe_top::profiling::stats::{
     experts_per_layer, kl_nats,
 };
 use xmoe_top::profiling::trace::ForwardTrace;
-use xmoe_top::routing::{RoutingPolicy, route};
+use xmoe_top::routing::RoutingPolicy;
+use xmoe_top::routing::route;
 use xmoe_top::session::describe::model_info as describe_model;
 
 /// A small configuration: 6 blocks, MoE in blocks 1, 3, 5, `n_experts` experts of width
@@ -56,11 +57,11 @@ fn policy_state(cfg: &ModelConfig, t: f32) -> PolicyState {
             .into_iter()
             .map(|layer| LayerPolicy {
                 layer,
-                policy: PolicySpec::Threshold { t },
+                policy: RoutingPolicy::Threshold { t },
             })
             .collect(),
         capacity_factor: None,
-        reference: PolicySpec::Dense,
+        reference: RoutingPolicy::Dense,
     }
 }
 

@@ -1,13 +1,13 @@
 //! Per-layer routing counts: what each MoE layer selected, summed over a set of passes so that
 //! a window can add a pass on arrival and subtract it on eviction.
 
-use crate::model::config::PolicySpec;
 use crate::profiling::flops::FlopModel;
 use crate::profiling::snapshot::{
     FlopSummary, FlopTriple, LayerStatsSnapshot, LoadBalance, PolicyState, RoutingStats,
 };
 use crate::profiling::trace::ForwardTrace;
 use crate::routing::Routing;
+use crate::routing::RoutingPolicy;
 
 /// What one MoE layer did in one pass, kept compactly so it can be subtracted again on eviction.
 #[derive(Clone, Debug, Default)]
@@ -157,7 +157,7 @@ impl LayerStats {
     pub fn snapshot(
         &self,
         layer: usize,
-        policy: PolicySpec,
+        policy: RoutingPolicy,
         flops: &FlopModel,
     ) -> LayerStatsSnapshot {
         let t = self.tokens as f64;
@@ -304,7 +304,7 @@ impl RoutingAggregate {
                     .layers
                     .get(slot)
                     .map(|lp| (lp.layer, lp.policy))
-                    .unwrap_or((flops.moe_layers()[slot], PolicySpec::Dense));
+                    .unwrap_or((flops.moe_layers()[slot], RoutingPolicy::Dense));
                 l.snapshot(layer, p, flops)
             })
             .collect();

@@ -366,11 +366,11 @@ impl RunStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::PolicySpec;
     use crate::model::config::tests::small;
     use crate::profiling::snapshot::LayerPolicy;
     use crate::profiling::stats::{BatchQuality, ReferenceComparison};
-    use crate::routing::{RoutingPolicy, route};
+    use crate::routing::RoutingPolicy;
+    use crate::routing::route;
 
     const E: usize = 8;
 
@@ -417,11 +417,11 @@ mod tests {
             layers: (0..2)
                 .map(|l| LayerPolicy {
                     layer: l,
-                    policy: PolicySpec::Threshold { t },
+                    policy: RoutingPolicy::Threshold { t },
                 })
                 .collect(),
             capacity_factor: None,
-            reference: PolicySpec::Dense,
+            reference: RoutingPolicy::Dense,
         }
     }
 
@@ -589,12 +589,15 @@ mod tests {
         assert_eq!(c.layers[0].expert_token_share[0], 0.0);
         assert_eq!(c.layers[0].expert_token_share[4], 1.0);
         assert_eq!(c.mean_experts_per_token, 1.0);
-        assert_eq!(c.layers[0].policy, PolicySpec::Threshold { t: 0.5 });
+        assert_eq!(c.layers[0].policy, RoutingPolicy::Threshold { t: 0.5 });
         let p = snap.previous_epoch.as_ref().unwrap();
         assert_eq!(p.id, 0);
         assert_eq!(p.mean_experts_per_token, 2.0);
         assert_eq!(p.layer_mean_experts_per_token, vec![2.0, 2.0]);
-        assert_eq!(p.policy.layers[0].policy, PolicySpec::Threshold { t: 0.9 });
+        assert_eq!(
+            p.policy.layers[0].policy,
+            RoutingPolicy::Threshold { t: 0.9 }
+        );
         assert_eq!(snap.epoch.histograms.forward_latency_us.count, 1);
         // An epoch without tokens does not replace the previous summary.
         s.begin_epoch("a", policy(0.6), 3.0);
@@ -612,7 +615,7 @@ mod tests {
         assert_eq!(snap.tokens_processed_total, 6);
         assert_eq!(
             snap.policy.layers[0].policy,
-            PolicySpec::Threshold { t: 0.7 }
+            RoutingPolicy::Threshold { t: 0.7 }
         );
     }
 
@@ -764,7 +767,7 @@ mod tests {
         assert!((q.mean_kl_bits.unwrap() - 0.1).abs() < 1e-12);
         assert_eq!(q.reference_batches, 1);
         assert!((q.reference_time_fraction - 0.25).abs() < 1e-12);
-        assert_eq!(q.reference_policy, PolicySpec::Dense);
+        assert_eq!(q.reference_policy, RoutingPolicy::Dense);
     }
 
     #[test]

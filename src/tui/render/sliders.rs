@@ -5,9 +5,9 @@ use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::text::{Line, Span};
 
-use crate::model::config::PolicySpec;
 use crate::profiling::snapshot::Snapshot;
-use crate::tui::app::{App, Panel, Target, same_policy};
+use crate::routing::RoutingPolicy;
+use crate::tui::app::{App, Panel, Target};
 use crate::tui::render::{layout::first_visible, panel_block};
 
 const MARK_W: u16 = 2;
@@ -65,29 +65,29 @@ pub fn t_at(bar: Rect, x: u16) -> f32 {
 }
 
 /// `t 0.70`, `top-4`, `dense`.
-pub fn policy_text(p: &PolicySpec) -> String {
+pub fn policy_text(p: &RoutingPolicy) -> String {
     match p {
-        PolicySpec::Threshold { t } => format!("t {t:.2}"),
-        PolicySpec::TopK { k, .. } => format!("top-{k}"),
-        PolicySpec::Dense => "dense".to_string(),
+        RoutingPolicy::Threshold { t } => format!("t {t:.2}"),
+        RoutingPolicy::TopK { k, .. } => format!("top-{k}"),
+        RoutingPolicy::Dense => "dense".to_string(),
     }
 }
 
 /// Short form for a pending request (`0.65`, `top-4`, `dense`).
-fn pending_text(p: &PolicySpec) -> String {
+fn pending_text(p: &RoutingPolicy) -> String {
     match p {
-        PolicySpec::Threshold { t } => format!("{t:.2}"),
+        RoutingPolicy::Threshold { t } => format!("{t:.2}"),
         other => policy_text(other),
     }
 }
 
 /// The common policy of all layers, if they share one.
-pub fn common_policy(snap: &Snapshot) -> Option<PolicySpec> {
+pub fn common_policy(snap: &Snapshot) -> Option<RoutingPolicy> {
     let first = snap.policy.layers.first()?.policy;
     snap.policy
         .layers
         .iter()
-        .all(|l| same_policy(&l.policy, &first))
+        .all(|l| l.policy.same_as(&first))
         .then_some(first)
 }
 
@@ -119,7 +119,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                     .map(|s| app.pending(s).map(|p| p.policy))
                     .collect();
                 let pending = match pend.first() {
-                    Some(Some(p)) if pend.iter().all(|q| q.is_some_and(|q| same_policy(&q, p))) => {
+                    Some(Some(p)) if pend.iter().all(|q| q.is_some_and(|q| q.same_as(p))) => {
                         Some(*p)
                     }
                     _ => None,
@@ -174,16 +174,16 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         );
         // The bar: t for threshold, k / E for top-k, full for dense.
         let fill = match policy {
-            Some(PolicySpec::Threshold { t }) => t as f64,
-            Some(PolicySpec::TopK { k, .. }) => k as f64 / snap.model.n_experts.max(1) as f64,
-            Some(PolicySpec::Dense) => 1.0,
+            Some(RoutingPolicy::Threshold { t }) => t as f64,
+            Some(RoutingPolicy::TopK { k, .. }) => k as f64 / snap.model.n_experts.max(1) as f64,
+            Some(RoutingPolicy::Dense) => 1.0,
             None => 0.0,
         };
         let w = row.bar.width as usize;
         if w > 0 {
             let filled =
                 ((fill * w as f64).round() as usize).clamp(usize::from(policy.is_some()), w);
-            let knob = if matches!(policy, Some(PolicySpec::Threshold { .. })) {
+            let knob = if matches!(policy, Some(RoutingPolicy::Threshold { .. })) {
                 "●"
             } else {
                 "◆"
