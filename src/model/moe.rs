@@ -4,9 +4,9 @@ use std::sync::Mutex;
 
 use candle_core::{Device, Storage, Tensor};
 
-use super::config::Activation;
+use super::blocks::ffn::activate;
 use super::format::{LoadError, ModelFile};
-use super::forward::activate;
+use crate::kernel::Activation;
 use crate::kernel::{KernelVariant, MoeScratch, PackedExperts, moe_forward};
 use crate::routing::ExpertGroups;
 

@@ -14,6 +14,7 @@ use anyhow::{Result, bail};
 
 use crate::model::config::PolicySpec;
 use crate::model::forward::{Model, RoutingConfig};
+use crate::model::trace::ForwardTrace;
 use crate::profiling::snapshot::{
     DeviceBackend, DeviceSnapshot, LayerPolicy, PolicyState, ProcessCounters, Snapshot,
     WorkloadInfo, WorkloadKind,
@@ -22,7 +23,6 @@ use crate::profiling::stats::{
     BatchQuality, PassKind, ReferenceComparison, RunStats, SnapshotInputs, cross_entropy_nats,
     kl_nats,
 };
-use crate::profiling::trace::ForwardTrace;
 use crate::workload::for_each_eval_window;
 
 use crate::profiling::sweep::{SweepPoint, SweepResult, policy_label};

@@ -2,11 +2,11 @@
 //! a window can add a pass on arrival and subtract it on eviction.
 
 use crate::model::config::PolicySpec;
+use crate::model::trace::ForwardTrace;
 use crate::profiling::flops::FlopModel;
 use crate::profiling::snapshot::{
     FlopSummary, FlopTriple, LayerStatsSnapshot, LoadBalance, PolicyState, RoutingStats,
 };
-use crate::profiling::trace::ForwardTrace;
 use crate::routing::Routing;
 
 /// What one MoE layer did in one pass, kept compactly so it can be subtracted again on eviction.
