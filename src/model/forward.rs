@@ -254,7 +254,7 @@ impl Model {
 
         for (layer, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.slots[layer]);
-            x = block.forward(&x, layer, &pass, slot, routing, trace)?;
+            x = block.forward(x, layer, &pass, slot, routing, trace)?;
         }
         if let Some(c) = cache {
             c.len += seq;

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::{Attention, Ffn, KvSlot, MoeBlock, PassContext};
+use super::{Attention, AttentionOutput, Ffn, KvSlot, MoeBlock, PassContext};
 use crate::model::forward::RoutingConfig;
 use crate::model::trace::ForwardTrace;
 
@@ -39,19 +39,22 @@ impl Block {
     /// block, its routing slot).
     pub fn forward(
         &self,
-        x: &Tensor,
+        x: Tensor,
         layer: usize,
         pass: &PassContext,
         cache: Option<&mut KvSlot>,
         routing: &RoutingConfig,
         trace: &mut ForwardTrace,
     ) -> Result<Tensor> {
-        let x = self
-            .attention
-            .forward(x, pass, cache, &mut trace.blocks[layer])?;
-        Ok(match &self.ffn {
-            BlockFfn::Dense(ffn) => ffn.forward(&x, &mut trace.blocks[layer])?,
-            BlockFfn::Moe(moe) => moe.forward(&x, layer, routing, trace)?,
-        })
+        let AttentionOutput { hidden, working } =
+            self.attention
+                .forward(x, pass, cache, &mut trace.blocks[layer])?;
+        let out = match &self.ffn {
+            BlockFfn::Dense(ffn) => ffn.forward(hidden, &mut trace.blocks[layer])?,
+            BlockFfn::Moe(moe) => moe.forward(hidden, layer, routing, trace)?,
+        };
+        // Only now: see `AttentionOutput::working`.
+        drop(working);
+        Ok(out)
     }
 }

@@ -44,17 +44,17 @@ impl Ffn {
         }
     }
 
-    /// `x` = [n, d] -> the same with the FFN added. Records `timing.ffn_ns`.
-    pub fn forward(&self, x: &Tensor, timing: &mut BlockTiming) -> candle_core::Result<Tensor> {
+    /// `x` = [n, d] -> `x` with the FFN added. Records `timing.ffn_ns`.
+    pub fn forward(&self, x: Tensor, timing: &mut BlockTiming) -> candle_core::Result<Tensor> {
         let t0 = Instant::now();
-        let f = self.norm.forward(x)?;
+        let f = self.norm.forward(&x)?;
         let up = self.up.forward(&f)?;
         let h = match &self.gate {
             Some(g) => (activate(&g.forward(&f)?, self.activation)? * up)?,
             None => activate(&up, self.activation)?,
         };
         let out = (x + self.down.forward(&h)?)?;
-        timing.ffn_ns = elapsed_ns(t0, x.device())?;
+        timing.ffn_ns = elapsed_ns(t0, out.device())?;
         Ok(out)
     }
 }

@@ -47,18 +47,18 @@ impl MoeBlock {
         self.experts.dispatch()
     }
 
-    /// `x` = [n, d] of block `layer` -> the same with the experts' output added. Routes with this
+    /// `x` = [n, d] of block `layer` -> `x` with the experts' output added. Routes with this
     /// slot's policy of `routing` (validated by the caller), and fills the slot's routing and
     /// groups and the block's `router_ns` (norm, router and policy) and `ffn_ns` (experts).
     pub fn forward(
         &self,
-        x: &Tensor,
+        x: Tensor,
         layer: usize,
         routing: &RoutingConfig,
         trace: &mut ForwardTrace,
     ) -> Result<Tensor> {
         let t0 = Instant::now();
-        let f = self.norm.forward(x)?;
+        let f = self.norm.forward(&x)?;
         let logits = f.matmul(&self.router_t)?.flatten_all()?.to_vec1::<f32>()?;
         let lt = trace.moe_slot(self.slot, layer);
         route(
@@ -70,13 +70,13 @@ impl MoeBlock {
         )
         .with_context(|| format!("routing in layer {layer}"))?;
         lt.groups.build(&lt.routing);
-        let router_ns = elapsed_ns(t0, x.device())?;
+        let router_ns = elapsed_ns(t0, f.device())?;
         let t1 = Instant::now();
         let y = self.experts.forward(&f, &lt.groups)?;
         let out = (x + y)?;
         let timing = &mut trace.blocks[layer];
         timing.router_ns = router_ns;
-        timing.ffn_ns = elapsed_ns(t1, x.device())?;
+        timing.ffn_ns = elapsed_ns(t1, out.device())?;
         Ok(out)
     }
 }
