@@ -1,6 +1,6 @@
 //! The project's own format (`docs/model-format.md`): `tok_embeddings`, optional `pos_embeddings`,
-//! `layers.{i}.{attn_norm, attn.{q,k,v,o}_proj, ffn_norm, ffn.* | moe.*}`, `norm_f` and an
-//! optional untied `lm_head`.
+//! `layers.{i}.{attn_norm, attn.{q,k,v,o}_proj, ffn_norm, ffn.* | moe.{router, experts}.*}`,
+//! `norm_f` and an optional untied `lm_head`.
 
 use candle_core::{Device, Tensor};
 
@@ -65,7 +65,13 @@ pub fn build(
         let ffn_norm = norm(&format!("{p}.ffn_norm"))?;
         let ffn = if let Some(slot) = moe_layers.iter().position(|&l| l == i) {
             let router = t(&format!("{p}.moe.router.weight"), &[cfg.n_experts, d])?;
-            let experts = MoeExperts::load(file, i, device, options)?;
+            let experts = MoeExperts::load(
+                file,
+                &format!("{p}.moe.experts"),
+                file.is_per_expert(i),
+                device,
+                options,
+            )?;
             BlockFfn::Moe(Box::new(
                 MoeBlock::new(ffn_norm, &router, experts, cfg.n_experts, slot).map_err(de)?,
             ))

@@ -231,3 +231,75 @@ impl Attention {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_lets_each_token_see_the_cache_and_its_predecessors() {
+        let pass = PassContext::new(1, 2, 3, &Device::Cpu).unwrap();
+        let mask = pass.mask.unwrap().to_vec2::<f32>().unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(
+            mask,
+            vec![vec![0.0, 0.0, 0.0, 0.0, inf], vec![0.0, 0.0, 0.0, 0.0, 0.0]]
+        );
+        assert!(
+            PassContext::new(4, 1, 7, &Device::Cpu)
+                .unwrap()
+                .mask
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn kv_slot_appends_positions_in_order_and_clears() {
+        let dev = Device::Cpu;
+        let first = Tensor::new(&[[[[1f32, 2.]]]], &dev).unwrap(); // [1, 1, 1, 2]
+        let second = Tensor::new(&[[[[3f32, 4.], [5., 6.]]]], &dev).unwrap(); // [1, 1, 2, 2]
+        let mut slot = KvSlot::default();
+        slot.append(first.clone(), first.neg().unwrap()).unwrap();
+        let (k, v) = slot.append(second.clone(), second.neg().unwrap()).unwrap();
+        let keys = vec![vec![1f32, 2.], vec![3., 4.], vec![5., 6.]];
+        assert_eq!(
+            k.squeeze(0)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            keys
+        );
+        assert_eq!(v.dims(), &[1, 1, 3, 2]);
+        assert_eq!(v.sum_all().unwrap().to_scalar::<f32>().unwrap(), -21.0);
+        slot.clear();
+        let (k, _) = slot.append(second.clone(), second).unwrap();
+        assert_eq!(k.dims(), &[1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn rotary_leaves_position_zero_and_rotates_later_positions() {
+        let dev = Device::Cpu;
+        let rotary = Rotary::new(4, 8, 10_000.0, &dev).unwrap();
+        let x = Tensor::new(&[[[[1f32, 2., 3., 4.]]]], &dev).unwrap(); // [1, 1, 1, 4]
+        let at = |start_pos| {
+            let pass = PassContext::new(1, 1, start_pos, &dev).unwrap();
+            rotary
+                .apply(&x, &pass)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(at(0), vec![1., 2., 3., 4.]);
+        // Half-split layout: (x0, x2) rotate by angle p * theta^0 = p.
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        let moved = at(1);
+        assert!((moved[0] - (c - 3. * s)).abs() < 1e-5, "{moved:?}");
+        assert!((moved[2] - (3. * c + s)).abs() < 1e-5, "{moved:?}");
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&moved) - 30.).abs() < 1e-4);
+    }
+}
