@@ -5,6 +5,7 @@
 //! `cargo run --release --example example_report -- DIR`
 
 #[path = "../tests/common/fixtures.rs"]
+#[allow(dead_code)]
 mod fixtures;
 
 use std::path::PathBuf;

@@ -8,6 +8,9 @@
 //! headless summary and routing traces (the sweep driver lives in [`session::sweep`]); [`units`]
 //! formats numbers for every output and [`atomic_file`] writes every file.
 
+// Every `unsafe` block says why it is sound (`// SAFETY:`); CI runs clippy with -D warnings.
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 // Lets the test fixtures shared with tests/ name this crate `xmoe_top` from inside it too.
 #[cfg(test)]
 extern crate self as xmoe_top;

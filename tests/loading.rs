@@ -125,19 +125,34 @@ fn directory_instead_of_file() {
 
 #[test]
 fn no_read_permission() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let p = good(dir.path());
-    use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
-    // root reads anything: then there is nothing to test.
-    if std::fs::File::open(&p).is_ok() {
-        eprintln!("running as root: permission test skipped");
+    if std::fs::File::open(&p).is_err() {
+        let e = load_err(&p);
+        assert!(
+            e.contains("cannot open") && e.contains("ermission denied"),
+            "{e}"
+        );
         return;
     }
-    let e = load_err(&p);
+    // Root reads anything (CI runs as root): load through the program as `nobody` instead, with
+    // the directory open to it so that only the file's own permissions refuse.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
+        .arg("inspect")
+        .arg(&p)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("start xmoe-top as nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
     assert!(
-        e.contains("cannot open") && e.contains("ermission denied"),
-        "{e}"
+        stderr.contains("cannot open") && stderr.contains("ermission denied"),
+        "{stderr}"
     );
 }
 

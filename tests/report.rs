@@ -42,7 +42,7 @@ fn sweep_report(dir: &Path) -> ReportData {
     let mut calls = 0;
     let run = run_sweep(&model, &batches, 2, &spec, &mut |_, _| calls += 1).unwrap();
     assert_eq!(calls, batches.len() * run.result.points.len());
-    run.into_report()
+    ReportData::new(run.snapshot, Some(run.result))
 }
 
 fn schema() -> serde_json::Value {

@@ -118,11 +118,6 @@ impl CounterReader {
         }
     }
 
-    /// True when GPU counters come from NVML.
-    pub fn has_nvml(&self) -> bool {
-        self.nvml.is_some()
-    }
-
     fn read_gpus(&self) -> Vec<GpuCounters> {
         let Some(nvml) = &self.nvml else {
             return Vec::new();

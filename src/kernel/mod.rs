@@ -223,6 +223,11 @@ impl PackedExperts {
     }
 }
 
+/// Environment variable with the kernel variants (comma-separated [`KernelVariant::name`]s)
+/// the tests must run: [`KernelVariant::testable`] fails instead of skipping one this CPU lacks.
+/// CI sets it to the variants its machine has.
+pub const REQUIRE_KERNELS_ENV: &str = "XMOE_REQUIRE_KERNELS";
+
 /// Which implementation [`moe_forward`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelVariant {
@@ -254,6 +259,42 @@ impl KernelVariant {
             KernelVariant::Avx2 => has_avx2(),
             KernelVariant::Avx512 => has_avx512(),
         }
+    }
+
+    /// The name `XMOE_REQUIRE_KERNELS` and `MOE_BENCH_VARIANT` use: `auto`, `portable`, `avx2`,
+    /// `avx512`, `gemm`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelVariant::Auto => "auto",
+            KernelVariant::Portable => "portable",
+            KernelVariant::Avx2 => "avx2",
+            KernelVariant::Avx512 => "avx512",
+            KernelVariant::Gemm => "gemm",
+        }
+    }
+
+    /// The variants of [`KernelVariant::ALL`] this CPU runs, for tests that cover every variant.
+    ///
+    /// # Panics
+    /// When [`REQUIRE_KERNELS_ENV`] names a variant this CPU cannot run, or a name that is no
+    /// variant's: a run that asks for a variant must not pass by skipping it.
+    pub fn testable() -> Vec<KernelVariant> {
+        if let Ok(list) = std::env::var(REQUIRE_KERNELS_ENV) {
+            for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                let v = KernelVariant::ALL
+                    .into_iter()
+                    .find(|v| v.name() == name)
+                    .unwrap_or_else(|| panic!("{REQUIRE_KERNELS_ENV}: unknown variant {name:?}"));
+                assert!(
+                    v.is_supported(),
+                    "{REQUIRE_KERNELS_ENV} requires {name}, which this CPU cannot run"
+                );
+            }
+        }
+        KernelVariant::ALL
+            .into_iter()
+            .filter(|v| v.is_supported())
+            .collect()
     }
 
     /// The concrete variant `Auto` stands for on this CPU (other variants map to themselves).
@@ -554,8 +595,13 @@ fn run(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
         ts.z.resize(rows * n1, 0.0);
     }
     match variant {
+        // SAFETY: the CPU has the features this variant's intrinsics need: `moe_forward` asserts
+        // `variant.is_supported()` before it calls `run`. `ts.z` was sized for a block above, and
+        // `moe_forward` checked the shapes and token ids that bound every pointer the kernel
+        // forms (see `fused_items`).
         #[cfg(target_arch = "x86_64")]
         KernelVariant::Avx512 => unsafe { run_avx512(job, dst, ts) },
+        // SAFETY: as for the AVX-512 arm: `is_supported` was asserted; the same bounds hold.
         #[cfg(target_arch = "x86_64")]
         KernelVariant::Avx2 => unsafe { run_avx2(job, dst, ts) },
         KernelVariant::Gemm => {
@@ -569,16 +615,24 @@ fn run(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
             #[cfg(target_arch = "x86_64")]
             {
                 if has_avx512() {
+                    // SAFETY: `has_avx512()` just checked the entry point's features; `ts.xg`
+                    // and `ts.y` were sized above, `ts.z` at the top (bounds: see `gemm_items`).
                     return unsafe { run_gemm_avx512(job, dst, ts) };
                 }
                 if has_avx2() {
+                    // SAFETY: `has_avx2()` just checked the entry point's features; buffers as
+                    // above.
                     return unsafe { run_gemm_avx2(job, dst, ts) };
                 }
             }
+            // SAFETY: `Portable` needs no CPU feature; buffers sized above (bounds: see
+            // `gemm_items`).
             unsafe { gemm_items::<Portable>(job, dst, ts) }
         }
         // 2 rows: 8 accumulator [f32; 8] values, which fit the 32 128-bit registers of NEON and
         // spill less on SSE2's 16 than 4 rows did.
+        // SAFETY: `Portable` needs no CPU feature; `ts.z` sized at the top (bounds: see
+        // `fused_items`).
         _ => unsafe { fused_items::<Portable, 2, 4>(job, dst, ts) },
     }
 }
@@ -589,6 +643,8 @@ fn run(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn run_avx512(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     // 12 rows x 2 registers = 24 of the 32 zmm registers as accumulators.
+    // SAFETY: this function enables what `Avx512` uses; the caller (`run`) checked the CPU
+    // has it and upholds `fused_items`'s bounds.
     unsafe { fused_items::<Avx512, 12, 2>(job, dst, ts) }
 }
 
@@ -597,18 +653,24 @@ unsafe fn run_avx512(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
 unsafe fn run_avx2(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     // 2 rows x 4 registers = 8 accumulators + 4 panel registers + 1 broadcast of the 16 ymm
     // registers; 3 rows (12 accumulators, 17 live registers) spilled and ran at half the speed.
+    // SAFETY: this function enables what `Avx2` uses; the caller (`run`) checked the CPU has
+    // it and upholds `fused_items`'s bounds.
     unsafe { fused_items::<Avx2, 2, 4>(job, dst, ts) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn run_gemm_avx512(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    // SAFETY: this function enables what `Avx512` uses; `run` checked `has_avx512()` and
+    // upholds `gemm_items`'s bounds.
     unsafe { gemm_items::<Avx512>(job, dst, ts) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_gemm_avx2(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    // SAFETY: this function enables what `Avx2` uses; `run` checked `has_avx2()` and upholds
+    // `gemm_items`'s bounds.
     unsafe { gemm_items::<Avx2>(job, dst, ts) }
 }
 
@@ -621,6 +683,8 @@ unsafe fn tile<S: Simd, const M: usize, const NV: usize>(
     ldb: usize,
     k: usize,
 ) -> [[S::V; NV]; M] {
+    // SAFETY: the caller guarantees each `a[i]` has `k` readable floats and `b` `k` rows of
+    // `ldb >= NV * W` readable floats (a 32-column weight panel, zero padded in `PackedExperts::new`).
     unsafe {
         let mut acc = [[S::zero(); NV]; M];
         let mut bp = b;
@@ -656,6 +720,9 @@ unsafe fn mm1_rows<S: Simd, const M: usize, const NV: usize>(
     });
     let w1 = ex.w1(e);
     for p in (0..n1).step_by(PANEL) {
+        // SAFETY: each `a[i]` is a token row of `x` (token ids < T, asserted in `moe_forward`),
+        // `d` floats; panel `p` of `w1(e)` has `d` rows of 32 floats (`n1` is a multiple of 32); `z` has
+        // `block_rows() * n1` floats (sized in `run`) and `r0 + i < m <= block_rows()`.
         unsafe {
             let acc = tile::<S, M, NV>(&a, w1.add(p * d), PANEL, d);
             for (i, row) in acc.iter().enumerate() {
@@ -686,6 +753,10 @@ unsafe fn mm2_rows<S: Simd, const M: usize, const NV: usize>(
     let w2 = ex.w2(e);
     let b2 = ex.b2.as_ref().map(|b| b[e * d_pad..].as_ptr());
     for q in (0..d_pad).step_by(PANEL) {
+        // SAFETY: `a[i]` is a row of the `z` block (`h_pad` floats of its `n1`); panel `q` of
+        // `w2(e)` has `h_pad` rows of 32 floats; `out[i]` is a destination row of `d` floats (see
+        // `Job::dst_row`), and `accumulate` touches only `d - col` of them; `b2` has `d_pad` floats from
+        // `e * d_pad`.
         unsafe {
             let acc = tile::<S, M, NV>(&a, w2.add(q * ex.h_pad), PANEL, ex.h_pad);
             for (i, row) in acc.iter().enumerate() {
@@ -710,6 +781,8 @@ unsafe fn accumulate<S: Simd>(
     bias: Option<*const f32>,
     valid: usize,
 ) {
+    // SAFETY: the caller guarantees `dst` has `min(valid, W)` writable floats and `bias`, if
+    // any, `W` readable floats (bias rows are padded to `d_pad`); `tmp` holds 16 >= W floats.
     unsafe {
         if let Some(b) = bias {
             acc = S::fma(S::splat(w), S::load(b), acc);
@@ -735,9 +808,14 @@ unsafe fn hidden<S: Simd>(job: &Job, e: usize, pair0: usize, m: usize, z: *mut f
     let b1 = ex.b1.as_ref().map(|b| b[e * h_pad..].as_ptr());
     let act = ex.activation;
     for r in 0..m {
+        // SAFETY: `splat` only needs the feature the caller's entry point enabled; `pair0 + r`
+        // is a pair of this block (`m <= hi - pair0`).
         let w = unsafe { S::splat(job.groups.weights[pair0 + r]) };
         let row = z.wrapping_add(r * n1);
         for j in (0..h_pad).step_by(S::W) {
+            // SAFETY: row `r < m` of the `z` block has `n1` floats, and `j + W <= h_pad` (a multiple
+            // of 32), so `row.add(j)` and `row.add(h_pad + j)` (gated: `n1 = 2 * h_pad`) load in bounds;
+            // `b1` has `h_pad` floats from `e * h_pad`.
             unsafe {
                 let up_at = if ex.gated {
                     row.add(h_pad + j)
@@ -798,6 +876,9 @@ unsafe fn fused_items<S: Simd, const MR: usize, const NV: usize>(
         let mut b0 = lo;
         while b0 < hi {
             let m = (hi - b0).min(block);
+            // SAFETY: the work items come from `plan_tokens` / `pair_range`, so every pair in
+            // `b0..b0 + m` is in this thread's destination (`dst`), and `m <= block_rows()`, the rows `z`
+            // was sized for in `run`; the pointer bounds of each step are stated where they are formed.
             unsafe {
                 row_tiles!(m, MR, r0 => mm1_rows::<S, _, NV>(job, e, b0, r0, z));
                 hidden::<S>(job, e, b0, m, z);
@@ -822,6 +903,10 @@ unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
         let mut b0 = lo;
         while b0 < hi {
             let m = (hi - b0).min(block);
+            // SAFETY: as in `fused_items`; in addition `xg` holds `block_rows() * d` and `y`
+            // `block_rows() * d_pad` floats (sized in `run`), every `gemm` call stays within `m` rows and one
+            // 32-column panel, and `y`'s rows are `d_pad` wide so the `W`-lane loads at `col < d` are in
+            // bounds.
             unsafe {
                 for r in 0..m {
                     let t = job.groups.tokens[b0 + r] as usize;

@@ -40,6 +40,8 @@ pub(crate) unsafe trait Simd: Copy {
 #[derive(Clone, Copy)]
 pub(crate) struct Portable;
 
+// SAFETY: plain Rust on arrays, no CPU feature needed; `load` / `store` pass the caller's
+// pointer guarantee on.
 unsafe impl Simd for Portable {
     const W: usize = 8;
     type V = [f32; 8];
@@ -53,10 +55,14 @@ unsafe impl Simd for Portable {
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self::V {
+        // SAFETY: the caller guarantees `p` points to 8 readable floats (`Simd::load`);
+        // `read_unaligned` needs no alignment.
         unsafe { p.cast::<[f32; 8]>().read_unaligned() }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: Self::V) {
+        // SAFETY: the caller guarantees `p` points to 8 writable floats (`Simd::store`);
+        // `write_unaligned` needs no alignment.
         unsafe { p.cast::<[f32; 8]>().write_unaligned(v) }
     }
     #[inline(always)]
@@ -111,6 +117,8 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn exp256(x: __m256) -> __m256 {
+        // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+        // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
         unsafe {
             let x = _mm256_min_ps(
                 _mm256_max_ps(x, _mm256_set1_ps(EXP_LO)),
@@ -135,39 +143,57 @@ mod x86 {
         }
     }
 
+    // SAFETY: every method uses AVX2 + FMA intrinsics only; `Simd`'s callers check those
+    // features at run time (`has_avx2`).
     unsafe impl Simd for Avx2 {
         const W: usize = 8;
         type V = __m256;
         #[inline(always)]
         unsafe fn zero() -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm256_setzero_ps() }
         }
         #[inline(always)]
         unsafe fn splat(x: f32) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm256_set1_ps(x) }
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self::V {
+            // SAFETY: the caller guarantees `p` points to `W` readable floats (`Simd::load`); unaligned access
+            // is allowed by this intrinsic. CPU feature: the `Simd` contract, checked before `run` enters.
             unsafe { _mm256_loadu_ps(p) }
         }
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: Self::V) {
+            // SAFETY: the caller guarantees `p` points to `W` writable floats (`Simd::store`); unaligned access
+            // is allowed by this intrinsic. CPU feature: the `Simd` contract, checked before `run` enters.
             unsafe { _mm256_storeu_ps(p, v) }
         }
         #[inline(always)]
         unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm256_fmadd_ps(a, b, c) }
         }
         #[inline(always)]
         unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm256_add_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm256_mul_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn act(a: Activation, x: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe {
                 let z = match a {
                     Activation::Silu => x,
@@ -191,6 +217,8 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn exp512(x: __m512) -> __m512 {
+        // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+        // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
         unsafe {
             let x = _mm512_min_ps(
                 _mm512_max_ps(x, _mm512_set1_ps(EXP_LO)),
@@ -214,39 +242,57 @@ mod x86 {
         }
     }
 
+    // SAFETY: every method uses AVX-512F intrinsics only; `Simd`'s callers check that
+    // feature at run time (`has_avx512`).
     unsafe impl Simd for Avx512 {
         const W: usize = 16;
         type V = __m512;
         #[inline(always)]
         unsafe fn zero() -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm512_setzero_ps() }
         }
         #[inline(always)]
         unsafe fn splat(x: f32) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm512_set1_ps(x) }
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self::V {
+            // SAFETY: the caller guarantees `p` points to `W` readable floats (`Simd::load`); unaligned access
+            // is allowed by this intrinsic. CPU feature: the `Simd` contract, checked before `run` enters.
             unsafe { _mm512_loadu_ps(p) }
         }
         #[inline(always)]
         unsafe fn store(p: *mut f32, v: Self::V) {
+            // SAFETY: the caller guarantees `p` points to `W` writable floats (`Simd::store`); unaligned access
+            // is allowed by this intrinsic. CPU feature: the `Simd` contract, checked before `run` enters.
             unsafe { _mm512_storeu_ps(p, v) }
         }
         #[inline(always)]
         unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm512_fmadd_ps(a, b, c) }
         }
         #[inline(always)]
         unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm512_add_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn mul(a: Self::V, b: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm512_mul_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn act(a: Activation, x: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
+            // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe {
                 let z = match a {
                     Activation::Silu => x,

@@ -171,19 +171,6 @@ fn check(got: &[f32], want: &[f64], what: &str) {
     }
 }
 
-fn variants() -> Vec<KernelVariant> {
-    KernelVariant::ALL
-        .into_iter()
-        .filter(|v| {
-            let ok = v.is_supported();
-            if !ok {
-                println!("skipped {v:?}: this CPU lacks the instructions");
-            }
-            ok
-        })
-        .collect()
-}
-
 #[test]
 fn matches_f64_reference_every_variant_threads_and_shape() {
     let mut rng = StdRng::seed_from_u64(7);
@@ -223,7 +210,7 @@ fn matches_f64_reference_every_variant_threads_and_shape() {
                 .map(|_| rng.random_range(-1.0f32..1.0))
                 .collect();
             let want = raw.reference(&x, &routing);
-            for v in variants() {
+            for v in KernelVariant::testable() {
                 let mut first: Option<Vec<f32>> = None;
                 for threads in [1, 2] {
                     let mut out = vec![f32::NAN; tokens * d];
@@ -263,7 +250,10 @@ fn all_variants_agree_with_auto_and_default_thresholds() {
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
         let want = raw.reference(&x, &routing);
-        for v in [KernelVariant::Auto].into_iter().chain(variants()) {
+        for v in [KernelVariant::Auto]
+            .into_iter()
+            .chain(KernelVariant::testable())
+        {
             let mut out = vec![0.0; x.len()];
             moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, 2);
             check(&out, &want, &format!("{v:?} T={tokens}"));
@@ -303,7 +293,7 @@ fn only_the_rows_that_chose_an_expert_are_computed() {
         par_min_flops: 0,
         ..MoeScratch::default()
     };
-    for v in variants() {
+    for v in KernelVariant::testable() {
         for threads in [1, 2] {
             let mut out = vec![f32::NAN; x.len()];
             moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, threads);
@@ -333,7 +323,7 @@ fn repeated_runs_are_bit_identical() {
         par_min_flops: 0,
         ..MoeScratch::default()
     };
-    for v in variants() {
+    for v in KernelVariant::testable() {
         let mut a = vec![0.0; x.len()];
         let mut b = vec![1.0; x.len()];
         moe_forward(&packed, &x, &groups, &mut a, &mut scratch, v, 2);
@@ -361,13 +351,19 @@ fn activation_matches_engine_scalar() {
         };
         #[cfg(target_arch = "x86_64")]
         {
-            if KernelVariant::Avx512.is_supported() {
+            let testable = KernelVariant::testable();
+            if testable.contains(&KernelVariant::Avx512) {
+                // SAFETY: `testable` includes AVX-512 only when `is_supported` found the CPU
+                // features `act_avx512` enables.
                 check_isa("avx512", unsafe { act_avx512(act, &xs) });
             }
-            if KernelVariant::Avx2.is_supported() {
+            if testable.contains(&KernelVariant::Avx2) {
+                // SAFETY: `testable` includes AVX2 only when `is_supported` found the CPU
+                // features `act_avx2` enables.
                 check_isa("avx2", unsafe { act_avx2(act, &xs) });
             }
         }
+        // SAFETY: `Portable` needs no CPU feature.
         check_isa("portable", unsafe { act_with::<Portable>(act, &xs) });
     }
 }
@@ -376,6 +372,8 @@ fn activation_matches_engine_scalar() {
 unsafe fn act_with<S: Simd>(act: Activation, xs: &[f32]) -> Vec<f32> {
     let mut out = vec![0.0f32; xs.len()];
     for (o, x) in out.chunks_exact_mut(S::W).zip(xs.chunks_exact(S::W)) {
+        // SAFETY: `o` and `x` are chunks of exactly `W` floats; the caller enabled the
+        // features `S` needs.
         unsafe { S::store(o.as_mut_ptr(), S::act(act, S::load(x.as_ptr()))) };
     }
     let tail = xs.len() / S::W * S::W;
@@ -388,12 +386,14 @@ unsafe fn act_with<S: Simd>(act: Activation, xs: &[f32]) -> Vec<f32> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn act_avx512(act: Activation, xs: &[f32]) -> Vec<f32> {
+    // SAFETY: this function enables what `Avx512` uses; its caller checked the CPU has it.
     unsafe { act_with::<Avx512>(act, xs) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn act_avx2(act: Activation, xs: &[f32]) -> Vec<f32> {
+    // SAFETY: this function enables what `Avx2` uses; its caller checked the CPU has it.
     unsafe { act_with::<Avx2>(act, xs) }
 }
 

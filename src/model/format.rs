@@ -140,9 +140,10 @@ impl RawTensor<'_> {
         let n = self.data.len() / (self.dtype.bitsize() / 8).max(1);
         // Aligned data (the usual case: safetensors writers align offsets) converts in bulk with
         // the CPU's conversion instructions; unaligned data falls back to a byte loop.
-        // SAFETY: every bit pattern is a valid u16 / f32.
         match self.dtype {
             Dtype::F32 => {
+                // SAFETY: every bit pattern is a valid f32, and `align_to` only yields the
+                // aligned middle.
                 let (pre, mid, _) = unsafe { self.data.align_to::<f32>() };
                 if pre.is_empty() && mid.len() == n {
                     return mid.to_vec();
@@ -153,6 +154,8 @@ impl RawTensor<'_> {
                     .collect()
             }
             Dtype::F16 | Dtype::BF16 => {
+                // SAFETY: every bit pattern is a valid u16, and `align_to` only yields the
+                // aligned middle.
                 let (pre, mid, _) = unsafe { self.data.align_to::<u16>() };
                 let mut out = vec![0.0f32; n];
                 if pre.is_empty() && mid.len() == n && cfg!(target_endian = "little") {

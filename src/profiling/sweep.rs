@@ -93,11 +93,6 @@ impl SweepResult {
         self.points.iter().find(|p| p.is_default)
     }
 
-    /// The Dense reference point.
-    pub fn reference_point(&self) -> Option<&SweepPoint> {
-        self.points.iter().find(|p| p.is_reference)
-    }
-
     /// The sweep as a plain-text table (what `xmoe-top sweep` prints).
     pub fn to_table(&self) -> String {
         let mut s = format!(

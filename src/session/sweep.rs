@@ -26,7 +26,6 @@ use crate::profiling::stats::{
 use crate::workload::for_each_eval_window;
 
 use crate::profiling::sweep::{SweepPoint, SweepResult, policy_label};
-use crate::report::ReportData;
 
 /// Two thresholds closer than this are the same point.
 const T_EPS: f64 = 1e-6;
@@ -177,13 +176,6 @@ pub struct SweepRun {
     pub result: SweepResult,
     /// Every statistic of the default point, as a live session of that policy would show it.
     pub snapshot: Snapshot,
-}
-
-impl SweepRun {
-    /// The report of this sweep.
-    pub fn into_report(self) -> ReportData {
-        ReportData::new(self.snapshot, Some(self.result))
-    }
 }
 
 fn policy_state(policy: PolicySpec, layers: &[usize], capacity: Option<f32>) -> PolicyState {

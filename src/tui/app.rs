@@ -315,7 +315,7 @@ impl App {
     /// Runs the exporter on the displayed snapshot and reports the outcome in the status bar.
     pub fn export(&mut self) {
         let Some(exporter) = self.exporter.as_mut() else {
-            self.say_error("export is not available in this build yet (reports are not built)");
+            self.say_error("export is not available: no report exporter is plugged in");
             return;
         };
         let Some(snap) = self.frozen.as_ref().or(self.latest.as_ref()) else {

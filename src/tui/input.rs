@@ -2,17 +2,19 @@
 //! [`Control`] requests to the session.
 //!
 //! [`map_event`] turns a crossterm event into an [`Action`] (key presses only: some terminals
-//! also report releases and repeats, which would make keys fire twice), [`apply`] changes the
+//! also report releases and repeats, which would make keys fire twice; which key means what is
+//! the table in [`crate::tui::keys`]), [`apply`] changes the
 //! [`App`] and returns the request for the session, if any.
 
 use crossterm::event::{
-    Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
+    Event, KeyEvent, KeyEventKind, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
 };
 use ratatui::layout::{Position, Rect};
 
 use crate::model::config::PolicySpec;
 use crate::tui::app::{App, Panel, Target, same_policy};
 use crate::tui::control::{Control, Layers};
+use crate::tui::keys::{self, Command};
 use crate::tui::render::heatmap::HeatGeometry;
 use crate::tui::render::{layout, sliders};
 
@@ -87,45 +89,34 @@ pub fn map_event(app: &App, ev: &Event) -> Option<Action> {
 }
 
 fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
+    let command = keys::command_for(k, app.help_open)?;
     let shift = k.modifiers.contains(KeyModifiers::SHIFT);
-    if k.modifiers.contains(KeyModifiers::CONTROL) {
-        return matches!(k.code, KeyCode::Char('c') | KeyCode::Char('C')).then_some(Action::Quit);
-    }
-    if app.help_open {
-        return match k.code {
-            KeyCode::Char('?') => Some(Action::ToggleHelp),
-            KeyCode::Esc => Some(Action::Escape),
-            KeyCode::Char('q') => Some(Action::Quit),
-            _ => None,
-        };
-    }
     let horizontal = |sign: f32, big: bool| match app.panel {
         Panel::Sliders => Action::AdjustThreshold(sign * if big { STEP_BIG } else { STEP_SMALL }),
         Panel::Heatmap => Action::MoveExpert(sign as isize * if big { EXPERT_JUMP } else { 1 }),
     };
-    Some(match k.code {
-        KeyCode::Char('q') => Action::Quit,
-        KeyCode::Esc => Action::Escape,
-        KeyCode::Char('?') => Action::ToggleHelp,
-        KeyCode::Tab | KeyCode::BackTab => Action::NextPanel,
-        KeyCode::Up | KeyCode::Char('k') => Action::Up,
-        KeyCode::Down | KeyCode::Char('j') => Action::Down,
-        KeyCode::Left | KeyCode::Char('h') => horizontal(-1.0, shift),
-        KeyCode::Right | KeyCode::Char('l') => horizontal(1.0, shift),
-        KeyCode::Char('H') => horizontal(-1.0, true),
-        KeyCode::Char('L') => horizontal(1.0, true),
-        KeyCode::PageUp => Action::AdjustThreshold(STEP_BIG),
-        KeyCode::PageDown => Action::AdjustThreshold(-STEP_BIG),
-        KeyCode::Char('g') => Action::ApplyToAll,
-        KeyCode::Char('p') => Action::CyclePolicy,
-        KeyCode::Char('+') | KeyCode::Char('=') => Action::ChangeK(1),
-        KeyCode::Char('-') | KeyCode::Char('_') => Action::ChangeK(-1),
-        KeyCode::Char('c') => Action::ToggleCapacity,
-        KeyCode::Char(' ') | KeyCode::Char('f') => Action::ToggleFreeze,
-        KeyCode::Char('P') => Action::TogglePause,
-        KeyCode::Char('r') => Action::Reset,
-        KeyCode::Char('e') => Action::Export,
-        _ => return None,
+    Some(match command {
+        Command::Quit => Action::Quit,
+        Command::Escape => Action::Escape,
+        Command::ToggleHelp => Action::ToggleHelp,
+        Command::NextPanel => Action::NextPanel,
+        Command::Up => Action::Up,
+        Command::Down => Action::Down,
+        Command::Left => horizontal(-1.0, shift),
+        Command::Right => horizontal(1.0, shift),
+        Command::LeftBig => horizontal(-1.0, true),
+        Command::RightBig => horizontal(1.0, true),
+        Command::ThresholdUpBig => Action::AdjustThreshold(STEP_BIG),
+        Command::ThresholdDownBig => Action::AdjustThreshold(-STEP_BIG),
+        Command::ApplyToAll => Action::ApplyToAll,
+        Command::CyclePolicy => Action::CyclePolicy,
+        Command::IncreaseK => Action::ChangeK(1),
+        Command::DecreaseK => Action::ChangeK(-1),
+        Command::ToggleCapacity => Action::ToggleCapacity,
+        Command::ToggleFreeze => Action::ToggleFreeze,
+        Command::TogglePause => Action::TogglePause,
+        Command::Reset => Action::Reset,
+        Command::Export => Action::Export,
     })
 }
 

@@ -12,6 +12,7 @@
 pub mod app;
 pub mod control;
 pub mod input;
+pub mod keys;
 pub mod render;
 pub mod session_link;
 pub mod theme;
@@ -105,23 +106,6 @@ impl UiChannel {
         SnapshotSink {
             tx: self.tx.clone(),
         }
-    }
-
-    /// Forwards snapshots from a receiver (for sessions that publish on their own channel) on a
-    /// small thread; the UI learns the session has ended when that channel closes.
-    pub fn forward(&self, snapshots: Receiver<Snapshot>) -> Result<()> {
-        let mut sink = self.sink();
-        thread::Builder::new()
-            .name("tui-snapshots".into())
-            .spawn(move || {
-                for s in snapshots {
-                    if !sink.send(s) {
-                        return;
-                    }
-                }
-            })
-            .context("cannot start the snapshot thread")?;
-        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ use super::render::{self, layout, sliders};
 use super::theme::{ColorMode, Theme};
 use super::{UiEvent, event_loop};
 use crate::model::config::PolicySpec;
-use crate::profiling::fixtures::example_snapshot;
+use crate::profiling::fixtures::{example_snapshot, large_snapshot};
 use crate::profiling::snapshot::{Snapshot, WorkloadKind};
 use crate::units::micros;
 
@@ -58,34 +58,6 @@ fn has(screen: &str, needle: &str, what: &str) {
         screen.contains(needle),
         "{what}: {needle:?} not on screen:\n{screen}"
     );
-}
-
-/// A 24-layer x 64-expert snapshot: the fixture's layers repeated with new block indices (for
-/// scrolling and timing; the figures of the copies repeat those of the originals).
-fn big_snapshot() -> Snapshot {
-    let mut s = example_snapshot(WorkloadKind::Eval, 64, true);
-    let base_w = s.epoch.window.layers.clone();
-    let base_c = s.epoch.cumulative.layers.clone();
-    let base_p = s.policy.layers.clone();
-    s.epoch.window.layers.clear();
-    s.epoch.cumulative.layers.clear();
-    s.policy.layers.clear();
-    s.model.moe_layers.clear();
-    for i in 0..24 {
-        let block = 2 * i + 1;
-        let mut w = base_w[i % 3].clone();
-        w.layer = block;
-        let mut c = base_c[i % 3].clone();
-        c.layer = block;
-        let mut p = base_p[i % 3].clone();
-        p.layer = block;
-        s.epoch.window.layers.push(w);
-        s.epoch.cumulative.layers.push(c);
-        s.policy.layers.push(p);
-        s.model.moe_layers.push(block);
-    }
-    s.model.n_layers = 48;
-    s
 }
 
 fn key(code: KeyCode) -> Event {
@@ -278,7 +250,7 @@ fn marks_help_and_waiting_screen() {
 
 #[test]
 fn too_small_screen_and_resizing_never_panic() {
-    let mut app = app_with(big_snapshot(), ColorMode::TrueColor);
+    let mut app = app_with(large_snapshot(), ColorMode::TrueColor);
     for (w, h) in [(79, 24), (80, 23), (40, 10)] {
         let screen = text(&draw(&mut app, w, h));
         has(
@@ -315,7 +287,7 @@ fn too_small_screen_and_resizing_never_panic() {
                 t.draw(|f| render::draw(f, &app)).unwrap();
             }
         }
-        app.push_snapshot(big_snapshot());
+        app.push_snapshot(large_snapshot());
         for &(w, h) in &sizes {
             app.layer = (w as usize) % 24;
             app.help_open = w % 2 == 0;
@@ -327,7 +299,7 @@ fn too_small_screen_and_resizing_never_panic() {
 
 #[test]
 fn many_layers_scroll_with_the_selection() {
-    let mut app = app_with(big_snapshot(), ColorMode::TrueColor);
+    let mut app = app_with(large_snapshot(), ColorMode::TrueColor);
     app.panel = Panel::Heatmap;
     let screen = text(&draw(&mut app, 80, 24));
     has(&screen, "rows 1-", "scroll note");
@@ -822,130 +794,4 @@ fn event_loop_ends_when_the_channel_closes_and_reports_session_end() {
     tx.send(UiEvent::InputError("gone".into())).unwrap();
     let r = event_loop(&mut term, &rx, &mut app, &mut |_| Ok(()), 10.0);
     assert!(r.unwrap_err().to_string().contains("gone"));
-}
-
-// ---------------------------------------------------------------- cost
-
-/// Frame time at 200x60 with 24 MoE layers x 64 experts (run with `--ignored --nocapture`;
-/// recorded in docs/tui.md).
-#[test]
-#[ignore]
-fn frame_time_200x60_24x64() {
-    use std::time::Instant;
-    for mode in [ColorMode::TrueColor, ColorMode::NoColor] {
-        let mut app = app_with(big_snapshot(), mode);
-        let mut t = Terminal::new(TestBackend::new(200, 60)).unwrap();
-        for _ in 0..20 {
-            t.draw(|f| render::draw(f, &app)).unwrap();
-        }
-        let n = 500;
-        let start = Instant::now();
-        for i in 0..n {
-            // A new snapshot each frame, as in a live session: every cell changes.
-            app.layer = i % 24;
-            t.draw(|f| render::draw(f, &app)).unwrap();
-        }
-        let per = start.elapsed() / n as u32;
-        // The terminal's own share: diffing and copying an unchanged 200x60 buffer.
-        let start = Instant::now();
-        for _ in 0..n {
-            t.draw(|_| {}).unwrap();
-        }
-        let empty = start.elapsed() / n as u32;
-        println!(
-            "empty frame (ratatui diff only): {:.3} ms",
-            empty.as_secs_f64() * 1e3
-        );
-        println!(
-            "{mode:?}: {:.3} ms per frame at 200x60, 24 x 64; {:.2}% of one core at 10 fps",
-            per.as_secs_f64() * 1e3,
-            per.as_secs_f64() * 10.0 * 100.0
-        );
-    }
-}
-
-/// Prints the screens at the test sizes (a look without a terminal: `--ignored --nocapture`).
-#[test]
-#[ignore]
-fn print_screens() {
-    for (kind, gpu, n) in [
-        (WorkloadKind::Eval, false, 16),
-        (WorkloadKind::Generate, true, 64),
-    ] {
-        for (w, h) in SIZES {
-            let mut app = app_with(example_snapshot(kind, n, gpu), ColorMode::NoColor);
-            println!("{kind:?} {w}x{h}\n{}", text(&draw(&mut app, w, h)));
-        }
-    }
-}
-
-/// CPU time of the calling thread in nanoseconds (Linux: /proc/thread-self/schedstat).
-fn thread_cpu_ns() -> Option<u64> {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// The UI thread's CPU use at the default 10 fps with a new 24 x 64 snapshot every 100 ms,
-/// through the real crossterm backend (escape sequences written to a sink), over 5 s.
-#[test]
-#[ignore]
-fn ui_cpu_use_at_default_fps() {
-    use std::time::{Duration, Instant};
-    let (tx, rx) = mpsc::channel();
-    let a = big_snapshot();
-    let mut b = a.clone();
-    // A second picture with every heatmap cell changed, so every frame repaints the heatmap.
-    for l in &mut b.epoch.window.layers {
-        l.expert_token_share.reverse();
-    }
-    let feeder = std::thread::spawn(move || {
-        let start = Instant::now();
-        let mut i = 0u64;
-        while start.elapsed() < Duration::from_secs(5) {
-            let mut s = if i.is_multiple_of(2) {
-                a.clone()
-            } else {
-                b.clone()
-            };
-            s.sequence = i;
-            if tx.send(UiEvent::Snapshot(Box::new(s))).is_err() {
-                return;
-            }
-            i += 1;
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = tx.send(UiEvent::Input(key(KeyCode::Char('q'))));
-    });
-    let backend = ratatui::backend::CrosstermBackend::new(std::io::sink());
-    let mut term = Terminal::with_options(
-        backend,
-        ratatui::TerminalOptions {
-            viewport: ratatui::Viewport::Fixed(Rect::new(0, 0, 200, 60)),
-        },
-    )
-    .unwrap();
-    let mut app = App::new(Theme::new(ColorMode::TrueColor));
-    let (cpu0, t0) = (thread_cpu_ns().unwrap(), Instant::now());
-    event_loop(
-        &mut term,
-        &rx,
-        &mut app,
-        &mut |_| Ok(()),
-        super::DEFAULT_FPS,
-    )
-    .unwrap();
-    let (cpu, wall) = (thread_cpu_ns().unwrap() - cpu0, t0.elapsed());
-    feeder.join().unwrap();
-    let frames = term.draw(|_| {}).unwrap().count;
-    println!(
-        "UI thread: {:.1} ms CPU over {:.2} s wall, {frames} frames: {:.2}% of one core, {:.3} ms per frame",
-        cpu as f64 / 1e6,
-        wall.as_secs_f64(),
-        100.0 * cpu as f64 / wall.as_nanos() as f64,
-        cpu as f64 / 1e6 / frames as f64
-    );
 }

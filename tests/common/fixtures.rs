@@ -315,6 +315,34 @@ fn push_token(
     });
 }
 
+/// A 24-layer x 64-expert snapshot: the fixture's layers repeated with new block indices (for
+/// scrolling and timing; the figures of the copies repeat those of the originals).
+pub fn large_snapshot() -> Snapshot {
+    let mut s = example_snapshot(WorkloadKind::Eval, 64, true);
+    let base_w = s.epoch.window.layers.clone();
+    let base_c = s.epoch.cumulative.layers.clone();
+    let base_p = s.policy.layers.clone();
+    s.epoch.window.layers.clear();
+    s.epoch.cumulative.layers.clear();
+    s.policy.layers.clear();
+    s.model.moe_layers.clear();
+    for i in 0..24 {
+        let block = 2 * i + 1;
+        let mut w = base_w[i % 3].clone();
+        w.layer = block;
+        let mut c = base_c[i % 3].clone();
+        c.layer = block;
+        let mut p = base_p[i % 3].clone();
+        p.layer = block;
+        s.epoch.window.layers.push(w);
+        s.epoch.cumulative.layers.push(c);
+        s.policy.layers.push(p);
+        s.model.moe_layers.push(block);
+    }
+    s.model.n_layers = 48;
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

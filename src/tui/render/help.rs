@@ -6,47 +6,13 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Clear, Paragraph, Wrap};
 
 use crate::tui::app::App;
+use crate::tui::keys;
 use crate::tui::render::layout::{MIN_HEIGHT, MIN_WIDTH};
 
-/// Every key and mouse action, as (keys, what it does); the export line depends on whether an
-/// exporter is plugged in.
+/// Every key and mouse action, as (keys, what it does), from [`keys::BINDINGS`]; the export
+/// line depends on whether an exporter is plugged in.
 pub fn help_entries(app: &App) -> Vec<(&'static str, &'static str)> {
-    vec![
-        ("↑ ↓  k j", "move between sliders / layers"),
-        (
-            "← →  h l",
-            "threshold -/+0.01 (heatmap panel: expert cursor)",
-        ),
-        (
-            "Shift+← →  H L",
-            "threshold -/+0.05 (heatmap panel: cursor by 8)",
-        ),
-        ("PgUp PgDn", "threshold +0.05 / -0.05"),
-        ("Tab", "switch panel: sliders / heatmap"),
-        ("g", "apply the focused layer's policy to all layers"),
-        ("p", "cycle the policy: threshold, top-k, dense"),
-        ("+ -", "k of top-k, within 1..=E"),
-        ("c", "capacity factor on / off"),
-        ("Space  f", "freeze the display (collection continues)"),
-        ("P", "pause / resume the model"),
-        ("r", "reset statistics (starts a new epoch)"),
-        (
-            "e",
-            if app.can_export() {
-                "export a report of the displayed snapshot"
-            } else {
-                "export: disabled, reports are not built in yet"
-            },
-        ),
-        ("?", "open / close this help"),
-        ("q  Ctrl-C", "quit"),
-        ("Esc", "close this help; otherwise quit"),
-        (
-            "mouse",
-            "click a slider to focus it; click or drag its bar: t",
-        ),
-        ("", "click a heatmap cell to select it; wheel: layers"),
-    ]
+    keys::help_lines(app.can_export())
 }
 
 /// Draws the help overlay over the middle of `area`.
@@ -95,10 +61,7 @@ pub fn render_status(frame: &mut Frame, area: Rect, app: &App) {
                 theme.info()
             },
         ),
-        None => Span::styled(
-            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze",
-            theme.dim(),
-        ),
+        None => Span::styled(keys::status_hints(), theme.dim()),
     };
     let rw = (right.chars().count() as u16).min(area.width / 2);
     frame.render_widget(

@@ -1,0 +1,47 @@
+//! Prints the UI's screens at 80x24, 120x40 and 200x60 for an eval and a generate session
+//! (synthetic snapshots from `tests/common/fixtures.rs`, no colour): a look at the layout without
+//! a terminal.
+//!
+//! `cargo run --release --example tui_screens`
+
+#[path = "../tests/common/fixtures.rs"]
+#[allow(dead_code)]
+mod fixtures;
+
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use ratatui::buffer::Buffer;
+
+use fixtures::example_snapshot;
+use xmoe_top::profiling::snapshot::WorkloadKind;
+use xmoe_top::tui::{App, ColorMode, Theme, render};
+
+/// The buffer's cells as text, one line per row.
+fn text(buf: &Buffer) -> String {
+    let a = buf.area;
+    let mut s = String::new();
+    for y in a.y..a.y + a.height {
+        for x in a.x..a.x + a.width {
+            s.push_str(buf[(x, y)].symbol());
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn main() -> anyhow::Result<()> {
+    for (kind, gpu, n_experts) in [
+        (WorkloadKind::Eval, false, 16),
+        (WorkloadKind::Generate, true, 64),
+    ] {
+        for (w, h) in [(80, 24), (120, 40), (200, 60)] {
+            let mut app = App::new(Theme::new(ColorMode::NoColor));
+            app.push_snapshot(example_snapshot(kind, n_experts, gpu));
+            app.size = (w, h);
+            let mut terminal = Terminal::new(TestBackend::new(w, h))?;
+            terminal.draw(|f| render::draw(f, &app))?;
+            println!("{kind:?} {w}x{h}\n{}", text(terminal.backend().buffer()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! Every key binding, as one table: [`crate::tui::input`] looks keys up in it, the help overlay
+//! and the status bar render from it, and the key table in `docs/tui.md` is generated from it
+//! ([`markdown_table`], checked by a test).
+//!
+//! Mouse handling is not keyed and stays in `input.rs`; its help line is a row here without keys.
+
+use crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+/// What a key asks for, before the UI state gives it a meaning (the arrows move a threshold or
+/// the expert cursor depending on the panel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Leave the UI.
+    Quit,
+    /// Close the help overlay, or quit when none is open.
+    Escape,
+    /// Open or close the help overlay.
+    ToggleHelp,
+    /// Switch between the sliders and the heatmap.
+    NextPanel,
+    /// Previous slider / layer.
+    Up,
+    /// Next slider / layer.
+    Down,
+    /// Threshold down or cursor left: a small step, a big one with Shift.
+    Left,
+    /// Threshold up or cursor right: a small step, a big one with Shift.
+    Right,
+    /// Threshold down or cursor left by a big step.
+    LeftBig,
+    /// Threshold up or cursor right by a big step.
+    RightBig,
+    /// Threshold up by a big step, in either panel.
+    ThresholdUpBig,
+    /// Threshold down by a big step, in either panel.
+    ThresholdDownBig,
+    /// Apply the focused layer's policy to every layer.
+    ApplyToAll,
+    /// Threshold → top-k → dense → threshold.
+    CyclePolicy,
+    /// k of top-k up by one.
+    IncreaseK,
+    /// k of top-k down by one.
+    DecreaseK,
+    /// Capacity factor on / off.
+    ToggleCapacity,
+    /// Freeze / unfreeze the display.
+    ToggleFreeze,
+    /// Pause / resume the model.
+    TogglePause,
+    /// Reset the statistics.
+    Reset,
+    /// Export a report.
+    Export,
+}
+
+/// A key that triggers a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key {
+    /// The key, whatever the modifiers other than Ctrl (Shift is part of the character, and
+    /// the arrows read it themselves).
+    Plain(KeyCode),
+    /// The character with Ctrl held.
+    Ctrl(char),
+}
+
+/// A hint in the status bar: the keys as shown there and a one-word meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hint {
+    /// Position in the status bar, from the left.
+    pub rank: u8,
+    /// The keys, shortest form.
+    pub keys: &'static str,
+    /// What they do, one word.
+    pub label: &'static str,
+}
+
+/// One line of the help overlay (or more, see [`Binding::help`]) and one row of the docs table.
+#[derive(Clone, Copy, Debug)]
+pub struct Binding {
+    /// The keys and the command each one triggers; empty for the mouse row.
+    pub keys: &'static [(Key, Command)],
+    /// The keys as the help overlay and the docs name them.
+    pub label: &'static str,
+    /// What the keys do, as the help overlay says it: one line each, fitting 80 columns.
+    pub help: &'static [&'static str],
+    /// What the help says instead when no report exporter is plugged in (the export key).
+    pub help_without_exporter: Option<&'static str>,
+    /// What the keys do, as `docs/tui.md` says it (it has room for more).
+    pub doc: &'static str,
+    /// The status bar's hint for these keys, if they have one.
+    pub hint: Option<Hint>,
+    /// The keys still work while the help overlay is open.
+    pub in_help: bool,
+}
+
+const fn ch(c: char) -> Key {
+    Key::Plain(KeyCode::Char(c))
+}
+
+const fn hint(rank: u8, keys: &'static str, label: &'static str) -> Option<Hint> {
+    Some(Hint { rank, keys, label })
+}
+
+/// Every binding, in the order of the help overlay.
+pub const BINDINGS: &[Binding] = &[
+    Binding {
+        keys: &[
+            (Key::Plain(KeyCode::Up), Command::Up),
+            (Key::Plain(KeyCode::Down), Command::Down),
+            (ch('k'), Command::Up),
+            (ch('j'), Command::Down),
+        ],
+        label: "↑ ↓  k j",
+        help: &["move between sliders / layers"],
+        help_without_exporter: None,
+        doc: "move between sliders (global first) / layers",
+        hint: hint(3, "↑↓", "layer"),
+        in_help: false,
+    },
+    Binding {
+        keys: &[
+            (Key::Plain(KeyCode::Left), Command::Left),
+            (Key::Plain(KeyCode::Right), Command::Right),
+            (ch('h'), Command::Left),
+            (ch('l'), Command::Right),
+        ],
+        label: "← →  h l",
+        help: &["threshold -/+0.01 (heatmap panel: expert cursor)"],
+        help_without_exporter: None,
+        doc: "sliders panel: threshold −/+0.01; heatmap panel: move the expert cursor",
+        hint: hint(4, "←→", "t"),
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('H'), Command::LeftBig), (ch('L'), Command::RightBig)],
+        label: "Shift+← →  H L",
+        help: &["threshold -/+0.05 (heatmap panel: cursor by 8)"],
+        help_without_exporter: None,
+        doc: "threshold −/+0.05 (heatmap: cursor by 8 experts)",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[
+            (Key::Plain(KeyCode::PageUp), Command::ThresholdUpBig),
+            (Key::Plain(KeyCode::PageDown), Command::ThresholdDownBig),
+        ],
+        label: "PgUp PgDn",
+        help: &["threshold +0.05 / -0.05"],
+        help_without_exporter: None,
+        doc: "threshold +/−0.05",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[
+            (Key::Plain(KeyCode::Tab), Command::NextPanel),
+            (Key::Plain(KeyCode::BackTab), Command::NextPanel),
+        ],
+        label: "Tab",
+        help: &["switch panel: sliders / heatmap"],
+        help_without_exporter: None,
+        doc: "switch panel (sliders / heatmap)",
+        hint: hint(2, "Tab", "panel"),
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('g'), Command::ApplyToAll)],
+        label: "g",
+        help: &["apply the focused layer's policy to all layers"],
+        help_without_exporter: None,
+        doc: "apply the focused layer's policy to every layer",
+        hint: hint(5, "g", "all"),
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('p'), Command::CyclePolicy)],
+        label: "p",
+        help: &["cycle the policy: threshold, top-k, dense"],
+        help_without_exporter: None,
+        doc: "cycle the focused slider's policy: threshold → top-k (last k, else the baseline k) → dense → threshold (last t)",
+        hint: hint(6, "p", "policy"),
+        in_help: false,
+    },
+    Binding {
+        keys: &[
+            (ch('+'), Command::IncreaseK),
+            (ch('='), Command::IncreaseK),
+            (ch('-'), Command::DecreaseK),
+            (ch('_'), Command::DecreaseK),
+        ],
+        label: "+ -",
+        help: &["k of top-k, within 1..=E"],
+        help_without_exporter: None,
+        doc: "k of top-k, within 1..=E (`=` and `_` work too)",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('c'), Command::ToggleCapacity)],
+        label: "c",
+        help: &["capacity factor on / off"],
+        help_without_exporter: None,
+        doc: "capacity factor on (the last one in force, else the model's, else 8) / off",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[
+            (ch(' '), Command::ToggleFreeze),
+            (ch('f'), Command::ToggleFreeze),
+        ],
+        label: "Space  f",
+        help: &["freeze the display (collection continues)"],
+        help_without_exporter: None,
+        doc: "freeze the display (collection continues; FROZEN mark)",
+        hint: hint(7, "f", "freeze"),
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('P'), Command::TogglePause)],
+        label: "P",
+        help: &["pause / resume the model"],
+        help_without_exporter: None,
+        doc: "pause / resume the model (PAUSED mark)",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('r'), Command::Reset)],
+        label: "r",
+        help: &["reset statistics (starts a new epoch)"],
+        help_without_exporter: None,
+        doc: "reset statistics (new epoch)",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('e'), Command::Export)],
+        label: "e",
+        help: &["export a report of the displayed snapshot"],
+        help_without_exporter: Some("export: disabled, no report exporter plugged in"),
+        doc: "export (see above)",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('?'), Command::ToggleHelp)],
+        label: "?",
+        help: &["open / close this help"],
+        help_without_exporter: None,
+        doc: "open / close the help overlay",
+        hint: hint(0, "?", "help"),
+        in_help: true,
+    },
+    Binding {
+        keys: &[
+            (ch('q'), Command::Quit),
+            (Key::Ctrl('c'), Command::Quit),
+            (Key::Ctrl('C'), Command::Quit),
+        ],
+        label: "q  Ctrl-C",
+        help: &["quit"],
+        help_without_exporter: None,
+        doc: "quit",
+        hint: hint(1, "q", "quit"),
+        in_help: true,
+    },
+    Binding {
+        keys: &[(Key::Plain(KeyCode::Esc), Command::Escape)],
+        label: "Esc",
+        help: &["close this help; otherwise quit"],
+        help_without_exporter: None,
+        doc: "close the help overlay; otherwise quit",
+        hint: None,
+        in_help: true,
+    },
+    Binding {
+        keys: &[],
+        label: "mouse",
+        help: &[
+            "click a slider to focus it; click or drag its bar: t",
+            "click a heatmap cell to select it; wheel: layers",
+        ],
+        help_without_exporter: None,
+        doc: "click a slider: focus; click or drag on its bar: set t; click a heatmap cell: select it; wheel over heatmap or sliders: previous / next layer",
+        hint: None,
+        in_help: false,
+    },
+];
+
+/// The command a key press triggers, or `None`. With Ctrl held only the Ctrl bindings count;
+/// while the help overlay is open only the bindings marked [`Binding::in_help`] do.
+pub fn command_for(key: &KeyEvent, help_open: bool) -> Option<Command> {
+    let pressed = if key.modifiers.contains(KeyModifiers::CONTROL) {
+        match key.code {
+            KeyCode::Char(c) => Key::Ctrl(c),
+            _ => return None,
+        }
+    } else {
+        Key::Plain(key.code)
+    };
+    BINDINGS
+        .iter()
+        .filter(|b| b.in_help || !help_open)
+        .flat_map(|b| b.keys)
+        .find(|(k, _)| *k == pressed)
+        .map(|&(_, command)| command)
+}
+
+/// The help overlay's lines as (keys, what they do); a binding with several help lines names
+/// its keys on the first only.
+pub fn help_lines(can_export: bool) -> Vec<(&'static str, &'static str)> {
+    let mut lines = Vec::new();
+    for b in BINDINGS {
+        for (i, &text) in b.help.iter().enumerate() {
+            let text = match b.help_without_exporter {
+                Some(disabled) if !can_export => disabled,
+                _ => text,
+            };
+            lines.push((if i == 0 { b.label } else { "" }, text));
+        }
+    }
+    lines
+}
+
+/// The status bar's key hints, one line.
+pub fn status_hints() -> String {
+    let mut hints: Vec<Hint> = BINDINGS.iter().filter_map(|b| b.hint).collect();
+    hints.sort_by_key(|h| h.rank);
+    let parts: Vec<String> = hints
+        .iter()
+        .map(|h| format!("{} {}", h.keys, h.label))
+        .collect();
+    format!(" {}", parts.join("  "))
+}
+
+/// The key table of `docs/tui.md`, as markdown (header included, ending in a newline).
+pub fn markdown_table() -> String {
+    let mut s = String::from("| Key | Action |\n| --- | --- |\n");
+    for b in BINDINGS {
+        s.push_str(&format!("| {} | {} |\n", b.label, b.doc));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docs_key_table_is_generated_from_the_bindings() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/tui.md");
+        let docs = std::fs::read_to_string(path).unwrap();
+        let expected = markdown_table();
+        assert!(
+            docs.contains(&expected),
+            "docs/tui.md's key table differs from the bindings; replace it with:\n\n{expected}"
+        );
+    }
+
+    #[test]
+    fn no_key_is_bound_twice() {
+        let all: Vec<Key> = BINDINGS
+            .iter()
+            .flat_map(|b| b.keys.iter().map(|(k, _)| *k))
+            .collect();
+        for (i, k) in all.iter().enumerate() {
+            assert!(!all[i + 1..].contains(k), "{k:?} is bound twice");
+        }
+    }
+
+    #[test]
+    fn status_hints_keep_their_order() {
+        assert_eq!(
+            status_hints(),
+            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze"
+        );
+    }
+}
