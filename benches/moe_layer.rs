@@ -16,8 +16,8 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
+use xmoe_top::kernel::Activation;
 use xmoe_top::kernel::{KernelVariant, MoeScratch, PackedExperts, moe_forward};
-use xmoe_top::model::config::Activation;
 use xmoe_top::routing::{ExpertGroups, Routing, RoutingPolicy, route};
 
 const ACT: Activation = Activation::Gelu;

@@ -8,9 +8,9 @@ use std::time::Instant;
 use crate::model::config::ModelConfig;
 use crate::model::format::{ModelFile, StoreDtype, write_model};
 use crate::model::synth::random_weights;
+use crate::model::trace::ForwardTrace;
 use crate::model::{LoadOptions, Model, RoutingConfig};
 use crate::profiling::flops::FlopModel;
-use crate::profiling::trace::ForwardTrace;
 use crate::routing::RoutingPolicy;
 use candle_core::Device;
 

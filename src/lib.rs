@@ -1,7 +1,7 @@
 //! xmoe-top: run an XMoE (threshold-routed Mixture-of-Experts) model and see its router at work.
 //!
 //! Data flows one way: [`model`] (format, loading, forward) produces a
-//! [`profiling::trace::ForwardTrace`] per pass; [`routing`] is the pure policy code the model calls;
+//! [`model::trace::ForwardTrace`] per pass; [`routing`] is the pure policy code the model calls;
 //! [`profiling`] turns traces into statistics, FLOP figures and immutable snapshots; [`session`]
 //! runs the model on its own thread over a [`workload`] and publishes those snapshots; [`gpu`]
 //! samples device counters; [`kernel`] is the CPU expert layer; [`report`] renders reports, the

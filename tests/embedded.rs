@@ -5,9 +5,9 @@ use candle_core::Device;
 use xmoe_top::embedded;
 use xmoe_top::model::format::{ModelFile, StoreDtype, write_model};
 use xmoe_top::model::synth::random_weights;
+use xmoe_top::model::trace::ForwardTrace;
 use xmoe_top::model::{LoadOptions, Model};
 use xmoe_top::profiling::stats::cross_entropy_nats;
-use xmoe_top::profiling::trace::ForwardTrace;
 
 /// Held-out bits per byte over `windows` windows of 128 bytes under the model's default routing.
 fn heldout_bits_per_byte(model: &Model, windows: usize) -> (f64, f64) {

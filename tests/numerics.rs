@@ -4,11 +4,11 @@ mod common;
 
 use candle_core::Device;
 use common::{Naive, NaivePolicy, max_rel_err, small_config, write_random};
-use xmoe_top::kernel::KernelVariant;
-use xmoe_top::model::config::{Activation, ModelConfig, MoeLayers, NormKind, PositionKind};
+use xmoe_top::kernel::{Activation, KernelVariant};
+use xmoe_top::model::config::{ModelConfig, MoeLayers, NormKind, PositionKind};
 use xmoe_top::model::format::StoreDtype;
+use xmoe_top::model::trace::ForwardTrace;
 use xmoe_top::model::{LoadOptions, Model, ModelFile, MoeDispatch, RoutingConfig};
-use xmoe_top::profiling::trace::ForwardTrace;
 use xmoe_top::routing::RoutingPolicy;
 
 fn tokens(n: usize, seed: u32) -> Vec<u32> {

@@ -8,8 +8,8 @@ use std::path::Path;
 use common::fixtures::example_snapshot;
 use xmoe_top::model::format::StoreDtype;
 use xmoe_top::model::forward::{Model, RoutingConfig};
+use xmoe_top::model::trace::ForwardTrace;
 use xmoe_top::profiling::snapshot::WorkloadKind;
-use xmoe_top::profiling::trace::ForwardTrace;
 use xmoe_top::report::{
     ReportData, ReportFormat, TraceOptions, TraceReader, TraceWriter, export, write_report,
 };

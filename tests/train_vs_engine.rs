@@ -5,8 +5,8 @@
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use xmoe_top::model::config::ModelConfig;
+use xmoe_top::model::trace::ForwardTrace;
 use xmoe_top::model::{Model, RoutingConfig};
-use xmoe_top::profiling::trace::ForwardTrace;
 use xmoe_top::routing::RoutingPolicy;
 use xmoe_top::train::model::TrainModel;
 use xmoe_top::train::save::save_safetensors;

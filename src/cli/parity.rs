@@ -13,8 +13,8 @@ use clap::{Args, ValueEnum};
 use crate::model::config::ModelConfig;
 use crate::model::format::{ModelFile, StoreDtype, write_model};
 use crate::model::synth::random_weights;
+use crate::model::trace::ForwardTrace;
 use crate::model::{DeviceChoice, LoadOptions, Model, MoeDispatch, RoutingConfig};
-use crate::profiling::trace::ForwardTrace;
 use crate::routing::{Routing, RoutingPolicy};
 
 /// Which policies to compare.

@@ -12,9 +12,9 @@ use clap::{Args, ValueEnum};
 
 use super::policy_args::PolicyArgs;
 use crate::atomic_file::AtomicFile;
+use crate::model::trace::ForwardTrace;
 use crate::model::{DeviceChoice, LoadOptions, Model, ModelFile, MoeDispatch};
 use crate::profiling::snapshot::Snapshot;
-use crate::profiling::trace::ForwardTrace;
 use crate::report::trace::{TraceOptions, TraceWriter};
 use crate::report::{ReportData, ReportFormat, export, write_report};
 use crate::session::{PassObserver, Session, SessionConfig};

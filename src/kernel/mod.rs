@@ -38,12 +38,13 @@
 //! row receives its experts' contributions in ascending expert order, each computed by the same
 //! arithmetic, so the fused variants give bit-identical results for every thread count.
 
+pub mod activation;
 mod simd;
 #[cfg(test)]
 mod tests;
 
-use crate::model::config::Activation;
 use crate::routing::ExpertGroups;
+pub use activation::Activation;
 #[cfg(target_arch = "x86_64")]
 use simd::{Avx2, Avx512};
 use simd::{Portable, Simd};

@@ -5,7 +5,7 @@
 //! `#[target_feature]` entry point, and the intrinsics are inlined there (an intrinsic left as a
 //! call in a function without the feature would cost a call per FMA).
 
-use crate::model::config::Activation;
+use super::Activation;
 
 /// A SIMD register of `W` f32 lanes and the operations the kernel uses on it.
 ///

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::kernel::Activation;
 use crate::routing::RoutingPolicy;
 
 /// Current version of the configuration schema written by this crate.
@@ -37,30 +38,6 @@ pub enum PositionKind {
     Learned,
     /// Rotary embeddings on queries and keys (half-split layout, as in GPT-NeoX / Llama).
     Rotary,
-}
-
-/// FFN and expert nonlinearity.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// GELU, tanh approximation.
-    Gelu,
-    /// SiLU (swish).
-    Silu,
-}
-
-impl Activation {
-    /// Applies the activation to one value (f32, as the engine computes).
-    #[inline]
-    pub fn apply(self, x: f32) -> f32 {
-        match self {
-            Activation::Gelu => {
-                const C: f32 = 0.797_884_6; // sqrt(2/pi)
-                0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
-            }
-            Activation::Silu => x / (1.0 + (-x).exp()),
-        }
-    }
 }
 
 /// Which blocks carry a Mixture-of-Experts FFN (the others carry a dense FFN).

@@ -1,13 +1,17 @@
-//! The model: configuration, file format and loading, forward pass.
+//! The model: configuration, file format and loading, the building blocks and the architectures
+//! that assemble them, the forward pass and the trace it fills.
 
+pub mod arch;
+pub mod blocks;
 pub mod config;
 pub mod device;
 pub mod format;
 pub mod forward;
 pub mod moe;
 pub mod synth;
+pub mod trace;
 
 pub use device::DeviceChoice;
 pub use format::{LoadError, ModelFile};
-pub use forward::{KvCache, Model, ParamCounts, RoutingConfig};
+pub use forward::{KvCache, Model, ModelParts, ParamCounts, RoutingConfig};
 pub use moe::{LoadOptions, MoeDispatch};

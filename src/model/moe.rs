@@ -4,9 +4,9 @@ use std::sync::Mutex;
 
 use candle_core::{Device, Storage, Tensor};
 
-use super::config::Activation;
+use super::blocks::ffn::activate;
 use super::format::{LoadError, ModelFile};
-use super::forward::activate;
+use crate::kernel::Activation;
 use crate::kernel::{KernelVariant, MoeScratch, PackedExperts, moe_forward};
 use crate::routing::ExpertGroups;
 
@@ -94,18 +94,21 @@ pub struct MoeExperts {
 }
 
 impl MoeExperts {
-    /// Loads block `layer`'s experts (stacked or per-expert form) onto `device`.
+    /// Loads the experts stored under `prefix` onto `device`: stacked (`{prefix}.up_proj`
+    /// [E, h, d], ...) or, when `per_expert`, one tensor per expert (`{prefix}.{e}.up_proj.weight`,
+    /// ...).
     pub fn load(
         file: &ModelFile,
-        layer: usize,
+        prefix: &str,
+        per_expert: bool,
         device: &Device,
         options: LoadOptions,
     ) -> Result<Self, LoadError> {
         let cfg = file.config();
         let (e, d, h) = (cfg.n_experts, cfg.d_model, cfg.expert_hidden);
-        let p = format!("layers.{layer}.moe.experts");
+        let p = prefix;
         let stacked = |suffix: &str, per: &str, shape: &[usize]| -> Vec<f32> {
-            if file.is_per_expert(layer) {
+            if per_expert {
                 (0..e)
                     .flat_map(|x| file.f32(&format!("{p}.{x}.{per}")))
                     .collect()

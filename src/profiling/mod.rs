@@ -1,4 +1,4 @@
-//! Profiling: forward traces, FLOP accounting, statistics and the snapshots views read.
+//! Profiling: FLOP accounting, statistics and the snapshots views read.
 
 // The library's unit tests share the integration tests' fixtures (see that file's header).
 #[cfg(test)]
@@ -8,4 +8,3 @@ pub mod flops;
 pub mod snapshot;
 pub mod stats;
 pub mod sweep;
-pub mod trace;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::atomic_file::AtomicFile;
 use crate::model::config::{ModelConfig, TokenizerKind};
-use crate::profiling::trace::ForwardTrace;
+use crate::model::trace::ForwardTrace;
 
 /// The `format` field of every trace header.
 pub const TRACE_FORMAT: &str = "xmoe-top-trace";

@@ -23,12 +23,12 @@ use anyhow::{Context, Result};
 
 use crate::gpu::DeviceSampler;
 use crate::model::config::ModelConfig;
+use crate::model::trace::ForwardTrace;
 use crate::model::{Model, RoutingConfig};
 use crate::profiling::snapshot::{
     DeviceSnapshot, GeneratedText, GeneratedToken, LayerPolicy, ModelInfo, PolicyState, Snapshot,
 };
 use crate::profiling::stats::{RunStats, SnapshotInputs, experts_per_layer};
-use crate::profiling::trace::ForwardTrace;
 use crate::routing::RoutingError;
 use crate::routing::RoutingPolicy;
 use crate::workload::Workload;

@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 
 use crate::model::forward::{Model, RoutingConfig};
+use crate::model::trace::ForwardTrace;
 use crate::profiling::snapshot::{
     DeviceBackend, DeviceSnapshot, LayerPolicy, PolicyState, ProcessCounters, Snapshot,
     WorkloadInfo, WorkloadKind,
@@ -21,7 +22,6 @@ use crate::profiling::stats::{
     BatchQuality, PassKind, ReferenceComparison, RunStats, SnapshotInputs, cross_entropy_nats,
     kl_nats,
 };
-use crate::profiling::trace::ForwardTrace;
 use crate::routing::RoutingPolicy;
 use crate::workload::for_each_eval_window;
 

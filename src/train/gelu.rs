@@ -3,11 +3,11 @@
 //! candle's own `gelu` differentiates through about fifteen element-wise tensor operations, each a
 //! full pass with its own allocation over the `tokens x experts x hidden` activations, which on a
 //! CPU costs more than the expert matmuls themselves. The forward value is exactly
-//! [`Activation::Gelu`](crate::model::config::Activation) (`Activation::apply`).
+//! [`Activation::Gelu`](crate::kernel::Activation) (`Activation::apply`).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::model::config::Activation;
+use crate::kernel::Activation;
 
 const C: f32 = 0.797_884_6; // sqrt(2/pi), as in Activation::apply
 const A: f32 = 0.044_715;

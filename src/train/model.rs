@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::gelu::gelu;
 use super::mask::threshold_mask;
-use crate::model::config::{Activation, ModelConfig, NormKind, PositionKind, TokenizerKind};
+use crate::kernel::Activation;
+use crate::model::config::{ModelConfig, NormKind, PositionKind, TokenizerKind};
 use crate::routing::{Routing, RoutingPolicy, route};
 
 /// One named trainable tensor.

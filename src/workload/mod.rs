@@ -18,12 +18,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::config::ModelConfig;
+use crate::model::trace::ForwardTrace;
 use crate::model::{KvCache, Model, RoutingConfig};
 use crate::profiling::snapshot::{TokenOrigin, WorkloadInfo, WorkloadKind};
 use crate::profiling::stats::{
     BatchQuality, PassKind, ReferenceComparison, cross_entropy_nats, kl_nats,
 };
-use crate::profiling::trace::ForwardTrace;
 
 /// Why a workload cannot be built.
 #[derive(Debug, thiserror::Error)]

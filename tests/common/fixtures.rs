@@ -10,6 +10,7 @@
 //! percentiles match the histograms. Never shown to users as measurements.
 
 use xmoe_top::model::config::{ModelConfig, MoeLayers};
+use xmoe_top::model::trace::ForwardTrace;
 use xmoe_top::profiling::snapshot::{
     DeviceBackend, DeviceHistoryPoint, DeviceSnapshot, GeneratedText, GeneratedToken, GpuCounters,
     LayerPolicy, ModelInfo, PolicyState, ProcessCounters, Snapshot, TokenOrigin, WorkloadInfo,
@@ -19,7 +20,6 @@ use xmoe_top::profiling::stats::{
     BatchQuality, PassKind, ReferenceComparison, RunStats, SnapshotInputs, cross_entropy_nats,
     experts_per_layer, kl_nats,
 };
-use xmoe_top::profiling::trace::ForwardTrace;
 use xmoe_top::routing::RoutingPolicy;
 use xmoe_top::routing::route;
 use xmoe_top::session::describe::model_info as describe_model;

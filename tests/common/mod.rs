@@ -9,7 +9,8 @@ pub mod fixtures;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use xmoe_top::model::config::{Activation, ModelConfig, NormKind, PositionKind};
+use xmoe_top::kernel::Activation;
+use xmoe_top::model::config::{ModelConfig, NormKind, PositionKind};
 use xmoe_top::model::format::{StoreDtype, write_model};
 use xmoe_top::model::synth::random_weights;
 

@@ -1,11 +1,11 @@
 //! Per-layer routing counts: what each MoE layer selected, summed over a set of passes so that
 //! a window can add a pass on arrival and subtract it on eviction.
 
+use crate::model::trace::ForwardTrace;
 use crate::profiling::flops::FlopModel;
 use crate::profiling::snapshot::{
     FlopSummary, FlopTriple, LayerStatsSnapshot, LoadBalance, PolicyState, RoutingStats,
 };
-use crate::profiling::trace::ForwardTrace;
 use crate::routing::Routing;
 use crate::routing::RoutingPolicy;
 

@@ -9,7 +9,7 @@
 //! never the history. [`histograms`] holds the recorders, [`layers`] the per-layer routing counts,
 //! [`quality`] the pure functions on logits and their sums.
 //!
-//! [`ForwardTrace`]: crate::profiling::trace::ForwardTrace
+//! [`ForwardTrace`]: crate::model::trace::ForwardTrace
 //! [`Snapshot`]: crate::profiling::snapshot::Snapshot
 
 pub mod histograms;

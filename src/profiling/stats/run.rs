@@ -4,12 +4,12 @@
 use std::collections::VecDeque;
 
 use crate::model::config::ModelConfig;
+use crate::model::trace::ForwardTrace;
 use crate::profiling::flops::FlopModel;
 use crate::profiling::snapshot::{
     DeviceSnapshot, EpochStats, EpochSummary, GeneratedText, Histograms, LayerTimeHistograms,
     ModelInfo, PolicyState, QualityStats, SNAPSHOT_SCHEMA_VERSION, Snapshot, WorkloadInfo,
 };
-use crate::profiling::trace::ForwardTrace;
 
 use super::histograms::{EpochHistograms, quantile_us};
 use super::layers::{LayerPassRecord, PassRecord, RoutingAggregate, ratio};

@@ -1,0 +1,40 @@
+//! Token embeddings, plus a learned position table for models that have one.
+
+use candle_core::Tensor;
+
+use super::PassContext;
+
+/// The input embeddings.
+pub struct Embedding {
+    /// [vocab, d].
+    tokens: Tensor,
+    /// [max_seq_len, d], added to the token embeddings (learned positions only).
+    positions: Option<Tensor>,
+}
+
+impl Embedding {
+    /// A token table `[vocab, d]` and an optional position table `[max_seq_len, d]`.
+    pub fn new(tokens: Tensor, positions: Option<Tensor>) -> Self {
+        Self { tokens, positions }
+    }
+
+    /// The token table, for models whose LM head is tied to it.
+    pub fn token_table(&self) -> &Tensor {
+        &self.tokens
+    }
+
+    /// `ids` = the pass's `batch * seq` token ids -> [batch * seq, d].
+    pub fn forward(&self, ids: &Tensor, pass: &PassContext) -> candle_core::Result<Tensor> {
+        let x = self.tokens.index_select(ids, 0)?;
+        match &self.positions {
+            Some(table) => {
+                let (n, d) = x.dims2()?;
+                let pos = table.narrow(0, pass.start_pos, pass.seq)?; // [seq, d]
+                x.reshape((pass.batch, pass.seq, d))?
+                    .broadcast_add(&pos)?
+                    .reshape((n, d))
+            }
+            None => Ok(x),
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! The building blocks a model is assembled from. Each owns its weights and has a `forward` that
+//! fills its part of the [`ForwardTrace`](super::trace::ForwardTrace); none knows a tensor name,
+//! so an architecture file under [`super::arch`] can build them from any naming scheme.
+
+pub mod attention;
+pub mod block;
+pub mod embedding;
+pub mod ffn;
+pub mod linear;
+pub mod moe_block;
+pub mod norm;
+
+use std::time::Instant;
+
+use candle_core::Device;
+
+pub use attention::{Attention, AttentionOutput, KvSlot, PassContext, Rotary};
+pub use block::{Block, BlockFfn};
+pub use embedding::Embedding;
+pub use ffn::Ffn;
+pub use linear::Linear;
+pub use moe_block::MoeBlock;
+pub use norm::Norm;
+
+/// Nanoseconds since `since`, counting the device work queued meanwhile.
+pub(crate) fn elapsed_ns(since: Instant, device: &Device) -> candle_core::Result<u64> {
+    // GPU work is asynchronous: wait for it so that the time belongs to this part.
+    if !device.is_cpu() {
+        device.synchronize()?;
+    }
+    Ok(since.elapsed().as_nanos() as u64)
+}

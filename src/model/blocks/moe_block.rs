@@ -1,0 +1,82 @@
+//! The Mixture-of-Experts sublayer: router, routing policy, and the experts of [`MoeExperts`].
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+
+use super::{Norm, elapsed_ns};
+use crate::model::forward::RoutingConfig;
+use crate::model::moe::{MoeDispatch, MoeExperts};
+use crate::model::trace::ForwardTrace;
+use crate::routing::route;
+
+/// `x + sum over the selected experts e of w_e * expert_e(n(x))`, with `n` its pre-norm and the
+/// selection made by the routing policy from the router's logits.
+pub struct MoeBlock {
+    norm: Norm,
+    /// Router weight transposed, [d, E].
+    router_t: Tensor,
+    experts: MoeExperts,
+    n_experts: usize,
+    /// Index of this block among the model's MoE blocks: its policy and its trace slot.
+    slot: usize,
+}
+
+impl MoeBlock {
+    /// Assembles the sublayer from its pre-norm, its router weight `[n_experts, d]`, its experts
+    /// and its index among the model's MoE blocks.
+    pub fn new(
+        norm: Norm,
+        router: &Tensor,
+        experts: MoeExperts,
+        n_experts: usize,
+        slot: usize,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            norm,
+            router_t: router.t()?.contiguous()?,
+            experts,
+            n_experts,
+            slot,
+        })
+    }
+
+    /// How the experts compute.
+    pub fn dispatch(&self) -> MoeDispatch {
+        self.experts.dispatch()
+    }
+
+    /// `x` = [n, d] of block `layer` -> `x` with the experts' output added. Routes with this
+    /// slot's policy of `routing` (validated by the caller), and fills the slot's routing and
+    /// groups and the block's `router_ns` (norm, router and policy) and `ffn_ns` (experts).
+    pub fn forward(
+        &self,
+        x: Tensor,
+        layer: usize,
+        routing: &RoutingConfig,
+        trace: &mut ForwardTrace,
+    ) -> Result<Tensor> {
+        let t0 = Instant::now();
+        let f = self.norm.forward(&x)?;
+        let logits = f.matmul(&self.router_t)?.flatten_all()?.to_vec1::<f32>()?;
+        let lt = trace.moe_slot(self.slot, layer);
+        route(
+            &logits,
+            self.n_experts,
+            routing.policies[self.slot],
+            routing.capacity_factor,
+            &mut lt.routing,
+        )
+        .with_context(|| format!("routing in layer {layer}"))?;
+        lt.groups.build(&lt.routing);
+        let router_ns = elapsed_ns(t0, f.device())?;
+        let t1 = Instant::now();
+        let y = self.experts.forward(&f, &lt.groups)?;
+        let out = (x + y)?;
+        let timing = &mut trace.blocks[layer];
+        timing.router_ns = router_ns;
+        timing.ffn_ns = elapsed_ns(t1, out.device())?;
+        Ok(out)
+    }
+}
