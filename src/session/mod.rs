@@ -57,8 +57,6 @@ pub enum Control {
     Resume,
     /// Starts a new epoch under the same settings and forgets the previous epoch.
     ResetStats,
-    /// Replaces the workload.
-    SetWorkload(Box<Workload>),
     /// Ends the session.
     Stop,
 }
@@ -72,7 +70,6 @@ impl std::fmt::Debug for Control {
             Control::Pause => write!(f, "Pause"),
             Control::Resume => write!(f, "Resume"),
             Control::ResetStats => write!(f, "ResetStats"),
-            Control::SetWorkload(w) => write!(f, "SetWorkload({})", w.info().description),
             Control::Stop => write!(f, "Stop"),
         }
     }
@@ -244,11 +241,6 @@ impl SessionController {
     /// Resets the statistics (new epoch, previous epoch forgotten).
     pub fn reset_stats(&self) -> Result<(), ControlError> {
         self.send(Control::ResetStats)
-    }
-
-    /// Replaces the workload (build it with the model configuration from [`Self::model_config`]).
-    pub fn set_workload(&self, w: Workload) -> Result<(), ControlError> {
-        self.send(Control::SetWorkload(Box::new(w)))
     }
 
     /// Asks the session to end.
@@ -579,13 +571,6 @@ impl Runner {
             Control::ResetStats => {
                 let now = self.now_s();
                 self.stats.reset(now);
-            }
-            Control::SetWorkload(w) => {
-                let reason = format!("workload changed to {}", w.info().description);
-                self.workload = *w;
-                self.generated = GeneratedText::default();
-                self.eval_batches = 0;
-                self.new_epoch(reason);
             }
             Control::Stop => self.stop = true,
         }
