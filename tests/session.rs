@@ -12,7 +12,7 @@ use xmoe_top::model::trace::ForwardTrace;
 use xmoe_top::model::{Model, RoutingConfig};
 use xmoe_top::profiling::snapshot::{Snapshot, TokenOrigin};
 use xmoe_top::routing::RoutingPolicy;
-use xmoe_top::session::{Session, SessionConfig};
+use xmoe_top::session::{Layers, Session, SessionConfig};
 use xmoe_top::workload::{EvalSpec, GenerateSpec, TextSource, Workload};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -103,7 +103,7 @@ fn threshold_change_pause_and_reset() {
     assert_eq!(s0.epoch.window.tokens % SEQ as u64, 0);
 
     // Lower layer 1's threshold: the next epoch's passes all use it, from its first pass on.
-    ctl.set_threshold(Some(1), 0.2).unwrap();
+    ctl.set_threshold(Layers::Slot(1), 0.2).unwrap();
     let s1 = session
         .wait_for(WAIT, |s| s.epoch.id == 1 && s.epoch.forward_passes >= 1)
         .expect("new epoch with a pass");
@@ -136,14 +136,14 @@ fn threshold_change_pause_and_reset() {
     );
 
     // Pause really pauses.
-    ctl.pause().unwrap();
+    ctl.set_paused(true).unwrap();
     let p = session.wait_for(WAIT, |s| s.paused).expect("paused");
     std::thread::sleep(Duration::from_millis(300));
     let still = session.latest().unwrap();
     assert!(still.paused);
     assert_eq!(still.tokens_processed_total, p.tokens_processed_total);
     assert_eq!(still.epoch.id, 1, "pausing does not start an epoch");
-    ctl.resume().unwrap();
+    ctl.set_paused(false).unwrap();
     session
         .wait_for(WAIT, |s| {
             !s.paused && s.tokens_processed_total > p.tokens_processed_total
@@ -165,11 +165,11 @@ fn threshold_change_pause_and_reset() {
     assert_eq!(layer_means(&r2), after);
 
     // Invalid orders are refused before they reach the model thread.
-    assert!(ctl.set_threshold(Some(5), 0.5).is_err());
-    assert!(ctl.set_threshold(None, 0.0).is_err());
+    assert!(ctl.set_threshold(Layers::Slot(5), 0.5).is_err());
+    assert!(ctl.set_threshold(Layers::All, 0.0).is_err());
 
     // Dense everywhere: experts per token becomes E on every layer.
-    ctl.set_policy(None, RoutingPolicy::Dense).unwrap();
+    ctl.set_policy(Layers::All, RoutingPolicy::Dense).unwrap();
     let d = session
         .wait_for(WAIT, |s| s.epoch.id == 3 && s.epoch.forward_passes >= 1)
         .unwrap();

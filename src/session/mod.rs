@@ -11,6 +11,7 @@
 //! `try_send`: a slow reader only skips snapshots and can never slow the model thread. The latest
 //! snapshot is also kept in a slot ([`Session::latest`]).
 
+pub mod control;
 pub mod describe;
 pub mod sweep;
 
@@ -33,58 +34,18 @@ use crate::routing::RoutingError;
 use crate::routing::RoutingPolicy;
 use crate::workload::Workload;
 
-/// An order for a running session.
-pub enum Control {
-    /// Threshold routing with threshold `t` on one MoE layer (block index) or, with `None`, all.
-    SetThreshold {
-        /// Block index of an MoE layer; `None` for every MoE layer.
-        layer: Option<usize>,
-        /// Threshold in (0, 1].
-        t: f32,
-    },
-    /// Any policy (threshold, top-k, dense) on one MoE layer or all.
-    SetPolicy {
-        /// Block index of an MoE layer; `None` for every MoE layer.
-        layer: Option<usize>,
-        /// The policy.
-        policy: RoutingPolicy,
-    },
-    /// Sets (`Some`) or clears (`None`) the capacity factor of every MoE layer.
-    SetCapacityFactor(Option<f32>),
-    /// Stops running passes until [`Control::Resume`].
-    Pause,
-    /// Resumes after [`Control::Pause`].
-    Resume,
-    /// Starts a new epoch under the same settings and forgets the previous epoch.
-    ResetStats,
-    /// Ends the session.
-    Stop,
-}
-
-impl std::fmt::Debug for Control {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Control::SetThreshold { layer, t } => write!(f, "SetThreshold({layer:?}, {t})"),
-            Control::SetPolicy { layer, policy } => write!(f, "SetPolicy({layer:?}, {policy})"),
-            Control::SetCapacityFactor(c) => write!(f, "SetCapacityFactor({c:?})"),
-            Control::Pause => write!(f, "Pause"),
-            Control::Resume => write!(f, "Resume"),
-            Control::ResetStats => write!(f, "ResetStats"),
-            Control::Stop => write!(f, "Stop"),
-        }
-    }
-}
+pub use control::{Control, Layers};
 
 /// Why a control message was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    /// The layer is not an MoE layer of the model.
-    #[error("layer {layer} is not an MoE layer (MoE layers: {moe_layers:?})")]
-    NotMoeLayer {
-        /// Block index given.
-        layer: usize,
-        /// The model's MoE layers.
-        moe_layers: Vec<usize>,
+    /// The model has no MoE layer with this slot number.
+    #[error("MoE layer {slot} does not exist: the model has {n_moe} MoE layers (0..{n_moe})")]
+    NoSuchMoeLayer {
+        /// Slot given.
+        slot: usize,
+        /// MoE layers in the model.
+        n_moe: usize,
     },
     /// A policy parameter or the capacity factor is out of range.
     #[error(transparent)]
@@ -163,26 +124,19 @@ impl SessionConfig {
     }
 }
 
-/// Checks a control message against the model (MoE layers, number of experts).
+/// Checks a control message against the model (number of MoE layers and of experts).
 pub fn validate_control(
     control: &Control,
-    moe_layers: &[usize],
+    n_moe: usize,
     n_experts: usize,
 ) -> Result<(), ControlError> {
-    let check_layer = |layer: &Option<usize>| match layer {
-        Some(l) if !moe_layers.contains(l) => Err(ControlError::NotMoeLayer {
-            layer: *l,
-            moe_layers: moe_layers.to_vec(),
-        }),
-        _ => Ok(()),
-    };
     match control {
-        Control::SetThreshold { layer, t } => {
-            check_layer(layer)?;
-            RoutingPolicy::Threshold { t: *t }.validate(n_experts)?;
-        }
-        Control::SetPolicy { layer, policy } => {
-            check_layer(layer)?;
+        Control::SetPolicy { layers, policy } => {
+            if let Layers::Slot(slot) = layers
+                && *slot >= n_moe
+            {
+                return Err(ControlError::NoSuchMoeLayer { slot: *slot, n_moe });
+            }
             policy.validate(n_experts)?;
         }
         Control::SetCapacityFactor(Some(c)) if !(c.is_finite() && *c > 0.0) => {
@@ -205,37 +159,23 @@ pub struct SessionController {
 impl SessionController {
     /// Validates and sends any control message.
     pub fn send(&self, control: Control) -> Result<(), ControlError> {
-        validate_control(&control, &self.moe_layers, self.n_experts)?;
+        validate_control(&control, self.moe_layers.len(), self.n_experts)?;
         self.tx.send(control).map_err(|_| ControlError::Ended)
     }
 
-    /// Threshold `t` on MoE layer `layer` (block index), or on all with `None`.
-    pub fn set_threshold(&self, layer: Option<usize>, t: f32) -> Result<(), ControlError> {
-        self.send(Control::SetThreshold { layer, t })
+    /// Threshold `t` on one MoE layer (by slot) or on all.
+    pub fn set_threshold(&self, layers: Layers, t: f32) -> Result<(), ControlError> {
+        self.set_policy(layers, RoutingPolicy::Threshold { t })
     }
 
-    /// Any policy on one MoE layer or all.
-    pub fn set_policy(
-        &self,
-        layer: Option<usize>,
-        policy: RoutingPolicy,
-    ) -> Result<(), ControlError> {
-        self.send(Control::SetPolicy { layer, policy })
+    /// Any policy on one MoE layer (by slot) or on all.
+    pub fn set_policy(&self, layers: Layers, policy: RoutingPolicy) -> Result<(), ControlError> {
+        self.send(Control::SetPolicy { layers, policy })
     }
 
-    /// Sets or clears the capacity factor.
-    pub fn set_capacity_factor(&self, c: Option<f32>) -> Result<(), ControlError> {
-        self.send(Control::SetCapacityFactor(c))
-    }
-
-    /// Pauses the model thread.
-    pub fn pause(&self) -> Result<(), ControlError> {
-        self.send(Control::Pause)
-    }
-
-    /// Resumes the model thread.
-    pub fn resume(&self) -> Result<(), ControlError> {
-        self.send(Control::Resume)
+    /// Stops (`true`) or resumes (`false`) forward passes.
+    pub fn set_paused(&self, paused: bool) -> Result<(), ControlError> {
+        self.send(Control::SetPaused(paused))
     }
 
     /// Resets the statistics (new epoch, previous epoch forgotten).
@@ -527,15 +467,14 @@ impl Runner {
         self.stats.begin_epoch(reason, state, now);
     }
 
-    fn set_policy(&mut self, layer: Option<usize>, policy: RoutingPolicy) {
-        let what = match layer {
-            Some(l) => {
-                if let Some(slot) = self.model.moe_layers().iter().position(|&x| x == l) {
-                    self.routing.policies[slot] = policy;
-                }
-                format!("layer {l}")
+    fn set_policy(&mut self, layers: Layers, policy: RoutingPolicy) {
+        let what = match layers {
+            Layers::Slot(slot) => {
+                self.routing.policies[slot] = policy;
+                // The one place a slot becomes a block index: users read "layer" as the block.
+                format!("layer {}", self.model.moe_layers()[slot])
             }
-            None => {
+            Layers::All => {
                 self.routing.policies.iter_mut().for_each(|p| *p = policy);
                 "all MoE layers".to_string()
             }
@@ -547,18 +486,11 @@ impl Runner {
         self.new_epoch(reason);
     }
 
-    /// Applies one control message. Messages were validated by the controller; an invalid one
-    /// (only possible by bypassing it) is ignored.
+    /// Applies one control message, already validated by [`SessionController::send`] (the only
+    /// sender besides the session's own `Stop`).
     fn apply(&mut self, c: Control) {
-        let cfg = self.model.config();
-        if validate_control(&c, self.model.moe_layers(), cfg.n_experts).is_err() {
-            return;
-        }
         match c {
-            Control::SetThreshold { layer, t } => {
-                self.set_policy(layer, RoutingPolicy::Threshold { t })
-            }
-            Control::SetPolicy { layer, policy } => self.set_policy(layer, policy),
+            Control::SetPolicy { layers, policy } => self.set_policy(layers, policy),
             Control::SetCapacityFactor(c) => {
                 self.routing.capacity_factor = c;
                 self.new_epoch(match c {
@@ -566,8 +498,7 @@ impl Runner {
                     None => "capacity factor cleared".to_string(),
                 });
             }
-            Control::Pause => self.paused = true,
-            Control::Resume => self.paused = false,
+            Control::SetPaused(paused) => self.paused = paused,
             Control::ResetStats => {
                 let now = self.now_s();
                 self.stats.reset(now);
@@ -770,63 +701,26 @@ mod tests {
 
     #[test]
     fn controls_are_validated_against_the_model() {
-        let layers = [1, 3];
-        let ok = |c| validate_control(&c, &layers, 8);
-        assert!(
-            ok(Control::SetThreshold {
-                layer: Some(3),
-                t: 0.5
-            })
-            .is_ok()
-        );
-        assert!(
-            ok(Control::SetThreshold {
-                layer: None,
-                t: 1.0
-            })
-            .is_ok()
-        );
-        let e = ok(Control::SetThreshold {
-            layer: Some(2),
-            t: 0.5,
-        })
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "layer 2 is not an MoE layer (MoE layers: [1, 3])"
-        );
-        assert!(
-            ok(Control::SetThreshold {
-                layer: None,
-                t: 0.0
-            })
-            .is_err()
-        );
-        assert!(
-            ok(Control::SetThreshold {
-                layer: None,
-                t: 1.5
-            })
-            .is_err()
-        );
+        let ok = |c| validate_control(&c, 2, 8);
+        let set = |layers, policy| Control::SetPolicy { layers, policy };
+        let t = |t| RoutingPolicy::Threshold { t };
         let topk = |k| RoutingPolicy::TopK {
             k,
             renormalize: false,
         };
-        assert!(
-            ok(Control::SetPolicy {
-                layer: None,
-                policy: topk(8)
-            })
-            .is_ok()
+        assert!(ok(set(Layers::Slot(1), t(0.5))).is_ok());
+        assert!(ok(set(Layers::All, t(1.0))).is_ok());
+        let e = ok(set(Layers::Slot(2), t(0.5))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "MoE layer 2 does not exist: the model has 2 MoE layers (0..2)"
         );
-        assert!(
-            ok(Control::SetPolicy {
-                layer: None,
-                policy: topk(9)
-            })
-            .is_err()
-        );
+        for bad in [0.0, 1.5, f32::NAN] {
+            assert!(ok(set(Layers::All, t(bad))).is_err(), "t = {bad}");
+        }
+        assert!(ok(set(Layers::All, topk(8))).is_ok());
+        assert!(ok(set(Layers::All, topk(9))).is_err());
+        assert!(ok(set(Layers::All, topk(0))).is_err());
         assert!(ok(Control::SetCapacityFactor(Some(-1.0))).is_err());
         assert!(ok(Control::SetCapacityFactor(None)).is_ok());
     }

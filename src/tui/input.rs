@@ -12,8 +12,8 @@ use crossterm::event::{
 use ratatui::layout::{Position, Rect};
 
 use crate::routing::RoutingPolicy;
+use crate::session::{Control, Layers};
 use crate::tui::app::{App, Panel, Target};
-use crate::tui::control::{Control, Layers};
 use crate::tui::keys::{self, Command};
 use crate::tui::render::heatmap::HeatGeometry;
 use crate::tui::render::{layout, sliders};

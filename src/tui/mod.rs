@@ -10,7 +10,6 @@
 //! and quits like `q`.
 
 pub mod app;
-pub mod control;
 pub mod input;
 pub mod keys;
 pub mod render;
@@ -34,8 +33,8 @@ use ratatui::Terminal;
 use ratatui::backend::{Backend, CrosstermBackend};
 
 use crate::profiling::snapshot::Snapshot;
+pub use crate::session::{Control, Layers};
 pub use app::{App, Exporter};
-pub use control::{Control, Layers};
 pub use theme::{ColorMode, Theme};
 
 /// Default redraw cap, frames per second.
@@ -129,7 +128,7 @@ impl Drop for SnapshotSink {
 
 /// Runs the UI until the user quits: draws the snapshots arriving on `channel`, sends the
 /// user's requests to `control`, and always restores the terminal before returning (also on
-/// error or panic). `control` receives [`Control::Quit`] last, whichever way the UI ends.
+/// error or panic). `control` receives [`Control::Stop`] last, whichever way the UI ends.
 /// Requires stdout to be a terminal; check with [`std::io::IsTerminal`] and use the headless
 /// summary otherwise. See [`session_link::run_session_tui`] for the whole thing wired to a
 /// [`crate::session::Session`].
@@ -155,7 +154,7 @@ pub fn run_tui(
         drop(guard);
         r
     })();
-    let _ = control(Control::Quit);
+    let _ = control(Control::Stop);
     // Panics of other threads were held back while the screen was in use.
     for msg in take_other_panics() {
         eprintln!("{msg}");

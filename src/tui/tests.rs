@@ -14,7 +14,6 @@ use ratatui::layout::Rect;
 use ratatui::style::Color;
 
 use super::app::{App, Panel, Target};
-use super::control::{Control, Layers};
 use super::input::{self, Action};
 use super::render::heatmap::{self, CellMode, HeatGeometry};
 use super::render::{self, layout, sliders};
@@ -23,6 +22,7 @@ use super::{UiEvent, event_loop};
 use crate::profiling::fixtures::{example_snapshot, large_snapshot};
 use crate::profiling::snapshot::{Snapshot, WorkloadKind};
 use crate::routing::RoutingPolicy;
+use crate::session::{Control, Layers};
 use crate::units::micros;
 
 const SIZES: [(u16, u16); 3] = [(80, 24), (120, 40), (200, 60)];

@@ -1,4 +1,4 @@
-//! Requests the UI sends to the model session.
+//! Orders for a running session: the one control type the UI, scripts and tests send.
 //!
 //! The UI never touches the model: a key press becomes one [`Control`] message, the session
 //! applies it between forward passes, and the change shows up in the next snapshot (a new epoch).
@@ -15,7 +15,7 @@ pub enum Layers {
     Slot(usize),
 }
 
-/// A request from the UI to the model session.
+/// An order for a running session, applied between forward passes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Control {
     /// Route `layers` with `policy` from now on (threshold t, top-k with its k, or dense). The
@@ -34,6 +34,6 @@ pub enum Control {
     SetPaused(bool),
     /// Clear the statistics and start a new epoch with the same settings.
     ResetStats,
-    /// The UI is closing: stop the session.
-    Quit,
+    /// End the session (the UI sends it last, whichever way it closes).
+    Stop,
 }
