@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::model::device::DeviceChoice;
 use crate::model::forward::Model;
+use crate::report::text::sweep_table;
 use crate::report::{ReportData, ReportFormat, write_report};
 use crate::session::sweep::{SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches};
 
@@ -130,7 +131,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         }
     };
     let run = run_sweep(&model, &batches, a.batch, &spec, &mut progress)?;
-    print!("{}", run.result.to_table());
+    print!("{}", sweep_table(&run.result));
     if let Some(path) = &a.report {
         let data = ReportData::new(run.snapshot, Some(run.result));
         let written = write_report(&data, path, a.format, a.force)?;

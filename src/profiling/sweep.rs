@@ -92,60 +92,6 @@ impl SweepResult {
     pub fn default_point(&self) -> Option<&SweepPoint> {
         self.points.iter().find(|p| p.is_default)
     }
-
-    /// The sweep as a plain-text table (what `xmoe-top sweep` prints).
-    pub fn to_table(&self) -> String {
-        let mut s = format!(
-            "{} | {} tokens per point ({} x {} x {}) | {} | top-k baseline k={}\n",
-            self.model,
-            self.tokens_per_point,
-            self.batches,
-            self.batch,
-            self.seq_len,
-            self.device,
-            self.top_k_baseline
-        );
-        s.push_str(&format!(
-            "{:<12} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  {}\n",
-            "policy",
-            "exp/tok",
-            "MoE FLOPs",
-            "saved/topk",
-            "bits/B",
-            "d vs dense",
-            "p50 us/tok",
-            "p99 us/tok",
-            "tok/s",
-            "experts/token per layer"
-        ));
-        let opt = |v: Option<f64>, prec: usize| match v {
-            Some(x) => format!("{x:.prec$}"),
-            None => "-".to_string(),
-        };
-        for p in &self.points {
-            let mark = if p.is_default { " *" } else { "" };
-            let layers: Vec<String> = p
-                .layer_mean_experts_per_token
-                .iter()
-                .map(|v| format!("{v:.2}"))
-                .collect();
-            s.push_str(&format!(
-                "{:<12} {:>9.2} {:>8.1}% {:>9.1}% {:>9} {:>10} {:>10.1} {:>10.1} {:>10.0}  {}\n",
-                format!("{}{mark}", p.label),
-                p.mean_experts_per_token,
-                100.0 * p.moe_flops_fraction_of_all_experts,
-                p.moe_saved_vs_top_k_pct,
-                opt(p.bits_per_byte, 4),
-                opt(p.delta_bits_per_byte_vs_dense, 4),
-                p.token_latency_p50_us,
-                p.token_latency_p99_us,
-                p.tokens_per_second,
-                layers.join(" ")
-            ));
-        }
-        s.push_str("* the model's default policy\n");
-        s
-    }
 }
 
 /// A short label of a policy: "t=0.90", "top-2", "top-2 renorm", "dense".

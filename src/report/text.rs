@@ -7,6 +7,7 @@ use crate::profiling::snapshot::{
     DeviceBackend, EpochSummary, HistogramSnapshot, LayerTimeHistograms, PolicyState, Snapshot,
     TokenOrigin,
 };
+use crate::profiling::sweep::SweepResult;
 use crate::routing::RoutingPolicy;
 use crate::units::{bytes, duration_us, fixed_or_dash, flops, params};
 
@@ -446,6 +447,50 @@ fn printable(bytes: &[u8]) -> String {
             c => c.to_string(),
         })
         .collect()
+}
+
+/// A sweep as a plain-text table (what `xmoe-top sweep` prints).
+pub fn sweep_table(r: &SweepResult) -> String {
+    let mut s = format!(
+        "{} | {} tokens per point ({} x {} x {}) | {} | top-k baseline k={}\n",
+        r.model, r.tokens_per_point, r.batches, r.batch, r.seq_len, r.device, r.top_k_baseline
+    );
+    s.push_str(&format!(
+        "{:<12} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  {}\n",
+        "policy",
+        "exp/tok",
+        "MoE FLOPs",
+        "saved/topk",
+        "bits/B",
+        "d vs dense",
+        "p50 us/tok",
+        "p99 us/tok",
+        "tok/s",
+        "experts/token per layer"
+    ));
+    for p in &r.points {
+        let mark = if p.is_default { " *" } else { "" };
+        let layers: Vec<String> = p
+            .layer_mean_experts_per_token
+            .iter()
+            .map(|v| format!("{v:.2}"))
+            .collect();
+        s.push_str(&format!(
+            "{:<12} {:>9.2} {:>8.1}% {:>9.1}% {:>9} {:>10} {:>10.1} {:>10.1} {:>10.0}  {}\n",
+            format!("{}{mark}", p.label),
+            p.mean_experts_per_token,
+            100.0 * p.moe_flops_fraction_of_all_experts,
+            p.moe_saved_vs_top_k_pct,
+            fixed_or_dash(p.bits_per_byte, 4),
+            fixed_or_dash(p.delta_bits_per_byte_vs_dense, 4),
+            p.token_latency_p50_us,
+            p.token_latency_p99_us,
+            p.tokens_per_second,
+            layers.join(" ")
+        ));
+    }
+    s.push_str("* the model's default policy\n");
+    s
 }
 
 #[cfg(test)]
