@@ -183,6 +183,16 @@ pub struct RoutingStats {
     pub flops: FlopSummary,
 }
 
+impl RoutingStats {
+    /// Mean experts per token of each MoE layer, in slot order.
+    pub fn layer_mean_experts_per_token(&self) -> Vec<f64> {
+        self.layers
+            .iter()
+            .map(|l| l.mean_experts_per_token)
+            .collect()
+    }
+}
+
 /// Routing figures of one MoE layer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LayerStatsSnapshot {

@@ -396,11 +396,7 @@ pub fn run_sweep(
                 is_reference: p.policy == RoutingPolicy::Dense,
                 tokens: s.epoch.tokens,
                 mean_experts_per_token: c.mean_experts_per_token,
-                layer_mean_experts_per_token: c
-                    .layers
-                    .iter()
-                    .map(|l| l.mean_experts_per_token)
-                    .collect(),
+                layer_mean_experts_per_token: c.layer_mean_experts_per_token(),
                 moe_flops_per_token: moe.actual,
                 moe_flops_fraction_of_all_experts: if moe.all_experts > 0.0 {
                     moe.actual / moe.all_experts

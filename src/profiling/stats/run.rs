@@ -260,11 +260,7 @@ impl RunStats {
             running_s: self.cumulative.wall_ns as f64 * 1e-9,
             tokens_per_second: self.cumulative.tokens_per_second(),
             mean_experts_per_token: c.mean_experts_per_token,
-            layer_mean_experts_per_token: c
-                .layers
-                .iter()
-                .map(|l| l.mean_experts_per_token)
-                .collect(),
+            layer_mean_experts_per_token: c.layer_mean_experts_per_token(),
             flops: c.flops,
             token_latency_p50_us: quantile_us(tl, 0.5),
             token_latency_p99_us: quantile_us(tl, 0.99),
