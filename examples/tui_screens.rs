@@ -10,24 +10,10 @@ mod fixtures;
 
 use ratatui::Terminal;
 use ratatui::backend::TestBackend;
-use ratatui::buffer::Buffer;
 
-use fixtures::example_snapshot;
+use fixtures::{buffer_text as text, example_snapshot};
 use xmoe_top::profiling::snapshot::WorkloadKind;
 use xmoe_top::tui::{App, ColorMode, Theme, render};
-
-/// The buffer's cells as text, one line per row.
-fn text(buf: &Buffer) -> String {
-    let a = buf.area;
-    let mut s = String::new();
-    for y in a.y..a.y + a.height {
-        for x in a.x..a.x + a.width {
-            s.push_str(buf[(x, y)].symbol());
-        }
-        s.push('\n');
-    }
-    s
-}
 
 fn main() -> anyhow::Result<()> {
     for (kind, gpu, n_experts) in [

@@ -19,7 +19,7 @@ use super::render::heatmap::{self, CellMode, HeatGeometry};
 use super::render::{self, layout, sliders};
 use super::theme::{ColorMode, Theme};
 use super::{UiEvent, event_loop};
-use crate::profiling::fixtures::{example_snapshot, large_snapshot};
+use crate::profiling::fixtures::{buffer_text as text, example_snapshot, large_snapshot};
 use crate::profiling::snapshot::{Snapshot, WorkloadKind};
 use crate::routing::RoutingPolicy;
 use crate::session::{Control, Layers};
@@ -38,18 +38,6 @@ fn draw(app: &mut App, w: u16, h: u16) -> Buffer {
     let done = t.draw(|f| render::draw(f, app)).unwrap();
     app.size = (done.area.width, done.area.height);
     t.backend().buffer().clone()
-}
-
-fn text(buf: &Buffer) -> String {
-    let a = buf.area;
-    let mut s = String::new();
-    for y in a.y..a.y + a.height {
-        for x in a.x..a.x + a.width {
-            s.push_str(buf[(x, y)].symbol());
-        }
-        s.push('\n');
-    }
-    s
 }
 
 #[track_caller]

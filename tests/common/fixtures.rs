@@ -344,6 +344,19 @@ pub fn large_snapshot() -> Snapshot {
     s
 }
 
+/// A rendered buffer's cells as text, one line per row (what a screen test or printer reads).
+pub fn buffer_text(buf: &ratatui::buffer::Buffer) -> String {
+    let a = buf.area;
+    let mut s = String::new();
+    for y in a.y..a.y + a.height {
+        for x in a.x..a.x + a.width {
+            s.push_str(buf[(x, y)].symbol());
+        }
+        s.push('\n');
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
