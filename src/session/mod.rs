@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::gpu::DeviceSampler;
-use crate::model::config::ModelConfig;
 use crate::model::trace::ForwardTrace;
 use crate::model::{Model, RoutingConfig};
 use crate::profiling::snapshot::{
@@ -151,15 +150,14 @@ pub fn validate_control(
 #[derive(Clone, Debug)]
 pub struct SessionController {
     tx: Sender<Control>,
-    moe_layers: Vec<usize>,
+    n_moe: usize,
     n_experts: usize,
-    config: ModelConfig,
 }
 
 impl SessionController {
     /// Validates and sends any control message.
     pub fn send(&self, control: Control) -> Result<(), ControlError> {
-        validate_control(&control, self.moe_layers.len(), self.n_experts)?;
+        validate_control(&control, self.n_moe, self.n_experts)?;
         self.tx.send(control).map_err(|_| ControlError::Ended)
     }
 
@@ -186,16 +184,6 @@ impl SessionController {
     /// Asks the session to end.
     pub fn stop(&self) -> Result<(), ControlError> {
         self.send(Control::Stop)
-    }
-
-    /// Block indices of the MoE layers.
-    pub fn moe_layers(&self) -> &[usize] {
-        &self.moe_layers
-    }
-
-    /// The model's configuration (to build workloads and validate values).
-    pub fn model_config(&self) -> &ModelConfig {
-        &self.config
     }
 }
 
@@ -251,7 +239,7 @@ impl Session {
         publisher: Publisher,
         snapshots: Receiver<Snapshot>,
     ) -> Result<Self> {
-        let cfg = model.config().clone();
+        let n_experts = model.config().n_experts;
         let moe_layers = model.moe_layers().to_vec();
         anyhow::ensure!(
             config.routing.policies.len() == moe_layers.len(),
@@ -260,12 +248,12 @@ impl Session {
             moe_layers.len()
         );
         for (p, l) in config.routing.policies.iter().zip(&moe_layers) {
-            p.validate(cfg.n_experts)
+            p.validate(n_experts)
                 .with_context(|| format!("policy of layer {l}"))?;
         }
         config
             .reference_policy
-            .validate(cfg.n_experts)
+            .validate(n_experts)
             .context("reference policy")?;
         let (tx, rx) = mpsc::channel();
         let latest = Arc::new(Mutex::new(None));
@@ -277,9 +265,8 @@ impl Session {
         Ok(Self {
             controller: SessionController {
                 tx,
-                moe_layers,
-                n_experts: cfg.n_experts,
-                config: cfg,
+                n_moe: moe_layers.len(),
+                n_experts,
             },
             snapshots,
             latest,
