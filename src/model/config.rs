@@ -18,6 +18,8 @@ pub const METADATA_KEY: &str = "xmoe_config";
 pub enum TokenizerKind {
     /// One token per byte; `vocab_size` must be at least 256.
     Byte,
+    /// A Hugging Face `tokenizer.json` beside the checkpoint.
+    HuggingFace,
 }
 
 /// Normalisation used before attention, before the FFN and at the end.
@@ -38,6 +40,16 @@ pub enum PositionKind {
     Learned,
     /// Rotary embeddings on queries and keys (half-split layout, as in GPT-NeoX / Llama).
     Rotary,
+}
+
+/// Normalisation of queries and keys before the rotary positions.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNormKind {
+    /// RMSNorm of each head (weights `[head_dim]`).
+    PerHead,
+    /// RMSNorm over the whole projection (weights `[heads * head_dim]`).
+    Full,
 }
 
 /// Which blocks carry a Mixture-of-Experts FFN (the others carry a dense FFN).
@@ -95,8 +107,14 @@ pub struct ModelConfig {
     pub d_model: usize,
     /// Number of transformer blocks.
     pub n_layers: usize,
-    /// Attention heads per block; must divide `d_model`.
+    /// Attention heads per block; must divide `d_model` unless `head_dim` is given.
     pub n_heads: usize,
+    /// Key/value heads (grouped-query attention); must divide `n_heads`. Default: `n_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_kv_heads: Option<usize>,
+    /// Size of one attention head when it is not `d_model / n_heads`.
+    #[serde(default, rename = "head_dim", skip_serializing_if = "Option::is_none")]
+    pub head_size: Option<usize>,
     /// Longest sequence the model accepts.
     pub max_seq_len: usize,
     /// Normalisation kind.
@@ -114,9 +132,15 @@ pub struct ModelConfig {
     /// Gated FFN and experts (`act(gate(x)) * up(x)`, SwiGLU-style) when true.
     #[serde(default)]
     pub gated: bool,
-    /// Biases on the attention projections.
+    /// Biases on the attention projections (q, k, v and o).
     #[serde(default)]
     pub attn_bias: bool,
+    /// Queries and keys are normalised before the rotary positions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qk_norm: Option<QkNormKind>,
+    /// Biases on q, k and v only, not on o (Qwen2-MoE).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qkv_bias: bool,
     /// Hidden width of the dense FFN blocks (and the reference width for the split ratio).
     pub dense_ffn_hidden: usize,
     /// Biases on the dense FFN projections.
@@ -131,6 +155,12 @@ pub struct ModelConfig {
     /// Each expert has an input bias `[h]` and an output bias `[d]` (added before gating).
     #[serde(default)]
     pub expert_bias: bool,
+    /// Width of an always-on shared expert in every MoE block (gated like the experts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_expert_hidden: Option<usize>,
+    /// The shared expert's output is scaled per token by `sigmoid(w . x)` (Qwen2-MoE).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_expert_gate: bool,
     /// LM head shares the token embedding matrix.
     #[serde(default = "default_true")]
     pub tie_embeddings: bool,
@@ -197,7 +227,18 @@ impl ModelConfig {
                 ),
             ));
         }
-        if !self.d_model.is_multiple_of(self.n_heads) {
+        if self.head_size == Some(0) {
+            return Err(err("head_dim", "must be positive, found 0"));
+        }
+        if let Some(kv) = self.n_kv_heads
+            && (kv == 0 || !self.n_heads.is_multiple_of(kv))
+        {
+            return Err(err(
+                "n_kv_heads",
+                format!("must divide n_heads {}, found {kv}", self.n_heads),
+            ));
+        }
+        if self.head_size.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
             return Err(err(
                 "n_heads",
                 format!(
@@ -206,14 +247,12 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.positions == PositionKind::Rotary
-            && !(self.d_model / self.n_heads).is_multiple_of(2)
-        {
+        if self.positions == PositionKind::Rotary && !self.head_dim().is_multiple_of(2) {
             return Err(err(
                 "positions",
                 format!(
                     "rotary positions need an even head size, found {}",
-                    self.d_model / self.n_heads
+                    self.head_dim()
                 ),
             ));
         }
@@ -315,6 +354,8 @@ impl ModelConfig {
             d_model,
             n_layers,
             n_heads,
+            n_kv_heads: None,
+            head_size: None,
             max_seq_len,
             norm: NormKind::LayerNorm,
             norm_eps: default_eps(),
@@ -323,12 +364,16 @@ impl ModelConfig {
             activation: Activation::Gelu,
             gated: false,
             attn_bias: false,
+            qk_norm: None,
+            qkv_bias: false,
             dense_ffn_hidden,
             ffn_bias: false,
             moe_layers: MoeLayers::Keyword("all".into()),
             n_experts,
             expert_hidden,
             expert_bias: true,
+            shared_expert_hidden: None,
+            shared_expert_gate: false,
             tie_embeddings: true,
             default_policy: default_policy(),
             top_k_baseline: None,
@@ -359,7 +404,40 @@ impl ModelConfig {
 
     /// Attention head size.
     pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_heads
+        self.head_size.unwrap_or(self.d_model / self.n_heads)
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    /// The fields only the Hugging Face architectures use, by name, when any is set: the project's
+    /// own format does not read them.
+    pub fn hf_only_fields(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.n_kv_heads.is_some() {
+            v.push("n_kv_heads");
+        }
+        if self.head_size.is_some() {
+            v.push("head_dim");
+        }
+        if self.qk_norm.is_some() {
+            v.push("qk_norm");
+        }
+        if self.qkv_bias {
+            v.push("qkv_bias");
+        }
+        if self.shared_expert_hidden.is_some() {
+            v.push("shared_expert_hidden");
+        }
+        if self.shared_expert_gate {
+            v.push("shared_expert_gate");
+        }
+        if self.tokenizer == TokenizerKind::HuggingFace {
+            v.push("tokenizer");
+        }
+        v
     }
 
     /// Split ratio: how many experts together are as wide as the dense FFN (at least 1).

@@ -112,6 +112,76 @@ pub enum LoadError {
         /// The value.
         value: f32,
     },
+    /// A Hugging Face checkpoint directory without `config.json`.
+    #[error("{dir}: no config.json: not a Hugging Face checkpoint directory")]
+    HfNoConfig {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// A checkpoint directory with `config.json` but no `*.safetensors` file.
+    #[error("{dir}: no model.safetensors, index or *.safetensors shard")]
+    HfNoWeights {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// `config.json` or the shard index is not the JSON expected.
+    #[error("{path}: not valid JSON: {detail}")]
+    HfConfigJson {
+        /// The file.
+        path: PathBuf,
+        /// Parser message or what is missing.
+        detail: String,
+    },
+    /// A model family this loader does not run.
+    #[error("{path}: unsupported {found}; supported model types: {supported}")]
+    HfUnknownFamily {
+        /// `config.json`.
+        path: PathBuf,
+        /// The `model_type` (or architecture) found.
+        found: String,
+        /// The supported `model_type`s.
+        supported: String,
+    },
+    /// A `config.json` key missing, of the wrong type or out of range.
+    #[error("{path}: `{key}`: {message}")]
+    HfConfigKey {
+        /// `config.json`.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// Expected versus found.
+        message: String,
+    },
+    /// The shard index names a file that does not exist.
+    #[error("{index}: names the shard {shard}, which does not exist")]
+    MissingShard {
+        /// The index file.
+        index: PathBuf,
+        /// The missing shard.
+        shard: PathBuf,
+    },
+    /// Two shards hold a tensor of the same name.
+    #[error("tensor `{tensor}` is in both {first} and {second}")]
+    DuplicateTensor {
+        /// Tensor name.
+        tensor: String,
+        /// The first shard holding it.
+        first: PathBuf,
+        /// The second.
+        second: PathBuf,
+    },
+    /// The weights would not fit in the memory available.
+    #[error(
+        "{path}: the weights need {need_gib:.1} GiB but only {available_gib:.1} GiB of memory is available; pass --allow-large to try anyway"
+    )]
+    TooLarge {
+        /// The model path.
+        path: PathBuf,
+        /// Bytes of tensor data, in GiB.
+        need_gib: f64,
+        /// `MemAvailable`, in GiB.
+        available_gib: f64,
+    },
     /// The tensor backend failed (device out of memory, CUDA error).
     #[error("{path}: cannot place the weights on the device: {detail}")]
     Device {
@@ -302,6 +372,16 @@ impl ModelFile {
             path: path.clone(),
             problem,
         })?;
+        if let Some(&field) = config.hf_only_fields().first() {
+            return Err(LoadError::Config {
+                path,
+                problem: super::config::ConfigError {
+                    field,
+                    message: "is read from Hugging Face checkpoints only, not from the xmoe format"
+                        .into(),
+                },
+            });
+        }
 
         let mut tensors = HashMap::new();
         for (name, info) in metadata.tensors() {

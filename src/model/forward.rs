@@ -8,9 +8,10 @@ use candle_core::{Device, Tensor};
 
 use super::arch;
 use super::blocks::{Block, Embedding, KvSlot, Linear, MoeBlock, Norm, PassContext, elapsed_ns};
-use super::config::{ModelConfig, NormKind, PositionKind};
+use super::config::{ModelConfig, NormKind, PositionKind, QkNormKind};
 use super::format::{LoadError, ModelFile};
 use super::moe::LoadOptions;
+use super::source::ModelSource;
 use super::trace::ForwardTrace;
 use crate::routing::RoutingPolicy;
 
@@ -98,6 +99,7 @@ pub struct Model {
     warnings: Vec<String>,
     source: String,
     file_bytes: usize,
+    tokenizer_path: Option<std::path::PathBuf>,
 }
 
 impl Model {
@@ -107,6 +109,30 @@ impl Model {
         Self::from_file(&file, device, LoadOptions::default())
     }
 
+    /// Loads an opened model (either format) onto `device`.
+    pub fn from_source(
+        source: &ModelSource,
+        device: &Device,
+        options: LoadOptions,
+    ) -> Result<Self, LoadError> {
+        match source {
+            ModelSource::Xmoe(file) => Self::from_file(file, device, options),
+            ModelSource::HuggingFace(ckpt) => {
+                let (parts, unused) = arch::hf::build(ckpt, device, options)?;
+                let mut model = Self::assemble(
+                    ckpt.config().clone(),
+                    parts,
+                    device,
+                    unused,
+                    ckpt.dir().display().to_string(),
+                    ckpt.tensor_bytes(),
+                );
+                model.tokenizer_path = source.tokenizer_path();
+                Ok(model)
+            }
+        }
+    }
+
     /// Loads an already checked file onto `device`.
     pub fn from_file(
         file: &ModelFile,
@@ -114,22 +140,46 @@ impl Model {
         options: LoadOptions,
     ) -> Result<Self, LoadError> {
         let parts = arch::xmoe::build(file, device, options)?;
+        Ok(Self::assemble(
+            file.config().clone(),
+            parts,
+            device,
+            file.warnings().to_vec(),
+            file.path().display().to_string(),
+            file.file_bytes(),
+        ))
+    }
+
+    fn assemble(
+        config: ModelConfig,
+        parts: ModelParts,
+        device: &Device,
+        warnings: Vec<String>,
+        source: String,
+        file_bytes: usize,
+    ) -> Self {
         let moe_layers = (parts.blocks.iter().enumerate())
             .filter(|(_, b)| b.moe().is_some())
             .map(|(i, _)| i)
             .collect();
-        Ok(Model {
-            config: file.config().clone(),
+        Model {
+            config,
             device: device.clone(),
             embedding: parts.embedding,
             blocks: parts.blocks,
             final_norm: parts.final_norm,
             lm_head: parts.lm_head,
             moe_layers,
-            warnings: file.warnings().to_vec(),
-            source: file.path().display().to_string(),
-            file_bytes: file.file_bytes(),
-        })
+            warnings,
+            source,
+            file_bytes,
+            tokenizer_path: None,
+        }
+    }
+
+    /// The `tokenizer.json` of a Hugging Face checkpoint (none for byte-level models).
+    pub fn tokenizer_path(&self) -> Option<&std::path::Path> {
+        self.tokenizer_path.as_deref()
     }
 
     /// The configuration.
@@ -284,15 +334,35 @@ pub fn param_counts(cfg: &ModelConfig) -> ParamCounts {
         } else {
             0
         };
-    let attn = 4 * d * d + if cfg.attn_bias { 4 * d } else { 0 };
+    let (q, kv) = (
+        cfg.n_heads * cfg.head_dim(),
+        cfg.kv_heads() * cfg.head_dim(),
+    );
+    let attn = 2 * d * q
+        + 2 * d * kv
+        + if cfg.attn_bias {
+            q + 2 * kv + d
+        } else if cfg.qkv_bias {
+            q + 2 * kv
+        } else {
+            0
+        }
+        + match cfg.qk_norm {
+            Some(QkNormKind::PerHead) => 2 * cfg.head_dim(),
+            Some(QkNormKind::Full) => q + kv,
+            None => 0,
+        };
     let h = cfg.dense_ffn_hidden;
     let dense = mats * d * h + if cfg.ffn_bias { (mats - 1) * h + d } else { 0 };
+    let shared = cfg.shared_expert_hidden.map_or(0, |s| {
+        mats * d * s + if cfg.shared_expert_gate { d } else { 0 }
+    });
     let mut experts_total = 0;
     let per_layer: Vec<usize> = (0..cfg.n_layers)
         .map(|i| {
             let ffn = if cfg.is_moe_layer(i) {
                 experts_total += cfg.n_experts * per_expert;
-                cfg.n_experts * d + cfg.n_experts * per_expert
+                cfg.n_experts * d + cfg.n_experts * per_expert + shared
             } else {
                 dense
             };

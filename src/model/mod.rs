@@ -7,11 +7,14 @@ pub mod config;
 pub mod device;
 pub mod format;
 pub mod forward;
+pub mod hf;
 pub mod moe;
+pub mod source;
 pub mod synth;
 pub mod trace;
 
 pub use device::DeviceChoice;
 pub use format::{LoadError, ModelFile};
 pub use forward::{KvCache, Model, ModelParts, ParamCounts, RoutingConfig};
-pub use moe::{LoadOptions, MoeDispatch};
+pub use moe::{ExpertWeights, LoadOptions, MoeDispatch};
+pub use source::ModelSource;

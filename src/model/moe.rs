@@ -81,9 +81,29 @@ struct CandleExperts {
     down_b: Option<Tensor>,
 }
 
+/// Per-expert weights kept as stored (f32, f16 or bf16), each widened to f32 only while it runs:
+/// a half-precision checkpoint keeps its size in memory.
+struct StoredExperts {
+    gate: Vec<Tensor>,
+    up: Vec<Tensor>,
+    down: Vec<Tensor>,
+}
+
 enum ExpertCompute {
     Kernel(Box<KernelExperts>),
     Candle(CandleExperts),
+    Stored(StoredExperts),
+}
+
+/// The gated experts of one layer as `[out, in]` tensors, one per expert: `gate` and `up`
+/// `[h, d]`, `down` `[d, h]` (views into a fused tensor are fine).
+pub struct ExpertWeights {
+    /// Gate projections.
+    pub gate: Vec<Tensor>,
+    /// Up projections.
+    pub up: Vec<Tensor>,
+    /// Down projections.
+    pub down: Vec<Tensor>,
 }
 
 /// The experts of one MoE layer.
@@ -222,11 +242,80 @@ impl MoeExperts {
         })
     }
 
+    /// Gated experts from per-expert weights (a Hugging Face checkpoint). f32 weights on the CPU
+    /// go to the packed kernel (unless the candle path is asked for); other dtypes, and other
+    /// devices, keep the weights as stored and widen one expert at a time.
+    pub fn from_weights(
+        weights: ExpertWeights,
+        activation: Activation,
+        device: &Device,
+        options: LoadOptions,
+    ) -> candle_core::Result<Self> {
+        let n_experts = weights.gate.len();
+        let all_f32 = [&weights.gate, &weights.up, &weights.down]
+            .iter()
+            .all(|ws| ws.iter().all(|w| w.dtype() == candle_core::DType::F32));
+        let variant = match (options.dispatch, device.is_cpu()) {
+            (MoeDispatch::Auto, true) if all_f32 => Some(KernelVariant::Auto),
+            (MoeDispatch::Kernel(v), true) if all_f32 => Some(v),
+            (MoeDispatch::Kernel(_), _) => candle_core::bail!(
+                "the CPU expert kernel needs f32 expert weights on the CPU device; use --moe candle"
+            ),
+            _ => None,
+        };
+        if let Some(variant) = variant {
+            if !variant.is_supported() {
+                candle_core::bail!("this CPU does not support the {variant:?} kernel");
+            }
+            let (h, d) = weights.gate[0].dims2()?;
+            let flat = |ws: &[Tensor]| -> candle_core::Result<Vec<f32>> {
+                let mut out = Vec::with_capacity(ws.len() * h * d);
+                for w in ws {
+                    out.extend(w.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(out)
+            };
+            let packed = PackedExperts::new(
+                n_experts,
+                d,
+                h,
+                activation,
+                &flat(&weights.up)?,
+                Some(&flat(&weights.gate)?),
+                &flat(&weights.down)?,
+                None,
+                None,
+            );
+            return Ok(Self {
+                n_experts,
+                activation,
+                compute: ExpertCompute::Kernel(Box::new(KernelExperts {
+                    packed,
+                    variant: variant.resolve(),
+                    threads: options.threads,
+                    scratch: Mutex::new(MoeScratch::default()),
+                })),
+            });
+        }
+        let on_device = |ws: Vec<Tensor>| -> candle_core::Result<Vec<Tensor>> {
+            ws.into_iter().map(|w| w.to_device(device)).collect()
+        };
+        Ok(Self {
+            n_experts,
+            activation,
+            compute: ExpertCompute::Stored(StoredExperts {
+                gate: on_device(weights.gate)?,
+                up: on_device(weights.up)?,
+                down: on_device(weights.down)?,
+            }),
+        })
+    }
+
     /// The dispatch in use, with the kernel variant resolved for this CPU.
     pub fn dispatch(&self) -> MoeDispatch {
         match &self.compute {
             ExpertCompute::Kernel(k) => MoeDispatch::Kernel(k.variant),
-            ExpertCompute::Candle(_) => MoeDispatch::Candle,
+            ExpertCompute::Candle(_) | ExpertCompute::Stored(_) => MoeDispatch::Candle,
         }
     }
 
@@ -237,6 +326,7 @@ impl MoeExperts {
         match &self.compute {
             ExpertCompute::Kernel(k) => k.forward(x, groups),
             ExpertCompute::Candle(c) => c.forward(x, groups, self.n_experts, self.activation),
+            ExpertCompute::Stored(s) => s.forward(x, groups, self.activation),
         }
     }
 }
@@ -302,6 +392,35 @@ impl CandleExperts {
             }
             let w = Tensor::from_slice(weights, (n, 1), device)?;
             y = y.index_add(&idx, &out.broadcast_mul(&w)?, 0)?;
+        }
+        Ok(y)
+    }
+}
+
+impl StoredExperts {
+    fn forward(
+        &self,
+        x: &Tensor,
+        groups: &ExpertGroups,
+        activation: Activation,
+    ) -> candle_core::Result<Tensor> {
+        let device = x.device();
+        let dtype = x.dtype();
+        let mut y = x.zeros_like()?;
+        for e in 0..self.gate.len() {
+            let (rows, weights) = groups.group(e);
+            if rows.is_empty() {
+                continue;
+            }
+            let n = rows.len();
+            let idx = Tensor::from_slice(rows, n, device)?;
+            let xs = x.index_select(&idx, 0)?;
+            let w = |t: &Tensor| -> candle_core::Result<Tensor> { t.to_dtype(dtype)?.t() };
+            let gate = activate(&xs.matmul(&w(&self.gate[e])?)?, activation)?;
+            let hidden = (gate * xs.matmul(&w(&self.up[e])?)?)?;
+            let out = hidden.matmul(&w(&self.down[e])?)?;
+            let scale = Tensor::from_slice(weights, (n, 1), device)?;
+            y = y.index_add(&idx, &out.broadcast_mul(&scale)?, 0)?;
         }
         Ok(y)
     }

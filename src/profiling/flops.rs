@@ -5,14 +5,19 @@
 //!
 //! | part | FLOPs per token |
 //! |---|---|
-//! | attention projections (q, k, v, o) | 4 · 2·d·d (+ 4·d with biases) |
-//! | attention scores and weighted sum over `c` keys | 2·2·c·d |
+//! | attention projections (q, k, v, o) | 2·d·(2·q + 2·kv) (+ q + 2·kv + d with biases) |
+//! | attention scores and weighted sum over `c` keys | 2·2·c·q |
 //! | router | 2·d·E |
 //! | one expert, non-gated | 2·2·d·h (+ h + d with biases) |
 //! | one expert, gated | 3·2·d·h (+ h + d with biases) |
 //! | combining a selected expert's output (scale and add) | 2·d |
 //! | dense FFN of width H | as one expert of width H, without the combine |
+//! | shared expert of width S (every token, outside the routing) | 3·2·d·S (+ 2·d with its gate, + d to scale) |
 //! | LM head | 2·d·V |
+//!
+//! with `q = heads · head_dim` and `kv = kv_heads · head_dim` (`q = kv = d` for the project's own
+//! models). The shared expert costs the same under every policy, so it is counted with the
+//! non-MoE part and never as "saved".
 
 use crate::model::config::ModelConfig;
 
@@ -29,6 +34,11 @@ pub struct FlopModel {
     expert_bias: bool,
     ffn_bias: bool,
     attn_bias: bool,
+    qkv_bias: bool,
+    q_width: u64,
+    kv_width: u64,
+    shared_hidden: u64,
+    shared_gate: bool,
     moe_layers: Vec<usize>,
     top_k: u64,
 }
@@ -47,6 +57,11 @@ impl FlopModel {
             expert_bias: cfg.expert_bias,
             ffn_bias: cfg.ffn_bias,
             attn_bias: cfg.attn_bias,
+            qkv_bias: cfg.qkv_bias,
+            q_width: (cfg.n_heads * cfg.head_dim()) as u64,
+            kv_width: (cfg.kv_heads() * cfg.head_dim()) as u64,
+            shared_hidden: cfg.shared_expert_hidden.unwrap_or(0) as u64,
+            shared_gate: cfg.shared_expert_gate,
             moe_layers: cfg.moe_layer_indices(),
             top_k: cfg.top_k_baseline() as u64,
         }
@@ -105,8 +120,30 @@ impl FlopModel {
 
     /// Attention of one token attending over `context` keys (itself included).
     pub fn attention(&self, context: usize) -> u64 {
-        let proj = 4 * 2 * self.d * self.d + if self.attn_bias { 4 * self.d } else { 0 };
-        proj + 2 * 2 * context as u64 * self.d
+        let (q, kv) = (self.q_width, self.kv_width);
+        let proj = 2 * self.d * (2 * q + 2 * kv)
+            + if self.attn_bias {
+                q + 2 * kv + self.d
+            } else if self.qkv_bias {
+                q + 2 * kv
+            } else {
+                0
+            };
+        proj + 2 * 2 * context as u64 * q
+    }
+
+    /// The shared expert of one MoE block for one token (zero without one): the same under every
+    /// policy.
+    pub fn shared_expert(&self) -> u64 {
+        if self.shared_hidden == 0 {
+            return 0;
+        }
+        self.ffn_flops(self.shared_hidden, false)
+            + if self.shared_gate {
+                2 * self.d + self.d
+            } else {
+                0
+            }
     }
 
     /// LM head for one token.
@@ -119,6 +156,7 @@ impl FlopModel {
         let dense_blocks = (self.n_layers - self.moe_layers.len()) as u64;
         self.n_layers as u64 * self.attention(context)
             + dense_blocks * self.dense_ffn()
+            + self.moe_layers.len() as u64 * self.shared_expert()
             + self.lm_head()
     }
 

@@ -29,7 +29,7 @@ impl PassContext {
         device: &Device,
     ) -> candle_core::Result<Self> {
         let mask = if seq > 1 {
-            Some(causal_mask(seq, start_pos, device)?)
+            Some(attention_mask(seq, start_pos, None, device)?)
         } else {
             None
         };
@@ -47,12 +47,20 @@ impl PassContext {
     }
 }
 
-fn causal_mask(seq: usize, start_pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// `[seq, start_pos + seq]` additive mask: query `i` (at position `start_pos + i`) sees key `j`
+/// when `j <= start_pos + i` and, with a sliding `window`, `j > start_pos + i - window`.
+fn attention_mask(
+    seq: usize,
+    start_pos: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let keys = start_pos + seq;
     let mask: Vec<f32> = (0..seq)
         .flat_map(|i| {
             (0..keys).map(move |j| {
-                if j <= start_pos + i {
+                let q = start_pos + i;
+                if j <= q && window.is_none_or(|w| j + w > q) {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -88,6 +96,35 @@ impl Rotary {
                 let a = p as f64 * freq;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+        })
+    }
+
+    /// Tables computed the way Hugging Face `transformers` computes them (default rope type), in
+    /// f32 throughout: `inv_freq = 1 / theta^(2i/d)`, `angle = position * inv_freq`, then cos and
+    /// sin. At long positions the f32 product differs from an exact angle; matching the reference
+    /// matters more than the exact angle.
+    pub fn like_transformers(
+        head_dim: usize,
+        max_positions: usize,
+        theta: f32,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
         }
         Ok(Self {
@@ -145,7 +182,27 @@ pub struct AttentionOutput {
     pub(super) working: [Tensor; 7],
 }
 
-/// The attention sublayer: `x + o(attn(q(n(x)), k(n(x)), v(n(x))))` with `n` its pre-norm.
+/// Normalisation of queries and keys, applied before the rotary positions.
+pub enum QkNorm {
+    /// RMSNorm of each head's vector, weights `[head_dim]` (Qwen3).
+    PerHead {
+        /// Query norm.
+        q: Norm,
+        /// Key norm.
+        k: Norm,
+    },
+    /// RMSNorm over the whole projection, all heads together, weights `[heads * head_dim]` and
+    /// `[kv_heads * head_dim]` (OLMoE).
+    Full {
+        /// Query norm.
+        q: Norm,
+        /// Key norm.
+        k: Norm,
+    },
+}
+
+/// The attention sublayer: `x + o(attn(q(n(x)), k(n(x)), v(n(x))))` with `n` its pre-norm, and
+/// grouped-query attention when there are fewer key/value heads than query heads.
 pub struct Attention {
     norm: Norm,
     q: Linear,
@@ -153,12 +210,16 @@ pub struct Attention {
     v: Linear,
     o: Linear,
     n_heads: usize,
+    n_kv_heads: usize,
     head_dim: usize,
     rotary: Option<Rotary>,
+    qk_norm: Option<QkNorm>,
+    sliding_window: Option<usize>,
 }
 
 impl Attention {
-    /// Assembles the sublayer; `q`, `k`, `v` and `o` all map `n_heads * head_dim` to itself.
+    /// Assembles the sublayer with as many key/value heads as query heads; `q`, `k` and `v` map
+    /// the model width to `n_heads * head_dim`, `o` maps it back.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         norm: Norm,
@@ -177,9 +238,31 @@ impl Attention {
             v,
             o,
             n_heads,
+            n_kv_heads: n_heads,
             head_dim,
             rotary,
+            qk_norm: None,
+            sliding_window: None,
         }
+    }
+
+    /// Grouped-query attention: `k` and `v` have `n_kv_heads` heads, each serving `n_heads /
+    /// n_kv_heads` consecutive query heads.
+    pub fn with_kv_heads(mut self, n_kv_heads: usize) -> Self {
+        self.n_kv_heads = n_kv_heads;
+        self
+    }
+
+    /// Normalises queries and keys before the rotary positions.
+    pub fn with_qk_norm(mut self, qk_norm: QkNorm) -> Self {
+        self.qk_norm = Some(qk_norm);
+        self
+    }
+
+    /// A query sees itself and the `window - 1` positions before it, not further back.
+    pub fn with_sliding_window(mut self, window: Option<usize>) -> Self {
+        self.sliding_window = window;
+        self
     }
 
     /// `x` = [batch * seq, d] -> `x` with attention added. With a cache slot, attends over the
@@ -194,15 +277,22 @@ impl Attention {
     ) -> candle_core::Result<AttentionOutput> {
         let t0 = Instant::now();
         let (batch, seq, nh, hd) = (pass.batch, pass.seq, self.n_heads, self.head_dim);
+        let nkv = self.n_kv_heads;
         let a = self.norm.forward(&x)?;
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((batch, seq, nh, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let mut q = split(self.q.forward(&a)?)?;
-        let mut k = split(self.k.forward(&a)?)?;
-        let v = split(self.v.forward(&a)?)?;
+        let (mut q, mut k) = (self.q.forward(&a)?, self.k.forward(&a)?);
+        if let Some(QkNorm::Full { q: qn, k: kn }) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let heads = |t: Tensor, n: usize| t.reshape((batch, seq, n, hd));
+        let (mut q, mut k) = (heads(q, nh)?, heads(k, nkv)?);
+        if let Some(QkNorm::PerHead { q: qn, k: kn }) = &self.qk_norm {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let split = |t: Tensor| t.transpose(1, 2)?.contiguous();
+        let (mut q, mut k) = (split(q)?, split(k)?);
+        let v = split(heads(self.v.forward(&a)?, nkv)?)?;
         if let Some(rotary) = &self.rotary {
             q = rotary.apply(&q, pass)?;
             k = rotary.apply(&k, pass)?;
@@ -211,10 +301,20 @@ impl Attention {
             Some(slot) => slot.append(k, v)?,
             None => (k, v),
         };
+        let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [b, h, seq, keys]
-        if let Some(m) = &pass.mask {
-            scores = scores.broadcast_add(m)?;
+        let keys = pass.start_pos + seq;
+        match self.sliding_window {
+            Some(w) if keys > w => {
+                let mask = attention_mask(seq, pass.start_pos, Some(w), scores.device())?;
+                scores = scores.broadcast_add(&mask)?;
+            }
+            _ => {
+                if let Some(m) = &pass.mask {
+                    scores = scores.broadcast_add(m)?;
+                }
+            }
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let ctx = probs
@@ -230,6 +330,17 @@ impl Attention {
             working: [a, q, k, v, scores, probs, ctx],
         })
     }
+}
+
+/// `[b, g, n, d]` -> `[b, g * rep, n, d]`, each key/value head repeated for its `rep` query heads.
+fn repeat_kv(t: Tensor, rep: usize) -> candle_core::Result<Tensor> {
+    if rep == 1 {
+        return Ok(t);
+    }
+    let (b, g, n, d) = t.dims4()?;
+    t.unsqueeze(2)?
+        .expand((b, g, rep, n, d))?
+        .reshape((b, g * rep, n, d))
 }
 
 #[cfg(test)]
@@ -250,6 +361,35 @@ mod tests {
                 .unwrap()
                 .mask
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn sliding_window_mask_keeps_the_last_window_positions() {
+        let inf = f32::NEG_INFINITY;
+        let mask = attention_mask(3, 2, Some(2), &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // Query positions 2, 3, 4 over keys 0..5: each sees itself and the one before.
+        assert_eq!(
+            mask,
+            vec![
+                vec![inf, 0.0, 0.0, inf, inf],
+                vec![inf, inf, 0.0, 0.0, inf],
+                vec![inf, inf, inf, 0.0, 0.0]
+            ]
+        );
+    }
+
+    #[test]
+    fn repeat_kv_gives_consecutive_query_heads_the_same_kv_head() {
+        let t = Tensor::new(&[[[[1f32]], [[2.]]]], &Device::Cpu).unwrap(); // [1, 2, 1, 1]
+        let r = repeat_kv(t, 3).unwrap();
+        assert_eq!(r.dims(), &[1, 6, 1, 1]);
+        assert_eq!(
+            r.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![1., 1., 1., 2., 2., 2.]
         );
     }
 

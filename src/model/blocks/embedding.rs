@@ -25,7 +25,11 @@ impl Embedding {
 
     /// `ids` = the pass's `batch * seq` token ids -> [batch * seq, d].
     pub fn forward(&self, ids: &Tensor, pass: &PassContext) -> candle_core::Result<Tensor> {
-        let x = self.tokens.index_select(ids, 0)?;
+        // Half-precision tables stay half in memory; the rows a pass uses are widened to f32.
+        let x = self
+            .tokens
+            .index_select(ids, 0)?
+            .to_dtype(candle_core::DType::F32)?;
         match &self.positions {
             Some(table) => {
                 let (n, d) = x.dims2()?;

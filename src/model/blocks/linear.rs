@@ -1,29 +1,89 @@
 //! A dense projection `x @ W^T + b`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
-/// A linear layer, its weight stored transposed.
+/// How a linear layer keeps its weight.
+enum Weight {
+    /// `[in, out]`, contiguous f32, so that `x @ w_t` needs no transposed-stride matmul (the
+    /// project's own models, converted at load).
+    Transposed(Tensor),
+    /// `[out, in]` as stored in the checkpoint, in its own dtype (f32, f16 or bf16): a half-precision
+    /// model keeps its size in memory, and each pass widens one weight at a time to f32.
+    Stored(Tensor),
+}
+
+/// A linear layer.
 pub struct Linear {
-    /// [in, out], contiguous, so that `x @ w_t` needs no transposed-stride matmul.
-    w_t: Tensor,
+    w: Weight,
     b: Option<Tensor>,
 }
 
 impl Linear {
-    /// From a weight in the usual `[out, in]` layout and an optional `[out]` bias.
+    /// From a weight in the usual `[out, in]` layout and an optional `[out]` bias; the weight is
+    /// transposed once so that every pass multiplies a contiguous `[in, out]` matrix.
     pub fn new(weight: &Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
         Ok(Self {
-            w_t: weight.t()?.contiguous()?,
+            w: Weight::Transposed(weight.t()?.contiguous()?),
             b: bias,
         })
     }
 
-    /// `x` = [n, in] -> [n, out].
+    /// From a weight `[out, in]` kept as it is, in its own dtype (no copy, no transpose); the bias,
+    /// if any, is widened to f32 now.
+    pub fn stored(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        Ok(Self {
+            w: Weight::Stored(weight),
+            b: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> candle_core::Result<usize> {
+        match &self.w {
+            Weight::Transposed(w) => Ok(w.dims2()?.1),
+            Weight::Stored(w) => Ok(w.dims2()?.0),
+        }
+    }
+
+    /// `x` = [n, in] (f32) -> [n, out] (f32).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.w_t)?;
+        let y = match &self.w {
+            Weight::Transposed(w_t) => x.matmul(w_t)?,
+            Weight::Stored(w) if w.dtype() == x.dtype() => x.matmul(&w.t()?)?,
+            Weight::Stored(w) => x.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+        };
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn stored_half_precision_weights_match_the_transposed_f32_path() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2., 3.], [-1., 0.5, 4.]], &dev).unwrap(); // [2, 3]
+        let b = Tensor::new(&[0.25f32, -1.], &dev).unwrap();
+        let x = Tensor::new(&[[1f32, 1., 1.], [2., 0., -1.]], &dev).unwrap();
+        let reference = Linear::new(&w, Some(b.clone()))
+            .unwrap()
+            .forward(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(reference, vec![vec![6.25, 2.5], vec![-0.75, -7.]]);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let l = Linear::stored(w.to_dtype(dtype).unwrap(), Some(b.clone())).unwrap();
+            assert_eq!(l.out_features().unwrap(), 2);
+            let y = l.forward(&x).unwrap();
+            assert_eq!(y.dtype(), DType::F32);
+            // These weights are exact in every dtype, so the results are too.
+            assert_eq!(y.to_vec2::<f32>().unwrap(), reference, "{dtype:?}");
         }
     }
 }

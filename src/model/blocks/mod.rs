@@ -14,12 +14,12 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-pub use attention::{Attention, AttentionOutput, KvSlot, PassContext, Rotary};
+pub use attention::{Attention, AttentionOutput, KvSlot, PassContext, QkNorm, Rotary};
 pub use block::{Block, BlockFfn};
 pub use embedding::Embedding;
 pub use ffn::Ffn;
 pub use linear::Linear;
-pub use moe_block::MoeBlock;
+pub use moe_block::{MoeBlock, SharedExpert};
 pub use norm::Norm;
 
 /// Nanoseconds since `since`, counting the device work queued meanwhile.

@@ -5,11 +5,52 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 
-use super::{Norm, elapsed_ns};
+use super::ffn::activate;
+use super::{Linear, Norm, elapsed_ns};
+use crate::kernel::Activation;
 use crate::model::forward::RoutingConfig;
 use crate::model::moe::{MoeDispatch, MoeExperts};
 use crate::model::trace::ForwardTrace;
 use crate::routing::route;
+
+/// An expert every token uses, outside the routing (Qwen2-MoE's `shared_expert`):
+/// `down(act(gate(x)) * up(x))`, scaled per token by `sigmoid(scale(x))` when it has a scalar gate.
+pub struct SharedExpert {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    activation: Activation,
+    scale: Option<Linear>,
+}
+
+impl SharedExpert {
+    /// A gated MLP, with an optional `[1, d]` per-token scale gate.
+    pub fn new(
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+        activation: Activation,
+        scale: Option<Linear>,
+    ) -> Self {
+        Self {
+            gate,
+            up,
+            down,
+            activation,
+            scale,
+        }
+    }
+
+    /// `f` = [n, d] (already normed) -> [n, d].
+    pub fn forward(&self, f: &Tensor) -> candle_core::Result<Tensor> {
+        let h = (activate(&self.gate.forward(f)?, self.activation)? * self.up.forward(f)?)?;
+        let y = self.down.forward(&h)?;
+        match &self.scale {
+            Some(s) => y.broadcast_mul(&candle_nn::ops::sigmoid(&s.forward(f)?)?),
+            None => Ok(y),
+        }
+    }
+}
 
 /// `x + sum over the selected experts e of w_e * expert_e(n(x))`, with `n` its pre-norm and the
 /// selection made by the routing policy from the router's logits.
@@ -19,6 +60,7 @@ pub struct MoeBlock {
     router_t: Tensor,
     experts: MoeExperts,
     n_experts: usize,
+    shared: Option<SharedExpert>,
     /// Index of this block among the model's MoE blocks: its policy and its trace slot.
     slot: usize,
 }
@@ -38,8 +80,20 @@ impl MoeBlock {
             router_t: router.t()?.contiguous()?,
             experts,
             n_experts,
+            shared: None,
             slot,
         })
+    }
+
+    /// Adds an always-on shared expert to the routed ones.
+    pub fn with_shared(mut self, shared: SharedExpert) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// True when the block has a shared expert.
+    pub fn has_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// How the experts compute.
@@ -72,7 +126,10 @@ impl MoeBlock {
         lt.groups.build(&lt.routing);
         let router_ns = elapsed_ns(t0, f.device())?;
         let t1 = Instant::now();
-        let y = self.experts.forward(&f, &lt.groups)?;
+        let mut y = self.experts.forward(&f, &lt.groups)?;
+        if let Some(shared) = &self.shared {
+            y = (y + shared.forward(&f)?)?;
+        }
         let out = (x + y)?;
         let timing = &mut trace.blocks[layer];
         timing.router_ns = router_ns;

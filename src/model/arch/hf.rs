@@ -1,0 +1,208 @@
+//! Hugging Face MoE families (`mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`): the tensor names of
+//! each, in both expert layouts found on disk, assembled into the same blocks as every model. The
+//! forward each family needs is in `docs/model-families.md`.
+
+use std::collections::BTreeSet;
+
+use candle_core::{Device, Tensor};
+
+use crate::kernel::Activation;
+use crate::model::blocks::{
+    Attention, Block, BlockFfn, Embedding, Ffn, Linear, MoeBlock, Norm, QkNorm, Rotary,
+    SharedExpert,
+};
+use crate::model::format::LoadError;
+use crate::model::forward::ModelParts;
+use crate::model::hf::{HfCheckpoint, HfFamily};
+use crate::model::moe::{ExpertWeights, LoadOptions, MoeExperts};
+
+/// Builds every block of `ckpt` on `device`. Returns the parts and the names of the tensors it
+/// did not use (reported as warnings).
+pub fn build(
+    ckpt: &HfCheckpoint,
+    device: &Device,
+    options: LoadOptions,
+) -> Result<(ModelParts, Vec<String>), LoadError> {
+    let c = ckpt.hf_config();
+    let used = std::cell::RefCell::new(BTreeSet::new());
+    let de = |e: candle_core::Error| LoadError::Device {
+        path: ckpt.dir().to_path_buf(),
+        detail: e.to_string(),
+    };
+    let stored = |name: &str, shape: &[usize]| -> Result<Tensor, LoadError> {
+        used.borrow_mut().insert(name.to_string());
+        ckpt.tensor(name, shape, device)
+    };
+    let widened = |name: &str, shape: &[usize]| -> Result<Tensor, LoadError> {
+        used.borrow_mut().insert(name.to_string());
+        ckpt.tensor_f32(name, shape, device)
+    };
+    let (h, eps) = (c.hidden, c.rms_norm_eps as f32);
+    let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
+        let w = stored(&format!("{name}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(widened(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Linear::stored(w, b).map_err(de)
+    };
+    let rms = |name: &str, n: usize| -> Result<Norm, LoadError> {
+        Ok(Norm::new(
+            widened(&format!("{name}.weight"), &[n])?,
+            None,
+            eps,
+        ))
+    };
+    let gated_mlp = |p: &str, width: usize| -> Result<(Linear, Linear, Linear), LoadError> {
+        Ok((
+            linear(&format!("{p}.gate_proj"), width, h, false)?,
+            linear(&format!("{p}.up_proj"), width, h, false)?,
+            linear(&format!("{p}.down_proj"), h, width, false)?,
+        ))
+    };
+    let rotary =
+        Rotary::like_transformers(c.head_dim, c.max_positions, c.rope_theta as f32, device)
+            .map_err(de)?;
+    let (q_w, kv_w) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+    let mut blocks = Vec::with_capacity(c.layers);
+    for i in 0..c.layers {
+        let p = format!("model.layers.{i}");
+        let a = format!("{p}.self_attn");
+        let qkv_bias = c.qkv_bias || c.attention_bias;
+        let mut attention = Attention::new(
+            rms(&format!("{p}.input_layernorm"), h)?,
+            linear(&format!("{a}.q_proj"), q_w, h, qkv_bias)?,
+            linear(&format!("{a}.k_proj"), kv_w, h, qkv_bias)?,
+            linear(&format!("{a}.v_proj"), kv_w, h, qkv_bias)?,
+            linear(&format!("{a}.o_proj"), h, q_w, c.attention_bias)?,
+            c.heads,
+            c.head_dim,
+            Some(rotary.clone()),
+        )
+        .with_kv_heads(c.kv_heads)
+        .with_sliding_window(c.sliding_window[i]);
+        attention = match c.family {
+            HfFamily::Qwen3Moe => attention.with_qk_norm(QkNorm::PerHead {
+                q: rms(&format!("{a}.q_norm"), c.head_dim)?,
+                k: rms(&format!("{a}.k_norm"), c.head_dim)?,
+            }),
+            HfFamily::Olmoe => attention.with_qk_norm(QkNorm::Full {
+                q: rms(&format!("{a}.q_norm"), q_w)?,
+                k: rms(&format!("{a}.k_norm"), kv_w)?,
+            }),
+            HfFamily::Mixtral | HfFamily::Qwen2Moe => attention,
+        };
+        let ffn_norm = rms(&format!("{p}.post_attention_layernorm"), h)?;
+        let ffn = if let Some(slot) = c.moe_layers.iter().position(|&l| l == i) {
+            // Mixtral's original names put the block under `block_sparse_moe`; the fused layout
+            // (transformers 5) renames it `mlp`.
+            let m = if c.family == HfFamily::Mixtral
+                && ckpt.has(&format!("{p}.block_sparse_moe.gate.weight"))
+            {
+                format!("{p}.block_sparse_moe")
+            } else {
+                format!("{p}.mlp")
+            };
+            let router = widened(&format!("{m}.gate.weight"), &[c.experts, h])?;
+            let weights =
+                expert_weights(ckpt, c.family, &m, c.experts, c.expert_hidden, h, &stored)?;
+            let experts =
+                MoeExperts::from_weights(weights, Activation::Silu, device, options).map_err(de)?;
+            let mut moe = MoeBlock::new(ffn_norm, &router, experts, c.experts, slot).map_err(de)?;
+            if let Some(s) = c.shared_expert_hidden {
+                let (g, u, d) = gated_mlp(&format!("{m}.shared_expert"), s)?;
+                let scale = linear(&format!("{m}.shared_expert_gate"), 1, h, false)?;
+                moe = moe.with_shared(SharedExpert::new(g, u, d, Activation::Silu, Some(scale)));
+            }
+            BlockFfn::Moe(Box::new(moe))
+        } else {
+            let width = c.dense_hidden.unwrap_or(c.expert_hidden);
+            let (g, u, d) = gated_mlp(&format!("{p}.mlp"), width)?;
+            BlockFfn::Dense(Ffn::new(ffn_norm, u, Some(g), d, Activation::Silu))
+        };
+        blocks.push(Block::new(attention, ffn));
+    }
+    let emb = stored("model.embed_tokens.weight", &[c.vocab, h])?;
+    let head = if c.tie_embeddings {
+        emb.clone()
+    } else {
+        stored("lm_head.weight", &[c.vocab, h])?
+    };
+    let parts = ModelParts {
+        embedding: Embedding::new(emb, None),
+        blocks,
+        final_norm: rms("model.norm", h)?,
+        lm_head: Linear::stored(head, None).map_err(de)?,
+    };
+    let used = used.into_inner();
+    let unused = ckpt
+        .names()
+        .into_iter()
+        .filter(|n| !used.contains(*n))
+        .map(|n| {
+            format!(
+                "tensor `{n}` is not used by the {} forward",
+                c.family.model_type()
+            )
+        })
+        .collect();
+    Ok((parts, unused))
+}
+
+/// Reads a tensor by name, checked against a shape.
+type TensorLoader<'a> = dyn Fn(&str, &[usize]) -> Result<Tensor, LoadError> + 'a;
+
+/// The experts of one MoE block as per-expert `[out, in]` tensors, from either layout: one
+/// tensor per expert (`experts.{j}.w1/w3/w2` for Mixtral, `experts.{j}.{gate,up,down}_proj` for
+/// the others) or fused (`experts.gate_up_proj [E, 2I, H]`, gate rows first, and
+/// `experts.down_proj [E, H, I]`, without `.weight`).
+fn expert_weights(
+    ckpt: &HfCheckpoint,
+    family: HfFamily,
+    m: &str,
+    n: usize,
+    inter: usize,
+    h: usize,
+    stored: &TensorLoader,
+) -> Result<ExpertWeights, LoadError> {
+    let de = |e: candle_core::Error| LoadError::Device {
+        path: ckpt.dir().to_path_buf(),
+        detail: e.to_string(),
+    };
+    let fused = format!("{m}.experts.gate_up_proj");
+    if ckpt.has(&fused) {
+        let gate_up = stored(&fused, &[n, 2 * inter, h])?;
+        let down = stored(&format!("{m}.experts.down_proj"), &[n, h, inter])?;
+        let mut w = ExpertWeights {
+            gate: Vec::with_capacity(n),
+            up: Vec::with_capacity(n),
+            down: Vec::with_capacity(n),
+        };
+        for e in 0..n {
+            let gu = gate_up.get(e).map_err(de)?;
+            w.gate.push(gu.narrow(0, 0, inter).map_err(de)?);
+            w.up.push(gu.narrow(0, inter, inter).map_err(de)?);
+            w.down.push(down.get(e).map_err(de)?);
+        }
+        return Ok(w);
+    }
+    let (g, u, d) = match family {
+        HfFamily::Mixtral => ("w1", "w3", "w2"),
+        _ => ("gate_proj", "up_proj", "down_proj"),
+    };
+    let one = |e: usize, name: &str, shape: &[usize]| {
+        stored(&format!("{m}.experts.{e}.{name}.weight"), shape)
+    };
+    Ok(ExpertWeights {
+        gate: (0..n)
+            .map(|e| one(e, g, &[inter, h]))
+            .collect::<Result<_, _>>()?,
+        up: (0..n)
+            .map(|e| one(e, u, &[inter, h]))
+            .collect::<Result<_, _>>()?,
+        down: (0..n)
+            .map(|e| one(e, d, &[h, inter]))
+            .collect::<Result<_, _>>()?,
+    })
+}

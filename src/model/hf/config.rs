@@ -1,0 +1,545 @@
+//! `config.json` of a Hugging Face MoE checkpoint, read into what the loader needs. Every key is
+//! checked where it is read, so an error names the key, what was expected and what was found.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::model::config::{
+    ModelConfig, MoeLayers, NormKind, PositionKind, QkNormKind, TokenizerKind,
+};
+use crate::model::format::LoadError;
+use crate::routing::RoutingPolicy;
+
+/// The model families this loader runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HfFamily {
+    /// `mixtral` (`MixtralForCausalLM`).
+    Mixtral,
+    /// `qwen2_moe` (`Qwen2MoeForCausalLM`).
+    Qwen2Moe,
+    /// `qwen3_moe` (`Qwen3MoeForCausalLM`).
+    Qwen3Moe,
+    /// `olmoe` (`OlmoeForCausalLM`).
+    Olmoe,
+}
+
+/// `model_type` values, in the order the error message lists them.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
+
+impl HfFamily {
+    fn from_model_type(s: &str) -> Option<Self> {
+        Some(match s {
+            "mixtral" => HfFamily::Mixtral,
+            "qwen2_moe" => HfFamily::Qwen2Moe,
+            "qwen3_moe" => HfFamily::Qwen3Moe,
+            "olmoe" => HfFamily::Olmoe,
+            _ => return None,
+        })
+    }
+
+    fn from_architecture(s: &str) -> Option<Self> {
+        Some(match s {
+            "MixtralForCausalLM" => HfFamily::Mixtral,
+            "Qwen2MoeForCausalLM" => HfFamily::Qwen2Moe,
+            "Qwen3MoeForCausalLM" => HfFamily::Qwen3Moe,
+            "OlmoeForCausalLM" => HfFamily::Olmoe,
+            _ => return None,
+        })
+    }
+
+    /// The `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            HfFamily::Mixtral => "mixtral",
+            HfFamily::Qwen2Moe => "qwen2_moe",
+            HfFamily::Qwen3Moe => "qwen3_moe",
+            HfFamily::Olmoe => "olmoe",
+        }
+    }
+}
+
+/// What the loader reads from `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfConfig {
+    /// The family.
+    pub family: HfFamily,
+    /// `hidden_size`.
+    pub hidden: usize,
+    /// `num_hidden_layers`.
+    pub layers: usize,
+    /// `num_attention_heads`.
+    pub heads: usize,
+    /// `num_key_value_heads` (default: `heads`).
+    pub kv_heads: usize,
+    /// `head_dim` (default: `hidden / heads`).
+    pub head_dim: usize,
+    /// True when `head_dim` was given and differs from `hidden / heads`.
+    pub explicit_head_dim: bool,
+    /// `vocab_size`.
+    pub vocab: usize,
+    /// `rms_norm_eps`.
+    pub rms_norm_eps: f64,
+    /// Rotary base.
+    pub rope_theta: f64,
+    /// `max_position_embeddings`.
+    pub max_positions: usize,
+    /// `tie_word_embeddings`.
+    pub tie_embeddings: bool,
+    /// Experts per MoE block.
+    pub experts: usize,
+    /// `num_experts_per_tok`.
+    pub top_k: usize,
+    /// The native rule renormalises the top-k weights.
+    pub norm_topk_prob: bool,
+    /// Width of one expert.
+    pub expert_hidden: usize,
+    /// Width of the dense FFN blocks (Qwen's `intermediate_size`), if the family has them.
+    pub dense_hidden: Option<usize>,
+    /// Block indices of the MoE blocks.
+    pub moe_layers: Vec<usize>,
+    /// Shared expert width (Qwen2-MoE).
+    pub shared_expert_hidden: Option<usize>,
+    /// Bias on q, k, v (Qwen2-MoE `qkv_bias`).
+    pub qkv_bias: bool,
+    /// Bias on q, k, v and o (`attention_bias`).
+    pub attention_bias: bool,
+    /// q/k normalisation.
+    pub qk_norm: Option<QkNormKind>,
+    /// Sliding window of each block, if any.
+    pub sliding_window: Vec<Option<usize>>,
+}
+
+struct Reader<'a> {
+    path: &'a Path,
+    json: &'a serde_json::Map<String, Value>,
+}
+
+impl Reader<'_> {
+    fn error(&self, key: &str, message: impl Into<String>) -> LoadError {
+        LoadError::HfConfigKey {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The value of `key`, treating JSON `null` as absent.
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>, LoadError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.error(key, format!("expected a non-negative integer, found {v}"))
+            }),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize, LoadError> {
+        let n = self
+            .usize_opt(key)?
+            .ok_or_else(|| self.error(key, "required key is missing"))?;
+        if n == 0 {
+            return Err(self.error(key, "must be positive, found 0"));
+        }
+        Ok(n)
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64, LoadError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| self.error(key, format!("expected a positive number, found {v}"))),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, LoadError> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.error(key, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    /// The first of `keys` present.
+    fn usize_any(&self, keys: &[&str]) -> Result<usize, LoadError> {
+        for k in keys {
+            if self.get(k).is_some() {
+                return self.usize(k);
+            }
+        }
+        Err(self.error(
+            keys[0],
+            format!("required key is missing (also looked for {:?})", &keys[1..]),
+        ))
+    }
+}
+
+impl HfConfig {
+    /// Reads `config.json` at `path`.
+    pub fn read(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|io| LoadError::Open {
+            path: path.to_path_buf(),
+            io,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses the text of `config.json` (`path` is for messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self, LoadError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| LoadError::HfConfigJson {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        let Some(json) = value.as_object() else {
+            return Err(LoadError::HfConfigJson {
+                path: path.to_path_buf(),
+                detail: format!("expected a JSON object, found {}", kind_of(&value)),
+            });
+        };
+        let r = Reader { path, json };
+        let family = family_of(&r)?;
+        let hidden = r.usize("hidden_size")?;
+        let layers = r.usize("num_hidden_layers")?;
+        let heads = r.usize("num_attention_heads")?;
+        let kv_heads = r.usize_opt("num_key_value_heads")?.unwrap_or(heads);
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(r.error(
+                "num_key_value_heads",
+                format!("must divide num_attention_heads {heads}, found {kv_heads}"),
+            ));
+        }
+        let explicit = r.usize_opt("head_dim")?;
+        if explicit.is_none() && !hidden.is_multiple_of(heads) {
+            return Err(r.error(
+                "num_attention_heads",
+                format!("hidden_size {hidden} is not divisible by {heads} heads and there is no head_dim"),
+            ));
+        }
+        let head_dim = explicit.unwrap_or(hidden / heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(r.error(
+                "head_dim",
+                format!("rotary positions need an even head size, found {head_dim}"),
+            ));
+        }
+        let vocab = r.usize("vocab_size")?;
+        let act = r
+            .get("hidden_act")
+            .and_then(Value::as_str)
+            .unwrap_or("silu");
+        if act != "silu" {
+            return Err(r.error(
+                "hidden_act",
+                format!("only \"silu\" is supported, found \"{act}\""),
+            ));
+        }
+        let rope_theta = rope_theta(&r)?;
+        let experts = r.usize_any(&["num_local_experts", "num_experts"])?;
+        if experts > u16::MAX as usize {
+            return Err(r.error(
+                "num_experts",
+                format!("at most {} supported, found {experts}", u16::MAX),
+            ));
+        }
+        let top_k = r.usize("num_experts_per_tok")?;
+        if top_k > experts {
+            return Err(r.error(
+                "num_experts_per_tok",
+                format!("must be at most the {experts} experts, found {top_k}"),
+            ));
+        }
+        let qwen = matches!(family, HfFamily::Qwen2Moe | HfFamily::Qwen3Moe);
+        let (expert_hidden, dense_hidden) = if qwen {
+            (
+                r.usize("moe_intermediate_size")?,
+                Some(r.usize("intermediate_size")?),
+            )
+        } else {
+            (r.usize("intermediate_size")?, None)
+        };
+        let moe_layers = if qwen {
+            let step = r.usize_opt("decoder_sparse_step")?.unwrap_or(1);
+            if step == 0 {
+                return Err(r.error("decoder_sparse_step", "must be positive, found 0"));
+            }
+            let only = match r.get("mlp_only_layers") {
+                None => Vec::new(),
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_u64().map(|n| n as usize))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .ok_or_else(|| {
+                        r.error(
+                            "mlp_only_layers",
+                            format!("expected a list of layer indices, found {v}"),
+                        )
+                    })?,
+            };
+            (0..layers)
+                .filter(|i| !only.contains(i) && (i + 1) % step == 0)
+                .collect()
+        } else {
+            (0..layers).collect()
+        };
+        let norm_topk_prob = match family {
+            // Mixtral's router always renormalises (`MixtralTopKRouter`); the key does not exist.
+            HfFamily::Mixtral => true,
+            _ => r.bool_or("norm_topk_prob", false)?,
+        };
+        let shared_expert_hidden = match family {
+            HfFamily::Qwen2Moe => r
+                .usize_opt("shared_expert_intermediate_size")?
+                .filter(|&s| s > 0),
+            _ => None,
+        };
+        let (qkv_bias, attention_bias) = match family {
+            HfFamily::Qwen2Moe => (r.bool_or("qkv_bias", true)?, false),
+            HfFamily::Mixtral => (false, false),
+            _ => (false, r.bool_or("attention_bias", false)?),
+        };
+        let qk_norm = match family {
+            HfFamily::Qwen3Moe => Some(QkNormKind::PerHead),
+            HfFamily::Olmoe => Some(QkNormKind::Full),
+            _ => None,
+        };
+        if family == HfFamily::Olmoe {
+            if r.get("clip_qkv").is_some() {
+                return Err(r.error(
+                    "clip_qkv",
+                    "clipping q, k and v is not supported (OLMoE-1B-7B has null)",
+                ));
+            }
+            if explicit.is_some_and(|h| h * heads != hidden) {
+                return Err(r.error(
+                    "head_dim",
+                    "OLMoE's q/k norms need head_dim x heads = hidden_size",
+                ));
+            }
+        }
+        let sliding_window = sliding_windows(&r, family, layers)?;
+        let max_positions = r
+            .usize_opt("max_position_embeddings")?
+            .unwrap_or(4096)
+            .max(1);
+        Ok(HfConfig {
+            family,
+            hidden,
+            layers,
+            heads,
+            kv_heads,
+            head_dim,
+            explicit_head_dim: explicit.is_some_and(|h| h * heads != hidden),
+            vocab,
+            rms_norm_eps: r.f64_or(
+                "rms_norm_eps",
+                if family == HfFamily::Olmoe {
+                    1e-5
+                } else {
+                    1e-6
+                },
+            )?,
+            rope_theta,
+            max_positions,
+            tie_embeddings: r.bool_or("tie_word_embeddings", false)?,
+            experts,
+            top_k,
+            norm_topk_prob,
+            expert_hidden,
+            dense_hidden,
+            moe_layers,
+            shared_expert_hidden,
+            qkv_bias,
+            attention_bias,
+            qk_norm,
+            sliding_window,
+        })
+    }
+
+    /// The family's own routing rule: softmax, top-k, renormalised when the family/config says so.
+    pub fn native_policy(&self) -> RoutingPolicy {
+        RoutingPolicy::TopK {
+            k: self.top_k,
+            renormalize: self.norm_topk_prob,
+        }
+    }
+
+    /// The model description the rest of xmoe-top reads (FLOPs, parameter counts, screens).
+    pub fn model_config(&self, name: &str) -> ModelConfig {
+        ModelConfig {
+            name: name.to_string(),
+            vocab_size: self.vocab,
+            tokenizer: TokenizerKind::HuggingFace,
+            n_kv_heads: (self.kv_heads != self.heads).then_some(self.kv_heads),
+            head_size: self.explicit_head_dim.then_some(self.head_dim),
+            norm: NormKind::RmsNorm,
+            norm_eps: self.rms_norm_eps,
+            positions: PositionKind::Rotary,
+            rope_theta: self.rope_theta,
+            activation: crate::kernel::Activation::Silu,
+            gated: true,
+            attn_bias: self.attention_bias,
+            qk_norm: self.qk_norm,
+            qkv_bias: self.qkv_bias,
+            ffn_bias: false,
+            moe_layers: MoeLayers::List(self.moe_layers.clone()),
+            expert_bias: false,
+            shared_expert_hidden: self.shared_expert_hidden,
+            shared_expert_gate: self.shared_expert_hidden.is_some(),
+            tie_embeddings: self.tie_embeddings,
+            default_policy: self.native_policy(),
+            top_k_baseline: Some(self.top_k),
+            capacity_factor: None,
+            ..ModelConfig::byte_level(
+                self.hidden,
+                self.layers,
+                self.heads,
+                self.max_positions,
+                self.experts,
+                self.expert_hidden,
+                self.dense_hidden.unwrap_or(self.expert_hidden),
+            )
+        }
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn family_of(r: &Reader) -> Result<HfFamily, LoadError> {
+    let unknown = |found: String| LoadError::HfUnknownFamily {
+        path: r.path.to_path_buf(),
+        found,
+        supported: SUPPORTED_MODEL_TYPES.join(", "),
+    };
+    if let Some(v) = r.get("model_type") {
+        let s = v
+            .as_str()
+            .ok_or_else(|| r.error("model_type", format!("expected a string, found {v}")))?;
+        return HfFamily::from_model_type(s).ok_or_else(|| unknown(format!("model_type \"{s}\"")));
+    }
+    match r
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+        .and_then(Value::as_str)
+    {
+        Some(a) => {
+            HfFamily::from_architecture(a).ok_or_else(|| unknown(format!("architecture \"{a}\"")))
+        }
+        None => Err(r.error(
+            "model_type",
+            "required key is missing (and there is no `architectures` list)",
+        )),
+    }
+}
+
+/// `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4); only the
+/// default rope type is supported.
+fn rope_theta(r: &Reader) -> Result<f64, LoadError> {
+    let (params_key, params) = match (r.get("rope_parameters"), r.get("rope_scaling")) {
+        (Some(p), _) => ("rope_parameters", Some(p)),
+        (None, Some(s)) => ("rope_scaling", Some(s)),
+        (None, None) => ("", None),
+    };
+    if let Some(p) = params {
+        let obj = p
+            .as_object()
+            .ok_or_else(|| r.error(params_key, format!("expected an object, found {p}")))?;
+        let kind = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if kind != "default" {
+            return Err(r.error(
+                params_key,
+                format!("rope type \"{kind}\" is not supported (supported: \"default\")"),
+            ));
+        }
+        if let Some(t) = obj.get("rope_theta") {
+            return t
+                .as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| {
+                    r.error(
+                        "rope_parameters.rope_theta",
+                        format!("expected a positive number, found {t}"),
+                    )
+                });
+        }
+    }
+    r.f64_or("rope_theta", 10_000.0)
+}
+
+fn sliding_windows(
+    r: &Reader,
+    family: HfFamily,
+    layers: usize,
+) -> Result<Vec<Option<usize>>, LoadError> {
+    let window = r.usize_opt("sliding_window")?.filter(|&w| w > 0);
+    Ok(match family {
+        HfFamily::Mixtral => vec![window; layers],
+        HfFamily::Olmoe => vec![None; layers],
+        HfFamily::Qwen3Moe => {
+            let on = r.bool_or("use_sliding_window", false)?;
+            vec![if on { window } else { None }; layers]
+        }
+        HfFamily::Qwen2Moe => {
+            if !r.bool_or("use_sliding_window", false)? {
+                vec![None; layers]
+            } else if let Some(types) = r.get("layer_types") {
+                let types = types
+                    .as_array()
+                    .filter(|a| a.len() == layers)
+                    .ok_or_else(|| {
+                        r.error(
+                            "layer_types",
+                            format!("expected a list of {layers} strings, found {types}"),
+                        )
+                    })?;
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(window),
+                        Some("full_attention") => Ok(None),
+                        _ => Err(r.error(
+                            "layer_types",
+                            format!(
+                                "expected \"full_attention\" or \"sliding_attention\", found {t}"
+                            ),
+                        )),
+                    })
+                    .collect::<Result<_, _>>()?
+            } else {
+                let max_window = r.usize_opt("max_window_layers")?.unwrap_or(layers);
+                (0..layers)
+                    .map(|i| (i % 2 == 0 && i < max_window).then_some(window).flatten())
+                    .collect()
+            }
+        }
+    })
+}
+
+/// `config.json` beside `dir`.
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("config.json")
+}

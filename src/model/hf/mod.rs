@@ -1,0 +1,324 @@
+//! Hugging Face checkpoints: a directory with `config.json`, `tokenizer.json` and one or many
+//! `*.safetensors` shards (with `model.safetensors.index.json` when sharded). The shards are
+//! memory-mapped and every tensor keeps its stored dtype; see `docs/model-families.md`.
+
+pub mod config;
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::Dtype;
+
+pub use config::{HfConfig, HfFamily, SUPPORTED_MODEL_TYPES};
+
+use super::config::ModelConfig;
+use super::format::LoadError;
+
+/// Where one tensor lives.
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    range: std::ops::Range<usize>,
+}
+
+/// An opened checkpoint: configuration read, shard headers checked, tensors indexed by name.
+pub struct HfCheckpoint {
+    dir: PathBuf,
+    config: HfConfig,
+    model_config: ModelConfig,
+    shards: Vec<(PathBuf, Mmap)>,
+    tensors: HashMap<String, Entry>,
+    tensor_bytes: usize,
+}
+
+/// True when `path` looks like a Hugging Face checkpoint rather than a file of the project's own
+/// format: a directory, an index, or a `.safetensors` file without the `xmoe_config` metadata
+/// that has a `config.json` with a `model_type` beside it.
+pub fn is_hf_checkpoint(path: &Path) -> bool {
+    if path.is_dir() || path.to_string_lossy().ends_with(".index.json") {
+        return true;
+    }
+    let Some(dir) = path.parent() else {
+        return false;
+    };
+    let config = dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&config) else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    v.get("model_type").is_some() || v.get("architectures").is_some()
+}
+
+impl HfCheckpoint {
+    /// Opens the checkpoint at `path`: its directory, any of its shards, or its index.
+    pub fn open(path: &Path) -> Result<Self, LoadError> {
+        let dir = if path.is_dir() {
+            path.to_path_buf()
+        } else {
+            if !path.exists() {
+                return Err(LoadError::Open {
+                    path: path.to_path_buf(),
+                    io: std::io::Error::from(std::io::ErrorKind::NotFound),
+                });
+            }
+            path.parent()
+                .map(Path::to_path_buf)
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or_else(|| PathBuf::from("."))
+        };
+        let config_path = config::config_path(&dir);
+        if !config_path.exists() {
+            return Err(LoadError::HfNoConfig { dir });
+        }
+        let config = HfConfig::read(&config_path)?;
+        let name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| config.family.model_type().to_string());
+        let model_config = config.model_config(&name);
+        let shard_paths = shard_paths(&dir)?;
+        let mut shards = Vec::with_capacity(shard_paths.len());
+        let mut tensors: HashMap<String, Entry> = HashMap::new();
+        let mut tensor_bytes = 0;
+        for (i, p) in shard_paths.into_iter().enumerate() {
+            let file = File::open(&p).map_err(|io| LoadError::Open {
+                path: p.clone(),
+                io,
+            })?;
+            // SAFETY: the map is read-only; the usual mmap caveat applies (the file must not be
+            // truncated while mapped), as for every safetensors reader.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|io| LoadError::Open {
+                path: p.clone(),
+                io,
+            })?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    LoadError::CorruptHeader {
+                        path: p.clone(),
+                        detail: e.to_string(),
+                    }
+                })?;
+            let data_start = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let (start, end) = info.data_offsets;
+                let range = data_start + start..data_start + end;
+                if range.end > mmap.len() {
+                    return Err(LoadError::Truncated {
+                        path: p.clone(),
+                        detail: format!(
+                            "tensor `{name}` ends at byte {} but the file has {} bytes",
+                            range.end,
+                            mmap.len()
+                        ),
+                    });
+                }
+                if let Some(first) = tensors.get(&name) {
+                    return Err(LoadError::DuplicateTensor {
+                        tensor: name,
+                        first: shards
+                            .get(first.shard)
+                            .map_or_else(|| p.clone(), |(fp, _): &(PathBuf, Mmap)| fp.clone()),
+                        second: p.clone(),
+                    });
+                }
+                tensor_bytes += range.len();
+                tensors.insert(
+                    name,
+                    Entry {
+                        shard: i,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        range,
+                    },
+                );
+            }
+            shards.push((p, mmap));
+        }
+        Ok(Self {
+            dir,
+            config,
+            model_config,
+            shards,
+            tensors,
+            tensor_bytes,
+        })
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What `config.json` says.
+    pub fn hf_config(&self) -> &HfConfig {
+        &self.config
+    }
+
+    /// The model description the rest of xmoe-top reads.
+    pub fn config(&self) -> &ModelConfig {
+        &self.model_config
+    }
+
+    /// Bytes of tensor data over all shards.
+    pub fn tensor_bytes(&self) -> usize {
+        self.tensor_bytes
+    }
+
+    /// The shard files.
+    pub fn shard_paths(&self) -> Vec<&Path> {
+        self.shards.iter().map(|(p, _)| p.as_path()).collect()
+    }
+
+    /// Every tensor: name, dtype, shape, bytes; sorted by name.
+    pub fn tensor_table(&self) -> Vec<(String, String, Vec<usize>, usize)> {
+        let mut v: Vec<_> = self
+            .tensors
+            .iter()
+            .map(|(n, e)| {
+                (
+                    n.clone(),
+                    format!("{:?}", e.dtype),
+                    e.shape.clone(),
+                    e.range.len(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// True when the checkpoint holds `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Names of the tensors, for checking what a build did not use.
+    pub fn names(&self) -> BTreeSet<&str> {
+        self.tensors.keys().map(String::as_str).collect()
+    }
+
+    /// Tensor `name`, checked against `shape`, in its stored dtype on `device`.
+    pub fn tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, LoadError> {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.dir.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+            })?;
+        let path = &self.shards[e.shard].0;
+        if e.shape != shape {
+            return Err(LoadError::WrongShape {
+                path: path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        let dtype = match e.dtype {
+            Dtype::F32 => DType::F32,
+            Dtype::F16 => DType::F16,
+            Dtype::BF16 => DType::BF16,
+            other => {
+                return Err(LoadError::WrongDtype {
+                    path: path.clone(),
+                    tensor: name.to_string(),
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        let bytes = &self.shards[e.shard].1[e.range.clone()];
+        Tensor::from_raw_buffer(bytes, dtype, shape, device).map_err(|err| LoadError::Device {
+            path: path.clone(),
+            detail: err.to_string(),
+        })
+    }
+
+    /// Tensor `name` widened to f32 (norm weights, routers: small and used in f32).
+    pub fn tensor_f32(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, LoadError> {
+        let t = self.tensor(name, shape, device)?;
+        t.to_dtype(DType::F32).map_err(|err| LoadError::Device {
+            path: self.dir.clone(),
+            detail: err.to_string(),
+        })
+    }
+}
+
+/// The shard files of the checkpoint in `dir`: those the index names, else `model.safetensors`,
+/// else every `*.safetensors` file.
+fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|io| LoadError::Open {
+            path: index.clone(),
+            io,
+        })?;
+        let bad = |detail: String| LoadError::HfConfigJson {
+            path: index.clone(),
+            detail,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut files = BTreeSet::new();
+        for (tensor, file) in map {
+            let f = file.as_str().ok_or_else(|| {
+                bad(format!(
+                    "`weight_map[\"{tensor}\"]` is {file}, not a file name"
+                ))
+            })?;
+            files.insert(f.to_string());
+        }
+        let mut out = Vec::new();
+        for f in files {
+            let p = dir.join(&f);
+            if !p.is_file() {
+                return Err(LoadError::MissingShard {
+                    index: index.clone(),
+                    shard: p,
+                });
+            }
+            out.push(p);
+        }
+        return Ok(out);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|io| LoadError::Open {
+            path: dir.to_path_buf(),
+            io,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        return Err(LoadError::HfNoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(out)
+}
