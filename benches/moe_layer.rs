@@ -99,7 +99,7 @@ fn routing(rng: &mut StdRng, tokens: usize, e: usize, k: Option<usize>) -> Routi
             k,
             renormalize: false,
         },
-        None => RoutingPolicy::Threshold { t: 0.9 },
+        None => RoutingPolicy::threshold(0.9),
     };
     let mut r = Routing::default();
     route(&logits, e, policy, None, &mut r).unwrap();

@@ -43,7 +43,7 @@ fn policies(r: usize) -> Vec<RoutingPolicy> {
         });
     }
     for t in [0.5, 0.7, 0.9, 0.99] {
-        v.push(RoutingPolicy::Threshold { t });
+        v.push(RoutingPolicy::threshold(t));
     }
     v
 }

@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
+use crate::model::ModelSource;
 use crate::model::config::ModelConfig;
-use crate::model::format::ModelFile;
 use crate::model::forward::{ParamCounts, param_counts};
 use crate::profiling::flops::FlopModel;
 use crate::units::{bytes_one_decimal as human_bytes, group_digits as group};
@@ -48,6 +48,13 @@ pub struct FlopSummary {
 pub struct InspectReport {
     /// Where the model came from.
     pub source: String,
+    /// `xmoe` for the project's own format, else the Hugging Face `model_type`.
+    pub family: String,
+    /// Files holding the weights.
+    pub files: usize,
+    /// Parameters one token uses under the top-k baseline: everything but the experts, plus k
+    /// experts in each MoE layer.
+    pub active_params_top_k: usize,
     /// File size in bytes.
     pub file_bytes: usize,
     /// The configuration.
@@ -68,18 +75,31 @@ pub struct InspectReport {
 
 impl InspectReport {
     /// Describes a checked model file.
-    pub fn new(file: &ModelFile) -> Self {
+    pub fn new(file: &ModelSource) -> Self {
         let cfg = file.config().clone();
         let f = FlopModel::new(&cfg);
         let context = cfg.max_seq_len / 2;
         let n_moe = cfg.moe_layer_indices().len() as u64;
         let non_moe = f.non_moe(context);
+        let params = param_counts(&cfg);
+        let (family, files) = match file {
+            ModelSource::Xmoe(_) => ("xmoe".to_string(), 1),
+            ModelSource::HuggingFace(c) => (
+                c.hf_config().family.model_type().to_string(),
+                c.shard_paths().len(),
+            ),
+        };
+        let active_params_top_k =
+            params.total - params.experts_total + n_moe as usize * f.top_k() * params.per_expert;
         Self {
             source: file.path().display().to_string(),
+            family,
+            files,
+            active_params_top_k,
             file_bytes: file.file_bytes(),
             moe_layers: cfg.moe_layer_indices(),
             split_ratio: cfg.split_ratio(),
-            params: param_counts(&cfg),
+            params,
             flops: FlopSummary {
                 context,
                 router: f.router(),
@@ -111,12 +131,51 @@ impl InspectReport {
         let c = &self.config;
         let mut s = String::new();
         let _ = writeln!(s, "model      {} ({})", c.name, self.source);
-        let _ = writeln!(s, "file       {}", human_bytes(self.file_bytes as u64));
+        let _ = writeln!(s, "family     {}", self.family);
         let _ = writeln!(
             s,
-            "shape      {} layers, d_model {}, {} heads, context {}, vocab {} ({:?} tokenizer)",
-            c.n_layers, c.d_model, c.n_heads, c.max_seq_len, c.vocab_size, c.tokenizer
+            "weights    {} in {} file{}",
+            human_bytes(self.file_bytes as u64),
+            self.files,
+            if self.files == 1 { "" } else { "s" }
         );
+        let _ = writeln!(
+            s,
+            "shape      {} layers, d_model {}, {} heads ({} key/value) of {}, context {}, vocab {} ({:?} tokenizer)",
+            c.n_layers,
+            c.d_model,
+            c.n_heads,
+            c.kv_heads(),
+            c.head_dim(),
+            c.max_seq_len,
+            c.vocab_size,
+            c.tokenizer
+        );
+        if c.qk_norm.is_some() || c.qkv_bias || c.attn_bias {
+            let _ = writeln!(
+                s,
+                "attention  q/k norm {}, bias {}",
+                c.qk_norm.map_or("none".to_string(), |k| format!("{k:?}")),
+                if c.attn_bias {
+                    "q, k, v, o"
+                } else if c.qkv_bias {
+                    "q, k, v"
+                } else {
+                    "none"
+                }
+            );
+        }
+        if let Some(w) = c.shared_expert_hidden {
+            let _ = writeln!(
+                s,
+                "shared     one always-on expert of width {w} per MoE layer{}",
+                if c.shared_expert_gate {
+                    ", scaled by sigmoid(gate . x)"
+                } else {
+                    ""
+                }
+            );
+        }
         let _ = writeln!(
             s,
             "blocks     {:?} norm, {:?} positions, {:?}{} FFN, dense FFN width {}",
@@ -144,6 +203,12 @@ impl InspectReport {
         let _ = writeln!(s, "  total        {:>12}", group(p.total as u64));
         let _ = writeln!(s, "  embeddings   {:>12}", group(p.embeddings as u64));
         let _ = writeln!(s, "  experts      {:>12}", group(p.experts_total as u64));
+        let _ = writeln!(
+            s,
+            "  active, top-{} {:>11}",
+            self.flops.top_k,
+            group(self.active_params_top_k as u64)
+        );
         let _ = writeln!(s, "  per expert   {:>12}", group(p.per_expert as u64));
         for (i, n) in p.per_layer.iter().enumerate() {
             let kind = if self.moe_layers.contains(&i) {

@@ -19,7 +19,7 @@ fn tokens(n: usize, seed: u32) -> Vec<u32> {
 
 fn to_naive(p: RoutingPolicy) -> NaivePolicy {
     match p {
-        RoutingPolicy::Threshold { t } => NaivePolicy::Threshold(t),
+        RoutingPolicy::Threshold { t, .. } => NaivePolicy::Threshold(t),
         RoutingPolicy::TopK { k, renormalize } => NaivePolicy::TopK(k, renormalize),
         RoutingPolicy::Dense => NaivePolicy::Dense,
     }
@@ -63,9 +63,9 @@ fn variants() -> Vec<(&'static str, ModelConfig, bool, StoreDtype)> {
 
 fn policies(e: usize) -> Vec<RoutingPolicy> {
     vec![
-        RoutingPolicy::Threshold { t: 0.5 },
-        RoutingPolicy::Threshold { t: 0.9 },
-        RoutingPolicy::Threshold { t: 1.0 },
+        RoutingPolicy::threshold(0.5),
+        RoutingPolicy::threshold(0.9),
+        RoutingPolicy::threshold(1.0),
         RoutingPolicy::TopK {
             k: 2.min(e),
             renormalize: false,
@@ -184,7 +184,7 @@ fn dense_equals_topk_all_equals_threshold_one() {
         k: cfg.n_experts,
         renormalize: false,
     });
-    let t1 = run(RoutingPolicy::Threshold { t: 1.0 });
+    let t1 = run(RoutingPolicy::threshold(1.0));
     let close = |a: &[f32], b: &[f32]| {
         a.iter()
             .zip(b)
@@ -193,7 +193,7 @@ fn dense_equals_topk_all_equals_threshold_one() {
     assert!(close(&dense, &topk));
     assert!(close(&dense, &t1));
     // And a real threshold is a different function.
-    let t5 = run(RoutingPolicy::Threshold { t: 0.5 });
+    let t5 = run(RoutingPolicy::threshold(0.5));
     assert!(!close(&dense, &t5));
 }
 
@@ -209,7 +209,7 @@ fn each_expert_computes_exactly_the_rows_that_chose_it() {
         .forward(
             &toks,
             1,
-            &RoutingConfig::uniform(RoutingPolicy::Threshold { t: 0.6 }, 2),
+            &RoutingConfig::uniform(RoutingPolicy::threshold(0.6), 2),
             None,
             &mut trace,
         )

@@ -30,6 +30,7 @@ fn sweep_report(dir: &Path) -> ReportData {
     let model = small_model(dir);
     let batches = text_batches(TEXT, 2, 24, 144).unwrap();
     let spec = SweepSpec {
+        renormalize: None,
         thresholds: vec![0.3, 0.5, 0.7, 0.8, 0.95, 1.0],
         top_k: vec![1, 2, 4],
         top_k_baseline: None,
@@ -98,10 +99,10 @@ fn sweep_is_monotone_and_consistent() {
     }
     // The default threshold (0.9) was added and marked, and its snapshot is the report's.
     let def = sw.default_point().unwrap();
-    assert_eq!(def.policy, RoutingPolicy::Threshold { t: 0.9 });
+    assert_eq!(def.policy, RoutingPolicy::threshold(0.9));
     assert_eq!(
         data.snapshot.policy.layers[0].policy,
-        RoutingPolicy::Threshold { t: 0.9 }
+        RoutingPolicy::threshold(0.9)
     );
     assert_eq!(
         data.snapshot.epoch.cumulative.mean_experts_per_token,
@@ -331,7 +332,7 @@ fn traces_stream_and_read_back() {
     let model = small_model(dir.path());
     let cfg = model.config().clone();
     let routing = RoutingConfig {
-        policies: vec![RoutingPolicy::Threshold { t: 0.8 }; 2],
+        policies: vec![RoutingPolicy::threshold(0.8); 2],
         capacity_factor: Some(0.5),
     };
     let path = dir.path().join("trace.jsonl");

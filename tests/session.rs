@@ -43,7 +43,7 @@ fn eval_workload(model: &Model) -> Workload {
 
 fn config(model: &Model) -> SessionConfig {
     let mut c = SessionConfig::new(model, "CPU (test)");
-    c.routing = RoutingConfig::uniform(RoutingPolicy::Threshold { t: 0.9 }, 2);
+    c.routing = RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2);
     c.snapshot_interval = Duration::from_millis(20);
     c.reference_every = 2;
     c.device_sample_period = None;
@@ -81,10 +81,10 @@ fn threshold_change_pause_and_reset() {
     let twin = Model::load(&path, &Device::Cpu).unwrap();
     let before = direct_means(
         &twin,
-        &RoutingConfig::uniform(RoutingPolicy::Threshold { t: 0.9 }, 2),
+        &RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2),
     );
-    let mut lowered = RoutingConfig::uniform(RoutingPolicy::Threshold { t: 0.9 }, 2);
-    lowered.policies[1] = RoutingPolicy::Threshold { t: 0.2 };
+    let mut lowered = RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2);
+    lowered.policies[1] = RoutingPolicy::threshold(0.2);
     let after = direct_means(&twin, &lowered);
     assert_eq!(before[0], after[0], "layer 0 precedes the change");
     assert!(
@@ -111,7 +111,7 @@ fn threshold_change_pause_and_reset() {
     assert_eq!(layer_means(&s1), after);
     assert_eq!(
         s1.policy.layers[1].policy,
-        xmoe_top::routing::RoutingPolicy::Threshold { t: 0.2 }
+        xmoe_top::routing::RoutingPolicy::threshold(0.2)
     );
     let prev = s1.previous_epoch.as_ref().expect("previous epoch kept");
     assert_eq!(prev.layer_mean_experts_per_token, before);

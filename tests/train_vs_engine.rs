@@ -53,7 +53,7 @@ fn trainer_and_engine_compute_the_same_logits() {
 
     for policy in [
         RoutingPolicy::Dense,
-        RoutingPolicy::Threshold { t: TRAIN_THRESHOLD },
+        RoutingPolicy::threshold(TRAIN_THRESHOLD),
     ] {
         trainer.set_policy(policy).unwrap();
         let out = trainer.forward(&ids).unwrap();

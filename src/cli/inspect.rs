@@ -7,12 +7,13 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::inspect::InspectReport;
-use crate::model::format::ModelFile;
+use crate::model::ModelSource;
 
 /// Arguments of `inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Model file (.safetensors); default: the embedded model.
+    /// Model: a .safetensors file or a Hugging Face checkpoint (directory, index or shard);
+    /// default: the embedded model.
     model: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -22,8 +23,8 @@ pub struct InspectArgs {
 /// Prints the report.
 pub fn run(a: InspectArgs) -> Result<ExitCode> {
     let file = match &a.model {
-        Some(p) => ModelFile::open(p)?,
-        None => crate::embedded::model_file()?,
+        Some(p) => ModelSource::open(p)?,
+        None => crate::embedded::model_file()?.into(),
     };
     let report = InspectReport::new(&file);
     if a.json {

@@ -107,18 +107,17 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
             k,
             renormalize: false,
         }],
-        ParityPolicy::Threshold => vec![
-            RoutingPolicy::Threshold { t: 0.9 },
-            RoutingPolicy::Threshold { t: 0.5 },
-        ],
+        ParityPolicy::Threshold => {
+            vec![RoutingPolicy::threshold(0.9), RoutingPolicy::threshold(0.5)]
+        }
         ParityPolicy::All => vec![
             RoutingPolicy::Dense,
             RoutingPolicy::TopK {
                 k,
                 renormalize: false,
             },
-            RoutingPolicy::Threshold { t: 0.9 },
-            RoutingPolicy::Threshold { t: 0.5 },
+            RoutingPolicy::threshold(0.9),
+            RoutingPolicy::threshold(0.5),
         ],
     };
     println!(
@@ -203,7 +202,7 @@ fn decision_margin(r: &Routing, i: usize, policy: RoutingPolicy) -> f32 {
     }
     let gap = p[n - 1] - p[n];
     match policy {
-        RoutingPolicy::Threshold { t } => {
+        RoutingPolicy::Threshold { t, .. } => {
             let before_last: f32 = p[..n - 1].iter().sum();
             let with_last = before_last + p[n - 1];
             gap.min((t - before_last).abs()).min((with_last - t).abs())

@@ -11,6 +11,9 @@ use crate::routing::RoutingPolicy;
 /// Policy family on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PolicyKind {
+    /// The model's own rule (a Hugging Face model's top-k with its renormalisation; the
+    /// configured default for the project's own models).
+    Native,
     /// Threshold routing (`--threshold`).
     Threshold,
     /// Top-k routing (`--k`).
@@ -32,9 +35,10 @@ pub struct PolicyArgs {
     /// k for `--policy topk` (default: the model's compute-matched k).
     #[arg(long)]
     pub k: Option<usize>,
-    /// Renormalise top-k weights to sum to 1.
-    #[arg(long)]
-    pub renormalize: bool,
+    /// Renormalise the selected experts' weights to sum to 1 (threshold and top-k); `--renormalize
+    /// false` keeps the raw probabilities. Default: what the model's native rule does.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub renormalize: Option<bool>,
     /// Capacity factor: at most max(4, ceil(C * tokens / E)) tokens per expert per pass.
     #[arg(long)]
     pub capacity_factor: Option<f32>,
@@ -65,7 +69,12 @@ impl PolicyArgs {
         if kind != PolicyKind::Topk && self.k.is_some() {
             bail!("--k goes with --policy topk");
         }
+        let renormalize = self.renormalize.unwrap_or(default.renormalizes());
+        if kind == PolicyKind::Native && self.renormalize.is_some() {
+            bail!("--renormalize goes with --policy threshold or topk: the native rule fixes it");
+        }
         let policies = match kind {
+            PolicyKind::Native => vec![default; moe.len()],
             PolicyKind::Dense => vec![RoutingPolicy::Dense; moe.len()],
             PolicyKind::Topk => {
                 let k = self.k.unwrap_or_else(|| match default {
@@ -77,17 +86,11 @@ impl PolicyArgs {
                         "--k: the model has {e} experts per layer, so k must be in 1..={e}, found {k}"
                     );
                 }
-                vec![
-                    RoutingPolicy::TopK {
-                        k,
-                        renormalize: self.renormalize,
-                    };
-                    moe.len()
-                ]
+                vec![RoutingPolicy::TopK { k, renormalize }; moe.len()]
             }
             PolicyKind::Threshold => {
                 let base = match default {
-                    RoutingPolicy::Threshold { t } => t,
+                    RoutingPolicy::Threshold { t, .. } => t,
                     _ => 0.9,
                 };
                 let mut ts = vec![base; moe.len()];
@@ -95,7 +98,7 @@ impl PolicyArgs {
                     parse_thresholds(spec, &moe, &mut ts)?;
                 }
                 ts.into_iter()
-                    .map(|t| RoutingPolicy::Threshold { t })
+                    .map(|t| RoutingPolicy::threshold(t).with_renormalize(renormalize))
                     .collect()
             }
         };
@@ -168,7 +171,7 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(p, vec![RoutingPolicy::Threshold { t: 0.7 }; 2]);
+        assert_eq!(p, vec![RoutingPolicy::threshold(0.7); 2]);
         let p = policies(PolicyArgs {
             threshold: Some("3:0.5".into()),
             ..Default::default()
@@ -176,10 +179,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             p,
-            vec![
-                RoutingPolicy::Threshold { t: 0.9 },
-                RoutingPolicy::Threshold { t: 0.5 }
-            ]
+            vec![RoutingPolicy::threshold(0.9), RoutingPolicy::threshold(0.5)]
         );
     }
 

@@ -13,10 +13,11 @@ use clap::{Args, ValueEnum};
 use super::policy_args::PolicyArgs;
 use crate::atomic_file::AtomicFile;
 use crate::model::trace::ForwardTrace;
-use crate::model::{DeviceChoice, LoadOptions, Model, ModelFile, MoeDispatch};
+use crate::model::{DeviceChoice, LoadOptions, Model, ModelSource, MoeDispatch};
 use crate::profiling::snapshot::Snapshot;
 use crate::report::trace::{TraceOptions, TraceWriter};
 use crate::report::{ReportData, ReportFormat, export, write_report};
+use crate::routing::RoutingPolicy;
 use crate::session::{PassObserver, Session, SessionConfig};
 use crate::tui::Exporter;
 use crate::workload::{
@@ -35,7 +36,8 @@ pub enum WorkloadArg {
 /// Model, workload and session options shared by the live UI and headless runs.
 #[derive(Args, Debug, Clone)]
 pub struct SessionArgs {
-    /// Model file (.safetensors); default: the model embedded in xmoe-top.
+    /// Model: a .safetensors file or a Hugging Face checkpoint (directory, index or shard);
+    /// default: the model embedded in xmoe-top.
     pub model: Option<PathBuf>,
     /// Stop after this many tokens (headless default: 20000).
     #[arg(long)]
@@ -75,9 +77,46 @@ pub struct SessionArgs {
     /// How MoE layers compute on the CPU: auto, kernel, portable, avx2, avx512, gemm or candle.
     #[arg(long, default_value = "auto")]
     pub moe_dispatch: MoeDispatch,
-    /// Re-run every n-th eval batch under Dense routing to measure the quality cost (0: never).
+    /// Re-run every n-th eval batch under the reference routing to measure the quality cost
+    /// (0: never).
     #[arg(long, default_value_t = 8)]
     pub reference_every: u32,
+    /// Quality reference: `native` (the model's own rule), `dense` (every expert), `topk:K` or
+    /// `threshold:T`. Default: native for a model with a native top-k (Hugging Face
+    /// checkpoints), dense otherwise.
+    #[arg(long, value_name = "POLICY")]
+    pub reference: Option<String>,
+}
+
+/// Parses `--reference` against the model's configuration.
+pub fn parse_reference(
+    spec: &str,
+    cfg: &crate::model::config::ModelConfig,
+) -> Result<RoutingPolicy> {
+    let e = cfg.n_experts;
+    let policy = match spec.trim() {
+        "native" => cfg.default_policy,
+        "dense" => RoutingPolicy::Dense,
+        s => match s.split_once(':') {
+            Some(("topk", k)) => RoutingPolicy::TopK {
+                k: k.trim()
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--reference topk:K: `{k}` is not a number"))?,
+                renormalize: cfg.default_policy.renormalizes(),
+            },
+            Some(("threshold", t)) => {
+                RoutingPolicy::threshold(t.trim().parse().map_err(|_| {
+                    anyhow::anyhow!("--reference threshold:T: `{t}` is not a number")
+                })?)
+                .with_renormalize(cfg.default_policy.renormalizes())
+            }
+            _ => bail!("--reference: expected native, dense, topk:K or threshold:T, found `{s}`"),
+        },
+    };
+    policy
+        .validate(e)
+        .map_err(|err| anyhow::anyhow!("--reference: {err}"))?;
+    Ok(policy)
 }
 
 /// Flags of `run` and of the main command.
@@ -171,8 +210,8 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
         eprintln!("xmoe-top: {note}");
     }
     let file = match &a.model {
-        Some(p) => ModelFile::open(p)?,
-        None => crate::embedded::model_file()?,
+        Some(p) => ModelSource::open(p)?,
+        None => crate::embedded::model_file()?.into(),
     };
     for w in file.warnings() {
         eprintln!("xmoe-top: warning: {w}");
@@ -181,7 +220,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
         dispatch: a.moe_dispatch,
         threads,
     };
-    let model = Model::from_file(&file, &device.device, options)?;
+    let model = Model::from_source(&file, &device.device, options)?;
     let cfg = model.config().clone();
     let routing = a.policy.routing(&cfg)?;
     if a.batch == 0 {
@@ -239,6 +278,9 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     let mut config = SessionConfig::new(&model, device.description.clone());
     config.routing = routing;
     config.reference_every = a.reference_every;
+    if let Some(spec) = &a.reference {
+        config.reference_policy = parse_reference(spec, &cfg)?;
+    }
     config.token_budget = a.tokens;
     if let Some(s) = a.seconds {
         if !(s.is_finite() && s > 0.0) {

@@ -16,7 +16,8 @@ use crate::session::sweep::{SweepSpec, parse_thresholds, parse_top_k, run_sweep,
 /// Arguments of `sweep`.
 #[derive(Args, Debug)]
 pub struct SweepArgs {
-    /// Model file (.safetensors); default: the embedded model.
+    /// Model: a .safetensors file or a Hugging Face checkpoint directory; default: the embedded
+    /// model.
     model: Option<PathBuf>,
     /// Thresholds: a range start:end:step (end included) or a list such as 0.5,0.7,0.9.
     #[arg(long, default_value = "0.5:1.0:0.05")]
@@ -24,6 +25,10 @@ pub struct SweepArgs {
     /// Also sweep top-k with these k (e.g. 1,2,4).
     #[arg(long, value_name = "K,K,...")]
     with_topk: Option<String>,
+    /// Renormalise the selected experts' weights for the threshold and top-k points (`true` or
+    /// `false`; default: as the model's native rule does).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    renormalize: Option<bool>,
     /// Tokens per point (rounded up to whole batches).
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
@@ -74,14 +79,14 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         eprintln!("{note}");
     }
     let file = match &a.model {
-        Some(p) => crate::model::ModelFile::open(p)?,
-        None => crate::embedded::model_file()?,
+        Some(p) => crate::model::ModelSource::open(p)?,
+        None => crate::embedded::model_file()?.into(),
     };
     let options = crate::model::LoadOptions {
         threads,
         ..Default::default()
     };
-    let model = Model::from_file(&file, &dev.device, options)?;
+    let model = Model::from_source(&file, &dev.device, options)?;
     let cfg = model.config();
     let top_k = match &a.with_topk {
         Some(s) => parse_top_k(s, cfg.n_experts).context("--with-topk")?,
@@ -117,6 +122,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         top_k,
         top_k_baseline: a.top_k_baseline,
         capacity_factor: a.capacity_factor,
+        renormalize: a.renormalize,
         source: source.name.clone(),
         source_size: text.len(),
         device: dev.description.clone(),

@@ -189,7 +189,7 @@ fn matches_f64_reference_every_variant_threads_and_shape() {
         (16, 33, 64, true, false, true),
     ];
     let policies = [
-        RoutingPolicy::Threshold { t: 0.9 },
+        RoutingPolicy::threshold(0.9),
         RoutingPolicy::TopK {
             k: 2,
             renormalize: false,
@@ -243,7 +243,7 @@ fn all_variants_agree_with_auto_and_default_thresholds() {
     let packed = raw.pack();
     let mut scratch = MoeScratch::default();
     for tokens in [1usize, 300] {
-        let routing = random_routing(&mut rng, tokens, 16, RoutingPolicy::Threshold { t: 0.7 });
+        let routing = random_routing(&mut rng, tokens, 16, RoutingPolicy::threshold(0.7));
         let mut groups = ExpertGroups::default();
         groups.build(&routing);
         let x: Vec<f32> = (0..tokens * 128)
@@ -268,7 +268,7 @@ fn only_the_rows_that_chose_an_expert_are_computed() {
     let mut rng = StdRng::seed_from_u64(3);
     let (e, d, h, tokens) = (12, 48, 32, 64);
     let mut raw = Raw::random(&mut rng, e, d, h, Activation::Gelu, false, true, true);
-    let routing = random_routing(&mut rng, tokens, e, RoutingPolicy::Threshold { t: 0.5 });
+    let routing = random_routing(&mut rng, tokens, e, RoutingPolicy::threshold(0.5));
     let mut groups = ExpertGroups::default();
     groups.build(&routing);
     let mut x: Vec<f32> = (0..tokens * d)

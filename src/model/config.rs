@@ -86,7 +86,7 @@ fn default_true() -> bool {
     true
 }
 fn default_policy() -> RoutingPolicy {
-    RoutingPolicy::Threshold { t: 0.9 }
+    RoutingPolicy::threshold(0.9)
 }
 
 /// The full configuration of an XMoE decoder-only language model.
@@ -513,7 +513,7 @@ pub(crate) mod tests {
         c.d_model = 0;
         assert_eq!(c.validate().unwrap_err().field, "d_model");
         let mut c = small();
-        c.default_policy = RoutingPolicy::Threshold { t: 1.5 };
+        c.default_policy = RoutingPolicy::threshold(1.5);
         assert_eq!(c.validate().unwrap_err().field, "default_policy");
         let mut c = small();
         c.vocab_size = 100;

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::routing::RoutingPolicy;
 
 /// Version of the snapshot layout; bumped on any incompatible change (reports embed it).
-pub const SNAPSHOT_SCHEMA_VERSION: u32 = 1;
+/// Version 2: threshold policies carry `renormalize`.
+pub const SNAPSHOT_SCHEMA_VERSION: u32 = 2;
 
 /// Everything a view needs about the session at one instant.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -97,7 +97,9 @@ impl SweepResult {
 /// A short label of a policy: "t=0.90", "top-2", "top-2 renorm", "dense".
 pub fn policy_label(p: &RoutingPolicy) -> String {
     match *p {
-        RoutingPolicy::Threshold { t } => format!("t={}", crate::units::trim_float(t as f64, 3)),
+        RoutingPolicy::Threshold { t, .. } => {
+            format!("t={}", crate::units::trim_float(t as f64, 3))
+        }
         RoutingPolicy::TopK { k, renormalize } => {
             format!("top-{k}{}", if renormalize { " renorm" } else { "" })
         }

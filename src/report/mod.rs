@@ -33,7 +33,8 @@ pub use crate::profiling::sweep::{SweepPoint, SweepResult, policy_label};
 pub use trace::{TraceHeader, TraceOptions, TraceReader, TraceRecord, TraceWriter};
 
 /// Version of the report layout (`docs/report.schema.json`); bumped on any incompatible change.
-pub const REPORT_SCHEMA_VERSION: u32 = 1;
+/// Version 2: threshold policies carry `renormalize`.
+pub const REPORT_SCHEMA_VERSION: u32 = 2;
 
 /// The file formats a report can be written in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -373,11 +374,8 @@ mod tests {
 
     #[test]
     fn labels() {
-        assert_eq!(policy_label(&RoutingPolicy::Threshold { t: 0.9 }), "t=0.9");
-        assert_eq!(
-            policy_label(&RoutingPolicy::Threshold { t: 0.85 }),
-            "t=0.85"
-        );
+        assert_eq!(policy_label(&RoutingPolicy::threshold(0.9)), "t=0.9");
+        assert_eq!(policy_label(&RoutingPolicy::threshold(0.85)), "t=0.85");
         assert_eq!(
             policy_label(&RoutingPolicy::TopK {
                 k: 2,

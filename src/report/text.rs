@@ -372,7 +372,7 @@ fn generated(o: &mut String, s: &Snapshot) {
 /// A policy in a few characters ("t=0.90", "top-2", "dense").
 pub fn format_policy(p: &RoutingPolicy) -> String {
     match p {
-        RoutingPolicy::Threshold { t } => format!("t={t:.2}"),
+        RoutingPolicy::Threshold { t, .. } => format!("t={t:.2}"),
         RoutingPolicy::TopK { k, renormalize } => {
             format!("top-{k}{}", if *renormalize { " renorm" } else { "" })
         }

@@ -21,6 +21,10 @@ pub enum RoutingPolicy {
     Threshold {
         /// Threshold on the cumulative probability.
         t: f32,
+        /// Divide the selected probabilities by their sum (the XMoE rule itself does not; a
+        /// model trained with a renormalising top-k may degrade less with it).
+        #[serde(default)]
+        renormalize: bool,
     },
     /// The `k` most probable experts.
     TopK {
@@ -37,7 +41,11 @@ pub enum RoutingPolicy {
 impl fmt::Display for RoutingPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            RoutingPolicy::Threshold { t } => write!(f, "threshold t={t:.2}"),
+            RoutingPolicy::Threshold { t, renormalize } => write!(
+                f,
+                "threshold t={t:.2}{}",
+                if *renormalize { " (renorm)" } else { "" }
+            ),
             RoutingPolicy::TopK { k, renormalize } => {
                 write!(f, "top-{k}{}", if *renormalize { " (renorm)" } else { "" })
             }
@@ -94,13 +102,47 @@ pub enum RoutingError {
 pub const SAME_THRESHOLD_TOLERANCE: f32 = 1e-5;
 
 impl RoutingPolicy {
+    /// The XMoE threshold rule at `t`, with the raw probabilities as weights.
+    pub const fn threshold(t: f32) -> Self {
+        RoutingPolicy::Threshold {
+            t,
+            renormalize: false,
+        }
+    }
+
+    /// Whether the combine weights are renormalised over the selected experts.
+    pub fn renormalizes(&self) -> bool {
+        match *self {
+            RoutingPolicy::Threshold { renormalize, .. }
+            | RoutingPolicy::TopK { renormalize, .. } => renormalize,
+            RoutingPolicy::Dense => false,
+        }
+    }
+
+    /// The same policy with the combine weights renormalised or not (dense keeps raw weights,
+    /// which already sum to 1).
+    pub fn with_renormalize(self, on: bool) -> Self {
+        match self {
+            RoutingPolicy::Threshold { t, .. } => RoutingPolicy::Threshold { t, renormalize: on },
+            RoutingPolicy::TopK { k, .. } => RoutingPolicy::TopK { k, renormalize: on },
+            RoutingPolicy::Dense => RoutingPolicy::Dense,
+        }
+    }
+
     /// True when both route every token the same way: equal kind and parameters, thresholds
     /// within [`SAME_THRESHOLD_TOLERANCE`].
     pub fn same_as(&self, other: &RoutingPolicy) -> bool {
         match (self, other) {
-            (RoutingPolicy::Threshold { t: a }, RoutingPolicy::Threshold { t: b }) => {
-                (a - b).abs() < SAME_THRESHOLD_TOLERANCE
-            }
+            (
+                RoutingPolicy::Threshold {
+                    t: a,
+                    renormalize: ra,
+                },
+                RoutingPolicy::Threshold {
+                    t: b,
+                    renormalize: rb,
+                },
+            ) => ra == rb && (a - b).abs() < SAME_THRESHOLD_TOLERANCE,
             (a, b) => a == b,
         }
     }
@@ -108,7 +150,7 @@ impl RoutingPolicy {
     /// Checks the policy's parameters against the number of experts.
     pub fn validate(&self, n_experts: usize) -> Result<(), RoutingError> {
         match *self {
-            RoutingPolicy::Threshold { t } => {
+            RoutingPolicy::Threshold { t, .. } => {
                 if !(t.is_finite() && t > 0.0 && t <= 1.0) {
                     return Err(RoutingError::BadThreshold(t));
                 }
@@ -235,7 +277,7 @@ pub fn route(
         out.top1.push(probs[out.order[0] as usize]);
         let start = out.experts.len();
         match policy {
-            RoutingPolicy::Threshold { t } => {
+            RoutingPolicy::Threshold { t, .. } => {
                 let mut before = 0.0f32;
                 for (rank, &e) in out.order.iter().enumerate() {
                     if rank > 0 && before >= t {
@@ -247,18 +289,10 @@ pub fn route(
                     before += p;
                 }
             }
-            RoutingPolicy::TopK { k, renormalize } => {
-                let mut sum = 0.0f32;
+            RoutingPolicy::TopK { k, .. } => {
                 for &e in &out.order[..k] {
-                    let p = probs[e as usize];
                     out.experts.push(e);
-                    out.weights.push(p);
-                    sum += p;
-                }
-                if renormalize && sum > 0.0 {
-                    for w in &mut out.weights[start..] {
-                        *w /= sum;
-                    }
+                    out.weights.push(probs[e as usize]);
                 }
             }
             RoutingPolicy::Dense => {
@@ -266,6 +300,13 @@ pub fn route(
                     out.experts.push(e);
                     out.weights.push(probs[e as usize]);
                 }
+            }
+        }
+        if policy.renormalizes() {
+            let selected = &mut out.weights[start..];
+            let sum: f32 = selected.iter().sum();
+            if sum > 0.0 {
+                selected.iter_mut().for_each(|w| *w /= sum);
             }
         }
         out.offsets.push(out.experts.len() as u32);
@@ -421,7 +462,7 @@ mod tests {
     fn hand_computed_threshold() {
         // p = [0.1, 0.5, 0.3, 0.1]; order 1,2,0,3; before = 0, 0.5, 0.8, 0.9.
         let l = logits_for(&[0.1, 0.5, 0.3, 0.1]);
-        let th = |t| run(&l, 4, RoutingPolicy::Threshold { t }, None);
+        let th = |t| run(&l, 4, RoutingPolicy::threshold(t), None);
         assert_eq!(chosen(&th(0.5), 0), vec![1]);
         assert_eq!(chosen(&th(0.51), 0), vec![1, 2]);
         assert_eq!(chosen(&th(0.79), 0), vec![1, 2]);
@@ -438,9 +479,34 @@ mod tests {
     }
 
     #[test]
+    fn threshold_with_renormalisation_keeps_the_selection_and_rescales_the_weights() {
+        // p = [0.1, 0.5, 0.3, 0.1]: t = 0.7 selects 1 and 2 (mass 0.8).
+        let l = logits_for(&[0.1, 0.5, 0.3, 0.1]);
+        let raw = run(&l, 4, RoutingPolicy::threshold(0.7), None);
+        let policy = RoutingPolicy::threshold(0.7).with_renormalize(true);
+        assert!(policy.renormalizes() && !policy.same_as(&RoutingPolicy::threshold(0.7)));
+        let r = run(&l, 4, policy, None);
+        assert_eq!(chosen(&r, 0), chosen(&raw, 0));
+        let w: Vec<f32> = r.choices(0).map(|(_, w, _)| w).collect();
+        assert!(
+            (w[0] - 0.625).abs() < 1e-6 && (w[1] - 0.375).abs() < 1e-6,
+            "{w:?}"
+        );
+        assert_eq!(policy.to_string(), "threshold t=0.70 (renorm)");
+        let json = serde_json::to_string(&policy).unwrap();
+        assert_eq!(
+            serde_json::from_str::<RoutingPolicy>(&json).unwrap(),
+            policy
+        );
+        // Files written before the switch existed read as raw weights.
+        let old: RoutingPolicy = serde_json::from_str(r#"{"kind":"threshold","t":0.7}"#).unwrap();
+        assert_eq!(old, RoutingPolicy::threshold(0.7));
+    }
+
+    #[test]
     fn ties_go_to_lower_expert_id() {
         let l = vec![0.0; 4];
-        let r = run(&l, 4, RoutingPolicy::Threshold { t: 0.5 }, None);
+        let r = run(&l, 4, RoutingPolicy::threshold(0.5), None);
         // all 0.25: before = 0, .25, .5 -> experts 0 and 1.
         assert_eq!(chosen(&r, 0), vec![0, 1]);
         let r = run(
@@ -470,7 +536,7 @@ mod tests {
     fn all_equal_probabilities_threshold_one_takes_all() {
         let e = 8;
         let l = vec![0.3; e];
-        let r = run(&l, e, RoutingPolicy::Threshold { t: 1.0 }, None);
+        let r = run(&l, e, RoutingPolicy::threshold(1.0), None);
         // before of the last expert is 7/8 < 1.
         assert_eq!(r.selected(0), e);
     }
@@ -478,7 +544,7 @@ mod tests {
     #[test]
     fn tiny_threshold_takes_exactly_one() {
         let l = vec![0.1, 0.2, 0.3, 0.4, 0.5];
-        let r = run(&l, 5, RoutingPolicy::Threshold { t: 1e-9 }, None);
+        let r = run(&l, 5, RoutingPolicy::threshold(1e-9), None);
         assert_eq!(chosen(&r, 0), vec![4]);
     }
 
@@ -486,8 +552,8 @@ mod tests {
     fn single_expert() {
         let l = vec![3.0, -2.0];
         for p in [
-            RoutingPolicy::Threshold { t: 0.9 },
-            RoutingPolicy::Threshold { t: 1.0 },
+            RoutingPolicy::threshold(0.9),
+            RoutingPolicy::threshold(1.0),
             RoutingPolicy::TopK {
                 k: 1,
                 renormalize: true,
@@ -507,7 +573,7 @@ mod tests {
         // One expert has p ~ 1e-30: f32 cumulative sum of the others reaches 1.0 exactly, so
         // t = 1.0 leaves that expert out; Dense must still include it.
         let l = vec![0.0, 0.0, -70.0];
-        let t1 = run(&l, 3, RoutingPolicy::Threshold { t: 1.0 }, None);
+        let t1 = run(&l, 3, RoutingPolicy::threshold(1.0), None);
         let dense = run(&l, 3, RoutingPolicy::Dense, None);
         assert_eq!(dense.selected(0), 3);
         assert!(t1.selected(0) >= 2);
@@ -563,7 +629,7 @@ mod tests {
         let mut r = Routing::default();
         for t in [0.0, -0.1, 1.01, f32::NAN] {
             assert!(matches!(
-                route(&l, 4, RoutingPolicy::Threshold { t }, None, &mut r),
+                route(&l, 4, RoutingPolicy::threshold(t), None, &mut r),
                 Err(RoutingError::BadThreshold(_))
             ));
         }
@@ -636,7 +702,7 @@ mod tests {
     #[test]
     fn groups_hold_exactly_the_rows_that_chose_each_expert() {
         let l: Vec<f32> = (0..40).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
-        let r = run(&l, 4, RoutingPolicy::Threshold { t: 0.8 }, None);
+        let r = run(&l, 4, RoutingPolicy::threshold(0.8), None);
         let mut g = ExpertGroups::default();
         g.build(&r);
         for e in 0..4 {
@@ -656,7 +722,7 @@ mod tests {
             t in 0.001f32..=1.0,
         ) {
             let e = logits.len();
-            let r = run(&logits, e, RoutingPolicy::Threshold { t }, None);
+            let r = run(&logits, e, RoutingPolicy::threshold(t), None);
             let sel: Vec<(usize, f32, bool)> = r.choices(0).collect();
             let n = sel.len();
             prop_assert!(n >= 1);

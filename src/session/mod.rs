@@ -101,13 +101,23 @@ impl std::fmt::Debug for PassObserver {
     }
 }
 
+/// The quality reference a model gets by default: the top-k it was trained with, or all experts.
+pub fn native_reference(default_policy: RoutingPolicy) -> RoutingPolicy {
+    match default_policy {
+        RoutingPolicy::TopK { .. } => default_policy,
+        _ => RoutingPolicy::Dense,
+    }
+}
+
 impl SessionConfig {
-    /// Defaults for `model`: its default routing, Dense reference every 8 batches, a 4096-token
+    /// Defaults for `model`: its default routing, a reference every 8 batches (its native top-k
+    /// for a model that has one, such as a Hugging Face checkpoint, which was trained with it;
+    /// Dense otherwise), a 4096-token
     /// window, snapshots every 100 ms, no budget, device counters every second.
     pub fn new(model: &Model, device_description: impl Into<String>) -> Self {
         Self {
             routing: model.default_routing(),
-            reference_policy: RoutingPolicy::Dense,
+            reference_policy: native_reference(model.config().default_policy),
             reference_every: 8,
             window_tokens: 4096,
             top_k_baseline: None,
@@ -163,7 +173,7 @@ impl SessionController {
 
     /// Threshold `t` on one MoE layer (by slot) or on all.
     pub fn set_threshold(&self, layers: Layers, t: f32) -> Result<(), ControlError> {
-        self.set_policy(layers, RoutingPolicy::Threshold { t })
+        self.set_policy(layers, RoutingPolicy::threshold(t))
     }
 
     /// Any policy on one MoE layer (by slot) or on all.
@@ -467,7 +477,7 @@ impl Runner {
             }
         };
         let reason = match policy {
-            RoutingPolicy::Threshold { t } => format!("threshold of {what} set to {t:.2}"),
+            RoutingPolicy::Threshold { t, .. } => format!("threshold of {what} set to {t:.2}"),
             p => format!("policy of {what} set to {p}"),
         };
         self.new_epoch(reason);
@@ -690,7 +700,7 @@ mod tests {
     fn controls_are_validated_against_the_model() {
         let ok = |c| validate_control(&c, 2, 8);
         let set = |layers, policy| Control::SetPolicy { layers, policy };
-        let t = |t| RoutingPolicy::Threshold { t };
+        let t = |t| RoutingPolicy::threshold(t);
         let topk = |k| RoutingPolicy::TopK {
             k,
             renormalize: false,

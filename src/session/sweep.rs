@@ -154,8 +154,11 @@ pub fn text_batches(
 pub struct SweepSpec {
     /// Threshold points, each applied to every MoE layer.
     pub thresholds: Vec<f32>,
-    /// Top-k points (k values; weights not renormalised, as in the XMoE reference).
+    /// Top-k points (k values).
     pub top_k: Vec<usize>,
+    /// Renormalise the weights of the threshold and top-k points (None: as the model's native
+    /// rule does; the XMoE rule itself does not).
+    pub renormalize: Option<bool>,
     /// k of the compute-matched top-k baseline for "compute saved vs top-k" (None: the model's).
     pub top_k_baseline: Option<usize>,
     /// Inference-time capacity factor for every point (None: the model's own setting).
@@ -245,25 +248,35 @@ pub fn run_sweep(
     }
 
     // Points: thresholds (with the default threshold added), top-k, and Dense last.
+    let default_policy = cfg.default_policy;
+    let renormalize = spec.renormalize.unwrap_or(default_policy.renormalizes());
     let mut policies: Vec<RoutingPolicy> = spec
         .thresholds
         .iter()
-        .map(|&t| RoutingPolicy::Threshold { t })
+        .map(|&t| RoutingPolicy::threshold(t).with_renormalize(renormalize))
         .collect();
-    let default_policy = cfg.default_policy;
     if matches!(default_policy, RoutingPolicy::Threshold { .. })
         && !policies.iter().any(|p| p.same_as(&default_policy))
     {
         policies.push(default_policy);
     }
     policies.sort_by(|a, b| match (a, b) {
-        (RoutingPolicy::Threshold { t: x }, RoutingPolicy::Threshold { t: y }) => x.total_cmp(y),
+        (RoutingPolicy::Threshold { t: x, .. }, RoutingPolicy::Threshold { t: y, .. }) => {
+            x.total_cmp(y)
+        }
         _ => std::cmp::Ordering::Equal,
     });
-    policies.extend(spec.top_k.iter().map(|&k| RoutingPolicy::TopK {
-        k,
-        renormalize: false,
-    }));
+    policies.extend(
+        spec.top_k
+            .iter()
+            .map(|&k| RoutingPolicy::TopK { k, renormalize }),
+    );
+    // A model whose own rule is a top-k (Hugging Face checkpoints) always gets that point.
+    if matches!(default_policy, RoutingPolicy::TopK { .. })
+        && !policies.iter().any(|p| p.same_as(&default_policy))
+    {
+        policies.push(default_policy);
+    }
     let n_moe = moe_layers.len();
     let make = |policy: RoutingPolicy| PointRun {
         policy,

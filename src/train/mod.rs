@@ -124,7 +124,7 @@ impl TrainArgs {
     pub fn model_config(&self) -> ModelConfig {
         ModelConfig {
             name: self.name.clone(),
-            default_policy: RoutingPolicy::Threshold { t: self.threshold },
+            default_policy: RoutingPolicy::threshold(self.threshold),
             ..ModelConfig::byte_level(
                 self.d_model,
                 self.layers,
@@ -387,7 +387,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
                 let ev = evaluate(&model, &heldout, args.seq, windows, &dev)?;
                 model.set_policy(RoutingPolicy::Dense)?;
                 let dense = evaluate(&model, &heldout, args.seq, windows, &dev);
-                model.set_policy(RoutingPolicy::Threshold { t: args.threshold })?;
+                model.set_policy(RoutingPolicy::threshold(args.threshold))?;
                 let dense = dense?;
                 eval_cols = format!("{:.4},{:.3},{:.4}", ev.bpb, ev.experts_per_token, dense.bpb);
                 eval_msg = format!(
@@ -483,7 +483,7 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
     let flops = crate::profiling::flops::FlopModel::new(&cfg);
     let mut policies: Vec<RoutingPolicy> = [0.5f32, 0.7, 0.8, 0.9, 0.95, 0.99]
         .iter()
-        .map(|&t| RoutingPolicy::Threshold { t })
+        .map(|&t| RoutingPolicy::threshold(t))
         .collect();
     policies.push(RoutingPolicy::Dense);
     let mut ks = vec![1, 2, cfg.split_ratio()];

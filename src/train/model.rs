@@ -204,7 +204,7 @@ impl TrainModel {
         );
         Ok(Self {
             cfg: cfg.clone(),
-            policy: RoutingPolicy::Threshold { t: threshold },
+            policy: RoutingPolicy::threshold(threshold),
             routing: Default::default(),
             tok,
             pos,
@@ -238,7 +238,7 @@ impl TrainModel {
         let file = super::save::check_saved(path)?;
         let cfg = file.config().clone();
         let t = match cfg.default_policy {
-            crate::routing::RoutingPolicy::Threshold { t } => t,
+            crate::routing::RoutingPolicy::Threshold { t, .. } => t,
             _ => 0.9,
         };
         let mut model = Self::new(&cfg, t, 0, 0.02, 0.02, dev)?;
@@ -324,7 +324,7 @@ impl TrainModel {
             let p = softmax_last(&logits_r)?;
             let pv = p.flatten_all()?.to_vec1::<f32>()?;
             let t = match self.policy {
-                RoutingPolicy::Threshold { t } => t,
+                RoutingPolicy::Threshold { t, .. } => t,
                 _ => 1.0,
             };
             let mut ms = threshold_mask(&pv, e, t, &mut mask);
@@ -433,7 +433,7 @@ mod tests {
     fn attention_is_causal_and_uses_the_context() {
         let cfg = crate::model::config::tests::small();
         let mut model = TrainModel::new(&cfg, 0.9, 5, 0.5, 0.02, &Device::Cpu).unwrap();
-        for p in [RoutingPolicy::Threshold { t: 0.9 }, RoutingPolicy::Dense] {
+        for p in [RoutingPolicy::threshold(0.9), RoutingPolicy::Dense] {
             model.set_policy(p).unwrap();
             let a: Vec<u32> = (0..12).map(|i| 97 + i).collect();
             let mut b = a.clone();

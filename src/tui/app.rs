@@ -161,7 +161,7 @@ impl App {
         self.last_top_k.resize(n, snap.model.top_k_baseline.max(1));
         for (slot, lp) in snap.policy.layers.iter().enumerate() {
             match lp.policy {
-                RoutingPolicy::Threshold { t } => self.last_threshold[slot] = t,
+                RoutingPolicy::Threshold { t, .. } => self.last_threshold[slot] = t,
                 RoutingPolicy::TopK { k, .. } => self.last_top_k[slot] = k,
                 RoutingPolicy::Dense => {}
             }
@@ -253,7 +253,7 @@ impl App {
     /// The last threshold `slot` used (its current t when it routes by threshold).
     pub fn last_threshold(&self, slot: usize) -> f32 {
         match self.effective_policy(slot) {
-            Some(RoutingPolicy::Threshold { t }) => t,
+            Some(RoutingPolicy::Threshold { t, .. }) => t,
             _ => self.last_threshold.get(slot).copied().unwrap_or(0.9),
         }
     }
@@ -271,7 +271,7 @@ impl App {
         let at = self.latest.as_ref().map_or(0, |s| s.sequence);
         for slot in slots {
             match policy {
-                RoutingPolicy::Threshold { t } => {
+                RoutingPolicy::Threshold { t, .. } => {
                     if let Some(x) = self.last_threshold.get_mut(slot) {
                         *x = t;
                     }

@@ -207,8 +207,19 @@ fn request(app: &mut App, target: Target, policy: RoutingPolicy) -> Option<Contr
     })
 }
 
+/// Threshold `t` on `target`, keeping whether the layer's weights are renormalised (a model whose
+/// native top-k renormalises keeps doing so under a threshold until the user says otherwise).
 fn set_threshold(app: &mut App, target: Target, t: f32) -> Option<Control> {
-    request(app, target, RoutingPolicy::Threshold { t: clamp_t(t) })
+    let s = match target {
+        Target::Layer(s) => s,
+        Target::Global => app.layer,
+    };
+    let renormalize = app.effective_policy(s).is_some_and(|p| p.renormalizes());
+    request(
+        app,
+        target,
+        RoutingPolicy::threshold(clamp_t(t)).with_renormalize(renormalize),
+    )
 }
 
 fn move_selection(app: &mut App, down: bool) {
@@ -337,14 +348,12 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
                 Target::Global => app.layer,
             };
             let next = match app.effective_policy(s)? {
-                RoutingPolicy::Threshold { .. } => RoutingPolicy::TopK {
+                RoutingPolicy::Threshold { renormalize, .. } => RoutingPolicy::TopK {
                     k: app.last_top_k(s).clamp(1, app.n_experts().max(1)),
-                    renormalize: false,
+                    renormalize,
                 },
                 RoutingPolicy::TopK { .. } => RoutingPolicy::Dense,
-                RoutingPolicy::Dense => RoutingPolicy::Threshold {
-                    t: clamp_t(app.last_threshold(s)),
-                },
+                RoutingPolicy::Dense => RoutingPolicy::threshold(clamp_t(app.last_threshold(s))),
             };
             request(app, target, next)
         }

@@ -71,7 +71,7 @@ fn press(app: &mut App, events: &[Event]) -> Vec<Control> {
 fn threshold(slot: Layers, t: f32) -> Control {
     Control::SetPolicy {
         layers: slot,
-        policy: RoutingPolicy::Threshold { t },
+        policy: RoutingPolicy::threshold(t),
     }
 }
 
@@ -473,7 +473,7 @@ fn arrows_change_the_focused_threshold() {
     // A snapshot showing the request clears it; the slider then shows the snapshot's value.
     assert!(app.pending(0).is_some());
     let mut snap = app.latest().unwrap().clone();
-    snap.policy.layers[0].policy = RoutingPolicy::Threshold { t: 0.01 };
+    snap.policy.layers[0].policy = RoutingPolicy::threshold(0.01);
     snap.sequence += 1;
     app.push_snapshot(snap);
     assert!(app.pending(0).is_none());
@@ -544,7 +544,7 @@ fn g_applies_to_all_and_p_cycles_the_policy() {
     // Back to threshold at the layer's last t.
     assert_eq!(
         press(&mut app, &[key(KeyCode::Char('p'))]),
-        [set(RoutingPolicy::Threshold { t: 0.71 })]
+        [set(RoutingPolicy::threshold(0.71))]
     );
     // +/- outside top-k explain instead of sending.
     assert!(press(&mut app, &[key(KeyCode::Char('+'))]).is_empty());

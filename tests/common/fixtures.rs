@@ -57,7 +57,7 @@ fn policy_state(cfg: &ModelConfig, t: f32) -> PolicyState {
             .into_iter()
             .map(|layer| LayerPolicy {
                 layer,
-                policy: RoutingPolicy::Threshold { t },
+                policy: RoutingPolicy::threshold(t),
             })
             .collect(),
         capacity_factor: None,
@@ -93,7 +93,7 @@ fn synthetic_pass(
         route(
             &logits,
             e,
-            RoutingPolicy::Threshold { t },
+            RoutingPolicy::threshold(t),
             None,
             &mut m.routing,
         )

@@ -390,7 +390,7 @@ mod tests {
             route(
                 &logits,
                 E,
-                RoutingPolicy::Threshold { t: 0.9 },
+                RoutingPolicy::threshold(0.9),
                 None,
                 &mut m.routing,
             )
@@ -413,7 +413,7 @@ mod tests {
             layers: (0..2)
                 .map(|l| LayerPolicy {
                     layer: l,
-                    policy: RoutingPolicy::Threshold { t },
+                    policy: RoutingPolicy::threshold(t),
                 })
                 .collect(),
             capacity_factor: None,
@@ -585,15 +585,12 @@ mod tests {
         assert_eq!(c.layers[0].expert_token_share[0], 0.0);
         assert_eq!(c.layers[0].expert_token_share[4], 1.0);
         assert_eq!(c.mean_experts_per_token, 1.0);
-        assert_eq!(c.layers[0].policy, RoutingPolicy::Threshold { t: 0.5 });
+        assert_eq!(c.layers[0].policy, RoutingPolicy::threshold(0.5));
         let p = snap.previous_epoch.as_ref().unwrap();
         assert_eq!(p.id, 0);
         assert_eq!(p.mean_experts_per_token, 2.0);
         assert_eq!(p.layer_mean_experts_per_token, vec![2.0, 2.0]);
-        assert_eq!(
-            p.policy.layers[0].policy,
-            RoutingPolicy::Threshold { t: 0.9 }
-        );
+        assert_eq!(p.policy.layers[0].policy, RoutingPolicy::threshold(0.9));
         assert_eq!(snap.epoch.histograms.forward_latency_us.count, 1);
         // An epoch without tokens does not replace the previous summary.
         s.begin_epoch("a", policy(0.6), 3.0);
@@ -609,10 +606,7 @@ mod tests {
         assert_eq!(snap.epoch.window.layers[0].expert_token_share, vec![0.0; E]);
         assert_eq!(snap.epoch.histograms.token_latency_us.count, 0);
         assert_eq!(snap.tokens_processed_total, 6);
-        assert_eq!(
-            snap.policy.layers[0].policy,
-            RoutingPolicy::Threshold { t: 0.7 }
-        );
+        assert_eq!(snap.policy.layers[0].policy, RoutingPolicy::threshold(0.7));
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub fn t_at(bar: Rect, x: u16) -> f32 {
 /// `t 0.70`, `top-4`, `dense`.
 pub fn policy_text(p: &RoutingPolicy) -> String {
     match p {
-        RoutingPolicy::Threshold { t } => format!("t {t:.2}"),
+        RoutingPolicy::Threshold { t, .. } => format!("t {t:.2}"),
         RoutingPolicy::TopK { k, .. } => format!("top-{k}"),
         RoutingPolicy::Dense => "dense".to_string(),
     }
@@ -76,7 +76,7 @@ pub fn policy_text(p: &RoutingPolicy) -> String {
 /// Short form for a pending request (`0.65`, `top-4`, `dense`).
 fn pending_text(p: &RoutingPolicy) -> String {
     match p {
-        RoutingPolicy::Threshold { t } => format!("{t:.2}"),
+        RoutingPolicy::Threshold { t, .. } => format!("{t:.2}"),
         other => policy_text(other),
     }
 }
@@ -174,7 +174,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         );
         // The bar: t for threshold, k / E for top-k, full for dense.
         let fill = match policy {
-            Some(RoutingPolicy::Threshold { t }) => t as f64,
+            Some(RoutingPolicy::Threshold { t, .. }) => t as f64,
             Some(RoutingPolicy::TopK { k, .. }) => k as f64 / snap.model.n_experts.max(1) as f64,
             Some(RoutingPolicy::Dense) => 1.0,
             None => 0.0,
