@@ -86,6 +86,9 @@ pub struct SessionArgs {
     /// checkpoints), dense otherwise.
     #[arg(long, value_name = "POLICY")]
     pub reference: Option<String>,
+    /// Load a model even when its weights exceed the available memory.
+    #[arg(long)]
+    pub allow_large: bool,
 }
 
 /// Parses `--reference` against the model's configuration.
@@ -215,6 +218,9 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     };
     for w in file.warnings() {
         eprintln!("xmoe-top: warning: {w}");
+    }
+    if !a.allow_large {
+        file.check_fits(None)?;
     }
     let options = LoadOptions {
         dispatch: a.moe_dispatch,

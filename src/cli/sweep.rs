@@ -29,6 +29,9 @@ pub struct SweepArgs {
     /// `false`; default: as the model's native rule does).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     renormalize: Option<bool>,
+    /// Load a model even when its weights exceed the available memory.
+    #[arg(long)]
+    allow_large: bool,
     /// Tokens per point (rounded up to whole batches).
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
@@ -82,6 +85,9 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         Some(p) => crate::model::ModelSource::open(p)?,
         None => crate::embedded::model_file()?.into(),
     };
+    if !a.allow_large {
+        file.check_fits(None)?;
+    }
     let options = crate::model::LoadOptions {
         threads,
         ..Default::default()

@@ -75,6 +75,47 @@ impl ModelSource {
     }
 }
 
+impl ModelSource {
+    /// Bytes the loaded weights take in memory: a checkpoint keeps its stored dtype; the project's
+    /// own format is widened to f32.
+    pub fn resident_weight_bytes(&self) -> usize {
+        match self {
+            ModelSource::Xmoe(f) => f
+                .tensor_table()
+                .iter()
+                .map(|(_, _, shape, _)| shape.iter().product::<usize>() * 4)
+                .sum(),
+            ModelSource::HuggingFace(c) => c.tensor_bytes(),
+        }
+    }
+
+    /// Refuses, before anything is loaded, a model whose weights need more than `available`
+    /// bytes (default: the system's `MemAvailable`; unknown memory passes).
+    pub fn check_fits(&self, available: Option<u64>) -> Result<(), LoadError> {
+        let Some(available) = available.or_else(mem_available) else {
+            return Ok(());
+        };
+        let need = self.resident_weight_bytes() as u64;
+        if need > available {
+            const GIB: f64 = (1u64 << 30) as f64;
+            return Err(LoadError::TooLarge {
+                path: self.path().to_path_buf(),
+                need_gib: need as f64 / GIB,
+                available_gib: available as f64 / GIB,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `MemAvailable` from `/proc/meminfo`, in bytes (Linux; `None` elsewhere).
+pub fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 impl From<ModelFile> for ModelSource {
     fn from(f: ModelFile) -> Self {
         ModelSource::Xmoe(f)
