@@ -201,3 +201,88 @@ fn bf16_sharded_checkpoint_stays_bf16_and_tracks_transformers() {
     // docs/model-families.md).
     assert!(max < 0.15 && mean < 0.02, "max {max} mean {mean}");
 }
+
+#[test]
+fn parameter_counts_match_the_tensors_on_disk() {
+    for &(family, layouts) in FAMILIES {
+        for layout in layouts {
+            let source = ModelSource::open(&fixtures().join(family).join(layout)).unwrap();
+            let on_disk: usize = source
+                .tensor_table()
+                .iter()
+                .map(|(_, _, shape, _)| shape.iter().product::<usize>())
+                .sum();
+            let counted = xmoe_top::model::forward::param_counts(source.config()).total;
+            assert_eq!(counted, on_disk, "{family}/{layout}");
+        }
+    }
+}
+
+#[test]
+fn flops_of_qwen2_moe_by_hand() {
+    use xmoe_top::profiling::flops::FlopModel;
+    // d 32, 4 heads of 8 with 2 KV heads (q 32 wide, k and v 16), q/k/v biases, 8 experts of 12,
+    // top-2, a gated shared expert of 40, one dense block of 20, vocab 512, 3 blocks.
+    let source = ModelSource::open(&fixtures().join("qwen2_moe/per_expert")).unwrap();
+    let f = FlopModel::new(source.config());
+    let attention = |c: u64| 2 * 32 * (2 * 32 + 2 * 16) + (32 + 2 * 16) + 2 * 2 * c * 32;
+    assert_eq!(f.attention(10), attention(10));
+    assert_eq!(f.router(), 2 * 32 * 8);
+    assert_eq!(f.expert(), 3 * 2 * 32 * 12 + 2 * 32);
+    assert_eq!(f.shared_expert(), 3 * 2 * 32 * 40 + 2 * 32 + 32);
+    assert_eq!(f.dense_ffn(), 3 * 2 * 32 * 20);
+    assert_eq!(f.lm_head(), 2 * 32 * 512);
+    assert_eq!(f.top_k(), 2);
+    assert_eq!(
+        f.non_moe(10),
+        3 * attention(10) + f.dense_ffn() + 2 * f.shared_expert() + f.lm_head()
+    );
+    assert_eq!(
+        f.moe_layer_top_k(),
+        2 * 32 * 8 + 2 * (3 * 2 * 32 * 12 + 2 * 32)
+    );
+}
+
+#[test]
+fn a_synthetic_olmoe_checkpoint_is_written_shard_by_shard_and_runs() {
+    use xmoe_top::model::hf::synth::{OlmoeShape, write_olmoe};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("olmoe");
+    let shape = OlmoeShape::tiny();
+    let mut calls = Vec::new();
+    let shards = write_olmoe(
+        &out,
+        &shape,
+        &fixtures().join("tokenizer.json"),
+        7,
+        100_000,
+        false,
+        &mut |d, n| calls.push((d, n)),
+    )
+    .unwrap();
+    assert!(shards.len() > 3, "{} shards", shards.len());
+    assert_eq!(calls.last(), Some(&(shards.len(), shards.len())));
+    // Refuses to overwrite.
+    assert!(
+        write_olmoe(
+            &out,
+            &shape,
+            &fixtures().join("tokenizer.json"),
+            7,
+            100_000,
+            false,
+            &mut |_, _| {}
+        )
+        .is_err()
+    );
+    let source = ModelSource::open(&out).unwrap();
+    let params = xmoe_top::model::forward::param_counts(source.config()).total;
+    assert_eq!(source.file_bytes(), 2 * params, "bf16 on disk");
+    assert_eq!(source.tensor_table().len(), shape.tensors().len());
+    let model = Model::from_source(&source, &Device::Cpu, LoadOptions::default()).unwrap();
+    assert!(model.warnings().is_empty(), "{:?}", model.warnings());
+    let tokens: Vec<u32> = (0..32).map(|i| (i * 37 % 512) as u32).collect();
+    let (logits, trace) = run(&model, &tokens, &model.default_routing());
+    assert!(logits.iter().all(|v| v.is_finite()));
+    assert_eq!(trace.moe[0].routing.pairs(), 32 * shape.top_k);
+}

@@ -13,7 +13,7 @@ use crate::model::synth::random_weights;
 /// Arguments of `synth`.
 #[derive(Args, Debug)]
 pub struct SynthArgs {
-    /// Output .safetensors path.
+    /// Output .safetensors path (with --hf: the checkpoint directory).
     out: PathBuf,
     /// Take the configuration from this JSON file (docs/model-format.md) instead of the flags.
     #[arg(long)]
@@ -48,10 +48,68 @@ pub struct SynthArgs {
     /// Overwrite an existing file.
     #[arg(long)]
     force: bool,
+    /// Write a Hugging Face checkpoint directory with a published family's shapes instead:
+    /// `olmoe-1b-7b` (6.9 B parameters, 13.8 GB of bf16) or `olmoe-tiny`. Random weights, written
+    /// shard by shard without holding the model in memory.
+    #[arg(long, value_name = "PRESET")]
+    hf: Option<String>,
+    /// With --hf: the tokenizer.json to put beside it (default: the 512-token BPE tokenizer of the
+    /// test fixtures, built into xmoe-top).
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+    /// With --hf: the largest shard, in GB (as `save_pretrained`'s `max_shard_size`).
+    #[arg(long, default_value_t = 5.0)]
+    shard_gb: f64,
+}
+
+/// The tokenizer of the test fixtures (`tests/fixtures/hf/tokenizer.json`, 8.5 kB).
+const FIXTURE_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/hf/tokenizer.json");
+
+fn run_hf(a: &SynthArgs, preset: &str) -> Result<ExitCode> {
+    use crate::model::hf::synth::{OlmoeShape, write_olmoe};
+    let shape = match preset {
+        "olmoe-1b-7b" => OlmoeShape::olmoe_1b_7b(),
+        "olmoe-tiny" => OlmoeShape::tiny(),
+        other => anyhow::bail!("--hf: expected olmoe-1b-7b or olmoe-tiny, found `{other}`"),
+    };
+    let fallback;
+    let tokenizer = match &a.tokenizer {
+        Some(p) => p.as_path(),
+        None => {
+            fallback = tempfile::NamedTempFile::new()?;
+            std::fs::write(fallback.path(), FIXTURE_TOKENIZER)?;
+            fallback.path()
+        }
+    };
+    let start = std::time::Instant::now();
+    let shards = write_olmoe(
+        &a.out,
+        &shape,
+        tokenizer,
+        a.seed,
+        (a.shard_gb * 1e9) as usize,
+        a.force,
+        &mut |done, total| {
+            eprintln!(
+                "  shard {done}/{total} written ({:.0} s)",
+                start.elapsed().as_secs_f64()
+            )
+        },
+    )?;
+    eprintln!(
+        "wrote {} ({} shards, {preset}, random bf16 weights) in {:.0} s",
+        a.out.display(),
+        shards.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes the random model.
 pub fn run(a: SynthArgs) -> Result<ExitCode> {
+    if let Some(preset) = a.hf.clone() {
+        return run_hf(&a, &preset);
+    }
     let cfg = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)

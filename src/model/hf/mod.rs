@@ -3,6 +3,7 @@
 //! memory-mapped and every tensor keeps its stored dtype; see `docs/model-families.md`.
 
 pub mod config;
+pub mod synth;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
