@@ -28,9 +28,9 @@ pub fn run(a: InspectArgs) -> Result<ExitCode> {
     };
     let report = InspectReport::new(&file);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::print_stdout(&(serde_json::to_string_pretty(&report)? + "\n"))?;
     } else {
-        print!("{}", report.to_text());
+        super::print_stdout(&report.to_text())?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -94,3 +94,14 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         None => run::run(main, threads),
     }
 }
+
+/// Writes `text` to standard output. A reader that went away (`xmoe-top inspect M | head`) is not
+/// an error: the output was simply not wanted any more.
+pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}

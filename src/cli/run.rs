@@ -345,9 +345,9 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
         eprintln!("xmoe-top: report written to {}", written.display());
     }
     if a.json {
-        println!("{}", last.to_json_pretty());
+        super::print_stdout(&(last.to_json_pretty() + "\n"))?;
     } else {
-        print!("{}", crate::report::text::render(&last));
+        super::print_stdout(&crate::report::text::render(&last))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -143,7 +143,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         }
     };
     let run = run_sweep(&model, &batches, a.batch, &spec, &mut progress)?;
-    print!("{}", sweep_table(&run.result));
+    super::print_stdout(&sweep_table(&run.result))?;
     if let Some(path) = &a.report {
         let data = ReportData::new(run.snapshot, Some(run.result));
         let written = write_report(&data, path, a.format, a.force)?;
