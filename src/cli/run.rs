@@ -226,7 +226,16 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
         dispatch: a.moe_dispatch,
         threads,
     };
+    let load_start = std::time::Instant::now();
     let model = Model::from_source(&file, &device.device, options)?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    if load_s >= 1.0 {
+        eprintln!(
+            "xmoe-top: loaded {} ({}) in {load_s:.1} s",
+            file.path().display(),
+            crate::units::bytes_one_decimal(model.file_bytes() as u64)
+        );
+    }
     let cfg = model.config().clone();
     let routing = a.policy.routing(&cfg)?;
     if a.batch == 0 {

@@ -1,16 +1,21 @@
 //! Hugging Face checkpoints: a directory with `config.json`, `tokenizer.json` and one or many
-//! `*.safetensors` shards (with `model.safetensors.index.json` when sharded). The shards are
-//! memory-mapped and every tensor keeps its stored dtype; see `docs/model-families.md`.
+//! `*.safetensors` shards (with `model.safetensors.index.json` when sharded). Every tensor keeps its
+//! stored dtype; see `docs/model-families.md`.
+//!
+//! The shards are read, not memory-mapped: candle's CPU tensors own their storage, so mapped
+//! weights would be copied anyway, and the touched file pages would count in the process's
+//! resident set next to the copy (measured on a 13.8 GB checkpoint: 22 GB peak instead of 13).
+//! Each tensor is read once with a positioned read into its own buffer.
 
 pub mod config;
 pub mod synth;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use memmap2::Mmap;
 use safetensors::Dtype;
 
 pub use config::{HfConfig, HfFamily, SUPPORTED_MODEL_TYPES};
@@ -31,7 +36,7 @@ pub struct HfCheckpoint {
     dir: PathBuf,
     config: HfConfig,
     model_config: ModelConfig,
-    shards: Vec<(PathBuf, Mmap)>,
+    shards: Vec<(PathBuf, File)>,
     tensors: HashMap<String, Entry>,
     tensor_bytes: usize,
 }
@@ -93,30 +98,37 @@ impl HfCheckpoint {
                 path: p.clone(),
                 io,
             })?;
-            // SAFETY: the map is read-only; the usual mmap caveat applies (the file must not be
-            // truncated while mapped), as for every safetensors reader.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|io| LoadError::Open {
-                path: p.clone(),
-                io,
-            })?;
-            let (header_len, meta) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                    LoadError::CorruptHeader {
-                        path: p.clone(),
-                        detail: e.to_string(),
-                    }
-                })?;
+            let file_len = file
+                .metadata()
+                .map_err(|io| LoadError::Open {
+                    path: p.clone(),
+                    io,
+                })?
+                .len() as usize;
+            let (header_len, meta) = read_header(&file, file_len, &p)?;
             let data_start = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let (start, end) = info.data_offsets;
                 let range = data_start + start..data_start + end;
-                if range.end > mmap.len() {
+                let elements: usize = info.shape.iter().product();
+                if elements * info.dtype.bitsize() / 8 != range.len() {
+                    return Err(LoadError::CorruptHeader {
+                        path: p.clone(),
+                        detail: format!(
+                            "tensor `{name}` has shape {:?} of {:?} ({} bytes) but {} bytes of data",
+                            info.shape,
+                            info.dtype,
+                            elements * info.dtype.bitsize() / 8,
+                            range.len()
+                        ),
+                    });
+                }
+                if range.end > file_len {
                     return Err(LoadError::Truncated {
                         path: p.clone(),
                         detail: format!(
-                            "tensor `{name}` ends at byte {} but the file has {} bytes",
-                            range.end,
-                            mmap.len()
+                            "tensor `{name}` ends at byte {} but the file has {file_len} bytes",
+                            range.end
                         ),
                     });
                 }
@@ -125,7 +137,7 @@ impl HfCheckpoint {
                         tensor: name,
                         first: shards
                             .get(first.shard)
-                            .map_or_else(|| p.clone(), |(fp, _): &(PathBuf, Mmap)| fp.clone()),
+                            .map_or_else(|| p.clone(), |(fp, _): &(PathBuf, File)| fp.clone()),
                         second: p.clone(),
                     });
                 }
@@ -140,7 +152,7 @@ impl HfCheckpoint {
                     },
                 );
             }
-            shards.push((p, mmap));
+            shards.push((p, file));
         }
         Ok(Self {
             dir,
@@ -241,8 +253,15 @@ impl HfCheckpoint {
                 });
             }
         };
-        let bytes = &self.shards[e.shard].1[e.range.clone()];
-        Tensor::from_raw_buffer(bytes, dtype, shape, device).map_err(|err| LoadError::Device {
+        let mut bytes = vec![0u8; e.range.len()];
+        self.shards[e.shard]
+            .1
+            .read_exact_at(&mut bytes, e.range.start as u64)
+            .map_err(|io| LoadError::Open {
+                path: path.clone(),
+                io,
+            })?;
+        Tensor::from_raw_buffer(&bytes, dtype, shape, device).map_err(|err| LoadError::Device {
             path: path.clone(),
             detail: err.to_string(),
         })
@@ -261,6 +280,40 @@ impl HfCheckpoint {
             detail: err.to_string(),
         })
     }
+}
+
+/// The header of a safetensors file: its length and what it says.
+fn read_header(
+    file: &File,
+    file_len: usize,
+    path: &Path,
+) -> Result<(usize, safetensors::tensor::Metadata), LoadError> {
+    let corrupt = |detail: String| LoadError::CorruptHeader {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let mut len = [0u8; 8];
+    if file_len < 8 {
+        return Err(LoadError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!("{file_len} bytes, fewer than the 8-byte header length"),
+        });
+    }
+    file.read_exact_at(&mut len, 0)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let n = u64::from_le_bytes(len) as usize;
+    if n > file_len - 8 || n > 100_000_000 {
+        return Err(corrupt(format!(
+            "header length {n} does not fit in the {file_len}-byte file"
+        )));
+    }
+    let mut head = vec![0u8; n];
+    file.read_exact_at(&mut head, 8)
+        .map_err(|e| corrupt(e.to_string()))?;
+    let text = std::str::from_utf8(&head).map_err(|e| corrupt(e.to_string()))?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
+    Ok((n, meta))
 }
 
 /// The shard files of the checkpoint in `dir`: those the index names, else `model.safetensors`,
