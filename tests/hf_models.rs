@@ -244,6 +244,17 @@ fn flops_of_qwen2_moe_by_hand() {
 }
 
 #[test]
+fn sliding_windows_cap_the_attention_flops() {
+    use xmoe_top::profiling::flops::FlopModel;
+    // Mixtral fixture: window 5 on both blocks; beyond 5 keys attention costs no more.
+    let source = ModelSource::open(&fixtures().join("mixtral/per_expert")).unwrap();
+    let f = FlopModel::new(source.config());
+    assert_eq!(f.non_moe(12), f.non_moe(5));
+    assert!(f.non_moe(4) < f.non_moe(5));
+    assert_eq!(f.non_moe(5), 2 * f.attention(5) + f.lm_head());
+}
+
+#[test]
 fn a_synthetic_olmoe_checkpoint_is_written_shard_by_shard_and_runs() {
     use xmoe_top::model::hf::synth::{OlmoeShape, write_olmoe};
     let dir = tempfile::tempdir().unwrap();

@@ -155,6 +155,10 @@ pub struct ModelConfig {
     /// Each expert has an input bias `[h]` and an output bias `[d]` (added before gating).
     #[serde(default)]
     pub expert_bias: bool,
+    /// Sliding attention window of each block (`None`: full causal attention); empty when no block
+    /// has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sliding_windows: Vec<Option<usize>>,
     /// Width of an always-on shared expert in every MoE block (gated like the experts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_expert_hidden: Option<usize>,
@@ -372,6 +376,7 @@ impl ModelConfig {
             n_experts,
             expert_hidden,
             expert_bias: true,
+            sliding_windows: Vec::new(),
             shared_expert_hidden: None,
             shared_expert_gate: false,
             tie_embeddings: true,
@@ -427,6 +432,9 @@ impl ModelConfig {
         }
         if self.qkv_bias {
             v.push("qkv_bias");
+        }
+        if !self.sliding_windows.is_empty() {
+            v.push("sliding_windows");
         }
         if self.shared_expert_hidden.is_some() {
             v.push("shared_expert_hidden");

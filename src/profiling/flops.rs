@@ -39,6 +39,7 @@ pub struct FlopModel {
     kv_width: u64,
     shared_hidden: u64,
     shared_gate: bool,
+    windows: Vec<Option<usize>>,
     moe_layers: Vec<usize>,
     top_k: u64,
 }
@@ -62,6 +63,7 @@ impl FlopModel {
             kv_width: (cfg.kv_heads() * cfg.head_dim()) as u64,
             shared_hidden: cfg.shared_expert_hidden.unwrap_or(0) as u64,
             shared_gate: cfg.shared_expert_gate,
+            windows: cfg.sliding_windows.clone(),
             moe_layers: cfg.moe_layer_indices(),
             top_k: cfg.top_k_baseline() as u64,
         }
@@ -151,10 +153,16 @@ impl FlopModel {
         2 * self.d * self.vocab
     }
 
-    /// Everything but the MoE layers, for one token with `context` keys.
+    /// Everything but the MoE layers, for one token with `context` keys (fewer in a block with a
+    /// sliding window: the window's).
     pub fn non_moe(&self, context: usize) -> u64 {
         let dense_blocks = (self.n_layers - self.moe_layers.len()) as u64;
-        self.n_layers as u64 * self.attention(context)
+        (0..self.n_layers)
+            .map(|l| match self.windows.get(l).copied().flatten() {
+                Some(w) => self.attention(context.min(w)),
+                None => self.attention(context),
+            })
+            .sum::<u64>()
             + dense_blocks * self.dense_ffn()
             + self.moe_layers.len() as u64 * self.shared_expert()
             + self.lm_head()

@@ -394,6 +394,11 @@ impl HfConfig {
             ffn_bias: false,
             moe_layers: MoeLayers::List(self.moe_layers.clone()),
             expert_bias: false,
+            sliding_windows: if self.sliding_window.iter().any(Option::is_some) {
+                self.sliding_window.clone()
+            } else {
+                Vec::new()
+            },
             shared_expert_hidden: self.shared_expert_hidden,
             shared_expert_gate: self.shared_expert_hidden.is_some(),
             tie_embeddings: self.tie_embeddings,
