@@ -199,3 +199,39 @@ fn the_binary_prints_one_line_and_exits_non_zero() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert_mentions(&err, &["model_type \"gemma\"", "supported model types"]);
 }
+
+#[test]
+fn a_missing_or_mismatched_tokenizer_stops_the_run() {
+    let run = |dir: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
+            .args(["run", "--headless", "--tokens", "64"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let d = copy_of("olmoe/per_expert");
+    std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
+    let out = run(d.path());
+    assert!(!out.status.success());
+    assert_mentions(
+        &String::from_utf8_lossy(&out.stderr),
+        &["tokenizer.json", "cannot read the tokenizer"],
+    );
+    // A vocabulary larger than the embedding.
+    let d = copy_of("olmoe/per_expert");
+    edit_config(d.path(), |c| {
+        c.insert("vocab_size".into(), 300.into());
+    });
+    edit_tensors(d.path(), |t| {
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let narrowed = t[name].narrow(0, 0, 300).unwrap().contiguous().unwrap();
+            t.insert(name.into(), narrowed);
+        }
+    });
+    let out = run(d.path());
+    assert!(!out.status.success());
+    assert_mentions(
+        &String::from_utf8_lossy(&out.stderr),
+        &["tokenizer.json", "512 tokens", "300 rows"],
+    );
+}

@@ -297,3 +297,47 @@ fn a_synthetic_olmoe_checkpoint_is_written_shard_by_shard_and_runs() {
     assert!(logits.iter().all(|v| v.is_finite()));
     assert_eq!(trace.moe[0].routing.pairs(), 32 * shape.top_k);
 }
+
+#[test]
+fn eval_with_the_checkpoint_tokenizer_reports_bits_per_byte_of_the_covered_text() {
+    use std::sync::Arc;
+    use xmoe_top::workload::tokenizer::TextTokenizer;
+    use xmoe_top::workload::{EvalSpec, TextSource, Workload};
+    let dir = fixtures().join("qwen3_moe/per_expert");
+    let model = load(&dir, MoeDispatch::Auto);
+    let tokenizer = Arc::new(
+        TextTokenizer::from_file(model.tokenizer_path().unwrap(), model.config().vocab_size)
+            .unwrap(),
+    );
+    let text = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/kjv-heldout.txt"))
+        .unwrap()[..6000]
+        .to_vec();
+    let spec = EvalSpec {
+        text: TextSource {
+            name: "kjv".into(),
+            bytes: text.clone(),
+        },
+        batch: 2,
+        seq_len: 32,
+    };
+    let mut w = Workload::eval_tokenized(spec, model.config(), tokenizer.clone()).unwrap();
+    let mut trace = ForwardTrace::default();
+    let out = w
+        .run_pass(&model, &model.default_routing(), &mut trace)
+        .unwrap();
+    let q = out.quality.unwrap();
+    assert_eq!(q.scored_tokens, 64);
+    // Two windows of 33 tokens from the start with stride 32: the targets are tokens 1..65 of
+    // the text. Byte-level BPE: a token covers exactly the bytes it decodes to.
+    let ids = tokenizer.encode(&text).unwrap().ids;
+    assert_eq!(&w.last_inputs()[..32], &ids[..32]);
+    let covered: usize = ids[1..65]
+        .iter()
+        .map(|&t| tokenizer.token_bytes(t).len())
+        .sum();
+    assert_eq!(q.bytes as usize, covered);
+    assert!(
+        q.bytes > 64,
+        "BPE tokens cover more than a byte each on average"
+    );
+}

@@ -31,6 +31,7 @@ fn sweep_report(dir: &Path) -> ReportData {
     let batches = text_batches(TEXT, 2, 24, 144).unwrap();
     let spec = SweepSpec {
         renormalize: None,
+        batch_bytes: None,
         thresholds: vec![0.3, 0.5, 0.7, 0.8, 0.95, 1.0],
         top_k: vec![1, 2, 4],
         top_k_baseline: None,

@@ -20,6 +20,7 @@ use crate::report::{ReportData, ReportFormat, export, write_report};
 use crate::routing::RoutingPolicy;
 use crate::session::{PassObserver, Session, SessionConfig};
 use crate::tui::Exporter;
+use crate::workload::tokenizer::TextTokenizer;
 use crate::workload::{
     EvalSpec, GenerateSpec, TextSource, Workload, builtin_prompts, prompts_from_file,
 };
@@ -248,6 +249,10 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
             cfg.max_seq_len
         );
     }
+    let tokenizer = std::sync::Arc::new(match model.tokenizer_path() {
+        Some(path) => TextTokenizer::from_file(path, cfg.vocab_size)?,
+        None => TextTokenizer::Byte,
+    });
     let workload = match a.workload {
         WorkloadArg::Eval => {
             if a.prompt.is_some() || a.prompts.is_some() {
@@ -256,17 +261,24 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
             let text = match &a.text {
                 Some(p) => TextSource::from_file(p)?,
                 None if a.model.is_none() => crate::embedded::heldout_text(),
+                // The KJV text is not a checkpoint's training data split, but it is plain
+                // English any real tokenizer reads: a sensible default to open a model on.
+                None if !tokenizer.is_byte() => TextSource {
+                    name: "embedded KJV text (pass --text for your own)".into(),
+                    ..crate::embedded::heldout_text()
+                },
                 None => bail!(
                     "--text FILE is needed to evaluate a model of your own (the embedded held-out text belongs to the embedded model)"
                 ),
             };
-            Workload::eval(
+            Workload::eval_tokenized(
                 EvalSpec {
                     text,
                     batch: a.batch,
                     seq_len,
                 },
                 &cfg,
+                tokenizer.clone(),
             )?
         }
         WorkloadArg::Generate => {
@@ -278,7 +290,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
                 (None, Some(path)) => (prompts_from_file(path)?, path.display().to_string()),
                 (None, None) => (builtin_prompts(), "built-in prompts".to_string()),
             };
-            Workload::generate(
+            Workload::generate_tokenized(
                 GenerateSpec {
                     prompts,
                     source,
@@ -287,6 +299,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
                     seed: a.seed,
                 },
                 &cfg,
+                tokenizer.clone(),
             )?
         }
     };

@@ -11,7 +11,9 @@ use crate::model::device::DeviceChoice;
 use crate::model::forward::Model;
 use crate::report::text::sweep_table;
 use crate::report::{ReportData, ReportFormat, write_report};
-use crate::session::sweep::{SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches};
+use crate::session::sweep::{
+    SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches, token_batches,
+};
 
 /// Arguments of `sweep`.
 #[derive(Args, Debug)]
@@ -113,22 +115,39 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
             cfg.max_seq_len
         );
     }
+    let tokenizer = match model.tokenizer_path() {
+        Some(path) => crate::workload::tokenizer::TextTokenizer::from_file(path, cfg.vocab_size)?,
+        None => crate::workload::tokenizer::TextTokenizer::Byte,
+    };
     let source = match (&a.text, &a.model) {
         (Some(p), _) => crate::workload::TextSource::from_file(p)?,
         (None, None) => crate::embedded::heldout_text(),
+        (None, Some(_)) if !tokenizer.is_byte() => crate::workload::TextSource {
+            name: "embedded KJV text (pass --text for your own)".into(),
+            ..crate::embedded::heldout_text()
+        },
         (None, Some(_)) => anyhow::bail!(
             "--text FILE is needed to sweep a model of your own (the embedded held-out text belongs to the embedded model)"
         ),
     };
     let text = source.bytes;
-    let batches = text_batches(&text, a.batch, seq_len, a.tokens)
-        .with_context(|| format!("in {}", source.name))?;
+    let (batches, batch_bytes) = if tokenizer.is_byte() {
+        (text_batches(&text, a.batch, seq_len, a.tokens), None)
+    } else {
+        let encoded = tokenizer.encode(&text)?;
+        match token_batches(&encoded, a.batch, seq_len, a.tokens) {
+            Ok((b, bytes)) => (Ok(b), Some(bytes)),
+            Err(e) => (Err(e), None),
+        }
+    };
+    let batches = batches.with_context(|| format!("in {}", source.name))?;
     let spec = SweepSpec {
         thresholds,
         top_k,
         top_k_baseline: a.top_k_baseline,
         capacity_factor: a.capacity_factor,
         renormalize: a.renormalize,
+        batch_bytes,
         source: source.name.clone(),
         source_size: text.len(),
         device: dev.description.clone(),

@@ -626,6 +626,10 @@ pub enum TokenOrigin {
 pub struct GeneratedToken {
     /// Token id (the byte value for a byte tokenizer).
     pub token: u32,
+    /// What the token decodes to (its byte for a byte tokenizer; possibly part of a UTF-8
+    /// character).
+    #[serde(default)]
+    pub bytes: Vec<u8>,
     /// Prompt or generated.
     pub origin: TokenOrigin,
     /// Which prompt run (sequence) the token belongs to; a new sequence starts at each prompt.
@@ -646,13 +650,14 @@ pub struct GeneratedText {
 }
 
 impl GeneratedText {
-    /// The stream as text (bytes decoded as UTF-8, invalid sequences replaced), one string per sequence.
+    /// The stream as text (the tokens' bytes decoded as UTF-8, invalid sequences replaced), one
+    /// string per sequence.
     pub fn text_by_sequence(&self) -> Vec<(u64, String)> {
         let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
         for t in &self.tokens {
             match out.last_mut() {
-                Some((s, bytes)) if *s == t.sequence => bytes.push(t.token as u8),
-                _ => out.push((t.sequence, vec![t.token as u8])),
+                Some((s, bytes)) if *s == t.sequence => bytes.extend_from_slice(&t.bytes),
+                _ => out.push((t.sequence, t.bytes.clone())),
             }
         }
         out.into_iter()
@@ -756,6 +761,7 @@ mod tests {
     fn generated_text_splits_by_sequence() {
         let tok = |b: u8, s: u64| GeneratedToken {
             token: b as u32,
+            bytes: vec![b],
             origin: TokenOrigin::Generated,
             sequence: s,
             experts_per_layer: vec![1],

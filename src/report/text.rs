@@ -455,8 +455,13 @@ pub fn sweep_table(r: &SweepResult) -> String {
         "{} | {} tokens per point ({} x {} x {}) | {} | top-k baseline k={}\n",
         r.model, r.tokens_per_point, r.batches, r.batch, r.seq_len, r.device, r.top_k_baseline
     );
+    let w = (r.points.iter())
+        .map(|p| p.label.chars().count() + if p.is_default { 2 } else { 0 })
+        .max()
+        .unwrap_or(0)
+        .max(12);
     s.push_str(&format!(
-        "{:<12} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  {}\n",
+        "{:<w$} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  {}\n",
         "policy",
         "exp/tok",
         "MoE FLOPs",
@@ -476,7 +481,7 @@ pub fn sweep_table(r: &SweepResult) -> String {
             .map(|v| format!("{v:.2}"))
             .collect();
         s.push_str(&format!(
-            "{:<12} {:>9.2} {:>8.1}% {:>9.1}% {:>9} {:>10} {:>10.1} {:>10.1} {:>10.0}  {}\n",
+            "{:<w$} {:>9.2} {:>8.1}% {:>9.1}% {:>9} {:>10} {:>10.1} {:>10.1} {:>10.0}  {}\n",
             format!("{}{mark}", p.label),
             p.mean_experts_per_token,
             100.0 * p.moe_flops_fraction_of_all_experts,

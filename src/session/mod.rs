@@ -564,6 +564,7 @@ impl Runner {
             let mean = experts.iter().map(|&n| n as f32).sum::<f32>() / experts.len().max(1) as f32;
             self.generated.tokens.push(GeneratedToken {
                 token: s.token,
+                bytes: s.bytes.clone(),
                 origin: s.origin,
                 sequence: s.sequence,
                 experts_per_layer: experts,

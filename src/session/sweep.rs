@@ -149,6 +149,48 @@ pub fn text_batches(
     Ok(out)
 }
 
+/// Cuts a tokenized text into eval batches as [`text_batches`] cuts bytes, and returns with them
+/// the bytes of the text each batch's targets cover (for bits per byte).
+pub fn token_batches(
+    encoded: &crate::workload::tokenizer::Encoded,
+    batch: usize,
+    seq_len: usize,
+    tokens: usize,
+) -> Result<(Vec<Vec<u32>>, Vec<u64>)> {
+    if batch == 0 || seq_len == 0 {
+        bail!("--batch and --seq-len must be at least 1");
+    }
+    let ids = &encoded.ids;
+    if ids.len() < seq_len + 1 {
+        bail!(
+            "the text has {} tokens; a sequence of {seq_len} tokens needs at least {}",
+            ids.len(),
+            seq_len + 1
+        );
+    }
+    let n_batches = tokens.div_ceil(batch * seq_len).max(1);
+    let mut cursor = 0;
+    let (mut out, mut covered) = (Vec::with_capacity(n_batches), Vec::with_capacity(n_batches));
+    for _ in 0..n_batches {
+        let mut b = Vec::with_capacity(batch * (seq_len + 1));
+        let mut bytes = 0u64;
+        for _ in 0..batch {
+            if cursor + seq_len + 1 > ids.len() {
+                cursor = 0;
+            }
+            b.extend_from_slice(&ids[cursor..cursor + seq_len + 1]);
+            bytes += encoded.bytes[cursor + 1..cursor + seq_len + 1]
+                .iter()
+                .map(|&n| n as u64)
+                .sum::<u64>();
+            cursor += seq_len;
+        }
+        out.push(b);
+        covered.push(bytes);
+    }
+    Ok((out, covered))
+}
+
 /// What to sweep and how to describe it.
 #[derive(Clone, Debug)]
 pub struct SweepSpec {
@@ -156,6 +198,8 @@ pub struct SweepSpec {
     pub thresholds: Vec<f32>,
     /// Top-k points (k values).
     pub top_k: Vec<usize>,
+    /// Bytes of the text the targets of each batch cover (None: one byte per token, a byte model).
+    pub batch_bytes: Option<Vec<u64>>,
     /// Renormalise the weights of the threshold and top-k points (None: as the model's native
     /// rule does; the XMoE rule itself does not).
     pub renormalize: Option<bool>,
@@ -217,6 +261,13 @@ pub fn run_sweep(
     }
     if batches.is_empty() {
         bail!("no tokens to sweep over");
+    }
+    if spec
+        .batch_bytes
+        .as_ref()
+        .is_some_and(|v| v.len() != batches.len())
+    {
+        bail!("batch_bytes must give one byte count per batch");
     }
     if batch == 0 || !batches[0].len().is_multiple_of(batch) || batches[0].len() / batch < 2 {
         bail!("each batch must hold {batch} windows of at least 2 tokens");
@@ -312,11 +363,15 @@ pub fn run_sweep(
     // do not land in the first point's latency.
     split(&batches[0], &mut inputs, &mut targets);
     model.forward(&inputs, batch, &dense.routing, None, &mut trace)?;
-    for tokens in batches {
+    for (b, tokens) in batches.iter().enumerate() {
         split(tokens, &mut inputs, &mut targets);
+        let bytes = match &spec.batch_bytes {
+            Some(v) => v[b],
+            None => targets.len() as u64,
+        };
         let quality = |nats: f64| BatchQuality {
             scored_tokens: targets.len() as u64,
-            bytes: targets.len() as u64,
+            bytes,
             nats,
         };
         let t0 = Instant::now();

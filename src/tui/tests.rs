@@ -200,7 +200,7 @@ fn check_screen(screen: &str, s: &Snapshot, ctx: &str, width: u16) {
         has(screen, "Generated text", ctx);
         let tail: String = g.tokens[g.tokens.len() - 12..]
             .iter()
-            .map(|t| render::generated::token_char(t.token))
+            .flat_map(|t| render::generated::token_cells(&t.bytes))
             .collect();
         has(screen, tail.trim(), ctx);
     } else {
@@ -405,7 +405,7 @@ fn generated_text_is_shaded_by_experts() {
         let found = (area.y + 1..area.y + area.height).any(|y| {
             (area.x..area.x + area.width).any(|x| {
                 let c = &buf[(x, y)];
-                c.symbol() == render::generated::token_char(last.token).to_string()
+                c.symbol() == render::generated::token_cells(&last.bytes)[0].to_string()
                     && match mode {
                         ColorMode::NoColor => buf[(x, y + 1)].symbol() == Theme::shade(v),
                         _ => c.bg == app.theme.heat(v),

@@ -309,6 +309,7 @@ fn push_token(
     let mean = experts.iter().map(|&n| n as f32).sum::<f32>() / experts.len().max(1) as f32;
     out.tokens.push(GeneratedToken {
         token: byte as u32,
+        bytes: vec![byte],
         origin,
         sequence,
         experts_per_layer: experts,

@@ -11,13 +11,22 @@ use crate::tui::app::App;
 use crate::tui::render::panel_block;
 use crate::tui::theme::Theme;
 
-/// What one token looks like as a single character.
-pub fn token_char(token: u32) -> char {
-    match token {
-        0x20..=0x7e => token as u8 as char,
-        0x0a => '⏎',
-        _ => '·',
+/// How one character of a token's text is drawn in one cell: newline as ⏎; control characters,
+/// replacement characters (a token holding part of a UTF-8 character) and the wide scripts from
+/// U+2E80 on (two cells each) as ·.
+pub fn display_char(c: char) -> char {
+    match c {
+        '\n' => '⏎',
+        c if c.is_control() || c == '\u{fffd}' || c >= '\u{2e80}' => '·',
+        c => c,
     }
+}
+
+/// The cells of one token: its decoded text, or · when it decodes to nothing.
+pub fn token_cells(bytes: &[u8]) -> Vec<char> {
+    let text = String::from_utf8_lossy(bytes);
+    let cells: Vec<char> = text.chars().map(display_char).collect();
+    if cells.is_empty() { vec!['·'] } else { cells }
 }
 
 /// Draws the generated-text strip.
@@ -65,7 +74,9 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         if i > 0 && g.tokens[i - 1].sequence != t.sequence {
             cells.push(('│', None));
         }
-        cells.push((token_char(t.token), Some((t.mean_experts, t.origin))));
+        for ch in token_cells(&t.bytes) {
+            cells.push((ch, Some((t.mean_experts, t.origin))));
+        }
     }
     let start = cells.len().saturating_sub(rows * w);
     let buf = frame.buffer_mut();
