@@ -237,7 +237,7 @@ struct GenerateState {
 }
 
 enum State {
-    Eval(EvalState),
+    Eval(Box<EvalState>),
     Generate(Box<GenerateState>),
 }
 
@@ -307,7 +307,7 @@ impl Workload {
         };
         Ok(Self {
             tokenizer,
-            state: State::Eval(EvalState {
+            state: State::Eval(Box::new(EvalState {
                 spec,
                 encoded,
                 cursor: 0,
@@ -315,7 +315,7 @@ impl Workload {
                 targets: Vec::new(),
                 last_logits: Vec::new(),
                 last_quality: None,
-            }),
+            })),
             info,
             vocab: cfg.vocab_size,
         })
