@@ -65,6 +65,8 @@ pub struct App {
     pub layer: usize,
     /// The expert under the heatmap cursor.
     pub expert: usize,
+    /// Heatmap zoomed to one expert per cell around the cursor (else every expert, binned).
+    pub heat_zoom: bool,
     /// The help overlay is open.
     pub help_open: bool,
     /// Colours and styles.
@@ -101,6 +103,7 @@ impl App {
             slider: Target::Global,
             layer: 0,
             expert: 0,
+            heat_zoom: false,
             help_open: false,
             theme,
             message: None,

@@ -42,6 +42,10 @@ pub enum Action {
     Down,
     /// Change the focused threshold by this much.
     AdjustThreshold(f32),
+    /// Renormalised combine weights on / off for the focused slider.
+    ToggleRenormalize,
+    /// Heatmap zoom on / off.
+    ToggleZoom,
     /// Move the heatmap's expert cursor by this many experts.
     MoveExpert(isize),
     /// Apply the focused layer's policy to every layer.
@@ -113,6 +117,8 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
         Command::IncreaseK => Action::ChangeK(1),
         Command::DecreaseK => Action::ChangeK(-1),
         Command::ToggleCapacity => Action::ToggleCapacity,
+        Command::ToggleRenormalize => Action::ToggleRenormalize,
+        Command::ToggleZoom => Action::ToggleZoom,
         Command::ToggleFreeze => Action::ToggleFreeze,
         Command::TogglePause => Action::TogglePause,
         Command::Reset => Action::Reset,
@@ -160,6 +166,8 @@ fn map_mouse(app: &App, m: &MouseEvent) -> Option<Action> {
         MouseEventKind::ScrollDown if l.heatmap.contains(pos) || l.sliders.contains(pos) => {
             Some(Action::Down)
         }
+        MouseEventKind::ScrollLeft if l.heatmap.contains(pos) => Some(Action::MoveExpert(-1)),
+        MouseEventKind::ScrollRight if l.heatmap.contains(pos) => Some(Action::MoveExpert(1)),
         _ => None,
     }
 }
@@ -379,6 +387,27 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
         Action::ToggleFreeze => {
             app.toggle_freeze();
             None
+        }
+        Action::ToggleZoom => {
+            app.heat_zoom = !app.heat_zoom;
+            None
+        }
+        Action::ToggleRenormalize => {
+            let target = app.slider;
+            let s = match target {
+                Target::Layer(s) => s,
+                Target::Global => app.layer,
+            };
+            let current = app.effective_policy(s)?;
+            if current == RoutingPolicy::Dense {
+                app.say_error("n: dense routing weights every expert by its probability; nothing to renormalise");
+                return None;
+            }
+            request(
+                app,
+                target,
+                current.with_renormalize(!current.renormalizes()),
+            )
         }
         Action::TogglePause => {
             let paused = !app.paused_effective();

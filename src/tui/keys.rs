@@ -44,6 +44,10 @@ pub enum Command {
     DecreaseK,
     /// Capacity factor on / off.
     ToggleCapacity,
+    /// Renormalised combine weights on / off (threshold and top-k).
+    ToggleRenormalize,
+    /// Heatmap: fit every expert / one expert per cell around the cursor.
+    ToggleZoom,
     /// Freeze / unfreeze the display.
     ToggleFreeze,
     /// Pause / resume the model.
@@ -198,6 +202,24 @@ pub const BINDINGS: &[Binding] = &[
         in_help: false,
     },
     Binding {
+        keys: &[(ch('n'), Command::ToggleRenormalize)],
+        label: "n",
+        help: &["renormalise the selected experts' weights on / off"],
+        help_without_exporter: None,
+        doc: "threshold and top-k: combine weights renormalised over the selected experts on / off (raw probabilities otherwise)",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('z'), Command::ToggleZoom)],
+        label: "z",
+        help: &["heatmap: zoom to one expert per cell / fit all experts"],
+        help_without_exporter: None,
+        doc: "heatmap: one expert per cell around the expert cursor (←/→ and the horizontal wheel scroll) / every expert, binned to fit",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
         keys: &[(ch('c'), Command::ToggleCapacity)],
         label: "c",
         help: &["capacity factor on / off"],
@@ -282,9 +304,10 @@ pub const BINDINGS: &[Binding] = &[
         help: &[
             "click a slider to focus it; click or drag its bar: t",
             "click a heatmap cell to select it; wheel: layers",
+            "horizontal wheel over the heatmap: expert cursor",
         ],
         help_without_exporter: None,
-        doc: "click a slider: focus; click or drag on its bar: set t; click a heatmap cell: select it; wheel over heatmap or sliders: previous / next layer",
+        doc: "click a slider: focus; click or drag on its bar: set t; click a heatmap cell: select it; wheel over heatmap or sliders: previous / next layer; horizontal wheel over the heatmap: move the expert cursor (scrolls when zoomed)",
         hint: None,
         in_help: false,
     },

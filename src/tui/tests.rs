@@ -374,13 +374,70 @@ fn dense_heatmaps_use_half_blocks_or_bins() {
         assert_eq!(cell.fg, app.theme.heat(l.expert_token_share[e] / max));
         assert_eq!(cell.bg, app.theme.heat(l.expert_token_share[e + 1] / max));
     }
-    has(&text(&buf), "2 experts/char", "half-block note");
+    has(
+        &text(&buf),
+        "1 cell = 2 experts (z: zoom)",
+        "half-block note",
+    );
     // Without colour the same model is binned, and says so.
     let mut app = app_with(snap.clone(), ColorMode::NoColor);
     let screen = text(&draw(&mut app, 80, 24));
     let (g, _) = heat_geometry(&app, 80, 24);
     assert_eq!(g.mode, CellMode::Binned(2));
-    has(&screen, "binned: 2 experts/column", "binning note");
+    has(&screen, "1 cell = 2 experts (z: zoom)", "binning note");
+}
+
+#[test]
+fn zoom_shows_one_expert_per_cell_around_the_cursor() {
+    // 128 experts in 80 columns, zoomed: a window of single experts that follows the cursor.
+    let snap = example_snapshot(WorkloadKind::Eval, 128, false);
+    let mut app = app_with(snap.clone(), ColorMode::NoColor);
+    app.panel = Panel::Heatmap;
+    press(&mut app, &[key(KeyCode::Char('z'))]);
+    assert!(app.heat_zoom);
+    let buf = draw(&mut app, 80, 24);
+    let (g, max) = heat_geometry(&app, 80, 24);
+    assert_eq!(g.mode, CellMode::Wide(1));
+    assert!(g.is_zoomed() && g.first_expert == 0);
+    let shown = g.visible_experts;
+    assert!(shown < 128 && shown == g.cells.width as usize, "{shown}");
+    has(
+        &text(&buf),
+        &format!("zoom: experts 0-{} of 128 (z: fit)", shown - 1),
+        "zoom note",
+    );
+    // Each cell is one expert's own share.
+    let l = &snap.epoch.window.layers[1];
+    for e in 0..shown {
+        let cell = &buf[(g.x_of(e), g.cells.y + 1)];
+        assert_eq!(
+            cell.symbol(),
+            Theme::shade(l.expert_token_share[e] / max),
+            "expert {e}"
+        );
+        assert_eq!(g.expert_at(g.x_of(e)), Some(e));
+    }
+    // Moving the cursor past the right edge scrolls the window with it.
+    for _ in 0..100 {
+        press(&mut app, &[key(KeyCode::Right)]);
+    }
+    assert_eq!(app.expert, 100);
+    let buf = draw(&mut app, 80, 24);
+    let (g, _) = heat_geometry(&app, 80, 24);
+    assert!(g.first_expert > 0 && g.first_expert <= 100);
+    assert!(100 < g.first_expert + g.visible_experts);
+    assert_eq!(g.expert_at(g.x_of(100)), Some(100));
+    let last = g.first_expert + g.visible_experts - 1;
+    has(
+        &text(&buf),
+        &format!("zoom: experts {}-{last} of 128", g.first_expert),
+        "scrolled",
+    );
+    // z again: every expert, binned.
+    press(&mut app, &[key(KeyCode::Char('z'))]);
+    draw(&mut app, 80, 24);
+    let (g, _) = heat_geometry(&app, 80, 24);
+    assert!(!g.is_zoomed() && g.mode == CellMode::Binned(2));
 }
 
 #[test]
@@ -782,4 +839,37 @@ fn event_loop_ends_when_the_channel_closes_and_reports_session_end() {
     tx.send(UiEvent::InputError("gone".into())).unwrap();
     let r = event_loop(&mut term, &rx, &mut app, &mut |_| Ok(()), 10.0);
     assert!(r.unwrap_err().to_string().contains("gone"));
+}
+
+#[test]
+fn n_toggles_renormalisation_and_threshold_steps_keep_it() {
+    let mut app = eval_app();
+    press(&mut app, &[key(KeyCode::Down), key(KeyCode::Down)]);
+    assert_eq!(app.slider, Target::Layer(1));
+    let s1 = Layers::Slot(1);
+    let set = |policy| Control::SetPolicy { layers: s1, policy };
+    let t = app.effective_policy(1).unwrap();
+    let RoutingPolicy::Threshold {
+        t,
+        renormalize: false,
+    } = t
+    else {
+        panic!("{t:?}");
+    };
+    let renormed = RoutingPolicy::threshold(t).with_renormalize(true);
+    assert_eq!(press(&mut app, &[key(KeyCode::Char('n'))]), [set(renormed)]);
+    // A threshold step keeps the layer renormalising.
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Right)]),
+        [set(
+            RoutingPolicy::threshold(t + 0.01).with_renormalize(true)
+        )]
+    );
+    // Dense has nothing to renormalise: no control, an error line instead.
+    press(
+        &mut app,
+        &[key(KeyCode::Char('p')), key(KeyCode::Char('p'))],
+    );
+    assert_eq!(app.effective_policy(1), Some(RoutingPolicy::Dense));
+    assert!(press(&mut app, &[key(KeyCode::Char('n'))]).is_empty());
 }

@@ -36,6 +36,10 @@ pub struct HeatGeometry {
     pub first_row: usize,
     /// Experts per layer.
     pub n_experts: usize,
+    /// First expert drawn (zoomed in: the cells show a window of experts around the cursor).
+    pub first_expert: usize,
+    /// Experts drawn.
+    pub visible_experts: usize,
     /// Line of the expert axis and cursor, if there is room.
     pub axis_y: Option<u16>,
     /// Line of the detail for the cell under the cursor, if there is room.
@@ -63,15 +67,25 @@ impl HeatGeometry {
         let widest = snap.model.moe_layers.iter().max().copied().unwrap_or(0);
         let label_w = format!("L{widest}").len() as u16 + 2;
         let cells_w = inner.width.saturating_sub(label_w + 1).max(1);
+        let zoomed = app.heat_zoom && e > cells_w as usize;
         let mode = if e <= cells_w as usize {
             CellMode::Wide((cells_w / e as u16).clamp(1, 3))
+        } else if zoomed {
+            CellMode::Wide(1)
         } else if app.theme.has_color() && e <= 2 * cells_w as usize {
             CellMode::Half
         } else {
             CellMode::Binned(e.div_ceil(cells_w as usize))
         };
+        let (first_expert, visible_experts) = if zoomed {
+            let shown = cells_w as usize;
+            let cursor = app.expert.min(e - 1);
+            (cursor.saturating_sub(shown / 2).min(e - shown), shown)
+        } else {
+            (0, e)
+        };
         let used_w = match mode {
-            CellMode::Wide(w) => w * e as u16,
+            CellMode::Wide(w) => w * visible_experts as u16,
             CellMode::Half => e.div_ceil(2) as u16,
             CellMode::Binned(b) => e.div_ceil(b) as u16,
         };
@@ -82,15 +96,22 @@ impl HeatGeometry {
             mode,
             first_row: first_visible(app.layer, rows as usize, n),
             n_experts: e,
+            first_expert,
+            visible_experts,
             axis_y: axis.then_some(inner.y + rows),
             detail_y: detail.then_some(inner.y + rows + axis as u16),
         }
     }
 
-    /// Column (absolute x) of expert `e`.
+    /// True when the cells show a window of the experts (zoomed in), not all of them.
+    pub fn is_zoomed(&self) -> bool {
+        self.visible_experts < self.n_experts
+    }
+
+    /// Column (absolute x) of expert `e` (a visible one).
     pub fn x_of(&self, e: usize) -> u16 {
         let off = match self.mode {
-            CellMode::Wide(w) => e as u16 * w,
+            CellMode::Wide(w) => e.saturating_sub(self.first_expert) as u16 * w,
             CellMode::Half => (e / 2) as u16,
             CellMode::Binned(b) => (e / b) as u16,
         };
@@ -104,7 +125,7 @@ impl HeatGeometry {
         }
         let c = (x - self.cells.x) as usize;
         let e = match self.mode {
-            CellMode::Wide(w) => c / w as usize,
+            CellMode::Wide(w) => self.first_expert + c / w as usize,
             CellMode::Half => 2 * c,
             CellMode::Binned(b) => c * b,
         };
@@ -148,7 +169,21 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     let g = HeatGeometry::new(area, app, snap);
     let max = scale_max(snap, g.mode);
     let window = &snap.epoch.window;
-    let mut title = vec![Span::raw(" Experts: share of window tokens ")];
+    let mode_note = match g.mode {
+        CellMode::Wide(_) if g.is_zoomed() => format!(
+            "zoom: experts {}-{} of {} (z: fit) ",
+            g.first_expert,
+            g.first_expert + g.visible_experts - 1,
+            g.n_experts
+        ),
+        CellMode::Wide(_) => String::new(),
+        CellMode::Half => "1 cell = 2 experts (z: zoom) ".to_string(),
+        CellMode::Binned(b) => format!("1 cell = {b} experts (z: zoom) "),
+    };
+    let mut title = vec![
+        Span::raw(" Experts: share of window tokens "),
+        Span::styled(mode_note, theme.dim()),
+    ];
     // Legend: the ramp (or shades) from 0 to the scale's maximum.
     title.push(Span::styled("0 ", theme.dim()));
     if theme.has_color() {
@@ -161,15 +196,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         }
     }
     title.push(Span::styled(format!(" {:.1}% ", 100.0 * max), theme.dim()));
-    let mode_note = match g.mode {
-        CellMode::Wide(_) => String::new(),
-        CellMode::Half => "2 experts/char ".to_string(),
-        CellMode::Binned(b) => format!("binned: {b} experts/column "),
-    };
-    title.push(Span::styled(
-        format!("{mode_note}{} tok ", window.tokens),
-        theme.dim(),
-    ));
+    title.push(Span::styled(format!("{} tok ", window.tokens), theme.dim()));
     let n = window.layers.len();
     if (g.cells.height as usize) < n {
         title.push(Span::styled(
@@ -206,7 +233,10 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             theme.dim()
         };
         buf.set_stringn(area.x, y, &label, g.label_w as usize - 1, style);
-        let values = column_values(&layer.expert_token_share, g.mode);
+        let shares = &layer.expert_token_share;
+        let shown = &shares[g.first_expert.min(shares.len())
+            ..(g.first_expert + g.visible_experts).min(shares.len())];
+        let values = column_values(shown, g.mode);
         match g.mode {
             CellMode::Half => {
                 for (c, pair) in values.chunks(2).enumerate() {
@@ -256,7 +286,9 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             CellMode::Binned(b) => 8 * b,
         };
         let mut next_free = g.cells.x;
-        for ex in (0..e).step_by(step.max(1)) {
+        let step = step.max(1);
+        let first_label = g.first_expert.div_ceil(step) * step;
+        for ex in (first_label..g.first_expert + g.visible_experts).step_by(step) {
             let x = g.x_of(ex);
             let s = ex.to_string();
             if x >= next_free && x + (s.len() as u16) <= g.cells.x + g.cells.width {
