@@ -477,7 +477,14 @@ impl Runner {
             }
         };
         let reason = match policy {
-            RoutingPolicy::Threshold { t, .. } => format!("threshold of {what} set to {t:.2}"),
+            RoutingPolicy::Threshold { t, renormalize } => format!(
+                "threshold of {what} set to {t:.2}{}",
+                if renormalize {
+                    ", weights renormalised"
+                } else {
+                    ""
+                }
+            ),
             p => format!("policy of {what} set to {p}"),
         };
         self.new_epoch(reason);

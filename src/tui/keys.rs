@@ -206,7 +206,7 @@ pub const BINDINGS: &[Binding] = &[
         label: "n",
         help: &["renormalise the selected experts' weights on / off"],
         help_without_exporter: None,
-        doc: "threshold and top-k: combine weights renormalised over the selected experts on / off (raw probabilities otherwise)",
+        doc: "threshold and top-k: combine weights renormalised over the selected experts on / off (raw probabilities otherwise); the slider shows `+n` when on",
         hint: None,
         in_help: false,
     },

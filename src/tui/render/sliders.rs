@@ -64,11 +64,12 @@ pub fn t_at(bar: Rect, x: u16) -> f32 {
     ((f * 100.0).round() / 100.0).clamp(0.01, 1.0)
 }
 
-/// `t 0.70`, `top-4`, `dense`.
+/// `t 0.70`, `top-4`, `dense`; `+n` when the weights are renormalised (`t 0.70+n`).
 pub fn policy_text(p: &RoutingPolicy) -> String {
+    let n = if p.renormalizes() { "+n" } else { "" };
     match p {
-        RoutingPolicy::Threshold { t, .. } => format!("t {t:.2}"),
-        RoutingPolicy::TopK { k, .. } => format!("top-{k}"),
+        RoutingPolicy::Threshold { t, .. } => format!("t {t:.2}{n}"),
+        RoutingPolicy::TopK { k, .. } => format!("top-{k}{n}"),
         RoutingPolicy::Dense => "dense".to_string(),
     }
 }
