@@ -102,7 +102,7 @@ fn routing(rng: &mut StdRng, tokens: usize, e: usize, k: Option<usize>) -> Routi
         None => RoutingPolicy::threshold(0.9),
     };
     let mut r = Routing::default();
-    route(&logits, e, policy, None, &mut r).unwrap();
+    route(&logits, policy.check(e).unwrap(), None, &mut r).unwrap();
     r
 }
 

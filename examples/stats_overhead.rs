@@ -75,7 +75,12 @@ fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(text.len() > SEQ + 1, "run from the repository root");
     let mut model = Model::load(&path, &Device::Cpu)?;
-    let routing = RoutingConfig::uniform(RoutingPolicy::threshold(0.9), model.moe_layers().len());
+    let routing = RoutingConfig::uniform(
+        RoutingPolicy::threshold(0.9),
+        model.moe_layers().len(),
+        model.config().n_experts,
+    )
+    .expect("threshold 0.9 is valid");
     let make_workload = |m: &Model| {
         Workload::eval(
             EvalSpec {

@@ -66,7 +66,7 @@ fn whole_model(quick: bool, device: &Device, threads: usize) -> anyhow::Result<(
     );
     println!("|---|---|---|---|---|---|");
     for policy in policies(cfg.split_ratio().min(cfg.n_experts)) {
-        let routing = RoutingConfig::uniform(policy, n_moe);
+        let routing = RoutingConfig::uniform(policy, n_moe, cfg.n_experts)?;
         let mut trace = ForwardTrace::default();
         let (mut tokens, mut pairs, mut elapsed) = (0usize, 0usize, 0f64);
         for p in 0..=passes {

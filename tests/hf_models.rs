@@ -145,7 +145,8 @@ fn threshold_routing_on_hf_routers_matches_the_naive_rule() {
         );
         let n = model.moe_layers().len();
         for t in [0.3f32, 0.6, 0.9] {
-            let routing = RoutingConfig::uniform(RoutingPolicy::threshold(t), n);
+            let e = model.config().n_experts;
+            let routing = RoutingConfig::uniform(RoutingPolicy::threshold(t), n, e).unwrap();
             let (_, trace) = run(&model, &ids(&g), &routing);
             // The first MoE layer sees exactly the reference's hidden states: its router logits
             // are the goldens'. (Later layers see the threshold policy's own hidden states.)

@@ -112,10 +112,8 @@ fn sparse_forward_matches_naive_reference() {
             let n_moe = model.moe_layers().len();
             for policy in policies(cfg.n_experts) {
                 for capacity in [None, Some(1.0)] {
-                    let routing = RoutingConfig {
-                        policies: vec![policy; n_moe],
-                        capacity_factor: capacity,
-                    };
+                    let routing =
+                        RoutingConfig::new(&vec![policy; n_moe], capacity, cfg.n_experts).unwrap();
                     let mut trace = ForwardTrace::default();
                     let logits = model
                         .forward(&toks, batch, &routing, None, &mut trace)
@@ -176,7 +174,13 @@ fn dense_equals_topk_all_equals_threshold_one() {
     let run = |p: RoutingPolicy| {
         let mut trace = ForwardTrace::default();
         model
-            .forward(&toks, 1, &RoutingConfig::uniform(p, 2), None, &mut trace)
+            .forward(
+                &toks,
+                1,
+                &RoutingConfig::uniform(p, 2, 8).unwrap(),
+                None,
+                &mut trace,
+            )
             .unwrap()
     };
     let dense = run(RoutingPolicy::Dense);
@@ -209,7 +213,7 @@ fn each_expert_computes_exactly_the_rows_that_chose_it() {
         .forward(
             &toks,
             1,
-            &RoutingConfig::uniform(RoutingPolicy::threshold(0.6), 2),
+            &RoutingConfig::uniform(RoutingPolicy::threshold(0.6), 2, 8).unwrap(),
             None,
             &mut trace,
         )
@@ -293,15 +297,21 @@ fn forward_rejects_bad_input_with_clear_errors() {
         .forward(&[1, 2, 3], 2, &r, None, &mut trace)
         .unwrap_err();
     assert!(e.to_string().contains("cannot be split"), "{e}");
-    let bad = RoutingConfig::uniform(
-        RoutingPolicy::TopK {
-            k: 9,
-            renormalize: false,
-        },
-        2,
-    );
+    // An invalid policy cannot even be built...
+    let top9 = RoutingPolicy::TopK {
+        k: 9,
+        renormalize: false,
+    };
+    let e = RoutingConfig::uniform(top9, 2, 8).unwrap_err();
+    assert!(e.to_string().contains("k in 1..=8"), "{e}");
+    // ...and one checked for another expert count is refused by the model.
+    let other = RoutingConfig::uniform(top9, 2, 16).unwrap();
     let e = model
-        .forward(&[1, 2, 3], 1, &bad, None, &mut trace)
+        .forward(&[1, 2, 3], 1, &other, None, &mut trace)
         .unwrap_err();
-    assert!(format!("{e:#}").contains("k in 1..=8"), "{e:#}");
+    assert!(
+        e.to_string()
+            .contains("checked for 16 experts but the model has 8"),
+        "{e}"
+    );
 }

@@ -332,10 +332,12 @@ fn traces_stream_and_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let model = small_model(dir.path());
     let cfg = model.config().clone();
-    let routing = RoutingConfig {
-        policies: vec![RoutingPolicy::threshold(0.8); 2],
-        capacity_factor: Some(0.5),
-    };
+    let routing = RoutingConfig::new(
+        &[RoutingPolicy::threshold(0.8); 2],
+        Some(0.5),
+        cfg.n_experts,
+    )
+    .unwrap();
     let path = dir.path().join("trace.jsonl");
     let mut w = TraceWriter::create(&path, &cfg, TraceOptions { probs: true }, false).unwrap();
     let mut trace = ForwardTrace::default();

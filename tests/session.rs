@@ -43,7 +43,8 @@ fn eval_workload(model: &Model) -> Workload {
 
 fn config(model: &Model) -> SessionConfig {
     let mut c = SessionConfig::new(model, "CPU (test)");
-    c.routing = RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2);
+    let e = model.config().n_experts;
+    c.routing = RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2, e).unwrap();
     c.snapshot_interval = Duration::from_millis(20);
     c.reference_every = 2;
     c.device_sample_period = None;
@@ -81,10 +82,10 @@ fn threshold_change_pause_and_reset() {
     let twin = Model::load(&path, &Device::Cpu).unwrap();
     let before = direct_means(
         &twin,
-        &RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2),
+        &RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2, 16).unwrap(),
     );
-    let mut lowered = RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2);
-    lowered.policies[1] = RoutingPolicy::threshold(0.2);
+    let mut lowered = RoutingConfig::uniform(RoutingPolicy::threshold(0.9), 2, 16).unwrap();
+    lowered.set_policy(Some(1), RoutingPolicy::threshold(0.2).check(16).unwrap());
     let after = direct_means(&twin, &lowered);
     assert_eq!(before[0], after[0], "layer 0 precedes the change");
     assert!(

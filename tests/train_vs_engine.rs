@@ -65,7 +65,7 @@ fn trainer_and_engine_compute_the_same_logits() {
             assert!(pairs < all, "the threshold kept every expert");
         }
 
-        let routing = RoutingConfig::uniform(policy, n_moe);
+        let routing = RoutingConfig::uniform(policy, n_moe, cfg.n_experts).unwrap();
         let mut trace = ForwardTrace::default();
         let got = engine
             .forward(&tokens, batch, &routing, None, &mut trace)

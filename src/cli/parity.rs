@@ -130,7 +130,7 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
     );
     let mut failed = false;
     for policy in policies {
-        let routing = RoutingConfig::uniform(policy, n_moe);
+        let routing = RoutingConfig::uniform(policy, n_moe, cfg.n_experts)?;
         let (mut rt, mut tt) = (ForwardTrace::default(), ForwardTrace::default());
         let lr = reference.forward(&tokens, batch, &routing, None, &mut rt)?;
         let lt = tested.forward(&tokens, batch, &routing, None, &mut tt)?;

@@ -107,10 +107,11 @@ impl PolicyArgs {
         {
             bail!("--capacity-factor must be positive, found {c}");
         }
-        Ok(RoutingConfig {
-            policies,
-            capacity_factor: self.capacity_factor.or(cfg.capacity_factor),
-        })
+        Ok(RoutingConfig::new(
+            &policies,
+            self.capacity_factor.or(cfg.capacity_factor),
+            e,
+        )?)
     }
 }
 
@@ -161,7 +162,7 @@ mod tests {
     }
 
     fn policies(a: PolicyArgs) -> Result<Vec<RoutingPolicy>> {
-        a.routing(&cfg()).map(|r| r.policies)
+        a.routing(&cfg()).map(|r| r.policies().collect::<Vec<_>>())
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub fn run(
     }
     let capacity = config
         .routing
-        .capacity_factor
+        .capacity_factor()
         .or(model.config().capacity_factor);
     run_session_tui(model, workload, config, args.options(capacity, exporter))
 }

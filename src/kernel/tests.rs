@@ -147,7 +147,8 @@ fn random_routing(rng: &mut StdRng, tokens: usize, e: usize, policy: RoutingPoli
         .collect();
     let cf = if tokens > 8 { Some(1.0) } else { None };
     let mut r = Routing::default();
-    route(&logits, e, policy, cf, &mut r).unwrap();
+    let cf = crate::routing::CapacityFactor::optional(cf).unwrap();
+    route(&logits, policy.check(e).unwrap(), cf, &mut r).unwrap();
     for t in 0..tokens {
         let range = r.offsets[t] as usize..r.offsets[t + 1] as usize;
         let no_pair = tokens > 1 && t % 5 == 3;

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use candle_core::{Device, Tensor};
 
 use super::arch;
@@ -13,24 +13,89 @@ use super::format::{LoadError, ModelFile};
 use super::moe::LoadOptions;
 use super::source::ModelSource;
 use super::trace::ForwardTrace;
-use crate::routing::RoutingPolicy;
+use crate::routing::{CapacityFactor, CheckedPolicy, RoutingError, RoutingPolicy};
 
-/// The routing in force: one policy per MoE layer and an optional capacity factor.
+/// The routing in force: one checked policy per MoE layer and an optional checked capacity
+/// factor. Built only through [`RoutingConfig::new`] (or [`RoutingConfig::uniform`]), which check
+/// every value, so [`Model::forward`] and the router take it as it is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoutingConfig {
-    /// One policy per MoE layer, in block order.
-    pub policies: Vec<RoutingPolicy>,
-    /// Optional capacity factor applied to every MoE layer.
-    pub capacity_factor: Option<f32>,
+    policies: Vec<CheckedPolicy>,
+    capacity_factor: Option<CapacityFactor>,
 }
 
 impl RoutingConfig {
-    /// The same policy on every one of `n_moe` layers.
-    pub fn uniform(policy: RoutingPolicy, n_moe: usize) -> Self {
-        Self {
-            policies: vec![policy; n_moe],
-            capacity_factor: None,
+    /// `policies` (one per MoE layer, in block order) and an optional capacity factor, each
+    /// checked against layers of `n_experts` experts.
+    pub fn new(
+        policies: &[RoutingPolicy],
+        capacity_factor: Option<f32>,
+        n_experts: usize,
+    ) -> Result<Self, RoutingError> {
+        Ok(Self {
+            policies: policies
+                .iter()
+                .map(|p| p.check(n_experts))
+                .collect::<Result<_, _>>()?,
+            capacity_factor: CapacityFactor::optional(capacity_factor)?,
+        })
+    }
+
+    /// The same policy on every one of `n_moe` layers of `n_experts` experts, no capacity limit.
+    pub fn uniform(
+        policy: RoutingPolicy,
+        n_moe: usize,
+        n_experts: usize,
+    ) -> Result<Self, RoutingError> {
+        Self::new(&vec![policy; n_moe], None, n_experts)
+    }
+
+    /// MoE layers covered.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// True when there are no MoE layers.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// The policy of MoE slot `slot`.
+    pub fn policy(&self, slot: usize) -> RoutingPolicy {
+        self.policies[slot].policy()
+    }
+
+    /// Every slot's policy, in slot order.
+    pub fn policies(&self) -> impl ExactSizeIterator<Item = RoutingPolicy> + '_ {
+        self.policies.iter().map(|p| p.policy())
+    }
+
+    /// The checked policy of MoE slot `slot`.
+    pub fn checked(&self, slot: usize) -> CheckedPolicy {
+        self.policies[slot]
+    }
+
+    /// The capacity factor, if any.
+    pub fn capacity_factor(&self) -> Option<f32> {
+        self.capacity_factor.map(CapacityFactor::get)
+    }
+
+    /// The checked capacity factor, if any.
+    pub fn checked_capacity(&self) -> Option<CapacityFactor> {
+        self.capacity_factor
+    }
+
+    /// Sets MoE slot `slot`'s policy, or every slot's with `None`.
+    pub fn set_policy(&mut self, slot: Option<usize>, policy: CheckedPolicy) {
+        match slot {
+            Some(s) => self.policies[s] = policy,
+            None => self.policies.iter_mut().for_each(|p| *p = policy),
         }
+    }
+
+    /// Sets or clears the capacity factor.
+    pub fn set_capacity_factor(&mut self, factor: Option<CapacityFactor>) {
+        self.capacity_factor = factor;
     }
 }
 
@@ -212,12 +277,14 @@ impl Model {
         self.file_bytes
     }
 
-    /// Routing the configuration asks for by default.
+    /// Routing the configuration asks for by default (checked when the configuration was).
     pub fn default_routing(&self) -> RoutingConfig {
-        RoutingConfig {
-            policies: vec![self.config.default_policy; self.moe_layers.len()],
-            capacity_factor: self.config.capacity_factor,
-        }
+        RoutingConfig::new(
+            &vec![self.config.default_policy; self.moe_layers.len()],
+            self.config.capacity_factor,
+            self.config.n_experts,
+        )
+        .expect("the configuration's policy and capacity factor were validated at load")
     }
 
     /// Parameter counts.
@@ -260,16 +327,23 @@ impl Model {
                 tokens.len()
             );
         }
-        if routing.policies.len() != self.moe_layers.len() {
+        if routing.len() != self.moe_layers.len() {
             bail!(
                 "routing has {} policies but the model has {} MoE layers",
-                routing.policies.len(),
+                routing.len(),
                 self.moe_layers.len()
             );
         }
-        for (p, &l) in routing.policies.iter().zip(&self.moe_layers) {
-            p.validate(cfg.n_experts)
-                .with_context(|| format!("policy for layer {l}"))?;
+        if let Some(p) = routing
+            .policies
+            .iter()
+            .find(|p| p.n_experts() != cfg.n_experts)
+        {
+            bail!(
+                "routing was checked for {} experts but the model has {}",
+                p.n_experts(),
+                cfg.n_experts
+            );
         }
         let seq = tokens.len() / batch;
         let start_pos = match &cache {

@@ -85,6 +85,13 @@ pub struct ModelInfo {
     pub max_seq_len: usize,
     /// k of the compute-matched top-k baseline used for "compute saved vs top-k".
     pub top_k_baseline: usize,
+    /// Always-on shared experts per MoE layer (Qwen2-MoE: 1), outside the routing.
+    #[serde(default)]
+    pub shared_experts: usize,
+    /// FLOPs per token of the shared experts over all MoE layers: the same under every policy,
+    /// part of the whole model's figures, never "saved".
+    #[serde(default)]
+    pub shared_expert_flops: f64,
 }
 
 /// Which kind of workload drives the model.

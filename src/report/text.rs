@@ -222,6 +222,14 @@ fn compute(o: &mut String, s: &Snapshot) {
             ""
         }
     );
+    if s.model.shared_experts > 0 {
+        line!(
+            o,
+            "  shared experts ({} per MoE layer, every token): {} per token, in the whole model under every policy",
+            s.model.shared_experts,
+            flops(s.model.shared_expert_flops)
+        );
+    }
     let h = &e.histograms.token_moe_flops;
     if h.count > 0 {
         line!(

@@ -68,6 +68,9 @@ pub enum RoutingError {
         /// Experts in the layer.
         n_experts: usize,
     },
+    /// A layer with no experts, or more than expert ids can number.
+    #[error("a MoE layer needs 1..=65536 experts, found {0}")]
+    BadExpertCount(usize),
     /// Capacity factor not positive and finite.
     #[error("capacity factor must be positive and finite, found {0}")]
     BadCapacityFactor(f32),
@@ -147,6 +150,19 @@ impl RoutingPolicy {
         }
     }
 
+    /// Checks the policy against a layer of `n_experts` experts: the one way to a
+    /// [`CheckedPolicy`].
+    pub fn check(self, n_experts: usize) -> Result<CheckedPolicy, RoutingError> {
+        if n_experts == 0 || n_experts > u16::MAX as usize + 1 {
+            return Err(RoutingError::BadExpertCount(n_experts));
+        }
+        self.validate(n_experts)?;
+        Ok(CheckedPolicy {
+            policy: self,
+            n_experts,
+        })
+    }
+
     /// Checks the policy's parameters against the number of experts.
     pub fn validate(&self, n_experts: usize) -> Result<(), RoutingError> {
         match *self {
@@ -163,6 +179,51 @@ impl RoutingPolicy {
             RoutingPolicy::Dense => {}
         }
         Ok(())
+    }
+}
+
+/// A policy checked against the number of experts it routes over. Only [`RoutingPolicy::check`]
+/// builds one, so the code that receives it (the model, [`route`]) never checks it again.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CheckedPolicy {
+    policy: RoutingPolicy,
+    n_experts: usize,
+}
+
+impl CheckedPolicy {
+    /// The policy.
+    pub fn policy(self) -> RoutingPolicy {
+        self.policy
+    }
+
+    /// The number of experts it was checked against.
+    pub fn n_experts(self) -> usize {
+        self.n_experts
+    }
+}
+
+/// A capacity factor checked positive and finite; only [`CapacityFactor::new`] builds one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CapacityFactor(f32);
+
+impl CapacityFactor {
+    /// Checks `factor`.
+    pub fn new(factor: f32) -> Result<Self, RoutingError> {
+        if factor.is_finite() && factor > 0.0 {
+            Ok(Self(factor))
+        } else {
+            Err(RoutingError::BadCapacityFactor(factor))
+        }
+    }
+
+    /// An optional factor, checked when present.
+    pub fn optional(factor: Option<f32>) -> Result<Option<Self>, RoutingError> {
+        factor.map(Self::new).transpose()
+    }
+
+    /// The factor.
+    pub fn get(self) -> f32 {
+        self.0
     }
 }
 
@@ -219,21 +280,18 @@ impl Routing {
     }
 }
 
-/// Routes a batch: softmax each row of `logits` (`tokens x n_experts`), apply `policy`, then the
-/// optional capacity limit. Writes into `out`, reusing its buffers.
+/// Routes a batch: softmax each row of `logits` (`tokens x E`, E the policy's expert count),
+/// apply `policy`, then the optional capacity limit. Writes into `out`, reusing its buffers. The
+/// policy and factor were checked when built; only the logits (shape, finiteness) are checked
+/// here.
 pub fn route(
     logits: &[f32],
-    n_experts: usize,
-    policy: RoutingPolicy,
-    capacity_factor: Option<f32>,
+    policy: CheckedPolicy,
+    capacity_factor: Option<CapacityFactor>,
     out: &mut Routing,
 ) -> Result<(), RoutingError> {
-    policy.validate(n_experts)?;
-    if let Some(c) = capacity_factor
-        && !(c.is_finite() && c > 0.0)
-    {
-        return Err(RoutingError::BadCapacityFactor(c));
-    }
+    let n_experts = policy.n_experts;
+    let policy = policy.policy;
     let tokens = logits.len().checked_div(n_experts).unwrap_or(0);
     if n_experts == 0 || tokens * n_experts != logits.len() {
         return Err(RoutingError::ShapeMismatch {
@@ -313,7 +371,7 @@ pub fn route(
     }
     out.kept.resize(out.experts.len(), true);
     if let Some(cf) = capacity_factor {
-        apply_capacity(out, expert_capacity(cf, tokens, n_experts));
+        apply_capacity(out, expert_capacity(cf.get(), tokens, n_experts));
     }
     Ok(())
 }
@@ -450,7 +508,8 @@ mod tests {
 
     fn run(logits: &[f32], e: usize, policy: RoutingPolicy, cf: Option<f32>) -> Routing {
         let mut r = Routing::default();
-        route(logits, e, policy, cf, &mut r).unwrap();
+        let cf = CapacityFactor::optional(cf).unwrap();
+        route(logits, policy.check(e).unwrap(), cf, &mut r).unwrap();
         r
     }
 
@@ -610,7 +669,8 @@ mod tests {
         let mut r = Routing::default();
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
             let l = vec![0.0, 1.0, 2.0, bad, 0.0, 0.0];
-            let e = route(&l, 3, RoutingPolicy::Dense, None, &mut r).unwrap_err();
+            let dense = RoutingPolicy::Dense.check(3).unwrap();
+            let e = route(&l, dense, None, &mut r).unwrap_err();
             assert!(matches!(
                 e,
                 RoutingError::NonFiniteLogit {
@@ -625,31 +685,34 @@ mod tests {
 
     #[test]
     fn bad_parameters_are_rejected() {
-        let l = vec![0.0; 4];
-        let mut r = Routing::default();
         for t in [0.0, -0.1, 1.01, f32::NAN] {
             assert!(matches!(
-                route(&l, 4, RoutingPolicy::threshold(t), None, &mut r),
+                RoutingPolicy::threshold(t).check(4),
                 Err(RoutingError::BadThreshold(_))
             ));
         }
         for k in [0, 5] {
+            let top_k = RoutingPolicy::TopK {
+                k,
+                renormalize: false,
+            };
+            assert!(matches!(top_k.check(4), Err(RoutingError::BadK { .. })));
+        }
+        for e in [0, 65537] {
             assert!(matches!(
-                route(
-                    &l,
-                    4,
-                    RoutingPolicy::TopK {
-                        k,
-                        renormalize: false
-                    },
-                    None,
-                    &mut r
-                ),
-                Err(RoutingError::BadK { .. })
+                RoutingPolicy::Dense.check(e),
+                Err(RoutingError::BadExpertCount(_))
             ));
         }
-        assert!(route(&l, 4, RoutingPolicy::Dense, Some(0.0), &mut r).is_err());
-        assert!(route(&l[..3], 4, RoutingPolicy::Dense, None, &mut r).is_err());
+        for c in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            assert!(CapacityFactor::new(c).is_err());
+        }
+        assert_eq!(CapacityFactor::new(1.5).unwrap().get(), 1.5);
+        // The logits are the one thing `route` still checks: their shape and finiteness.
+        let mut r = Routing::default();
+        let dense = RoutingPolicy::Dense.check(4).unwrap();
+        assert!(route(&[0.0; 3], dense, None, &mut r).is_err());
+        assert!(route(&[0.0; 4], dense, None, &mut r).is_ok());
     }
 
     #[test]

@@ -23,5 +23,9 @@ pub fn model_info(
         vocab_size: cfg.vocab_size,
         max_seq_len: cfg.max_seq_len,
         top_k_baseline: top_k_baseline.clamp(1, cfg.n_experts),
+        shared_experts: usize::from(cfg.shared_expert_hidden.is_some()),
+        shared_expert_flops: (cfg.moe_layer_indices().len() as u64
+            * crate::profiling::flops::FlopModel::new(cfg).shared_expert())
+            as f64,
     }
 }

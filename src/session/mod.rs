@@ -29,8 +29,8 @@ use crate::profiling::snapshot::{
     DeviceSnapshot, GeneratedText, GeneratedToken, LayerPolicy, ModelInfo, PolicyState, Snapshot,
 };
 use crate::profiling::stats::{RunStats, SnapshotInputs, experts_per_layer};
-use crate::routing::RoutingError;
 use crate::routing::RoutingPolicy;
+use crate::routing::{CapacityFactor, CheckedPolicy, RoutingError};
 use crate::workload::Workload;
 
 pub use control::{Control, Layers};
@@ -133,33 +133,46 @@ impl SessionConfig {
     }
 }
 
-/// Checks a control message against the model (number of MoE layers and of experts).
-pub fn validate_control(
-    control: &Control,
-    n_moe: usize,
-    n_experts: usize,
-) -> Result<(), ControlError> {
-    match control {
+/// A control message checked against the model: what the session thread receives, so that it
+/// applies orders without checking them again.
+#[derive(Clone, Debug, PartialEq)]
+enum Order {
+    SetPolicy {
+        layers: Layers,
+        policy: CheckedPolicy,
+    },
+    SetCapacityFactor(Option<CapacityFactor>),
+    SetPaused(bool),
+    ResetStats,
+    Stop,
+}
+
+/// Checks a control message against the model (number of MoE layers and of experts): the one
+/// place a [`Control`] is checked.
+fn check_control(control: Control, n_moe: usize, n_experts: usize) -> Result<Order, ControlError> {
+    Ok(match control {
         Control::SetPolicy { layers, policy } => {
             if let Layers::Slot(slot) = layers
-                && *slot >= n_moe
+                && slot >= n_moe
             {
-                return Err(ControlError::NoSuchMoeLayer { slot: *slot, n_moe });
+                return Err(ControlError::NoSuchMoeLayer { slot, n_moe });
             }
-            policy.validate(n_experts)?;
+            Order::SetPolicy {
+                layers,
+                policy: policy.check(n_experts)?,
+            }
         }
-        Control::SetCapacityFactor(Some(c)) if !(c.is_finite() && *c > 0.0) => {
-            return Err(RoutingError::BadCapacityFactor(*c).into());
-        }
-        _ => {}
-    }
-    Ok(())
+        Control::SetCapacityFactor(c) => Order::SetCapacityFactor(CapacityFactor::optional(c)?),
+        Control::SetPaused(p) => Order::SetPaused(p),
+        Control::ResetStats => Order::ResetStats,
+        Control::Stop => Order::Stop,
+    })
 }
 
 /// Sends validated control messages to a session; cheap to clone (one per UI component).
 #[derive(Clone, Debug)]
 pub struct SessionController {
-    tx: Sender<Control>,
+    tx: Sender<Order>,
     n_moe: usize,
     n_experts: usize,
 }
@@ -167,8 +180,8 @@ pub struct SessionController {
 impl SessionController {
     /// Validates and sends any control message.
     pub fn send(&self, control: Control) -> Result<(), ControlError> {
-        validate_control(&control, self.n_moe, self.n_experts)?;
-        self.tx.send(control).map_err(|_| ControlError::Ended)
+        let order = check_control(control, self.n_moe, self.n_experts)?;
+        self.tx.send(order).map_err(|_| ControlError::Ended)
     }
 
     /// Threshold `t` on one MoE layer (by slot) or on all.
@@ -252,22 +265,26 @@ impl Session {
         let n_experts = model.config().n_experts;
         let moe_layers = model.moe_layers().to_vec();
         anyhow::ensure!(
-            config.routing.policies.len() == moe_layers.len(),
+            config.routing.len() == moe_layers.len(),
             "routing has {} policies but the model has {} MoE layers",
-            config.routing.policies.len(),
+            config.routing.len(),
             moe_layers.len()
         );
-        for (p, l) in config.routing.policies.iter().zip(&moe_layers) {
-            p.validate(n_experts)
-                .with_context(|| format!("policy of layer {l}"))?;
-        }
-        config
-            .reference_policy
-            .validate(n_experts)
-            .context("reference policy")?;
+        // The routing was checked when built; the reference is checked here, once.
+        let reference =
+            RoutingConfig::uniform(config.reference_policy, moe_layers.len(), n_experts)
+                .context("reference policy")?;
         let (tx, rx) = mpsc::channel();
         let latest = Arc::new(Mutex::new(None));
-        let runner = Runner::new(model, workload, config, rx, publisher, Arc::clone(&latest));
+        let runner = Runner::new(
+            model,
+            workload,
+            config,
+            reference,
+            rx,
+            publisher,
+            Arc::clone(&latest),
+        );
         let handle = std::thread::Builder::new()
             .name("xmoe-session".into())
             .spawn(move || runner.run())
@@ -356,7 +373,7 @@ impl Session {
 
     /// Asks the session to stop, then waits for it.
     pub fn stop(self) -> Result<SessionOutcome> {
-        let _ = self.controller.tx.send(Control::Stop);
+        let _ = self.controller.tx.send(Order::Stop);
         self.join()
     }
 }
@@ -364,7 +381,7 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take() {
-            let _ = self.controller.tx.send(Control::Stop);
+            let _ = self.controller.tx.send(Order::Stop);
             let _ = h.join();
         }
     }
@@ -378,7 +395,7 @@ struct Runner {
     routing: RoutingConfig,
     reference: RoutingConfig,
     stats: RunStats,
-    rx: Receiver<Control>,
+    rx: Receiver<Order>,
     publisher: Publisher,
     latest: Arc<Mutex<Option<Snapshot>>>,
     model_info: ModelInfo,
@@ -397,7 +414,8 @@ impl Runner {
         model: Model,
         workload: Workload,
         config: SessionConfig,
-        rx: Receiver<Control>,
+        reference: RoutingConfig,
+        rx: Receiver<Order>,
         publisher: Publisher,
         latest: Arc<Mutex<Option<Snapshot>>>,
     ) -> Self {
@@ -407,10 +425,6 @@ impl Runner {
             .unwrap_or_else(|| cfg.top_k_baseline());
         let model_info = describe::model_info(cfg, config.device_description.clone(), top_k);
         let routing = config.routing.clone();
-        let reference = RoutingConfig {
-            policies: vec![config.reference_policy; routing.policies.len()],
-            capacity_factor: None,
-        };
         let state = policy_state(model.moe_layers(), &routing, config.reference_policy);
         let stats = RunStats::new(cfg, top_k, config.window_tokens, state, 0.0);
         let sampler = config.device_sample_period.map(DeviceSampler::start);
@@ -464,15 +478,16 @@ impl Runner {
         self.stats.begin_epoch(reason, state, now);
     }
 
-    fn set_policy(&mut self, layers: Layers, policy: RoutingPolicy) {
+    fn set_policy(&mut self, layers: Layers, checked: CheckedPolicy) {
+        let policy = checked.policy();
         let what = match layers {
             Layers::Slot(slot) => {
-                self.routing.policies[slot] = policy;
+                self.routing.set_policy(Some(slot), checked);
                 // The one place a slot becomes a block index: users read "layer" as the block.
                 format!("layer {}", self.model.moe_layers()[slot])
             }
             Layers::All => {
-                self.routing.policies.iter_mut().for_each(|p| *p = policy);
+                self.routing.set_policy(None, checked);
                 "all MoE layers".to_string()
             }
         };
@@ -490,24 +505,24 @@ impl Runner {
         self.new_epoch(reason);
     }
 
-    /// Applies one control message, already validated by [`SessionController::send`] (the only
-    /// sender besides the session's own `Stop`).
-    fn apply(&mut self, c: Control) {
-        match c {
-            Control::SetPolicy { layers, policy } => self.set_policy(layers, policy),
-            Control::SetCapacityFactor(c) => {
-                self.routing.capacity_factor = c;
+    /// Applies one order, checked by [`SessionController::send`] (the only sender besides the
+    /// session's own `Stop`).
+    fn apply(&mut self, order: Order) {
+        match order {
+            Order::SetPolicy { layers, policy } => self.set_policy(layers, policy),
+            Order::SetCapacityFactor(c) => {
+                self.routing.set_capacity_factor(c);
                 self.new_epoch(match c {
-                    Some(c) => format!("capacity factor set to {c:.2}"),
+                    Some(c) => format!("capacity factor set to {:.2}", c.get()),
                     None => "capacity factor cleared".to_string(),
                 });
             }
-            Control::SetPaused(paused) => self.paused = paused,
-            Control::ResetStats => {
+            Order::SetPaused(paused) => self.paused = paused,
+            Order::ResetStats => {
                 let now = self.now_s();
                 self.stats.reset(now);
             }
-            Control::Stop => self.stop = true,
+            Order::Stop => self.stop = true,
         }
     }
 
@@ -692,10 +707,10 @@ pub fn policy_state(
     PolicyState {
         layers: moe_layers
             .iter()
-            .zip(&routing.policies)
-            .map(|(&layer, &p)| LayerPolicy { layer, policy: p })
+            .zip(routing.policies())
+            .map(|(&layer, p)| LayerPolicy { layer, policy: p })
             .collect(),
-        capacity_factor: routing.capacity_factor,
+        capacity_factor: routing.capacity_factor(),
         reference,
     }
 }
@@ -706,7 +721,7 @@ mod tests {
 
     #[test]
     fn controls_are_validated_against_the_model() {
-        let ok = |c| validate_control(&c, 2, 8);
+        let ok = |c| check_control(c, 2, 8);
         let set = |layers, policy| Control::SetPolicy { layers, policy };
         let t = |t| RoutingPolicy::threshold(t);
         let topk = |k| RoutingPolicy::TopK {

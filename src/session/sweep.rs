@@ -329,22 +329,21 @@ pub fn run_sweep(
         policies.push(default_policy);
     }
     let n_moe = moe_layers.len();
-    let make = |policy: RoutingPolicy| PointRun {
-        policy,
-        routing: RoutingConfig {
-            policies: vec![policy; n_moe],
-            capacity_factor: capacity,
-        },
-        stats: RunStats::new(
-            cfg,
-            top_k_baseline,
-            u64::MAX,
-            policy_state(policy, &moe_layers, capacity),
-            0.0,
-        ),
+    let make = |policy: RoutingPolicy| -> Result<PointRun> {
+        Ok(PointRun {
+            policy,
+            routing: RoutingConfig::new(&vec![policy; n_moe], capacity, cfg.n_experts)?,
+            stats: RunStats::new(
+                cfg,
+                top_k_baseline,
+                u64::MAX,
+                policy_state(policy, &moe_layers, capacity),
+                0.0,
+            ),
+        })
     };
-    let mut dense = make(RoutingPolicy::Dense);
-    let mut points: Vec<PointRun> = policies.into_iter().map(make).collect();
+    let mut dense = make(RoutingPolicy::Dense)?;
+    let mut points: Vec<PointRun> = policies.into_iter().map(make).collect::<Result<_>>()?;
 
     let total = batches.len() * (points.len() + 1);
     let mut done = 0;

@@ -65,7 +65,8 @@ mod tests {
                     let logits: Vec<f32> = (0..tokens * e)
                         .map(|_| rng.random_range(-1.0f32..1.0) * scale)
                         .collect();
-                    route(&logits, e, RoutingPolicy::threshold(t), None, &mut r).unwrap();
+                    let policy = RoutingPolicy::threshold(t).check(e).unwrap();
+                    route(&logits, policy, None, &mut r).unwrap();
                     let stats = threshold_mask(&r.probs, e, t, &mut mask);
                     assert_eq!(stats.pairs, r.pairs());
                     for i in 0..tokens {

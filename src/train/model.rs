@@ -75,7 +75,7 @@ pub struct ForwardOut {
 /// The trainable model.
 pub struct TrainModel {
     cfg: ModelConfig,
-    policy: RoutingPolicy,
+    policy: crate::routing::CheckedPolicy,
     routing: std::cell::RefCell<Routing>,
     tok: Var,
     pos: Var,
@@ -204,7 +204,7 @@ impl TrainModel {
         );
         Ok(Self {
             cfg: cfg.clone(),
-            policy: RoutingPolicy::threshold(threshold),
+            policy: RoutingPolicy::threshold(threshold).check(cfg.n_experts)?,
             routing: Default::default(),
             tok,
             pos,
@@ -215,20 +215,14 @@ impl TrainModel {
     }
 
     /// Sets the routing used by [`TrainModel::forward`] (training uses the threshold policy).
-    /// Top-k with renormalisation is not supported: the weights are always the raw `p`.
+    /// Renormalised weights are not supported: the weights are always the raw `p`.
     pub fn set_policy(&mut self, policy: RoutingPolicy) -> anyhow::Result<()> {
-        policy.validate(self.cfg.n_experts)?;
+        let checked = policy.check(self.cfg.n_experts)?;
         anyhow::ensure!(
-            !matches!(
-                policy,
-                RoutingPolicy::TopK {
-                    renormalize: true,
-                    ..
-                }
-            ),
-            "renormalised top-k is not supported by the training forward pass"
+            !policy.renormalizes(),
+            "renormalised weights are not supported by the training forward pass"
         );
-        self.policy = policy;
+        self.policy = checked;
         Ok(())
     }
 
@@ -323,12 +317,12 @@ impl TrainModel {
             let logits_r = f.matmul(&blk.router.as_tensor().t()?)?;
             let p = softmax_last(&logits_r)?;
             let pv = p.flatten_all()?.to_vec1::<f32>()?;
-            let t = match self.policy {
+            let t = match self.policy.policy() {
                 RoutingPolicy::Threshold { t, .. } => t,
                 _ => 1.0,
             };
             let mut ms = threshold_mask(&pv, e, t, &mut mask);
-            match self.policy {
+            match self.policy.policy() {
                 RoutingPolicy::Threshold { .. } => {}
                 RoutingPolicy::Dense => {
                     mask.fill(1.0);
@@ -338,7 +332,7 @@ impl TrainModel {
                     // Softmax again from the logits in the routing module: same probabilities.
                     let lv = logits_r.flatten_all()?.to_vec1::<f32>()?;
                     let mut r = std::mem::take(&mut *self.routing.borrow_mut());
-                    route(&lv, e, self.policy, None, &mut r)?;
+                    route(&lv, self.policy, None, &mut r)?;
                     mask.fill(0.0);
                     for i in 0..n {
                         for (x, _, _) in r.choices(i) {

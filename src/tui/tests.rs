@@ -388,6 +388,34 @@ fn dense_heatmaps_use_half_blocks_or_bins() {
 }
 
 #[test]
+fn shared_experts_get_their_own_column() {
+    let mut snap = example_snapshot(WorkloadKind::Eval, 16, false);
+    snap.model.shared_experts = 1;
+    let mut app = app_with(snap.clone(), ColorMode::NoColor);
+    let buf = draw(&mut app, 100, 30);
+    let (g, _) = heat_geometry(&app, 100, 30);
+    let sx = g.shared_x.expect("a shared column");
+    assert!(
+        sx > g.cells.x + g.cells.width,
+        "right of the routed experts"
+    );
+    for row in 0..g.cells.height {
+        let y = g.cells.y + row;
+        assert_eq!(buf[(sx - 1, y)].symbol(), "│");
+        assert_eq!(buf[(sx, y)].symbol(), Theme::shade(1.0));
+    }
+    assert_eq!(buf[(sx, g.axis_y.unwrap())].symbol(), "S");
+    has(&text(&buf), "S: shared, every token", "legend");
+    // Without shared experts there is no such column.
+    let mut app = app_with(
+        example_snapshot(WorkloadKind::Eval, 16, false),
+        ColorMode::NoColor,
+    );
+    draw(&mut app, 100, 30);
+    assert!(heat_geometry(&app, 100, 30).0.shared_x.is_none());
+}
+
+#[test]
 fn zoom_shows_one_expert_per_cell_around_the_cursor() {
     // 128 experts in 80 columns, zoomed: a window of single experts that follows the cursor.
     let snap = example_snapshot(WorkloadKind::Eval, 128, false);

@@ -90,14 +90,10 @@ fn synthetic_pass(
             }
         }
         let m = trace.moe_slot(slot, layer);
-        route(
-            &logits,
-            e,
-            RoutingPolicy::threshold(t),
-            None,
-            &mut m.routing,
-        )
-        .expect("synthetic logits are finite");
+        let policy = RoutingPolicy::threshold(t)
+            .check(e)
+            .expect("thresholds of the fixtures are in (0, 1]");
+        route(&logits, policy, None, &mut m.routing).expect("synthetic logits are finite");
     }
     let mut total = 0;
     for (b, bt) in trace.blocks.iter_mut().enumerate() {

@@ -109,7 +109,7 @@ pub fn build(
                 expert_weights(ckpt, c.family, &m, c.experts, c.expert_hidden, h, &stored)?;
             let experts =
                 MoeExperts::from_weights(weights, Activation::Silu, device, options).map_err(de)?;
-            let mut moe = MoeBlock::new(ffn_norm, &router, experts, c.experts, slot).map_err(de)?;
+            let mut moe = MoeBlock::new(ffn_norm, &router, experts, slot).map_err(de)?;
             if let Some(s) = c.shared_expert_hidden {
                 let (g, u, d) = gated_mlp(&format!("{m}.shared_expert"), s)?;
                 let scale = linear(&format!("{m}.shared_expert_gate"), 1, h, false)?;

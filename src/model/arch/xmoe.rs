@@ -73,7 +73,7 @@ pub fn build(
                 options,
             )?;
             BlockFfn::Moe(Box::new(
-                MoeBlock::new(ffn_norm, &router, experts, cfg.n_experts, slot).map_err(de)?,
+                MoeBlock::new(ffn_norm, &router, experts, slot).map_err(de)?,
             ))
         } else {
             let h = cfg.dense_ffn_hidden;

@@ -59,7 +59,6 @@ pub struct MoeBlock {
     /// Router weight transposed, [d, E].
     router_t: Tensor,
     experts: MoeExperts,
-    n_experts: usize,
     shared: Option<SharedExpert>,
     /// Index of this block among the model's MoE blocks: its policy and its trace slot.
     slot: usize,
@@ -72,14 +71,12 @@ impl MoeBlock {
         norm: Norm,
         router: &Tensor,
         experts: MoeExperts,
-        n_experts: usize,
         slot: usize,
     ) -> candle_core::Result<Self> {
         Ok(Self {
             norm,
             router_t: router.t()?.contiguous()?,
             experts,
-            n_experts,
             shared: None,
             slot,
         })
@@ -117,9 +114,8 @@ impl MoeBlock {
         let lt = trace.moe_slot(self.slot, layer);
         route(
             &logits,
-            self.n_experts,
-            routing.policies[self.slot],
-            routing.capacity_factor,
+            routing.checked(self.slot),
+            routing.checked_capacity(),
             &mut lt.routing,
         )
         .with_context(|| format!("routing in layer {layer}"))?;

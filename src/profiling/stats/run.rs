@@ -365,6 +365,7 @@ mod tests {
     use crate::model::config::tests::small;
     use crate::profiling::snapshot::LayerPolicy;
     use crate::profiling::stats::{BatchQuality, ReferenceComparison};
+    use crate::routing::CapacityFactor;
     use crate::routing::RoutingPolicy;
     use crate::routing::route;
 
@@ -387,14 +388,8 @@ mod tests {
         for (slot, layer_sel) in sel.iter().enumerate() {
             let logits: Vec<f32> = layer_sel.iter().flat_map(|s| logits_selecting(s)).collect();
             let m = t.moe_slot(slot, slot);
-            route(
-                &logits,
-                E,
-                RoutingPolicy::threshold(0.9),
-                None,
-                &mut m.routing,
-            )
-            .unwrap();
+            let policy = RoutingPolicy::threshold(0.9).check(E).unwrap();
+            route(&logits, policy, None, &mut m.routing).unwrap();
             for (i, s) in layer_sel.iter().enumerate() {
                 assert_eq!(m.routing.selected(i), s.len(), "test logits select {s:?}");
             }
@@ -441,6 +436,8 @@ mod tests {
                 vocab_size: 256,
                 max_seq_len: 32,
                 top_k_baseline: 4,
+                shared_experts: 0,
+                shared_expert_flops: 0.0,
             },
             workload: WorkloadInfo {
                 kind: crate::profiling::snapshot::WorkloadKind::Eval,
@@ -698,17 +695,12 @@ mod tests {
         let logits: Vec<f32> = (0..10).flat_map(|_| logits_selecting(&[0])).collect();
         for slot in 0..2 {
             let m = t.moe_slot(slot, slot);
-            route(
-                &logits,
-                E,
-                RoutingPolicy::TopK {
-                    k: 1,
-                    renormalize: false,
-                },
-                Some(0.1),
-                &mut m.routing,
-            )
-            .unwrap();
+            let top1 = RoutingPolicy::TopK {
+                k: 1,
+                renormalize: false,
+            };
+            let cf = CapacityFactor::new(0.1).unwrap();
+            route(&logits, top1.check(E).unwrap(), Some(cf), &mut m.routing).unwrap();
         }
         s.record_pass(&t, PassKind::Eval, 1);
         let snap = s.snapshot(inputs());

@@ -40,6 +40,9 @@ pub struct HeatGeometry {
     pub first_expert: usize,
     /// Experts drawn.
     pub visible_experts: usize,
+    /// Column of the shared experts (every token uses them), right of the cells, if the model
+    /// has any.
+    pub shared_x: Option<u16>,
     /// Line of the expert axis and cursor, if there is room.
     pub axis_y: Option<u16>,
     /// Line of the detail for the cell under the cursor, if there is room.
@@ -66,7 +69,12 @@ impl HeatGeometry {
         let axis = inner.height > rows + 1;
         let widest = snap.model.moe_layers.iter().max().copied().unwrap_or(0);
         let label_w = format!("L{widest}").len() as u16 + 2;
-        let cells_w = inner.width.saturating_sub(label_w + 1).max(1);
+        let shared = snap.model.shared_experts > 0;
+        // A shared-expert column takes three characters: a space, a rule and the cell.
+        let cells_w = inner
+            .width
+            .saturating_sub(label_w + 1 + if shared { 3 } else { 0 })
+            .max(1);
         let zoomed = app.heat_zoom && e > cells_w as usize;
         let mode = if e <= cells_w as usize {
             CellMode::Wide((cells_w / e as u16).clamp(1, 3))
@@ -90,6 +98,7 @@ impl HeatGeometry {
             CellMode::Binned(b) => e.div_ceil(b) as u16,
         };
         let cells = Rect::new(inner.x + label_w, inner.y, used_w.min(cells_w), rows);
+        let shared_x = shared.then_some(cells.x + cells.width + 2);
         Self {
             label_w,
             cells,
@@ -98,6 +107,7 @@ impl HeatGeometry {
             n_experts: e,
             first_expert,
             visible_experts,
+            shared_x,
             axis_y: axis.then_some(inner.y + rows),
             detail_y: detail.then_some(inner.y + rows + axis as u16),
         }
@@ -183,6 +193,14 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     let mut title = vec![
         Span::raw(" Experts: share of window tokens "),
         Span::styled(mode_note, theme.dim()),
+        Span::styled(
+            if snap.model.shared_experts > 0 {
+                "S: shared, every token "
+            } else {
+                ""
+            },
+            theme.dim(),
+        ),
     ];
     // Legend: the ramp (or shades) from 0 to the scale's maximum.
     title.push(Span::styled("0 ", theme.dim()));
@@ -270,8 +288,19 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                 }
             }
         }
+        if let Some(sx) = g.shared_x {
+            buf[(sx - 1, y)].set_symbol("│").set_style(theme.dim());
+            // Every token uses the shared experts: full share, beyond the routed scale.
+            if theme.has_color() {
+                buf[(sx, y)]
+                    .set_symbol("█")
+                    .set_style(Style::new().fg(theme.heat(1.0)));
+            } else {
+                buf[(sx, y)].set_symbol(Theme::shade(1.0));
+            }
+        }
         if selected {
-            let end = g.cells.x + g.cells.width;
+            let end = g.shared_x.map_or(g.cells.x + g.cells.width, |sx| sx + 1);
             if end < area.x + area.width {
                 buf.set_string(end, y, "◀", theme.selected());
             }
@@ -295,6 +324,9 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                 buf.set_string(x, y, &s, theme.dim());
                 next_free = x + s.len() as u16 + 1;
             }
+        }
+        if let Some(sx) = g.shared_x {
+            buf.set_string(sx, y, "S", theme.dim());
         }
         let cx = g.x_of(app.expert.min(e.saturating_sub(1)));
         buf.set_string(cx, y, "▲", theme.marker());
