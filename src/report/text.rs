@@ -342,12 +342,12 @@ fn generated(o: &mut String, s: &Snapshot) {
         let prompt: Vec<u8> = seq
             .iter()
             .filter(|t| t.origin == TokenOrigin::Prompt)
-            .map(|t| t.token as u8)
+            .flat_map(|t| t.bytes.iter().copied())
             .collect();
         let generated: Vec<u8> = seq
             .iter()
             .filter(|t| t.origin == TokenOrigin::Generated)
-            .map(|t| t.token as u8)
+            .flat_map(|t| t.bytes.iter().copied())
             .collect();
         let mean = |o: TokenOrigin| {
             let v: Vec<f32> = seq
@@ -556,6 +556,28 @@ mod tests {
             text.contains("GPU 0 NVIDIA Example GPU: 61% busy"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn generated_text_comes_from_the_tokens_bytes_not_their_ids() {
+        // A BPE tokenizer: ids are not bytes, and one token can stand for several.
+        let mut s = example_snapshot(WorkloadKind::Generate, 16, false);
+        let g = s.generated.as_mut().unwrap();
+        let last = g.tokens.last().unwrap().sequence;
+        let mut first_generated = true;
+        for t in g.tokens.iter_mut().filter(|t| t.sequence == last) {
+            t.token += 1000;
+            if t.origin == TokenOrigin::Generated && first_generated {
+                t.bytes = b"<two words>".to_vec();
+                first_generated = false;
+            }
+        }
+        let text = render(&s);
+        assert!(
+            text.contains("prompt \"The experts of a small model \""),
+            "{text}"
+        );
+        assert!(text.contains("generated \"<two words>"), "{text}");
     }
 
     #[test]
