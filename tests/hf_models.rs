@@ -342,3 +342,20 @@ fn eval_with_the_checkpoint_tokenizer_reports_bits_per_byte_of_the_covered_text(
         "BPE tokens cover more than a byte each on average"
     );
 }
+
+#[test]
+fn screens_and_reports_name_the_native_top_k() {
+    use xmoe_top::session::describe::model_info;
+    let source = ModelSource::open(&fixtures().join("olmoe/per_expert")).unwrap();
+    let info = model_info(source.config(), "CPU", 2);
+    assert_eq!(info.native_top_k, Some(2));
+    assert_eq!(info.top_k_name(2), "native top-2");
+    assert_eq!(info.top_k_name(4), "top-4");
+    // The project's own models have no native top-k.
+    let own = xmoe_top::model::config::ModelConfig::byte_level(16, 2, 2, 32, 8, 16, 64);
+    let info = model_info(&own, "CPU", 4);
+    assert_eq!(
+        (info.native_top_k, info.top_k_name(4).as_str()),
+        (None, "top-4")
+    );
+}

@@ -92,6 +92,21 @@ pub struct ModelInfo {
     /// part of the whole model's figures, never "saved".
     #[serde(default)]
     pub shared_expert_flops: f64,
+    /// k of the model's own top-k rule, for a model trained with one (Hugging Face checkpoints).
+    #[serde(default)]
+    pub native_top_k: Option<usize>,
+}
+
+impl ModelInfo {
+    /// How screens and reports name the top-k baseline of `k` experts: `native top-8` when it
+    /// is the model's own rule, `top-8` otherwise.
+    pub fn top_k_name(&self, k: usize) -> String {
+        if self.native_top_k == Some(k) {
+            format!("native top-{k}")
+        } else {
+            format!("top-{k}")
+        }
+    }
 }
 
 /// Which kind of workload drives the model.

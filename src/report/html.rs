@@ -632,8 +632,9 @@ fn cards(o: &mut String, data: &ReportData) {
         "MoE compute saved",
         &format!("{:.1}%", c.flops.moe_saved_vs_all_experts_pct),
         &format!(
-            "vs all experts; {:+.1}% vs top-{}",
-            c.flops.moe_saved_vs_top_k_pct, c.flops.top_k
+            "vs all experts; {:+.1}% vs {}",
+            c.flops.moe_saved_vs_top_k_pct,
+            m.top_k_name(c.flops.top_k)
         ),
     );
     card(

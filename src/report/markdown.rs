@@ -68,27 +68,29 @@ pub fn render(data: &ReportData) -> String {
         (
             "MoE FLOPs per token",
             format!(
-                "{} (all experts {}, top-{} {})",
+                "{} (all experts {}, {} {})",
                 flops(c.flops.moe_per_token.actual),
                 flops(c.flops.moe_per_token.all_experts),
-                c.flops.top_k,
+                m.top_k_name(c.flops.top_k),
                 flops(c.flops.moe_per_token.top_k)
             ),
         ),
         (
             "MoE compute saved",
             format!(
-                "{:.1}% vs all experts, {:.1}% vs top-{}",
-                c.flops.moe_saved_vs_all_experts_pct, c.flops.moe_saved_vs_top_k_pct, c.flops.top_k
+                "{:.1}% vs all experts, {:.1}% vs {}",
+                c.flops.moe_saved_vs_all_experts_pct,
+                c.flops.moe_saved_vs_top_k_pct,
+                m.top_k_name(c.flops.top_k)
             ),
         ),
         (
             "Model compute saved",
             format!(
-                "{:.1}% vs all experts, {:.1}% vs top-{}",
+                "{:.1}% vs all experts, {:.1}% vs {}",
                 c.flops.model_saved_vs_all_experts_pct,
                 c.flops.model_saved_vs_top_k_pct,
-                c.flops.top_k
+                m.top_k_name(c.flops.top_k)
             ),
         ),
         (

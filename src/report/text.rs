@@ -191,7 +191,7 @@ fn compute(o: &mut String, s: &Snapshot) {
         "compute per token (epoch) {:>12} {:>14} {:>14}",
         "actual",
         "all experts",
-        format!("top-{}", f.top_k)
+        s.model.top_k_name(f.top_k)
     );
     line!(
         o,
@@ -209,13 +209,13 @@ fn compute(o: &mut String, s: &Snapshot) {
     );
     line!(
         o,
-        "  compute saved: MoE layers {:.1}% vs all experts, {:.1}% vs top-{}; whole model {:.1}% vs all experts, {:.1}% vs top-{}{}",
+        "  compute saved: MoE layers {:.1}% vs all experts, {:.1}% vs {}; whole model {:.1}% vs all experts, {:.1}% vs {}{}",
         f.moe_saved_vs_all_experts_pct,
         f.moe_saved_vs_top_k_pct,
-        f.top_k,
+        s.model.top_k_name(f.top_k),
         f.model_saved_vs_all_experts_pct,
         f.model_saved_vs_top_k_pct,
-        f.top_k,
+        s.model.top_k_name(f.top_k),
         if f.moe_saved_vs_top_k_pct < 0.0 {
             " (negative: more compute than the baseline)"
         } else {

@@ -24,6 +24,10 @@ pub fn model_info(
         max_seq_len: cfg.max_seq_len,
         top_k_baseline: top_k_baseline.clamp(1, cfg.n_experts),
         shared_experts: usize::from(cfg.shared_expert_hidden.is_some()),
+        native_top_k: match cfg.default_policy {
+            crate::routing::RoutingPolicy::TopK { k, .. } => Some(k),
+            _ => None,
+        },
         shared_expert_flops: (cfg.moe_layer_indices().len() as u64
             * crate::profiling::flops::FlopModel::new(cfg).shared_expert())
             as f64,

@@ -438,6 +438,7 @@ mod tests {
                 top_k_baseline: 4,
                 shared_experts: 0,
                 shared_expert_flops: 0.0,
+                native_top_k: None,
             },
             workload: WorkloadInfo {
                 kind: crate::profiling::snapshot::WorkloadKind::Eval,

@@ -106,7 +106,10 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             theme.dim(),
         ),
         Span::styled(format!("{:.1}%", f.moe_saved_vs_top_k_pct), theme.good()),
-        Span::styled(format!(" vs top-{} · ", f.top_k), theme.dim()),
+        Span::styled(
+            format!(" vs {} · ", s.model.top_k_name(f.top_k)),
+            theme.dim(),
+        ),
     ];
     let q = &e.quality;
     match (s.workload.kind, q.bits_per_byte) {
