@@ -213,9 +213,9 @@ pub const BINDINGS: &[Binding] = &[
     Binding {
         keys: &[(ch('z'), Command::ToggleZoom)],
         label: "z",
-        help: &["heatmap: zoom to one expert per cell / fit all experts"],
+        help: &["heatmap: zoom to one expert and layer per cell / fit all"],
         help_without_exporter: None,
-        doc: "heatmap: one expert per cell around the expert cursor (←/→ and the horizontal wheel scroll) / every expert, binned to fit",
+        doc: "heatmap: one expert per cell and one layer per row around the cursor (arrows and the wheels scroll) / every expert and layer, binned to fit",
         hint: None,
         in_help: false,
     },

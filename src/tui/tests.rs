@@ -286,9 +286,33 @@ fn too_small_screen_and_resizing_never_panic() {
 }
 
 #[test]
-fn many_layers_scroll_with_the_selection() {
-    let mut app = app_with(large_snapshot(), ColorMode::TrueColor);
+fn many_layers_are_binned_to_fit_then_scroll_when_zoomed() {
+    // 24 MoE layers on a 24-line screen: two rows of 12 layers each, their mean shares.
+    let snap = large_snapshot();
+    let mut app = app_with(snap.clone(), ColorMode::NoColor);
     app.panel = Panel::Heatmap;
+    let buf = draw(&mut app, 80, 24);
+    let screen = text(&buf);
+    has(&screen, "1 row = 12 layers", "layer binning note");
+    has(&screen, "▶L1-23", "first bin, holding the selection");
+    has(&screen, " L25-47", "second bin");
+    let (g, max) = heat_geometry(&app, 80, 24);
+    assert_eq!((g.layers_per_row, g.cells.height), (12, 2));
+    assert_eq!(
+        g.slot_at(g.cells.y + 1),
+        Some(12),
+        "a click selects the bin's first layer"
+    );
+    let layers = &snap.epoch.window.layers;
+    let mean: f64 = layers[12..24]
+        .iter()
+        .map(|l| l.expert_token_share[0])
+        .sum::<f64>()
+        / 12.0;
+    let x = g.x_of(0);
+    assert_eq!(buf[(x, g.cells.y + 1)].symbol(), Theme::shade(mean / max));
+    // Zoomed: one layer per row, scrolling with the selection.
+    press(&mut app, &[key(KeyCode::Char('z'))]);
     let screen = text(&draw(&mut app, 80, 24));
     has(&screen, "rows 1-", "scroll note");
     for _ in 0..20 {
@@ -306,7 +330,7 @@ fn heat_geometry(app: &App, w: u16, h: u16) -> (HeatGeometry, f64) {
     let snap = app.displayed().unwrap();
     let l = layout::screen(Rect::new(0, 0, w, h), app).unwrap();
     let g = HeatGeometry::new(l.heatmap, app, snap);
-    (g, heatmap::scale_max(snap, g.mode))
+    (g, heatmap::scale_max(snap, &g))
 }
 
 #[test]

@@ -34,6 +34,11 @@ pub struct HeatGeometry {
     pub mode: CellMode,
     /// First visible MoE slot.
     pub first_row: usize,
+    /// MoE layers per row: 1, or more when the layers outnumber the rows and the view is not
+    /// zoomed (a row then shows their mean).
+    pub layers_per_row: usize,
+    /// MoE layers in the model.
+    pub n_layers: usize,
     /// Experts per layer.
     pub n_experts: usize,
     /// First expert drawn (zoomed in: the cells show a window of experts around the cursor).
@@ -60,15 +65,22 @@ impl HeatGeometry {
         let n = snap.policy.layers.len();
         let e = snap.model.n_experts.max(1);
         // Rows first, then the detail line, then the axis.
-        let rows = inner
-            .height
-            .saturating_sub(1)
-            .max(inner.height.min(1))
-            .min(n as u16);
+        let avail = inner.height.saturating_sub(1).max(inner.height.min(1)) as usize;
+        // Fit every layer unless zoomed in: then one layer per row, scrolling with the cursor.
+        let layers_per_row = if app.heat_zoom || n <= avail || avail == 0 {
+            1
+        } else {
+            n.div_ceil(avail)
+        };
+        let rows = n.div_ceil(layers_per_row).min(avail) as u16;
         let detail = inner.height > rows;
         let axis = inner.height > rows + 1;
-        let widest = snap.model.moe_layers.iter().max().copied().unwrap_or(0);
-        let label_w = format!("L{widest}").len() as u16 + 2;
+        // Over every row, drawn or not, so that the cells do not move while scrolling.
+        let label_w = (0..n.div_ceil(layers_per_row))
+            .map(|r| row_label(&snap.model.moe_layers, r * layers_per_row, layers_per_row).len())
+            .max()
+            .unwrap_or(1) as u16
+            + 2;
         let shared = snap.model.shared_experts > 0;
         // A shared-expert column takes three characters: a space, a rule and the cell.
         let cells_w = inner
@@ -103,7 +115,13 @@ impl HeatGeometry {
             label_w,
             cells,
             mode,
-            first_row: first_visible(app.layer, rows as usize, n),
+            first_row: if layers_per_row == 1 {
+                first_visible(app.layer, rows as usize, n)
+            } else {
+                0
+            },
+            layers_per_row,
+            n_layers: n,
             n_experts: e,
             first_expert,
             visible_experts,
@@ -145,8 +163,36 @@ impl HeatGeometry {
     /// The MoE slot drawn on absolute line `y`, if any.
     pub fn slot_at(&self, y: u16) -> Option<usize> {
         (y >= self.cells.y && y < self.cells.y + self.cells.height)
-            .then(|| self.first_row + (y - self.cells.y) as usize)
+            .then(|| self.first_row + (y - self.cells.y) as usize * self.layers_per_row)
+            .filter(|&s| s < self.n_layers)
     }
+}
+
+/// `L5`, or `L4-7` for a row holding several layers; `first` is a MoE slot.
+fn row_label(moe_layers: &[usize], first: usize, per_row: usize) -> String {
+    let last = (first + per_row).min(moe_layers.len()).saturating_sub(1);
+    match (moe_layers.get(first), moe_layers.get(last)) {
+        (Some(a), Some(b)) if a != b => format!("L{a}-{b}"),
+        (Some(a), _) => format!("L{a}"),
+        _ => String::new(),
+    }
+}
+
+impl HeatGeometry {
+    /// The MoE slots drawn on row `row` (counted from the top of the cells).
+    pub fn row_slots(&self, row: u16) -> std::ops::Range<usize> {
+        let start = (self.first_row + row as usize * self.layers_per_row).min(self.n_layers);
+        start..(start + self.layers_per_row).min(self.n_layers)
+    }
+}
+
+/// The mean share of each expert over the layers `slots` of the window.
+fn row_shares(snap: &Snapshot, slots: std::ops::Range<usize>) -> Vec<f64> {
+    let layers = &snap.epoch.window.layers[slots];
+    let e = layers.first().map_or(0, |l| l.expert_token_share.len());
+    (0..e)
+        .map(|x| layers.iter().map(|l| l.expert_token_share[x]).sum::<f64>() / layers.len() as f64)
+        .collect()
 }
 
 /// The value drawn for each column of one layer's row (share, or mean share of a bin).
@@ -160,13 +206,13 @@ fn column_values(shares: &[f64], mode: CellMode) -> Vec<f64> {
     }
 }
 
-/// The scale of the heatmap: the largest value drawn, over all layers.
-pub fn scale_max(snap: &Snapshot, mode: CellMode) -> f64 {
-    snap.epoch
-        .window
-        .layers
-        .iter()
-        .flat_map(|l| column_values(&l.expert_token_share, mode))
+/// The scale of the heatmap: the largest value it would draw with geometry `g`, over all layers
+/// (binned as `g` bins them), so that colours do not change while scrolling.
+pub fn scale_max(snap: &Snapshot, g: &HeatGeometry) -> f64 {
+    let n = snap.epoch.window.layers.len();
+    (0..n)
+        .step_by(g.layers_per_row.max(1))
+        .flat_map(|s| column_values(&row_shares(snap, s..(s + g.layers_per_row).min(n)), g.mode))
         .fold(0.0, f64::max)
 }
 
@@ -177,7 +223,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     };
     let theme = &app.theme;
     let g = HeatGeometry::new(area, app, snap);
-    let max = scale_max(snap, g.mode);
+    let max = scale_max(snap, &g);
     let window = &snap.epoch.window;
     let mode_note = match g.mode {
         CellMode::Wide(_) if g.is_zoomed() => format!(
@@ -216,7 +262,12 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     title.push(Span::styled(format!(" {:.1}% ", 100.0 * max), theme.dim()));
     title.push(Span::styled(format!("{} tok ", window.tokens), theme.dim()));
     let n = window.layers.len();
-    if (g.cells.height as usize) < n {
+    if g.layers_per_row > 1 {
+        title.push(Span::styled(
+            format!("1 row = {} layers ", g.layers_per_row),
+            theme.dim(),
+        ));
+    } else if (g.cells.height as usize) < n {
         title.push(Span::styled(
             format!(
                 "rows {}-{} of {n} ",
@@ -233,17 +284,17 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     let norm = |v: f64| if max > 0.0 { v / max } else { 0.0 };
     let buf = frame.buffer_mut();
     for row in 0..g.cells.height {
-        let slot = g.first_row + row as usize;
-        let Some(layer) = window.layers.get(slot) else {
+        let slots = g.row_slots(row);
+        if slots.is_empty() {
             break;
-        };
+        }
         let y = g.cells.y + row;
-        let selected = slot == app.layer;
+        let selected = slots.contains(&app.layer);
         let label = format!(
-            "{}L{:<w$}",
+            "{}{:<w$}",
             if selected { "▶" } else { " " },
-            layer.layer,
-            w = (g.label_w - 3) as usize
+            row_label(&snap.model.moe_layers, slots.start, slots.len()),
+            w = (g.label_w - 2) as usize
         );
         let style = if selected {
             theme.selected()
@@ -251,7 +302,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             theme.dim()
         };
         buf.set_stringn(area.x, y, &label, g.label_w as usize - 1, style);
-        let shares = &layer.expert_token_share;
+        let shares = row_shares(snap, slots);
         let shown = &shares[g.first_expert.min(shares.len())
             ..(g.first_expert + g.visible_experts).min(shares.len())];
         let values = column_values(shown, g.mode);
