@@ -325,7 +325,7 @@ impl MoeExperts {
         debug_assert_eq!(groups.n_experts(), self.n_experts);
         match &self.compute {
             ExpertCompute::Kernel(k) => k.forward(x, groups),
-            ExpertCompute::Candle(c) => c.forward(x, groups, self.n_experts, self.activation),
+            ExpertCompute::Candle(c) => c.forward(x, groups, self.activation),
             ExpertCompute::Stored(s) => s.forward(x, groups, self.activation),
         }
     }
@@ -360,24 +360,37 @@ impl KernelExperts {
     }
 }
 
+/// `sum over experts e of w * f(e, x[rows of e])` scattered back to the rows: the gather,
+/// weighting and scatter-add of the candle paths, with `f` computing one expert on its rows.
+fn per_expert_groups(
+    x: &Tensor,
+    groups: &ExpertGroups,
+    mut f: impl FnMut(usize, &Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let device = x.device();
+    let mut y = x.zeros_like()?;
+    for e in 0..groups.n_experts() {
+        let (rows, weights) = groups.group(e);
+        if rows.is_empty() {
+            continue;
+        }
+        let n = rows.len();
+        let idx = Tensor::from_slice(rows, n, device)?;
+        let out = f(e, &x.index_select(&idx, 0)?)?;
+        let w = Tensor::from_slice(weights, (n, 1), device)?;
+        y = y.index_add(&idx, &out.broadcast_mul(&w)?, 0)?;
+    }
+    Ok(y)
+}
+
 impl CandleExperts {
     fn forward(
         &self,
         x: &Tensor,
         groups: &ExpertGroups,
-        n_experts: usize,
         activation: Activation,
     ) -> candle_core::Result<Tensor> {
-        let device = x.device();
-        let mut y = x.zeros_like()?;
-        for e in 0..n_experts {
-            let (rows, weights) = groups.group(e);
-            if rows.is_empty() {
-                continue;
-            }
-            let n = rows.len();
-            let idx = Tensor::from_slice(rows, n, device)?;
-            let xs = x.index_select(&idx, 0)?;
+        per_expert_groups(x, groups, |e, xs| {
             let mut up = xs.matmul(&self.up_t.get(e)?)?;
             if let Some(b) = &self.up_b {
                 up = up.broadcast_add(&b.get(e)?)?;
@@ -386,14 +399,12 @@ impl CandleExperts {
                 Some(g) => (activate(&xs.matmul(&g.get(e)?)?, activation)? * up)?,
                 None => activate(&up, activation)?,
             };
-            let mut out = hidden.matmul(&self.down_t.get(e)?)?;
-            if let Some(b) = &self.down_b {
-                out = out.broadcast_add(&b.get(e)?)?;
+            let out = hidden.matmul(&self.down_t.get(e)?)?;
+            match &self.down_b {
+                Some(b) => out.broadcast_add(&b.get(e)?),
+                None => Ok(out),
             }
-            let w = Tensor::from_slice(weights, (n, 1), device)?;
-            y = y.index_add(&idx, &out.broadcast_mul(&w)?, 0)?;
-        }
-        Ok(y)
+        })
     }
 }
 
@@ -404,24 +415,13 @@ impl StoredExperts {
         groups: &ExpertGroups,
         activation: Activation,
     ) -> candle_core::Result<Tensor> {
-        let device = x.device();
         let dtype = x.dtype();
-        let mut y = x.zeros_like()?;
-        for e in 0..self.gate.len() {
-            let (rows, weights) = groups.group(e);
-            if rows.is_empty() {
-                continue;
-            }
-            let n = rows.len();
-            let idx = Tensor::from_slice(rows, n, device)?;
-            let xs = x.index_select(&idx, 0)?;
-            let w = |t: &Tensor| -> candle_core::Result<Tensor> { t.to_dtype(dtype)?.t() };
+        // Widened one expert at a time: the working set is one expert, not the layer.
+        let w = |t: &Tensor| -> candle_core::Result<Tensor> { t.to_dtype(dtype)?.t() };
+        per_expert_groups(x, groups, |e, xs| {
             let gate = activate(&xs.matmul(&w(&self.gate[e])?)?, activation)?;
             let hidden = (gate * xs.matmul(&w(&self.up[e])?)?)?;
-            let out = hidden.matmul(&w(&self.down[e])?)?;
-            let scale = Tensor::from_slice(weights, (n, 1), device)?;
-            y = y.index_add(&idx, &out.broadcast_mul(&scale)?, 0)?;
-        }
-        Ok(y)
+            hidden.matmul(&w(&self.down[e])?)
+        })
     }
 }

@@ -87,20 +87,12 @@ impl Rotary {
         theta: f64,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for p in 0..max_positions {
-            for i in 0..half {
-                let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
-                let a = p as f64 * freq;
-                cos.push(a.cos() as f32);
-                sin.push(a.sin() as f32);
-            }
-        }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+        let freq: Vec<f64> = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64))
+            .collect();
+        Self::from_angles(max_positions, freq.len(), device, |p, i| {
+            let a = p as f64 * freq[i];
+            (a.cos() as f32, a.sin() as f32)
         })
     }
 
@@ -114,17 +106,29 @@ impl Rotary {
         theta: f32,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
             .collect();
+        Self::from_angles(max_positions, inv_freq.len(), device, |p, i| {
+            let a = p as f32 * inv_freq[i];
+            (a.cos(), a.sin())
+        })
+    }
+
+    /// Tables `[max_positions, half]` of `cos_sin(position, i)`.
+    fn from_angles(
+        max_positions: usize,
+        half: usize,
+        device: &Device,
+        cos_sin: impl Fn(usize, usize) -> (f32, f32),
+    ) -> candle_core::Result<Self> {
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
-            for f in &inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+            for i in 0..half {
+                let (c, s) = cos_sin(p, i);
+                cos.push(c);
+                sin.push(s);
             }
         }
         Ok(Self {
