@@ -287,28 +287,29 @@ fn too_small_screen_and_resizing_never_panic() {
 
 #[test]
 fn many_layers_are_binned_to_fit_then_scroll_when_zoomed() {
-    // 24 MoE layers on a 24-line screen: two rows of 12 layers each, their mean shares.
+    // 24 MoE layers on a 24-line screen: three rows of 8 layers each, their mean shares.
     let snap = large_snapshot();
     let mut app = app_with(snap.clone(), ColorMode::NoColor);
     app.panel = Panel::Heatmap;
     let buf = draw(&mut app, 80, 24);
     let screen = text(&buf);
-    has(&screen, "1 row = 12 layers", "layer binning note");
-    has(&screen, "▶L1-23", "first bin, holding the selection");
-    has(&screen, " L25-47", "second bin");
+    has(&screen, "1 row = 8 layers", "layer binning note");
+    has(&screen, "▶L1-15", "first bin, holding the selection");
+    has(&screen, " L17-31", "second bin");
+    has(&screen, " L33-47", "third bin");
     let (g, max) = heat_geometry(&app, 80, 24);
-    assert_eq!((g.layers_per_row, g.cells.height), (12, 2));
+    assert_eq!((g.layers_per_row, g.cells.height), (8, 3));
     assert_eq!(
         g.slot_at(g.cells.y + 1),
-        Some(12),
+        Some(8),
         "a click selects the bin's first layer"
     );
     let layers = &snap.epoch.window.layers;
-    let mean: f64 = layers[12..24]
+    let mean: f64 = layers[8..16]
         .iter()
         .map(|l| l.expert_token_share[0])
         .sum::<f64>()
-        / 12.0;
+        / 8.0;
     let x = g.x_of(0);
     assert_eq!(buf[(x, g.cells.y + 1)].symbol(), Theme::shade(mean / max));
     // Zoomed: one layer per row, scrolling with the selection.

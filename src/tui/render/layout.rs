@@ -64,9 +64,11 @@ pub fn screen(area: Rect, app: &App) -> Option<ScreenLayout> {
         ]));
         // Left: what the user acts on and its device cost; right: the distributions.
         let device_want = if gpus > 0 { 1 + 3 * gpus + 1 } else { 4 };
+        // The sliders scroll, so a big model's heatmap keeps up to half the column.
+        let heat_min = (n + 3).clamp(4, (left.height / 2).max(4));
         let [h, s, d] = stack(
             left,
-            [(4, n + 3), (3, n + 2), (2, device_want)],
+            [(heat_min, n + 3), (3, n + 2), (2, device_want)],
             [1, 0, 2],
             1,
         );
@@ -74,9 +76,11 @@ pub fn screen(area: Rect, app: &App) -> Option<ScreenLayout> {
     } else {
         let device_want = if gpus > 0 { 1 + 2 * gpus } else { 3 };
         // Sliders first: they are what the user acts on; then the heatmap.
+        // The heatmap keeps a quarter of the height on tall terminals.
+        let heat_min = (n + 3).clamp(4, (body.height / 4).max(4));
         let [h, s, hi, d] = stack(
             body,
-            [(4, n + 3), (3, n + 2), (5, 8), (2, device_want)],
+            [(heat_min, n + 3), (3, n + 2), (5, 8), (2, device_want)],
             [1, 0, 2, 3],
             2,
         );
