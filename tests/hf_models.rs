@@ -359,3 +359,60 @@ fn screens_and_reports_name_the_native_top_k() {
         (None, "top-4")
     );
 }
+
+#[test]
+fn the_sweep_of_a_checkpoint_compares_with_its_native_top_k() {
+    use xmoe_top::session::sweep::{SweepSpec, run_sweep, token_batches};
+    use xmoe_top::workload::tokenizer::TextTokenizer;
+    let dir = fixtures().join("mixtral/per_expert");
+    let model = load(&dir, MoeDispatch::Auto);
+    let tok = TextTokenizer::from_file(model.tokenizer_path().unwrap(), 512).unwrap();
+    let text = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/kjv-heldout.txt"))
+        .unwrap();
+    let (batches, bytes) = token_batches(&tok.encode(&text[..8000]).unwrap(), 2, 16, 64).unwrap();
+    let spec = |reference| SweepSpec {
+        thresholds: vec![0.5, 0.9],
+        top_k: vec![1],
+        top_k_baseline: None,
+        capacity_factor: None,
+        renormalize: None,
+        reference,
+        batch_bytes: Some(bytes.clone()),
+        source: "kjv".into(),
+        source_size: 8000,
+        device: "CPU".into(),
+    };
+    let native = RoutingPolicy::TopK {
+        k: 2,
+        renormalize: true,
+    };
+    let r = run_sweep(&model, &batches, 2, &spec(None), &mut |_, _| {})
+        .unwrap()
+        .result;
+    assert_eq!(r.reference_policy, native);
+    let labels: Vec<&str> = r.points.iter().map(|p| p.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        ["t=0.5", "t=0.9", "top-1 renorm", "dense", "top-2 renorm"]
+    );
+    let reference = r.points.last().unwrap();
+    assert!(reference.is_reference && reference.is_default);
+    assert_eq!(reference.delta_bits_per_byte_vs_reference, Some(0.0));
+    assert!(r.points[..4].iter().all(|p| !p.is_reference));
+    // The threshold and top-k points renormalise as the native rule does.
+    assert!(r.points[..3].iter().all(|p| p.policy.renormalizes()));
+    // --reference dense: Dense is the reference and the native point is compared with it.
+    let r = run_sweep(
+        &model,
+        &batches,
+        2,
+        &spec(Some(RoutingPolicy::Dense)),
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .result;
+    assert_eq!(r.reference_policy, RoutingPolicy::Dense);
+    let native_point = r.points.iter().find(|p| p.policy == native).unwrap();
+    assert!(!native_point.is_reference);
+    assert!(native_point.delta_bits_per_byte_vs_reference.unwrap().abs() > 0.0);
+}

@@ -31,6 +31,7 @@ fn sweep_report(dir: &Path) -> ReportData {
     let batches = text_batches(TEXT, 2, 24, 144).unwrap();
     let spec = SweepSpec {
         renormalize: None,
+        reference: None,
         batch_bytes: None,
         thresholds: vec![0.3, 0.5, 0.7, 0.8, 0.95, 1.0],
         top_k: vec![1, 2, 4],
@@ -118,20 +119,20 @@ fn sweep_is_monotone_and_consistent() {
             RoutingPolicy::Dense => {
                 assert!((p.mean_experts_per_token - 8.0).abs() < 1e-12);
                 assert!((p.moe_flops_fraction_of_all_experts - 1.0).abs() < 1e-12);
-                assert_eq!(p.delta_bits_per_byte_vs_dense, Some(0.0));
+                assert_eq!(p.delta_bits_per_byte_vs_reference, Some(0.0));
                 assert!(p.is_reference);
             }
             RoutingPolicy::Threshold { .. } => {}
         }
         assert_eq!(p.tokens, sw.tokens_per_point);
         assert!(p.bits_per_byte.unwrap() > 0.0);
-        assert!(p.delta_bits_per_byte_vs_dense.is_some());
+        assert!(p.delta_bits_per_byte_vs_reference.is_some());
         assert!(p.tokens_per_second > 0.0);
         assert!(p.token_latency_p99_us >= p.token_latency_p50_us);
     }
     // t = 1.0 computes the same experts as Dense, so same quality up to rounding.
     let t1 = thr.last().unwrap();
-    assert!(t1.delta_bits_per_byte_vs_dense.unwrap().abs() < 1e-3);
+    assert!(t1.delta_bits_per_byte_vs_reference.unwrap().abs() < 1e-3);
     // Compute saved vs top-k is consistent with the FLOPs fraction.
     let k4 = sw
         .points

@@ -34,6 +34,10 @@ pub struct SweepArgs {
     /// Load a model even when its weights exceed the available memory.
     #[arg(long)]
     allow_large: bool,
+    /// Quality reference of every point: `native`, `dense`, `topk:K` or `threshold:T`. Default:
+    /// native for a model with a native top-k (Hugging Face checkpoints), dense otherwise.
+    #[arg(long, value_name = "POLICY")]
+    reference: Option<String>,
     /// Tokens per point (rounded up to whole batches).
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
@@ -147,6 +151,11 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         top_k_baseline: a.top_k_baseline,
         capacity_factor: a.capacity_factor,
         renormalize: a.renormalize,
+        reference: a
+            .reference
+            .as_deref()
+            .map(|r| super::run::parse_reference(r, cfg))
+            .transpose()?,
         batch_bytes,
         source: source.name.clone(),
         source_size: text.len(),

@@ -36,8 +36,9 @@ pub struct SweepPoint {
     pub model_saved_vs_top_k_pct: f64,
     /// Bits per byte of next-token prediction.
     pub bits_per_byte: Option<f64>,
-    /// Bits per byte minus Dense's on the same tokens (positive = worse than Dense).
-    pub delta_bits_per_byte_vs_dense: Option<f64>,
+    /// Bits per byte minus the reference policy's on the same tokens (positive = worse than the
+    /// reference; see [`SweepResult::reference_policy`]).
+    pub delta_bits_per_byte_vs_reference: Option<f64>,
     /// Per-token perplexity.
     pub perplexity: Option<f64>,
     /// Mean KL(Dense || this policy) of next-token distributions, bits per token.

@@ -33,7 +33,7 @@ pub const HEADER: [&str; 23] = [
     "unused_experts",
     "dropped_pairs",
     "bits_per_byte",
-    "delta_bits_per_byte_vs_dense",
+    "delta_bits_per_byte_vs_reference",
     "moe_saved_vs_top_k_pct",
     "token_latency_p50_us",
     "token_latency_p99_us",
@@ -133,8 +133,8 @@ pub fn render(data: &ReportData) -> String {
                 )
                 .opt("bits_per_byte", p.bits_per_byte)
                 .opt(
-                    "delta_bits_per_byte_vs_dense",
-                    p.delta_bits_per_byte_vs_dense,
+                    "delta_bits_per_byte_vs_reference",
+                    p.delta_bits_per_byte_vs_reference,
                 )
                 .set("moe_saved_vs_top_k_pct", p.moe_saved_vs_top_k_pct)
                 .set("token_latency_p50_us", p.token_latency_p50_us)

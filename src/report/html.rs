@@ -450,11 +450,11 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
     for (i, (p, x, y)) in pts.iter().enumerate() {
         let (cx, cy) = (px(*x), py(*y));
         let tip = format!(
-            "{}: {:.1}% of all-experts MoE FLOPs, {:.4} bits/byte ({} vs dense), {:.2} experts/token",
+            "{}: {:.1}% of all-experts MoE FLOPs, {:.4} bits/byte ({} vs reference), {:.2} experts/token",
             p.label,
             x,
             y,
-            opt(p.delta_bits_per_byte_vs_dense, 4),
+            opt(p.delta_bits_per_byte_vs_reference, 4),
             p.mean_experts_per_token
         );
         match p.policy {
@@ -719,7 +719,7 @@ fn sweep_section(o: &mut String, data: &ReportData) {
             sw.n_experts,
             esc(&policy_label(&sw.default_policy))
         );
-        o.push_str(r##"<table class="sweep-table"><tr><th class="l">policy</th><th>experts/token</th><th>MoE FLOPs vs all</th><th>saved vs top-k</th><th>bits/byte</th><th>&#916; vs dense</th><th>KL bits</th><th>p50 us/token</th><th>p99 us/token</th><th>tokens/s</th><th class="l">experts/token per layer</th></tr>"##);
+        o.push_str(r##"<table class="sweep-table"><tr><th class="l">policy</th><th>experts/token</th><th>MoE FLOPs vs all</th><th>saved vs top-k</th><th>bits/byte</th><th>&#916; vs reference</th><th>KL bits</th><th>p50 us/token</th><th>p99 us/token</th><th>tokens/s</th><th class="l">experts/token per layer</th></tr>"##);
         for p in &sw.points {
             let layers: Vec<String> = p
                 .layer_mean_experts_per_token
@@ -740,7 +740,7 @@ fn sweep_section(o: &mut String, data: &ReportData) {
                 100.0 * p.moe_flops_fraction_of_all_experts,
                 p.moe_saved_vs_top_k_pct,
                 opt(p.bits_per_byte, 4),
-                opt(p.delta_bits_per_byte_vs_dense, 4),
+                opt(p.delta_bits_per_byte_vs_reference, 4),
                 opt(p.mean_kl_bits, 4),
                 p.token_latency_p50_us,
                 p.token_latency_p99_us,

@@ -196,7 +196,7 @@ pub fn render(data: &ReportData) -> String {
             policy_label(&sw.reference_policy),
             sw.top_k_baseline
         );
-        o.push_str("| policy | experts/token | MoE FLOPs vs all | saved vs top-k | bits/byte | delta vs dense | KL bits | p50 us/token | p99 us/token | tokens/s | experts/token per layer |\n");
+        o.push_str("| policy | experts/token | MoE FLOPs vs all | saved vs top-k | bits/byte | delta vs reference | KL bits | p50 us/token | p99 us/token | tokens/s | experts/token per layer |\n");
         o.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for p in &sw.points {
             let layers: Vec<String> = p
@@ -213,7 +213,7 @@ pub fn render(data: &ReportData) -> String {
                 100.0 * p.moe_flops_fraction_of_all_experts,
                 p.moe_saved_vs_top_k_pct,
                 opt(p.bits_per_byte, 4),
-                opt(p.delta_bits_per_byte_vs_dense, 4),
+                opt(p.delta_bits_per_byte_vs_reference, 4),
                 opt(p.mean_kl_bits, 4),
                 p.token_latency_p50_us,
                 p.token_latency_p99_us,

@@ -7,7 +7,7 @@ use crate::profiling::snapshot::{
     DeviceBackend, EpochSummary, HistogramSnapshot, LayerTimeHistograms, PolicyState, Snapshot,
     TokenOrigin,
 };
-use crate::profiling::sweep::SweepResult;
+use crate::profiling::sweep::{SweepResult, policy_label};
 use crate::routing::RoutingPolicy;
 use crate::units::{bytes, duration_us, fixed_or_dash, flops, params};
 
@@ -460,8 +460,15 @@ fn printable(bytes: &[u8]) -> String {
 /// A sweep as a plain-text table (what `xmoe-top sweep` prints).
 pub fn sweep_table(r: &SweepResult) -> String {
     let mut s = format!(
-        "{} | {} tokens per point ({} x {} x {}) | {} | top-k baseline k={}\n",
-        r.model, r.tokens_per_point, r.batches, r.batch, r.seq_len, r.device, r.top_k_baseline
+        "{} | {} tokens per point ({} x {} x {}) | {} | top-k baseline k={} | quality reference {}\n",
+        r.model,
+        r.tokens_per_point,
+        r.batches,
+        r.batch,
+        r.seq_len,
+        r.device,
+        r.top_k_baseline,
+        policy_label(&r.reference_policy)
     );
     let w = (r.points.iter())
         .map(|p| p.label.chars().count() + if p.is_default { 2 } else { 0 })
@@ -475,7 +482,7 @@ pub fn sweep_table(r: &SweepResult) -> String {
         "MoE FLOPs",
         "saved/topk",
         "bits/B",
-        "d vs dense",
+        "d vs ref",
         "p50 us/tok",
         "p99 us/tok",
         "tok/s",
@@ -495,7 +502,7 @@ pub fn sweep_table(r: &SweepResult) -> String {
             100.0 * p.moe_flops_fraction_of_all_experts,
             p.moe_saved_vs_top_k_pct,
             fixed_or_dash(p.bits_per_byte, 4),
-            fixed_or_dash(p.delta_bits_per_byte_vs_dense, 4),
+            fixed_or_dash(p.delta_bits_per_byte_vs_reference, 4),
             p.token_latency_p50_us,
             p.token_latency_p99_us,
             p.tokens_per_second,

@@ -198,6 +198,9 @@ pub struct SweepSpec {
     pub thresholds: Vec<f32>,
     /// Top-k points (k values).
     pub top_k: Vec<usize>,
+    /// The quality reference every point is compared with (None: the model's native top-k when
+    /// it has one, as a Hugging Face checkpoint does, else Dense).
+    pub reference: Option<RoutingPolicy>,
     /// Bytes of the text the targets of each batch cover (None: one byte per token, a byte model).
     pub batch_bytes: Option<Vec<u64>>,
     /// Renormalise the weights of the threshold and top-k points (None: as the model's native
@@ -225,14 +228,19 @@ pub struct SweepRun {
     pub snapshot: Snapshot,
 }
 
-fn policy_state(policy: RoutingPolicy, layers: &[usize], capacity: Option<f32>) -> PolicyState {
+fn policy_state(
+    policy: RoutingPolicy,
+    layers: &[usize],
+    capacity: Option<f32>,
+    reference: RoutingPolicy,
+) -> PolicyState {
     PolicyState {
         layers: layers
             .iter()
             .map(|&layer| LayerPolicy { layer, policy })
             .collect(),
         capacity_factor: capacity,
-        reference: RoutingPolicy::Dense,
+        reference,
     }
 }
 
@@ -328,6 +336,14 @@ pub fn run_sweep(
     {
         policies.push(default_policy);
     }
+    // The reference runs first on every batch and is reported last; Dense is always a point.
+    let reference_policy = spec
+        .reference
+        .unwrap_or(super::native_reference(default_policy));
+    if reference_policy != RoutingPolicy::Dense {
+        policies.push(RoutingPolicy::Dense);
+    }
+    policies.retain(|p| !p.same_as(&reference_policy));
     let n_moe = moe_layers.len();
     let make = |policy: RoutingPolicy| -> Result<PointRun> {
         Ok(PointRun {
@@ -337,12 +353,12 @@ pub fn run_sweep(
                 cfg,
                 top_k_baseline,
                 u64::MAX,
-                policy_state(policy, &moe_layers, capacity),
+                policy_state(policy, &moe_layers, capacity, reference_policy),
                 0.0,
             ),
         })
     };
-    let mut dense = make(RoutingPolicy::Dense)?;
+    let mut reference = make(reference_policy)?;
     let mut points: Vec<PointRun> = policies.into_iter().map(make).collect::<Result<_>>()?;
 
     let total = batches.len() * (points.len() + 1);
@@ -361,7 +377,7 @@ pub fn run_sweep(
     // One untimed, unrecorded pass first, so that start-up costs (allocations, thread pools)
     // do not land in the first point's latency.
     split(&batches[0], &mut inputs, &mut targets);
-    model.forward(&inputs, batch, &dense.routing, None, &mut trace)?;
+    model.forward(&inputs, batch, &reference.routing, None, &mut trace)?;
     for (b, tokens) in batches.iter().enumerate() {
         split(tokens, &mut inputs, &mut targets);
         let bytes = match &spec.batch_bytes {
@@ -374,12 +390,12 @@ pub fn run_sweep(
             nats,
         };
         let t0 = Instant::now();
-        let ref_logits = model.forward(&inputs, batch, &dense.routing, None, &mut trace)?;
+        let ref_logits = model.forward(&inputs, batch, &reference.routing, None, &mut trace)?;
         let ref_ns = t0.elapsed().as_nanos() as u64;
         let ref_q = quality(cross_entropy_nats(&ref_logits, vocab, &targets));
-        dense.stats.record_pass(&trace, PassKind::Eval, ref_ns);
-        dense.stats.record_quality(&ref_q);
-        dense
+        reference.stats.record_pass(&trace, PassKind::Eval, ref_ns);
+        reference.stats.record_quality(&ref_q);
+        reference
             .stats
             .record_reference(&ReferenceComparison::with_itself(ref_q));
         done += 1;
@@ -402,7 +418,7 @@ pub fn run_sweep(
             progress(done, total);
         }
     }
-    points.push(dense);
+    points.push(reference);
 
     let model_info = super::describe::model_info(cfg, spec.device.clone(), top_k_baseline);
     let workload = WorkloadInfo {
@@ -460,7 +476,7 @@ pub fn run_sweep(
                 label: policy_label(&p.policy),
                 policy: p.policy,
                 is_default: p.policy.same_as(&default_policy),
-                is_reference: p.policy == RoutingPolicy::Dense,
+                is_reference: p.policy.same_as(&reference_policy),
                 tokens: s.epoch.tokens,
                 mean_experts_per_token: c.mean_experts_per_token,
                 layer_mean_experts_per_token: c.layer_mean_experts_per_token(),
@@ -475,7 +491,7 @@ pub fn run_sweep(
                 model_flops_per_token: c.flops.model_per_token.actual,
                 model_saved_vs_top_k_pct: c.flops.model_saved_vs_top_k_pct,
                 bits_per_byte: q.bits_per_byte,
-                delta_bits_per_byte_vs_dense: q.delta_bits_per_byte,
+                delta_bits_per_byte_vs_reference: q.delta_bits_per_byte,
                 perplexity: q.perplexity,
                 mean_kl_bits: q.mean_kl_bits,
                 token_latency_p50_us: h.token_latency_us.p50,
@@ -492,7 +508,7 @@ pub fn run_sweep(
         moe_layers,
         n_experts: cfg.n_experts,
         default_policy,
-        reference_policy: RoutingPolicy::Dense,
+        reference_policy,
         top_k_baseline,
         capacity_factor: capacity,
         source: spec.source.clone(),
