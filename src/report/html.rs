@@ -495,14 +495,15 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
             RoutingPolicy::Dense => {
                 let _ = write!(
                     s,
-                    r##"<path d="M {cx:.1} {:.1} L {:.1} {cy:.1} L {cx:.1} {:.1} L {:.1} {cy:.1} Z" fill="#1d2433"><title>{}</title></path><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">dense (reference)</text>"##,
+                    r##"<path d="M {cx:.1} {:.1} L {:.1} {cy:.1} L {cx:.1} {:.1} L {:.1} {cy:.1} Z" fill="#1d2433"><title>{}</title></path><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">dense{}</text>"##,
                     cy - 6.0,
                     cx + 6.0,
                     cy + 6.0,
                     cx - 6.0,
                     esc(&tip),
                     cx - 8.0,
-                    cy - 8.0
+                    cy - 8.0,
+                    if p.is_reference { " (reference)" } else { "" }
                 );
             }
         }
@@ -709,7 +710,7 @@ fn sweep_section(o: &mut String, data: &ReportData) {
     if let Some(sw) = &data.sweep {
         let _ = write!(
             o,
-            r##"<h2>Threshold sweep</h2><figure id="fig-sweep">{}<figcaption>The same {} tokens ({} passes of {} x {} from {}) under each policy. Quality is next-token bits per byte; compute is the MoE layers' FLOPs per token (routers and selected experts) as a share of running all {} experts. Dense is the quality reference; the ringed point is the model's default policy ({}).</figcaption></figure>"##,
+            r##"<h2>Threshold sweep</h2><figure id="fig-sweep">{}<figcaption>The same {} tokens ({} passes of {} x {} from {}) under each policy. Quality is next-token bits per byte; compute is the MoE layers' FLOPs per token (routers and selected experts) as a share of running all {} experts. The quality reference is {}; the ringed point is the model's default policy ({}).</figcaption></figure>"##,
             sweep_curve(sw),
             sw.tokens_per_point,
             sw.batches,
@@ -717,6 +718,7 @@ fn sweep_section(o: &mut String, data: &ReportData) {
             sw.seq_len,
             esc(&sw.source),
             sw.n_experts,
+            esc(&policy_label(&sw.reference_policy)),
             esc(&policy_label(&sw.default_policy))
         );
         o.push_str(r##"<table class="sweep-table"><tr><th class="l">policy</th><th>experts/token</th><th>MoE FLOPs vs all</th><th>saved vs top-k</th><th>bits/byte</th><th>&#916; vs reference</th><th>KL bits</th><th>p50 us/token</th><th>p99 us/token</th><th>tokens/s</th><th class="l">experts/token per layer</th></tr>"##);
