@@ -239,14 +239,6 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     let mut title = vec![
         Span::raw(" Experts: share of window tokens "),
         Span::styled(mode_note, theme.dim()),
-        Span::styled(
-            if snap.model.shared_experts > 0 {
-                "S: shared, every token "
-            } else {
-                ""
-            },
-            theme.dim(),
-        ),
     ];
     // Legend: the ramp (or shades) from 0 to the scale's maximum.
     title.push(Span::styled("0 ", theme.dim()));
@@ -261,6 +253,9 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     }
     title.push(Span::styled(format!(" {:.1}% ", 100.0 * max), theme.dim()));
     title.push(Span::styled(format!("{} tok ", window.tokens), theme.dim()));
+    if snap.model.shared_experts > 0 {
+        title.push(Span::styled("S: shared, every token ", theme.dim()));
+    }
     let n = window.layers.len();
     if g.layers_per_row > 1 {
         title.push(Span::styled(
