@@ -7,6 +7,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::Paragraph;
 
 use crate::profiling::snapshot::{Snapshot, WorkloadKind};
+use crate::routing::RoutingPolicy;
 use crate::tui::app::App;
 use crate::tui::render::sliders::{common_policy, policy_text};
 use crate::units::si;
@@ -124,7 +125,18 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                     l3.push(Span::styled(" Δ ", theme.dim()));
                     l3.push(Span::styled(format!("{d:+.3}"), theme.value()));
                     l3.push(Span::styled(
-                        format!(" vs {}", policy_text(&q.reference_policy)),
+                        format!(
+                            " vs {}{}",
+                            match q.reference_policy {
+                                RoutingPolicy::TopK { k, .. }
+                                    if s.model.native_top_k == Some(k) =>
+                                {
+                                    "native "
+                                }
+                                _ => "",
+                            },
+                            policy_text(&q.reference_policy)
+                        ),
                         theme.dim(),
                     ));
                 }
