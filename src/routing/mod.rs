@@ -227,6 +227,15 @@ impl CapacityFactor {
     }
 }
 
+/// The threshold rule's test for the expert at `rank` (0-based, descending probability), with
+/// `cum` the f32 running sum of the probabilities up to and including it and `p` its own: the
+/// first expert always, then every expert while the mass before it is below `t`. The mass before
+/// it is `cum - p`, computed as the reference computes it (inclusive cumulative sum minus the
+/// probability), so that selections match it to the last bit.
+pub fn threshold_keeps(rank: usize, cum: f32, p: f32, t: f32) -> bool {
+    rank == 0 || cum - p < t
+}
+
 /// Per-expert capacity for `tokens` tokens: `max(4, ceil(factor * tokens / E))`, as in the reference.
 pub fn expert_capacity(capacity_factor: f32, tokens: usize, n_experts: usize) -> usize {
     let c = (capacity_factor as f64 * tokens as f64 / n_experts as f64).ceil() as usize;
@@ -336,15 +345,15 @@ pub fn route(
         let start = out.experts.len();
         match policy {
             RoutingPolicy::Threshold { t, .. } => {
-                let mut before = 0.0f32;
+                let mut cum = 0.0f32;
                 for (rank, &e) in out.order.iter().enumerate() {
-                    if rank > 0 && before >= t {
+                    let p = probs[e as usize];
+                    cum += p;
+                    if !threshold_keeps(rank, cum, p, t) {
                         break;
                     }
-                    let p = probs[e as usize];
                     out.experts.push(e);
                     out.weights.push(p);
-                    before += p;
                 }
             }
             RoutingPolicy::TopK { k, .. } => {
@@ -522,7 +531,9 @@ mod tests {
         // p = [0.1, 0.5, 0.3, 0.1]; order 1,2,0,3; before = 0, 0.5, 0.8, 0.9.
         let l = logits_for(&[0.1, 0.5, 0.3, 0.1]);
         let th = |t| run(&l, 4, RoutingPolicy::threshold(t), None);
-        assert_eq!(chosen(&th(0.5), 0), vec![1]);
+        // (t = 0.5 exactly is a knife edge: cumsum - p lands on 0.5 or one unit below it
+        // depending on the last bit of exp, which differs between libm and the reference's.)
+        assert_eq!(chosen(&th(0.49), 0), vec![1]);
         assert_eq!(chosen(&th(0.51), 0), vec![1, 2]);
         assert_eq!(chosen(&th(0.79), 0), vec![1, 2]);
         assert_eq!(chosen(&th(0.85), 0), vec![1, 2, 0]);
@@ -560,6 +571,19 @@ mod tests {
         // Files written before the switch existed read as raw weights.
         let old: RoutingPolicy = serde_json::from_str(r#"{"kind":"threshold","t":0.7}"#).unwrap();
         assert_eq!(old, RoutingPolicy::threshold(0.7));
+    }
+
+    #[test]
+    fn threshold_arithmetic_is_the_references_to_the_last_bit() {
+        // The reference compares (inclusive cumsum - p) with t in f32. Here that is one unit in
+        // the last place above the plain running sum of the experts before.
+        let (p0, p1) = (0.802f32, 0.569f32);
+        let cum = p0 + p1;
+        let t = f32::from_bits(p0.to_bits() + 1);
+        assert_eq!(cum - p1, t);
+        assert!(p0 < t, "a running exclusive sum would select expert 1");
+        assert!(!threshold_keeps(1, cum, p1, t), "the reference does not");
+        assert!(threshold_keeps(0, p0, p0, 0.0), "the first expert always");
     }
 
     #[test]
@@ -804,8 +828,8 @@ mod tests {
                 }
             }
             // Minimal: the mass before the last selected expert is below t ...
-            let before_last: f32 = sel[..n - 1].iter().map(|s| s.1).sum();
-            prop_assert!(n == 1 || before_last < t);
+            let cum_last: f32 = sel.iter().map(|s| s.1).sum();
+            prop_assert!(n == 1 || cum_last - sel[n - 1].1 < t);
             // ... and the selection reaches t unless every expert was taken.
             let mass: f32 = sel.iter().map(|s| s.1).sum();
             prop_assert!(mass >= t || n == e);

@@ -34,14 +34,14 @@ pub fn threshold_mask(probs: &[f32], n_experts: usize, t: f32, mask: &mut Vec<f3
         order.extend(0..n_experts);
         order.sort_unstable_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
         stats.top1_counts[order[0]] += 1;
-        let mut before = 0.0f32;
+        let mut cum = 0.0f32;
         for (rank, &e) in order.iter().enumerate() {
-            if rank > 0 && before >= t {
+            cum += row[e];
+            if !crate::routing::threshold_keeps(rank, cum, row[e], t) {
                 break;
             }
             m[e] = 1.0;
             stats.pairs += 1;
-            before += row[e];
         }
     }
     stats
