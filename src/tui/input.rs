@@ -283,10 +283,12 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             None
         }
         Action::Escape => {
+            // Esc only closes things: quitting stays on q and Ctrl-C, so a stray Esc (or the
+            // start of an escape sequence) never ends a session.
             if app.help_open {
                 app.help_open = false;
             } else {
-                app.should_quit = true;
+                app.say("Esc closes the help; q quits");
             }
             None
         }

@@ -292,9 +292,9 @@ pub const BINDINGS: &[Binding] = &[
     Binding {
         keys: &[(Key::Plain(KeyCode::Esc), Command::Escape)],
         label: "Esc",
-        help: &["close this help; otherwise quit"],
+        help: &["close this help (q quits)"],
         help_without_exporter: None,
-        doc: "close the help overlay; otherwise quit",
+        doc: "close the help overlay (it never quits: q and Ctrl-C do)",
         hint: None,
         in_help: true,
     },
