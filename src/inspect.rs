@@ -6,7 +6,7 @@ use crate::model::ModelSource;
 use crate::model::config::ModelConfig;
 use crate::model::forward::{ParamCounts, param_counts};
 use crate::profiling::flops::FlopModel;
-use crate::units::{bytes_one_decimal as human_bytes, group_digits as group};
+use crate::units::{bytes_one_decimal as human_bytes, group_digits as group, printable};
 
 /// One row of the tensor table.
 #[derive(Clone, Debug, Serialize)]
@@ -130,7 +130,12 @@ impl InspectReport {
         use std::fmt::Write;
         let c = &self.config;
         let mut s = String::new();
-        let _ = writeln!(s, "model      {} ({})", c.name, self.source);
+        let _ = writeln!(
+            s,
+            "model      {} ({})",
+            printable(&c.name),
+            printable(&self.source)
+        );
         let _ = writeln!(s, "family     {}", self.family);
         let _ = writeln!(
             s,
@@ -261,19 +266,20 @@ impl InspectReport {
             "  (threshold routing's cost depends on the tokens: run `xmoe-top run` or `sweep`)"
         );
         let _ = writeln!(s, "\ntensors ({})", self.tensors.len());
-        let w = self.tensors.iter().map(|t| t.name.len()).max().unwrap_or(0);
-        for t in &self.tensors {
+        let names: Vec<String> = self.tensors.iter().map(|t| printable(&t.name)).collect();
+        let w = names.iter().map(String::len).max().unwrap_or(0);
+        for (t, name) in self.tensors.iter().zip(&names) {
             let _ = writeln!(
                 s,
                 "  {:<w$}  {:<5} {:<18} {:>10}",
-                t.name,
+                name,
                 t.dtype,
                 format!("{:?}", t.shape),
                 human_bytes(t.bytes as u64)
             );
         }
         for warn in &self.warnings {
-            let _ = writeln!(s, "warning: {warn}");
+            let _ = writeln!(s, "warning: {}", printable(warn));
         }
         s
     }

@@ -190,8 +190,29 @@ pub fn trim_float(x: f64, decimals: usize) -> String {
     }
 }
 
+/// `text` safe to print on a terminal: newlines as `\n`, other control characters (escape
+/// sequences included) as `\xNN`. For strings that come from files (model and tensor names).
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' => "\\n".to_string(),
+            c if c.is_control() => format!("\\x{:02x}", c as u32),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn printable_escapes_terminal_control() {
+        assert_eq!(
+            super::printable("model\x1b[2Jname\nx\u{7}"),
+            "model\\x1b[2Jname\\nx\\x07"
+        );
+        assert_eq!(super::printable("naïve 東京"), "naïve 東京");
+    }
+
     use super::*;
 
     #[test]
