@@ -22,12 +22,7 @@ impl AtomicFile {
     /// Creates the temporary file beside `path`. Fails at once (before any work) when `path`
     /// exists and `force` is false, or when the directory is missing or not writable.
     pub fn create(path: &Path, force: bool) -> Result<Self> {
-        if !force && path.exists() {
-            bail!(
-                "{} already exists (use --force to overwrite)",
-                path.display()
-            );
-        }
+        check_target(path, force)?;
         let dir = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -95,6 +90,46 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Checks, before any work, that `path` may be written: it must not exist (unless `force`), and
+/// whatever is there must be a regular file. Renaming over a symlink, a device (`/dev/null`) or a
+/// directory would replace it rather than write through it, so only regular files are ever
+/// replaced, with or without `force`.
+pub fn check_target(path: &Path, force: bool) -> Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_file() {
+            bail!(
+                "{} is {}, not a regular file: xmoe-top writes only regular files and does not replace anything else, even with --force",
+                path.display(),
+                kind_of(&meta.file_type())
+            );
+        }
+        if !force {
+            bail!(
+                "{} already exists (use --force to overwrite)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn kind_of(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_fifo() {
+        "a pipe"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Writes `bytes` to `path` atomically (see [`AtomicFile`]). An existing `path` is kept unless
 /// `force`.
 pub fn write_atomically(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
@@ -132,6 +167,30 @@ mod tests {
             f.write_all(b"partial").unwrap();
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn only_regular_files_are_ever_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target.txt");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.path().join("link.txt");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        for (path, kind) in [
+            (link.as_path(), "a symbolic link"),
+            (dir.path(), "a directory"),
+            (Path::new("/dev/null"), "a device"),
+        ] {
+            let e = AtomicFile::create(path, true).unwrap_err().to_string();
+            assert!(e.contains(kind) && e.contains("not a regular file"), "{e}");
+        }
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
 
     #[test]

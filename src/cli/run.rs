@@ -329,12 +329,7 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     // Refuse an existing report before spending time on the run.
     if let Some(path) = &a.report {
         ReportFormat::resolve(path, a.format)?;
-        if path.exists() && !a.force {
-            bail!(
-                "{} already exists (use --force to overwrite)",
-                path.display()
-            );
-        }
+        crate::atomic_file::check_target(path, a.force)?;
     }
     let mut p = prepare(&a.session, threads)?;
     let trace = attach_trace(a, &mut p)?;

@@ -76,12 +76,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
     // Refuse an existing report before spending minutes on the sweep.
     if let Some(path) = &a.report {
         ReportFormat::resolve(path, a.format)?;
-        if path.exists() && !a.force {
-            anyhow::bail!(
-                "{} already exists (use --force to overwrite)",
-                path.display()
-            );
-        }
+        crate::atomic_file::check_target(path, a.force)?;
     }
     let dev = a.device.resolve(threads)?;
     if let Some(note) = &dev.note {
