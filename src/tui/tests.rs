@@ -229,6 +229,25 @@ fn marks_help_and_waiting_screen() {
     let s2 = text(&draw(&mut other, 80, 24));
     has(&s2, "no tokens yet in this epoch", "empty window");
     assert!(!s2.contains("exp/tok"), "{s2}");
+    // A reset epoch: no throughput, savings, mean or mode that look measured.
+    let mut reset = example_snapshot(WorkloadKind::Eval, 16, false);
+    reset.epoch.window.tokens = 0;
+    for l in &mut reset.epoch.cumulative.layers {
+        l.experts_per_token_counts.iter_mut().for_each(|c| *c = 0);
+    }
+    let mut other = app_with(reset, ColorMode::NoColor);
+    let s3 = text(&draw(&mut other, 120, 40));
+    has(
+        &s3,
+        " — tok/s · MoE compute saved —",
+        "dashes in the header",
+    );
+    has(
+        &s3,
+        "expert 0: no tokens yet in this epoch",
+        "heatmap detail",
+    );
+    assert!(!s3.contains("▲mean"), "no experts-per-token figures: {s3}");
     has(&screen, "export: disabled", "export disabled in help");
     for (keys, what) in render::help::help_entries(&app) {
         has(&screen, keys.trim(), "every key is listed");

@@ -84,8 +84,15 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         Span::styled(s.workload.description.clone(), theme.dim()),
     ]);
     let f = &e.window.flops;
+    // An empty epoch (just reset, or paused before any pass) shows dashes, not zeros that look
+    // measured.
+    let empty = e.window.tokens == 0;
+    let dash = |text: String| if empty { "—".to_string() } else { text };
     let mut l3 = vec![
-        Span::styled(format!(" {:.0}", e.tokens_per_second), theme.value()),
+        Span::styled(
+            format!(" {}", dash(format!("{:.0}", e.tokens_per_second))),
+            theme.value(),
+        ),
         Span::styled(
             if narrow {
                 " tok/s · MoE saved "
@@ -95,7 +102,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             theme.dim(),
         ),
         Span::styled(
-            format!("{:.1}%", f.moe_saved_vs_all_experts_pct),
+            dash(format!("{:.1}%", f.moe_saved_vs_all_experts_pct)),
             theme.good(),
         ),
         Span::styled(
@@ -106,7 +113,10 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             },
             theme.dim(),
         ),
-        Span::styled(format!("{:.1}%", f.moe_saved_vs_top_k_pct), theme.good()),
+        Span::styled(
+            dash(format!("{:.1}%", f.moe_saved_vs_top_k_pct)),
+            theme.good(),
+        ),
         Span::styled(
             format!(" vs {} · ", s.model.top_k_name(f.top_k)),
             theme.dim(),

@@ -390,6 +390,12 @@ fn detail_line<'a>(app: &App, snap: &'a Snapshot) -> Line<'a> {
         return Line::raw("no MoE layers");
     };
     let e = app.expert.min(l.expert_token_share.len().saturating_sub(1));
+    if snap.epoch.window.tokens == 0 {
+        return Line::from(vec![
+            Span::styled(format!(" L{} expert {e}: ", l.layer), theme.value()),
+            Span::styled("no tokens yet in this epoch", theme.dim()),
+        ]);
+    }
     let share = l.expert_token_share.get(e).copied().unwrap_or(0.0);
     let mass = l.expert_gate_mass.get(e).copied().unwrap_or(0.0);
     Line::from(vec![

@@ -183,6 +183,14 @@ fn render_experts(frame: &mut Frame, area: Rect, app: &App) {
     let inner = block.inner(area);
     frame.render_widget(block, area);
     let counts = &l.experts_per_token_counts;
+    if counts.iter().all(|&c| c == 0) {
+        // An empty epoch has no distribution: no mean, mode or bars that look measured.
+        frame.render_widget(
+            Paragraph::new(Span::styled("no tokens yet in this epoch", theme.dim())),
+            Rect { height: 1, ..inner },
+        );
+        return;
+    }
     let last = counts.iter().rposition(|&c| c > 0).unwrap_or(0);
     let shown = &counts[..(last + 1).max(snap.model.top_k_baseline.min(counts.len()))];
     let most = shown
