@@ -163,3 +163,31 @@ fn report_refuses_an_inconsistent_json_report_with_one_line() {
     );
     assert!(!d.join("out.html").exists());
 }
+
+#[test]
+fn numeric_options_out_of_range_are_usage_errors_not_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, range) in [
+        (
+            &["sweep", "--batch", "100000000", "--tokens", "10"][..],
+            "1..=4096",
+        ),
+        (&["sweep", "--tokens", "0"][..], "1..=1000000000"),
+        (
+            &["run", "--headless", "--tokens", "0"][..],
+            "1..=1000000000000",
+        ),
+    ] {
+        let out = xmoe(args, dir.path());
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(range), "{args:?}: {err}");
+    }
+    let out = xmoe(&["run", "--headless", "--seconds", "1e300"], dir.path());
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--seconds must be in (0, 1e7], found 1e300"),
+        "{err}"
+    );
+}

@@ -40,10 +40,10 @@ pub struct SessionArgs {
     /// Model: a .safetensors file or a Hugging Face checkpoint (directory, index or shard);
     /// default: the model embedded in xmoe-top.
     pub model: Option<PathBuf>,
-    /// Stop after this many tokens (headless default: 20000).
-    #[arg(long)]
+    /// Stop after this many tokens, 1..=10^12 (headless default: 20000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000_000))]
     pub tokens: Option<u64>,
-    /// Stop after this many seconds.
+    /// Stop after this many seconds, more than 0 and at most 10^7 (about 115 days).
     #[arg(long)]
     pub seconds: Option<f64>,
     #[command(flatten)]
@@ -311,8 +311,8 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     }
     config.token_budget = a.tokens;
     if let Some(s) = a.seconds {
-        if !(s.is_finite() && s > 0.0) {
-            bail!("--seconds must be positive, found {s}");
+        if !(s.is_finite() && s > 0.0 && s <= 1e7) {
+            bail!("--seconds must be in (0, 1e7], found {s:e}");
         }
         config.time_budget = Some(Duration::from_secs_f64(s));
     }

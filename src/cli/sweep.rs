@@ -38,11 +38,11 @@ pub struct SweepArgs {
     /// native for a model with a native top-k (Hugging Face checkpoints), dense otherwise.
     #[arg(long, value_name = "POLICY")]
     reference: Option<String>,
-    /// Tokens per point (rounded up to whole batches).
-    #[arg(long, default_value_t = 4096)]
+    /// Tokens per point (rounded up to whole batches), 1..=10^9.
+    #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000_000))]
     tokens: usize,
-    /// Sequences per forward pass.
-    #[arg(long, default_value_t = 4)]
+    /// Sequences per forward pass, 1..=4096.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     batch: usize,
     /// Tokens per sequence (default: 128, or the model's context if shorter).
     #[arg(long)]
