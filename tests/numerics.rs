@@ -315,3 +315,29 @@ fn forward_rejects_bad_input_with_clear_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn non_finite_logits_stop_the_pass_with_a_clear_error() {
+    use xmoe_top::model::format::write_model;
+    use xmoe_top::model::synth::random_weights;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::small_config();
+    let mut w = random_weights(&cfg, 3, false, 2.0);
+    // A NaN in the final norm: the router is fine, every logit is NaN.
+    for (name, _, values) in &mut w {
+        if name == "norm_f.weight" {
+            values[0] = f32::NAN;
+        }
+    }
+    let path = dir.path().join("nan.safetensors");
+    write_model(&path, &cfg, &w, StoreDtype::F32, false).unwrap();
+    let model = Model::load(&path, &Device::Cpu).unwrap();
+    let mut trace = ForwardTrace::default();
+    let e = model
+        .forward(&[1, 2, 3], 1, &model.default_routing(), None, &mut trace)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("non-finite logit (NaN) for token 0"),
+        "{e}"
+    );
+}

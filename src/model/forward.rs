@@ -386,6 +386,17 @@ impl Model {
         let t3 = Instant::now();
         let logits = self.lm_head.forward(&self.final_norm.forward(&x)?)?;
         let out = logits.flatten_all()?.to_vec1::<f32>()?;
+        // NaN or infinite logits make every quality figure meaningless ("NaN bits/byte"): stop
+        // with the place instead of reporting them.
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            let vocab = cfg.vocab_size;
+            bail!(
+                "the model produced a non-finite logit ({}) for token {} of this pass (vocabulary entry {}): its weights or activations overflow or hold NaN",
+                out[i],
+                i / vocab,
+                i % vocab
+            );
+        }
         head_ns += elapsed_ns(t3, &self.device)?;
         trace.head_ns = head_ns;
         trace.total_ns = start.elapsed().as_nanos() as u64;
