@@ -340,6 +340,27 @@ impl ModelFile {
                 ),
             });
         }
+        // A file cut short parses as a valid header whose tensors run past the end: call it
+        // truncated and name the first tensor cut, rather than a corrupt header.
+        if let Ok(text) = std::str::from_utf8(&data[8..8 + header_len as usize])
+            && let Ok(meta) = serde_json::from_str::<safetensors::tensor::Metadata>(text)
+        {
+            let available = data.len() - 8 - header_len as usize;
+            let cut = meta
+                .tensors()
+                .into_iter()
+                .filter(|(_, info)| info.data_offsets.1 > available)
+                .min_by_key(|(_, info)| info.data_offsets.0);
+            if let Some((name, info)) = cut {
+                return Err(LoadError::Truncated {
+                    path,
+                    detail: format!(
+                        "tensor `{name}` ends at byte {} of the data, but only {available} bytes of data follow the header",
+                        info.data_offsets.1
+                    ),
+                });
+            }
+        }
         let (_, metadata) =
             SafeTensors::read_metadata(data).map_err(|e| LoadError::CorruptHeader {
                 path: path.clone(),
