@@ -90,11 +90,31 @@ impl Drop for AtomicFile {
     }
 }
 
-/// Checks, before any work, that `path` may be written: it must not exist (unless `force`), and
-/// whatever is there must be a regular file. Renaming over a symlink, a device (`/dev/null`) or a
-/// directory would replace it rather than write through it, so only regular files are ever
-/// replaced, with or without `force`.
+/// Checks, before any work, that `path` may be written: its directory exists and takes a new file,
+/// `path` does not exist (unless `force`), and whatever is there is a regular file. Renaming over
+/// a symlink, a device (`/dev/null`) or a directory would replace it rather than write through
+/// it, so only regular files are ever replaced, with or without `force`.
 pub fn check_target(path: &Path, force: bool) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(".xmoe-top-probe.{}", std::process::id()));
+    File::create(&probe).with_context(|| {
+        format!(
+            "cannot write {}: cannot create a file in {}",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_file() {
             bail!(

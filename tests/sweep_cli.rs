@@ -191,3 +191,41 @@ fn numeric_options_out_of_range_are_usage_errors_not_aborts() {
         "{err}"
     );
 }
+
+#[test]
+fn an_output_that_cannot_be_written_is_refused_before_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir").join("sweep.html");
+    let out = xmoe(
+        &[
+            "sweep",
+            "--tokens",
+            "100000",
+            "--report",
+            missing.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let (table, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+    // Refused up front: no sweep ran, so no table was printed.
+    assert!(table.is_empty(), "{table}");
+    let out = xmoe(
+        &[
+            "run",
+            "--headless",
+            "--report",
+            "/dev/null",
+            "--format",
+            "json",
+            "--force",
+        ],
+        dir.path(),
+    );
+    let (_, err) = text(&out);
+    assert!(
+        err.contains("/dev/null is a device, not a regular file"),
+        "{err}"
+    );
+}
