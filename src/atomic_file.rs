@@ -95,6 +95,21 @@ impl Drop for AtomicFile {
 /// a symlink, a device (`/dev/null`) or a directory would replace it rather than write through
 /// it, so only regular files are ever replaced, with or without `force`.
 pub fn check_target(path: &Path, force: bool) -> Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_file() {
+            bail!(
+                "{} is {}, not a regular file: xmoe-top writes only regular files and does not replace anything else, even with --force",
+                path.display(),
+                kind_of(&meta.file_type())
+            );
+        }
+        if !force {
+            bail!(
+                "{} already exists (use --force to overwrite)",
+                path.display()
+            );
+        }
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -115,21 +130,6 @@ pub fn check_target(path: &Path, force: bool) -> Result<()> {
         )
     })?;
     let _ = std::fs::remove_file(&probe);
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_file() {
-            bail!(
-                "{} is {}, not a regular file: xmoe-top writes only regular files and does not replace anything else, even with --force",
-                path.display(),
-                kind_of(&meta.file_type())
-            );
-        }
-        if !force {
-            bail!(
-                "{} already exists (use --force to overwrite)",
-                path.display()
-            );
-        }
-    }
     Ok(())
 }
 
