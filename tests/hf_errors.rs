@@ -110,6 +110,35 @@ fn directory_and_config_errors() {
 }
 
 #[test]
+fn sizes_from_config_json_are_bounded_before_anything_is_allocated() {
+    for (key, value, want) in [
+        (
+            "num_hidden_layers",
+            1_000_000_000u64,
+            "at most 4096 supported, found 1000000000",
+        ),
+        ("hidden_size", 1 << 40, "at most 65536 supported"),
+        ("vocab_size", 1 << 40, "at most 16777216 supported"),
+    ] {
+        let d = copy_of("olmoe/per_expert");
+        edit_config(d.path(), |c| {
+            c.insert(key.into(), value.into());
+        });
+        assert_mentions(&error_of(d.path()), &[key, want]);
+    }
+    // A huge context is capped (rotary tables are precomputed), not allocated.
+    let d = copy_of("olmoe/per_expert");
+    edit_config(d.path(), |c| {
+        c.insert("max_position_embeddings".into(), (1u64 << 40).into());
+    });
+    let source = ModelSource::open(d.path()).unwrap();
+    assert_eq!(
+        source.config().max_seq_len,
+        xmoe_top::model::hf::config::MAX_CONTEXT
+    );
+}
+
+#[test]
 fn shard_and_tensor_errors() {
     // An index naming a shard that is not there.
     let d = copy_of("mixtral/bf16");

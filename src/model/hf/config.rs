@@ -25,6 +25,10 @@ pub enum HfFamily {
     Olmoe,
 }
 
+/// Longest context xmoe-top runs a checkpoint with (its rotary tables are precomputed for every
+/// position); a longer `max_position_embeddings` is capped.
+pub const MAX_CONTEXT: usize = 1 << 17;
+
 /// `model_type` values, in the order the error message lists them.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
 
@@ -139,6 +143,16 @@ impl Reader<'_> {
         }
     }
 
+    /// A required positive integer no larger than `max`: sizes from an untrusted file are bounded
+    /// before anything is allocated from them.
+    fn bounded(&self, key: &str, max: usize) -> Result<usize, LoadError> {
+        let n = self.usize(key)?;
+        if n > max {
+            return Err(self.error(key, format!("at most {max} supported, found {n}")));
+        }
+        Ok(n)
+    }
+
     fn usize(&self, key: &str) -> Result<usize, LoadError> {
         let n = self
             .usize_opt(key)?
@@ -206,9 +220,9 @@ impl HfConfig {
         };
         let r = Reader { path, json };
         let family = family_of(&r)?;
-        let hidden = r.usize("hidden_size")?;
-        let layers = r.usize("num_hidden_layers")?;
-        let heads = r.usize("num_attention_heads")?;
+        let hidden = r.bounded("hidden_size", 1 << 16)?;
+        let layers = r.bounded("num_hidden_layers", 4096)?;
+        let heads = r.bounded("num_attention_heads", 4096)?;
         let kv_heads = r.usize_opt("num_key_value_heads")?.unwrap_or(heads);
         if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(r.error(
@@ -224,13 +238,19 @@ impl HfConfig {
             ));
         }
         let head_dim = explicit.unwrap_or(hidden / heads);
+        if head_dim > 4096 {
+            return Err(r.error(
+                "head_dim",
+                format!("at most 4096 supported, found {head_dim}"),
+            ));
+        }
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(r.error(
                 "head_dim",
                 format!("rotary positions need an even head size, found {head_dim}"),
             ));
         }
-        let vocab = r.usize("vocab_size")?;
+        let vocab = r.bounded("vocab_size", 1 << 24)?;
         let act = r
             .get("hidden_act")
             .and_then(Value::as_str)
@@ -328,10 +348,11 @@ impl HfConfig {
             }
         }
         let sliding_window = sliding_windows(&r, family, layers)?;
+        // The rotary tables are computed for every position up front, so the context is capped.
         let max_positions = r
             .usize_opt("max_position_embeddings")?
             .unwrap_or(4096)
-            .max(1);
+            .clamp(1, MAX_CONTEXT);
         Ok(HfConfig {
             family,
             hidden,
