@@ -222,6 +222,20 @@ impl ModelConfig {
                 return Err(err(field, "must be positive, found 0"));
             }
         }
+        // Sizes from an untrusted file are bounded before anything is allocated from them.
+        for (field, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("d_model", self.d_model, 1 << 16),
+            ("n_layers", self.n_layers, 4096),
+            ("n_heads", self.n_heads, 4096),
+            ("max_seq_len", self.max_seq_len, 1 << 20),
+            ("dense_ffn_hidden", self.dense_ffn_hidden, 1 << 20),
+            ("expert_hidden", self.expert_hidden, 1 << 20),
+        ] {
+            if v > max {
+                return Err(err(field, format!("at most {max} supported, found {v}")));
+            }
+        }
         if self.tokenizer == TokenizerKind::Byte && self.vocab_size < 256 {
             return Err(err(
                 "vocab_size",
@@ -526,6 +540,11 @@ pub(crate) mod tests {
         let mut c = small();
         c.vocab_size = 100;
         assert_eq!(c.validate().unwrap_err().field, "vocab_size");
+        let mut c = small();
+        c.max_seq_len = 1 << 40;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "max_seq_len");
+        assert!(e.message.contains("at most 1048576"), "{e}");
         assert!(ModelConfig::from_json("{\"d_model\": 3}").is_err());
     }
 }
