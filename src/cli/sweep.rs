@@ -11,9 +11,7 @@ use crate::model::device::DeviceChoice;
 use crate::model::forward::Model;
 use crate::report::text::sweep_table;
 use crate::report::{ReportData, ReportFormat, write_report};
-use crate::session::sweep::{
-    SweepSpec, parse_thresholds, parse_top_k, run_sweep, text_batches, token_batches,
-};
+use crate::session::sweep::{SweepSpec, parse_thresholds, parse_top_k, run_sweep, token_batches};
 
 /// Arguments of `sweep`.
 #[derive(Args, Debug)]
@@ -130,16 +128,9 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         ),
     };
     let text = source.bytes;
-    let (batches, batch_bytes) = if tokenizer.is_byte() {
-        (text_batches(&text, a.batch, seq_len, a.tokens), None)
-    } else {
-        let encoded = tokenizer.encode(&text)?;
-        match token_batches(&encoded, a.batch, seq_len, a.tokens) {
-            Ok((b, bytes)) => (Ok(b), Some(bytes)),
-            Err(e) => (Err(e), None),
-        }
-    };
-    let batches = batches.with_context(|| format!("in {}", source.name))?;
+    let (batches, batch_bytes) =
+        token_batches(&tokenizer.encode(&text)?, a.batch, seq_len, a.tokens)
+            .with_context(|| format!("in {}", source.name))?;
     let spec = SweepSpec {
         thresholds,
         top_k,
@@ -151,7 +142,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
             .as_deref()
             .map(|r| super::run::parse_reference(r, cfg))
             .transpose()?,
-        batch_bytes,
+        batch_bytes: Some(batch_bytes),
         source: source.name.clone(),
         source_size: text.len(),
         device: dev.description.clone(),

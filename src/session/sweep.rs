@@ -125,32 +125,12 @@ pub fn text_batches(
     seq_len: usize,
     tokens: usize,
 ) -> Result<Vec<Vec<u32>>> {
-    if batch == 0 || seq_len == 0 {
-        bail!("--batch and --seq-len must be at least 1");
-    }
-    if text.len() < seq_len + 1 {
-        bail!(
-            "the text has {} bytes; a sequence of {seq_len} tokens needs at least {}",
-            text.len(),
-            seq_len + 1
-        );
-    }
-    let per_batch = batch * seq_len;
-    let n_batches = tokens.div_ceil(per_batch).max(1);
-    let mut cursor = 0;
-    let mut out = Vec::with_capacity(n_batches);
-    for _ in 0..n_batches {
-        let mut b = Vec::with_capacity(batch * (seq_len + 1));
-        for_each_eval_window(text, batch, seq_len, &mut cursor, |w| {
-            b.extend(w.iter().map(|&x| x as u32));
-        });
-        out.push(b);
-    }
-    Ok(out)
+    let encoded = crate::workload::tokenizer::TextTokenizer::Byte.encode(text)?;
+    Ok(token_batches(&encoded, batch, seq_len, tokens)?.0)
 }
 
-/// Cuts a tokenized text into eval batches as [`text_batches`] cuts bytes, and returns with them
-/// the bytes of the text each batch's targets cover (for bits per byte).
+/// Cuts a tokenized text into eval batches (see [`text_batches`]), and returns with them the
+/// bytes of the text each batch's targets cover (for bits per byte).
 pub fn token_batches(
     encoded: &crate::workload::tokenizer::Encoded,
     batch: usize,
@@ -174,17 +154,10 @@ pub fn token_batches(
     for _ in 0..n_batches {
         let mut b = Vec::with_capacity(batch * (seq_len + 1));
         let mut bytes = 0u64;
-        for _ in 0..batch {
-            if cursor + seq_len + 1 > ids.len() {
-                cursor = 0;
-            }
-            b.extend_from_slice(&ids[cursor..cursor + seq_len + 1]);
-            bytes += encoded.bytes[cursor + 1..cursor + seq_len + 1]
-                .iter()
-                .map(|&n| n as u64)
-                .sum::<u64>();
-            cursor += seq_len;
-        }
+        for_each_eval_window(ids, batch, seq_len, &mut cursor, |start, w| {
+            b.extend_from_slice(w);
+            bytes += encoded.target_bytes(start, seq_len);
+        });
         out.push(b);
         covered.push(bytes);
     }

@@ -504,42 +504,34 @@ impl EvalState {
         self.inputs.clear();
         self.targets.clear();
         let (inputs, targets) = (&mut self.inputs, &mut self.targets);
-        let (ids, bytes) = (&self.encoded.ids, &self.encoded.bytes);
+        let encoded = &self.encoded;
         let mut covered = 0u64;
-        let mut cursor = self.cursor;
-        for_each_eval_window(ids, b, s, &mut self.cursor, |w| {
-            // `for_each_eval_window` may wrap before this window: find where it starts.
-            if cursor + s + 1 > ids.len() {
-                cursor = 0;
-            }
+        for_each_eval_window(&encoded.ids, b, s, &mut self.cursor, |start, w| {
             inputs.extend_from_slice(&w[..s]);
             targets.extend_from_slice(&w[1..]);
-            covered += bytes[cursor + 1..cursor + s + 1]
-                .iter()
-                .map(|&n| n as u64)
-                .sum::<u64>();
-            cursor += s;
+            covered += encoded.target_bytes(start, s);
         });
         covered
     }
 }
 
-/// Calls `f` with the next `batch` windows of `seq_len + 1` tokens of `text` from `*cursor`, read
-/// consecutively (stride `seq_len`, so a window's last token is the next one's first) and
-/// wrapping to the start of the text when it runs out; advances `cursor`. The eval workload's
-/// batching, shared with the sweep. `text` must hold at least `seq_len + 1` tokens.
+/// Calls `f(start, window)` with the next `batch` windows of `seq_len + 1` tokens of `text` from
+/// `*cursor`, read consecutively (stride `seq_len`, so a window's last token is the next one's
+/// first) and wrapping to the start of the text when it runs out; advances `cursor`. `start` is
+/// the window's first index in `text`. The eval workload's batching, shared with the sweep.
+/// `text` must hold at least `seq_len + 1` tokens.
 pub fn for_each_eval_window<T>(
     text: &[T],
     batch: usize,
     seq_len: usize,
     cursor: &mut usize,
-    mut f: impl FnMut(&[T]),
+    mut f: impl FnMut(usize, &[T]),
 ) {
     for _ in 0..batch {
         if *cursor + seq_len + 1 > text.len() {
             *cursor = 0;
         }
-        f(&text[*cursor..*cursor + seq_len + 1]);
+        f(*cursor, &text[*cursor..*cursor + seq_len + 1]);
         *cursor += seq_len;
     }
 }

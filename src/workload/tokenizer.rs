@@ -51,6 +51,17 @@ pub struct Encoded {
     pub bytes: Vec<u32>,
 }
 
+impl Encoded {
+    /// Bytes of the text covered by the `n` tokens after `start`: the targets of a window of
+    /// `n + 1` tokens starting there.
+    pub fn target_bytes(&self, start: usize, n: usize) -> u64 {
+        self.bytes[start + 1..start + n + 1]
+            .iter()
+            .map(|&b| b as u64)
+            .sum()
+    }
+}
+
 /// How a model turns text into tokens.
 pub enum TextTokenizer {
     /// One token per byte (ids 0..=255).
