@@ -105,3 +105,37 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
         other => Ok(other?),
     }
 }
+
+/// The tokenizer of `model`: its `tokenizer.json`, or bytes.
+pub(crate) fn model_tokenizer(
+    model: &crate::model::Model,
+) -> anyhow::Result<crate::workload::tokenizer::TextTokenizer> {
+    use crate::workload::tokenizer::TextTokenizer;
+    Ok(match model.tokenizer_path() {
+        Some(path) => TextTokenizer::from_file(path, model.config().vocab_size)?,
+        None => TextTokenizer::Byte,
+    })
+}
+
+/// The text to evaluate on: `--text`, else the embedded held-out text for the embedded model
+/// (`own_model` false) or for a model with a real tokenizer (the KJV text is not a checkpoint's
+/// training split, but it is plain English any tokenizer reads). A byte model of one's own needs
+/// `--text`: the embedded text belongs to the embedded model. `what` names the command.
+pub(crate) fn eval_text(
+    text: Option<&std::path::Path>,
+    own_model: bool,
+    tokenizer: &crate::workload::tokenizer::TextTokenizer,
+    what: &str,
+) -> anyhow::Result<crate::workload::TextSource> {
+    Ok(match text {
+        Some(p) => crate::workload::TextSource::from_file(p)?,
+        None if !own_model => crate::embedded::heldout_text(),
+        None if !tokenizer.is_byte() => crate::workload::TextSource {
+            name: "embedded KJV text (pass --text for your own)".into(),
+            ..crate::embedded::heldout_text()
+        },
+        None => anyhow::bail!(
+            "--text FILE is needed to {what} a model of your own (the embedded held-out text belongs to the embedded model)"
+        ),
+    })
+}

@@ -20,10 +20,7 @@ use crate::report::{ReportData, ReportFormat, export, write_report};
 use crate::routing::RoutingPolicy;
 use crate::session::{PassObserver, Session, SessionConfig};
 use crate::tui::Exporter;
-use crate::workload::tokenizer::TextTokenizer;
-use crate::workload::{
-    EvalSpec, GenerateSpec, TextSource, Workload, builtin_prompts, prompts_from_file,
-};
+use crate::workload::{EvalSpec, GenerateSpec, Workload, builtin_prompts, prompts_from_file};
 
 /// What the model runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -249,28 +246,14 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
             cfg.max_seq_len
         );
     }
-    let tokenizer = std::sync::Arc::new(match model.tokenizer_path() {
-        Some(path) => TextTokenizer::from_file(path, cfg.vocab_size)?,
-        None => TextTokenizer::Byte,
-    });
+    let tokenizer = std::sync::Arc::new(super::model_tokenizer(&model)?);
     let workload = match a.workload {
         WorkloadArg::Eval => {
             if a.prompt.is_some() || a.prompts.is_some() {
                 bail!("--prompt and --prompts go with --workload generate");
             }
-            let text = match &a.text {
-                Some(p) => TextSource::from_file(p)?,
-                None if a.model.is_none() => crate::embedded::heldout_text(),
-                // The KJV text is not a checkpoint's training data split, but it is plain
-                // English any real tokenizer reads: a sensible default to open a model on.
-                None if !tokenizer.is_byte() => TextSource {
-                    name: "embedded KJV text (pass --text for your own)".into(),
-                    ..crate::embedded::heldout_text()
-                },
-                None => bail!(
-                    "--text FILE is needed to evaluate a model of your own (the embedded held-out text belongs to the embedded model)"
-                ),
-            };
+            let text =
+                super::eval_text(a.text.as_deref(), a.model.is_some(), &tokenizer, "evaluate")?;
             Workload::eval_tokenized(
                 EvalSpec {
                     text,

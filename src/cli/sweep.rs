@@ -112,21 +112,8 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
             cfg.max_seq_len
         );
     }
-    let tokenizer = match model.tokenizer_path() {
-        Some(path) => crate::workload::tokenizer::TextTokenizer::from_file(path, cfg.vocab_size)?,
-        None => crate::workload::tokenizer::TextTokenizer::Byte,
-    };
-    let source = match (&a.text, &a.model) {
-        (Some(p), _) => crate::workload::TextSource::from_file(p)?,
-        (None, None) => crate::embedded::heldout_text(),
-        (None, Some(_)) if !tokenizer.is_byte() => crate::workload::TextSource {
-            name: "embedded KJV text (pass --text for your own)".into(),
-            ..crate::embedded::heldout_text()
-        },
-        (None, Some(_)) => anyhow::bail!(
-            "--text FILE is needed to sweep a model of your own (the embedded held-out text belongs to the embedded model)"
-        ),
-    };
+    let tokenizer = super::model_tokenizer(&model)?;
+    let source = super::eval_text(a.text.as_deref(), a.model.is_some(), &tokenizer, "sweep")?;
     let text = source.bytes;
     let (batches, batch_bytes) =
         token_batches(&tokenizer.encode(&text)?, a.batch, seq_len, a.tokens)
