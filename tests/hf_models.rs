@@ -321,7 +321,7 @@ fn eval_with_the_checkpoint_tokenizer_reports_bits_per_byte_of_the_covered_text(
         batch: 2,
         seq_len: 32,
     };
-    let mut w = Workload::eval_tokenized(spec, model.config(), tokenizer.clone()).unwrap();
+    let mut w = Workload::eval_tokenized(spec, model.config(), &tokenizer).unwrap();
     let mut trace = ForwardTrace::default();
     let out = w
         .run_pass(&model, &model.default_routing(), &mut trace)

@@ -261,7 +261,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
                     seq_len,
                 },
                 &cfg,
-                tokenizer.clone(),
+                &tokenizer,
             )?
         }
         WorkloadArg::Generate => {
@@ -282,7 +282,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
                     seed: a.seed,
                 },
                 &cfg,
-                tokenizer.clone(),
+                tokenizer,
             )?
         }
     };

@@ -60,11 +60,6 @@ impl RoutingConfig {
         self.policies.is_empty()
     }
 
-    /// The policy of MoE slot `slot`.
-    pub fn policy(&self, slot: usize) -> RoutingPolicy {
-        self.policies[slot].policy()
-    }
-
     /// Every slot's policy, in slot order.
     pub fn policies(&self) -> impl ExactSizeIterator<Item = RoutingPolicy> + '_ {
         self.policies.iter().map(|p| p.policy())

@@ -243,7 +243,6 @@ enum State {
 
 /// A workload, ready to run passes.
 pub struct Workload {
-    tokenizer: Arc<TextTokenizer>,
     state: State,
     info: WorkloadInfo,
     vocab: usize,
@@ -252,14 +251,14 @@ pub struct Workload {
 impl Workload {
     /// Teacher-forced batches over `spec.text` for a byte-level model of configuration `cfg`.
     pub fn eval(spec: EvalSpec, cfg: &ModelConfig) -> Result<Self, WorkloadError> {
-        Self::eval_tokenized(spec, cfg, Arc::new(TextTokenizer::Byte))
+        Self::eval_tokenized(spec, cfg, &TextTokenizer::Byte)
     }
 
     /// Teacher-forced batches over `spec.text`, tokenized by `tokenizer`.
     pub fn eval_tokenized(
         spec: EvalSpec,
         cfg: &ModelConfig,
-        tokenizer: Arc<TextTokenizer>,
+        tokenizer: &TextTokenizer,
     ) -> Result<Self, WorkloadError> {
         if spec.batch == 0 || spec.batch > 4096 {
             return Err(WorkloadError::OutOfRange {
@@ -306,7 +305,6 @@ impl Workload {
             ),
         };
         Ok(Self {
-            tokenizer,
             state: State::Eval(Box::new(EvalState {
                 spec,
                 encoded,
@@ -384,7 +382,7 @@ impl Workload {
                 rng: StdRng::seed_from_u64(spec.seed),
                 spec,
                 prompt_ids,
-                tokenizer: tokenizer.clone(),
+                tokenizer,
                 max_len,
                 prompt_index: 0,
                 sequence: 0,
@@ -395,13 +393,7 @@ impl Workload {
             })),
             info,
             vocab: cfg.vocab_size,
-            tokenizer,
         })
-    }
-
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &TextTokenizer {
-        &self.tokenizer
     }
 
     /// The description shown in snapshots.

@@ -88,11 +88,6 @@ impl MoeBlock {
         self
     }
 
-    /// True when the block has a shared expert.
-    pub fn has_shared(&self) -> bool {
-        self.shared.is_some()
-    }
-
     /// How the experts compute.
     pub fn dispatch(&self) -> MoeDispatch {
         self.experts.dispatch()
