@@ -209,10 +209,22 @@ fn column_values(shares: &[f64], mode: CellMode) -> Vec<f64> {
 /// The scale of the heatmap: the largest value it would draw with geometry `g`, over all layers
 /// (binned as `g` bins them), so that colours do not change while scrolling.
 pub fn scale_max(snap: &Snapshot, g: &HeatGeometry) -> f64 {
+    max_of(&binned_rows(snap, g), g.mode)
+}
+
+/// The mean expert shares of every row `g` bins the layers into, drawn or not (row `r` holds
+/// slots from `r * layers_per_row`).
+fn binned_rows(snap: &Snapshot, g: &HeatGeometry) -> Vec<Vec<f64>> {
     let n = snap.epoch.window.layers.len();
     (0..n)
         .step_by(g.layers_per_row.max(1))
-        .flat_map(|s| column_values(&row_shares(snap, s..(s + g.layers_per_row).min(n)), g.mode))
+        .map(|s| row_shares(snap, s..(s + g.layers_per_row).min(n)))
+        .collect()
+}
+
+fn max_of(rows: &[Vec<f64>], mode: CellMode) -> f64 {
+    rows.iter()
+        .flat_map(|r| column_values(r, mode))
         .fold(0.0, f64::max)
 }
 
@@ -223,7 +235,9 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     };
     let theme = &app.theme;
     let g = HeatGeometry::new(area, app, snap);
-    let max = scale_max(snap, &g);
+    // Computed once a frame: the scale needs every row, the cells only the drawn ones.
+    let rows = binned_rows(snap, &g);
+    let max = max_of(&rows, g.mode);
     let window = &snap.epoch.window;
     let mode_note = match g.mode {
         CellMode::Wide(_) if g.is_zoomed() => format!(
@@ -297,7 +311,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             theme.dim()
         };
         buf.set_stringn(area.x, y, &label, g.label_w as usize - 1, style);
-        let shares = row_shares(snap, slots);
+        let shares = &rows[slots.start / g.layers_per_row.max(1)];
         let shown = &shares[g.first_expert.min(shares.len())
             ..(g.first_expert + g.visible_experts).min(shares.len())];
         let values = column_values(shown, g.mode);
