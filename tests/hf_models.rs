@@ -393,7 +393,13 @@ fn the_sweep_of_a_checkpoint_compares_with_its_native_top_k() {
     let labels: Vec<&str> = r.points.iter().map(|p| p.label.as_str()).collect();
     assert_eq!(
         labels,
-        ["t=0.5", "t=0.9", "top-1 renorm", "dense", "top-2 renorm"]
+        [
+            "t=0.5 renorm",
+            "t=0.9 renorm",
+            "top-1 renorm",
+            "dense",
+            "top-2 renorm"
+        ]
     );
     let reference = r.points.last().unwrap();
     assert!(reference.is_reference && reference.is_default);

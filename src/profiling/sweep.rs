@@ -97,13 +97,12 @@ impl SweepResult {
 
 /// A short label of a policy: "t=0.90", "top-2", "top-2 renorm", "dense".
 pub fn policy_label(p: &RoutingPolicy) -> String {
+    let renorm = if p.renormalizes() { " renorm" } else { "" };
     match *p {
         RoutingPolicy::Threshold { t, .. } => {
-            format!("t={}", crate::units::trim_float(t as f64, 3))
+            format!("t={}{renorm}", crate::units::trim_float(t as f64, 3))
         }
-        RoutingPolicy::TopK { k, renormalize } => {
-            format!("top-{k}{}", if renormalize { " renorm" } else { "" })
-        }
+        RoutingPolicy::TopK { k, .. } => format!("top-{k}{renorm}"),
         RoutingPolicy::Dense => "dense".to_string(),
     }
 }

@@ -383,11 +383,10 @@ fn generated(o: &mut String, s: &Snapshot) {
 
 /// A policy in a few characters ("t=0.90", "top-2", "dense").
 pub fn format_policy(p: &RoutingPolicy) -> String {
+    let renorm = if p.renormalizes() { " renorm" } else { "" };
     match p {
-        RoutingPolicy::Threshold { t, .. } => format!("t={t:.2}"),
-        RoutingPolicy::TopK { k, renormalize } => {
-            format!("top-{k}{}", if *renormalize { " renorm" } else { "" })
-        }
+        RoutingPolicy::Threshold { t, .. } => format!("t={t:.2}{renorm}"),
+        RoutingPolicy::TopK { k, .. } => format!("top-{k}{renorm}"),
         RoutingPolicy::Dense => "dense".to_string(),
     }
 }
