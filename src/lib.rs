@@ -27,6 +27,7 @@ pub mod profiling;
 pub mod report;
 pub mod routing;
 pub mod session;
+pub mod signals;
 pub mod train;
 pub mod tui;
 pub mod units;

@@ -12,6 +12,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("routing", &[]),
     ("units", &[]),
     ("atomic_file", &[]),
+    ("signals", &[]),
     // The CPU expert kernel: numerics over routing's expert groups.
     ("kernel", &["routing"]),
     // The model: format, loading, blocks, forward, and the trace it fills.
@@ -41,6 +42,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "workload",
             "gpu",
             "units",
+            "signals",
         ],
     ),
     (
@@ -89,6 +91,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "kernel",
             "units",
             "atomic_file",
+            "signals",
         ],
     ),
 ];

@@ -118,62 +118,145 @@ fn window_tokens(screen: &str) -> Option<u64> {
 /// Figures are compared once the window holds this many tokens of the epoch.
 const STABLE_TOKENS: u64 = 1000;
 
+/// The program running in a pseudo-terminal, its screen read back through vt100.
+struct PtyUi {
+    child: Box<dyn portable_pty::Child + Send + Sync>,
+    master: Box<dyn portable_pty::MasterPty + Send>,
+    keys: Box<dyn Write + Send>,
+    screen: Screen,
+}
+
+impl PtyUi {
+    fn spawn(command: CommandBuilder) -> Self {
+        let pair = native_pty_system()
+            .openpty(PtySize {
+                rows: ROWS,
+                cols: COLS,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .unwrap();
+        let child = pair.slave.spawn_command(command).unwrap();
+        drop(pair.slave);
+        let parser = Arc::new(Mutex::new(vt100::Parser::new(
+            ROWS.try_into().unwrap(),
+            COLS.try_into().unwrap(),
+            0,
+        )));
+        let mut reader = pair.master.try_clone_reader().unwrap();
+        let p = Arc::clone(&parser);
+        // Drain the terminal continuously so the UI never blocks on a full pty.
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                p.lock().unwrap().process(&buf[..n]);
+            }
+        });
+        let keys = pair.master.take_writer().unwrap();
+        Self {
+            child,
+            master: pair.master,
+            keys,
+            screen: Screen(parser),
+        }
+    }
+
+    fn press(&mut self, bytes: &[u8]) {
+        self.keys.write_all(bytes).unwrap();
+        self.keys.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.process_id().unwrap() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory effects; the pid is our own child's.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// Waits for the program to exit and returns its exit code.
+    fn wait_exit(&mut self, secs: u64) -> u32 {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "the UI did not exit; screen:\n{}",
+                self.screen.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Let the reader thread take the last bytes.
+        std::thread::sleep(Duration::from_millis(300));
+        status.exit_code()
+    }
+
+    /// The terminal's line discipline reads lines and echoes (not raw mode).
+    fn cooked(&self) -> bool {
+        let flags = self.master.get_termios().unwrap().local_flags.bits();
+        let want = libc::ICANON | libc::ECHO;
+        flags & want == want
+    }
+
+    /// Main screen, cursor shown, mouse reporting off, line discipline cooked.
+    fn assert_restored(&self, when: &str) {
+        let p = self.screen.0.lock().unwrap();
+        let s = p.screen();
+        assert!(
+            !s.alternate_screen(),
+            "{when}: left on the alternate screen"
+        );
+        assert_eq!(
+            s.mouse_protocol_mode(),
+            vt100::MouseProtocolMode::None,
+            "{when}: mouse reporting left on"
+        );
+        assert!(!s.hide_cursor(), "{when}: cursor left hidden");
+        drop(p);
+        assert!(self.cooked(), "{when}: terminal left in raw mode");
+    }
+
+    /// Waits for a live frame of the UI.
+    fn wait_live(&self, secs: u64, what: &str) -> String {
+        self.screen.wait(secs, what, |s| {
+            s.contains("Thresholds") && slider(s, 0).is_some()
+        })
+    }
+}
+
 #[test]
 fn live_ui_in_a_pseudo_terminal() {
     let dir = tempfile::tempdir().unwrap();
     let model = synth_model(dir.path());
-    let pair = native_pty_system()
-        .openpty(PtySize {
-            rows: ROWS,
-            cols: COLS,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .unwrap();
-    let mut child = pair.slave.spawn_command(ui_command(&model)).unwrap();
-    drop(pair.slave);
-    let parser = Arc::new(Mutex::new(vt100::Parser::new(
-        ROWS.try_into().unwrap(),
-        COLS.try_into().unwrap(),
-        0,
-    )));
-    let mut reader = pair.master.try_clone_reader().unwrap();
-    let p = Arc::clone(&parser);
-    // Drain the terminal continuously so the UI never blocks on a full pty.
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            p.lock().unwrap().process(&buf[..n]);
-        }
-    });
-    let mut keys = pair.master.take_writer().unwrap();
-    let mut press = |bytes: &[u8]| {
-        keys.write_all(bytes).unwrap();
-        keys.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(150));
-    };
-    let screen = Screen(parser);
+    let mut ui = PtyUi::spawn(ui_command(&model));
+    assert!(ui.cooked(), "a fresh pty starts cooked");
 
     // First frame with live figures.
-    let first = screen.wait(90, "the first frame with a full window", |s| {
-        s.contains("Thresholds")
-            && slider(s, 0).is_some()
-            && window_tokens(s).is_some_and(|n| n >= STABLE_TOKENS)
-    });
-    assert!(screen.0.lock().unwrap().screen().alternate_screen());
+    let first = ui
+        .screen
+        .wait(90, "the first frame with a full window", |s| {
+            s.contains("Thresholds")
+                && slider(s, 0).is_some()
+                && window_tokens(s).is_some_and(|n| n >= STABLE_TOKENS)
+        });
+    assert!(ui.screen.0.lock().unwrap().screen().alternate_screen());
     let (t0, e0) = slider(&first, 0).unwrap();
     assert_eq!(t0, "0.90", "{first}");
 
     // Focus layer 0 and lower its threshold by 0.2 (Shift+Left x2, PgDn x2).
-    press(b"\x1b[B");
-    press(b"\x1b[1;2D");
-    press(b"\x1b[1;2D");
-    press(b"\x1b[6~");
-    press(b"\x1b[6~");
-    let after = screen.wait(
+    ui.press(b"\x1b[B");
+    ui.press(b"\x1b[1;2D");
+    ui.press(b"\x1b[1;2D");
+    ui.press(b"\x1b[6~");
+    ui.press(b"\x1b[6~");
+    let after = ui.screen.wait(
         60,
         "the new t and a changed experts-per-token figure",
         |s| {
@@ -193,33 +276,101 @@ fn live_ui_in_a_pseudo_terminal() {
     eprintln!("layer 0: t 0.90 -> 0.70, experts per token {e0} -> {e1}");
 
     // Help opens and closes.
-    press(b"?");
-    screen.wait(10, "the help overlay", |s| {
+    ui.press(b"?");
+    ui.screen.wait(10, "the help overlay", |s| {
         s.contains("Help: ? or Esc to close")
     });
-    press(b"\x1b");
-    screen.wait(10, "the help overlay to close", |s| {
+    ui.press(b"\x1b");
+    ui.screen.wait(10, "the help overlay to close", |s| {
         !s.contains("Help: ? or Esc to close")
     });
 
     // Quit: the process ends and the terminal is back to normal.
-    press(b"q");
+    ui.press(b"q");
+    assert_eq!(ui.wait_exit(30), 0);
+    ui.assert_restored("after q");
+}
+
+/// The embedded model's UI, one thread.
+fn embedded_ui() -> PtyUi {
+    let mut c = CommandBuilder::new(env!("CARGO_BIN_EXE_xmoe-top"));
+    c.args(["--device", "cpu", "--threads", "1"]);
+    c.env("TERM", "xterm-256color");
+    PtyUi::spawn(c)
+}
+
+/// Whether process `pid` is stopped (state T in /proc).
+fn stopped(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name's closing parenthesis.
+    stat.rsplit_once(") ")
+        .is_some_and(|(_, rest)| rest.starts_with('T'))
+}
+
+fn wait_until(secs: u64, what: &str, pred: impl Fn() -> bool) {
     let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
+    while !pred() {
         assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the UI did not exit"
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out: {what}"
         );
         std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "{status:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    let p = screen.0.lock().unwrap();
-    let s = p.screen();
-    assert!(!s.alternate_screen(), "left on the alternate screen");
-    assert_eq!(s.mouse_protocol_mode(), vt100::MouseProtocolMode::None);
-    assert!(!s.hide_cursor(), "cursor left hidden");
+    }
+}
+
+#[test]
+fn terminating_signals_restore_the_terminal_and_exit_128_plus_n() {
+    for (signal, name) in [
+        (libc::SIGTERM, "SIGTERM"),
+        (libc::SIGINT, "SIGINT"),
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGQUIT, "SIGQUIT"),
+    ] {
+        let mut ui = embedded_ui();
+        ui.wait_live(60, name);
+        assert!(!ui.cooked(), "{name}: the UI runs in raw mode");
+        ui.signal(signal);
+        let code = ui.wait_exit(30);
+        assert_eq!(code, 128 + signal as u32, "{name}: exit status");
+        ui.assert_restored(name);
+        let text = ui.screen.text();
+        assert!(
+            text.contains(&format!("stopped by {name} in the live UI")),
+            "{name}: {text}"
+        );
+    }
+}
+
+#[test]
+fn suspend_and_continue_hand_the_terminal_back_and_redraw() {
+    let mut ui = embedded_ui();
+    ui.wait_live(60, "the first frame");
+    let pid = ui.pid();
+    for (how, suspend) in [("SIGTSTP", None), ("Ctrl-Z", Some(b"\x1a"))] {
+        match suspend {
+            None => ui.signal(libc::SIGTSTP),
+            Some(key) => ui.press(key),
+        }
+        wait_until(20, &format!("{how}: the process stops"), || stopped(pid));
+        ui.assert_restored(how);
+        ui.signal(libc::SIGCONT);
+        wait_until(20, &format!("{how}: the process runs again"), || {
+            !stopped(pid)
+        });
+        ui.screen
+            .wait(20, "the UI back on the alternate screen", |_| {
+                ui.screen.0.lock().unwrap().screen().alternate_screen()
+            });
+        wait_until(20, &format!("{how}: raw mode again"), || !ui.cooked());
+        ui.wait_live(20, "a redrawn frame");
+    }
+    // SIGSTOP cannot be caught: after SIGCONT the UI takes the terminal again and redraws.
+    ui.signal(libc::SIGSTOP);
+    wait_until(20, "SIGSTOP stops the process", || stopped(pid));
+    ui.signal(libc::SIGCONT);
+    wait_until(20, "SIGCONT continues it", || !stopped(pid));
+    ui.wait_live(20, "a frame after SIGSTOP and SIGCONT");
+    ui.press(b"q");
+    assert_eq!(ui.wait_exit(30), 0);
+    ui.assert_restored("after q");
 }

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use super::exit::Classify;
 use anyhow::Result;
 use clap::Args;
 
@@ -20,7 +21,7 @@ pub struct BenchArgs {
 
 /// Runs the benchmarks and prints markdown tables.
 pub fn run(a: BenchArgs, threads: usize) -> Result<ExitCode> {
-    let device = a.device.resolve(threads)?;
+    let device = a.device.resolve(threads).usage()?;
     if let Some(note) = &device.note {
         eprintln!("xmoe-top: {note}");
     }

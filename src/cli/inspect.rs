@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::exit::Classify;
 use anyhow::Result;
 use clap::Args;
 
@@ -23,7 +24,7 @@ pub struct InspectArgs {
 /// Prints the report.
 pub fn run(a: InspectArgs) -> Result<ExitCode> {
     let file = match &a.model {
-        Some(p) => ModelSource::open(p)?,
+        Some(p) => ModelSource::open(p).bad_input()?,
         None => crate::embedded::model_file()?.into(),
     };
     let report = InspectReport::new(&file);

@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand; `main` parses, sets up threads and reports errors.
 
 mod bench;
+pub mod exit;
 mod inspect;
 mod parity;
 pub mod policy_args;
@@ -14,6 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use exit::Classify;
 
 /// Watch an XMoE (threshold-routed Mixture-of-Experts) model route tokens, live.
 #[derive(Parser, Debug)]
@@ -21,7 +23,8 @@ use clap::{Parser, Subcommand};
     name = "xmoe-top",
     version,
     about,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = exit::EXIT_STATUS_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -63,7 +66,8 @@ pub fn thread_count(requested: Option<usize>) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Parses the command line and runs it; errors are printed and give exit code 1.
+/// Parses the command line and runs it; errors are printed and give the exit status of their
+/// kind ([`exit::Failure`]).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = thread_count(cli.threads);
@@ -75,7 +79,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("xmoe-top: error: {e:#}");
-            ExitCode::FAILURE
+            exit::exit_code(&e)
         }
     }
 }
@@ -112,7 +116,7 @@ pub(crate) fn model_tokenizer(
 ) -> anyhow::Result<crate::workload::tokenizer::TextTokenizer> {
     use crate::workload::tokenizer::TextTokenizer;
     Ok(match model.tokenizer_path() {
-        Some(path) => TextTokenizer::from_file(path, model.config().vocab_size)?,
+        Some(path) => TextTokenizer::from_file(path, model.config().vocab_size).bad_input()?,
         None => TextTokenizer::Byte,
     })
 }
@@ -128,14 +132,16 @@ pub(crate) fn eval_text(
     what: &str,
 ) -> anyhow::Result<crate::workload::TextSource> {
     Ok(match text {
-        Some(p) => crate::workload::TextSource::from_file(p)?,
+        Some(p) => crate::workload::TextSource::from_file(p).bad_input()?,
         None if !own_model => crate::embedded::heldout_text(),
         None if !tokenizer.is_byte() => crate::workload::TextSource {
             name: "embedded KJV text (pass --text for your own)".into(),
             ..crate::embedded::heldout_text()
         },
-        None => anyhow::bail!(
-            "--text FILE is needed to {what} a model of your own (the embedded held-out text belongs to the embedded model)"
-        ),
+        None => {
+            return Err(exit::usage(format!(
+                "--text FILE is needed to {what} a model of your own (the embedded held-out text belongs to the embedded model)"
+            )));
+        }
     })
 }

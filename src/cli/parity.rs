@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::exit::Classify;
 use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
@@ -66,11 +67,11 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
         ModelFile::open(&path)?
     } else {
         match &a.model {
-            Some(p) => ModelFile::open(p)?,
+            Some(p) => ModelFile::open(p).bad_input()?,
             None => crate::embedded::model_file()?,
         }
     };
-    let device = a.device.resolve(threads)?;
+    let device = a.device.resolve(threads).usage()?;
     let reference = Model::from_file(
         &file,
         &Device::Cpu,

@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::exit::Classify;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::report::{REPORT_SCHEMA_VERSION, ReportFormat, json, write_report};
+use crate::report::{REPORT_SCHEMA_VERSION, ReportData, ReportFormat, json, write_report};
 
 /// Arguments of `report`.
 #[derive(Args, Debug)]
@@ -25,22 +26,26 @@ pub struct ReportArgs {
 
 /// Reads the JSON report and writes it in the requested format.
 pub fn run(a: ReportArgs) -> Result<ExitCode> {
-    let text = std::fs::read_to_string(&a.input)
-        .with_context(|| format!("cannot read {}", a.input.display()))?;
+    let data = read_report(&a.input).bad_input()?;
+    let path = write_report(&data, &a.output, a.format, a.force)?;
+    eprintln!("wrote {}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_report(input: &std::path::Path) -> Result<ReportData> {
+    let text = std::fs::read_to_string(input)
+        .with_context(|| format!("cannot read {}", input.display()))?;
     let version = serde_json::from_str::<serde_json::Value>(&text)
-        .with_context(|| format!("{} is not JSON", a.input.display()))?
+        .with_context(|| format!("{} is not JSON", input.display()))?
         .pointer("/generator/report_schema_version")
         .and_then(serde_json::Value::as_u64);
     match version {
         Some(v) if v == REPORT_SCHEMA_VERSION as u64 => {}
         Some(v) => bail!(
             "{} is a version {v} report; this build reads version {REPORT_SCHEMA_VERSION}",
-            a.input.display()
+            input.display()
         ),
-        None => bail!("{} is not an xmoe-top JSON report", a.input.display()),
+        None => bail!("{} is not an xmoe-top JSON report", input.display()),
     }
-    let data = json::read(&text).with_context(|| format!("in {}", a.input.display()))?;
-    let path = write_report(&data, &a.output, a.format, a.force)?;
-    eprintln!("wrote {}", path.display());
-    Ok(ExitCode::SUCCESS)
+    json::read(&text).with_context(|| format!("in {}", input.display()))
 }

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+
+use super::exit::{Classify, usage};
 use clap::{Args, ValueEnum};
 
 use super::policy_args::PolicyArgs;
@@ -19,6 +21,7 @@ use crate::report::trace::{TraceOptions, TraceWriter};
 use crate::report::{ReportData, ReportFormat, export, write_report};
 use crate::routing::RoutingPolicy;
 use crate::session::{PassObserver, Session, SessionConfig};
+use crate::signals;
 use crate::tui::Exporter;
 use crate::workload::{EvalSpec, GenerateSpec, Workload, builtin_prompts, prompts_from_file};
 
@@ -102,21 +105,25 @@ pub fn parse_reference(
             Some(("topk", k)) => RoutingPolicy::TopK {
                 k: k.trim()
                     .parse()
-                    .map_err(|_| anyhow::anyhow!("--reference topk:K: `{k}` is not a number"))?,
+                    .map_err(|_| usage(format!("--reference topk:K: `{k}` is not a number")))?,
                 renormalize: cfg.default_policy.renormalizes(),
             },
             Some(("threshold", t)) => {
                 RoutingPolicy::threshold(t.trim().parse().map_err(|_| {
-                    anyhow::anyhow!("--reference threshold:T: `{t}` is not a number")
+                    usage(format!("--reference threshold:T: `{t}` is not a number"))
                 })?)
                 .with_renormalize(cfg.default_policy.renormalizes())
             }
-            _ => bail!("--reference: expected native, dense, topk:K or threshold:T, found `{s}`"),
+            _ => {
+                return Err(usage(format!(
+                    "--reference: expected native, dense, topk:K or threshold:T, found `{s}`"
+                )));
+            }
         },
     };
     policy
         .validate(e)
-        .map_err(|err| anyhow::anyhow!("--reference: {err}"))?;
+        .map_err(|err| usage(format!("--reference: {err}")))?;
     Ok(policy)
 }
 
@@ -206,12 +213,12 @@ pub struct Prepared {
 
 /// Loads the model and builds the workload and session options these flags ask for.
 pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
-    let device = a.device.resolve(threads)?;
+    let device = a.device.resolve(threads).usage()?;
     if let Some(note) = &device.note {
         eprintln!("xmoe-top: {note}");
     }
     let file = match &a.model {
-        Some(p) => ModelSource::open(p)?,
+        Some(p) => ModelSource::open(p).bad_input()?,
         None => crate::embedded::model_file()?.into(),
     };
     for w in file.warnings() {
@@ -225,7 +232,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
         threads,
     };
     let load_start = std::time::Instant::now();
-    let model = Model::from_source(&file, &device.device, options)?;
+    let model = Model::from_source(&file, &device.device, options).bad_input()?;
     let load_s = load_start.elapsed().as_secs_f64();
     if load_s >= 1.0 {
         eprintln!(
@@ -235,22 +242,22 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
         );
     }
     let cfg = model.config().clone();
-    let routing = a.policy.routing(&cfg)?;
+    let routing = a.policy.routing(&cfg).usage()?;
     if a.batch == 0 {
-        bail!("--batch must be at least 1");
+        return Err(usage("--batch must be at least 1"));
     }
     let seq_len = a.seq_len.unwrap_or(cfg.max_seq_len.min(128));
     if seq_len == 0 || seq_len > cfg.max_seq_len {
-        bail!(
+        return Err(usage(format!(
             "--seq-len must be in 1..={} (the model's context), found {seq_len}",
             cfg.max_seq_len
-        );
+        )));
     }
     let tokenizer = std::sync::Arc::new(super::model_tokenizer(&model)?);
     let workload = match a.workload {
         WorkloadArg::Eval => {
             if a.prompt.is_some() || a.prompts.is_some() {
-                bail!("--prompt and --prompts go with --workload generate");
+                return Err(usage("--prompt and --prompts go with --workload generate"));
             }
             let text =
                 super::eval_text(a.text.as_deref(), a.model.is_some(), &tokenizer, "evaluate")?;
@@ -266,11 +273,14 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
         }
         WorkloadArg::Generate => {
             if a.text.is_some() {
-                bail!("--text goes with --workload eval");
+                return Err(usage("--text goes with --workload eval"));
             }
             let (prompts, source) = match (&a.prompt, &a.prompts) {
                 (Some(p), _) => (vec![p.as_bytes().to_vec()], "--prompt".to_string()),
-                (None, Some(path)) => (prompts_from_file(path)?, path.display().to_string()),
+                (None, Some(path)) => (
+                    prompts_from_file(path).bad_input()?,
+                    path.display().to_string(),
+                ),
                 (None, None) => (builtin_prompts(), "built-in prompts".to_string()),
             };
             Workload::generate_tokenized(
@@ -283,7 +293,8 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
                 },
                 &cfg,
                 tokenizer,
-            )?
+            )
+            .bad_input()?
         }
     };
     let mut config = SessionConfig::new(&model, device.description.clone());
@@ -295,7 +306,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     config.token_budget = a.tokens;
     if let Some(s) = a.seconds {
         if !(s.is_finite() && s > 0.0 && s <= 1e7) {
-            bail!("--seconds must be in (0, 1e7], found {s:e}");
+            return Err(usage(format!("--seconds must be in (0, 1e7], found {s:e}")));
         }
         config.time_budget = Some(Duration::from_secs_f64(s));
     }
@@ -310,19 +321,19 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
 /// stderr when stderr is a terminal.
 pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     // Refuse an existing report before spending time on the run.
-    if let Some(path) = &a.report {
-        ReportFormat::resolve(path, a.format)?;
-        crate::atomic_file::check_target(path, a.force)?;
-    }
+    check_outputs(a)?;
     let mut p = prepare(&a.session, threads)?;
+    if let Some(signal) = signals::received() {
+        return Ok(interrupted(signal, "while loading the model"));
+    }
     let trace = attach_trace(a, &mut p)?;
     if p.config.token_budget.is_none() && p.config.time_budget.is_none() {
         p.config.token_budget = Some(20_000);
     }
     let session = Session::start(p.model, p.workload, p.config)?;
     let progress = std::io::stderr().is_terminal();
-    while !session.is_finished() {
-        if let Ok(s) = session.snapshots().recv_timeout(Duration::from_millis(200))
+    while !session.is_finished() && signals::received().is_none() {
+        if let Ok(s) = session.snapshots().recv_timeout(Duration::from_millis(100))
             && progress
         {
             eprint!("\r{}", progress_line(&s));
@@ -332,9 +343,13 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     if progress {
         eprintln!();
     }
-    let joined = session.join();
+    // A terminating signal ends the run early; what ran so far is summarised and written.
+    let ended = match signals::received() {
+        Some(_) => session.stop(),
+        None => session.join(),
+    };
     finish_trace(trace)?;
-    let last = joined?.final_snapshot;
+    let last = ended?.final_snapshot;
     if let Some(path) = &a.report {
         let written = write_report(
             &ReportData::new(last.clone(), None),
@@ -349,7 +364,40 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     } else {
         super::print_stdout(&crate::report::text::render(&last))?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(match signals::received() {
+        Some(signal) => interrupted(
+            signal,
+            &format!("after {} tokens", last.tokens_processed_total),
+        ),
+        None => ExitCode::SUCCESS,
+    })
+}
+
+/// Checks every output path before anything runs: a report or trace that cannot be written is
+/// found now, not after the run (whose summary would be lost with it).
+fn check_outputs(a: &RunArgs) -> Result<()> {
+    if let Some(path) = &a.report {
+        ReportFormat::resolve(path, a.format).usage()?;
+        crate::atomic_file::check_target(path, a.force).usage()?;
+    }
+    if let Some(path) = &a.trace {
+        crate::atomic_file::check_target(path, a.force).usage()?;
+    }
+    if let (Some(report), Some(trace)) = (&a.report, &a.trace)
+        && crate::atomic_file::same_target(report, trace)
+    {
+        return Err(usage(format!(
+            "--report and --trace name the same file ({})",
+            report.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Says that `signal` ended the run and gives the exit status that reports it.
+fn interrupted(signal: i32, when: &str) -> ExitCode {
+    eprintln!("xmoe-top: stopped by {} {when}", signals::name(signal));
+    ExitCode::from(signals::exit_status(signal))
 }
 
 fn progress_line(s: &Snapshot) -> String {
@@ -365,15 +413,22 @@ fn progress_line(s: &Snapshot) -> String {
 
 /// `xmoe-top [MODEL]` and `xmoe-top run`: the live UI on a terminal, else headless.
 pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
+    // Caught for the whole command, so a signal during loading or writing is noticed too.
+    let _signals =
+        signals::TerminationGuard::install().context("cannot install signal handlers")?;
     if a.headless || a.json || !super::tui::can_draw() {
         return run_headless(&a, threads).context("headless run");
     }
     if a.report.is_some() {
-        bail!(
-            "--report goes with --headless; in the live UI press `e` (reports go to --report-dir)"
-        );
+        return Err(usage(
+            "--report goes with --headless; in the live UI press `e` (reports go to --report-dir)",
+        ));
     }
+    check_outputs(&a)?;
     let mut p = prepare(&a.session, threads)?;
+    if let Some(signal) = signals::received() {
+        return Ok(interrupted(signal, "while loading the model"));
+    }
     let trace = attach_trace(&a, &mut p)?;
     let dir = a.report_dir.clone();
     let exporter: Exporter = Box::new(move |snapshot: &Snapshot| {
@@ -387,5 +442,8 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
     let result = super::tui::run(&a.tui, p.model, p.workload, p.config, Some(exporter));
     finish_trace(trace)?;
     result?;
-    Ok(ExitCode::SUCCESS)
+    Ok(match signals::received() {
+        Some(signal) => interrupted(signal, "in the live UI"),
+        None => ExitCode::SUCCESS,
+    })
 }

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::exit::{Classify, usage};
 use anyhow::{Context, Result};
 use clap::Args;
 
@@ -70,18 +71,20 @@ pub struct SweepArgs {
 
 /// Runs the sweep, prints its table and writes the report.
 pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
-    let thresholds = parse_thresholds(&a.thresholds).context("--thresholds")?;
+    let thresholds = parse_thresholds(&a.thresholds)
+        .context("--thresholds")
+        .usage()?;
     // Refuse an existing report before spending minutes on the sweep.
     if let Some(path) = &a.report {
-        ReportFormat::resolve(path, a.format)?;
-        crate::atomic_file::check_target(path, a.force)?;
+        ReportFormat::resolve(path, a.format).usage()?;
+        crate::atomic_file::check_target(path, a.force).usage()?;
     }
-    let dev = a.device.resolve(threads)?;
+    let dev = a.device.resolve(threads).usage()?;
     if let Some(note) = &dev.note {
         eprintln!("{note}");
     }
     let file = match &a.model {
-        Some(p) => crate::model::ModelSource::open(p)?,
+        Some(p) => crate::model::ModelSource::open(p).bad_input()?,
         None => crate::embedded::model_file()?.into(),
     };
     if !a.allow_large {
@@ -91,33 +94,36 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         threads,
         ..Default::default()
     };
-    let model = Model::from_source(&file, &dev.device, options)?;
+    let model = Model::from_source(&file, &dev.device, options).bad_input()?;
     let cfg = model.config();
     let top_k = match &a.with_topk {
-        Some(s) => parse_top_k(s, cfg.n_experts).context("--with-topk")?,
+        Some(s) => parse_top_k(s, cfg.n_experts)
+            .context("--with-topk")
+            .usage()?,
         None => Vec::new(),
     };
     if let Some(k) = a.top_k_baseline
         && (k == 0 || k > cfg.n_experts)
     {
-        anyhow::bail!(
+        return Err(usage(format!(
             "--top-k-baseline needs k in 1..={}, found {k}",
             cfg.n_experts
-        );
+        )));
     }
     let seq_len = a.seq_len.unwrap_or(128.min(cfg.max_seq_len));
     if seq_len == 0 || seq_len > cfg.max_seq_len {
-        anyhow::bail!(
+        return Err(usage(format!(
             "--seq-len must be in 1..={} (the model's context), found {seq_len}",
             cfg.max_seq_len
-        );
+        )));
     }
     let tokenizer = super::model_tokenizer(&model)?;
     let source = super::eval_text(a.text.as_deref(), a.model.is_some(), &tokenizer, "sweep")?;
     let text = source.bytes;
     let (batches, batch_bytes) =
         token_batches(&tokenizer.encode(&text)?, a.batch, seq_len, a.tokens)
-            .with_context(|| format!("in {}", source.name))?;
+            .with_context(|| format!("in {}", source.name))
+            .usage()?;
     let spec = SweepSpec {
         thresholds,
         top_k,

@@ -70,7 +70,11 @@ fn run_hf(a: &SynthArgs, preset: &str) -> Result<ExitCode> {
     let shape = match preset {
         "olmoe-1b-7b" => OlmoeShape::olmoe_1b_7b(),
         "olmoe-tiny" => OlmoeShape::tiny(),
-        other => anyhow::bail!("--hf: expected olmoe-1b-7b or olmoe-tiny, found `{other}`"),
+        other => {
+            return Err(super::exit::usage(format!(
+                "--hf: expected olmoe-1b-7b or olmoe-tiny, found `{other}`"
+            )));
+        }
     };
     let fallback;
     let tokenizer = match &a.tokenizer {
@@ -132,12 +136,16 @@ pub fn run(a: SynthArgs) -> Result<ExitCode> {
             )
         },
     };
-    cfg.validate()?;
+    super::exit::Classify::usage(cfg.validate())?;
     let dtype = match a.dtype.as_str() {
         "f32" => StoreDtype::F32,
         "f16" => StoreDtype::F16,
         "bf16" => StoreDtype::BF16,
-        other => anyhow::bail!("--dtype: expected f32, f16 or bf16, found `{other}`"),
+        other => {
+            return Err(super::exit::usage(format!(
+                "--dtype: expected f32, f16 or bf16, found `{other}`"
+            )));
+        }
     };
     let weights = random_weights(&cfg, a.seed, false, 2.0);
     write_model(&a.out, &cfg, &weights, dtype, a.force)?;

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Args;
 
 use crate::model::Model;
@@ -61,7 +61,9 @@ pub fn run(
     exporter: Option<Exporter>,
 ) -> Result<SessionOutcome> {
     if !can_draw() {
-        bail!("the live UI needs a terminal on stdin and stdout");
+        return Err(super::exit::usage(
+            "the live UI needs a terminal on stdin and stdout",
+        ));
     }
     let capacity = config
         .routing

@@ -79,6 +79,10 @@ pub struct App {
     pub session_ended: bool,
     /// The user asked to quit.
     pub should_quit: bool,
+    /// Ctrl-Z or SIGTSTP: hand the terminal back and stop (taken by the event loop).
+    pub suspend_requested: bool,
+    /// SIGCONT: take the terminal again and redraw (taken by the event loop).
+    pub resume_requested: bool,
     pending: Vec<Option<Pending>>,
     pause_requested: Option<bool>,
     last_threshold: Vec<f32>,
@@ -110,6 +114,8 @@ impl App {
             size: (0, 0),
             session_ended: false,
             should_quit: false,
+            suspend_requested: false,
+            resume_requested: false,
             pending: Vec::new(),
             pause_requested: None,
             last_threshold: Vec::new(),

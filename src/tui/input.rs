@@ -30,6 +30,8 @@ const EXPERT_JUMP: isize = 8;
 pub enum Action {
     /// Leave the UI.
     Quit,
+    /// Ctrl-Z: suspend to the shell.
+    Suspend,
     /// Esc: close the help overlay, or quit when none is open.
     Escape,
     /// Open or close the help overlay.
@@ -101,6 +103,7 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
     };
     Some(match command {
         Command::Quit => Action::Quit,
+        Command::Suspend => Action::Suspend,
         Command::Escape => Action::Escape,
         Command::ToggleHelp => Action::ToggleHelp,
         Command::NextPanel => Action::NextPanel,
@@ -280,6 +283,10 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
     match action {
         Action::Quit => {
             app.should_quit = true;
+            None
+        }
+        Action::Suspend => {
+            app.suspend_requested = true;
             None
         }
         Action::Escape => {

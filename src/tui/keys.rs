@@ -56,6 +56,8 @@ pub enum Command {
     Reset,
     /// Export a report.
     Export,
+    /// Hand the terminal back to the shell and stop (`fg` resumes).
+    Suspend,
 }
 
 /// A key that triggers a command.
@@ -281,11 +283,12 @@ pub const BINDINGS: &[Binding] = &[
             (ch('q'), Command::Quit),
             (Key::Ctrl('c'), Command::Quit),
             (Key::Ctrl('C'), Command::Quit),
+            (Key::Ctrl('z'), Command::Suspend),
         ],
-        label: "q  Ctrl-C",
-        help: &["quit"],
+        label: "q  Ctrl-C  Ctrl-Z",
+        help: &["quit (Ctrl-Z: suspend to the shell; fg resumes)"],
         help_without_exporter: None,
-        doc: "quit",
+        doc: "quit (SIGTERM, SIGINT, SIGHUP and SIGQUIT quit the same way, exit status 128+N); Ctrl-Z suspends: the terminal goes back to the shell and the model stops with the process, `fg` resumes and redraws (SIGTSTP does the same)",
         hint: hint(1, "q", "quit"),
         in_help: true,
     },

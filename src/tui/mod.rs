@@ -7,7 +7,9 @@
 //!
 //! The terminal is restored (raw mode off, main screen, mouse capture off, cursor shown) by a
 //! guard's `Drop` on every return path and by a panic hook; Ctrl-C arrives as a key in raw mode
-//! and quits like `q`.
+//! and quits like `q`. SIGTERM, SIGINT, SIGHUP and SIGQUIT quit the same way; Ctrl-Z and SIGTSTP
+//! restore the terminal and stop the process, and SIGCONT re-enters the UI and redraws
+//! ([`crate::signals`]).
 
 pub mod app;
 pub mod input;
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use crossterm::event::{self, DisableMouseCapture, EnableMouseCapture, Event};
 use crossterm::terminal::{
-    EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode,
+    Clear, ClearType, EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode,
 };
 use crossterm::{cursor, execute};
 use ratatui::Terminal;
@@ -76,6 +78,20 @@ pub enum UiEvent {
     SessionEnded,
     /// Reading the terminal failed; the UI cannot take keys any more.
     InputError(String),
+    /// A signal from outside: a terminating one quits, SIGTSTP suspends, SIGCONT redraws.
+    Signal(i32),
+}
+
+/// Why [`event_loop`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoopEnd {
+    /// The user (or a terminating signal) asked to quit, or every sender is gone.
+    Quit,
+    /// Ctrl-Z or SIGTSTP: give the terminal back and stop the process, then call again.
+    Suspend,
+    /// SIGCONT: the terminal may have been reset while stopped; re-enter UI mode, clear and
+    /// call again.
+    Resume,
 }
 
 /// The one channel the UI thread blocks on. Create it first, hand [`UiChannel::sink`] to the
@@ -142,14 +158,34 @@ pub fn run_tui(
         .with_exporter(options.exporter)
         .with_capacity_factor(options.capacity_factor);
     let result = (|| -> Result<()> {
-        let guard = TerminalGuard::enter()?;
+        let mut guard = TerminalGuard::enter()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let signal_tx = tx.clone();
+        let forwarder = crate::signals::Forwarder::start(move |signal| {
+            signal_tx.send(UiEvent::Signal(signal)).is_ok()
+        })
+        .context("cannot watch for signals")?;
         let input = spawn_input(tx, stop.clone())?;
-        let mut terminal = Terminal::new(CrosstermBackend::new(io::stdout()))
-            .context("cannot set up the terminal")?;
-        let r = event_loop(&mut terminal, &rx, &mut app, &mut control, options.fps);
+        let mut terminal = fresh_terminal()?;
+        let r = loop {
+            match event_loop(&mut terminal, &rx, &mut app, &mut control, options.fps) {
+                Ok(LoopEnd::Quit) => break Ok(()),
+                Ok(LoopEnd::Suspend) => {
+                    drop(guard);
+                    crate::signals::stop_process();
+                    guard = TerminalGuard::enter()?;
+                }
+                Ok(LoopEnd::Resume) => guard.reenter()?,
+                Err(e) => break Err(e),
+            }
+            // Terminal::clear would ask the terminal for the cursor position; a new Terminal
+            // over a cleared screen draws every cell instead.
+            execute!(io::stdout(), Clear(ClearType::All)).context("cannot clear the terminal")?;
+            terminal = fresh_terminal()?;
+        };
         stop.store(true, Ordering::SeqCst);
         let _ = input.join();
+        drop(forwarder);
         drop(terminal);
         drop(guard);
         r
@@ -160,6 +196,10 @@ pub fn run_tui(
         eprintln!("{msg}");
     }
     result
+}
+
+fn fresh_terminal() -> Result<Terminal<CrosstermBackend<io::Stdout>>> {
+    Terminal::new(CrosstermBackend::new(io::stdout())).context("cannot set up the terminal")
 }
 
 fn spawn_input(tx: Sender<UiEvent>, stop: Arc<AtomicBool>) -> Result<thread::JoinHandle<()>> {
@@ -211,19 +251,28 @@ fn process(
             true
         }
         UiEvent::InputError(e) => anyhow::bail!("cannot read the terminal: {e}"),
+        UiEvent::Signal(signal) => {
+            match signal {
+                crate::signals::SIGTSTP => app.suspend_requested = true,
+                crate::signals::SIGCONT => app.resume_requested = true,
+                _ => app.should_quit = true,
+            }
+            false
+        }
     })
 }
 
 /// The UI loop over any ratatui backend (the real terminal, or a `TestBackend` in tests):
 /// blocks on `rx`, applies events, redraws when something changed but at most `fps` times per
-/// second, and returns when the user quits or every sender is gone.
+/// second, and returns when the user quits, every sender is gone, or the terminal must be handed
+/// back or taken again ([`LoopEnd`]; the caller does that and calls again).
 pub fn event_loop<B: Backend>(
     terminal: &mut Terminal<B>,
     rx: &Receiver<UiEvent>,
     app: &mut App,
     control: &mut dyn FnMut(Control) -> Result<()>,
     fps: f64,
-) -> Result<()>
+) -> Result<LoopEnd>
 where
     B::Error: Send + Sync + 'static,
 {
@@ -243,12 +292,12 @@ where
             match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
                 Ok(ev) => ev,
                 Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+                Err(RecvTimeoutError::Disconnected) => return Ok(LoopEnd::Quit),
             }
         } else {
             match rx.recv() {
                 Ok(ev) => ev,
-                Err(_) => return Ok(()),
+                Err(_) => return Ok(LoopEnd::Quit),
             }
         };
         dirty |= process(app, ev, control)?;
@@ -257,7 +306,13 @@ where
             dirty |= process(app, ev, control)?;
         }
         if app.should_quit {
-            return Ok(());
+            return Ok(LoopEnd::Quit);
+        }
+        if std::mem::take(&mut app.suspend_requested) {
+            return Ok(LoopEnd::Suspend);
+        }
+        if std::mem::take(&mut app.resume_requested) {
+            return Ok(LoopEnd::Resume);
         }
     }
 }
@@ -341,6 +396,22 @@ impl TerminalGuard {
         )
         .context("cannot switch to the alternate screen")?;
         Ok(guard)
+    }
+
+    /// Switches UI mode on again after the process was stopped and continued (SIGSTOP and `fg`):
+    /// the shell may have reset the terminal meanwhile.
+    pub fn reenter(&mut self) -> Result<()> {
+        // crossterm skips enable_raw_mode when it believes raw mode is on; what it saved as the
+        // mode to restore is still right.
+        let _ = disable_raw_mode();
+        enable_raw_mode().context("cannot switch the terminal to raw mode")?;
+        execute!(
+            io::stdout(),
+            EnterAlternateScreen,
+            EnableMouseCapture,
+            cursor::Hide
+        )
+        .context("cannot switch to the alternate screen")
     }
 }
 
