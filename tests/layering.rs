@@ -13,14 +13,18 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("units", &[]),
     ("atomic_file", &[]),
     ("signals", &[]),
+    ("input_file", &[]),
     // The CPU expert kernel: numerics over routing's expert groups.
     ("kernel", &["routing"]),
     // The model: format, loading, blocks, forward, and the trace it fills.
-    ("model", &["kernel", "routing", "atomic_file", "units"]),
+    (
+        "model",
+        &["kernel", "routing", "atomic_file", "units", "input_file"],
+    ),
     // Statistics and snapshots over traces.
     ("profiling", &["model", "routing", "units"]),
     ("gpu", &["profiling", "units"]),
-    ("workload", &["model", "profiling", "routing"]),
+    ("workload", &["model", "profiling", "routing", "input_file"]),
     ("embedded", &["model", "workload"]),
     // The model thread, its controls, and batch drivers (the sweep).
     (
@@ -30,7 +34,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Rendering only: snapshots and statistics in, files out.
     (
         "report",
-        &["profiling", "routing", "model", "units", "atomic_file"],
+        &[
+            "profiling",
+            "routing",
+            "model",
+            "units",
+            "atomic_file",
+            "input_file",
+        ],
     ),
     (
         "tui",
@@ -92,6 +103,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "units",
             "atomic_file",
             "signals",
+            "input_file",
         ],
     ),
 ];

@@ -95,7 +95,7 @@ fn sweep_prints_a_table_and_writes_reports() {
     // An existing report is refused before the sweep runs, and kept.
     let before = std::fs::read(d.join("s.json")).unwrap();
     let o = xmoe(&args, d);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(
         text(&o).1.contains("already exists (use --force"),
         "{}",
@@ -106,7 +106,7 @@ fn sweep_prints_a_table_and_writes_reports() {
     args.push("--force");
     assert!(xmoe(&args, d).status.success());
 
-    // Clear errors with exit code 1.
+    // Clear usage errors with exit code 2.
     for (extra, needle) in [
         (vec!["--thresholds", "0:1:0.1"], "outside (0, 1]"),
         (vec!["--with-topk", "9"], "1..=8"),
@@ -118,7 +118,7 @@ fn sweep_prints_a_table_and_writes_reports() {
         replace_flag(&mut a, &extra);
         let o = xmoe(&a, d);
         let (_, err) = text(&o);
-        assert_eq!(o.status.code(), Some(1), "{extra:?}: {err}");
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
         assert!(err.contains(needle), "{extra:?}: {err}");
     }
 }
@@ -154,7 +154,7 @@ fn report_refuses_an_inconsistent_json_report_with_one_line() {
     std::fs::write(d.join("bad.json"), xmoe_top::report::json::render(&data)).unwrap();
     let o = xmoe(&["report", "bad.json", "out.html"], d);
     let (_, err) = text(&o);
-    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(o.status.code(), Some(3), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(
         err.contains("bad.json")
@@ -185,7 +185,7 @@ fn numeric_options_out_of_range_are_usage_errors_not_aborts() {
     }
     let out = xmoe(&["run", "--headless", "--seconds", "1e300"], dir.path());
     let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("--seconds must be in (0, 1e7], found 1e300"),
         "{err}"
@@ -207,7 +207,7 @@ fn an_output_that_cannot_be_written_is_refused_before_the_run() {
         dir.path(),
     );
     let (table, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("does not exist"), "{err}");
     // Refused up front: no sweep ran, so no table was printed.
     assert!(table.is_empty(), "{table}");

@@ -10,6 +10,7 @@ pub mod run;
 mod sweep;
 mod synth;
 pub mod tui;
+mod values;
 
 use std::process::ExitCode;
 
@@ -31,8 +32,8 @@ pub struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     run: run::RunArgs,
-    /// Worker threads for the CPU (default: all cores).
-    #[arg(long, global = true)]
+    /// Worker threads for the CPU, 1..=1024 (default: all cores).
+    #[arg(long, global = true, value_parser = parse_threads)]
     threads: Option<usize>,
 }
 
@@ -57,6 +58,19 @@ enum Command {
     Sweep(sweep::SweepArgs),
     /// Write a saved JSON report in another format (html, md, csv).
     Report(report::ReportArgs),
+}
+
+/// Most worker threads `--threads` takes: far above any CPU this runs on, far below what makes
+/// thread creation fail.
+const MAX_THREADS: usize = 1024;
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let n: usize = s.trim().parse().map_err(|e| format!("{e}"))?;
+    if (1..=MAX_THREADS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not in 1..={MAX_THREADS}"))
+    }
 }
 
 /// Thread count chosen by `--threads` or the number of cores.
@@ -91,7 +105,10 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::Parity(a)) => parity::run(a, threads),
         Some(Command::Run(a)) => run::run(a, threads),
         Some(Command::Synth(a)) => synth::run(a),
-        Some(Command::Train(a)) => crate::train::run(&a).map(|()| ExitCode::SUCCESS),
+        Some(Command::Train(a)) => {
+            a.check().usage()?;
+            crate::train::run(&a).map(|()| ExitCode::SUCCESS)
+        }
         Some(Command::TrainEval(a)) => crate::train::run_eval(&a).map(|()| ExitCode::SUCCESS),
         Some(Command::Sweep(a)) => sweep::run(a, threads),
         Some(Command::Report(a)) => report::run(a),

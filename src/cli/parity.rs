@@ -45,8 +45,8 @@ pub struct ParityArgs {
     /// Policies to compare.
     #[arg(long, value_enum, default_value = "all")]
     policy: ParityPolicy,
-    /// Largest allowed |a - b| / max(1, max |row|) over all logits.
-    #[arg(long, default_value_t = 1e-3)]
+    /// Largest allowed |a - b| / max(1, max |row|) over all logits, in (0, 1].
+    #[arg(long, default_value_t = 1e-3, value_parser = super::values::tolerance)]
     tol: f64,
 }
 

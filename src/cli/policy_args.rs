@@ -39,8 +39,9 @@ pub struct PolicyArgs {
     /// false` keeps the raw probabilities. Default: what the model's native rule does.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub renormalize: Option<bool>,
-    /// Capacity factor: at most max(4, ceil(C * tokens / E)) tokens per expert per pass.
-    #[arg(long)]
+    /// Capacity factor, in (0, 10^6]: at most max(4, ceil(C * tokens / E)) tokens per expert per
+    /// pass.
+    #[arg(long, value_parser = super::values::capacity_factor)]
     pub capacity_factor: Option<f32>,
 }
 

@@ -33,7 +33,7 @@ pub fn run(a: ReportArgs) -> Result<ExitCode> {
 }
 
 fn read_report(input: &std::path::Path) -> Result<ReportData> {
-    let text = std::fs::read_to_string(input)
+    let text = crate::input_file::read_to_string(input, crate::input_file::MAX_JSON_BYTES)
         .with_context(|| format!("cannot read {}", input.display()))?;
     let version = serde_json::from_str::<serde_json::Value>(&text)
         .with_context(|| format!("{} is not JSON", input.display()))?

@@ -60,14 +60,14 @@ pub struct SessionArgs {
     /// A file of prompts, one per line, for the generate workload.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
-    /// Sequences per pass (eval).
-    #[arg(long, default_value_t = 8)]
+    /// Sequences per pass (eval), 1..=4096.
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     pub batch: usize,
     /// Tokens per sequence (eval) or positions per sequence (generate); default: min(128, context).
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Sampling temperature for generate (0: greedy).
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature for generate, in [0, 100] (0: greedy).
+    #[arg(long, default_value_t = 0.8, value_parser = super::values::temperature)]
     pub temperature: f32,
     /// Seed for sampling.
     #[arg(long, default_value_t = 0)]

@@ -52,8 +52,8 @@ pub struct SweepArgs {
     /// k of the top-k baseline for "compute saved" (default: the model's).
     #[arg(long)]
     top_k_baseline: Option<usize>,
-    /// Inference-time capacity factor for every point (default: the model's setting).
-    #[arg(long)]
+    /// Inference-time capacity factor for every point, in (0, 10^6] (default: the model's setting).
+    #[arg(long, value_parser = super::values::capacity_factor)]
     capacity_factor: Option<f32>,
     /// Write a report here; the format follows the extension (.json, .md, .csv, .html) or --format.
     #[arg(long, value_name = "PATH")]

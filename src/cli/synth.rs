@@ -57,8 +57,9 @@ pub struct SynthArgs {
     /// test fixtures, built into xmoe-top).
     #[arg(long, value_name = "FILE")]
     tokenizer: Option<PathBuf>,
-    /// With --hf: the largest shard, in GB (as `save_pretrained`'s `max_shard_size`).
-    #[arg(long, default_value_t = 5.0)]
+    /// With --hf: the largest shard, in GB (as `save_pretrained`'s `max_shard_size`), in
+    /// [0.001, 1000].
+    #[arg(long, default_value_t = 5.0, value_parser = super::values::shard_gb)]
     shard_gb: f64,
 }
 

@@ -22,11 +22,13 @@ pub enum LoadError {
         /// The OS error (shown in the message, so not chained as a source).
         io: std::io::Error,
     },
-    /// The path is a directory (or another non-file).
-    #[error("{path}: is a directory, not a .safetensors file")]
+    /// The path is a directory, a FIFO, a device or a socket.
+    #[error("{path}: is {kind}, not a .safetensors file or a checkpoint directory")]
     NotAFile {
         /// The model path.
         path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
     },
     /// Zero bytes.
     #[error("{path}: the file is empty (0 bytes); expected a safetensors model")]
@@ -288,7 +290,10 @@ impl ModelFile {
             io,
         })?;
         if !meta.is_file() {
-            return Err(LoadError::NotAFile { path: path_buf });
+            return Err(LoadError::NotAFile {
+                path: path_buf,
+                kind: crate::input_file::kind_of(&meta),
+            });
         }
         let file = File::open(path).map_err(|io| LoadError::Open {
             path: path_buf.clone(),
@@ -375,10 +380,11 @@ impl ModelFile {
             Some(text) => text.clone(),
             None => match &config_json {
                 Some(cj) if cj.is_file() => {
-                    std::fs::read_to_string(cj).map_err(|io| LoadError::Open {
-                        path: cj.clone(),
-                        io,
-                    })?
+                    crate::input_file::read_to_string(cj, crate::input_file::MAX_JSON_BYTES)
+                        .map_err(|io| LoadError::Open {
+                            path: cj.clone(),
+                            io,
+                        })?
                 }
                 _ => {
                     return Err(LoadError::NoConfig {

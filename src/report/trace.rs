@@ -266,6 +266,8 @@ impl<R: BufRead> TraceReader<R> {
 impl TraceReader<io::BufReader<File>> {
     /// Opens a trace file.
     pub fn open(path: &Path) -> Result<Self> {
+        crate::input_file::regular_file(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
         let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         Self::new(io::BufReader::new(f))
     }

@@ -120,6 +120,34 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// Refuses option values outside their sensible ranges, before any work (the model's shape
+    /// is checked by its configuration's `validate`).
+    pub fn check(&self) -> anyhow::Result<()> {
+        let within = |name: &str, v: f64, lo: f64, hi: f64| {
+            anyhow::ensure!(
+                v.is_finite() && (lo..=hi).contains(&v),
+                "--{name} must be in [{lo}, {hi}], found {v}"
+            );
+            Ok(())
+        };
+        within("steps", self.steps as f64, 1.0, 1e7)?;
+        within("batch", self.batch as f64, 1.0, 4096.0)?;
+        within("seq", self.seq as f64, 1.0, 65536.0)?;
+        within("warmup", self.warmup as f64, 0.0, self.steps as f64)?;
+        within("lr", self.lr, 1e-9, 1.0)?;
+        within("min-lr-frac", self.min_lr_frac, 0.0, 1.0)?;
+        within("weight-decay", self.weight_decay, 0.0, 1.0)?;
+        within("router-lr-mult", self.router_lr_mult, 0.0, 1e3)?;
+        within("router-std", f64::from(self.router_std), 0.0, 10.0)?;
+        within("init-std", f64::from(self.init_std), 1e-6, 10.0)?;
+        within("aux-coef", self.aux_coef, 0.0, 1e3)?;
+        within("router-entropy", self.router_entropy, 0.0, 1e3)?;
+        within("threshold", f64::from(self.threshold), 1e-6, 1.0)?;
+        within("clip", self.clip, 1e-6, 1e6)?;
+        within("eval-windows", self.eval_windows as f64, 1.0, 1e5)?;
+        Ok(())
+    }
+
     /// The model configuration these options describe.
     pub fn model_config(&self) -> ModelConfig {
         ModelConfig {
@@ -237,12 +265,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     tune_allocator();
     let dev = Device::Cpu;
+    args.check()?;
     let cfg = args.model_config();
+    cfg.validate()?;
     anyhow::ensure!(args.seq <= cfg.max_seq_len, "--seq exceeds --max-seq-len");
-    anyhow::ensure!(
-        args.steps > 0 && args.batch > 0,
-        "--steps and --batch must be positive"
-    );
     let train = std::fs::read(&args.train_text)
         .with_context(|| format!("reading {}", args.train_text.display()))?;
     let heldout = std::fs::read(&args.heldout_text)

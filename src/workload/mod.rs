@@ -113,10 +113,13 @@ pub struct TextSource {
 impl TextSource {
     /// Reads a file (non-UTF-8 content is fine).
     pub fn from_file(path: &Path) -> Result<Self, WorkloadError> {
-        let bytes = std::fs::read(path).map_err(|io| WorkloadError::Read {
-            path: path.to_path_buf(),
-            io,
-        })?;
+        let bytes =
+            crate::input_file::read(path, crate::input_file::MAX_TEXT_BYTES).map_err(|io| {
+                WorkloadError::Read {
+                    path: path.to_path_buf(),
+                    io,
+                }
+            })?;
         Ok(Self {
             name: path.display().to_string(),
             bytes,
@@ -166,9 +169,11 @@ pub fn builtin_prompts() -> Vec<Vec<u8>> {
 
 /// Reads prompts from a file, one per line; blank lines are skipped.
 pub fn prompts_from_file(path: &Path) -> Result<Vec<Vec<u8>>, WorkloadError> {
-    let bytes = std::fs::read(path).map_err(|io| WorkloadError::Read {
-        path: path.to_path_buf(),
-        io,
+    let bytes = crate::input_file::read(path, crate::input_file::MAX_TEXT_BYTES).map_err(|io| {
+        WorkloadError::Read {
+            path: path.to_path_buf(),
+            io,
+        }
     })?;
     let prompts: Vec<Vec<u8>> = bytes
         .split(|&b| b == b'\n')

@@ -88,10 +88,13 @@ impl std::fmt::Debug for TextTokenizer {
 impl TextTokenizer {
     /// Reads `tokenizer.json` for a model whose embedding has `vocab_size` rows.
     pub fn from_file(path: &Path, vocab_size: usize) -> Result<Self, TokenizerError> {
-        let bytes = std::fs::read(path).map_err(|io| TokenizerError::Read {
-            path: path.to_path_buf(),
-            io,
-        })?;
+        let bytes =
+            crate::input_file::read(path, crate::input_file::MAX_JSON_BYTES).map_err(|io| {
+                TokenizerError::Read {
+                    path: path.to_path_buf(),
+                    io,
+                }
+            })?;
         let tok =
             tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Invalid {
                 path: path.to_path_buf(),

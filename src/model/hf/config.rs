@@ -199,10 +199,11 @@ impl Reader<'_> {
 impl HfConfig {
     /// Reads `config.json` at `path`.
     pub fn read(path: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|io| LoadError::Open {
-            path: path.to_path_buf(),
-            io,
-        })?;
+        let text = crate::input_file::read_to_string(path, crate::input_file::MAX_JSON_BYTES)
+            .map_err(|io| LoadError::Open {
+                path: path.to_path_buf(),
+                io,
+            })?;
         Self::parse(path, &text)
     }
 

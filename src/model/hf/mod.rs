@@ -52,7 +52,8 @@ pub fn is_hf_checkpoint(path: &Path) -> bool {
         return false;
     };
     let config = dir.join("config.json");
-    let Ok(text) = std::fs::read_to_string(&config) else {
+    let Ok(text) = crate::input_file::read_to_string(&config, crate::input_file::MAX_JSON_BYTES)
+    else {
         return false;
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -94,6 +95,10 @@ impl HfCheckpoint {
         let mut tensors: HashMap<String, Entry> = HashMap::new();
         let mut tensor_bytes = 0;
         for (i, p) in shard_paths.into_iter().enumerate() {
+            crate::input_file::regular_file(&p).map_err(|io| LoadError::Open {
+                path: p.clone(),
+                io,
+            })?;
             let file = File::open(&p).map_err(|io| LoadError::Open {
                 path: p.clone(),
                 io,
@@ -321,10 +326,11 @@ fn read_header(
 fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|io| LoadError::Open {
-            path: index.clone(),
-            io,
-        })?;
+        let text = crate::input_file::read_to_string(&index, crate::input_file::MAX_JSON_BYTES)
+            .map_err(|io| LoadError::Open {
+                path: index.clone(),
+                io,
+            })?;
         let bad = |detail: String| LoadError::HfConfigJson {
             path: index.clone(),
             detail,
