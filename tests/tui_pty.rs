@@ -374,3 +374,168 @@ fn suspend_and_continue_hand_the_terminal_back_and_redraw() {
     assert_eq!(ui.wait_exit(30), 0);
     ui.assert_restored("after q");
 }
+
+/// Resident set (KiB), threads and open file descriptors of process `pid`.
+fn proc_sample(pid: i32) -> (u64, usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (field("VmRSS:"), field("Threads:") as usize, fds)
+}
+
+/// A burst of input: hundreds of keys and mouse events a second and resizes down to 1x1 and
+/// back, for `XMOE_BURST_SECONDS` (default 30; the recorded long run used 600). The UI must keep
+/// up, stay alive, keep its memory, threads and files flat, and quit cleanly afterwards.
+#[test]
+fn a_burst_of_keys_mouse_and_resizes_leaves_the_ui_healthy() {
+    let secs: u64 = std::env::var("XMOE_BURST_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let mut ui = embedded_ui();
+    ui.wait_live(60, "the first frame");
+    let pid = ui.pid();
+    // Every key of the table but quit, suspend and export (which writes files).
+    let keys: &[&[u8]] = &[
+        b"\x1b[A",
+        b"\x1b[B",
+        b"\x1b[C",
+        b"\x1b[D",
+        b"\x1b[1;2C",
+        b"\x1b[1;2D",
+        b"\x1b[5~",
+        b"\x1b[6~",
+        b"\t",
+        b"g",
+        b"p",
+        b"+",
+        b"-",
+        b"n",
+        b"z",
+        b"c",
+        b" ",
+        b"f",
+        b"P",
+        b"r",
+        b"?",
+        b"\x1b",
+        b"h",
+        b"j",
+        b"k",
+        b"l",
+        b"H",
+        b"L",
+        b"x",
+        b"\x1b[<0;10;5M",
+        b"\x1b[<0;10;5m",
+        b"\x1b[<32;30;8M",
+        b"\x1b[<64;20;20M",
+        b"\x1b[<65;20;20M",
+        b"\x1b[<66;40;12M",
+        b"\x1b[<67;40;12M",
+        b"\x1b[<0;200;200M",
+    ];
+    let sizes = [
+        (1u16, 1u16),
+        (24, 80),
+        (2, 3),
+        (60, 200),
+        (10, 40),
+        (ROWS, COLS),
+    ];
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    let (mut sent, mut resizes, mut i) = (0u64, 0u64, 0usize);
+    while start.elapsed() < Duration::from_secs(secs) {
+        // About 400 events a second.
+        for _ in 0..20 {
+            ui.keys.write_all(keys[i % keys.len()]).unwrap();
+            i = i.wrapping_mul(31).wrapping_add(7) % 1_000_003;
+            sent += 1;
+        }
+        ui.keys.flush().unwrap();
+        if sent.is_multiple_of(200) {
+            let (rows, cols) = sizes[(sent / 200) as usize % sizes.len()];
+            ui.master
+                .resize(PtySize {
+                    rows,
+                    cols,
+                    pixel_width: 0,
+                    pixel_height: 0,
+                })
+                .unwrap();
+            ui.screen
+                .0
+                .lock()
+                .unwrap()
+                .screen_mut()
+                .set_size(rows.try_into().unwrap(), cols.try_into().unwrap());
+            resizes += 1;
+        }
+        if sent.is_multiple_of(400) {
+            samples.push(proc_sample(pid));
+        }
+        assert!(ui.child.try_wait().unwrap().is_none(), "the UI died");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ui.master
+        .resize(PtySize {
+            rows: ROWS,
+            cols: COLS,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .unwrap();
+    ui.screen
+        .0
+        .lock()
+        .unwrap()
+        .screen_mut()
+        .set_size(ROWS.try_into().unwrap(), COLS.try_into().unwrap());
+    // Close the help overlay if the burst left it open, then a full frame must come back.
+    ui.press(b"?");
+    let text = ui.screen.text();
+    if text.contains("Help: ? or Esc") {
+        ui.press(b"\x1b");
+    }
+    ui.screen.wait(30, "a full frame after the burst", |s| {
+        s.contains("Thresholds")
+    });
+    let n = samples.len();
+    assert!(n >= 4, "{n} samples");
+    let warm = &samples[n / 10..];
+    let (head, tail) = (&warm[..warm.len() / 4], &warm[warm.len() * 3 / 4..]);
+    let med = |part: &[(u64, usize, usize)]| {
+        let mut v: Vec<u64> = part.iter().map(|s| s.0).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let floor = |part: &[(u64, usize, usize)], f: fn(&(u64, usize, usize)) -> usize| {
+        part.iter().map(f).min().unwrap()
+    };
+    eprintln!(
+        "burst: {:.0} s, {sent} events, {resizes} resizes; RSS {} -> {} KiB; threads {} -> {}; files {} -> {}",
+        start.elapsed().as_secs_f64(),
+        med(head),
+        med(tail),
+        floor(head, |s| s.1),
+        floor(tail, |s| s.1),
+        floor(head, |s| s.2),
+        floor(tail, |s| s.2)
+    );
+    assert!(med(tail) <= med(head) + 16 * 1024, "memory grew");
+    assert_eq!(floor(head, |s| s.1), floor(tail, |s| s.1), "threads");
+    assert_eq!(floor(head, |s| s.2), floor(tail, |s| s.2), "files");
+    ui.press(b"q");
+    assert_eq!(ui.wait_exit(30), 0);
+    ui.assert_restored("after the burst");
+}

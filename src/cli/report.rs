@@ -26,6 +26,7 @@ pub struct ReportArgs {
 
 /// Reads the JSON report and writes it in the requested format.
 pub fn run(a: ReportArgs) -> Result<ExitCode> {
+    crate::atomic_file::check_target(&a.output, a.force).usage()?;
     let data = read_report(&a.input).bad_input()?;
     let path = write_report(&data, &a.output, a.format, a.force)?;
     eprintln!("wrote {}", path.display());

@@ -269,7 +269,8 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
                 },
                 &cfg,
                 &tokenizer,
-            )?
+            )
+            .bad_input()?
         }
         WorkloadArg::Generate => {
             if a.text.is_some() {

@@ -72,6 +72,12 @@ pub enum WorkloadError {
         /// Value given.
         found: usize,
     },
+    /// A prompts file has only blank lines.
+    #[error("{path} has no prompts: every line is blank (one prompt per line)")]
+    NoPromptsInFile {
+        /// The file.
+        path: PathBuf,
+    },
     /// No prompt was given.
     #[error("no prompts: give --prompt TEXT or a --prompts file with one prompt per line")]
     NoPrompts,
@@ -182,7 +188,9 @@ pub fn prompts_from_file(path: &Path) -> Result<Vec<Vec<u8>>, WorkloadError> {
         .map(<[u8]>::to_vec)
         .collect();
     if prompts.is_empty() {
-        return Err(WorkloadError::NoPrompts);
+        return Err(WorkloadError::NoPromptsInFile {
+            path: path.to_path_buf(),
+        });
     }
     Ok(prompts)
 }
