@@ -1164,3 +1164,49 @@ fn a_headless_run_stopped_by_a_signal_writes_its_summary_report_and_trace() {
         assert_eq!(left, ["r.json", "t.jsonl"], "{name}: temporaries left");
     }
 }
+
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    for args in [
+        s(&["inspect"]),
+        s(&["run", "--headless", "--tokens", "256", "--threads", "1"]),
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before anything is printed (`xmoe-top ... | head -0`).
+        drop(child.stdout.take());
+        let out = finish(child, 60);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn untrusted_names_reach_the_terminal_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = embedded_config(dir.path(), |c| {
+        c["name"] = "evil\u{1b}]0;owned\u{7}\u{1b}[2J".into();
+    });
+    for args in [
+        vec!["inspect".to_string(), path.clone()],
+        run_on(path.clone(), &["--text", &repo("assets/kjv-heldout.txt")]),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("evil"), "{text}");
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\u{7}'),
+            "{args:?}: raw escape in {text:?}"
+        );
+    }
+}

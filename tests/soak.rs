@@ -110,7 +110,7 @@ fn headless_session_with_changing_policies_and_a_trace_stays_flat() {
                     Layers::All,
                     RoutingPolicy::TopK {
                         k: 1 + (step % 4) as usize,
-                        renormalize: step % 2 == 0,
+                        renormalize: step.is_multiple_of(2),
                     },
                 ),
                 3 => control.set_policy(Layers::All, RoutingPolicy::Dense),

@@ -6,6 +6,16 @@ use super::{ReportData, policies_label, policy_label};
 use crate::profiling::snapshot::HistogramSnapshot;
 use crate::units::{fixed_or_dash as opt, flops};
 
+/// Text from outside (model, device and file names) as Markdown that renders as that text: no
+/// control characters, no HTML, nothing that ends a table cell.
+fn text(raw: &str) -> String {
+    crate::units::printable(raw)
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('|', "\\|")
+}
+
 fn hist_row(name: &str, h: &HistogramSnapshot) -> String {
     format!(
         "| {name} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
@@ -20,14 +30,14 @@ pub fn render(data: &ReportData) -> String {
     let c = &e.cumulative;
     let q = &e.quality;
     let mut o = String::new();
-    let _ = writeln!(o, "# xmoe-top report: {}\n", s.model.name);
+    let _ = writeln!(o, "# xmoe-top report: {}\n", text(&s.model.name));
     let _ = writeln!(
         o,
         "Made {} by xmoe-top {} (report schema {}).  \nCommand: `{}`\n",
         data.created_utc,
         data.generator.version,
         data.generator.report_schema_version,
-        data.command_line.join(" ")
+        text(&data.command_line.join(" ")).replace('`', "'")
     );
 
     o.push_str("## Session\n\n| | |\n|---|---|\n");
@@ -37,11 +47,16 @@ pub fn render(data: &ReportData) -> String {
             "Model",
             format!(
                 "{} ({} parameters, {} blocks, MoE blocks {:?}, {} experts of width {})",
-                m.name, m.parameters, m.n_layers, m.moe_layers, m.n_experts, m.expert_hidden
+                text(&m.name),
+                m.parameters,
+                m.n_layers,
+                m.moe_layers,
+                m.n_experts,
+                m.expert_hidden
             ),
         ),
-        ("Device", m.device.clone()),
-        ("Workload", s.workload.description.clone()),
+        ("Device", text(&m.device)),
+        ("Workload", text(&s.workload.description)),
         ("Policy", policies_label(s)),
         (
             "Capacity factor",
@@ -116,7 +131,7 @@ pub fn render(data: &ReportData) -> String {
                         format!(
                             "GPU {} {}: {}% busy",
                             g.index,
-                            g.name,
+                            text(&g.name),
                             g.utilization_pct.map_or("-".into(), |u| u.to_string())
                         )
                     })
@@ -191,8 +206,8 @@ pub fn render(data: &ReportData) -> String {
             sw.batches,
             sw.batch,
             sw.seq_len,
-            sw.source,
-            sw.device,
+            text(&sw.source),
+            text(&sw.device),
             policy_label(&sw.reference_policy),
             sw.top_k_baseline
         );
@@ -223,4 +238,15 @@ pub fn render(data: &ReportData) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_from_files_cannot_inject_html_or_break_tables() {
+        assert_eq!(
+            super::text("<script>x</script>|a&b\u{1b}"),
+            "&lt;script&gt;x&lt;/script&gt;\\|a&amp;b\\x1b"
+        );
+    }
 }
