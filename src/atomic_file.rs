@@ -114,21 +114,18 @@ pub fn check_target(path: &Path, force: bool) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    check_dir(&dir).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Checks that `dir` is an existing directory that takes new files (by creating and removing a
+/// probe file: permission bits do not tell, e.g. for root or on a read-only mount).
+pub fn check_dir(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
-        bail!(
-            "cannot write {}: the directory {} does not exist",
-            path.display(),
-            dir.display()
-        );
+        bail!("the directory {} does not exist", dir.display());
     }
     let probe = dir.join(format!(".xmoe-top-probe.{}", std::process::id()));
-    File::create(&probe).with_context(|| {
-        format!(
-            "cannot write {}: cannot create a file in {}",
-            path.display(),
-            dir.display()
-        )
-    })?;
+    File::create(&probe)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }

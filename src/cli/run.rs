@@ -178,11 +178,14 @@ fn attach_trace(a: &RunArgs, p: &mut Prepared) -> Result<Option<SharedTrace>> {
     )?;
     let shared: SharedTrace = Arc::new(Mutex::new(Some(writer)));
     let sink = shared.clone();
+    let shown = path.display().to_string();
     p.config.pass_observer = Some(PassObserver(Arc::new(Mutex::new(
         move |tokens: &[u32], trace: &ForwardTrace| -> Result<()> {
             let mut w = sink.lock().unwrap_or_else(|e| e.into_inner());
             match w.as_mut() {
-                Some(w) => w.write_pass(tokens, trace),
+                Some(w) => w
+                    .write_pass(tokens, trace)
+                    .with_context(|| format!("cannot write the routing trace {shown}")),
                 None => Ok(()),
             }
         },
@@ -344,13 +347,22 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     if progress {
         eprintln!();
     }
+    // The last snapshot the session published: when a pass fails (a trace on a full disk,
+    // non-finite logits) it says why, and what ran until then is still summarised.
+    let published = session.latest();
     // A terminating signal ends the run early; what ran so far is summarised and written.
     let ended = match signals::received() {
         Some(_) => session.stop(),
         None => session.join(),
     };
-    finish_trace(trace)?;
-    let last = ended?.final_snapshot;
+    let trace_done = finish_trace(trace);
+    let (last, failure) = match ended {
+        Ok(outcome) => (outcome.final_snapshot, trace_done.err()),
+        Err(e) => match published {
+            Some(s) => (s, Some(e)),
+            None => return Err(e),
+        },
+    };
     if let Some(path) = &a.report {
         let written = write_report(
             &ReportData::new(last.clone(), None),
@@ -364,6 +376,9 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
         super::print_stdout(&(last.to_json_pretty() + "\n"))?;
     } else {
         super::print_stdout(&crate::report::text::render(&last))?;
+    }
+    if let Some(e) = failure {
+        return Err(e);
     }
     Ok(match signals::received() {
         Some(signal) => interrupted(
@@ -426,6 +441,9 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
         ));
     }
     check_outputs(&a)?;
+    crate::atomic_file::check_dir(&a.report_dir)
+        .context("--report-dir (where `e` writes reports)")
+        .usage()?;
     let mut p = prepare(&a.session, threads)?;
     if let Some(signal) = signals::received() {
         return Ok(interrupted(signal, "while loading the model"));

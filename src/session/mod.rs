@@ -649,7 +649,7 @@ impl Runner {
                 let mut f = obs.0.lock().unwrap_or_else(|p| p.into_inner());
                 if let Err(e) = f(self.workload.last_inputs(), &trace) {
                     drop(f);
-                    let msg = format!("pass observer failed: {e:#}");
+                    let msg = format!("{e:#}");
                     self.publish(Some(msg));
                     return Err(e);
                 }
