@@ -124,8 +124,7 @@ pub fn check_dir(dir: &Path) -> Result<()> {
         bail!("the directory {} does not exist", dir.display());
     }
     let probe = dir.join(format!(".xmoe-top-probe.{}", std::process::id()));
-    File::create(&probe)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    File::create(&probe).with_context(|| format!("cannot create a file in {}", dir.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }

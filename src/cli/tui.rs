@@ -9,7 +9,7 @@ use crate::model::Model;
 use crate::session::{SessionConfig, SessionOutcome};
 use crate::tui::app::DEFAULT_CAPACITY_FACTOR;
 use crate::tui::session_link::run_session_tui;
-use crate::tui::{ColorMode, DEFAULT_FPS, Exporter, TuiOptions};
+use crate::tui::{ColorChoice, ColorMode, DEFAULT_FPS, Exporter, TuiOptions};
 use crate::workload::Workload;
 
 /// How the live UI draws.
@@ -18,8 +18,12 @@ pub struct TuiArgs {
     /// Most redraws per second (the screen is redrawn only when something changed).
     #[arg(long, default_value_t = DEFAULT_FPS, value_parser = parse_fps)]
     pub fps: f64,
-    /// No colours: shade glyphs in the heatmap (also with NO_COLOR set, or a 16-colour terminal).
-    #[arg(long)]
+    /// Colours: auto (256-colour or better terminals, unless NO_COLOR is set), always, or never
+    /// (shade glyphs in the heatmap).
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// Same as --color never.
+    #[arg(long, conflicts_with = "color")]
     pub no_color: bool,
 }
 
@@ -38,7 +42,11 @@ impl TuiArgs {
     pub fn options(&self, capacity_factor: Option<f32>, exporter: Option<Exporter>) -> TuiOptions {
         TuiOptions {
             fps: self.fps,
-            color: ColorMode::detect(self.no_color),
+            color: ColorMode::detect(if self.no_color {
+                ColorChoice::Never
+            } else {
+                self.color
+            }),
             capacity_factor: capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR),
             exporter,
         }

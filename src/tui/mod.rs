@@ -37,7 +37,7 @@ use ratatui::backend::{Backend, CrosstermBackend};
 use crate::profiling::snapshot::Snapshot;
 pub use crate::session::{Control, Layers};
 pub use app::{App, Exporter};
-pub use theme::{ColorMode, Theme};
+pub use theme::{ColorChoice, ColorMode, Theme};
 
 /// Default redraw cap, frames per second.
 pub const DEFAULT_FPS: f64 = 10.0;
@@ -60,7 +60,7 @@ impl Default for TuiOptions {
     fn default() -> Self {
         Self {
             fps: DEFAULT_FPS,
-            color: ColorMode::detect(false),
+            color: ColorMode::detect(ColorChoice::Auto),
             capacity_factor: app::DEFAULT_CAPACITY_FACTOR,
             exporter: None,
         }

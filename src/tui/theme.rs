@@ -18,12 +18,25 @@ pub enum ColorMode {
     NoColor,
 }
 
+/// What the user asked for with `--color` (`--no-color` is `never`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// Colour when the terminal has 256 colours or more and `NO_COLOR` is not set.
+    #[default]
+    Auto,
+    /// Colour whatever the terminal and `NO_COLOR` say (24-bit if `COLORTERM` offers it,
+    /// else the 256-colour palette).
+    Always,
+    /// No colour: shade glyphs and text styles only.
+    Never,
+}
+
 impl ColorMode {
-    /// Chooses the mode from the `--no-color` flag and the process environment.
-    pub fn detect(no_color_flag: bool) -> Self {
+    /// Chooses the mode from `--color` and the process environment.
+    pub fn detect(choice: ColorChoice) -> Self {
         let var = |k: &str| std::env::var(k).ok();
         Self::from_env(
-            no_color_flag,
+            choice,
             var("NO_COLOR").as_deref(),
             var("COLORTERM").as_deref(),
             var("TERM").as_deref(),
@@ -33,15 +46,22 @@ impl ColorMode {
     /// The decision itself, from explicit values (testable without touching the environment).
     /// `NO_COLOR` counts when set to a non-empty value (<https://no-color.org>).
     pub fn from_env(
-        no_color_flag: bool,
+        choice: ColorChoice,
         no_color: Option<&str>,
         colorterm: Option<&str>,
         term: Option<&str>,
     ) -> Self {
-        if no_color_flag || no_color.is_some_and(|v| !v.is_empty()) {
+        let truecolor = colorterm.is_some_and(|c| c.contains("truecolor") || c.contains("24bit"));
+        match choice {
+            ColorChoice::Never => return ColorMode::NoColor,
+            ColorChoice::Always if truecolor => return ColorMode::TrueColor,
+            ColorChoice::Always => return ColorMode::Ansi256,
+            ColorChoice::Auto => {}
+        }
+        if no_color.is_some_and(|v| !v.is_empty()) {
             return ColorMode::NoColor;
         }
-        if colorterm.is_some_and(|c| c.contains("truecolor") || c.contains("24bit")) {
+        if truecolor {
             return ColorMode::TrueColor;
         }
         match term {
@@ -233,31 +253,43 @@ mod tests {
     fn mode_detection() {
         use ColorMode::*;
         assert_eq!(
-            ColorMode::from_env(true, None, Some("truecolor"), None),
+            ColorMode::from_env(ColorChoice::Never, None, Some("truecolor"), None),
             NoColor
         );
         assert_eq!(
-            ColorMode::from_env(false, Some("1"), Some("truecolor"), None),
+            ColorMode::from_env(ColorChoice::Auto, Some("1"), Some("truecolor"), None),
             NoColor
         );
         // An empty NO_COLOR does not count.
         assert_eq!(
-            ColorMode::from_env(false, Some(""), Some("truecolor"), None),
+            ColorMode::from_env(ColorChoice::Auto, Some(""), Some("truecolor"), None),
             TrueColor
         );
         assert_eq!(
-            ColorMode::from_env(false, None, None, Some("xterm-256color")),
+            ColorMode::from_env(ColorChoice::Auto, None, None, Some("xterm-256color")),
             Ansi256
         );
         assert_eq!(
-            ColorMode::from_env(false, None, None, Some("xterm")),
+            ColorMode::from_env(ColorChoice::Auto, None, None, Some("xterm")),
             NoColor
         );
         assert_eq!(
-            ColorMode::from_env(false, None, None, Some("linux")),
+            ColorMode::from_env(ColorChoice::Auto, None, None, Some("linux")),
             NoColor
         );
-        assert_eq!(ColorMode::from_env(false, None, None, None), NoColor);
+        assert_eq!(
+            ColorMode::from_env(ColorChoice::Auto, None, None, None),
+            NoColor
+        );
+        // --color always overrides NO_COLOR and a 16-colour TERM; never overrides everything.
+        assert_eq!(
+            ColorMode::from_env(ColorChoice::Always, Some("1"), None, Some("xterm")),
+            ColorMode::Ansi256
+        );
+        assert_eq!(
+            ColorMode::from_env(ColorChoice::Always, Some("1"), Some("24bit"), None),
+            ColorMode::TrueColor
+        );
     }
 
     #[test]
