@@ -1210,3 +1210,87 @@ fn untrusted_names_reach_the_terminal_escaped() {
         );
     }
 }
+
+/// GET `path` from `addr`; the status line and the body.
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+#[test]
+fn the_metrics_endpoint_serves_prometheus_text_and_survives_bad_clients() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
+        .args(["run", "--headless", "--seconds", "30", "--threads", "1"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("no metrics address printed").unwrap();
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.trim_end_matches("/metrics").to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    // Hostile clients first: one that never sends a request, one that sends 100 KB of header.
+    let idle = std::net::TcpStream::connect(&addr).unwrap();
+    let mut flood = std::net::TcpStream::connect(&addr).unwrap();
+    let _ = flood.write_all(&vec![b'a'; 100_000]);
+    // A scrape once the first snapshots are in.
+    let start = Instant::now();
+    let body = loop {
+        let (status, body) = http_get(&addr, "/metrics");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        if body.contains("xmoe_bits_per_byte") {
+            break body;
+        }
+        assert!(start.elapsed() < Duration::from_secs(25), "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(idle);
+    let lines: Vec<Result<String, std::io::Error>> =
+        body.lines().map(|l| Ok(l.to_string())).collect();
+    let scrape = prometheus_parse::Scrape::parse(lines.into_iter()).unwrap();
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("{name} missing:\n{body}"));
+        match s.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name}: unexpected type"),
+        }
+    };
+    assert!(value("xmoe_tokens_total", None) > 0.0);
+    assert!(value("xmoe_tokens_per_second", None) > 0.0);
+    for layer in ["0", "1", "2", "3"] {
+        let e = value("xmoe_experts_per_token", Some(("layer", layer)));
+        assert!((1.0..=16.0).contains(&e), "layer {layer}: {e}");
+        assert_eq!(value("xmoe_threshold", Some(("layer", layer))), 0.9);
+    }
+    let saved = value(
+        "xmoe_moe_flops_saved_ratio",
+        Some(("baseline", "all_experts")),
+    );
+    assert!((0.0..1.0).contains(&saved), "{saved}");
+    let bpb = value("xmoe_bits_per_byte", None);
+    assert!((1.0..8.0).contains(&bpb), "{bpb}");
+    assert_eq!(http_get(&addr, "/nope").0, "HTTP/1.1 404 Not Found");
+    // SAFETY: kill has no memory effects; the pid is our own child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143));
+}

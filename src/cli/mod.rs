@@ -3,6 +3,7 @@
 mod bench;
 pub mod exit;
 mod inspect;
+mod metrics;
 mod parity;
 pub mod policy_args;
 mod report;

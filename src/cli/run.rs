@@ -155,6 +155,10 @@ pub struct RunArgs {
     /// With --trace: also record every router probability.
     #[arg(long, requires = "trace")]
     pub trace_probs: bool,
+    /// Headless: serve Prometheus metrics of the running session at http://ADDR/metrics
+    /// (e.g. 127.0.0.1:9464): tokens/s, experts per token per layer, FLOPs saved, quality.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
     /// Where the live UI's `e` key writes its reports (HTML and JSON, timestamped names).
     #[arg(long, default_value = ".")]
     pub report_dir: PathBuf,
@@ -326,6 +330,14 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
 pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     // Refuse an existing report before spending time on the run.
     check_outputs(a)?;
+    let metrics = match &a.metrics_addr {
+        Some(addr) => {
+            let server = super::metrics::MetricsServer::start(addr).usage()?;
+            eprintln!("xmoe-top: metrics at http://{}/metrics", server.addr());
+            Some(server)
+        }
+        None => None,
+    };
     let mut p = prepare(&a.session, threads)?;
     if let Some(signal) = signals::received() {
         return Ok(interrupted(signal, "while loading the model"));
@@ -337,11 +349,14 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
     let session = Session::start(p.model, p.workload, p.config)?;
     let progress = std::io::stderr().is_terminal();
     while !session.is_finished() && signals::received().is_none() {
-        if let Ok(s) = session.snapshots().recv_timeout(Duration::from_millis(100))
-            && progress
-        {
-            eprint!("\r{}", progress_line(&s));
-            let _ = std::io::stderr().flush();
+        if let Ok(s) = session.snapshots().recv_timeout(Duration::from_millis(100)) {
+            if let Some(m) = &metrics {
+                m.publish(&s);
+            }
+            if progress {
+                eprint!("\r{}", progress_line(&s));
+                let _ = std::io::stderr().flush();
+            }
         }
     }
     if progress {
@@ -439,6 +454,9 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
         return Err(usage(
             "--report goes with --headless; in the live UI press `e` (reports go to --report-dir)",
         ));
+    }
+    if a.metrics_addr.is_some() {
+        return Err(usage("--metrics-addr goes with --headless"));
     }
     check_outputs(&a)?;
     crate::atomic_file::check_dir(&a.report_dir)

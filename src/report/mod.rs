@@ -15,6 +15,7 @@ pub mod csv;
 pub mod html;
 pub mod json;
 pub mod markdown;
+pub mod metrics;
 pub mod text;
 pub mod trace;
 pub mod validate;
