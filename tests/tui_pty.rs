@@ -393,7 +393,8 @@ fn proc_sample(pid: i32) -> (u64, usize, usize) {
 }
 
 /// A burst of input: hundreds of keys and mouse events a second and resizes down to 1x1 and
-/// back, for `XMOE_BURST_SECONDS` (default 30; the recorded long run used 600). The UI must keep
+/// back, for `XMOE_BURST_SECONDS` (default 30; the recorded long run used 600, with
+/// `XMOE_BURST_CSV=burst.csv` for the curve, one sample about every second). The UI must keep
 /// up, stay alive, keep its memory, threads and files flat, and quit cleanly afterwards.
 #[test]
 fn a_burst_of_keys_mouse_and_resizes_leaves_the_ui_healthy() {
@@ -512,6 +513,13 @@ fn a_burst_of_keys_mouse_and_resizes_leaves_the_ui_healthy() {
     });
     let n = samples.len();
     assert!(n >= 4, "{n} samples");
+    if let Ok(path) = std::env::var("XMOE_BURST_CSV") {
+        let mut csv = String::from("sample,rss_kib,threads,fds\n");
+        for (i, (rss, th, fd)) in samples.iter().enumerate() {
+            csv.push_str(&format!("{i},{rss},{th},{fd}\n"));
+        }
+        std::fs::write(path, csv).unwrap();
+    }
     let warm = &samples[n / 10..];
     let (head, tail) = (&warm[..warm.len() / 4], &warm[warm.len() * 3 / 4..]);
     let med = |part: &[(u64, usize, usize)]| {
