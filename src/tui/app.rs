@@ -156,6 +156,23 @@ impl App {
         next
     }
 
+    /// The capacity factor to ask for when `[` or `]` is pressed: the one in force (or about to
+    /// be, or the last one) times `by`, kept within [0.1, 10^6] and rounded to 3 significant
+    /// digits so the header shows what is in force.
+    pub fn scaled_capacity(&mut self, by: f32) -> f32 {
+        let current = match self.capacity_requested {
+            Some((c, _)) => c,
+            None => self.latest.as_ref().and_then(|s| s.policy.capacity_factor),
+        };
+        let raw = (current.unwrap_or(self.capacity_on) * by).clamp(0.1, 1e6);
+        let digits = 10f32.powi(2 - raw.log10().floor() as i32);
+        let next = (raw * digits).round() / digits;
+        let at = self.latest.as_ref().map_or(0, |s| s.sequence);
+        self.capacity_requested = Some((Some(next), at));
+        self.capacity_on = next;
+        next
+    }
+
     /// True when an exporter is plugged in.
     pub fn can_export(&self) -> bool {
         self.exporter.is_some()

@@ -25,6 +25,9 @@ pub const STEP_BIG: f32 = 0.05;
 /// Expert-cursor jump with Shift in the heatmap.
 const EXPERT_JUMP: isize = 8;
 
+/// What `[` and `]` divide or multiply the capacity factor by.
+pub const CAPACITY_STEP: f32 = 1.25;
+
 /// What the user asked for, independent of how (key or mouse).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Action {
@@ -58,6 +61,8 @@ pub enum Action {
     ChangeK(i32),
     /// Capacity factor on / off.
     ToggleCapacity,
+    /// Multiply the capacity factor (switching it on when off).
+    ScaleCapacity(f32),
     /// Freeze / unfreeze the display.
     ToggleFreeze,
     /// Pause / resume the model.
@@ -120,6 +125,8 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
         Command::IncreaseK => Action::ChangeK(1),
         Command::DecreaseK => Action::ChangeK(-1),
         Command::ToggleCapacity => Action::ToggleCapacity,
+        Command::CapacityDown => Action::ScaleCapacity(1.0 / CAPACITY_STEP),
+        Command::CapacityUp => Action::ScaleCapacity(CAPACITY_STEP),
         Command::ToggleRenormalize => Action::ToggleRenormalize,
         Command::ToggleZoom => Action::ToggleZoom,
         Command::ToggleFreeze => Action::ToggleFreeze,
@@ -272,6 +279,7 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             | Action::CyclePolicy
             | Action::ChangeK(_)
             | Action::ToggleCapacity
+            | Action::ScaleCapacity(_)
             | Action::TogglePause
             | Action::Reset
             | Action::FocusSlider { .. }
@@ -393,6 +401,9 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             c
         }
         Action::ToggleCapacity => Some(Control::SetCapacityFactor(app.toggled_capacity())),
+        Action::ScaleCapacity(by) => {
+            Some(Control::SetCapacityFactor(Some(app.scaled_capacity(by))))
+        }
         Action::ToggleFreeze => {
             app.toggle_freeze();
             None

@@ -44,6 +44,10 @@ pub enum Command {
     DecreaseK,
     /// Capacity factor on / off.
     ToggleCapacity,
+    /// Capacity factor down by a step (on, if it was off).
+    CapacityDown,
+    /// Capacity factor up by a step (on, if it was off).
+    CapacityUp,
     /// Renormalised combine weights on / off (threshold and top-k).
     ToggleRenormalize,
     /// Heatmap: fit every expert / one expert per cell around the cursor.
@@ -222,11 +226,15 @@ pub const BINDINGS: &[Binding] = &[
         in_help: false,
     },
     Binding {
-        keys: &[(ch('c'), Command::ToggleCapacity)],
-        label: "c",
-        help: &["capacity factor on / off"],
+        keys: &[
+            (ch('c'), Command::ToggleCapacity),
+            (ch('['), Command::CapacityDown),
+            (ch(']'), Command::CapacityUp),
+        ],
+        label: "c  [ ]",
+        help: &["capacity factor on / off; [ ] lower / raise it (x1.25)"],
         help_without_exporter: None,
-        doc: "capacity factor on (the last one in force, else the model's, else 8) / off",
+        doc: "capacity factor on (the last one in force, else the model's, else 8) / off; `[` and `]` divide or multiply it by 1.25 (switching it on if off); the header shows the share of (token, expert) pairs the limit drops",
         hint: None,
         in_help: false,
     },

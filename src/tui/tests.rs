@@ -712,10 +712,43 @@ fn other_keys_and_releases() {
     );
     s.policy.capacity_factor = None;
     s.sequence += 1;
-    other.push_snapshot(s);
+    other.push_snapshot(s.clone());
     assert_eq!(
         press(&mut other, &[key(KeyCode::Char('c'))]),
         [Control::SetCapacityFactor(Some(2.0))]
+    );
+    // [ and ] scale the factor in force (or requested) by 1.25, 3 significant digits.
+    assert_eq!(
+        press(
+            &mut other,
+            &[
+                key(KeyCode::Char(']')),
+                key(KeyCode::Char(']')),
+                key(KeyCode::Char('['))
+            ]
+        ),
+        [
+            Control::SetCapacityFactor(Some(2.5)),
+            Control::SetCapacityFactor(Some(3.13)),
+            Control::SetCapacityFactor(Some(2.5))
+        ]
+    );
+    // With a limit in force the header says what share of pairs it drops.
+    s.policy.capacity_factor = Some(2.5);
+    s.sequence += 1;
+    let w = &mut s.epoch.window;
+    let selected: f64 = w
+        .layers
+        .iter()
+        .map(|l| l.mean_experts_per_token * w.tokens as f64)
+        .sum();
+    w.layers[0].dropped_pairs = (selected * 0.05).round() as u64;
+    other.push_snapshot(s);
+    let screen = text(&draw(&mut other, 160, 48));
+    has(
+        &screen,
+        "capacity factor 2.5 drops 5.0% of pairs",
+        "dropped share",
     );
     assert_eq!(
         press(&mut app, &[key(KeyCode::Char('r'))]),

@@ -72,7 +72,10 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     }
     let e = &s.epoch;
     let capacity = match s.policy.capacity_factor {
-        Some(c) => format!("capacity factor {c:.1}"),
+        Some(c) => match dropped_share(&e.window) {
+            Some(d) => format!("capacity factor {c} drops {:.1}% of pairs", 100.0 * d),
+            None => format!("capacity factor {c}"),
+        },
         None => "no capacity limit".to_string(),
     };
     let l2 = Line::from(vec![
@@ -181,4 +184,16 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         Paragraph::new(vec![Line::from(l1), l2, Line::from(l3)]),
         area,
     );
+}
+
+/// The share of selected (token, expert) pairs the capacity limit dropped over the window; `None`
+/// before any token.
+pub fn dropped_share(w: &crate::profiling::snapshot::RoutingStats) -> Option<f64> {
+    let selected: f64 = w
+        .layers
+        .iter()
+        .map(|l| l.mean_experts_per_token * w.tokens as f64)
+        .sum();
+    let dropped: u64 = w.layers.iter().map(|l| l.dropped_pairs).sum();
+    (selected > 0.0).then(|| dropped as f64 / selected)
 }
