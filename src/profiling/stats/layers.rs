@@ -25,16 +25,28 @@ pub(super) struct LayerPassRecord {
     pub(super) dropped_pairs: u64,
 }
 
+/// Empties `v` for `n` elements, giving back capacity far beyond what `n` needs.
+fn refit<T>(v: &mut Vec<T>, n: usize) {
+    v.clear();
+    let keep = n.max(16);
+    if v.capacity() > 4 * keep {
+        v.shrink_to(keep);
+    }
+}
+
 impl LayerPassRecord {
     pub(super) fn fill(&mut self, r: &Routing) {
-        self.experts.clear();
+        // Records are pooled and reused; without refitting, every record of a decode window
+        // (thousands of one-token passes) would keep the capacity of the largest prefill it
+        // ever held, and resident memory would creep up over hours.
+        refit(&mut self.experts, r.experts.len());
         self.experts.extend_from_slice(&r.experts);
-        self.weights.clear();
+        refit(&mut self.weights, r.weights.len());
         self.weights.extend_from_slice(&r.weights);
-        self.top1.clear();
+        refit(&mut self.top1, r.top1.len());
         self.top1.extend_from_slice(&r.top1);
-        self.selected.clear();
-        self.kept.clear();
+        refit(&mut self.selected, r.tokens());
+        refit(&mut self.kept, r.tokens());
         for i in 0..r.tokens() {
             let range = r.offsets[i] as usize..r.offsets[i + 1] as usize;
             self.selected.push(range.len() as u16);
