@@ -1294,3 +1294,36 @@ fn the_metrics_endpoint_serves_prometheus_text_and_survives_bad_clients() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143));
 }
+
+#[test]
+fn a_sweep_stopped_by_a_signal_says_so_and_writes_nothing_partial() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
+        .args([
+            "sweep",
+            "--tokens",
+            "200000",
+            "--threads",
+            "1",
+            "--report",
+            "s.json",
+        ])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the sweep ended too soon"
+    );
+    // SAFETY: kill has no memory effects; the pid is our own child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = finish(child, 60);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("sweep stopped by SIGINT after"), "{err}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

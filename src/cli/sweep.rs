@@ -1,6 +1,7 @@
 //! `xmoe-top sweep`: the same tokens under a range of thresholds (and top-k), Dense as reference.
 
 use std::io::IsTerminal;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,7 +13,9 @@ use crate::model::device::DeviceChoice;
 use crate::model::forward::Model;
 use crate::report::text::sweep_table;
 use crate::report::{ReportData, ReportFormat, write_report};
-use crate::session::sweep::{SweepSpec, parse_thresholds, parse_top_k, run_sweep, token_batches};
+use crate::session::sweep::{
+    SweepSpec, parse_thresholds, parse_top_k, run_sweep_until, token_batches,
+};
 
 /// Arguments of `sweep`.
 #[derive(Args, Debug)]
@@ -71,6 +74,8 @@ pub struct SweepArgs {
 
 /// Runs the sweep, prints its table and writes the report.
 pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
+    let _signals =
+        crate::signals::TerminationGuard::install().context("cannot install signal handlers")?;
     let thresholds = parse_thresholds(&a.thresholds)
         .context("--thresholds")
         .usage()?;
@@ -141,6 +146,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         device: dev.description.clone(),
     };
     let show = std::io::stderr().is_terminal();
+    let mut stopped_at = (0, 0);
     let mut progress = |done: usize, total: usize| {
         if show {
             eprint!("\rsweep: {done}/{total} passes");
@@ -148,8 +154,25 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
                 eprintln!();
             }
         }
+        stopped_at = (done, total);
+        match crate::signals::received() {
+            Some(_) => ControlFlow::Break(()),
+            None => ControlFlow::Continue(()),
+        }
     };
-    let run = run_sweep(&model, &batches, a.batch, &spec, &mut progress)?;
+    let Some(run) = run_sweep_until(&model, &batches, a.batch, &spec, &mut progress)? else {
+        let signal = crate::signals::received().unwrap_or(crate::signals::SIGTERM);
+        if show {
+            eprintln!();
+        }
+        eprintln!(
+            "xmoe-top: sweep stopped by {} after {} of {} passes; no table or report (a sweep with points missing would mislead)",
+            crate::signals::name(signal),
+            stopped_at.0,
+            stopped_at.1
+        );
+        return Ok(ExitCode::from(crate::signals::exit_status(signal)));
+    };
     super::print_stdout(&sweep_table(&run.result))?;
     if let Some(path) = &a.report {
         let data = ReportData::new(run.snapshot, Some(run.result));

@@ -8,6 +8,7 @@
 //! [`RunStats`] of its own, exactly as a live session of that policy would build it, so a sweep
 //! point and the TUI agree on what "experts per token" or "compute saved" mean.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
@@ -234,6 +235,23 @@ pub fn run_sweep(
     spec: &SweepSpec,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<SweepRun> {
+    run_sweep_until(model, batches, batch, spec, &mut |done, total| {
+        progress(done, total);
+        ControlFlow::Continue(())
+    })?
+    .ok_or_else(|| anyhow::anyhow!("the sweep was stopped"))
+}
+
+/// [`run_sweep`], stopped early (returning `None`) when `progress` says
+/// [`ControlFlow::Break`], e.g. on a terminating signal: a sweep with points missing is not a
+/// sweep, so nothing partial is returned.
+pub fn run_sweep_until(
+    model: &Model,
+    batches: &[Vec<u32>],
+    batch: usize,
+    spec: &SweepSpec,
+    progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+) -> Result<Option<SweepRun>> {
     let started = Instant::now();
     let cfg = model.config();
     let moe_layers = model.moe_layers().to_vec();
@@ -372,7 +390,9 @@ pub fn run_sweep(
             .stats
             .record_reference(&ReferenceComparison::with_itself(ref_q));
         done += 1;
-        progress(done, total);
+        if progress(done, total).is_break() {
+            return Ok(None);
+        }
         for p in &mut points {
             let t0 = Instant::now();
             let logits = model.forward(&inputs, batch, &p.routing, None, &mut trace)?;
@@ -388,7 +408,9 @@ pub fn run_sweep(
                 reference_ns: ref_ns,
             });
             done += 1;
-            progress(done, total);
+            if progress(done, total).is_break() {
+                return Ok(None);
+            }
         }
     }
     points.push(reference);
@@ -493,7 +515,7 @@ pub fn run_sweep(
         elapsed_s,
         points: sweep_points,
     };
-    Ok(SweepRun { result, snapshot })
+    Ok(Some(SweepRun { result, snapshot }))
 }
 
 #[cfg(test)]
