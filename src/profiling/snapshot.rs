@@ -503,6 +503,10 @@ pub struct QualityStats {
     pub compared_bits_per_byte: Option<f64>,
     /// `compared_bits_per_byte - reference_bits_per_byte` (positive = current policy is worse).
     pub delta_bits_per_byte: Option<f64>,
+    /// Standard error of `delta_bits_per_byte` over the compared batches (the batches are the
+    /// sampled units); `None` below two batches.
+    #[serde(default)]
+    pub delta_bits_per_byte_stderr: Option<f64>,
     /// Mean KL(reference || current) of next-token distributions, in bits per token.
     pub mean_kl_bits: Option<f64>,
     /// Wall time spent in reference passes, seconds (not in the latency statistics).

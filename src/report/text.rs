@@ -267,10 +267,12 @@ fn quality(o: &mut String, s: &Snapshot) {
             match (q.reference_bits_per_byte, q.delta_bits_per_byte) {
                 (Some(r), Some(d)) => line!(
                     o,
-                    "            reference ({}) on {} batches: {r:.4} bits/byte; current on the same batches {:.4} (difference {d:+.4}); mean KL {} bits/token; reference cost {} ({:.1}% of forward time, not in latency)",
+                    "            reference ({}) on {} batches: {r:.4} bits/byte; current on the same batches {:.4} (difference {d:+.4}{}); mean KL {} bits/token; reference cost {} ({:.1}% of forward time, not in latency)",
                     format_policy(&q.reference_policy),
                     q.reference_batches,
                     q.compared_bits_per_byte.unwrap_or(f64::NAN),
+                    q.delta_bits_per_byte_stderr
+                        .map_or(String::new(), |se| format!(" ± {se:.4} standard error")),
                     fixed_or_dash(q.mean_kl_bits, 5),
                     duration_us(q.reference_time_s * 1e6),
                     100.0 * q.reference_time_fraction

@@ -738,7 +738,7 @@ mod tests {
         std::fs::write(&p, "\n\n").unwrap();
         assert!(matches!(
             prompts_from_file(&p),
-            Err(WorkloadError::NoPrompts)
+            Err(WorkloadError::NoPromptsInFile { .. })
         ));
     }
 

@@ -67,6 +67,44 @@ pub(super) struct QualityAccum {
     pub(super) kl_tokens: u64,
     pub(super) reference_batches: u64,
     pub(super) reference_ns: u64,
+    /// Per compared batch: x = bits(current) - bits(reference), y = bytes; the sums the
+    /// standard error of the ratio sum(x) / sum(y) needs.
+    pub(super) delta_sums: DeltaSums,
+}
+
+/// Running sums for the standard error of Δ bits/byte over compared batches.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct DeltaSums {
+    n: u64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+    yy: f64,
+}
+
+impl DeltaSums {
+    pub(super) fn add(&mut self, x_bits: f64, y_bytes: f64) {
+        self.n += 1;
+        self.x += x_bits;
+        self.y += y_bytes;
+        self.xx += x_bits * x_bits;
+        self.xy += x_bits * y_bytes;
+        self.yy += y_bytes * y_bytes;
+    }
+
+    /// Standard error of R = sum(x) / sum(y), batches taken as the sampled units (the usual
+    /// ratio-estimator formula: sqrt(n / (n - 1) * sum((x - R y)^2)) / sum(y)); `None` below two
+    /// batches.
+    pub(super) fn stderr(&self) -> Option<f64> {
+        if self.n < 2 || self.y <= 0.0 {
+            return None;
+        }
+        let r = self.x / self.y;
+        let ss = (self.xx - 2.0 * r * self.xy + r * r * self.yy).max(0.0);
+        let n = self.n as f64;
+        Some((n / (n - 1.0) * ss).sqrt() / self.y)
+    }
 }
 
 /// Log-softmax of one row, in f64.
@@ -151,5 +189,35 @@ mod tests {
         assert_eq!(kl_nats(&r, &r, 2), 0.0);
         // Cross-entropy picks the target's log-probability.
         assert!((cross_entropy_nats(&r, 2, &[1]) - 4f64.ln()).abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use super::DeltaSums;
+
+    #[test]
+    fn stderr_of_the_ratio_matches_a_direct_computation() {
+        let batches = [(0.8, 1000.0), (-0.2, 1010.0), (1.5, 990.0), (0.1, 1000.0)];
+        let mut s = DeltaSums::default();
+        assert_eq!(s.stderr(), None);
+        s.add(batches[0].0, batches[0].1);
+        assert_eq!(s.stderr(), None, "one batch has no spread");
+        for &(x, y) in &batches[1..] {
+            s.add(x, y);
+        }
+        let (sx, sy): (f64, f64) = batches
+            .iter()
+            .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+        let r = sx / sy;
+        let n = batches.len() as f64;
+        let ss: f64 = batches.iter().map(|&(x, y)| (x - r * y).powi(2)).sum();
+        let direct = (n / (n - 1.0) * ss).sqrt() / sy;
+        assert!((s.stderr().unwrap() - direct).abs() < 1e-15, "{direct}");
+        // Identical per-byte deltas have no spread.
+        let mut same = DeltaSums::default();
+        same.add(1.0, 100.0);
+        same.add(2.0, 200.0);
+        assert!(same.stderr().unwrap() < 1e-12);
     }
 }

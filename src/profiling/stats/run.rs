@@ -216,6 +216,10 @@ impl RunStats {
         q.kl_tokens += c.kl_tokens;
         q.reference_batches += 1;
         q.reference_ns += c.reference_ns;
+        q.delta_sums.add(
+            (c.current.nats - c.reference.nats) / std::f64::consts::LN_2,
+            c.current.bytes as f64,
+        );
     }
 
     /// Ends the current epoch (its summary becomes the previous epoch, unless it saw no tokens)
@@ -285,6 +289,7 @@ impl RunStats {
             reference_bits_per_byte: reference_bpb,
             compared_bits_per_byte: compared_bpb,
             delta_bits_per_byte: compared_bpb.zip(reference_bpb).map(|(c, r)| c - r),
+            delta_bits_per_byte_stderr: q.delta_sums.stderr(),
             mean_kl_bits: (q.kl_tokens > 0)
                 .then(|| q.kl_nats / std::f64::consts::LN_2 / q.kl_tokens as f64),
             reference_time_s: ref_s,

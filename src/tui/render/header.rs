@@ -137,6 +137,16 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                 Some(d) => {
                     l3.push(Span::styled(" Δ ", theme.dim()));
                     l3.push(Span::styled(format!("{d:+.3}"), theme.value()));
+                    // The sample behind the figure: a delta resting on one batch must look
+                    // like one.
+                    let spread = match q.delta_bits_per_byte_stderr {
+                        Some(se) => format!(" ±{se:.3}"),
+                        None => String::new(),
+                    };
+                    l3.push(Span::styled(
+                        format!("{spread} (n={})", q.reference_batches),
+                        theme.dim(),
+                    ));
                     l3.push(Span::styled(
                         format!(
                             " vs {}{}",
