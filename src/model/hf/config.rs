@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::kernel::ClampedSwiglu;
+use crate::model::blocks::Yarn;
 use crate::model::config::{
     ModelConfig, MoeLayers, NormKind, PositionKind, QkNormKind, TokenizerKind,
 };
@@ -23,6 +25,8 @@ pub enum HfFamily {
     Qwen3Moe,
     /// `olmoe` (`OlmoeForCausalLM`).
     Olmoe,
+    /// `gpt_oss` (`GptOssForCausalLM`).
+    GptOss,
 }
 
 /// Longest context xmoe-top runs a checkpoint with (its rotary tables are precomputed for every
@@ -30,7 +34,8 @@ pub enum HfFamily {
 pub const MAX_CONTEXT: usize = 1 << 17;
 
 /// `model_type` values, in the order the error message lists them.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"];
 
 impl HfFamily {
     fn from_model_type(s: &str) -> Option<Self> {
@@ -39,6 +44,7 @@ impl HfFamily {
             "qwen2_moe" => HfFamily::Qwen2Moe,
             "qwen3_moe" => HfFamily::Qwen3Moe,
             "olmoe" => HfFamily::Olmoe,
+            "gpt_oss" => HfFamily::GptOss,
             _ => return None,
         })
     }
@@ -49,6 +55,7 @@ impl HfFamily {
             "Qwen2MoeForCausalLM" => HfFamily::Qwen2Moe,
             "Qwen3MoeForCausalLM" => HfFamily::Qwen3Moe,
             "OlmoeForCausalLM" => HfFamily::Olmoe,
+            "GptOssForCausalLM" => HfFamily::GptOss,
             _ => return None,
         })
     }
@@ -60,6 +67,7 @@ impl HfFamily {
             HfFamily::Qwen2Moe => "qwen2_moe",
             HfFamily::Qwen3Moe => "qwen3_moe",
             HfFamily::Olmoe => "olmoe",
+            HfFamily::GptOss => "gpt_oss",
         }
     }
 }
@@ -87,6 +95,8 @@ pub struct HfConfig {
     pub rms_norm_eps: f64,
     /// Rotary base.
     pub rope_theta: f64,
+    /// YaRN rotary scaling (`rope_type: "yarn"`), if the config asks for it.
+    pub rope_yarn: Option<Yarn>,
     /// `max_position_embeddings`.
     pub max_positions: usize,
     /// `tie_word_embeddings`.
@@ -113,6 +123,12 @@ pub struct HfConfig {
     pub qk_norm: Option<QkNormKind>,
     /// Sliding window of each block, if any.
     pub sliding_window: Vec<Option<usize>>,
+    /// gpt-oss's clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`) and expert biases.
+    pub clamped_swiglu: Option<ClampedSwiglu>,
+    /// The router has a bias (gpt-oss `mlp.router.bias`).
+    pub router_bias: bool,
+    /// Attention sinks (gpt-oss `self_attn.sinks`).
+    pub attn_sinks: bool,
 }
 
 struct Reader<'a> {
@@ -261,7 +277,7 @@ impl HfConfig {
                 format!("only \"silu\" is supported, found \"{act}\""),
             ));
         }
-        let rope_theta = rope_theta(&r)?;
+        let (rope_theta, rope_yarn) = rope(&r)?;
         let experts = r.usize_any(&["num_local_experts", "num_experts"])?;
         if experts > u16::MAX as usize {
             return Err(r.error(
@@ -314,7 +330,9 @@ impl HfConfig {
         };
         let norm_topk_prob = match family {
             // Mixtral's router always renormalises (`MixtralTopKRouter`); the key does not exist.
-            HfFamily::Mixtral => true,
+            // gpt-oss softmaxes the k chosen logits: the same as renormalising the chosen
+            // probabilities of the softmax over all experts.
+            HfFamily::Mixtral | HfFamily::GptOss => true,
             _ => r.bool_or("norm_topk_prob", false)?,
         };
         let shared_expert_hidden = match family {
@@ -326,6 +344,8 @@ impl HfConfig {
         let (qkv_bias, attention_bias) = match family {
             HfFamily::Qwen2Moe => (r.bool_or("qkv_bias", true)?, false),
             HfFamily::Mixtral => (false, false),
+            // `GptOssConfig.attention_bias` defaults to true.
+            HfFamily::GptOss => (false, r.bool_or("attention_bias", true)?),
             _ => (false, r.bool_or("attention_bias", false)?),
         };
         let qk_norm = match family {
@@ -348,6 +368,14 @@ impl HfConfig {
             }
         }
         let sliding_window = sliding_windows(&r, family, layers)?;
+        let clamped_swiglu = if family == HfFamily::GptOss {
+            Some(ClampedSwiglu {
+                alpha: r.f64_or("swiglu_alpha", 1.702)? as f32,
+                limit: r.f64_or("swiglu_limit", 7.0)? as f32,
+            })
+        } else {
+            None
+        };
         // The rotary tables are computed for every position up front, so the context is capped.
         let max_positions = r
             .usize_opt("max_position_embeddings")?
@@ -364,13 +392,14 @@ impl HfConfig {
             vocab,
             rms_norm_eps: r.f64_or(
                 "rms_norm_eps",
-                if family == HfFamily::Olmoe {
+                if matches!(family, HfFamily::Olmoe | HfFamily::GptOss) {
                     1e-5
                 } else {
                     1e-6
                 },
             )?,
             rope_theta,
+            rope_yarn,
             max_positions,
             tie_embeddings: r.bool_or("tie_word_embeddings", false)?,
             experts,
@@ -384,6 +413,9 @@ impl HfConfig {
             attention_bias,
             qk_norm,
             sliding_window,
+            clamped_swiglu,
+            router_bias: family == HfFamily::GptOss,
+            attn_sinks: family == HfFamily::GptOss,
         })
     }
 
@@ -414,7 +446,11 @@ impl HfConfig {
             qkv_bias: self.qkv_bias,
             ffn_bias: false,
             moe_layers: MoeLayers::List(self.moe_layers.clone()),
-            expert_bias: false,
+            expert_bias: self.clamped_swiglu.is_some(),
+            expert_gate_bias: self.clamped_swiglu.is_some(),
+            clamped_swiglu: self.clamped_swiglu,
+            router_bias: self.router_bias,
+            attn_sinks: self.attn_sinks,
             sliding_windows: if self.sliding_window.iter().any(Option::is_some) {
                 self.sliding_window.clone()
             } else {
@@ -478,14 +514,16 @@ fn family_of(r: &Reader) -> Result<HfFamily, LoadError> {
     }
 }
 
-/// `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4); only the
-/// default rope type is supported.
-fn rope_theta(r: &Reader) -> Result<f64, LoadError> {
+/// `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4): the
+/// rotary base and, for `rope_type: "yarn"`, the YaRN parameters. Other rope types are refused.
+fn rope(r: &Reader) -> Result<(f64, Option<Yarn>), LoadError> {
     let (params_key, params) = match (r.get("rope_parameters"), r.get("rope_scaling")) {
         (Some(p), _) => ("rope_parameters", Some(p)),
         (None, Some(s)) => ("rope_scaling", Some(s)),
         (None, None) => ("", None),
     };
+    let mut yarn = None;
+    let mut theta = None;
     if let Some(p) = params {
         let obj = p
             .as_object()
@@ -495,25 +533,77 @@ fn rope_theta(r: &Reader) -> Result<f64, LoadError> {
             .or_else(|| obj.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
-        if kind != "default" {
-            return Err(r.error(
-                params_key,
-                format!("rope type \"{kind}\" is not supported (supported: \"default\")"),
-            ));
-        }
-        if let Some(t) = obj.get("rope_theta") {
-            return t
-                .as_f64()
-                .filter(|x| x.is_finite() && *x > 0.0)
-                .ok_or_else(|| {
+        // A positive number under `params_key.name`, if present and not null.
+        let num = |name: &str| -> Result<Option<f64>, LoadError> {
+            match obj.get(name).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        r.error(
+                            &format!("{params_key}.{name}"),
+                            format!("expected a positive number, found {v}"),
+                        )
+                    }),
+            }
+        };
+        match kind {
+            "default" => {}
+            "yarn" => {
+                if num("partial_rotary_factor")?.is_some_and(|f| f != 1.0) {
+                    return Err(r.error(
+                        &format!("{params_key}.partial_rotary_factor"),
+                        "only a rotary factor of 1 is supported with YaRN",
+                    ));
+                }
+                let original = num("original_max_position_embeddings")?.ok_or_else(|| {
                     r.error(
-                        "rope_parameters.rope_theta",
-                        format!("expected a positive number, found {t}"),
+                        &format!("{params_key}.original_max_position_embeddings"),
+                        "required for rope type \"yarn\" but missing",
                     )
+                })?;
+                let factor = match num("factor")? {
+                    Some(f) => f,
+                    None => r.f64_or("max_position_embeddings", 4096.0)? / original,
+                };
+                let truncate = match obj.get("truncate").filter(|v| !v.is_null()) {
+                    None => true,
+                    Some(v) => v.as_bool().ok_or_else(|| {
+                        r.error(
+                            &format!("{params_key}.truncate"),
+                            format!("expected true or false, found {v}"),
+                        )
+                    })?,
+                };
+                yarn = Some(Yarn {
+                    factor,
+                    original_max_positions: original,
+                    beta_fast: num("beta_fast")?.unwrap_or(32.0),
+                    beta_slow: num("beta_slow")?.unwrap_or(1.0),
+                    truncate,
+                    attention_factor: num("attention_factor")?,
+                    mscale: num("mscale")?,
+                    mscale_all_dim: num("mscale_all_dim")?,
                 });
+            }
+            other => {
+                return Err(r.error(
+                    params_key,
+                    format!(
+                        "rope type \"{other}\" is not supported (supported: \"default\", \"yarn\")"
+                    ),
+                ));
+            }
         }
+        theta = num("rope_theta")?;
     }
-    r.f64_or("rope_theta", 10_000.0)
+    let theta = match theta {
+        Some(t) => t,
+        None => r.f64_or("rope_theta", 10_000.0)?,
+    };
+    Ok((theta, yarn))
 }
 
 fn sliding_windows(
@@ -525,6 +615,16 @@ fn sliding_windows(
     Ok(match family {
         HfFamily::Mixtral => vec![window; layers],
         HfFamily::Olmoe => vec![None; layers],
+        // transformers' default: alternating, sliding first; `GptOssConfig.sliding_window` 128.
+        HfFamily::GptOss => {
+            let window = Some(r.usize_opt("sliding_window")?.unwrap_or(128)).filter(|&w| w > 0);
+            match r.get("layer_types") {
+                Some(_) => layer_types(r, layers, window)?,
+                None => (0..layers)
+                    .map(|i| if i % 2 == 0 { window } else { None })
+                    .collect(),
+            }
+        }
         HfFamily::Qwen3Moe => {
             let on = r.bool_or("use_sliding_window", false)?;
             vec![if on { window } else { None }; layers]
@@ -532,29 +632,8 @@ fn sliding_windows(
         HfFamily::Qwen2Moe => {
             if !r.bool_or("use_sliding_window", false)? {
                 vec![None; layers]
-            } else if let Some(types) = r.get("layer_types") {
-                let types = types
-                    .as_array()
-                    .filter(|a| a.len() == layers)
-                    .ok_or_else(|| {
-                        r.error(
-                            "layer_types",
-                            format!("expected a list of {layers} strings, found {types}"),
-                        )
-                    })?;
-                types
-                    .iter()
-                    .map(|t| match t.as_str() {
-                        Some("sliding_attention") => Ok(window),
-                        Some("full_attention") => Ok(None),
-                        _ => Err(r.error(
-                            "layer_types",
-                            format!(
-                                "expected \"full_attention\" or \"sliding_attention\", found {t}"
-                            ),
-                        )),
-                    })
-                    .collect::<Result<_, _>>()?
+            } else if r.get("layer_types").is_some() {
+                layer_types(r, layers, window)?
             } else {
                 let max_window = r.usize_opt("max_window_layers")?.unwrap_or(layers);
                 (0..layers)
@@ -563,6 +642,42 @@ fn sliding_windows(
             }
         }
     })
+}
+
+/// `layer_types`: one `"sliding_attention"` (window `window`) or `"full_attention"` per layer.
+fn layer_types(
+    r: &Reader,
+    layers: usize,
+    window: Option<usize>,
+) -> Result<Vec<Option<usize>>, LoadError> {
+    let Some(types) = r.get("layer_types") else {
+        return Err(r.error("layer_types", "required key is missing"));
+    };
+    let list = types.as_array().ok_or_else(|| {
+        r.error(
+            "layer_types",
+            format!("expected a list of {layers} strings, found {types}"),
+        )
+    })?;
+    if list.len() != layers {
+        return Err(r.error(
+            "layer_types",
+            format!(
+                "expected one entry per layer (num_hidden_layers {layers}), found {} entries",
+                list.len()
+            ),
+        ));
+    }
+    list.iter()
+        .map(|t| match t.as_str() {
+            Some("sliding_attention") => Ok(window),
+            Some("full_attention") => Ok(None),
+            _ => Err(r.error(
+                "layer_types",
+                format!("expected \"full_attention\" or \"sliding_attention\", found {t}"),
+            )),
+        })
+        .collect()
 }
 
 /// `config.json` beside `dir`.
