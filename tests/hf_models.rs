@@ -84,6 +84,13 @@ fn f32_checkpoints_match_transformers_logits_and_native_top_k() {
                 let model = load(&fixtures().join(family).join(layout), dispatch);
                 let (logits, trace) = run(&model, &tokens, &model.default_routing());
                 let err = max_rel(&logits, &want);
+                let abs = logits
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                // Printed for docs/model-families.md (`--nocapture`).
+                println!("{what}: max |logit diff| {abs:.2e}, relative {err:.2e}");
                 assert!(err < 1e-4, "{what}: logits off by {err} (relative)");
                 for (slot, &layer) in model.moe_layers().iter().enumerate() {
                     let want_ids: Vec<i64> = g[&format!("topk_ids.{layer}")]
@@ -596,6 +603,8 @@ fn gpt_oss_mxfp4_experts_load_as_their_dequantised_values() {
         }
     }
     // Quantisation moved the weights (the test would prove nothing otherwise).
+    println!("MXFP4 vs its f32 values: max |logit diff| {max_abs:.2e}");
     let moved = max_rel(&want_logits, &logits);
+    println!("quantisation moved the logits by up to {moved:.2e} (relative)");
     assert!(moved > 1e-3, "quantised logits moved only {moved}");
 }

@@ -516,17 +516,16 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        for i in 0..gate.len() {
+        for (i, ((&gi, &ui), &out)) in gate.iter().zip(&up).zip(&got).enumerate() {
             // Written out from transformers' `_apply_gate`.
-            let g = gate[i].min(7.0);
-            let u = up[i].clamp(-7.0, 7.0);
+            let g = gi.min(7.0);
+            let u = ui.clamp(-7.0, 7.0);
             let want = (u + 1.0) * (g * (1.0 / (1.0 + (-1.702 * g).exp())));
             assert!(
-                (got[i] - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                "{i}: {} vs {want}",
-                got[i]
+                (out - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{i}: {out} vs {want}"
             );
-            assert!((c.apply(gate[i], up[i]) - want).abs() <= 1e-5 * (1.0 + want.abs()));
+            assert!((c.apply(gi, ui) - want).abs() <= 1e-5 * (1.0 + want.abs()));
         }
         // The clamp shows: a gate above the limit acts as the limit, an up below -limit as -limit.
         assert_eq!(
