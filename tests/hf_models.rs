@@ -579,6 +579,21 @@ fn gpt_oss_mxfp4_experts_load_as_their_dequantised_values() {
             .iter()
             .any(|t| t.0.ends_with("gate_up_proj_blocks") && t.1 == "U8")
     );
+    // The memory check before loading counts the experts as the bf16 they become: 4 bytes per
+    // byte of blocks (32 values of 2 bytes per 16 bytes), the scales dropped.
+    let table = source.tensor_table();
+    let bytes = |suffix: &str| -> usize {
+        table
+            .iter()
+            .filter(|t| t.0.ends_with(suffix))
+            .map(|t| t.3)
+            .sum()
+    };
+    assert!(bytes("_blocks") > 0 && bytes("_scales") > 0);
+    assert_eq!(
+        source.resident_weight_bytes(),
+        source.file_bytes() + 3 * bytes("_blocks") - bytes("_scales")
+    );
     let want = load(&reference, MoeDispatch::Auto);
     let got = load(&packed, MoeDispatch::Auto);
     let routing = want.default_routing();

@@ -95,8 +95,9 @@ pub struct HfConfig {
     pub rms_norm_eps: f64,
     /// Rotary base.
     pub rope_theta: f64,
-    /// YaRN rotary scaling (`rope_type: "yarn"`), if the config asks for it.
-    pub rope_yarn: Option<Yarn>,
+    /// YaRN rotary scaling (`rope_type: "yarn"`), if the config asks for it (boxed: it is rare,
+    /// and the checkpoint that holds this configuration stays small).
+    pub rope_yarn: Option<Box<Yarn>>,
     /// `max_position_embeddings`.
     pub max_positions: usize,
     /// `tie_word_embeddings`.
@@ -285,7 +286,12 @@ impl HfConfig {
                 format!("at most {} supported, found {experts}", u16::MAX),
             ));
         }
-        let top_k = r.usize("num_experts_per_tok")?;
+        let top_k = if family == HfFamily::GptOss {
+            // The published gpt-oss configs also carry the original name `experts_per_token`.
+            r.usize_any(&["num_experts_per_tok", "experts_per_token"])?
+        } else {
+            r.usize("num_experts_per_tok")?
+        };
         if top_k > experts {
             return Err(r.error(
                 "num_experts_per_tok",
@@ -516,7 +522,7 @@ fn family_of(r: &Reader) -> Result<HfFamily, LoadError> {
 
 /// `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4): the
 /// rotary base and, for `rope_type: "yarn"`, the YaRN parameters. Other rope types are refused.
-fn rope(r: &Reader) -> Result<(f64, Option<Yarn>), LoadError> {
+fn rope(r: &Reader) -> Result<(f64, Option<Box<Yarn>>), LoadError> {
     let (params_key, params) = match (r.get("rope_parameters"), r.get("rope_scaling")) {
         (Some(p), _) => ("rope_parameters", Some(p)),
         (None, Some(s)) => ("rope_scaling", Some(s)),
@@ -577,7 +583,7 @@ fn rope(r: &Reader) -> Result<(f64, Option<Yarn>), LoadError> {
                         )
                     })?,
                 };
-                yarn = Some(Yarn {
+                yarn = Some(Box::new(Yarn {
                     factor,
                     original_max_positions: original,
                     beta_fast: num("beta_fast")?.unwrap_or(32.0),
@@ -586,7 +592,7 @@ fn rope(r: &Reader) -> Result<(f64, Option<Yarn>), LoadError> {
                     attention_factor: num("attention_factor")?,
                     mscale: num("mscale")?,
                     mscale_all_dim: num("mscale_all_dim")?,
-                });
+                }));
             }
             other => {
                 return Err(r.error(
@@ -683,4 +689,52 @@ fn layer_types(
 /// `config.json` beside `dir`.
 pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("config.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_published_style_gpt_oss_config_reads_yarn_and_its_defaults() {
+        // The transformers 4 shape of openai/gpt-oss-20b's config.json (sizes shrunk):
+        // `rope_scaling` beside a top-level `rope_theta`, `experts_per_token`, no `layer_types`.
+        let text = r#"{
+            "model_type": "gpt_oss", "hidden_size": 64, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "vocab_size": 100, "intermediate_size": 64, "num_local_experts": 4,
+            "experts_per_token": 2, "sliding_window": 8, "max_position_embeddings": 512,
+            "rope_theta": 150000,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                             "original_max_position_embeddings": 16, "rope_type": "yarn",
+                             "truncate": false},
+            "swiglu_limit": 7.0
+        }"#;
+        let c = HfConfig::parse(Path::new("config.json"), text).unwrap();
+        assert_eq!(c.family, HfFamily::GptOss);
+        assert_eq!(c.top_k, 2);
+        assert_eq!(c.rope_theta, 150_000.0);
+        let yarn = c.rope_yarn.as_deref().unwrap();
+        assert_eq!((yarn.factor, yarn.original_max_positions), (32.0, 16.0));
+        assert!(!yarn.truncate);
+        assert_eq!(c.sliding_window, vec![Some(8), None, Some(8)]);
+        assert!(c.attention_bias && c.router_bias && c.attn_sinks && c.norm_topk_prob);
+        assert_eq!(
+            c.clamped_swiglu,
+            Some(ClampedSwiglu {
+                alpha: 1.702,
+                limit: 7.0
+            })
+        );
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        let m = c.model_config("tiny");
+        assert!(m.expert_bias && m.expert_gate_bias && m.router_bias && m.attn_sinks);
+        assert_eq!(
+            m.default_policy,
+            RoutingPolicy::TopK {
+                k: 2,
+                renormalize: true
+            }
+        );
+    }
 }
