@@ -156,10 +156,10 @@ impl InspectReport {
             c.vocab_size,
             c.tokenizer
         );
-        if c.qk_norm.is_some() || c.qkv_bias || c.attn_bias {
+        if c.qk_norm.is_some() || c.qkv_bias || c.attn_bias || c.attn_sinks {
             let _ = writeln!(
                 s,
-                "attention  q/k norm {}, bias {}",
+                "attention  q/k norm {}, bias {}{}",
                 c.qk_norm.map_or("none".to_string(), |k| format!("{k:?}")),
                 if c.attn_bias {
                     "q, k, v, o"
@@ -167,6 +167,11 @@ impl InspectReport {
                     "q, k, v"
                 } else {
                     "none"
+                },
+                if c.attn_sinks {
+                    ", a learned sink logit per head"
+                } else {
+                    ""
                 }
             );
         }
@@ -192,9 +197,28 @@ impl InspectReport {
         );
         let _ = writeln!(
             s,
-            "MoE        layers {:?}: {} experts x hidden {} (split ratio {}), expert bias {}",
-            self.moe_layers, c.n_experts, c.expert_hidden, self.split_ratio, c.expert_bias
+            "MoE        layers {:?}: {} experts x hidden {} (split ratio {}), expert bias {}{}",
+            self.moe_layers,
+            c.n_experts,
+            c.expert_hidden,
+            self.split_ratio,
+            if c.expert_bias && c.expert_gate_bias {
+                "gate, up, down"
+            } else if c.expert_bias {
+                "up, down"
+            } else {
+                "none"
+            },
+            if c.router_bias { ", router bias" } else { "" }
         );
+        if let Some(g) = c.clamped_swiglu {
+            let _ = writeln!(
+                s,
+                "experts    clamped SwiGLU: (clamp(up, -{l}, {l}) + 1) * g * sigmoid({a} g), g = min(gate, {l})",
+                l = g.limit,
+                a = g.alpha
+            );
+        }
         let policy: crate::routing::RoutingPolicy = c.default_policy;
         let _ = writeln!(
             s,

@@ -100,12 +100,12 @@ fn directory_and_config_errors() {
     edit_config(d.path(), |c| {
         c.insert(
             "rope_parameters".into(),
-            serde_json::json!({"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}),
+            serde_json::json!({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
         );
     });
     assert_mentions(
         &error_of(d.path()),
-        &["rope_parameters", "\"yarn\"", "not supported"],
+        &["rope_parameters", "\"dynamic\"", "not supported"],
     );
 }
 
@@ -262,5 +262,107 @@ fn a_missing_or_mismatched_tokenizer_stops_the_run() {
     assert_mentions(
         &String::from_utf8_lossy(&out.stderr),
         &["tokenizer.json", "512 tokens", "300 rows"],
+    );
+}
+
+#[test]
+fn malformed_gpt_oss_configs_and_mxfp4_tensors_are_named() {
+    // One `layer_types` entry for two layers.
+    let d = copy_of("gpt_oss/fused");
+    edit_config(d.path(), |c| {
+        c.insert(
+            "layer_types".into(),
+            serde_json::json!(["sliding_attention"]),
+        );
+    });
+    assert_mentions(
+        &error_of(d.path()),
+        &[
+            "config.json",
+            "layer_types",
+            "num_hidden_layers 2",
+            "found 1 entries",
+        ],
+    );
+
+    // An attention kind transformers does not know.
+    let d = copy_of("gpt_oss/fused");
+    edit_config(d.path(), |c| {
+        c.insert(
+            "layer_types".into(),
+            serde_json::json!(["sliding_attention", "chunked_attention"]),
+        );
+    });
+    assert_mentions(
+        &error_of(d.path()),
+        &["layer_types", "\"chunked_attention\""],
+    );
+
+    // YaRN without the pretraining context it scales from.
+    let d = copy_of("gpt_oss/fused");
+    edit_config(d.path(), |c| {
+        c["rope_parameters"]
+            .as_object_mut()
+            .unwrap()
+            .remove("original_max_position_embeddings");
+    });
+    assert_mentions(
+        &error_of(d.path()),
+        &["rope_parameters.original_max_position_embeddings", "yarn"],
+    );
+
+    // A rope type that is not implemented.
+    let d = copy_of("gpt_oss/fused");
+    edit_config(d.path(), |c| {
+        c["rope_parameters"]["rope_type"] = "longrope".into();
+    });
+    assert_mentions(&error_of(d.path()), &["rope type \"longrope\""]);
+
+    // A missing sink tensor is named with its expected shape.
+    let d = copy_of("gpt_oss/fused");
+    edit_tensors(d.path(), |t| {
+        t.remove("model.layers.1.self_attn.sinks");
+    });
+    assert_mentions(
+        &error_of(d.path()),
+        &["model.layers.1.self_attn.sinks", "[4]"],
+    );
+
+    // MXFP4 blocks of the wrong dtype, and of the wrong shape.
+    let d = copy_of("gpt_oss/fused");
+    edit_tensors(d.path(), |t| {
+        t.remove("model.layers.0.mlp.experts.gate_up_proj");
+        t.insert(
+            "model.layers.0.mlp.experts.gate_up_proj_blocks".into(),
+            Tensor::zeros((8, 24, 1, 16), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            "model.layers.0.mlp.experts.gate_up_proj_scales".into(),
+            Tensor::zeros((8, 24, 1), candle_core::DType::U8, &Device::Cpu).unwrap(),
+        );
+    });
+    assert_mentions(
+        &error_of(d.path()),
+        &["MXFP4", "gate_up_proj_blocks", "dtype F32, expected U8"],
+    );
+    let d = copy_of("gpt_oss/fused");
+    edit_tensors(d.path(), |t| {
+        t.remove("model.layers.0.mlp.experts.gate_up_proj");
+        t.insert(
+            "model.layers.0.mlp.experts.gate_up_proj_blocks".into(),
+            Tensor::zeros((8, 12, 1, 16), candle_core::DType::U8, &Device::Cpu).unwrap(),
+        );
+        t.insert(
+            "model.layers.0.mlp.experts.gate_up_proj_scales".into(),
+            Tensor::zeros((8, 12, 1), candle_core::DType::U8, &Device::Cpu).unwrap(),
+        );
+    });
+    assert_mentions(
+        &error_of(d.path()),
+        &[
+            "gate_up_proj_blocks",
+            "[8, 12, 1, 16]",
+            "expected [8, 24, 1, 16]",
+        ],
     );
 }

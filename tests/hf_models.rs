@@ -15,6 +15,8 @@ const FAMILIES: &[(&str, &[&str])] = &[
     ("qwen2_moe", &["per_expert", "fused"]),
     ("qwen3_moe", &["per_expert", "fused"]),
     ("olmoe", &["per_expert", "fused"]),
+    // transformers writes gpt-oss only in its fused `x @ W` layout (MXFP4: see the test below).
+    ("gpt_oss", &["fused"]),
 ];
 
 fn fixtures() -> PathBuf {
@@ -82,6 +84,13 @@ fn f32_checkpoints_match_transformers_logits_and_native_top_k() {
                 let model = load(&fixtures().join(family).join(layout), dispatch);
                 let (logits, trace) = run(&model, &tokens, &model.default_routing());
                 let err = max_rel(&logits, &want);
+                let abs = logits
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                // Printed for docs/model-families.md (`--nocapture`).
+                println!("{what}: max |logit diff| {abs:.2e}, relative {err:.2e}");
                 assert!(err < 1e-4, "{what}: logits off by {err} (relative)");
                 for (slot, &layer) in model.moe_layers().iter().enumerate() {
                     let want_ids: Vec<i64> = g[&format!("topk_ids.{layer}")]
@@ -137,10 +146,10 @@ fn naive_threshold(logits: &[f32], t: f32) -> Vec<usize> {
 
 #[test]
 fn threshold_routing_on_hf_routers_matches_the_naive_rule() {
-    for &(family, _) in FAMILIES {
+    for &(family, layouts) in FAMILIES {
         let g = goldens(&fixtures().join(family).join("golden.safetensors"));
         let model = load(
-            &fixtures().join(family).join("per_expert"),
+            &fixtures().join(family).join(layouts[0]),
             MoeDispatch::Candle,
         );
         let n = model.moe_layers().len();
@@ -421,4 +430,196 @@ fn the_sweep_of_a_checkpoint_compares_with_its_native_top_k() {
     let native_point = r.points.iter().find(|p| p.policy == native).unwrap();
     assert!(!native_point.is_reference);
     assert!(native_point.delta_bits_per_byte_vs_reference.unwrap().abs() > 0.0);
+}
+
+/// FP4 E2M1 values by code (bit 3 the sign), as the MXFP4 format defines them.
+const FP4: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// Quantises rows of `cols` values (a multiple of 32) to MXFP4 the way the published gpt-oss files
+/// store them: per row and group of 32, an E8M0 scale byte `127 + e` with `2^e >= max|v| / 6`,
+/// and 16 bytes holding the nearest FP4 codes, value `2i` in the low nibble and `2i + 1` in the
+/// high one. Returns (blocks, scales, the dequantised values).
+fn mxfp4_encode(rows: &[f32], cols: usize) -> (Vec<u8>, Vec<u8>, Vec<f32>) {
+    assert!(rows.len().is_multiple_of(cols) && cols.is_multiple_of(32));
+    let (mut blocks, mut scales, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    for group in rows.chunks_exact(32) {
+        let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let e = if amax == 0.0 {
+            0
+        } else {
+            (amax / 6.0).log2().ceil() as i32
+        };
+        scales.push((127 + e) as u8);
+        let scale = 2f32.powi(e);
+        let codes: Vec<u8> = group
+            .iter()
+            .map(|&v| {
+                (0..16u8)
+                    .min_by(|&a, &b| {
+                        let d = |c: u8| (v / scale - FP4[c as usize]).abs();
+                        d(a).total_cmp(&d(b))
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for pair in codes.chunks_exact(2) {
+            blocks.push(pair[0] | (pair[1] << 4));
+        }
+        values.extend(codes.iter().map(|&c| FP4[c as usize] * scale));
+    }
+    (blocks, scales, values)
+}
+
+/// The gpt-oss fixture with its experts widened from I = 12 to 32 (zero gate, up and down weights
+/// and biases for the new units, whose output is then exactly 0: `gate = 0` gives `glu = 0`), so
+/// that MXFP4 groups of 32 fit both projections. With `quantise`, the expert weights are replaced
+/// by their MXFP4 values and, when `packed`, stored as `*_blocks` + `*_scales`; otherwise as f32 in
+/// the fused `x @ W` layout.
+fn gpt_oss_padded(out: &Path, quantise: bool, packed: bool) {
+    let src = fixtures().join("gpt_oss/fused");
+    std::fs::create_dir_all(out).unwrap();
+    for f in ["tokenizer.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), out.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let (e_n, h, i0, i1) = (8usize, 32usize, 12usize, 32usize);
+    config["intermediate_size"] = i1.into();
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+    let mut t =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let dev = Device::Cpu;
+    for layer in 0..2 {
+        let p = format!("model.layers.{layer}.mlp.experts");
+        let gu = f32s(&t[&format!("{p}.gate_up_proj")]); // [E, H, 2 I0]
+        let gub = f32s(&t[&format!("{p}.gate_up_proj_bias")]); // [E, 2 I0]
+        let down = f32s(&t[&format!("{p}.down_proj")]); // [E, I0, H]
+        // [out, in] matrices, as MXFP4 stores them: gate_up [E, 2 I1, H], down [E, H, I1].
+        let mut gu_w = vec![0f32; e_n * 2 * i1 * h];
+        let mut down_w = vec![0f32; e_n * h * i1];
+        let mut gub_p = vec![0f32; e_n * 2 * i1];
+        for e in 0..e_n {
+            for r in 0..2 * i0 {
+                for k in 0..h {
+                    gu_w[(e * 2 * i1 + r) * h + k] = gu[(e * h + k) * 2 * i0 + r];
+                }
+                gub_p[e * 2 * i1 + r] = gub[e * 2 * i0 + r];
+            }
+            for n in 0..h {
+                for j in 0..i0 {
+                    down_w[(e * h + n) * i1 + j] = down[(e * i0 + j) * h + n];
+                }
+            }
+        }
+        for name in ["gate_up_proj", "down_proj"] {
+            t.remove(&format!("{p}.{name}"));
+        }
+        t.insert(
+            format!("{p}.gate_up_proj_bias"),
+            Tensor::from_vec(gub_p, (e_n, 2 * i1), &dev).unwrap(),
+        );
+        for (name, w, rows, cols) in [
+            ("gate_up_proj", gu_w, 2 * i1, h),
+            ("down_proj", down_w, h, i1),
+        ] {
+            let (blocks, scales, q) = mxfp4_encode(&w, cols);
+            let w = if quantise { q } else { w };
+            if packed {
+                t.insert(
+                    format!("{p}.{name}_blocks"),
+                    Tensor::from_vec(blocks, (e_n, rows, cols / 32, 16), &dev).unwrap(),
+                );
+                t.insert(
+                    format!("{p}.{name}_scales"),
+                    Tensor::from_vec(scales, (e_n, rows, cols / 32), &dev).unwrap(),
+                );
+            } else {
+                // Back to the `x @ W` layout: [E, cols, rows].
+                let fused = Tensor::from_vec(w, (e_n, rows, cols), &dev)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                t.insert(format!("{p}.{name}"), fused);
+            }
+        }
+    }
+    candle_core::safetensors::save(&t, out.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn gpt_oss_mxfp4_experts_load_as_their_dequantised_values() {
+    let g = goldens(&fixtures().join("gpt_oss/golden.safetensors"));
+    let tokens = ids(&g);
+    let dir = tempfile::tempdir().unwrap();
+    let (padded, reference, packed) = (
+        dir.path().join("padded"),
+        dir.path().join("reference"),
+        dir.path().join("mxfp4"),
+    );
+    gpt_oss_padded(&padded, false, false);
+    gpt_oss_padded(&reference, true, false);
+    gpt_oss_padded(&packed, true, true);
+
+    // The zero-padded experts compute the same function as the fixture's.
+    let model = load(&padded, MoeDispatch::Auto);
+    let (logits, _) = run(&model, &tokens, &model.default_routing());
+    let err = max_rel(&logits, &f32s(&g["logits"]));
+    assert!(err < 1e-4, "padded experts: logits off by {err}");
+
+    // The MXFP4 checkpoint keeps its expert weights in bf16 (the dequantised values are exact in
+    // bf16) and gives the logits of the f32 checkpoint holding the same values.
+    let source = ModelSource::open(&packed).unwrap();
+    assert!(
+        source
+            .tensor_table()
+            .iter()
+            .any(|t| t.0.ends_with("gate_up_proj_blocks") && t.1 == "U8")
+    );
+    // The memory check before loading counts the experts as the bf16 they become: 4 bytes per
+    // byte of blocks (32 values of 2 bytes per 16 bytes), the scales dropped.
+    let table = source.tensor_table();
+    let bytes = |suffix: &str| -> usize {
+        table
+            .iter()
+            .filter(|t| t.0.ends_with(suffix))
+            .map(|t| t.3)
+            .sum()
+    };
+    assert!(bytes("_blocks") > 0 && bytes("_scales") > 0);
+    assert_eq!(
+        source.resident_weight_bytes(),
+        source.file_bytes() + 3 * bytes("_blocks") - bytes("_scales")
+    );
+    let want = load(&reference, MoeDispatch::Auto);
+    let got = load(&packed, MoeDispatch::Auto);
+    let routing = want.default_routing();
+    let (want_logits, want_trace) = run(&want, &tokens, &routing);
+    let (got_logits, got_trace) = run(&got, &tokens, &routing);
+    let max_abs = got_logits
+        .iter()
+        .zip(&want_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        max_abs < 1e-5,
+        "MXFP4 vs its f32 values: max |logit diff| {max_abs}"
+    );
+    for slot in 0..2 {
+        let (a, b) = (&got_trace.moe[slot].routing, &want_trace.moe[slot].routing);
+        for tok in 0..a.tokens() {
+            let chosen = |r: &xmoe_top::routing::Routing| -> Vec<usize> {
+                r.choices(tok).map(|c| c.0).collect()
+            };
+            assert_eq!(chosen(a), chosen(b), "slot {slot} token {tok}");
+        }
+    }
+    // Quantisation moved the weights (the test would prove nothing otherwise).
+    println!("MXFP4 vs its f32 values: max |logit diff| {max_abs:.2e}");
+    let moved = max_rel(&want_logits, &logits);
+    println!("quantisation moved the logits by up to {moved:.2e} (relative)");
+    assert!(moved > 1e-3, "quantised logits moved only {moved}");
 }

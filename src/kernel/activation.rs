@@ -26,3 +26,24 @@ impl Activation {
         }
     }
 }
+
+/// gpt-oss's clamped SwiGLU between a gated expert's projections (transformers
+/// `GptOssExperts._apply_gate`): `gate = min(gate, limit)`, `up = clamp(up, -limit, limit)`,
+/// `out = (up + 1) * gate * sigmoid(alpha * gate)`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub struct ClampedSwiglu {
+    /// Slope inside the sigmoid (`swiglu_alpha`, 1.702 in gpt-oss).
+    pub alpha: f32,
+    /// Clamp bound (`swiglu_limit`, 7.0 in gpt-oss).
+    pub limit: f32,
+}
+
+impl ClampedSwiglu {
+    /// The hidden value of one unit from its gate and up pre-activations (biases included).
+    #[inline]
+    pub fn apply(self, gate: f32, up: f32) -> f32 {
+        let g = gate.min(self.limit);
+        let u = up.clamp(-self.limit, self.limit);
+        (u + 1.0) * g / (1.0 + (-self.alpha * g).exp())
+    }
+}

@@ -44,7 +44,7 @@ mod simd;
 mod tests;
 
 use crate::routing::ExpertGroups;
-pub use activation::Activation;
+pub use activation::{Activation, ClampedSwiglu};
 #[cfg(target_arch = "x86_64")]
 use simd::{Avx2, Avx512};
 use simd::{Portable, Simd};

@@ -155,6 +155,19 @@ pub struct ModelConfig {
     /// Each expert has an input bias `[h]` and an output bias `[d]` (added before gating).
     #[serde(default)]
     pub expert_bias: bool,
+    /// The gated experts also have a gate bias `[h]` (gpt-oss's `gate_up_proj_bias` holds gate and
+    /// up biases); counted only with `expert_bias`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expert_gate_bias: bool,
+    /// The experts' nonlinearity is gpt-oss's clamped SwiGLU instead of `activation(gate) * up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamped_swiglu: Option<crate::kernel::ClampedSwiglu>,
+    /// The router has a bias `[E]` (gpt-oss).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub router_bias: bool,
+    /// Every attention head has a learned sink logit in its softmax denominator (gpt-oss).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attn_sinks: bool,
     /// Sliding attention window of each block (`None`: full causal attention); empty when no block
     /// has one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -390,6 +403,10 @@ impl ModelConfig {
             n_experts,
             expert_hidden,
             expert_bias: true,
+            expert_gate_bias: false,
+            clamped_swiglu: None,
+            router_bias: false,
+            attn_sinks: false,
             sliding_windows: Vec::new(),
             shared_expert_hidden: None,
             shared_expert_gate: false,
@@ -455,6 +472,18 @@ impl ModelConfig {
         }
         if self.shared_expert_gate {
             v.push("shared_expert_gate");
+        }
+        if self.expert_gate_bias {
+            v.push("expert_gate_bias");
+        }
+        if self.clamped_swiglu.is_some() {
+            v.push("clamped_swiglu");
+        }
+        if self.router_bias {
+            v.push("router_bias");
+        }
+        if self.attn_sinks {
+            v.push("attn_sinks");
         }
         if self.tokenizer == TokenizerKind::HuggingFace {
             v.push("tokenizer");

@@ -102,6 +102,16 @@ pub enum LoadError {
         /// Dtype in the file.
         found: String,
     },
+    /// An MXFP4-quantised tensor (`*_blocks` / `*_scales`) that cannot be read.
+    #[error("{path}: MXFP4 tensor `{tensor}`: {detail}")]
+    Mxfp4 {
+        /// The shard (or checkpoint directory).
+        path: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// What is wrong, with what was expected and found.
+        detail: String,
+    },
     /// A router weight is NaN or infinite.
     #[error("{path}: tensor `{tensor}` has a non-finite value ({value}) at flat index {index}")]
     NonFinite {

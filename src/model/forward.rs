@@ -409,10 +409,10 @@ pub fn param_counts(cfg: &ModelConfig) -> ParamCounts {
     };
     let mats = if cfg.gated { 3 } else { 2 };
     let per_expert = mats * d * cfg.expert_hidden
-        + if cfg.expert_bias {
-            cfg.expert_hidden + d
-        } else {
-            0
+        + match (cfg.expert_bias, cfg.expert_gate_bias) {
+            (true, true) => 2 * cfg.expert_hidden + d,
+            (true, false) => cfg.expert_hidden + d,
+            (false, _) => 0,
         };
     let (q, kv) = (
         cfg.n_heads * cfg.head_dim(),
@@ -431,7 +431,8 @@ pub fn param_counts(cfg: &ModelConfig) -> ParamCounts {
             Some(QkNormKind::PerHead) => 2 * cfg.head_dim(),
             Some(QkNormKind::Full) => q + kv,
             None => 0,
-        };
+        }
+        + if cfg.attn_sinks { cfg.n_heads } else { 0 };
     let h = cfg.dense_ffn_hidden;
     let dense = mats * d * h + if cfg.ffn_bias { (mats - 1) * h + d } else { 0 };
     let shared = cfg.shared_expert_hidden.map_or(0, |s| {
@@ -442,7 +443,8 @@ pub fn param_counts(cfg: &ModelConfig) -> ParamCounts {
         .map(|i| {
             let ffn = if cfg.is_moe_layer(i) {
                 experts_total += cfg.n_experts * per_expert;
-                cfg.n_experts * d + cfg.n_experts * per_expert + shared
+                let router = cfg.n_experts * d + if cfg.router_bias { cfg.n_experts } else { 0 };
+                router + cfg.n_experts * per_expert + shared
             } else {
                 dense
             };

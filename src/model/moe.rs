@@ -6,7 +6,7 @@ use candle_core::{Device, Storage, Tensor};
 
 use super::blocks::ffn::activate;
 use super::format::{LoadError, ModelFile};
-use crate::kernel::Activation;
+use crate::kernel::{Activation, ClampedSwiglu};
 use crate::kernel::{KernelVariant, MoeScratch, PackedExperts, moe_forward};
 use crate::routing::ExpertGroups;
 
@@ -87,6 +87,8 @@ struct StoredExperts {
     gate: Vec<Tensor>,
     up: Vec<Tensor>,
     down: Vec<Tensor>,
+    biases: Option<ExpertBiases>,
+    clamped: Option<ClampedSwiglu>,
 }
 
 enum ExpertCompute {
@@ -103,6 +105,16 @@ pub struct ExpertWeights {
     /// Up projections.
     pub up: Vec<Tensor>,
     /// Down projections.
+    pub down: Vec<Tensor>,
+}
+
+/// Per-expert biases of gated experts (gpt-oss), f32: `gate` and `up` `[h]`, `down` `[d]`.
+pub struct ExpertBiases {
+    /// Gate biases.
+    pub gate: Vec<Tensor>,
+    /// Up biases.
+    pub up: Vec<Tensor>,
+    /// Down (output) biases.
     pub down: Vec<Tensor>,
 }
 
@@ -307,6 +319,46 @@ impl MoeExperts {
                 gate: on_device(weights.gate)?,
                 up: on_device(weights.up)?,
                 down: on_device(weights.down)?,
+                biases: None,
+                clamped: None,
+            }),
+        })
+    }
+
+    /// gpt-oss experts: gated, with gate/up/down biases and the clamped SwiGLU. They run on the
+    /// per-expert candle path with the weights kept as given (bf16 stays bf16 and is widened one
+    /// expert at a time): the CPU kernel has neither gate biases nor the clamp. Asking for the
+    /// kernel (`--moe kernel` and its variants) is an error.
+    pub fn gated_with_biases(
+        weights: ExpertWeights,
+        biases: ExpertBiases,
+        clamped: ClampedSwiglu,
+        device: &Device,
+        options: LoadOptions,
+    ) -> candle_core::Result<Self> {
+        if let MoeDispatch::Kernel(_) = options.dispatch {
+            candle_core::bail!(
+                "the CPU expert kernel has no gate biases or clamped SwiGLU (gpt-oss experts); \
+                 use --moe auto or --moe candle"
+            );
+        }
+        let n_experts = weights.gate.len();
+        let on_device = |ws: Vec<Tensor>| -> candle_core::Result<Vec<Tensor>> {
+            ws.into_iter().map(|w| w.to_device(device)).collect()
+        };
+        Ok(Self {
+            n_experts,
+            activation: Activation::Silu,
+            compute: ExpertCompute::Stored(StoredExperts {
+                gate: on_device(weights.gate)?,
+                up: on_device(weights.up)?,
+                down: on_device(weights.down)?,
+                biases: Some(ExpertBiases {
+                    gate: on_device(biases.gate)?,
+                    up: on_device(biases.up)?,
+                    down: on_device(biases.down)?,
+                }),
+                clamped: Some(clamped),
             }),
         })
     }
@@ -418,10 +470,70 @@ impl StoredExperts {
         let dtype = x.dtype();
         // Widened one expert at a time: the working set is one expert, not the layer.
         let w = |t: &Tensor| -> candle_core::Result<Tensor> { t.to_dtype(dtype)?.t() };
+        let bias = |t: Tensor, b: Option<&Tensor>| -> candle_core::Result<Tensor> {
+            match b {
+                Some(b) => t.broadcast_add(&b.to_dtype(dtype)?),
+                None => Ok(t),
+            }
+        };
+        let b = self.biases.as_ref();
         per_expert_groups(x, groups, |e, xs| {
-            let gate = activate(&xs.matmul(&w(&self.gate[e])?)?, activation)?;
-            let hidden = (gate * xs.matmul(&w(&self.up[e])?)?)?;
-            hidden.matmul(&w(&self.down[e])?)
+            let gate = bias(xs.matmul(&w(&self.gate[e])?)?, b.map(|b| &b.gate[e]))?;
+            let up = bias(xs.matmul(&w(&self.up[e])?)?, b.map(|b| &b.up[e]))?;
+            let hidden = match self.clamped {
+                Some(c) => clamped_swiglu(&gate, &up, c)?,
+                None => (activate(&gate, activation)? * up)?,
+            };
+            bias(hidden.matmul(&w(&self.down[e])?)?, b.map(|b| &b.down[e]))
         })
+    }
+}
+
+/// [`ClampedSwiglu`] on tensors: `(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)` with
+/// `g = min(gate, l)`.
+fn clamped_swiglu(gate: &Tensor, up: &Tensor, c: ClampedSwiglu) -> candle_core::Result<Tensor> {
+    let limit = f64::from(c.limit);
+    let g = gate.minimum(limit)?;
+    let u = up.clamp(-limit, limit)?;
+    let glu = (&g * candle_nn::ops::sigmoid(&(&g * f64::from(c.alpha))?)?)?;
+    (u + 1.0)? * glu
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clamped_swiglu_on_tensors_matches_the_scalar_definition() {
+        let c = ClampedSwiglu {
+            alpha: 1.702,
+            limit: 7.0,
+        };
+        let gate = [-9.0f32, -1.0, 0.0, 0.5, 6.9, 7.5, 20.0];
+        let up = [-20.0f32, -7.5, -0.3, 0.0, 2.0, 7.2, 1.0];
+        let t = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let got = clamped_swiglu(&t(&gate), &t(&up), c)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, ((&gi, &ui), &out)) in gate.iter().zip(&up).zip(&got).enumerate() {
+            // Written out from transformers' `_apply_gate`.
+            let g = gi.min(7.0);
+            let u = ui.clamp(-7.0, 7.0);
+            let want = (u + 1.0) * (g * (1.0 / (1.0 + (-1.702 * g).exp())));
+            assert!(
+                (out - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                "{i}: {out} vs {want}"
+            );
+            assert!((c.apply(gi, ui) - want).abs() <= 1e-5 * (1.0 + want.abs()));
+        }
+        // The clamp shows: a gate above the limit acts as the limit, an up below -limit as -limit.
+        assert_eq!(
+            got[6],
+            clamped_swiglu(&t(&[7.0]), &t(&[1.0]), c)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()[0]
+        );
     }
 }

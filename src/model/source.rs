@@ -76,8 +76,8 @@ impl ModelSource {
 }
 
 impl ModelSource {
-    /// Bytes the loaded weights take in memory: a checkpoint keeps its stored dtype; the project's
-    /// own format is widened to f32.
+    /// Bytes the loaded weights take in memory: a checkpoint keeps its stored dtype (MXFP4 experts
+    /// become bf16); the project's own format is widened to f32.
     pub fn resident_weight_bytes(&self) -> usize {
         match self {
             ModelSource::Xmoe(f) => f
@@ -85,7 +85,7 @@ impl ModelSource {
                 .iter()
                 .map(|(_, _, shape, _)| shape.iter().product::<usize>() * 4)
                 .sum(),
-            ModelSource::HuggingFace(c) => c.tensor_bytes(),
+            ModelSource::HuggingFace(c) => c.resident_bytes(),
         }
     }
 

@@ -7,16 +7,17 @@
 //! |---|---|
 //! | attention projections (q, k, v, o) | 2·d·(2·q + 2·kv) (+ q + 2·kv + d with biases) |
 //! | attention scores and weighted sum over `c` keys | 2·2·c·q |
-//! | router | 2·d·E |
+//! | router | 2·d·E (+ E with a bias, gpt-oss) |
 //! | one expert, non-gated | 2·2·d·h (+ h + d with biases) |
-//! | one expert, gated | 3·2·d·h (+ h + d with biases) |
+//! | one expert, gated | 3·2·d·h (+ h + d with biases; + 2·h + d with gate biases too, gpt-oss) |
 //! | combining a selected expert's output (scale and add) | 2·d |
 //! | dense FFN of width H | as one expert of width H, without the combine |
 //! | shared expert of width S (every token, outside the routing) | 3·2·d·S (+ 2·d with its gate, + d to scale) |
 //! | LM head | 2·d·V |
 //!
 //! with `q = heads · head_dim` and `kv = kv_heads · head_dim` (`q = kv = d` for the project's own
-//! models). The shared expert costs the same under every policy, so it is counted with the
+//! models). gpt-oss's attention sinks (one more logit in each softmax, no value) and its clamped
+//! SwiGLU are part of the softmax and the activation, which are not counted. The shared expert costs the same under every policy, so it is counted with the
 //! non-MoE part and never as "saved".
 
 use crate::model::config::ModelConfig;
@@ -32,6 +33,8 @@ pub struct FlopModel {
     dense_hidden: u64,
     gated: bool,
     expert_bias: bool,
+    expert_gate_bias: bool,
+    router_bias: bool,
     ffn_bias: bool,
     attn_bias: bool,
     qkv_bias: bool,
@@ -56,6 +59,8 @@ impl FlopModel {
             dense_hidden: cfg.dense_ffn_hidden as u64,
             gated: cfg.gated,
             expert_bias: cfg.expert_bias,
+            expert_gate_bias: cfg.expert_bias && cfg.expert_gate_bias,
+            router_bias: cfg.router_bias,
             ffn_bias: cfg.ffn_bias,
             attn_bias: cfg.attn_bias,
             qkv_bias: cfg.qkv_bias,
@@ -92,12 +97,18 @@ impl FlopModel {
 
     /// One expert applied to one token, including the weighted combine into the output.
     pub fn expert(&self) -> u64 {
-        self.ffn_flops(self.expert_hidden, self.expert_bias) + 2 * self.d
+        self.ffn_flops(self.expert_hidden, self.expert_bias)
+            + if self.expert_gate_bias {
+                self.expert_hidden
+            } else {
+                0
+            }
+            + 2 * self.d
     }
 
     /// Router logits for one token.
     pub fn router(&self) -> u64 {
-        2 * self.d * self.n_experts
+        2 * self.d * self.n_experts + if self.router_bias { self.n_experts } else { 0 }
     }
 
     /// A MoE layer for one token that used `experts` (kept) experts.
@@ -195,6 +206,13 @@ mod tests {
         c.gated = true;
         c.expert_bias = false;
         assert_eq!(FlopModel::new(&c).expert(), 3 * 2 * 16 * 16 + 2 * 16);
+        // gpt-oss: gate, up and down biases and a router bias.
+        c.expert_bias = true;
+        c.expert_gate_bias = true;
+        c.router_bias = true;
+        let g = FlopModel::new(&c);
+        assert_eq!(g.expert(), 3 * 2 * 16 * 16 + 2 * 16 + 16 + 2 * 16);
+        assert_eq!(g.router(), 2 * 16 * 8 + 8);
     }
 
     #[test]

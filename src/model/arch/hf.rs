@@ -1,6 +1,7 @@
-//! Hugging Face MoE families (`mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`): the tensor names of
-//! each, in both expert layouts found on disk, assembled into the same blocks as every model. The
-//! forward each family needs is in `docs/model-families.md`.
+//! Hugging Face MoE families (`mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`, `gpt_oss`): the tensor
+//! names of each, in every expert layout found on disk (gpt-oss: fused, or MXFP4 as published),
+//! assembled into the same blocks as every model. The forward each family needs is in
+//! `docs/model-families.md`.
 
 use std::collections::BTreeSet;
 
@@ -14,7 +15,7 @@ use crate::model::blocks::{
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
 use crate::model::hf::{HfCheckpoint, HfFamily};
-use crate::model::moe::{ExpertWeights, LoadOptions, MoeExperts};
+use crate::model::moe::{ExpertBiases, ExpertWeights, LoadOptions, MoeExperts};
 
 /// Builds every block of `ckpt` on `device`. Returns the parts and the names of the tensors it
 /// did not use (reported as warnings).
@@ -61,9 +62,17 @@ pub fn build(
             linear(&format!("{p}.down_proj"), h, width, false)?,
         ))
     };
-    let rotary =
-        Rotary::like_transformers(c.head_dim, c.max_positions, c.rope_theta as f32, device)
-            .map_err(de)?;
+    let rotary = match &c.rope_yarn {
+        Some(yarn) => Rotary::yarn_like_transformers(
+            c.head_dim,
+            c.max_positions,
+            c.rope_theta as f32,
+            yarn,
+            device,
+        ),
+        None => Rotary::like_transformers(c.head_dim, c.max_positions, c.rope_theta as f32, device),
+    }
+    .map_err(de)?;
     let (q_w, kv_w) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
     let mut blocks = Vec::with_capacity(c.layers);
     for i in 0..c.layers {
@@ -91,8 +100,11 @@ pub fn build(
                 q: rms(&format!("{a}.q_norm"), q_w)?,
                 k: rms(&format!("{a}.k_norm"), kv_w)?,
             }),
-            HfFamily::Mixtral | HfFamily::Qwen2Moe => attention,
+            HfFamily::Mixtral | HfFamily::Qwen2Moe | HfFamily::GptOss => attention,
         };
+        if c.attn_sinks {
+            attention = attention.with_sinks(widened(&format!("{a}.sinks"), &[c.heads])?);
+        }
         let ffn_norm = rms(&format!("{p}.post_attention_layernorm"), h)?;
         let ffn = if let Some(slot) = c.moe_layers.iter().position(|&l| l == i) {
             // Mixtral's original names put the block under `block_sparse_moe`; the fused layout
@@ -104,12 +116,34 @@ pub fn build(
             } else {
                 format!("{p}.mlp")
             };
-            let router = widened(&format!("{m}.gate.weight"), &[c.experts, h])?;
-            let weights =
-                expert_weights(ckpt, c.family, &m, c.experts, c.expert_hidden, h, &stored)?;
-            let experts =
-                MoeExperts::from_weights(weights, Activation::Silu, device, options).map_err(de)?;
-            let mut moe = MoeBlock::new(ffn_norm, &router, experts, slot).map_err(de)?;
+            let mut moe = if let Some(clamped) = c.clamped_swiglu {
+                let router = widened(&format!("{m}.router.weight"), &[c.experts, h])?;
+                let bias = widened(&format!("{m}.router.bias"), &[c.experts])?;
+                let (weights, biases) = gpt_oss_experts(
+                    ckpt,
+                    &m,
+                    c.experts,
+                    c.expert_hidden,
+                    h,
+                    device,
+                    &stored,
+                    &widened,
+                    &used,
+                )?;
+                let experts =
+                    MoeExperts::gated_with_biases(weights, biases, clamped, device, options)
+                        .map_err(de)?;
+                MoeBlock::new(ffn_norm, &router, experts, slot)
+                    .map_err(de)?
+                    .with_router_bias(bias)
+            } else {
+                let router = widened(&format!("{m}.gate.weight"), &[c.experts, h])?;
+                let weights =
+                    expert_weights(ckpt, c.family, &m, c.experts, c.expert_hidden, h, &stored)?;
+                let experts = MoeExperts::from_weights(weights, Activation::Silu, device, options)
+                    .map_err(de)?;
+                MoeBlock::new(ffn_norm, &router, experts, slot).map_err(de)?
+            };
             if let Some(s) = c.shared_expert_hidden {
                 let (g, u, d) = gated_mlp(&format!("{m}.shared_expert"), s)?;
                 let scale = linear(&format!("{m}.shared_expert_gate"), 1, h, false)?;
@@ -205,4 +239,93 @@ fn expert_weights(
             .map(|e| one(e, d, &[h, inter]))
             .collect::<Result<_, _>>()?,
     })
+}
+
+/// gpt-oss experts as per-expert `[out, in]` weights and f32 biases. Each of `gate_up_proj` and
+/// `down_proj` is read from its MXFP4 form when the checkpoint has `{name}_blocks` (as the
+/// published checkpoints do: `[E, 2I, H/32, 16]` and `[E, H, I/32, 16]`, rows `[out]`, dequantised
+/// to bf16), else from the fused `x @ W` layout transformers writes (`gate_up_proj [E, H, 2I]`,
+/// `down_proj [E, I, H]`). gate and up are interleaved: gate = column (or MXFP4 row) 0, 2, 4, ...,
+/// up = 1, 3, 5, ...; `gate_up_proj_bias [E, 2I]` the same way, `down_proj_bias [E, H]`.
+#[allow(clippy::too_many_arguments)]
+fn gpt_oss_experts(
+    ckpt: &HfCheckpoint,
+    m: &str,
+    n: usize,
+    inter: usize,
+    h: usize,
+    device: &Device,
+    stored: &TensorLoader,
+    widened: &TensorLoader,
+    used: &std::cell::RefCell<BTreeSet<String>>,
+) -> Result<(ExpertWeights, ExpertBiases), LoadError> {
+    let de = |e: candle_core::Error| LoadError::Device {
+        path: ckpt.dir().to_path_buf(),
+        detail: e.to_string(),
+    };
+    let mxfp4 = |name: &str, rows: usize, cols: usize| -> Result<Option<Tensor>, LoadError> {
+        if !ckpt.has(&format!("{name}_blocks")) {
+            return Ok(None);
+        }
+        used.borrow_mut().insert(format!("{name}_blocks"));
+        used.borrow_mut().insert(format!("{name}_scales"));
+        ckpt.mxfp4_bf16(name, n, rows, cols, device).map(Some)
+    };
+    let mut w = ExpertWeights {
+        gate: Vec::with_capacity(n),
+        up: Vec::with_capacity(n),
+        down: Vec::with_capacity(n),
+    };
+    let gate_up = format!("{m}.experts.gate_up_proj");
+    if let Some(gu) = mxfp4(&gate_up, 2 * inter, h)? {
+        // [E, 2I, H]: row 2j is gate unit j, row 2j + 1 up unit j.
+        let gu = gu.reshape((n, inter, 2, h)).map_err(de)?;
+        for e in 0..n {
+            let ge = gu.get(e).map_err(de)?;
+            let half = |i: usize| ge.narrow(1, i, 1)?.squeeze(1)?.contiguous();
+            w.gate.push(half(0).map_err(de)?);
+            w.up.push(half(1).map_err(de)?);
+        }
+    } else {
+        // [E, H, 2I] used as `x @ W`: column 2j is gate unit j, 2j + 1 up unit j.
+        let gu = stored(&gate_up, &[n, h, 2 * inter])?
+            .reshape((n, h, inter, 2))
+            .map_err(de)?;
+        for e in 0..n {
+            let ge = gu.get(e).map_err(de)?;
+            let half = |i: usize| ge.narrow(2, i, 1)?.squeeze(2)?.t()?.contiguous();
+            w.gate.push(half(0).map_err(de)?);
+            w.up.push(half(1).map_err(de)?);
+        }
+    }
+    let down = format!("{m}.experts.down_proj");
+    if let Some(d) = mxfp4(&down, h, inter)? {
+        for e in 0..n {
+            w.down
+                .push(d.get(e).and_then(|t| t.contiguous()).map_err(de)?);
+        }
+    } else {
+        let d = stored(&down, &[n, inter, h])?;
+        for e in 0..n {
+            w.down
+                .push(d.get(e).and_then(|t| t.t()?.contiguous()).map_err(de)?);
+        }
+    }
+    let gu_b = widened(&format!("{gate_up}_bias"), &[n, 2 * inter])?
+        .reshape((n, inter, 2))
+        .map_err(de)?;
+    let down_b = widened(&format!("{down}_bias"), &[n, h])?;
+    let mut b = ExpertBiases {
+        gate: Vec::with_capacity(n),
+        up: Vec::with_capacity(n),
+        down: Vec::with_capacity(n),
+    };
+    for e in 0..n {
+        let be = gu_b.get(e).map_err(de)?;
+        let half = |i: usize| be.narrow(1, i, 1)?.squeeze(1)?.contiguous();
+        b.gate.push(half(0).map_err(de)?);
+        b.up.push(half(1).map_err(de)?);
+        b.down.push(down_b.get(e).map_err(de)?);
+    }
+    Ok((w, b))
 }

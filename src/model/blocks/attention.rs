@@ -71,6 +71,79 @@ fn attention_mask(
     Tensor::from_vec(mask, (seq, keys), device)
 }
 
+/// YaRN rotary scaling ("YaRN: Efficient Context Window Extension", Peng et al. 2023) as
+/// transformers computes it (`_compute_yarn_parameters`): the frequencies of the dimensions that
+/// rotate fast are kept (extrapolated), the slow ones divided by `factor` (interpolated), with a
+/// linear ramp between, and cos and sin are multiplied by an attention factor. Used by gpt-oss
+/// and by DeepSeek's configs; see `docs/hf-families-notes.md`, "YaRN rope".
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    /// Context extension factor (`factor`).
+    pub factor: f64,
+    /// Context the model was pretrained with (`original_max_position_embeddings`).
+    pub original_max_positions: f64,
+    /// Rotations over the original context above which a dimension is extrapolated (default 32).
+    pub beta_fast: f64,
+    /// Rotations below which a dimension is interpolated (default 1).
+    pub beta_slow: f64,
+    /// Round the correction range outward to whole dimensions (default true; gpt-oss: false).
+    pub truncate: bool,
+    /// Explicit multiplier of cos and sin (`attention_factor`).
+    pub attention_factor: Option<f64>,
+    /// DeepSeek's `mscale` (numerator of the inferred attention factor, with `mscale_all_dim`).
+    pub mscale: Option<f64>,
+    /// DeepSeek's `mscale_all_dim`.
+    pub mscale_all_dim: Option<f64>,
+}
+
+impl Yarn {
+    /// `inv_freq` (`[head_dim / 2]`, f32 as transformers computes it) and the attention factor
+    /// for heads of `head_dim` with rotary base `theta`.
+    pub fn inv_freq(&self, head_dim: usize, theta: f32) -> (Vec<f32>, f32) {
+        let d = head_dim;
+        let base = theta as f64;
+        let factor = self.factor as f32;
+        let find_dim = |rotations: f64| {
+            d as f64 * (self.original_max_positions / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (find_dim(self.beta_fast), find_dim(self.beta_slow));
+        if self.truncate {
+            low = low.floor();
+            high = high.ceil();
+        }
+        low = low.max(0.0);
+        high = high.min(d as f64 - 1.0);
+        if low == high {
+            high += 0.001;
+        }
+        let (low, span) = (low as f32, (high - low) as f32);
+        let inv_freq = (0..d / 2)
+            .map(|i| {
+                let pos_freq = theta.powf((2 * i) as f32 / d as f32);
+                let extrapolated = 1.0 / pos_freq;
+                let interpolated = 1.0 / (factor * pos_freq);
+                let ramp = ((i as f32 - low) / span).clamp(0.0, 1.0);
+                let keep = 1.0 - ramp;
+                interpolated * (1.0 - keep) + extrapolated * keep
+            })
+            .collect();
+        let mscale = |scale: f64, m: f64| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * m * scale.ln() + 1.0
+            }
+        };
+        let attention = match (self.attention_factor, self.mscale, self.mscale_all_dim) {
+            (Some(a), _, _) => a,
+            (None, Some(m), Some(all)) => mscale(self.factor, m) / mscale(self.factor, all),
+            _ => mscale(self.factor, 1.0),
+        };
+        (inv_freq, attention as f32)
+    }
+}
+
 /// Rotary position tables (half-split layout, as in GPT-NeoX / Llama).
 #[derive(Clone)]
 pub struct Rotary {
@@ -112,6 +185,22 @@ impl Rotary {
         Self::from_angles(max_positions, inv_freq.len(), device, |p, i| {
             let a = p as f32 * inv_freq[i];
             (a.cos(), a.sin())
+        })
+    }
+
+    /// Tables with YaRN scaling, computed as transformers does (f32 `inv_freq`, f32 angles, cos
+    /// and sin times the attention factor).
+    pub fn yarn_like_transformers(
+        head_dim: usize,
+        max_positions: usize,
+        theta: f32,
+        yarn: &Yarn,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let (inv_freq, scale) = yarn.inv_freq(head_dim, theta);
+        Self::from_angles(max_positions, inv_freq.len(), device, |p, i| {
+            let a = p as f32 * inv_freq[i];
+            (a.cos() * scale, a.sin() * scale)
         })
     }
 
@@ -219,6 +308,8 @@ pub struct Attention {
     rotary: Option<Rotary>,
     qk_norm: Option<QkNorm>,
     sliding_window: Option<usize>,
+    /// `[n_heads]` sink logits (f32).
+    sinks: Option<Tensor>,
 }
 
 impl Attention {
@@ -247,6 +338,7 @@ impl Attention {
             rotary,
             qk_norm: None,
             sliding_window: None,
+            sinks: None,
         }
     }
 
@@ -260,6 +352,14 @@ impl Attention {
     /// Normalises queries and keys before the rotary positions.
     pub fn with_qk_norm(mut self, qk_norm: QkNorm) -> Self {
         self.qk_norm = Some(qk_norm);
+        self
+    }
+
+    /// Attention sinks (gpt-oss): each head's learned logit `sinks[h]` joins the softmax
+    /// denominator as an extra key with no value, so a query's probabilities over the real keys
+    /// sum to less than 1. `sinks` is `[n_heads]`.
+    pub fn with_sinks(mut self, sinks: Tensor) -> Self {
+        self.sinks = Some(sinks);
         self
     }
 
@@ -320,7 +420,23 @@ impl Attention {
                 }
             }
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = match &self.sinks {
+            // As transformers' eager gpt-oss attention: the sink column joins after the mask,
+            // the softmax runs over keys and sink, and the sink's probability is dropped.
+            Some(sinks) => {
+                let (b, h, rows, keys) = scores.dims4()?;
+                let column = sinks
+                    .to_dtype(scores.dtype())?
+                    .reshape((1, h, 1, 1))?
+                    .broadcast_as((b, h, rows, 1))?
+                    .contiguous()?;
+                let all = Tensor::cat(&[&scores, &column], 3)?;
+                candle_nn::ops::softmax_last_dim(&all)?
+                    .narrow(3, 0, keys)?
+                    .contiguous()?
+            }
+            None => candle_nn::ops::softmax_last_dim(&scores)?,
+        };
         let ctx = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -420,6 +536,71 @@ mod tests {
         slot.clear();
         let (k, _) = slot.append(second.clone(), second).unwrap();
         assert_eq!(k.dims(), &[1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn yarn_frequencies_match_transformers() {
+        // `ROPE_INIT_FUNCTIONS["yarn"]` of transformers 5.24 on these parameters.
+        let check = |yarn: Yarn, d: usize, theta: f32, want: &[f64], want_factor: f64| {
+            let (inv, factor) = yarn.inv_freq(d, theta);
+            assert_eq!(inv.len(), want.len());
+            for (i, (a, b)) in inv.iter().zip(want).enumerate() {
+                assert!(
+                    (f64::from(*a) - b).abs() <= 1e-6 * b,
+                    "inv_freq[{i}] {a} vs {b}"
+                );
+            }
+            assert!((f64::from(factor) - want_factor).abs() < 1e-6, "{factor}");
+        };
+        let gpt_oss = Yarn {
+            factor: 4.0,
+            original_max_positions: 32.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            truncate: false,
+            attention_factor: None,
+            mscale: None,
+            mscale_all_dim: None,
+        };
+        check(
+            gpt_oss,
+            12,
+            150_000.0,
+            &[
+                1.0,
+                0.034_297_157_078_981_4,
+                0.004_705_179_482_698_440_6,
+                0.000_645_497_231_744_229_8,
+                8.855_486_521_497_369e-5,
+                1.214_872_645_505_238_3e-5,
+            ],
+            1.138_629_436_111_989,
+        );
+        // DeepSeek-style: truncated correction range, mscale / mscale_all_dim.
+        let deepseek = Yarn {
+            factor: 40.0,
+            original_max_positions: 64.0,
+            truncate: true,
+            mscale: Some(1.0),
+            mscale_all_dim: Some(0.707),
+            ..gpt_oss
+        };
+        check(
+            deepseek,
+            16,
+            10_000.0,
+            &[
+                1.0,
+                0.213_453_724_980_354_3,
+                0.034_999_996_423_721_31,
+                0.000_790_569_465_607_404_7,
+                0.000_250_000_011_874_362_8,
+                7.905_694_656_074_047e-5,
+                2.499_999_936_844_688e-5,
+                7.905_694_474_175_107e-6,
+            ],
+            1.085_726_399_256_135_5,
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-pub use attention::{Attention, AttentionOutput, KvSlot, PassContext, QkNorm, Rotary};
+pub use attention::{Attention, AttentionOutput, KvSlot, PassContext, QkNorm, Rotary, Yarn};
 pub use block::{Block, BlockFfn};
 pub use embedding::Embedding;
 pub use ffn::Ffn;

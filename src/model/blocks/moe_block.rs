@@ -58,6 +58,8 @@ pub struct MoeBlock {
     norm: Norm,
     /// Router weight transposed, [d, E].
     router_t: Tensor,
+    /// Router bias, [E] (gpt-oss).
+    router_b: Option<Tensor>,
     experts: MoeExperts,
     shared: Option<SharedExpert>,
     /// Index of this block among the model's MoE blocks: its policy and its trace slot.
@@ -76,10 +78,17 @@ impl MoeBlock {
         Ok(Self {
             norm,
             router_t: router.t()?.contiguous()?,
+            router_b: None,
             experts,
             shared: None,
             slot,
         })
+    }
+
+    /// Adds a bias `[n_experts]` to the router logits (gpt-oss's `mlp.router.bias`).
+    pub fn with_router_bias(mut self, bias: Tensor) -> Self {
+        self.router_b = Some(bias);
+        self
     }
 
     /// Adds an always-on shared expert to the routed ones.
@@ -105,7 +114,11 @@ impl MoeBlock {
     ) -> Result<Tensor> {
         let t0 = Instant::now();
         let f = self.norm.forward(&x)?;
-        let logits = f.matmul(&self.router_t)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut logits = f.matmul(&self.router_t)?;
+        if let Some(b) = &self.router_b {
+            logits = logits.broadcast_add(b)?;
+        }
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         let lt = trace.moe_slot(self.slot, layer);
         route(
             &logits,

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::kernel::ClampedSwiglu;
+use crate::model::blocks::Yarn;
 use crate::model::config::{
     ModelConfig, MoeLayers, NormKind, PositionKind, QkNormKind, TokenizerKind,
 };
@@ -23,6 +25,8 @@ pub enum HfFamily {
     Qwen3Moe,
     /// `olmoe` (`OlmoeForCausalLM`).
     Olmoe,
+    /// `gpt_oss` (`GptOssForCausalLM`).
+    GptOss,
 }
 
 /// Longest context xmoe-top runs a checkpoint with (its rotary tables are precomputed for every
@@ -30,7 +34,8 @@ pub enum HfFamily {
 pub const MAX_CONTEXT: usize = 1 << 17;
 
 /// `model_type` values, in the order the error message lists them.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] =
+    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"];
 
 impl HfFamily {
     fn from_model_type(s: &str) -> Option<Self> {
@@ -39,6 +44,7 @@ impl HfFamily {
             "qwen2_moe" => HfFamily::Qwen2Moe,
             "qwen3_moe" => HfFamily::Qwen3Moe,
             "olmoe" => HfFamily::Olmoe,
+            "gpt_oss" => HfFamily::GptOss,
             _ => return None,
         })
     }
@@ -49,6 +55,7 @@ impl HfFamily {
             "Qwen2MoeForCausalLM" => HfFamily::Qwen2Moe,
             "Qwen3MoeForCausalLM" => HfFamily::Qwen3Moe,
             "OlmoeForCausalLM" => HfFamily::Olmoe,
+            "GptOssForCausalLM" => HfFamily::GptOss,
             _ => return None,
         })
     }
@@ -60,6 +67,7 @@ impl HfFamily {
             HfFamily::Qwen2Moe => "qwen2_moe",
             HfFamily::Qwen3Moe => "qwen3_moe",
             HfFamily::Olmoe => "olmoe",
+            HfFamily::GptOss => "gpt_oss",
         }
     }
 }
@@ -87,6 +95,9 @@ pub struct HfConfig {
     pub rms_norm_eps: f64,
     /// Rotary base.
     pub rope_theta: f64,
+    /// YaRN rotary scaling (`rope_type: "yarn"`), if the config asks for it (boxed: it is rare,
+    /// and the checkpoint that holds this configuration stays small).
+    pub rope_yarn: Option<Box<Yarn>>,
     /// `max_position_embeddings`.
     pub max_positions: usize,
     /// `tie_word_embeddings`.
@@ -113,6 +124,12 @@ pub struct HfConfig {
     pub qk_norm: Option<QkNormKind>,
     /// Sliding window of each block, if any.
     pub sliding_window: Vec<Option<usize>>,
+    /// gpt-oss's clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`) and expert biases.
+    pub clamped_swiglu: Option<ClampedSwiglu>,
+    /// The router has a bias (gpt-oss `mlp.router.bias`).
+    pub router_bias: bool,
+    /// Attention sinks (gpt-oss `self_attn.sinks`).
+    pub attn_sinks: bool,
 }
 
 struct Reader<'a> {
@@ -262,7 +279,7 @@ impl HfConfig {
                 format!("only \"silu\" is supported, found \"{act}\""),
             ));
         }
-        let rope_theta = rope_theta(&r)?;
+        let (rope_theta, rope_yarn) = rope(&r)?;
         let experts = r.usize_any(&["num_local_experts", "num_experts"])?;
         if experts > u16::MAX as usize {
             return Err(r.error(
@@ -270,7 +287,12 @@ impl HfConfig {
                 format!("at most {} supported, found {experts}", u16::MAX),
             ));
         }
-        let top_k = r.usize("num_experts_per_tok")?;
+        let top_k = if family == HfFamily::GptOss {
+            // The published gpt-oss configs also carry the original name `experts_per_token`.
+            r.usize_any(&["num_experts_per_tok", "experts_per_token"])?
+        } else {
+            r.usize("num_experts_per_tok")?
+        };
         if top_k > experts {
             return Err(r.error(
                 "num_experts_per_tok",
@@ -315,7 +337,9 @@ impl HfConfig {
         };
         let norm_topk_prob = match family {
             // Mixtral's router always renormalises (`MixtralTopKRouter`); the key does not exist.
-            HfFamily::Mixtral => true,
+            // gpt-oss softmaxes the k chosen logits: the same as renormalising the chosen
+            // probabilities of the softmax over all experts.
+            HfFamily::Mixtral | HfFamily::GptOss => true,
             _ => r.bool_or("norm_topk_prob", false)?,
         };
         let shared_expert_hidden = match family {
@@ -327,6 +351,8 @@ impl HfConfig {
         let (qkv_bias, attention_bias) = match family {
             HfFamily::Qwen2Moe => (r.bool_or("qkv_bias", true)?, false),
             HfFamily::Mixtral => (false, false),
+            // `GptOssConfig.attention_bias` defaults to true.
+            HfFamily::GptOss => (false, r.bool_or("attention_bias", true)?),
             _ => (false, r.bool_or("attention_bias", false)?),
         };
         let qk_norm = match family {
@@ -349,6 +375,14 @@ impl HfConfig {
             }
         }
         let sliding_window = sliding_windows(&r, family, layers)?;
+        let clamped_swiglu = if family == HfFamily::GptOss {
+            Some(ClampedSwiglu {
+                alpha: r.f64_or("swiglu_alpha", 1.702)? as f32,
+                limit: r.f64_or("swiglu_limit", 7.0)? as f32,
+            })
+        } else {
+            None
+        };
         // The rotary tables are computed for every position up front, so the context is capped.
         let max_positions = r
             .usize_opt("max_position_embeddings")?
@@ -365,13 +399,14 @@ impl HfConfig {
             vocab,
             rms_norm_eps: r.f64_or(
                 "rms_norm_eps",
-                if family == HfFamily::Olmoe {
+                if matches!(family, HfFamily::Olmoe | HfFamily::GptOss) {
                     1e-5
                 } else {
                     1e-6
                 },
             )?,
             rope_theta,
+            rope_yarn,
             max_positions,
             tie_embeddings: r.bool_or("tie_word_embeddings", false)?,
             experts,
@@ -385,6 +420,9 @@ impl HfConfig {
             attention_bias,
             qk_norm,
             sliding_window,
+            clamped_swiglu,
+            router_bias: family == HfFamily::GptOss,
+            attn_sinks: family == HfFamily::GptOss,
         })
     }
 
@@ -415,7 +453,11 @@ impl HfConfig {
             qkv_bias: self.qkv_bias,
             ffn_bias: false,
             moe_layers: MoeLayers::List(self.moe_layers.clone()),
-            expert_bias: false,
+            expert_bias: self.clamped_swiglu.is_some(),
+            expert_gate_bias: self.clamped_swiglu.is_some(),
+            clamped_swiglu: self.clamped_swiglu,
+            router_bias: self.router_bias,
+            attn_sinks: self.attn_sinks,
             sliding_windows: if self.sliding_window.iter().any(Option::is_some) {
                 self.sliding_window.clone()
             } else {
@@ -479,14 +521,16 @@ fn family_of(r: &Reader) -> Result<HfFamily, LoadError> {
     }
 }
 
-/// `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4); only the
-/// default rope type is supported.
-fn rope_theta(r: &Reader) -> Result<f64, LoadError> {
+/// `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (transformers 4): the
+/// rotary base and, for `rope_type: "yarn"`, the YaRN parameters. Other rope types are refused.
+fn rope(r: &Reader) -> Result<(f64, Option<Box<Yarn>>), LoadError> {
     let (params_key, params) = match (r.get("rope_parameters"), r.get("rope_scaling")) {
         (Some(p), _) => ("rope_parameters", Some(p)),
         (None, Some(s)) => ("rope_scaling", Some(s)),
         (None, None) => ("", None),
     };
+    let mut yarn = None;
+    let mut theta = None;
     if let Some(p) = params {
         let obj = p
             .as_object()
@@ -496,25 +540,77 @@ fn rope_theta(r: &Reader) -> Result<f64, LoadError> {
             .or_else(|| obj.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default");
-        if kind != "default" {
-            return Err(r.error(
-                params_key,
-                format!("rope type \"{kind}\" is not supported (supported: \"default\")"),
-            ));
-        }
-        if let Some(t) = obj.get("rope_theta") {
-            return t
-                .as_f64()
-                .filter(|x| x.is_finite() && *x > 0.0)
-                .ok_or_else(|| {
+        // A positive number under `params_key.name`, if present and not null.
+        let num = |name: &str| -> Result<Option<f64>, LoadError> {
+            match obj.get(name).filter(|v| !v.is_null()) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|x| x.is_finite() && *x > 0.0)
+                    .map(Some)
+                    .ok_or_else(|| {
+                        r.error(
+                            &format!("{params_key}.{name}"),
+                            format!("expected a positive number, found {v}"),
+                        )
+                    }),
+            }
+        };
+        match kind {
+            "default" => {}
+            "yarn" => {
+                if num("partial_rotary_factor")?.is_some_and(|f| f != 1.0) {
+                    return Err(r.error(
+                        &format!("{params_key}.partial_rotary_factor"),
+                        "only a rotary factor of 1 is supported with YaRN",
+                    ));
+                }
+                let original = num("original_max_position_embeddings")?.ok_or_else(|| {
                     r.error(
-                        "rope_parameters.rope_theta",
-                        format!("expected a positive number, found {t}"),
+                        &format!("{params_key}.original_max_position_embeddings"),
+                        "required for rope type \"yarn\" but missing",
                     )
-                });
+                })?;
+                let factor = match num("factor")? {
+                    Some(f) => f,
+                    None => r.f64_or("max_position_embeddings", 4096.0)? / original,
+                };
+                let truncate = match obj.get("truncate").filter(|v| !v.is_null()) {
+                    None => true,
+                    Some(v) => v.as_bool().ok_or_else(|| {
+                        r.error(
+                            &format!("{params_key}.truncate"),
+                            format!("expected true or false, found {v}"),
+                        )
+                    })?,
+                };
+                yarn = Some(Box::new(Yarn {
+                    factor,
+                    original_max_positions: original,
+                    beta_fast: num("beta_fast")?.unwrap_or(32.0),
+                    beta_slow: num("beta_slow")?.unwrap_or(1.0),
+                    truncate,
+                    attention_factor: num("attention_factor")?,
+                    mscale: num("mscale")?,
+                    mscale_all_dim: num("mscale_all_dim")?,
+                }));
+            }
+            other => {
+                return Err(r.error(
+                    params_key,
+                    format!(
+                        "rope type \"{other}\" is not supported (supported: \"default\", \"yarn\")"
+                    ),
+                ));
+            }
         }
+        theta = num("rope_theta")?;
     }
-    r.f64_or("rope_theta", 10_000.0)
+    let theta = match theta {
+        Some(t) => t,
+        None => r.f64_or("rope_theta", 10_000.0)?,
+    };
+    Ok((theta, yarn))
 }
 
 fn sliding_windows(
@@ -526,6 +622,16 @@ fn sliding_windows(
     Ok(match family {
         HfFamily::Mixtral => vec![window; layers],
         HfFamily::Olmoe => vec![None; layers],
+        // transformers' default: alternating, sliding first; `GptOssConfig.sliding_window` 128.
+        HfFamily::GptOss => {
+            let window = Some(r.usize_opt("sliding_window")?.unwrap_or(128)).filter(|&w| w > 0);
+            match r.get("layer_types") {
+                Some(_) => layer_types(r, layers, window)?,
+                None => (0..layers)
+                    .map(|i| if i % 2 == 0 { window } else { None })
+                    .collect(),
+            }
+        }
         HfFamily::Qwen3Moe => {
             let on = r.bool_or("use_sliding_window", false)?;
             vec![if on { window } else { None }; layers]
@@ -533,29 +639,8 @@ fn sliding_windows(
         HfFamily::Qwen2Moe => {
             if !r.bool_or("use_sliding_window", false)? {
                 vec![None; layers]
-            } else if let Some(types) = r.get("layer_types") {
-                let types = types
-                    .as_array()
-                    .filter(|a| a.len() == layers)
-                    .ok_or_else(|| {
-                        r.error(
-                            "layer_types",
-                            format!("expected a list of {layers} strings, found {types}"),
-                        )
-                    })?;
-                types
-                    .iter()
-                    .map(|t| match t.as_str() {
-                        Some("sliding_attention") => Ok(window),
-                        Some("full_attention") => Ok(None),
-                        _ => Err(r.error(
-                            "layer_types",
-                            format!(
-                                "expected \"full_attention\" or \"sliding_attention\", found {t}"
-                            ),
-                        )),
-                    })
-                    .collect::<Result<_, _>>()?
+            } else if r.get("layer_types").is_some() {
+                layer_types(r, layers, window)?
             } else {
                 let max_window = r.usize_opt("max_window_layers")?.unwrap_or(layers);
                 (0..layers)
@@ -566,7 +651,91 @@ fn sliding_windows(
     })
 }
 
+/// `layer_types`: one `"sliding_attention"` (window `window`) or `"full_attention"` per layer.
+fn layer_types(
+    r: &Reader,
+    layers: usize,
+    window: Option<usize>,
+) -> Result<Vec<Option<usize>>, LoadError> {
+    let Some(types) = r.get("layer_types") else {
+        return Err(r.error("layer_types", "required key is missing"));
+    };
+    let list = types.as_array().ok_or_else(|| {
+        r.error(
+            "layer_types",
+            format!("expected a list of {layers} strings, found {types}"),
+        )
+    })?;
+    if list.len() != layers {
+        return Err(r.error(
+            "layer_types",
+            format!(
+                "expected one entry per layer (num_hidden_layers {layers}), found {} entries",
+                list.len()
+            ),
+        ));
+    }
+    list.iter()
+        .map(|t| match t.as_str() {
+            Some("sliding_attention") => Ok(window),
+            Some("full_attention") => Ok(None),
+            _ => Err(r.error(
+                "layer_types",
+                format!("expected \"full_attention\" or \"sliding_attention\", found {t}"),
+            )),
+        })
+        .collect()
+}
+
 /// `config.json` beside `dir`.
 pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("config.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_published_style_gpt_oss_config_reads_yarn_and_its_defaults() {
+        // The transformers 4 shape of openai/gpt-oss-20b's config.json (sizes shrunk):
+        // `rope_scaling` beside a top-level `rope_theta`, `experts_per_token`, no `layer_types`.
+        let text = r#"{
+            "model_type": "gpt_oss", "hidden_size": 64, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "vocab_size": 100, "intermediate_size": 64, "num_local_experts": 4,
+            "experts_per_token": 2, "sliding_window": 8, "max_position_embeddings": 512,
+            "rope_theta": 150000,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                             "original_max_position_embeddings": 16, "rope_type": "yarn",
+                             "truncate": false},
+            "swiglu_limit": 7.0
+        }"#;
+        let c = HfConfig::parse(Path::new("config.json"), text).unwrap();
+        assert_eq!(c.family, HfFamily::GptOss);
+        assert_eq!(c.top_k, 2);
+        assert_eq!(c.rope_theta, 150_000.0);
+        let yarn = c.rope_yarn.as_deref().unwrap();
+        assert_eq!((yarn.factor, yarn.original_max_positions), (32.0, 16.0));
+        assert!(!yarn.truncate);
+        assert_eq!(c.sliding_window, vec![Some(8), None, Some(8)]);
+        assert!(c.attention_bias && c.router_bias && c.attn_sinks && c.norm_topk_prob);
+        assert_eq!(
+            c.clamped_swiglu,
+            Some(ClampedSwiglu {
+                alpha: 1.702,
+                limit: 7.0
+            })
+        );
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        let m = c.model_config("tiny");
+        assert!(m.expert_bias && m.expert_gate_bias && m.router_bias && m.attn_sinks);
+        assert_eq!(
+            m.default_policy,
+            RoutingPolicy::TopK {
+                k: 2,
+                renormalize: true
+            }
+        );
+    }
 }

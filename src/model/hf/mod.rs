@@ -8,6 +8,7 @@
 //! Each tensor is read once with a positioned read into its own buffer.
 
 pub mod config;
+pub mod mxfp4;
 pub mod synth;
 
 use std::collections::{BTreeSet, HashMap};
@@ -189,6 +190,30 @@ impl HfCheckpoint {
         self.tensor_bytes
     }
 
+    /// Bytes the weights take once loaded: the stored bytes, except that MXFP4 experts
+    /// (`*_blocks` + `*_scales`, 4.25 bits a value) are dequantised to bf16 (16 bits a value):
+    /// 4 bytes of bf16 per byte of blocks, the scales dropped.
+    pub fn resident_bytes(&self) -> usize {
+        self.tensors
+            .iter()
+            .map(|(name, e)| {
+                let pair = |suffix: &str, other: &str| {
+                    e.dtype == Dtype::U8
+                        && name
+                            .strip_suffix(suffix)
+                            .is_some_and(|b| self.tensors.contains_key(&format!("{b}{other}")))
+                };
+                if pair("_blocks", "_scales") {
+                    4 * e.range.len()
+                } else if pair("_scales", "_blocks") {
+                    0
+                } else {
+                    e.range.len()
+                }
+            })
+            .sum()
+    }
+
     /// The shard files.
     pub fn shard_paths(&self) -> Vec<&Path> {
         self.shards.iter().map(|(p, _)| p.as_path()).collect()
@@ -268,6 +293,78 @@ impl HfCheckpoint {
             })?;
         Tensor::from_raw_buffer(&bytes, dtype, shape, device).map_err(|err| LoadError::Device {
             path: path.clone(),
+            detail: err.to_string(),
+        })
+    }
+
+    /// The bytes of u8 tensor `name`, checked against `shape`.
+    pub fn bytes_u8(&self, name: &str, shape: &[usize]) -> Result<Vec<u8>, LoadError> {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                path: self.dir.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+            })?;
+        let path = &self.shards[e.shard].0;
+        if e.shape != shape {
+            return Err(LoadError::WrongShape {
+                path: path.clone(),
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: e.shape.clone(),
+            });
+        }
+        if e.dtype != Dtype::U8 {
+            return Err(LoadError::Mxfp4 {
+                path: path.clone(),
+                tensor: name.to_string(),
+                detail: format!("dtype {:?}, expected U8", e.dtype),
+            });
+        }
+        let mut bytes = vec![0u8; e.range.len()];
+        self.shards[e.shard]
+            .1
+            .read_exact_at(&mut bytes, e.range.start as u64)
+            .map_err(|io| LoadError::Open {
+                path: path.clone(),
+                io,
+            })?;
+        Ok(bytes)
+    }
+
+    /// The MXFP4 tensor stored as `{name}_blocks` `[E, rows, cols / 32, 16]` and `{name}_scales`
+    /// `[E, rows, cols / 32]`, dequantised to bf16 `[E, rows, cols]` (gpt-oss experts; see
+    /// [`mxfp4`]). `cols` must be a multiple of 32.
+    pub fn mxfp4_bf16(
+        &self,
+        name: &str,
+        experts: usize,
+        rows: usize,
+        cols: usize,
+        device: &Device,
+    ) -> Result<Tensor, LoadError> {
+        if !cols.is_multiple_of(mxfp4::BLOCK) {
+            return Err(LoadError::Mxfp4 {
+                path: self.dir.clone(),
+                tensor: format!("{name}_blocks"),
+                detail: format!(
+                    "rows of {cols} values, expected a multiple of {} (one scale per {} values)",
+                    mxfp4::BLOCK,
+                    mxfp4::BLOCK
+                ),
+            });
+        }
+        let groups = cols / mxfp4::BLOCK;
+        let blocks = self.bytes_u8(
+            &format!("{name}_blocks"),
+            &[experts, rows, groups, mxfp4::BLOCK / 2],
+        )?;
+        let scales = self.bytes_u8(&format!("{name}_scales"), &[experts, rows, groups])?;
+        let values = mxfp4::dequantize(&blocks, &scales);
+        Tensor::from_vec(values, (experts, rows, cols), device).map_err(|err| LoadError::Device {
+            path: self.dir.clone(),
             detail: err.to_string(),
         })
     }
