@@ -92,8 +92,18 @@ impl TextTokenizer {
             path: path.to_path_buf(),
             io,
         })?;
+        Self::from_bytes(path, &bytes, vocab_size)
+    }
+
+    /// Parses the bytes of a `tokenizer.json` for a model whose embedding has `vocab_size` rows
+    /// (`path` is for messages); [`TextTokenizer::from_file`] reads the file and calls it.
+    pub fn from_bytes(
+        path: &Path,
+        bytes: &[u8],
+        vocab_size: usize,
+    ) -> Result<Self, TokenizerError> {
         let tok =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Invalid {
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Invalid {
                 path: path.to_path_buf(),
                 detail: e.to_string(),
             })?;
