@@ -102,6 +102,15 @@ impl TextTokenizer {
         bytes: &[u8],
         vocab_size: usize,
     ) -> Result<Self, TokenizerError> {
+        // tokenizers 0.23 panics (`expect("Helper")` in the decoder's deserializer) rather than
+        // failing when the `decoder` object is not well-formed JSON or nests too deep: check the
+        // whole file's syntax first (fuzz target `tokenizer`, docs/fuzzing.md).
+        serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| {
+            TokenizerError::Invalid {
+                path: path.to_path_buf(),
+                detail: format!("not valid JSON: {e}"),
+            }
+        })?;
         let tok =
             tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Invalid {
                 path: path.to_path_buf(),
