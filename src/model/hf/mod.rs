@@ -13,7 +13,7 @@ pub mod synth;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::Dtype;
@@ -391,6 +391,17 @@ pub fn index_shard_files(index: &Path, text: &str) -> Result<BTreeSet<String>, L
                 "`weight_map[\"{tensor}\"]` is {file}, not a file name"
             ))
         })?;
+        // A shard is a file of the checkpoint directory (or below it): an absolute name or `..`
+        // would read a file elsewhere.
+        let inside = !f.is_empty()
+            && Path::new(f)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if !inside {
+            return Err(bad(format!(
+                "`weight_map[\"{tensor}\"]` is {file}, not a file name inside the checkpoint directory"
+            )));
+        }
         files.insert(f.to_string());
     }
     Ok(files)
