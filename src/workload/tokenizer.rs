@@ -108,7 +108,7 @@ impl TextTokenizer {
         serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| {
             TokenizerError::Invalid {
                 path: path.to_path_buf(),
-                detail: format!("not valid JSON: {e}"),
+                detail: e.to_string(),
             }
         })?;
         let tok =
