@@ -156,8 +156,7 @@ fn trace_inputs() {
 fn tokenizer_decoder_not_json_is_an_error() {
     let data = input("tokenizer", "crash-decoder-not-json.json");
     let err = TextTokenizer::from_bytes(Path::new("models/x/tokenizer.json"), &data, 1 << 20)
-        .err()
-        .expect("accepted")
+        .expect_err("accepted")
         .to_string();
     assert!(
         err.starts_with("models/x/tokenizer.json: not a valid tokenizer.json: ")
