@@ -279,6 +279,7 @@ pub struct ModelFile {
 enum Bytes {
     Mapped(Mmap),
     Static(&'static [u8]),
+    Owned(Vec<u8>),
 }
 
 impl Bytes {
@@ -286,6 +287,7 @@ impl Bytes {
         match self {
             Bytes::Mapped(m) => m,
             Bytes::Static(s) => s,
+            Bytes::Owned(v) => v,
         }
     }
 }
@@ -325,6 +327,13 @@ impl ModelFile {
     /// Checks a model embedded in the binary.
     pub fn from_static(name: &str, bytes: &'static [u8]) -> Result<Self, LoadError> {
         Self::from_bytes(PathBuf::from(name), Bytes::Static(bytes), None)
+    }
+
+    /// Checks a model file held in memory, as [`ModelFile::open`] does a file on disk but with no
+    /// `config.json` beside it (the configuration must be in the header's metadata); `name` is
+    /// used in messages. The fuzz targets (`fuzz/`) and `tests/fuzz_regressions.rs` use it.
+    pub fn from_vec(name: &str, bytes: Vec<u8>) -> Result<Self, LoadError> {
+        Self::from_bytes(PathBuf::from(name), Bytes::Owned(bytes), None)
     }
 
     fn from_bytes(

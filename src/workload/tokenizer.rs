@@ -95,8 +95,27 @@ impl TextTokenizer {
                     io,
                 }
             })?;
+        Self::from_bytes(path, &bytes, vocab_size)
+    }
+
+    /// Parses the bytes of a `tokenizer.json` for a model whose embedding has `vocab_size` rows
+    /// (`path` is for messages); [`TextTokenizer::from_file`] reads the file and calls it.
+    pub fn from_bytes(
+        path: &Path,
+        bytes: &[u8],
+        vocab_size: usize,
+    ) -> Result<Self, TokenizerError> {
+        // tokenizers 0.23 panics (`expect("Helper")` in the decoder's deserializer) rather than
+        // failing when the `decoder` object is not well-formed JSON or nests too deep: check the
+        // whole file's syntax first (fuzz target `tokenizer`, docs/fuzzing.md).
+        serde_json::from_slice::<serde_json::Value>(bytes).map_err(|e| {
+            TokenizerError::Invalid {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            }
+        })?;
         let tok =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Invalid {
+            tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| TokenizerError::Invalid {
                 path: path.to_path_buf(),
                 detail: e.to_string(),
             })?;

@@ -14,7 +14,7 @@ pub mod synth;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use safetensors::Dtype;
@@ -111,50 +111,26 @@ impl HfCheckpoint {
                     io,
                 })?
                 .len() as usize;
-            let (header_len, meta) = read_header(&file, file_len, &p)?;
-            let data_start = 8 + header_len;
-            for (name, info) in meta.tensors() {
-                let (start, end) = info.data_offsets;
-                let range = data_start + start..data_start + end;
-                let elements: usize = info.shape.iter().product();
-                if elements * info.dtype.bitsize() / 8 != range.len() {
-                    return Err(LoadError::CorruptHeader {
-                        path: p.clone(),
-                        detail: format!(
-                            "tensor `{name}` has shape {:?} of {:?} ({} bytes) but {} bytes of data",
-                            info.shape,
-                            info.dtype,
-                            elements * info.dtype.bitsize() / 8,
-                            range.len()
-                        ),
-                    });
-                }
-                if range.end > file_len {
-                    return Err(LoadError::Truncated {
-                        path: p.clone(),
-                        detail: format!(
-                            "tensor `{name}` ends at byte {} but the file has {file_len} bytes",
-                            range.end
-                        ),
-                    });
-                }
-                if let Some(first) = tensors.get(&name) {
+            let (header_len, meta) =
+                read_header(|buf, at| file.read_exact_at(buf, at), file_len, &p)?;
+            for t in shard_entries(&p, header_len, &meta, file_len)? {
+                if let Some(first) = tensors.get(&t.name) {
                     return Err(LoadError::DuplicateTensor {
-                        tensor: name,
+                        tensor: t.name,
                         first: shards
                             .get(first.shard)
                             .map_or_else(|| p.clone(), |(fp, _): &(PathBuf, File)| fp.clone()),
                         second: p.clone(),
                     });
                 }
-                tensor_bytes += range.len();
+                tensor_bytes += t.range.len();
                 tensors.insert(
-                    name,
+                    t.name,
                     Entry {
                         shard: i,
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        range,
+                        dtype: t.dtype,
+                        shape: t.shape,
+                        range: t.range,
                     },
                 );
             }
@@ -384,9 +360,90 @@ impl HfCheckpoint {
     }
 }
 
-/// The header of a safetensors file: its length and what it says.
+/// One tensor of a shard, as its header declares it (checked against the file's length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardTensor {
+    /// The tensor's name.
+    pub name: String,
+    /// Its stored dtype.
+    pub dtype: Dtype,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its bytes in the shard file (from the file's start, not the data section's).
+    pub range: std::ops::Range<usize>,
+}
+
+/// Checks the header of one safetensors shard as [`HfCheckpoint::open`] does, from the file's
+/// first bytes `head` (the 8-byte length and the header it declares; more is ignored) and the
+/// file's whole length `file_len`; `path` is for messages. The fuzz targets (`fuzz/`) and
+/// `tests/fuzz_regressions.rs` use it.
+pub fn check_shard_header(
+    path: &Path,
+    head: &[u8],
+    file_len: usize,
+) -> Result<Vec<ShardTensor>, LoadError> {
+    let read_at = |buf: &mut [u8], at: u64| -> std::io::Result<()> {
+        let at = usize::try_from(at).map_err(std::io::Error::other)?;
+        let src = at
+            .checked_add(buf.len())
+            .and_then(|end| head.get(at..end))
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    };
+    let (header_len, meta) = read_header(read_at, file_len, path)?;
+    shard_entries(path, header_len, &meta, file_len)
+}
+
+/// The tensors a shard's header declares, each checked: its byte count matches its shape and
+/// dtype, and it lies within the `file_len`-byte file.
+fn shard_entries(
+    path: &Path,
+    header_len: usize,
+    meta: &safetensors::tensor::Metadata,
+    file_len: usize,
+) -> Result<Vec<ShardTensor>, LoadError> {
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let (start, end) = info.data_offsets;
+        let range = data_start + start..data_start + end;
+        let elements: usize = info.shape.iter().product();
+        if elements * info.dtype.bitsize() / 8 != range.len() {
+            return Err(LoadError::CorruptHeader {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "tensor `{name}` has shape {:?} of {:?} ({} bytes) but {} bytes of data",
+                    info.shape,
+                    info.dtype,
+                    elements * info.dtype.bitsize() / 8,
+                    range.len()
+                ),
+            });
+        }
+        if range.end > file_len {
+            return Err(LoadError::Truncated {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "tensor `{name}` ends at byte {} but the file has {file_len} bytes",
+                    range.end
+                ),
+            });
+        }
+        out.push(ShardTensor {
+            name,
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+            range,
+        });
+    }
+    Ok(out)
+}
+
+/// The header of a safetensors file of `file_len` bytes, read with `read_at` (a positioned read
+/// of exactly the buffer's length): its length and what it says.
 fn read_header(
-    file: &File,
+    read_at: impl Fn(&mut [u8], u64) -> std::io::Result<()>,
     file_len: usize,
     path: &Path,
 ) -> Result<(usize, safetensors::tensor::Metadata), LoadError> {
@@ -401,8 +458,7 @@ fn read_header(
             detail: format!("{file_len} bytes, fewer than the 8-byte header length"),
         });
     }
-    file.read_exact_at(&mut len, 0)
-        .map_err(|e| corrupt(e.to_string()))?;
+    read_at(&mut len, 0).map_err(|e| corrupt(e.to_string()))?;
     let n = u64::from_le_bytes(len) as usize;
     if n > file_len - 8 || n > 100_000_000 {
         return Err(corrupt(format!(
@@ -410,12 +466,47 @@ fn read_header(
         )));
     }
     let mut head = vec![0u8; n];
-    file.read_exact_at(&mut head, 8)
-        .map_err(|e| corrupt(e.to_string()))?;
+    read_at(&mut head, 8).map_err(|e| corrupt(e.to_string()))?;
     let text = std::str::from_utf8(&head).map_err(|e| corrupt(e.to_string()))?;
     let meta: safetensors::tensor::Metadata =
         serde_json::from_str(text).map_err(|e| corrupt(e.to_string()))?;
     Ok((n, meta))
+}
+
+/// The shard file names that the text of `model.safetensors.index.json` (at `index`, for
+/// messages) maps tensors to, each once and sorted. [`HfCheckpoint::open`] reads the index
+/// through it; the fuzz targets (`fuzz/`) and `tests/fuzz_regressions.rs` use it too.
+pub fn index_shard_files(index: &Path, text: &str) -> Result<BTreeSet<String>, LoadError> {
+    let bad = |detail: String| LoadError::HfConfigJson {
+        path: index.to_path_buf(),
+        detail,
+    };
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut files = BTreeSet::new();
+    for (tensor, file) in map {
+        let f = file.as_str().ok_or_else(|| {
+            bad(format!(
+                "`weight_map[\"{tensor}\"]` is {file}, not a file name"
+            ))
+        })?;
+        // A shard is a file of the checkpoint directory (or below it): an absolute name or `..`
+        // would read a file elsewhere.
+        let inside = !f.is_empty()
+            && Path::new(f)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        if !inside {
+            return Err(bad(format!(
+                "`weight_map[\"{tensor}\"]` is {file}, not a file name inside the checkpoint directory"
+            )));
+        }
+        files.insert(f.to_string());
+    }
+    Ok(files)
 }
 
 /// The shard files of the checkpoint in `dir`: those the index names, else `model.safetensors`,
@@ -428,26 +519,8 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
                 path: index.clone(),
                 io,
             })?;
-        let bad = |detail: String| LoadError::HfConfigJson {
-            path: index.clone(),
-            detail,
-        };
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| bad("no `weight_map` object".into()))?;
-        let mut files = BTreeSet::new();
-        for (tensor, file) in map {
-            let f = file.as_str().ok_or_else(|| {
-                bad(format!(
-                    "`weight_map[\"{tensor}\"]` is {file}, not a file name"
-                ))
-            })?;
-            files.insert(f.to_string());
-        }
         let mut out = Vec::new();
-        for f in files {
+        for f in index_shard_files(&index, &text)? {
             let p = dir.join(&f);
             if !p.is_file() {
                 return Err(LoadError::MissingShard {
