@@ -170,6 +170,24 @@ impl PtyUi {
         std::thread::sleep(Duration::from_millis(150));
     }
 
+    /// Resizes the terminal. The emulator takes the new size first, so the UI's full redraw
+    /// after SIGWINCH is read at the size it was drawn for (bytes the other way round would
+    /// leave cells the UI believes drawn).
+    fn resize(&mut self, rows: u16, cols: u16) {
+        let mut parser = self.screen.0.lock().unwrap();
+        parser
+            .screen_mut()
+            .set_size(rows.try_into().unwrap(), cols.try_into().unwrap());
+        self.master
+            .resize(PtySize {
+                rows,
+                cols,
+                pixel_width: 0,
+                pixel_height: 0,
+            })
+            .unwrap();
+    }
+
     fn pid(&self) -> i32 {
         self.child.process_id().unwrap() as i32
     }
@@ -466,20 +484,7 @@ fn a_burst_of_keys_mouse_and_resizes_leaves_the_ui_healthy() {
         ui.keys.flush().unwrap();
         if sent.is_multiple_of(200) {
             let (rows, cols) = sizes[(sent / 200) as usize % sizes.len()];
-            ui.master
-                .resize(PtySize {
-                    rows,
-                    cols,
-                    pixel_width: 0,
-                    pixel_height: 0,
-                })
-                .unwrap();
-            ui.screen
-                .0
-                .lock()
-                .unwrap()
-                .screen_mut()
-                .set_size(rows.try_into().unwrap(), cols.try_into().unwrap());
+            ui.resize(rows, cols);
             resizes += 1;
         }
         if sent.is_multiple_of(400) {
@@ -488,20 +493,7 @@ fn a_burst_of_keys_mouse_and_resizes_leaves_the_ui_healthy() {
         assert!(ui.child.try_wait().unwrap().is_none(), "the UI died");
         std::thread::sleep(Duration::from_millis(50));
     }
-    ui.master
-        .resize(PtySize {
-            rows: ROWS,
-            cols: COLS,
-            pixel_width: 0,
-            pixel_height: 0,
-        })
-        .unwrap();
-    ui.screen
-        .0
-        .lock()
-        .unwrap()
-        .screen_mut()
-        .set_size(ROWS.try_into().unwrap(), COLS.try_into().unwrap());
+    ui.resize(ROWS, COLS);
     // Close the help overlay if the burst left it open, then a full frame must come back.
     ui.press(b"?");
     let text = ui.screen.text();
