@@ -100,7 +100,7 @@ pub fn check_target(path: &Path, force: bool) -> Result<()> {
             bail!(
                 "{} is {}, not a regular file: xmoe-top writes only regular files and does not replace anything else, even with --force",
                 path.display(),
-                kind_of(&meta.file_type())
+                crate::input_file::kind_of(&meta)
             );
         }
         if !force {
@@ -146,23 +146,6 @@ pub fn same_target(a: &Path, b: &Path) -> bool {
     match (resolved(a), resolved(b)) {
         (Some(x), Some(y)) => x == y,
         _ => a == b,
-    }
-}
-
-fn kind_of(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_char_device() || t.is_block_device() {
-        "a device"
-    } else if t.is_fifo() {
-        "a pipe"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
     }
 }
 
@@ -215,7 +198,7 @@ mod tests {
         for (path, kind) in [
             (link.as_path(), "a symbolic link"),
             (dir.path(), "a directory"),
-            (Path::new("/dev/null"), "a device"),
+            (Path::new("/dev/null"), "a character device"),
         ] {
             let e = AtomicFile::create(path, true).unwrap_err().to_string();
             assert!(e.contains(kind) && e.contains("not a regular file"), "{e}");

@@ -12,12 +12,15 @@ pub const MAX_TEXT_BYTES: u64 = 1 << 30;
 /// the largest published `tokenizer.json` files are tens of MB).
 pub const MAX_JSON_BYTES: u64 = 512 << 20;
 
-/// What kind of non-regular file `meta` describes, for messages.
+/// What kind of file `meta` describes, for messages (from `symlink_metadata`, a link is named
+/// as such).
 pub fn kind_of(meta: &Metadata) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     let t = meta.file_type();
     if t.is_dir() {
         "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
     } else if t.is_fifo() {
         "a FIFO (named pipe)"
     } else if t.is_char_device() {

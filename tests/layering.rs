@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 /// Each top-level module of `src/` and the modules it may import. A module not listed here fails
 /// the test: place a new module deliberately.
 const ALLOWED: &[(&str, &[&str])] = &[
-    // Ground floor: pure code that imports nothing of the crate.
+    // Ground floor: pure code that imports nothing of the crate (but file kinds).
     ("routing", &[]),
     ("units", &[]),
-    ("atomic_file", &[]),
+    ("atomic_file", &["input_file"]),
     ("signals", &[]),
     ("input_file", &[]),
     // The CPU expert kernel: numerics over routing's expert groups.

@@ -878,7 +878,7 @@ const CASES: &[Case] = &[
         input: "--report /dev/null --force (would replace the device)",
         args: |_| run_embedded(&["--report", "/dev/null", "--force", "--format", "json"]),
         code: 2,
-        says: "/dev/null is a device, not a regular file",
+        says: "/dev/null is a character device, not a regular file",
     },
     Case {
         area: "output",

@@ -225,7 +225,7 @@ fn an_output_that_cannot_be_written_is_refused_before_the_run() {
     );
     let (_, err) = text(&out);
     assert!(
-        err.contains("/dev/null is a device, not a regular file"),
+        err.contains("/dev/null is a character device, not a regular file"),
         "{err}"
     );
 }

@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use portable_pty::{CommandBuilder, PtySize, native_pty_system};
 
+#[path = "support/proc.rs"]
+mod proc;
+use proc::proc_sample;
+
 const ROWS: u16 = 40;
 const COLS: u16 = 120;
 
@@ -393,23 +397,6 @@ fn suspend_and_continue_hand_the_terminal_back_and_redraw() {
     ui.assert_restored("after q");
 }
 
-/// Resident set (KiB), threads and open file descriptors of process `pid`.
-fn proc_sample(pid: i32) -> (u64, usize, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    (field("VmRSS:"), field("Threads:") as usize, fds)
-}
-
 /// A burst of input: hundreds of keys and mouse events a second and resizes down to 1x1 and
 /// back, for `XMOE_BURST_SECONDS` (default 30; the recorded long run used 600, with
 /// `XMOE_BURST_CSV=burst.csv` for the curve, one sample about every second). The UI must keep
@@ -488,7 +475,7 @@ fn a_burst_of_keys_mouse_and_resizes_leaves_the_ui_healthy() {
             resizes += 1;
         }
         if sent.is_multiple_of(400) {
-            samples.push(proc_sample(pid));
+            samples.push(proc_sample(&pid.to_string()));
         }
         assert!(ui.child.try_wait().unwrap().is_none(), "the UI died");
         std::thread::sleep(Duration::from_millis(50));

@@ -377,6 +377,18 @@ fn install_panic_hook() {
 /// dropped.
 pub struct TerminalGuard(());
 
+/// Raw mode, the alternate screen, mouse reporting, no cursor.
+fn ui_mode() -> Result<()> {
+    enable_raw_mode().context("cannot switch the terminal to raw mode")?;
+    execute!(
+        io::stdout(),
+        EnterAlternateScreen,
+        EnableMouseCapture,
+        cursor::Hide
+    )
+    .context("cannot switch to the alternate screen")
+}
+
 impl TerminalGuard {
     /// Switches the terminal to UI mode (and installs the panic hook that restores it).
     pub fn enter() -> Result<Self> {
@@ -387,14 +399,7 @@ impl TerminalGuard {
         TERMINAL_ACTIVE.store(true, Ordering::SeqCst);
         // From here on, any failure is undone by the guard's Drop.
         let guard = TerminalGuard(());
-        enable_raw_mode().context("cannot switch the terminal to raw mode")?;
-        execute!(
-            io::stdout(),
-            EnterAlternateScreen,
-            EnableMouseCapture,
-            cursor::Hide
-        )
-        .context("cannot switch to the alternate screen")?;
+        ui_mode()?;
         Ok(guard)
     }
 
@@ -404,14 +409,7 @@ impl TerminalGuard {
         // crossterm skips enable_raw_mode when it believes raw mode is on; what it saved as the
         // mode to restore is still right.
         let _ = disable_raw_mode();
-        enable_raw_mode().context("cannot switch the terminal to raw mode")?;
-        execute!(
-            io::stdout(),
-            EnterAlternateScreen,
-            EnableMouseCapture,
-            cursor::Hide
-        )
-        .context("cannot switch to the alternate screen")
+        ui_mode()
     }
 }
 
