@@ -223,13 +223,8 @@ impl HfCheckpoint {
         self.tensors.keys().map(String::as_str).collect()
     }
 
-    /// Tensor `name`, checked against `shape`, in its stored dtype on `device`.
-    pub fn tensor(
-        &self,
-        name: &str,
-        shape: &[usize],
-        device: &Device,
-    ) -> Result<Tensor, LoadError> {
+    /// The entry of tensor `name` and its shard's path, checked against `shape`.
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<(&Entry, &PathBuf), LoadError> {
         let e = self
             .tensors
             .get(name)
@@ -247,6 +242,30 @@ impl HfCheckpoint {
                 found: e.shape.clone(),
             });
         }
+        Ok((e, path))
+    }
+
+    /// The stored bytes of `e`.
+    fn read(&self, e: &Entry, path: &Path) -> Result<Vec<u8>, LoadError> {
+        let mut bytes = vec![0u8; e.range.len()];
+        self.shards[e.shard]
+            .1
+            .read_exact_at(&mut bytes, e.range.start as u64)
+            .map_err(|io| LoadError::Open {
+                path: path.to_path_buf(),
+                io,
+            })?;
+        Ok(bytes)
+    }
+
+    /// Tensor `name`, checked against `shape`, in its stored dtype on `device`.
+    pub fn tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Tensor, LoadError> {
+        let (e, path) = self.entry(name, shape)?;
         let dtype = match e.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
@@ -259,14 +278,7 @@ impl HfCheckpoint {
                 });
             }
         };
-        let mut bytes = vec![0u8; e.range.len()];
-        self.shards[e.shard]
-            .1
-            .read_exact_at(&mut bytes, e.range.start as u64)
-            .map_err(|io| LoadError::Open {
-                path: path.clone(),
-                io,
-            })?;
+        let bytes = self.read(e, path)?;
         Tensor::from_raw_buffer(&bytes, dtype, shape, device).map_err(|err| LoadError::Device {
             path: path.clone(),
             detail: err.to_string(),
@@ -275,23 +287,7 @@ impl HfCheckpoint {
 
     /// The bytes of u8 tensor `name`, checked against `shape`.
     pub fn bytes_u8(&self, name: &str, shape: &[usize]) -> Result<Vec<u8>, LoadError> {
-        let e = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| LoadError::MissingTensor {
-                path: self.dir.clone(),
-                tensor: name.to_string(),
-                expected: shape.to_vec(),
-            })?;
-        let path = &self.shards[e.shard].0;
-        if e.shape != shape {
-            return Err(LoadError::WrongShape {
-                path: path.clone(),
-                tensor: name.to_string(),
-                expected: shape.to_vec(),
-                found: e.shape.clone(),
-            });
-        }
+        let (e, path) = self.entry(name, shape)?;
         if e.dtype != Dtype::U8 {
             return Err(LoadError::Mxfp4 {
                 path: path.clone(),
@@ -299,15 +295,7 @@ impl HfCheckpoint {
                 detail: format!("dtype {:?}, expected U8", e.dtype),
             });
         }
-        let mut bytes = vec![0u8; e.range.len()];
-        self.shards[e.shard]
-            .1
-            .read_exact_at(&mut bytes, e.range.start as u64)
-            .map_err(|io| LoadError::Open {
-                path: path.clone(),
-                io,
-            })?;
-        Ok(bytes)
+        self.read(e, path)
     }
 
     /// The MXFP4 tensor stored as `{name}_blocks` `[E, rows, cols / 32, 16]` and `{name}_scales`
