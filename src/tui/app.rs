@@ -143,16 +143,11 @@ impl App {
     /// The capacity factor to ask for when `c` is pressed: off when one is (or is about to be)
     /// in force, else the last one in force.
     pub fn toggled_capacity(&mut self) -> Option<f32> {
-        let current = match self.capacity_requested {
-            Some((c, _)) => c,
-            None => self.latest.as_ref().and_then(|s| s.policy.capacity_factor),
-        };
-        let next = match current {
+        let next = match self.capacity_in_force() {
             Some(_) => None,
             None => Some(self.capacity_on),
         };
-        let at = self.latest.as_ref().map_or(0, |s| s.sequence);
-        self.capacity_requested = Some((next, at));
+        self.request_capacity(next);
         next
     }
 
@@ -160,17 +155,25 @@ impl App {
     /// be, or the last one) times `by`, kept within [0.1, 10^6] and rounded to 3 significant
     /// digits so the header shows what is in force.
     pub fn scaled_capacity(&mut self, by: f32) -> f32 {
-        let current = match self.capacity_requested {
-            Some((c, _)) => c,
-            None => self.latest.as_ref().and_then(|s| s.policy.capacity_factor),
-        };
-        let raw = (current.unwrap_or(self.capacity_on) * by).clamp(0.1, 1e6);
+        let raw = (self.capacity_in_force().unwrap_or(self.capacity_on) * by).clamp(0.1, 1e6);
         let digits = 10f32.powi(2 - raw.log10().floor() as i32);
         let next = (raw * digits).round() / digits;
-        let at = self.latest.as_ref().map_or(0, |s| s.sequence);
-        self.capacity_requested = Some((Some(next), at));
+        self.request_capacity(Some(next));
         self.capacity_on = next;
         next
+    }
+
+    /// The factor requested and not yet confirmed, else the one the latest snapshot shows.
+    fn capacity_in_force(&self) -> Option<f32> {
+        match self.capacity_requested {
+            Some((c, _)) => c,
+            None => self.latest.as_ref().and_then(|s| s.policy.capacity_factor),
+        }
+    }
+
+    fn request_capacity(&mut self, factor: Option<f32>) {
+        let at = self.latest.as_ref().map_or(0, |s| s.sequence);
+        self.capacity_requested = Some((factor, at));
     }
 
     /// True when an exporter is plugged in.
