@@ -75,6 +75,24 @@ fn safetensors(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The name of the first tensor of a safetensors header whose name passes `pred`.
+fn tensor_named(h: &serde_json::Value, pred: impl Fn(&str) -> bool) -> String {
+    h.as_object()
+        .unwrap()
+        .keys()
+        .find(|k| *k != "__metadata__" && pred(k))
+        .unwrap()
+        .clone()
+}
+
+fn first_tensor(h: &serde_json::Value) -> String {
+    tensor_named(h, |_| true)
+}
+
+fn router_tensor(h: &serde_json::Value) -> String {
+    tensor_named(h, |k| k.contains("router"))
+}
+
 /// The embedded model with `edit` applied to its header.
 fn embedded_with(dir: &Path, edit: fn(&mut serde_json::Value)) -> String {
     let (mut h, data) = embedded_parts();
@@ -200,13 +218,7 @@ const CASES: &[Case] = &[
         input: "tensor offsets beyond the data",
         args: |d| {
             inspect(embedded_with(d, |h| {
-                let name = h
-                    .as_object()
-                    .unwrap()
-                    .keys()
-                    .find(|k| *k != "__metadata__")
-                    .unwrap()
-                    .clone();
+                let name = first_tensor(h);
                 h[&name]["data_offsets"] = serde_json::json!([0, 1u64 << 40]);
             }))
         },
@@ -218,13 +230,7 @@ const CASES: &[Case] = &[
         input: "a tensor with an unknown dtype",
         args: |d| {
             inspect(embedded_with(d, |h| {
-                let name = h
-                    .as_object()
-                    .unwrap()
-                    .keys()
-                    .find(|k| *k != "__metadata__")
-                    .unwrap()
-                    .clone();
+                let name = first_tensor(h);
                 h[&name]["dtype"] = serde_json::json!("Q9");
             }))
         },
@@ -236,13 +242,7 @@ const CASES: &[Case] = &[
         input: "a required tensor missing",
         args: |d| {
             inspect(embedded_with(d, |h| {
-                let name = h
-                    .as_object()
-                    .unwrap()
-                    .keys()
-                    .find(|k| k.contains("router"))
-                    .unwrap()
-                    .clone();
+                let name = router_tensor(h);
                 let entry = h.as_object_mut().unwrap().remove(&name).unwrap();
                 h[format!("{name}.renamed")] = entry;
             }))
@@ -255,13 +255,7 @@ const CASES: &[Case] = &[
         input: "a tensor with the wrong shape (same byte count)",
         args: |d| {
             inspect(embedded_with(d, |h| {
-                let name = h
-                    .as_object()
-                    .unwrap()
-                    .keys()
-                    .find(|k| k.contains("router"))
-                    .unwrap()
-                    .clone();
+                let name = router_tensor(h);
                 let shape: Vec<u64> = serde_json::from_value(h[&name]["shape"].clone()).unwrap();
                 h[&name]["shape"] = serde_json::json!([shape[0] * shape[1]]);
             }))

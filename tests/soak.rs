@@ -19,18 +19,13 @@ use xmoe_top::workload::{GenerateSpec, Workload, builtin_prompts};
 
 #[path = "support/proc.rs"]
 mod proc;
-use proc::proc_sample;
+use proc::{Drift, drift, proc_sample};
 
 fn seconds() -> u64 {
     std::env::var("XMOE_SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60)
-}
-
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
 }
 
 #[test]
@@ -128,27 +123,21 @@ fn headless_session_with_changing_policies_and_a_trace_stays_flat() {
         }
         std::fs::write(path, csv).unwrap();
     }
-    // Flat: after the first tenth (allocator and caches warming up), the last quarter's median
-    // resident set is within 16 MiB of the first quarter's.
     let n = samples.len();
     assert!(n >= 8, "{n} samples");
-    let warm = &samples[n / 10..];
-    let early = median(warm[..warm.len() / 4].iter().map(|s| s.1).collect());
-    let late = median(warm[warm.len() * 3 / 4..].iter().map(|s| s.1).collect());
-    // Threads and files: a leak raises the floor; a file opened for a moment by a sampler (the
-    // session reads /proc) does not.
-    let floor = |part: &[(f64, u64, usize, usize)], f: fn(&(f64, u64, usize, usize)) -> usize| {
-        part.iter().map(f).min().unwrap()
-    };
-    let (head, tail) = (&warm[..warm.len() / 4], &warm[warm.len() * 3 / 4..]);
-    let (t_min, t_max) = (floor(head, |s| s.2), floor(tail, |s| s.2));
-    let (f_min, f_max) = (floor(head, |s| s.3), floor(tail, |s| s.3));
+    let counters: Vec<(u64, usize, usize)> = samples.iter().map(|s| (s.1, s.2, s.3)).collect();
+    let Drift {
+        rss: (early, late),
+        threads: (t_min, t_max),
+        fds: (f_min, f_max),
+    } = drift(&counters);
     println!(
         "soak: {:.0} s, {tokens} tokens, {changes} policy changes, trace {:.1} MB; RSS {early} -> {late} KiB; threads {t_min} -> {t_max}; open files {f_min} -> {f_max}",
         start.elapsed().as_secs_f64(),
         trace_bytes as f64 / 1e6
     );
     assert!(tokens > 0 && changes > 0 && trace_bytes > 0);
+    // Flat: the last quarter's median resident set within 16 MiB of the first quarter's.
     assert!(
         late <= early + 16 * 1024,
         "resident memory grew from {early} to {late} KiB"

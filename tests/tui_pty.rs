@@ -14,7 +14,7 @@ use portable_pty::{CommandBuilder, PtySize, native_pty_system};
 
 #[path = "support/proc.rs"]
 mod proc;
-use proc::proc_sample;
+use proc::{drift, proc_sample};
 
 const ROWS: u16 = 40;
 const COLS: u16 = 120;
@@ -499,29 +499,20 @@ fn a_burst_of_keys_mouse_and_resizes_leaves_the_ui_healthy() {
         }
         std::fs::write(path, csv).unwrap();
     }
-    let warm = &samples[n / 10..];
-    let (head, tail) = (&warm[..warm.len() / 4], &warm[warm.len() * 3 / 4..]);
-    let med = |part: &[(u64, usize, usize)]| {
-        let mut v: Vec<u64> = part.iter().map(|s| s.0).collect();
-        v.sort_unstable();
-        v[v.len() / 2]
-    };
-    let floor = |part: &[(u64, usize, usize)], f: fn(&(u64, usize, usize)) -> usize| {
-        part.iter().map(f).min().unwrap()
-    };
+    let d = drift(&samples);
     eprintln!(
         "burst: {:.0} s, {sent} events, {resizes} resizes; RSS {} -> {} KiB; threads {} -> {}; files {} -> {}",
         start.elapsed().as_secs_f64(),
-        med(head),
-        med(tail),
-        floor(head, |s| s.1),
-        floor(tail, |s| s.1),
-        floor(head, |s| s.2),
-        floor(tail, |s| s.2)
+        d.rss.0,
+        d.rss.1,
+        d.threads.0,
+        d.threads.1,
+        d.fds.0,
+        d.fds.1
     );
-    assert!(med(tail) <= med(head) + 16 * 1024, "memory grew");
-    assert_eq!(floor(head, |s| s.1), floor(tail, |s| s.1), "threads");
-    assert_eq!(floor(head, |s| s.2), floor(tail, |s| s.2), "files");
+    assert!(d.rss.1 <= d.rss.0 + 16 * 1024, "memory grew");
+    assert_eq!(d.threads.0, d.threads.1, "threads");
+    assert_eq!(d.fds.0, d.fds.1, "files");
     ui.press(b"q");
     assert_eq!(ui.wait_exit(30), 0);
     ui.assert_restored("after the burst");
