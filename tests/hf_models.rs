@@ -390,6 +390,7 @@ fn the_sweep_of_a_checkpoint_compares_with_its_native_top_k() {
         source: "kjv".into(),
         source_size: 8000,
         device: "CPU".into(),
+        repeats: 1,
     };
     let native = RoutingPolicy::TopK {
         k: 2,

@@ -40,10 +40,21 @@ fn sweep_report(dir: &Path) -> ReportData {
         source: "test text".into(),
         source_size: TEXT.len(),
         device: "CPU".into(),
+        repeats: 3,
     };
     let mut calls = 0;
     let run = run_sweep(&model, &batches, 2, &spec, &mut |_, _| calls += 1).unwrap();
-    assert_eq!(calls, batches.len() * run.result.points.len());
+    // Every pass of every point (the reference included) runs once per repeat.
+    assert_eq!(calls, 3 * batches.len() * run.result.points.len());
+    assert_eq!(run.result.repeats, 3);
+    for p in &run.result.points {
+        assert_eq!(p.tokens_per_second_repeats.len(), 3, "{}", p.label);
+        let (lo, hi) = p.tokens_per_second_range();
+        assert!(lo > 0.0 && lo <= p.tokens_per_second && p.tokens_per_second <= hi);
+        let mut sorted = p.tokens_per_second_repeats.clone();
+        sorted.sort_by(f64::total_cmp);
+        assert_eq!(p.tokens_per_second, sorted[1], "{}: the median", p.label);
+    }
     ReportData::new(run.snapshot, Some(run.result))
 }
 

@@ -71,6 +71,13 @@ fn sweep_prints_a_table_and_writes_reports() {
         serde_json::from_str(&std::fs::read_to_string(d.join("s.json")).unwrap()).unwrap();
     assert_eq!(json["sweep"]["points"].as_array().unwrap().len(), 7);
     assert_eq!(json["command_line"][1], "sweep");
+    // Timings are medians of 3 repeats by default, and the table says so with the spread.
+    assert_eq!(json["sweep"]["repeats"], 3);
+    assert!(out.contains("timings: median of 3 repeats"), "{out}");
+    assert!(out.contains("tok/s (min-max)"), "{out}");
+    for p in json["sweep"]["points"].as_array().unwrap() {
+        assert_eq!(p["tokens_per_second_repeats"].as_array().unwrap().len(), 3);
+    }
 
     // The same report as HTML and CSV through `report`, and --format with an odd extension.
     for (out_name, extra) in [("s.html", None), ("s.csv", None), ("s.txt", Some("md"))] {
@@ -85,6 +92,11 @@ fn sweep_prints_a_table_and_writes_reports() {
         std::fs::read_to_string(d.join("s.html"))
             .unwrap()
             .contains("<svg class=\"sweep\"")
+    );
+    assert!(
+        std::fs::read_to_string(d.join("s.html"))
+            .unwrap()
+            .contains("<svg class=\"sweep-throughput\"")
     );
     assert!(
         std::fs::read_to_string(d.join("s.txt"))
@@ -173,6 +185,8 @@ fn numeric_options_out_of_range_are_usage_errors_not_aborts() {
             "1..=4096",
         ),
         (&["sweep", "--tokens", "0"][..], "1..=1000000000"),
+        (&["sweep", "--repeats", "0"][..], "1..=100"),
+        (&["sweep", "--repeats", "101"][..], "1..=100"),
         (
             &["run", "--headless", "--tokens", "0"][..],
             "1..=1000000000000",

@@ -434,9 +434,10 @@ fn interrupted(signal: i32, when: &str) -> ExitCode {
 fn progress_line(s: &Snapshot) -> String {
     let e = &s.epoch;
     format!(
-        "{} tokens  {:.0} tok/s  {:.2} experts/token  {:.1}% MoE compute saved vs all experts   ",
+        "{} tokens  {:.0} tok/s (last {} tokens)  {:.2} experts/token  {:.1}% MoE compute saved vs all experts   ",
         s.tokens_processed_total,
         e.tokens_per_second,
+        e.window.tokens,
         e.window.mean_experts_per_token,
         e.window.flops.moe_saved_vs_all_experts_pct
     )

@@ -43,6 +43,10 @@ pub struct SweepArgs {
     /// Tokens per point (rounded up to whole batches), 1..=10^9.
     #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000_000))]
     tokens: usize,
+    /// Times each pass of each point runs, 1..=100: the tokens/s and latency figures are medians
+    /// over the repeats (the table shows the spread); quality and routing come from the first.
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100))]
+    repeats: usize,
     /// Sequences per forward pass, 1..=4096.
     #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     batch: usize,
@@ -144,6 +148,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         source: source.name.clone(),
         source_size: text.len(),
         device: dev.description.clone(),
+        repeats: a.repeats,
     };
     let show = std::io::stderr().is_terminal();
     let mut stopped_at = (0, 0);

@@ -49,8 +49,28 @@ pub struct SweepPoint {
     pub token_latency_p99_us: f64,
     /// Forward-pass latency median, microseconds.
     pub forward_latency_p50_us: f64,
-    /// Tokens per second over all passes of this point (forward time).
+    /// Tokens per second of this point: the median over the repeats of (tokens / forward time
+    /// of all its passes in that repeat).
     pub tokens_per_second: f64,
+    /// Tokens per second of each repeat, in the order they ran (the spread of
+    /// `tokens_per_second`); empty in reports written before repeats existed.
+    #[serde(default)]
+    pub tokens_per_second_repeats: Vec<f64>,
+}
+
+impl SweepPoint {
+    /// The slowest and fastest repeat's tokens per second (both `tokens_per_second` when the
+    /// repeats were not recorded).
+    pub fn tokens_per_second_range(&self) -> (f64, f64) {
+        let v = &self.tokens_per_second_repeats;
+        if v.is_empty() {
+            return (self.tokens_per_second, self.tokens_per_second);
+        }
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        )
+    }
 }
 
 /// A finished sweep.
@@ -76,8 +96,12 @@ pub struct SweepResult {
     pub batch: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
-    /// Passes per point.
+    /// Passes per point and repeat.
     pub batches: usize,
+    /// Times every pass of every point was run, interleaved across points; timings are medians
+    /// over the repeats, quality and routing come from the first (they do not change).
+    #[serde(default = "one")]
+    pub repeats: usize,
     /// Tokens per point.
     pub tokens_per_point: u64,
     /// Where the model ran.
@@ -86,6 +110,10 @@ pub struct SweepResult {
     pub elapsed_s: f64,
     /// One per policy: thresholds ascending, then top-k ascending, then Dense.
     pub points: Vec<SweepPoint>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl SweepResult {

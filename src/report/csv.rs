@@ -14,7 +14,7 @@ use std::fmt::Write;
 use super::{ReportData, policy_label};
 
 /// The header row, in order.
-pub const HEADER: [&str; 23] = [
+pub const HEADER: [&str; 25] = [
     "table",
     "layer",
     "moe_slot",
@@ -38,6 +38,8 @@ pub const HEADER: [&str; 23] = [
     "token_latency_p50_us",
     "token_latency_p99_us",
     "tokens_per_second",
+    "tokens_per_second_min",
+    "tokens_per_second_max",
 ];
 
 /// Quotes a field when it holds a comma, a quote or a line break (RFC 4180).
@@ -49,7 +51,7 @@ fn field(s: &str) -> String {
     }
 }
 
-struct Row([String; 23]);
+struct Row([String; 25]);
 
 impl Row {
     fn new(table: &str) -> Self {
@@ -140,6 +142,8 @@ pub fn render(data: &ReportData) -> String {
                 .set("token_latency_p50_us", p.token_latency_p50_us)
                 .set("token_latency_p99_us", p.token_latency_p99_us)
                 .set("tokens_per_second", p.tokens_per_second)
+                .set("tokens_per_second_min", p.tokens_per_second_range().0)
+                .set("tokens_per_second_max", p.tokens_per_second_range().1)
                 .write(&mut o);
         }
         for p in &sw.points {

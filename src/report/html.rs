@@ -73,6 +73,17 @@ fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     out
 }
 
+/// Decimals that print every multiple of `step` exactly (0.025 needs 3, 0.5 needs 1), so that
+/// evenly spaced ticks never get uneven labels.
+fn tick_decimals(step: f64) -> usize {
+    (0..=8)
+        .find(|&d| {
+            let scaled = step * 10f64.powi(d as i32);
+            (scaled - scaled.round()).abs() <= scaled.abs() * 1e-9
+        })
+        .unwrap_or(8)
+}
+
 /// Viridis, sampled at 9 stops; `t` in 0..=1.
 fn viridis(t: f64) -> String {
     const STOPS: [(u8, u8, u8); 9] = [
@@ -184,7 +195,22 @@ fn heatmap(layers: &[LayerStatsSnapshot], n_experts: usize) -> String {
 }
 
 /// A histogram of `h` as bars, with p50 and p99 marked.
-fn histogram(h: &HistogramSnapshot, title: &str, fmt_unit: &str) -> String {
+/// The unit in which durations given in microseconds read best, chosen from the largest value:
+/// (factor from microseconds, unit name).
+fn time_unit(max_us: f64) -> (f64, &'static str) {
+    if max_us < 1.0 {
+        (1e3, "nanoseconds")
+    } else if max_us < 1e3 {
+        (1.0, "microseconds")
+    } else if max_us < 1e6 {
+        (1e-3, "milliseconds")
+    } else {
+        (1e-6, "seconds")
+    }
+}
+
+/// A histogram of `h`, its values multiplied by `scale` for display in `fmt_unit`.
+fn histogram(h: &HistogramSnapshot, title: &str, fmt_unit: &str, scale: f64) -> String {
     let (w, ht) = (540.0, 230.0);
     let (l, r, t, b) = (52.0, 14.0, 26.0, 44.0);
     let pw = w - l - r;
@@ -242,8 +268,8 @@ fn histogram(h: &HistogramSnapshot, title: &str, fmt_unit: &str) -> String {
             x0 + 0.5,
             t + ph - bh,
             (bw - 1.0).max(0.5),
-            num(h.edges[i]),
-            num(h.edges[i + 1])
+            num(h.edges[i] * scale),
+            num(h.edges[i + 1] * scale)
         );
     }
     let _ = write!(
@@ -259,7 +285,7 @@ fn histogram(h: &HistogramSnapshot, title: &str, fmt_unit: &str) -> String {
             s,
             r##"<text x="{x:.1}" y="{:.1}" font-size="10.5" text-anchor="middle" fill="#5b6578">{}</text>"##,
             t + ph + 14.0,
-            num(h.edges[i])
+            num(h.edges[i] * scale)
         );
     }
     let scale_note = match h.scale {
@@ -287,7 +313,7 @@ fn histogram(h: &HistogramSnapshot, title: &str, fmt_unit: &str) -> String {
             r##"<line x1="{x:.1}" x2="{x:.1}" y1="{t}" y2="{:.1}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="4 3"/><text x="{tx:.1}" y="{:.1}" font-size="10.5" text-anchor="{anchor}" fill="{colour}">{name} {}</text>"##,
             t + ph,
             if name == "p50" { t + 10.0 } else { t + 22.0 },
-            num(v)
+            num(v * scale)
         );
     }
     s.push_str("</svg>");
@@ -409,7 +435,7 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
     }
     let yt = nice_ticks(y0, y1, 5);
     let ydec = if yt.len() > 1 {
-        ((-(yt[1] - yt[0]).log10()).ceil().max(0.0) as usize).min(6)
+        tick_decimals(yt[1] - yt[0])
     } else {
         3
     };
@@ -542,6 +568,146 @@ fn sweep_curve(sw: &super::SweepResult) -> String {
     s
 }
 
+/// Tokens/s against the threshold: the median of the repeats with a bar from the slowest to
+/// the fastest repeat; top-k and Dense (no threshold) as labelled horizontal lines.
+fn sweep_throughput(sw: &super::SweepResult) -> String {
+    let (w, ht) = (760.0, 320.0);
+    let (l, r, t, b) = (64.0, 150.0, 30.0, 48.0);
+    let pw = w - l - r;
+    let ph = ht - t - b;
+    let mut s = format!(
+        r##"<svg class="sweep-throughput" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {ht}" width="{w}" height="{ht}" role="img" aria-label="Tokens per second against the threshold"><text x="{l}" y="18" font-size="13" font-weight="600">Tokens per second against the threshold ({})</text>"##,
+        esc(&super::text::repeats_note(sw.repeats))
+    );
+    let thr: Vec<(&super::SweepPoint, f64)> = sw
+        .points
+        .iter()
+        .filter_map(|p| match p.policy {
+            RoutingPolicy::Threshold { t, .. } => Some((p, t as f64)),
+            _ => None,
+        })
+        .collect();
+    let others: Vec<&super::SweepPoint> = sw
+        .points
+        .iter()
+        .filter(|p| !matches!(p.policy, RoutingPolicy::Threshold { .. }))
+        .collect();
+    let top = sw
+        .points
+        .iter()
+        .map(|p| p.tokens_per_second_range().1)
+        .fold(0.0, f64::max);
+    if thr.is_empty() || top <= 0.0 || !top.is_finite() {
+        s.push_str(r##"<text x="300" y="160" font-size="12" text-anchor="middle" fill="#5b6578">no timed threshold points</text></svg>"##);
+        return s;
+    }
+    let (mut x0, mut x1) = (
+        thr.iter().map(|p| p.1).fold(f64::INFINITY, f64::min),
+        thr.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max),
+    );
+    if x1 - x0 < 1e-9 {
+        x0 -= 0.05;
+        x1 += 0.05;
+    }
+    let pad = (x1 - x0) * 0.04;
+    let (x0, x1) = (x0 - pad, x1 + pad);
+    // From zero, so that bar heights compare as ratios.
+    let yt = nice_ticks(0.0, top * 1.08, 5);
+    let y1 = yt.last().copied().unwrap_or(top).max(top * 1.08);
+    let px = |x: f64| l + pw * (x - x0) / (x1 - x0);
+    let py = |y: f64| t + ph - ph * y / y1;
+    let xt = nice_ticks(x0, x1, 6);
+    let xdec = if xt.len() > 1 {
+        tick_decimals(xt[1] - xt[0])
+    } else {
+        2
+    };
+    for v in xt {
+        let x = px(v);
+        let _ = write!(
+            s,
+            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{t}" y2="{:.1}" stroke="#e4e8ef"/><text x="{x:.1}" y="{:.1}" font-size="10.5" text-anchor="middle" fill="#5b6578">{v:.xdec$}</text>"##,
+            t + ph,
+            t + ph + 14.0
+        );
+    }
+    for v in yt {
+        let y = py(v);
+        let _ = write!(
+            s,
+            r##"<line x1="{l}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#e4e8ef"/><text x="{:.1}" y="{:.1}" font-size="10.5" text-anchor="end" fill="#5b6578">{}</text>"##,
+            l + pw,
+            l - 5.0,
+            y + 3.5,
+            num(v)
+        );
+    }
+    let _ = write!(
+        s,
+        r##"<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#1d2433"/><text x="{:.1}" y="{:.1}" font-size="11.5" text-anchor="middle">threshold t</text><text transform="translate(16 {:.1}) rotate(-90)" font-size="11.5" text-anchor="middle">tokens per second</text>"##,
+        l + pw / 2.0,
+        ht - 10.0,
+        t + ph / 2.0
+    );
+    for (i, p) in others.iter().enumerate() {
+        let y = py(p.tokens_per_second);
+        let colour = if matches!(p.policy, RoutingPolicy::Dense) {
+            "#1d2433"
+        } else {
+            "#d9822b"
+        };
+        let (lo, hi) = p.tokens_per_second_range();
+        let _ = write!(
+            s,
+            r##"<line x1="{l}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="{colour}" stroke-width="1.2" stroke-dasharray="6 4"><title>{}: {:.0} tokens/s (repeats {:.0} to {:.0})</title></line><text x="{:.1}" y="{:.1}" font-size="10.5" fill="{colour}">{} {}</text>"##,
+            l + pw,
+            esc(&p.label),
+            p.tokens_per_second,
+            lo,
+            hi,
+            l + pw + 6.0,
+            // Stagger the labels in case two lines nearly coincide.
+            y + 3.5 + if i % 2 == 1 { 11.0 } else { 0.0 },
+            esc(&p.label),
+            num(p.tokens_per_second)
+        );
+    }
+    let path: Vec<String> = thr
+        .iter()
+        .map(|(p, x)| format!("{:.1},{:.1}", px(*x), py(p.tokens_per_second)))
+        .collect();
+    if path.len() > 1 {
+        let _ = write!(
+            s,
+            r##"<polyline points="{}" fill="none" stroke="#2f6fb3" stroke-width="2"/>"##,
+            path.join(" ")
+        );
+    }
+    for (p, x) in &thr {
+        let (lo, hi) = p.tokens_per_second_range();
+        let cx = px(*x);
+        let _ = write!(
+            s,
+            r##"<line x1="{cx:.1}" x2="{cx:.1}" y1="{:.1}" y2="{:.1}" stroke="#2f6fb3" stroke-width="1.2"/><circle cx="{cx:.1}" cy="{:.1}" r="4" fill="#2f6fb3"{}><title>{}: {:.0} tokens/s, median of {} (slowest {:.0}, fastest {:.0})</title></circle>"##,
+            py(lo),
+            py(hi),
+            py(p.tokens_per_second),
+            if p.is_default {
+                r##" stroke="#c23030" stroke-width="2""##
+            } else {
+                ""
+            },
+            esc(&p.label),
+            p.tokens_per_second,
+            p.tokens_per_second_repeats.len().max(1),
+            lo,
+            hi
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
 fn card(o: &mut String, k: &str, v: &str, sub: &str) {
     let _ = write!(
         o,
@@ -647,7 +813,7 @@ fn cards(o: &mut String, data: &ReportData) {
     let quality_sub = if q.bits_per_byte.is_some() {
         format!(
             "{} vs {}; KL {} bits",
-            opt(q.delta_bits_per_byte, 4),
+            super::delta_with_sample(q),
             policy_label(&q.reference_policy),
             opt(q.mean_kl_bits, 4)
         )
@@ -663,14 +829,17 @@ fn cards(o: &mut String, data: &ReportData) {
     );
     card(
         o,
-        "throughput",
+        "throughput (epoch)",
         &format!("{:.0} tok/s", e.tokens_per_second_epoch),
         &match e.decode_tokens_per_second {
             Some(d) => format!(
-                "decode {d:.0} tok/s; {} tokens, {} passes",
+                "incl. prompt prefill; decode only {d:.0} tok/s; {} tokens, {} passes",
                 e.tokens, e.forward_passes
             ),
-            None => format!("{} tokens, {} passes", e.tokens, e.forward_passes),
+            None => format!(
+                "tokens / forward time; {} tokens, {} passes",
+                e.tokens, e.forward_passes
+            ),
         },
     );
     o.push_str("</div>");
@@ -710,18 +879,28 @@ fn sweep_section(o: &mut String, data: &ReportData) {
     if let Some(sw) = &data.sweep {
         let _ = write!(
             o,
-            r##"<h2>Threshold sweep</h2><figure id="fig-sweep">{}<figcaption>The same {} tokens ({} passes of {} x {} from {}) under each policy. Quality is next-token bits per byte; compute is the MoE layers' FLOPs per token (routers and selected experts) as a share of running all {} experts. The quality reference is {}; the ringed point is the model's default policy ({}).</figcaption></figure>"##,
+            r##"<h2>Threshold sweep</h2><figure id="fig-sweep">{}<figcaption>The same {} tokens ({} passes of {} x {} from {}) under each policy; {}. Quality is next-token bits per byte; compute is the MoE layers' FLOPs per token (routers and selected experts) as a share of running all {} experts. The quality reference is {}; the ringed point is the model's default policy ({}).</figcaption></figure>"##,
             sweep_curve(sw),
             sw.tokens_per_point,
             sw.batches,
             sw.batch,
             sw.seq_len,
             esc(&sw.source),
+            super::text::repeats_note(sw.repeats),
             sw.n_experts,
             esc(&policy_label(&sw.reference_policy)),
             esc(&policy_label(&sw.default_policy))
         );
-        o.push_str(r##"<table class="sweep-table"><tr><th class="l">policy</th><th>experts/token</th><th>MoE FLOPs vs all</th><th>saved vs top-k</th><th>bits/byte</th><th>&#916; vs reference</th><th>KL bits</th><th>p50 us/token</th><th>p99 us/token</th><th>tokens/s</th><th class="l">experts/token per layer</th></tr>"##);
+        let _ = write!(
+            o,
+            r##"<figure id="fig-sweep-throughput">{}<figcaption>Tokens per second of each threshold point (tokens / forward time of all its passes), the median of the repeats with a bar from the slowest to the fastest; dashed lines: the top-k and Dense points. Throughput follows the FLOPs only as far as the MoE layers dominate the time (see the time split per pass in the summary).</figcaption></figure>"##,
+            sweep_throughput(sw)
+        );
+        let _ = write!(
+            o,
+            r##"<table class="sweep-table"><tr><th class="l">policy</th><th>experts/token</th><th>MoE FLOPs vs all</th><th>saved vs top-k</th><th>bits/byte</th><th>&#916; vs reference</th><th>KL bits</th><th>p50 us/token</th><th>p99 us/token</th><th>tokens/s{}</th><th class="l">experts/token per layer</th></tr>"##,
+            if sw.repeats > 1 { " (min-max)" } else { "" }
+        );
         for p in &sw.points {
             let layers: Vec<String> = p
                 .layer_mean_experts_per_token
@@ -730,7 +909,7 @@ fn sweep_section(o: &mut String, data: &ReportData) {
                 .collect();
             let _ = write!(
                 o,
-                r##"<tr{}><td class="l">{}{}</td><td>{:.3}</td><td>{:.1}%</td><td>{:+.1}%</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.0}</td><td class="l">{}</td></tr>"##,
+                r##"<tr{}><td class="l">{}{}</td><td>{:.3}</td><td>{:.1}%</td><td>{:+.1}%</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{}</td><td class="l">{}</td></tr>"##,
                 if p.is_default {
                     r##" class="default""##
                 } else {
@@ -746,7 +925,7 @@ fn sweep_section(o: &mut String, data: &ReportData) {
                 opt(p.mean_kl_bits, 4),
                 p.token_latency_p50_us,
                 p.token_latency_p99_us,
-                p.tokens_per_second,
+                super::text::rate_with_spread(p),
                 layers.join(" ")
             );
         }
@@ -801,13 +980,20 @@ fn histograms_section(o: &mut String, data: &ReportData) {
     let _ = write!(
         o,
         r##"<h2>Latency and FLOPs</h2><figure id="fig-histograms"><div class="grid2">{}{}{}</div><figcaption>Whole epoch. Token latency is the pass time divided by its tokens; dashed lines mark the median and the 99th percentile.</figcaption></figure>"##,
-        histogram(&h.token_latency_us, "Per-token latency", "microseconds"),
-        histogram(
-            &h.forward_latency_us,
-            "Forward pass latency",
-            "microseconds"
-        ),
-        histogram(&h.token_moe_flops, "MoE FLOPs per token", "FLOPs")
+        {
+            let (f, unit) = time_unit(h.token_latency_us.max);
+            // Each pass gives all its tokens the same latency: as many distinct values as passes.
+            let title = format!(
+                "Per-token latency (pass time / tokens, {} passes)",
+                e.forward_passes
+            );
+            histogram(&h.token_latency_us, &title, unit, f)
+        },
+        {
+            let (f, unit) = time_unit(h.forward_latency_us.max);
+            histogram(&h.forward_latency_us, "Forward pass latency", unit, f)
+        },
+        histogram(&h.token_moe_flops, "MoE FLOPs per token", "FLOPs", 1.0)
     );
 }
 
@@ -886,6 +1072,41 @@ mod tests {
         let t = nice_ticks(1.2, 1.37, 4);
         assert!(t.len() >= 3 && t[0] >= 1.2 && *t.last().unwrap() <= 1.37 + 1e-12);
         assert_eq!(nice_ticks(1.0, 1.0, 4), vec![1.0]);
+    }
+
+    #[test]
+    fn tick_labels_are_exact_and_distinct() {
+        // The sweep's bits/byte axis once read 2.93 / 2.95 / 2.98 / 3.00 for steps of 0.025.
+        for (lo, hi, n) in [
+            (2.92, 3.03, 5),
+            (0.0, 1.0, 4),
+            (1.2, 1.37, 4),
+            (0.0013, 0.0021, 5),
+            (150.0, 260.0, 5),
+            (0.0, 26_000.0, 5),
+        ] {
+            let t = nice_ticks(lo, hi, n);
+            let d = tick_decimals(t[1] - t[0]);
+            let labels: Vec<String> = t.iter().map(|v| format!("{v:.d$}")).collect();
+            for (v, label) in t.iter().zip(&labels) {
+                let back: f64 = label.parse().unwrap();
+                assert!((back - v).abs() <= (t[1] - t[0]) * 1e-6, "{label} for {v}");
+            }
+            let mut unique = labels.clone();
+            unique.dedup();
+            assert_eq!(unique.len(), labels.len(), "{labels:?}");
+        }
+        assert_eq!(tick_decimals(0.025), 3);
+        assert_eq!(tick_decimals(0.5), 1);
+        assert_eq!(tick_decimals(20.0), 0);
+    }
+
+    #[test]
+    fn durations_get_a_unit_that_fits_them() {
+        assert_eq!(time_unit(30_900.0), (1e-3, "milliseconds"));
+        assert_eq!(time_unit(850.0), (1.0, "microseconds"));
+        assert_eq!(time_unit(0.4), (1e3, "nanoseconds"));
+        assert_eq!(time_unit(2.5e6), (1e-6, "seconds"));
     }
 
     #[test]

@@ -74,7 +74,17 @@ pub fn render(data: &ReportData) -> String {
         ),
         (
             "Throughput",
-            format!("{:.0} tokens/s over the epoch", e.tokens_per_second_epoch),
+            format!(
+                "{:.0} tokens/s over the epoch{} (tokens / wall time of their forward passes){}",
+                e.tokens_per_second_epoch,
+                if s.workload.kind == crate::profiling::snapshot::WorkloadKind::Generate {
+                    " incl. prompt prefill"
+                } else {
+                    ""
+                },
+                e.decode_tokens_per_second
+                    .map_or(String::new(), |d| format!("; decode only {d:.1} tokens/s"))
+            ),
         ),
         (
             "Experts per token",
@@ -111,13 +121,14 @@ pub fn render(data: &ReportData) -> String {
         (
             "Bits per byte",
             format!(
-                "{} (perplexity {}); {} vs {} on {} compared batches: delta {}, KL {} bits/token",
+                "{} over {} scored tokens (perplexity {}); {} vs {} on {} compared batches: delta {}, KL {} bits/token",
                 opt(q.bits_per_byte, 4),
+                q.scored_tokens,
                 opt(q.perplexity, 3),
                 opt(q.compared_bits_per_byte, 4),
                 policy_label(&q.reference_policy),
                 q.reference_batches,
-                opt(q.delta_bits_per_byte, 4),
+                super::delta_with_sample(q),
                 opt(q.mean_kl_bits, 4)
             ),
         ),
@@ -201,17 +212,22 @@ pub fn render(data: &ReportData) -> String {
         let _ = writeln!(
             o,
             "\n## Threshold sweep\n\n{} tokens per point ({} passes of {} x {}) from {}, on {}; \
-             quality reference: {}; top-k baseline k = {}; default policy marked *.\n",
+             {}; quality reference: {}; top-k baseline k = {}; default policy marked *.\n",
             sw.tokens_per_point,
             sw.batches,
             sw.batch,
             sw.seq_len,
             text(&sw.source),
             text(&sw.device),
+            super::text::repeats_note(sw.repeats),
             policy_label(&sw.reference_policy),
             sw.top_k_baseline
         );
-        o.push_str("| policy | experts/token | MoE FLOPs vs all | saved vs top-k | bits/byte | delta vs reference | KL bits | p50 us/token | p99 us/token | tokens/s | experts/token per layer |\n");
+        let _ = writeln!(
+            o,
+            "| policy | experts/token | MoE FLOPs vs all | saved vs top-k | bits/byte | delta vs reference | KL bits | p50 us/token | p99 us/token | tokens/s{} | experts/token per layer |",
+            if sw.repeats > 1 { " (min-max)" } else { "" }
+        );
         o.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for p in &sw.points {
             let layers: Vec<String> = p
@@ -221,7 +237,7 @@ pub fn render(data: &ReportData) -> String {
                 .collect();
             let _ = writeln!(
                 o,
-                "| {}{} | {:.3} | {:.1}% | {:.1}% | {} | {} | {} | {:.1} | {:.1} | {:.0} | {} |",
+                "| {}{} | {:.3} | {:.1}% | {:.1}% | {} | {} | {} | {:.1} | {:.1} | {} | {} |",
                 p.label,
                 if p.is_default { " *" } else { "" },
                 p.mean_experts_per_token,
@@ -232,7 +248,7 @@ pub fn render(data: &ReportData) -> String {
                 opt(p.mean_kl_bits, 4),
                 p.token_latency_p50_us,
                 p.token_latency_p99_us,
-                p.tokens_per_second,
+                super::text::rate_with_spread(p),
                 layers.join(" ")
             );
         }

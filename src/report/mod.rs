@@ -319,6 +319,23 @@ pub fn file_timestamp(unix_ms: u64) -> String {
     format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
 }
 
+/// The difference in bits per byte to the reference policy with its sample: "+0.0014 ± 0.0006
+/// (standard error over 29 compared batches)", or "-" before any compared batch.
+pub fn delta_with_sample(q: &crate::profiling::snapshot::QualityStats) -> String {
+    match (q.delta_bits_per_byte, q.delta_bits_per_byte_stderr) {
+        (Some(d), Some(se)) => format!(
+            "{d:+.4} ± {se:.4} (standard error over {} compared batches)",
+            q.reference_batches
+        ),
+        (Some(d), None) => format!(
+            "{d:+.4} ({} compared batch{}, no standard error below 2)",
+            q.reference_batches,
+            if q.reference_batches == 1 { "" } else { "es" }
+        ),
+        _ => "-".to_string(),
+    }
+}
+
 /// The policies of a snapshot's layers in brief: one label when all layers agree, else one per layer.
 pub fn policies_label(snapshot: &Snapshot) -> String {
     let labels: Vec<String> = snapshot

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use crate::profiling::snapshot::{
     DeviceBackend, EpochSummary, HistogramSnapshot, LayerTimeHistograms, PolicyState, Snapshot,
-    TokenOrigin,
+    TokenOrigin, WorkloadKind,
 };
 use crate::profiling::sweep::{SweepResult, policy_label};
 use crate::routing::RoutingPolicy;
@@ -66,14 +66,23 @@ fn header(o: &mut String, s: &Snapshot) {
     } else if s.paused {
         line!(o, "state       PAUSED");
     }
+    let prefill = if s.workload.kind == WorkloadKind::Generate {
+        " incl. prompt prefill"
+    } else {
+        ""
+    };
     let mut tput = format!(
-        "throughput  {:.0} tokens/s over the epoch ({:.0} over the last {} tokens)",
+        "throughput  {:.0} tokens/s over the epoch, {:.0} over the last {} tokens{prefill}",
         e.tokens_per_second_epoch, e.tokens_per_second, e.window.tokens
     );
     if let Some(d) = e.decode_tokens_per_second {
-        write!(tput, "; decoding {d:.1} tokens/s").expect("string");
+        write!(tput, "; decode only {d:.1} tokens/s").expect("string");
     }
     line!(o, "{tput}");
+    line!(
+        o,
+        "            (tokens / wall time of the forward passes that ran them, statistics included, reference passes excluded)"
+    );
     line!(o);
 }
 
@@ -458,13 +467,14 @@ fn printable(bytes: &[u8]) -> String {
 /// A sweep as a plain-text table (what `xmoe-top sweep` prints).
 pub fn sweep_table(r: &SweepResult) -> String {
     let mut s = format!(
-        "{} | {} tokens per point ({} x {} x {}) | {} | top-k baseline k={} | quality reference {}\n",
+        "{} | {} tokens per point ({} x {} x {}) | {} | {} | top-k baseline k={} | quality reference {}\n",
         r.model,
         r.tokens_per_point,
         r.batches,
         r.batch,
         r.seq_len,
         r.device,
+        repeats_note(r.repeats),
         r.top_k_baseline,
         policy_label(&r.reference_policy)
     );
@@ -474,7 +484,7 @@ pub fn sweep_table(r: &SweepResult) -> String {
         .unwrap_or(0)
         .max(12);
     s.push_str(&format!(
-        "{:<w$} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10}  {}\n",
+        "{:<w$} {:>9} {:>9} {:>10} {:>9} {:>10} {:>10} {:>10} {:>22}  {}\n",
         "policy",
         "exp/tok",
         "MoE FLOPs",
@@ -483,7 +493,11 @@ pub fn sweep_table(r: &SweepResult) -> String {
         "d vs ref",
         "p50 us/tok",
         "p99 us/tok",
-        "tok/s",
+        if r.repeats > 1 {
+            "tok/s (min-max)"
+        } else {
+            "tok/s"
+        },
         "experts/token per layer"
     ));
     for p in &r.points {
@@ -494,7 +508,7 @@ pub fn sweep_table(r: &SweepResult) -> String {
             .map(|v| format!("{v:.2}"))
             .collect();
         s.push_str(&format!(
-            "{:<w$} {:>9.2} {:>8.1}% {:>9.1}% {:>9} {:>10} {:>10.1} {:>10.1} {:>10.0}  {}\n",
+            "{:<w$} {:>9.2} {:>8.1}% {:>9.1}% {:>9} {:>10} {:>10.1} {:>10.1} {:>22}  {}\n",
             format!("{}{mark}", p.label),
             p.mean_experts_per_token,
             100.0 * p.moe_flops_fraction_of_all_experts,
@@ -503,12 +517,31 @@ pub fn sweep_table(r: &SweepResult) -> String {
             fixed_or_dash(p.delta_bits_per_byte_vs_reference, 4),
             p.token_latency_p50_us,
             p.token_latency_p99_us,
-            p.tokens_per_second,
+            rate_with_spread(p),
             layers.join(" ")
         ));
     }
     s.push_str("* the model's default policy\n");
     s
+}
+
+/// How the sweep's timings were taken, for its header.
+pub(crate) fn repeats_note(repeats: usize) -> String {
+    if repeats > 1 {
+        format!("timings: median of {repeats} repeats")
+    } else {
+        "timings: one run per pass".to_string()
+    }
+}
+
+/// A point's tokens/s with the slowest and fastest repeat when there were several.
+pub(crate) fn rate_with_spread(p: &crate::profiling::sweep::SweepPoint) -> String {
+    if p.tokens_per_second_repeats.len() > 1 {
+        let (lo, hi) = p.tokens_per_second_range();
+        format!("{:.0} ({lo:.0}-{hi:.0})", p.tokens_per_second)
+    } else {
+        format!("{:.0}", p.tokens_per_second)
+    }
 }
 
 #[cfg(test)]
@@ -550,7 +583,7 @@ mod tests {
     fn generate_summary_shows_decoding_and_text() {
         let s = example_snapshot(WorkloadKind::Generate, 16, true);
         let text = render(&s);
-        assert!(text.contains("decoding"), "{text}");
+        assert!(text.contains("incl. prompt prefill; decode only"), "{text}");
         assert!(
             text.contains("prompt \"The experts of a small model \""),
             "{text}"

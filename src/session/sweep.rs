@@ -190,6 +190,32 @@ pub struct SweepSpec {
     pub source_size: usize,
     /// Where the model runs, in words.
     pub device: String,
+    /// Times each pass of each point runs (>= 1): timings are medians over the repeats.
+    pub repeats: usize,
+}
+
+/// The median of nanosecond timings (the mean of the middle two for an even count).
+fn median_ns(v: &[u64]) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    let n = s.len();
+    match n {
+        0 => 0,
+        _ if n % 2 == 1 => s[n / 2],
+        _ => (s[n / 2 - 1] + s[n / 2]) / 2,
+    }
+}
+
+/// The median of rates (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => s[n / 2],
+        _ => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 /// A sweep and the full session snapshot of its default point (or its first point when the
@@ -352,7 +378,8 @@ pub fn run_sweep_until(
     let mut reference = make(reference_policy)?;
     let mut points: Vec<PointRun> = policies.into_iter().map(make).collect::<Result<_>>()?;
 
-    let total = batches.len() * (points.len() + 1);
+    let repeats = spec.repeats.max(1);
+    let total = batches.len() * (points.len() + 1) * repeats;
     let mut done = 0;
     let mut trace = ForwardTrace::default();
     let mut inputs = Vec::with_capacity(batch * seq_len);
@@ -369,6 +396,11 @@ pub fn run_sweep_until(
     // do not land in the first point's latency.
     split(&batches[0], &mut inputs, &mut targets);
     model.forward(&inputs, batch, &reference.routing, None, &mut trace)?;
+    // Forward nanoseconds of every run: [run][repeat] for this batch, and the total per repeat.
+    // Run 0 is the reference, then the points in order.
+    let n_runs = points.len() + 1;
+    let mut batch_ns = vec![vec![0u64; repeats]; n_runs];
+    let mut repeat_ns = vec![vec![0u64; repeats]; n_runs];
     for (b, tokens) in batches.iter().enumerate() {
         split(tokens, &mut inputs, &mut targets);
         let bytes = match &spec.batch_bytes {
@@ -380,40 +412,71 @@ pub fn run_sweep_until(
             bytes,
             nats,
         };
-        let t0 = Instant::now();
-        let ref_logits = model.forward(&inputs, batch, &reference.routing, None, &mut trace)?;
-        let ref_ns = t0.elapsed().as_nanos() as u64;
-        let ref_q = quality(cross_entropy_nats(&ref_logits, vocab, &targets));
-        reference.stats.record_pass(&trace, PassKind::Eval, ref_ns);
-        reference.stats.record_quality(&ref_q);
-        reference
-            .stats
-            .record_reference(&ReferenceComparison::with_itself(ref_q));
-        done += 1;
-        if progress(done, total).is_break() {
-            return Ok(None);
-        }
-        for p in &mut points {
-            let t0 = Instant::now();
-            let logits = model.forward(&inputs, batch, &p.routing, None, &mut trace)?;
-            let ns = t0.elapsed().as_nanos() as u64;
-            let q = quality(cross_entropy_nats(&logits, vocab, &targets));
-            p.stats.record_pass(&trace, PassKind::Eval, ns);
-            p.stats.record_quality(&q);
-            p.stats.record_reference(&ReferenceComparison {
-                current: q,
-                reference: ref_q,
-                kl_nats: kl_nats(&ref_logits, &logits, vocab),
-                kl_tokens: q.scored_tokens,
-                reference_ns: ref_ns,
-            });
-            done += 1;
-            if progress(done, total).is_break() {
-                return Ok(None);
+        let mut ref_logits = Vec::new();
+        let mut ref_q = quality(0.0);
+        // Repeats go round all points, so that a slow moment of a shared machine lands on one
+        // repeat of several points rather than on every repeat of one point.
+        for r in 0..repeats {
+            for run in 0..n_runs {
+                let p = if run == 0 {
+                    &mut reference
+                } else {
+                    &mut points[run - 1]
+                };
+                let t0 = Instant::now();
+                let logits = model.forward(&inputs, batch, &p.routing, None, &mut trace)?;
+                let ns = t0.elapsed().as_nanos() as u64;
+                batch_ns[run][r] = ns;
+                repeat_ns[run][r] += ns;
+                // Quality and routing are the same in every repeat: taken from the first.
+                if r == 0 {
+                    let q = quality(cross_entropy_nats(&logits, vocab, &targets));
+                    p.stats.record_quality(&q);
+                    if run == 0 {
+                        p.stats
+                            .record_reference(&ReferenceComparison::with_itself(q));
+                        ref_q = q;
+                        ref_logits = logits;
+                    } else {
+                        p.stats.record_reference(&ReferenceComparison {
+                            current: q,
+                            reference: ref_q,
+                            kl_nats: kl_nats(&ref_logits, &logits, vocab),
+                            kl_tokens: q.scored_tokens,
+                            reference_ns: batch_ns[0][0],
+                        });
+                    }
+                }
+                if r + 1 == repeats {
+                    p.stats
+                        .record_pass(&trace, PassKind::Eval, median_ns(&batch_ns[run]));
+                }
+                done += 1;
+                if progress(done, total).is_break() {
+                    return Ok(None);
+                }
             }
         }
     }
+    let tokens_per_point = (batches.len() * batch * seq_len) as f64;
+    let rates: Vec<Vec<f64>> = repeat_ns
+        .iter()
+        .map(|v| {
+            v.iter()
+                .map(|&ns| {
+                    if ns == 0 {
+                        0.0
+                    } else {
+                        tokens_per_point * 1e9 / ns as f64
+                    }
+                })
+                .collect()
+        })
+        .collect();
     points.push(reference);
+    // Same order as `points` now: the points, then the reference.
+    let mut rates = rates;
+    rates.rotate_left(1);
 
     let model_info = super::describe::model_info(cfg, spec.device.clone(), top_k_baseline);
     let workload = WorkloadInfo {
@@ -462,7 +525,8 @@ pub fn run_sweep_until(
     let sweep_points: Vec<SweepPoint> = points
         .iter()
         .zip(&snapshots)
-        .map(|(p, s)| {
+        .enumerate()
+        .map(|(i, (p, s))| {
             let c = &s.epoch.cumulative;
             let q = &s.epoch.quality;
             let h = &s.epoch.histograms;
@@ -492,7 +556,8 @@ pub fn run_sweep_until(
                 token_latency_p50_us: h.token_latency_us.p50,
                 token_latency_p99_us: h.token_latency_us.p99,
                 forward_latency_p50_us: h.forward_latency_us.p50,
-                tokens_per_second: s.epoch.tokens_per_second_epoch,
+                tokens_per_second: median(&rates[i]),
+                tokens_per_second_repeats: rates[i].clone(),
             }
         })
         .collect();
@@ -510,6 +575,7 @@ pub fn run_sweep_until(
         batch,
         seq_len,
         batches: batches.len(),
+        repeats,
         tokens_per_point: (batches.len() * batch * seq_len) as u64,
         device: spec.device.clone(),
         elapsed_s,
