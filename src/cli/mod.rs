@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand; `main` parses, sets up threads and reports errors.
 
 mod bench;
+mod config;
 pub mod exit;
 mod inspect;
 mod metrics;
@@ -11,7 +12,7 @@ pub mod run;
 mod sweep;
 mod synth;
 pub mod tui;
-mod values;
+pub mod values;
 
 use std::process::ExitCode;
 
@@ -59,6 +60,8 @@ enum Command {
     Sweep(sweep::SweepArgs),
     /// Write a saved JSON report in another format (html, md, csv).
     Report(report::ReportArgs),
+    /// Show the settings file in force and what it sets; `--init` writes a commented one.
+    Config(config::ConfigArgs),
 }
 
 /// Most worker threads `--threads` takes: far above any CPU this runs on, far below what makes
@@ -113,6 +116,7 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::TrainEval(a)) => crate::train::run_eval(&a).map(|()| ExitCode::SUCCESS),
         Some(Command::Sweep(a)) => sweep::run(a, threads),
         Some(Command::Report(a)) => report::run(a),
+        Some(Command::Config(a)) => config::run(a),
         None => run::run(main, threads),
     }
 }

@@ -159,9 +159,55 @@ pub struct RunArgs {
     /// (e.g. 127.0.0.1:9464): tokens/s, experts per token per layer, FLOPs saved, quality.
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<String>,
-    /// Where the live UI's `e` key writes its reports (HTML and JSON, timestamped names).
-    #[arg(long, default_value = ".")]
-    pub report_dir: PathBuf,
+    /// Where the live UI's `e` key writes its reports (HTML and JSON, timestamped names)
+    /// [default: the settings file's report_dir, else the current directory]
+    #[arg(long)]
+    pub report_dir: Option<PathBuf>,
+    /// Settings file to read instead of the default one (docs/config.md;
+    /// `xmoe-top config` shows which file is in use).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Read no settings file: built-in defaults and the command line only.
+    #[arg(long, conflicts_with = "config")]
+    pub no_config: bool,
+}
+
+impl RunArgs {
+    /// Reads the settings file (`--config`, else the default location) and fills what the
+    /// command line left open. The routing defaults apply only when the command line gives no
+    /// routing flag at all, so that the two sources never mix into a policy nobody wrote.
+    fn with_settings(mut self) -> Result<Self> {
+        let (settings, origin) =
+            crate::config::Settings::load(self.config.as_deref(), self.no_config).bad_input()?;
+        // A file silently changing the defaults would surprise: say which one is in force.
+        if matches!(origin, crate::config::SettingsOrigin::File(_)) {
+            eprintln!("xmoe-top: {origin}");
+        }
+        self.tui = self.tui.with_settings(&settings).bad_input()?;
+        if self.report_dir.is_none() {
+            self.report_dir = settings.report_dir();
+        }
+        let p = &mut self.session.policy;
+        let cli_routing = p.policy.is_some()
+            || p.threshold.is_some()
+            || p.k.is_some()
+            || p.renormalize.is_some()
+            || p.capacity_factor.is_some();
+        if !cli_routing && settings.has_policy() {
+            let d = &settings.defaults;
+            p.policy = d
+                .policy
+                .as_deref()
+                .map(crate::config::parse_value_enum)
+                .transpose()
+                .bad_input()?;
+            p.threshold = d.threshold.as_ref().map(|t| t.as_arg());
+            p.k = d.k;
+            p.renormalize = d.renormalize;
+            p.capacity_factor = d.capacity_factor;
+        }
+        Ok(self)
+    }
 }
 
 /// The trace file being written by the session, shared with the pass observer.
@@ -448,6 +494,7 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
     // Caught for the whole command, so a signal during loading or writing is noticed too.
     let _signals =
         signals::TerminationGuard::install().context("cannot install signal handlers")?;
+    let a = a.with_settings()?;
     if a.headless || a.json || !super::tui::can_draw() {
         return run_headless(&a, threads).context("headless run");
     }
@@ -460,7 +507,8 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
         return Err(usage("--metrics-addr goes with --headless"));
     }
     check_outputs(&a)?;
-    crate::atomic_file::check_dir(&a.report_dir)
+    let report_dir = a.report_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    crate::atomic_file::check_dir(&report_dir)
         .context("--report-dir (where `e` writes reports)")
         .usage()?;
     let mut p = prepare(&a.session, threads)?;
@@ -468,7 +516,7 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
         return Ok(interrupted(signal, "while loading the model"));
     }
     let trace = attach_trace(&a, &mut p)?;
-    let dir = a.report_dir.clone();
+    let dir = report_dir;
     let exporter: Exporter = Box::new(move |snapshot: &Snapshot| {
         export(
             snapshot,

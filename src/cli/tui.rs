@@ -15,13 +15,14 @@ use crate::workload::Workload;
 /// How the live UI draws.
 #[derive(Args, Debug, Clone)]
 pub struct TuiArgs {
-    /// Most redraws per second (the screen is redrawn only when something changed).
-    #[arg(long, default_value_t = DEFAULT_FPS, value_parser = parse_fps)]
-    pub fps: f64,
+    /// Most redraws per second, 0.5..=120 (the screen is redrawn only when something changed)
+    /// [default: 10, or the settings file's]
+    #[arg(long, value_parser = parse_fps)]
+    pub fps: Option<f64>,
     /// Colours: auto (256-colour or better terminals, unless NO_COLOR is set), always, or never
-    /// (shade glyphs in the heatmap).
-    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
-    pub color: ColorChoice,
+    /// (shade glyphs in the heatmap) [default: auto, or the settings file's]
+    #[arg(long, value_enum)]
+    pub color: Option<ColorChoice>,
     /// Same as --color never.
     #[arg(long, conflicts_with = "color")]
     pub no_color: bool,
@@ -37,15 +38,31 @@ fn parse_fps(s: &str) -> Result<f64, String> {
 }
 
 impl TuiArgs {
+    /// Fills what the command line left open from the settings file.
+    pub fn with_settings(mut self, settings: &crate::config::Settings) -> Result<Self> {
+        if self.fps.is_none() {
+            self.fps = settings.ui.fps;
+        }
+        if self.color.is_none() && !self.no_color {
+            self.color = settings
+                .ui
+                .color
+                .as_deref()
+                .map(crate::config::parse_value_enum)
+                .transpose()?;
+        }
+        Ok(self)
+    }
+
     /// The UI options for these arguments; `capacity_factor` is what the `c` key switches on
     /// (pass the model's or the command line's factor when there is one).
     pub fn options(&self, capacity_factor: Option<f32>, exporter: Option<Exporter>) -> TuiOptions {
         TuiOptions {
-            fps: self.fps,
+            fps: self.fps.unwrap_or(DEFAULT_FPS),
             color: ColorMode::detect(if self.no_color {
                 ColorChoice::Never
             } else {
-                self.color
+                self.color.unwrap_or(ColorChoice::Auto)
             }),
             capacity_factor: capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR),
             exporter,
