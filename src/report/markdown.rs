@@ -8,7 +8,7 @@ use crate::units::{fixed_or_dash as opt, flops};
 
 /// Text from outside (model, device and file names) as Markdown that renders as that text: no
 /// control characters, no HTML, nothing that ends a table cell.
-fn text(raw: &str) -> String {
+pub fn text(raw: &str) -> String {
     crate::units::printable(raw)
         .replace('&', "&amp;")
         .replace('<', "&lt;")

@@ -14,6 +14,7 @@
 pub mod control;
 pub mod describe;
 pub mod sweep;
+pub mod tune;
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
