@@ -46,8 +46,10 @@ fn embedded_model_loads_and_has_learned_the_text() {
     );
     let model = Model::from_file(&file, &Device::Cpu, LoadOptions::default()).unwrap();
     let (bpb, experts) = heldout_bits_per_byte(&model, 24);
-    // Measured 2.92 bits/byte at t = 0.9 with about 5 of 16 experts (docs/embedded-model.md).
-    assert!(bpb < 3.3, "held-out bits per byte {bpb:.3}");
+    // Measured 1.55 bits/byte at t = 0.9 with about 3.5 of 16 experts over 32768 held-out bytes
+    // (docs/embedded-model.md); the goal is at most 2.2, which counting trigrams (2.49)
+    // does not reach.
+    assert!(bpb <= 2.2, "held-out bits per byte {bpb:.3}");
     assert!(
         experts < cfg.n_experts as f64 * 0.5,
         "experts per token {experts:.2}"

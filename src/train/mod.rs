@@ -41,10 +41,10 @@ pub struct TrainArgs {
     #[arg(long, default_value = "xmoe-kjv")]
     pub name: String,
     /// Optimiser steps.
-    #[arg(long, default_value_t = 700)]
+    #[arg(long, default_value_t = 2500)]
     pub steps: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// Training sequence length (<= max_seq_len).
     #[arg(long, default_value_t = 256)]
