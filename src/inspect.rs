@@ -156,6 +156,19 @@ impl InspectReport {
             c.vocab_size,
             c.tokenizer
         );
+        if let Some(m) = c.mla {
+            // The shape line's head size is the rotary width here; this line gives the rest.
+            let _ = writeln!(
+                s,
+                "attention  multi-head latent: q {}, kv latent {}, per head {} + {} rotary (shared key) for q.k, {} for v",
+                m.q_lora_rank
+                    .map_or("full rank".to_string(), |r| format!("rank {r}")),
+                m.kv_lora_rank,
+                m.qk_nope_head_dim,
+                m.qk_rope_head_dim,
+                m.v_head_dim
+            );
+        }
         if c.qk_norm.is_some() || c.qkv_bias || c.attn_bias || c.attn_sinks {
             let _ = writeln!(
                 s,

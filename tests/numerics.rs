@@ -106,6 +106,7 @@ fn sparse_forward_matches_naive_reference() {
             let options = LoadOptions {
                 dispatch,
                 threads: 2,
+                ..Default::default()
             };
             let model = Model::from_file(&file, &Device::Cpu, options).unwrap();
             assert_eq!(model.moe_dispatch(), Some(dispatch));

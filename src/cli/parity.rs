@@ -78,6 +78,7 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
         LoadOptions {
             dispatch: MoeDispatch::Auto,
             threads,
+            ..Default::default()
         },
     )?;
     let test_dispatch = if device.device.is_cpu() {
@@ -91,6 +92,7 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
         LoadOptions {
             dispatch: test_dispatch,
             threads,
+            ..Default::default()
         },
     )?;
     let cfg = reference.config().clone();

@@ -90,6 +90,10 @@ pub struct SessionArgs {
     /// Load a model even when its weights exceed the available memory.
     #[arg(long)]
     pub allow_large: bool,
+    /// Scores a threshold ranks on in a sigmoid router (DeepSeek-V3): `biased` (the router's
+    /// choice values, sigmoid + correction bias) or `unbiased` (the sigmoid scores it weights by).
+    #[arg(long, default_value = "biased", value_name = "biased|unbiased")]
+    pub sigmoid_scores: crate::routing::SigmoidSelection,
 }
 
 /// Parses `--reference` against the model's configuration.
@@ -283,6 +287,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     let options = LoadOptions {
         dispatch: a.moe_dispatch,
         threads,
+        sigmoid_selection: a.sigmoid_scores,
     };
     let load_start = std::time::Instant::now();
     let model = Model::from_source(&file, &device.device, options).bad_input()?;

@@ -36,6 +36,10 @@ pub struct SweepArgs {
     /// Load a model even when its weights exceed the available memory.
     #[arg(long)]
     allow_large: bool,
+    /// Scores a threshold ranks on in a sigmoid router (DeepSeek-V3): `biased` (the router's
+    /// choice values, sigmoid + correction bias) or `unbiased` (the sigmoid scores it weights by).
+    #[arg(long, default_value = "biased", value_name = "biased|unbiased")]
+    sigmoid_scores: crate::routing::SigmoidSelection,
     /// Quality reference of every point: `native`, `dense`, `topk:K` or `threshold:T`. Default:
     /// native for a model with a native top-k (Hugging Face checkpoints), dense otherwise.
     #[arg(long, value_name = "POLICY")]
@@ -101,6 +105,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
     }
     let options = crate::model::LoadOptions {
         threads,
+        sigmoid_selection: a.sigmoid_scores,
         ..Default::default()
     };
     let model = Model::from_source(&file, &dev.device, options).bad_input()?;

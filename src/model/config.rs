@@ -52,6 +52,65 @@ pub enum QkNormKind {
     Full,
 }
 
+/// The shape of multi-head latent attention (DeepSeek-V2/V3), which replaces the q, k, v
+/// projections of plain attention: queries through an optional low-rank bottleneck, keys and
+/// values from one shared latent of `kv_lora_rank` plus a single rotary key head.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlaShape {
+    /// Rank of the query bottleneck (`q_a_proj`, `q_a_layernorm`, `q_b_proj`); `None`: one
+    /// `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the key/value latent.
+    pub kv_lora_rank: usize,
+    /// Per-head query/key width without positions.
+    pub qk_nope_head_dim: usize,
+    /// Per-head query/key width with rotary positions (the key part shared by all heads).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value width.
+    pub v_head_dim: usize,
+}
+
+impl MlaShape {
+    /// Query/key width per head.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Weights of one block's attention (without its pre-norm) for `heads` heads over width
+    /// `d`, with biases on `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj` when `bias`.
+    pub fn params(&self, d: usize, heads: usize, bias: bool) -> usize {
+        let qk = heads * self.qk_head_dim();
+        let q = match self.q_lora_rank {
+            Some(r) => d * r + r + r * qk + if bias { r } else { 0 },
+            None => d * qk,
+        };
+        let kv_a = self.kv_lora_rank + self.qk_rope_head_dim;
+        let kv = d * kv_a
+            + self.kv_lora_rank
+            + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
+            + if bias { kv_a } else { 0 };
+        let o = heads * self.v_head_dim * d + if bias { d } else { 0 };
+        q + kv + o
+    }
+
+    /// FLOPs of one token's attention projections (norms not counted, biases 1 per element):
+    /// the latents are expanded once per token.
+    pub fn projection_flops(&self, d: usize, heads: usize, bias: bool) -> u64 {
+        let (d, h) = (d as u64, heads as u64);
+        let qk = h * self.qk_head_dim() as u64;
+        let q = match self.q_lora_rank {
+            Some(r) => 2 * d * r as u64 + 2 * r as u64 * qk + if bias { r as u64 } else { 0 },
+            None => 2 * d * qk,
+        };
+        let kv_a = (self.kv_lora_rank + self.qk_rope_head_dim) as u64;
+        let kv = 2 * d * kv_a
+            + 2 * self.kv_lora_rank as u64 * h * (self.qk_nope_head_dim + self.v_head_dim) as u64
+            + if bias { kv_a } else { 0 };
+        let o = 2 * h * self.v_head_dim as u64 * d + if bias { d } else { 0 };
+        q + kv + o
+    }
+}
+
 /// Which blocks carry a Mixture-of-Experts FFN (the others carry a dense FFN).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(untagged)]
@@ -162,7 +221,8 @@ pub struct ModelConfig {
     /// The experts' nonlinearity is gpt-oss's clamped SwiGLU instead of `activation(gate) * up`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamped_swiglu: Option<crate::kernel::ClampedSwiglu>,
-    /// The router has a bias `[E]` (gpt-oss).
+    /// The router has a bias `[E]` (gpt-oss), or DeepSeek-V3's score correction bias `[E]`
+    /// (added for choosing): E parameters and E additions per token either way.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub router_bias: bool,
     /// Every attention head has a learned sink logit in its softmax denominator (gpt-oss).
@@ -178,6 +238,9 @@ pub struct ModelConfig {
     /// The shared expert's output is scaled per token by `sigmoid(w . x)` (Qwen2-MoE).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared_expert_gate: bool,
+    /// Multi-head latent attention instead of q, k, v projections (DeepSeek).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<MlaShape>,
     /// LM head shares the token embedding matrix.
     #[serde(default = "default_true")]
     pub tie_embeddings: bool,
@@ -410,6 +473,7 @@ impl ModelConfig {
             sliding_windows: Vec::new(),
             shared_expert_hidden: None,
             shared_expert_gate: false,
+            mla: None,
             tie_embeddings: true,
             default_policy: default_policy(),
             top_k_baseline: None,
@@ -484,6 +548,9 @@ impl ModelConfig {
         }
         if self.attn_sinks {
             v.push("attn_sinks");
+        }
+        if self.mla.is_some() {
+            v.push("mla");
         }
         if self.tokenizer == TokenizerKind::HuggingFace {
             v.push("tokenizer");

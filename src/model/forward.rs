@@ -433,6 +433,10 @@ pub fn param_counts(cfg: &ModelConfig) -> ParamCounts {
             None => 0,
         }
         + if cfg.attn_sinks { cfg.n_heads } else { 0 };
+    let attn = match cfg.mla {
+        Some(mla) => mla.params(d, cfg.n_heads, cfg.attn_bias),
+        None => attn,
+    };
     let h = cfg.dense_ffn_hidden;
     let dense = mats * d * h + if cfg.ffn_bias { (mats - 1) * h + d } else { 0 };
     let shared = cfg.shared_expert_hidden.map_or(0, |s| {

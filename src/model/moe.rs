@@ -50,6 +50,8 @@ pub struct LoadOptions {
     pub dispatch: MoeDispatch,
     /// Threads the CPU kernel may use.
     pub threads: usize,
+    /// The scores a threshold ranks on in a sigmoid router (DeepSeek-V3); ignored elsewhere.
+    pub sigmoid_selection: crate::routing::SigmoidSelection,
 }
 
 impl Default for LoadOptions {
@@ -57,6 +59,7 @@ impl Default for LoadOptions {
         Self {
             dispatch: MoeDispatch::Auto,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            sigmoid_selection: crate::routing::SigmoidSelection::Biased,
         }
     }
 }

@@ -15,6 +15,9 @@
 //! | shared expert of width S (every token, outside the routing) | 3·2·d·S (+ 2·d with its gate, + d to scale) |
 //! | LM head | 2·d·V |
 //!
+//! Multi-head latent attention (DeepSeek) instead: its projections (`MlaShape::projection_flops`,
+//! each latent expanded once per token) plus 2·c·heads·(qk_head_dim + v_head_dim) over `c` keys.
+//!
 //! with `q = heads · head_dim` and `kv = kv_heads · head_dim` (`q = kv = d` for the project's own
 //! models). gpt-oss's attention sinks (one more logit in each softmax, no value) and its clamped
 //! SwiGLU are part of the softmax and the activation, which are not counted. The shared expert costs the same under every policy, so it is counted with the
@@ -45,6 +48,8 @@ pub struct FlopModel {
     windows: Vec<Option<usize>>,
     moe_layers: Vec<usize>,
     top_k: u64,
+    heads: u64,
+    mla: Option<crate::model::config::MlaShape>,
 }
 
 impl FlopModel {
@@ -71,6 +76,8 @@ impl FlopModel {
             windows: cfg.sliding_windows.clone(),
             moe_layers: cfg.moe_layer_indices(),
             top_k: cfg.top_k_baseline() as u64,
+            heads: cfg.n_heads as u64,
+            mla: cfg.mla,
         }
     }
 
@@ -133,6 +140,12 @@ impl FlopModel {
 
     /// Attention of one token attending over `context` keys (itself included).
     pub fn attention(&self, context: usize) -> u64 {
+        if let Some(mla) = &self.mla {
+            // Scores over q·k of qk_head_dim per head, the weighted sum over v_head_dim.
+            let per_key = self.heads * (mla.qk_head_dim() + mla.v_head_dim) as u64;
+            return mla.projection_flops(self.d as usize, self.heads as usize, self.attn_bias)
+                + 2 * context as u64 * per_key;
+        }
         let (q, kv) = (self.q_width, self.kv_width);
         let proj = 2 * self.d * (2 * q + 2 * kv)
             + if self.attn_bias {

@@ -10,6 +10,12 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod deepseek;
+
+pub use deepseek::{
+    GroupLimit, Router, SigmoidRouter, SigmoidSelection, SoftmaxGroups, route_with,
+};
+
 /// How a MoE layer picks experts for each token: the one policy type of the crate, used by model
 /// files, the command line, the session, the UI and reports. Its JSON form is
 /// `{"kind": "threshold", "t": 0.9}`, `{"kind": "top_k", "k": 2, "renormalize": false}` or
@@ -83,6 +89,30 @@ pub enum RoutingError {
         expert: usize,
         /// The value found.
         value: f32,
+    },
+    /// A group-limited router whose groups do not fit its experts or its top-k.
+    #[error(
+        "group-limited routing with n_group {n_group}, topk_group {topk_group} over {n_experts} experts: {why}"
+    )]
+    BadGroups {
+        /// Groups.
+        n_group: usize,
+        /// Groups kept per token.
+        topk_group: usize,
+        /// Experts in the layer.
+        n_experts: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// A score correction bias whose length is not the expert count.
+    #[error(
+        "expected a score correction bias of {expected} values (one per expert), found {found}"
+    )]
+    BadBias {
+        /// Experts.
+        expected: usize,
+        /// Values found.
+        found: usize,
     },
     /// Logit buffer length does not match tokens x experts.
     #[error(
@@ -300,35 +330,8 @@ pub fn route(
     out: &mut Routing,
 ) -> Result<(), RoutingError> {
     let n_experts = policy.n_experts;
+    let tokens = begin(logits, n_experts, out)?;
     let policy = policy.policy;
-    let tokens = logits.len().checked_div(n_experts).unwrap_or(0);
-    if n_experts == 0 || tokens * n_experts != logits.len() {
-        return Err(RoutingError::ShapeMismatch {
-            expected: tokens * n_experts,
-            tokens,
-            n_experts,
-            found: logits.len(),
-        });
-    }
-    if let Some(pos) = logits.iter().position(|v| !v.is_finite()) {
-        return Err(RoutingError::NonFiniteLogit {
-            token: pos / n_experts,
-            expert: pos % n_experts,
-            value: logits[pos],
-        });
-    }
-    out.n_experts = n_experts;
-    out.probs.clear();
-    out.probs.resize(logits.len(), 0.0);
-    out.offsets.clear();
-    out.offsets.push(0);
-    out.experts.clear();
-    out.weights.clear();
-    out.kept.clear();
-    out.top1.clear();
-    out.dropped_pairs = 0;
-    out.order.clear();
-    out.order.extend(0..n_experts as u16);
 
     for (row, probs) in logits
         .chunks_exact(n_experts)
@@ -383,6 +386,40 @@ pub fn route(
         apply_capacity(out, expert_capacity(cf.get(), tokens, n_experts));
     }
     Ok(())
+}
+
+/// Checks the logits of a batch (shape, finiteness) and empties `out` for `n_experts` experts;
+/// returns the number of tokens. Every router's routing starts here.
+fn begin(logits: &[f32], n_experts: usize, out: &mut Routing) -> Result<usize, RoutingError> {
+    let tokens = logits.len().checked_div(n_experts).unwrap_or(0);
+    if n_experts == 0 || tokens * n_experts != logits.len() {
+        return Err(RoutingError::ShapeMismatch {
+            expected: tokens * n_experts,
+            tokens,
+            n_experts,
+            found: logits.len(),
+        });
+    }
+    if let Some(pos) = logits.iter().position(|v| !v.is_finite()) {
+        return Err(RoutingError::NonFiniteLogit {
+            token: pos / n_experts,
+            expert: pos % n_experts,
+            value: logits[pos],
+        });
+    }
+    out.n_experts = n_experts;
+    out.probs.clear();
+    out.probs.resize(logits.len(), 0.0);
+    out.offsets.clear();
+    out.offsets.push(0);
+    out.experts.clear();
+    out.weights.clear();
+    out.kept.clear();
+    out.top1.clear();
+    out.dropped_pairs = 0;
+    out.order.clear();
+    out.order.extend(0..n_experts as u16);
+    Ok(tokens)
 }
 
 /// Numerically stable softmax of one row, computed in f32 like the reference.

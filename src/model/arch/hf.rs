@@ -25,6 +25,9 @@ pub fn build(
     options: LoadOptions,
 ) -> Result<(ModelParts, Vec<String>), LoadError> {
     let c = ckpt.hf_config();
+    if c.family.is_deepseek() {
+        return super::deepseek::build(ckpt, device, options);
+    }
     let used = std::cell::RefCell::new(BTreeSet::new());
     let de = |e: candle_core::Error| LoadError::Device {
         path: ckpt.dir().to_path_buf(),
@@ -100,7 +103,12 @@ pub fn build(
                 q: rms(&format!("{a}.q_norm"), q_w)?,
                 k: rms(&format!("{a}.k_norm"), kv_w)?,
             }),
-            HfFamily::Mixtral | HfFamily::Qwen2Moe | HfFamily::GptOss => attention,
+            // (DeepSeek is built by `arch::deepseek`.)
+            HfFamily::Mixtral
+            | HfFamily::Qwen2Moe
+            | HfFamily::GptOss
+            | HfFamily::DeepseekV2
+            | HfFamily::DeepseekV3 => attention,
         };
         if c.attn_sinks {
             attention = attention.with_sinks(widened(&format!("{a}.sinks"), &[c.heads])?);
@@ -185,13 +193,13 @@ pub fn build(
 }
 
 /// Reads a tensor by name, checked against a shape.
-type TensorLoader<'a> = dyn Fn(&str, &[usize]) -> Result<Tensor, LoadError> + 'a;
+pub(super) type TensorLoader<'a> = dyn Fn(&str, &[usize]) -> Result<Tensor, LoadError> + 'a;
 
 /// The experts of one MoE block as per-expert `[out, in]` tensors, from either layout: one
 /// tensor per expert (`experts.{j}.w1/w3/w2` for Mixtral, `experts.{j}.{gate,up,down}_proj` for
 /// the others) or fused (`experts.gate_up_proj [E, 2I, H]`, gate rows first, and
 /// `experts.down_proj [E, H, I]`, without `.weight`).
-fn expert_weights(
+pub(super) fn expert_weights(
     ckpt: &HfCheckpoint,
     family: HfFamily,
     m: &str,

@@ -227,7 +227,7 @@ impl Rotary {
     }
 
     /// Rotates `x` = [batch, heads, seq, head_dim] by the positions of the pass.
-    fn apply(&self, x: &Tensor, pass: &PassContext) -> candle_core::Result<Tensor> {
+    pub(super) fn apply(&self, x: &Tensor, pass: &PassContext) -> candle_core::Result<Tensor> {
         let cos = self.cos.narrow(0, pass.start_pos, pass.seq)?;
         let sin = self.sin.narrow(0, pass.start_pos, pass.seq)?;
         candle_nn::rotary_emb::rope(x, &cos, &sin)
@@ -243,7 +243,7 @@ pub struct KvSlot {
 
 impl KvSlot {
     /// Appends this pass's keys and values and returns every cached position's.
-    fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    pub(super) fn append(&mut self, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let k = match &self.k {
             Some(prev) => Tensor::cat(&[prev, &k], 2)?,
             None => k,

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::{Attention, AttentionOutput, Ffn, KvSlot, MoeBlock, PassContext};
+use super::{Attention, AttentionOutput, Ffn, KvSlot, LatentAttention, MoeBlock, PassContext};
 use crate::model::forward::RoutingConfig;
 use crate::model::trace::ForwardTrace;
 
@@ -15,16 +15,39 @@ pub enum BlockFfn {
     Moe(Box<MoeBlock>),
 }
 
+/// The attention half of a block.
+pub enum BlockAttention {
+    /// Multi-head (grouped-query) attention.
+    Multi(Attention),
+    /// Multi-head latent attention (DeepSeek).
+    Latent(LatentAttention),
+}
+
+impl From<Attention> for BlockAttention {
+    fn from(a: Attention) -> Self {
+        BlockAttention::Multi(a)
+    }
+}
+
+impl From<LatentAttention> for BlockAttention {
+    fn from(a: LatentAttention) -> Self {
+        BlockAttention::Latent(a)
+    }
+}
+
 /// A pre-norm decoder block.
 pub struct Block {
-    attention: Attention,
+    attention: BlockAttention,
     ffn: BlockFfn,
 }
 
 impl Block {
-    /// Attention followed by `ffn`.
-    pub fn new(attention: Attention, ffn: BlockFfn) -> Self {
-        Self { attention, ffn }
+    /// Attention (either kind) followed by `ffn`.
+    pub fn new(attention: impl Into<BlockAttention>, ffn: BlockFfn) -> Self {
+        Self {
+            attention: attention.into(),
+            ffn,
+        }
     }
 
     /// The MoE sublayer, if this block has one.
@@ -46,9 +69,11 @@ impl Block {
         routing: &RoutingConfig,
         trace: &mut ForwardTrace,
     ) -> Result<Tensor> {
-        let AttentionOutput { hidden, working } =
-            self.attention
-                .forward(x, pass, cache, &mut trace.blocks[layer])?;
+        let timing = &mut trace.blocks[layer];
+        let AttentionOutput { hidden, working } = match &self.attention {
+            BlockAttention::Multi(a) => a.forward(x, pass, cache, timing)?,
+            BlockAttention::Latent(a) => a.forward(x, pass, cache, timing)?,
+        };
         let out = match &self.ffn {
             BlockFfn::Dense(ffn) => ffn.forward(hidden, &mut trace.blocks[layer])?,
             BlockFfn::Moe(moe) => moe.forward(hidden, layer, routing, trace)?,

@@ -7,6 +7,7 @@ pub mod block;
 pub mod embedding;
 pub mod ffn;
 pub mod linear;
+pub mod mla;
 pub mod moe_block;
 pub mod norm;
 
@@ -15,10 +16,11 @@ use std::time::Instant;
 use candle_core::Device;
 
 pub use attention::{Attention, AttentionOutput, KvSlot, PassContext, QkNorm, Rotary, Yarn};
-pub use block::{Block, BlockFfn};
+pub use block::{Block, BlockAttention, BlockFfn};
 pub use embedding::Embedding;
 pub use ffn::Ffn;
 pub use linear::Linear;
+pub use mla::{LatentAttention, LatentParts, LatentQuery};
 pub use moe_block::{MoeBlock, SharedExpert};
 pub use norm::Norm;
 

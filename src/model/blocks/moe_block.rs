@@ -11,7 +11,7 @@ use crate::kernel::Activation;
 use crate::model::forward::RoutingConfig;
 use crate::model::moe::{MoeDispatch, MoeExperts};
 use crate::model::trace::ForwardTrace;
-use crate::routing::route;
+use crate::routing::{Router, route_with};
 
 /// An expert every token uses, outside the routing (Qwen2-MoE's `shared_expert`):
 /// `down(act(gate(x)) * up(x))`, scaled per token by `sigmoid(scale(x))` when it has a scalar gate.
@@ -60,6 +60,8 @@ pub struct MoeBlock {
     router_t: Tensor,
     /// Router bias, [E] (gpt-oss).
     router_b: Option<Tensor>,
+    /// How logits become scores and weights (softmax, or a DeepSeek router).
+    router: Router,
     experts: MoeExperts,
     shared: Option<SharedExpert>,
     /// Index of this block among the model's MoE blocks: its policy and its trace slot.
@@ -79,6 +81,7 @@ impl MoeBlock {
             norm,
             router_t: router.t()?.contiguous()?,
             router_b: None,
+            router: Router::Softmax,
             experts,
             shared: None,
             slot,
@@ -88,6 +91,12 @@ impl MoeBlock {
     /// Adds a bias `[n_experts]` to the router logits (gpt-oss's `mlp.router.bias`).
     pub fn with_router_bias(mut self, bias: Tensor) -> Self {
         self.router_b = Some(bias);
+        self
+    }
+
+    /// Scores and weights experts with `router` instead of a softmax (DeepSeek).
+    pub fn with_router(mut self, router: Router) -> Self {
+        self.router = router;
         self
     }
 
@@ -120,8 +129,9 @@ impl MoeBlock {
         }
         let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         let lt = trace.moe_slot(self.slot, layer);
-        route(
+        route_with(
             &logits,
+            &self.router,
             routing.checked(self.slot),
             routing.checked_capacity(),
             &mut lt.routing,

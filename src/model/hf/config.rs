@@ -8,10 +8,10 @@ use serde_json::Value;
 use crate::kernel::ClampedSwiglu;
 use crate::model::blocks::Yarn;
 use crate::model::config::{
-    ModelConfig, MoeLayers, NormKind, PositionKind, QkNormKind, TokenizerKind,
+    MlaShape, ModelConfig, MoeLayers, NormKind, PositionKind, QkNormKind, TokenizerKind,
 };
 use crate::model::format::LoadError;
-use crate::routing::RoutingPolicy;
+use crate::routing::{GroupLimit, RoutingPolicy};
 
 /// The model families this loader runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -27,6 +27,10 @@ pub enum HfFamily {
     Olmoe,
     /// `gpt_oss` (`GptOssForCausalLM`).
     GptOss,
+    /// `deepseek_v2` (`DeepseekV2ForCausalLM`).
+    DeepseekV2,
+    /// `deepseek_v3` (`DeepseekV3ForCausalLM`; also Kimi-K2-style configs).
+    DeepseekV3,
 }
 
 /// Longest context xmoe-top runs a checkpoint with (its rotary tables are precomputed for every
@@ -34,8 +38,15 @@ pub enum HfFamily {
 pub const MAX_CONTEXT: usize = 1 << 17;
 
 /// `model_type` values, in the order the error message lists them.
-pub const SUPPORTED_MODEL_TYPES: &[&str] =
-    &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"];
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "gpt_oss",
+    "deepseek_v2",
+    "deepseek_v3",
+];
 
 impl HfFamily {
     fn from_model_type(s: &str) -> Option<Self> {
@@ -45,6 +56,8 @@ impl HfFamily {
             "qwen3_moe" => HfFamily::Qwen3Moe,
             "olmoe" => HfFamily::Olmoe,
             "gpt_oss" => HfFamily::GptOss,
+            "deepseek_v2" => HfFamily::DeepseekV2,
+            "deepseek_v3" | "kimi_k2" => HfFamily::DeepseekV3,
             _ => return None,
         })
     }
@@ -56,6 +69,8 @@ impl HfFamily {
             "Qwen3MoeForCausalLM" => HfFamily::Qwen3Moe,
             "OlmoeForCausalLM" => HfFamily::Olmoe,
             "GptOssForCausalLM" => HfFamily::GptOss,
+            "DeepseekV2ForCausalLM" => HfFamily::DeepseekV2,
+            "DeepseekV3ForCausalLM" => HfFamily::DeepseekV3,
             _ => return None,
         })
     }
@@ -68,8 +83,30 @@ impl HfFamily {
             HfFamily::Qwen3Moe => "qwen3_moe",
             HfFamily::Olmoe => "olmoe",
             HfFamily::GptOss => "gpt_oss",
+            HfFamily::DeepseekV2 => "deepseek_v2",
+            HfFamily::DeepseekV3 => "deepseek_v3",
         }
     }
+
+    /// DeepSeek-V2 or V3: latent attention, DeepSeek routers, ungated shared experts.
+    pub fn is_deepseek(self) -> bool {
+        matches!(self, HfFamily::DeepseekV2 | HfFamily::DeepseekV3)
+    }
+}
+
+/// What DeepSeek's attention and router need from `config.json` (the router's correction bias
+/// is a tensor).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeepseekConfig {
+    /// Multi-head latent attention sizes.
+    pub mla: MlaShape,
+    /// The rotary pairs are adjacent dimensions `(2i, 2i + 1)` (V2 always, V3 with
+    /// `rope_interleave`, its default), not the two halves.
+    pub rope_interleave: bool,
+    /// `group_limited_greedy` (V2) or `noaux_tc` (V3) groups; `None` for V2's `greedy`.
+    pub groups: Option<GroupLimit>,
+    /// `routed_scaling_factor`.
+    pub routed_scaling_factor: f64,
 }
 
 /// What the loader reads from `config.json`.
@@ -126,10 +163,13 @@ pub struct HfConfig {
     pub sliding_window: Vec<Option<usize>>,
     /// gpt-oss's clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`) and expert biases.
     pub clamped_swiglu: Option<ClampedSwiglu>,
-    /// The router has a bias (gpt-oss `mlp.router.bias`).
+    /// The router has a bias (gpt-oss `mlp.router.bias`; DeepSeek-V3's
+    /// `e_score_correction_bias`).
     pub router_bias: bool,
     /// Attention sinks (gpt-oss `self_attn.sinks`).
     pub attn_sinks: bool,
+    /// DeepSeek's latent attention and router (boxed: the other families do without it).
+    pub deepseek: Option<Box<DeepseekConfig>>,
 }
 
 struct Reader<'a> {
@@ -280,7 +320,7 @@ impl HfConfig {
             ));
         }
         let (rope_theta, rope_yarn) = rope(&r)?;
-        let experts = r.usize_any(&["num_local_experts", "num_experts"])?;
+        let experts = r.usize_any(&["num_local_experts", "num_experts", "n_routed_experts"])?;
         if experts > u16::MAX as usize {
             return Err(r.error(
                 "num_experts",
@@ -299,7 +339,8 @@ impl HfConfig {
                 format!("must be at most the {experts} experts, found {top_k}"),
             ));
         }
-        let qwen = matches!(family, HfFamily::Qwen2Moe | HfFamily::Qwen3Moe);
+        let qwen =
+            matches!(family, HfFamily::Qwen2Moe | HfFamily::Qwen3Moe) || family.is_deepseek();
         let (expert_hidden, dense_hidden) = if qwen {
             (
                 r.usize("moe_intermediate_size")?,
@@ -308,7 +349,9 @@ impl HfConfig {
         } else {
             (r.usize("intermediate_size")?, None)
         };
-        let moe_layers = if qwen {
+        let moe_layers = if family.is_deepseek() {
+            deepseek_moe_layers(&r, layers)?
+        } else if qwen {
             let step = r.usize_opt("decoder_sparse_step")?.unwrap_or(1);
             if step == 0 {
                 return Err(r.error("decoder_sparse_step", "must be positive, found 0"));
@@ -340,12 +383,19 @@ impl HfConfig {
             // gpt-oss softmaxes the k chosen logits: the same as renormalising the chosen
             // probabilities of the softmax over all experts.
             HfFamily::Mixtral | HfFamily::GptOss => true,
+            // `DeepseekV2TopkRouter` never reads `norm_topk_prob`.
+            HfFamily::DeepseekV2 => false,
             _ => r.bool_or("norm_topk_prob", false)?,
         };
         let shared_expert_hidden = match family {
             HfFamily::Qwen2Moe => r
                 .usize_opt("shared_expert_intermediate_size")?
                 .filter(|&s| s > 0),
+            // One MLP as wide as `n_shared_experts` experts, without a gate.
+            HfFamily::DeepseekV2 | HfFamily::DeepseekV3 => r
+                .usize_opt("n_shared_experts")?
+                .filter(|&n| n > 0)
+                .map(|n| n * expert_hidden),
             _ => None,
         };
         let (qkv_bias, attention_bias) = match family {
@@ -375,6 +425,25 @@ impl HfConfig {
             }
         }
         let sliding_window = sliding_windows(&r, family, layers)?;
+        let deepseek = if family.is_deepseek() {
+            let (groups, routed_scaling_factor) = deepseek_routing(&r, family, experts, top_k)?;
+            Some(Box::new(DeepseekConfig {
+                mla: mla_shape(&r)?,
+                rope_interleave: family == HfFamily::DeepseekV2
+                    || r.bool_or("rope_interleave", true)?,
+                groups,
+                routed_scaling_factor,
+            }))
+        } else {
+            None
+        };
+        let mla = deepseek.as_ref().map(|d| d.mla);
+        // DeepSeek's `head_dim` key (when written) is the rotary width; the rotary tables need
+        // exactly that.
+        let head_dim = match mla {
+            Some(m) => m.qk_rope_head_dim,
+            None => head_dim,
+        };
         let clamped_swiglu = if family == HfFamily::GptOss {
             Some(ClampedSwiglu {
                 alpha: r.f64_or("swiglu_alpha", 1.702)? as f32,
@@ -395,7 +464,7 @@ impl HfConfig {
             heads,
             kv_heads,
             head_dim,
-            explicit_head_dim: explicit.is_some_and(|h| h * heads != hidden),
+            explicit_head_dim: mla.is_none() && explicit.is_some_and(|h| h * heads != hidden),
             vocab,
             rms_norm_eps: r.f64_or(
                 "rms_norm_eps",
@@ -421,8 +490,11 @@ impl HfConfig {
             qk_norm,
             sliding_window,
             clamped_swiglu,
-            router_bias: family == HfFamily::GptOss,
+            // DeepSeek-V3's `e_score_correction_bias` is added to the scores for choosing: E
+            // parameters and E additions per token, as gpt-oss's router bias.
+            router_bias: matches!(family, HfFamily::GptOss | HfFamily::DeepseekV3),
             attn_sinks: family == HfFamily::GptOss,
+            deepseek,
         })
     }
 
@@ -464,7 +536,8 @@ impl HfConfig {
                 Vec::new()
             },
             shared_expert_hidden: self.shared_expert_hidden,
-            shared_expert_gate: self.shared_expert_hidden.is_some(),
+            shared_expert_gate: self.shared_expert_hidden.is_some() && !self.family.is_deepseek(),
+            mla: self.deepseek.as_ref().map(|d| d.mla),
             tie_embeddings: self.tie_embeddings,
             default_policy: self.native_policy(),
             top_k_baseline: Some(self.top_k),
@@ -621,7 +694,7 @@ fn sliding_windows(
     let window = r.usize_opt("sliding_window")?.filter(|&w| w > 0);
     Ok(match family {
         HfFamily::Mixtral => vec![window; layers],
-        HfFamily::Olmoe => vec![None; layers],
+        HfFamily::Olmoe | HfFamily::DeepseekV2 | HfFamily::DeepseekV3 => vec![None; layers],
         // transformers' default: alternating, sliding first; `GptOssConfig.sliding_window` 128.
         HfFamily::GptOss => {
             let window = Some(r.usize_opt("sliding_window")?.unwrap_or(128)).filter(|&w| w > 0);
@@ -685,6 +758,137 @@ fn layer_types(
             )),
         })
         .collect()
+}
+
+/// DeepSeek's dense/MoE split: block `i` is MoE iff `i >= first_k_dense_replace` and `i %
+/// moe_layer_freq == 0`, as DeepSeek's own modelling code has it (transformers 5.24 ignores
+/// `moe_layer_freq`; every published config has 1, where the two agree).
+fn deepseek_moe_layers(r: &Reader, layers: usize) -> Result<Vec<usize>, LoadError> {
+    let first_dense = r.usize_opt("first_k_dense_replace")?.unwrap_or(0);
+    let freq = r.usize_opt("moe_layer_freq")?.unwrap_or(1);
+    if freq == 0 {
+        return Err(r.error("moe_layer_freq", "must be positive, found 0"));
+    }
+    Ok((first_dense..layers).filter(|i| i % freq == 0).collect())
+}
+
+/// The latent attention sizes (`q_lora_rank` may be null: one `q_proj`).
+fn mla_shape(r: &Reader) -> Result<MlaShape, LoadError> {
+    let q_lora_rank = r.usize_opt("q_lora_rank")?;
+    if q_lora_rank == Some(0) {
+        return Err(r.error("q_lora_rank", "must be positive or null, found 0"));
+    }
+    let shape = MlaShape {
+        q_lora_rank,
+        kv_lora_rank: r.bounded("kv_lora_rank", 1 << 16)?,
+        qk_nope_head_dim: r.bounded("qk_nope_head_dim", 4096)?,
+        qk_rope_head_dim: r.bounded("qk_rope_head_dim", 4096)?,
+        v_head_dim: r.bounded("v_head_dim", 4096)?,
+    };
+    if !shape.qk_rope_head_dim.is_multiple_of(2) {
+        return Err(r.error(
+            "qk_rope_head_dim",
+            format!(
+                "rotary positions need an even width, found {}",
+                shape.qk_rope_head_dim
+            ),
+        ));
+    }
+    if let Some(q) = q_lora_rank
+        && q > 1 << 16
+    {
+        return Err(r.error("q_lora_rank", format!("at most 65536 supported, found {q}")));
+    }
+    Ok(shape)
+}
+
+/// `topk_method`, `scoring_func`, `n_group`, `topk_group` and `routed_scaling_factor`, checked
+/// against the experts and the top-k: the groups (none for V2's `greedy`) and the scaling.
+fn deepseek_routing(
+    r: &Reader,
+    family: HfFamily,
+    experts: usize,
+    top_k: usize,
+) -> Result<(Option<GroupLimit>, f64), LoadError> {
+    let string = |key: &str| -> Result<Option<&str>, LoadError> {
+        match r.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| r.error(key, format!("expected a string, found {v}"))),
+        }
+    };
+    let v3 = family == HfFamily::DeepseekV3;
+    let (method_default, scoring) = if v3 {
+        ("noaux_tc", "sigmoid")
+    } else {
+        ("greedy", "softmax")
+    };
+    let method = string("topk_method")?.unwrap_or(method_default);
+    let grouped = match (v3, method) {
+        (false, "greedy") => false,
+        (false, "group_limited_greedy") | (true, "noaux_tc") => true,
+        _ => {
+            let supported = if v3 {
+                "\"noaux_tc\""
+            } else {
+                "\"greedy\" or \"group_limited_greedy\""
+            };
+            return Err(r.error(
+                "topk_method",
+                format!(
+                    "{} routes with {supported}, found \"{method}\"",
+                    family.model_type()
+                ),
+            ));
+        }
+    };
+    if let Some(found) = string("scoring_func")?
+        && found != scoring
+    {
+        return Err(r.error(
+            "scoring_func",
+            format!(
+                "{} scores experts with \"{scoring}\", found \"{found}\"",
+                family.model_type()
+            ),
+        ));
+    }
+    let groups = if grouped {
+        let n_group = r.usize_opt("n_group")?.unwrap_or(1);
+        let topk_group = r.usize_opt("topk_group")?.unwrap_or(1);
+        if n_group == 0 || !experts.is_multiple_of(n_group) {
+            return Err(r.error(
+                "n_group",
+                format!(
+                    "must divide the {experts} routed experts (n_routed_experts), found {n_group}"
+                ),
+            ));
+        }
+        if topk_group == 0 || topk_group > n_group {
+            return Err(r.error(
+                "topk_group",
+                format!("must be in 1..={n_group} (n_group), found {topk_group}"),
+            ));
+        }
+        if topk_group * (experts / n_group) < top_k {
+            return Err(r.error(
+                "topk_group",
+                format!(
+                    "{topk_group} groups of {} experts hold fewer than the {top_k} chosen per token (num_experts_per_tok)",
+                    experts / n_group
+                ),
+            ));
+        }
+        Some(GroupLimit {
+            n_group,
+            topk_group,
+        })
+    } else {
+        None
+    };
+    Ok((groups, r.f64_or("routed_scaling_factor", 1.0)?))
 }
 
 /// `config.json` beside `dir`.

@@ -1,0 +1,239 @@
+//! Multi-head latent attention (DeepSeek-V2/V3), as transformers 5.24 computes it
+//! (`DeepseekV2Attention`, `DeepseekV3Attention`; `docs/hf-families-notes.md`): queries through an
+//! optional low-rank bottleneck, keys and values expanded from one normalised latent per token,
+//! and a decoupled rotary part: `qk_rope_head_dim` dimensions of each query head and one key
+//! head shared by all heads carry the positions, the other `qk_nope_head_dim` do not.
+//!
+//! The cache holds what DeepSeek designed it to hold: the latent (`kv_lora_rank` values per
+//! token) and the rotated shared key (`qk_rope_head_dim`), not per-head keys and values.
+
+use std::time::Instant;
+
+use candle_core::{D, Tensor};
+
+use super::attention::{AttentionOutput, KvSlot, PassContext, Rotary};
+use super::{Linear, Norm, elapsed_ns};
+use crate::model::config::MlaShape;
+use crate::model::trace::BlockTiming;
+
+/// How queries are projected.
+pub enum LatentQuery {
+    /// One `q_proj` (`q_lora_rank` null, as DeepSeek-V2-Lite).
+    Direct(Linear),
+    /// `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
+    LowRank {
+        /// `q_a_proj`, width -> rank.
+        a: Linear,
+        /// `q_a_layernorm` over the rank.
+        norm: Norm,
+        /// `q_b_proj`, rank -> heads x qk_head_dim.
+        b: Linear,
+    },
+}
+
+/// The attention sublayer of a DeepSeek block: `x + o(attn(n(x)))` with latent keys and values.
+pub struct LatentAttention {
+    norm: Norm,
+    q: LatentQuery,
+    /// `kv_a_proj_with_mqa`: width -> kv_lora_rank + qk_rope_head_dim.
+    kv_a: Linear,
+    /// `kv_a_layernorm` over the latent.
+    kv_norm: Norm,
+    /// `kv_b_proj`: latent -> heads x (qk_nope_head_dim + v_head_dim).
+    kv_b: Linear,
+    o: Linear,
+    heads: usize,
+    shape: MlaShape,
+    rotary: Rotary,
+    interleaved: bool,
+    scale: f64,
+}
+
+/// The parts of a [`LatentAttention`] (named as the checkpoint names them).
+pub struct LatentParts {
+    /// Pre-norm.
+    pub norm: Norm,
+    /// Query projection.
+    pub q: LatentQuery,
+    /// `kv_a_proj_with_mqa`.
+    pub kv_a: Linear,
+    /// `kv_a_layernorm`.
+    pub kv_norm: Norm,
+    /// `kv_b_proj`.
+    pub kv_b: Linear,
+    /// `o_proj`.
+    pub o: Linear,
+}
+
+impl LatentAttention {
+    /// Assembles the sublayer. `rotary` has tables of `qk_rope_head_dim`; `interleaved` when the
+    /// checkpoint pairs rotary dimensions `(2i, 2i + 1)` (V2; V3's `rope_interleave`) rather than
+    /// `(i, i + d/2)`; `scale` multiplies the query-key products (`qk_head_dim^-0.5`, times YaRN's
+    /// `mscale^2` where the config asks for it).
+    pub fn new(
+        parts: LatentParts,
+        heads: usize,
+        shape: MlaShape,
+        rotary: Rotary,
+        interleaved: bool,
+        scale: f64,
+    ) -> Self {
+        Self {
+            norm: parts.norm,
+            q: parts.q,
+            kv_a: parts.kv_a,
+            kv_norm: parts.kv_norm,
+            kv_b: parts.kv_b,
+            o: parts.o,
+            heads,
+            shape,
+            rotary,
+            interleaved,
+            scale,
+        }
+    }
+
+    /// `x` = [batch * seq, d] -> `x` with attention added. With a cache slot, attends over the
+    /// cached positions too and appends this pass's latents and rotated keys to it. Records
+    /// `timing.attention_ns`.
+    pub fn forward(
+        &self,
+        x: Tensor,
+        pass: &PassContext,
+        cache: Option<&mut KvSlot>,
+        timing: &mut BlockTiming,
+    ) -> candle_core::Result<AttentionOutput> {
+        let t0 = Instant::now();
+        let (batch, seq, nh) = (pass.batch, pass.seq, self.heads);
+        let MlaShape {
+            kv_lora_rank: rank,
+            qk_nope_head_dim: nope,
+            qk_rope_head_dim: rope,
+            v_head_dim: vd,
+            ..
+        } = self.shape;
+        let a = self.norm.forward(&x)?;
+        let q = match &self.q {
+            LatentQuery::Direct(q) => q.forward(&a)?,
+            LatentQuery::LowRank { a: qa, norm, b } => {
+                b.forward(&norm.forward(&qa.forward(&a)?)?)?
+            }
+        };
+        // [b, h, s, nope + rope]
+        let q = q
+            .reshape((batch, seq, nh, nope + rope))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q_nope = q.narrow(D::Minus1, 0, nope)?;
+        let q_rope = self.rotate(&q.narrow(D::Minus1, nope, rope)?, pass)?;
+        let compressed = self.kv_a.forward(&a)?;
+        let latent = self
+            .kv_norm
+            .forward(&compressed.narrow(1, 0, rank)?.contiguous()?)?
+            .reshape((batch, seq, 1, rank))?
+            .transpose(1, 2)?;
+        let k_rope = compressed
+            .narrow(1, rank, rope)?
+            .reshape((batch, seq, 1, rope))?
+            .transpose(1, 2)?;
+        let k_rope = self.rotate(&k_rope, pass)?;
+        let (latent, k_rope) = match cache {
+            Some(slot) => slot.append(latent.contiguous()?, k_rope)?,
+            None => (latent, k_rope),
+        };
+        let keys = latent.dim(2)?;
+        // Every cached latent is expanded to per-head keys and values for this pass.
+        let kv = self
+            .kv_b
+            .forward(&latent.reshape((batch * keys, rank))?)?
+            .reshape((batch, keys, nh, nope + vd))?
+            .transpose(1, 2)?;
+        let k = Tensor::cat(
+            &[
+                &kv.narrow(D::Minus1, 0, nope)?,
+                &k_rope.broadcast_as((batch, nh, keys, rope))?,
+            ],
+            D::Minus1,
+        )?;
+        let v = kv.narrow(D::Minus1, nope, vd)?.contiguous()?;
+        let q = Tensor::cat(&[&q_nope, &q_rope], D::Minus1)?.contiguous()?;
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+        if let Some(m) = &pass.mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ctx = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((pass.tokens(), nh * vd))?;
+        let out = (x + self.o.forward(&ctx)?)?;
+        timing.attention_ns = elapsed_ns(t0, out.device())?;
+        Ok(AttentionOutput {
+            hidden: out,
+            working: [a, q, k, v, scores, probs, ctx],
+        })
+    }
+
+    /// Rotates `x` = [batch, heads, seq, rope] by the pass's positions. Interleaved pairs are
+    /// first laid out as halves (evens, then odds), which is exactly what V3's
+    /// `apply_rotary_pos_emb_interleave` outputs; V2 keeps the pairs in place instead, a
+    /// permutation shared by queries and keys that leaves every product, and so the output,
+    /// unchanged.
+    fn rotate(&self, x: &Tensor, pass: &PassContext) -> candle_core::Result<Tensor> {
+        let x = if self.interleaved {
+            let (b, h, s, d) = x.dims4()?;
+            x.reshape((b, h, s, d / 2, 2))?
+                .transpose(3, 4)?
+                .reshape((b, h, s, d))?
+        } else {
+            x.contiguous()?
+        };
+        self.rotary.apply(&x.contiguous()?, pass)
+    }
+}
+
+/// DeepSeek's attention scale: `qk_head_dim^-0.5`, times `m^2` with `m = 0.1 · mscale_all_dim ·
+/// ln(factor) + 1` when YaRN has a non-zero `mscale_all_dim` and a factor above 1
+/// (`yarn_apply_mscale`).
+pub fn softmax_scale(qk_head_dim: usize, yarn: Option<&super::Yarn>) -> f64 {
+    let base = (qk_head_dim as f64).powf(-0.5);
+    match yarn {
+        Some(y) if y.factor > 1.0 => match y.mscale_all_dim {
+            Some(all) if all != 0.0 => {
+                let m = 0.1 * all * y.factor.ln() + 1.0;
+                base * m * m
+            }
+            _ => base,
+        },
+        _ => base,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::blocks::Yarn;
+
+    #[test]
+    fn softmax_scale_follows_mscale_all_dim() {
+        let yarn = Yarn {
+            factor: 4.0,
+            original_max_positions: 32.0,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            truncate: true,
+            attention_factor: None,
+            mscale: Some(0.707),
+            mscale_all_dim: Some(0.707),
+        };
+        let m = 0.1 * 0.707 * 4f64.ln() + 1.0;
+        assert!((softmax_scale(16, Some(&yarn)) - m * m / 4.0).abs() < 1e-12);
+        assert_eq!(softmax_scale(16, None), 0.25);
+        let none = Yarn {
+            mscale_all_dim: None,
+            ..yarn
+        };
+        assert_eq!(softmax_scale(16, Some(&none)), 0.25);
+    }
+}
