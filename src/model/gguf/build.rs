@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use candle_core::{Device, Tensor};
 
-use super::{GgufArch, GgufFile, GgufModel, gguf_error};
+use super::{GgufArch, GgufFile, GgufModel, candle_message, gguf_error};
 use crate::kernel::Activation;
 use crate::model::blocks::{
     Attention, Block, BlockFfn, Embedding, Ffn, Linear, MoeBlock, Norm, QkNorm, Rotary,
@@ -42,7 +42,7 @@ pub fn build(
     let used = RefCell::new(BTreeSet::new());
     let de = |e: candle_core::Error| LoadError::Device {
         path: g.path().to_path_buf(),
-        detail: e.to_string(),
+        detail: candle_message(&e),
     };
     let load = |name: &str, shape: &[usize]| -> Result<Tensor, LoadError> {
         used.borrow_mut().insert(name.to_string());
@@ -187,7 +187,12 @@ fn experts(
         (0..n)
             .map(|e| t.get(e))
             .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(|e| gguf_error(g.path(), format!("tensor `{b}.{name}.weight`: {e}")))
+            .map_err(|e| {
+                gguf_error(
+                    g.path(),
+                    format!("tensor `{b}.{name}.weight`: {}", candle_message(&e)),
+                )
+            })
     };
     Ok(ExpertWeights {
         gate: split("ffn_gate_exps", [n, inter, h])?,

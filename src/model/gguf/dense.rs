@@ -10,7 +10,7 @@ use serde_json::Map;
 
 use super::build::unpermute_rope_rows;
 use super::config::{Meta, common_keys, vocab_size};
-use super::{GgufFile, gguf_error};
+use super::{GgufFile, candle_message, gguf_error};
 use crate::model::format::LoadError;
 
 /// What a dense Llama-family model needs, read from the GGUF metadata.
@@ -124,7 +124,7 @@ impl DenseLlama {
         let c = &config;
         let (h, q_w, kv_w) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
         let mut tensors = BTreeMap::new();
-        let de = |e: candle_core::Error| gguf_error(path, e.to_string());
+        let de = |e: candle_core::Error| gguf_error(path, candle_message(&e));
         tensors.insert(
             "model.embed_tokens.weight".to_string(),
             g.tensor("token_embd.weight", &[c.vocab, h], device)?,

@@ -89,9 +89,18 @@ fn ggml_type_name(id: u32) -> Option<&'static str> {
     })
 }
 
+/// candle's message without the backtrace it appends when `RUST_BACKTRACE` is set: the user
+/// gets one line.
+pub(crate) fn candle_message(err: &candle_core::Error) -> String {
+    match err {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
+}
+
 /// candle's message for a header it refused, made to say what a user can act on.
 fn header_detail(err: &candle_core::Error, file_len: u64) -> String {
-    let text = err.to_string();
+    let text = candle_message(err);
     if let Some(id) = text
         .strip_prefix("unknown dtype for tensor ")
         .and_then(|n| n.trim().parse::<u32>().ok())
@@ -295,7 +304,12 @@ impl GgufFile {
             .lock()
             .map_err(|_| gguf_error(&self.path, "the file handle was poisoned by a panic"))?;
         info.read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
-            .map_err(|e| gguf_error(&self.path, format!("tensor `{name}`: {e}")))
+            .map_err(|e| {
+                gguf_error(
+                    &self.path,
+                    format!("tensor `{name}`: {}", candle_message(&e)),
+                )
+            })
     }
 
     /// Tensor `name`, checked against `shape`, dequantised to f32 on `device`.
@@ -310,7 +324,10 @@ impl GgufFile {
         q.dequantize(device).map_err(|e| {
             gguf_error(
                 &self.path,
-                format!("tensor `{name}`: cannot dequantise {dtype:?}: {e}"),
+                format!(
+                    "tensor `{name}`: cannot dequantise {dtype:?}: {}",
+                    candle_message(&e)
+                ),
             )
         })
     }
