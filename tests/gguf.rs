@@ -303,7 +303,9 @@ fn a_dense_llama_gguf_reads_back_the_hugging_face_tensors() {
 // ---- bad input -------------------------------------------------------------------------------
 
 /// The metadata and tensors of a fixture, to write back changed.
-fn parts(path: &Path) -> (Vec<(String, Value)>, Vec<(String, QTensor)>) {
+type Parts = (Vec<(String, Value)>, Vec<(String, QTensor)>);
+
+fn parts(path: &Path) -> Parts {
     let mut f = std::fs::File::open(path).unwrap();
     let c = gguf_file::Content::read(&mut f).unwrap();
     let mut meta: Vec<_> = c.metadata.clone().into_iter().collect();

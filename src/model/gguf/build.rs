@@ -172,6 +172,9 @@ pub fn build(
     Ok((parts, unused))
 }
 
+/// Reads a tensor by name, checked against a shape.
+type TensorLoader<'a> = dyn Fn(&str, &[usize]) -> Result<Tensor, LoadError> + 'a;
+
 /// The experts of block `b`, split out of the stacked `ffn_{gate,up}_exps.weight` `[E, I, H]`
 /// and `ffn_down_exps.weight` `[E, H, I]` (GGUF dims `[H, I, E]` and `[I, H, E]`).
 fn experts(
@@ -180,7 +183,7 @@ fn experts(
     n: usize,
     inter: usize,
     h: usize,
-    load: &dyn Fn(&str, &[usize]) -> Result<Tensor, LoadError>,
+    load: &TensorLoader,
 ) -> Result<ExpertWeights, LoadError> {
     let split = |name: &str, shape: [usize; 3]| -> Result<Vec<Tensor>, LoadError> {
         let t = load(&format!("{b}.{name}.weight"), &shape)?;
