@@ -88,6 +88,7 @@ impl InspectReport {
                 c.hf_config().family.model_type().to_string(),
                 c.shard_paths().len(),
             ),
+            ModelSource::Gguf(g) => (format!("gguf {}", g.arch().name()), 1),
         };
         let active_params_top_k =
             params.total - params.experts_total + n_moe as usize * f.top_k() * params.per_expert;

@@ -194,6 +194,15 @@ pub enum LoadError {
         /// `MemAvailable`, in GiB.
         available_gib: f64,
     },
+    /// A GGUF file (llama.cpp) that cannot be read: bad magic or version, truncated header or
+    /// tensor data, a quantisation type that cannot be dequantised, inconsistent metadata.
+    #[error("{path}: cannot read the GGUF file: {detail}")]
+    Gguf {
+        /// The `.gguf` file.
+        path: PathBuf,
+        /// What was expected versus found.
+        detail: String,
+    },
     /// The tensor backend failed (device out of memory, CUDA error).
     #[error("{path}: cannot place the weights on the device: {detail}")]
     Device {

@@ -190,6 +190,19 @@ impl Model {
                 model.tokenizer_path = source.tokenizer_path();
                 Ok(model)
             }
+            ModelSource::Gguf(g) => {
+                let (parts, unused) = crate::model::gguf::build(g, device, options)?;
+                let mut model = Self::assemble(
+                    g.config().clone(),
+                    parts,
+                    device,
+                    unused,
+                    g.file().path().display().to_string(),
+                    g.file().tensor_bytes(),
+                );
+                model.tokenizer_path = source.tokenizer_path();
+                Ok(model)
+            }
         }
     }
 

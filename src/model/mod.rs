@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod format;
 pub mod forward;
+pub mod gguf;
 pub mod hf;
 pub mod moe;
 pub mod source;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::config::ModelConfig;
 use super::format::{LoadError, ModelFile};
+use super::gguf::{GgufModel, is_gguf};
 use super::hf::{HfCheckpoint, is_hf_checkpoint};
 
 /// An opened and checked model, not yet loaded onto a device.
@@ -13,13 +14,17 @@ pub enum ModelSource {
     Xmoe(ModelFile),
     /// A Hugging Face checkpoint directory.
     HuggingFace(HfCheckpoint),
+    /// A llama.cpp GGUF file.
+    Gguf(Box<GgufModel>),
 }
 
 impl ModelSource {
     /// Opens `path`: a Hugging Face checkpoint (a directory, its index, or one of its shards) or
     /// a model file of the project's own format.
     pub fn open(path: &Path) -> Result<Self, LoadError> {
-        if is_hf_checkpoint(path) {
+        if is_gguf(path) {
+            GgufModel::open(path).map(|g| ModelSource::Gguf(Box::new(g)))
+        } else if is_hf_checkpoint(path) {
             HfCheckpoint::open(path).map(ModelSource::HuggingFace)
         } else {
             ModelFile::open(path).map(ModelSource::Xmoe)
@@ -31,6 +36,7 @@ impl ModelSource {
         match self {
             ModelSource::Xmoe(f) => f.config(),
             ModelSource::HuggingFace(c) => c.config(),
+            ModelSource::Gguf(g) => g.config(),
         }
     }
 
@@ -39,6 +45,7 @@ impl ModelSource {
         match self {
             ModelSource::Xmoe(f) => f.path(),
             ModelSource::HuggingFace(c) => c.dir(),
+            ModelSource::Gguf(g) => g.file().path(),
         }
     }
 
@@ -46,7 +53,7 @@ impl ModelSource {
     pub fn warnings(&self) -> &[String] {
         match self {
             ModelSource::Xmoe(f) => f.warnings(),
-            ModelSource::HuggingFace(_) => &[],
+            ModelSource::HuggingFace(_) | ModelSource::Gguf(_) => &[],
         }
     }
 
@@ -55,14 +62,17 @@ impl ModelSource {
         match self {
             ModelSource::Xmoe(f) => f.file_bytes(),
             ModelSource::HuggingFace(c) => c.tensor_bytes(),
+            ModelSource::Gguf(g) => g.file().tensor_bytes(),
         }
     }
 
-    /// The `tokenizer.json` that goes with the model, if it has one.
+    /// The `tokenizer.json` that goes with the model, if it has one (for a GGUF file, the file
+    /// itself: its tokenizer is in its metadata).
     pub fn tokenizer_path(&self) -> Option<PathBuf> {
         match self {
             ModelSource::Xmoe(_) => None,
             ModelSource::HuggingFace(c) => Some(c.dir().join("tokenizer.json")),
+            ModelSource::Gguf(g) => Some(g.file().path().to_path_buf()),
         }
     }
 
@@ -71,13 +81,14 @@ impl ModelSource {
         match self {
             ModelSource::Xmoe(f) => f.tensor_table(),
             ModelSource::HuggingFace(c) => c.tensor_table(),
+            ModelSource::Gguf(g) => g.file().tensor_table(),
         }
     }
 }
 
 impl ModelSource {
     /// Bytes the loaded weights take in memory: a checkpoint keeps its stored dtype (MXFP4 experts
-    /// become bf16); the project's own format is widened to f32.
+    /// become bf16); the project's own format and GGUF files (dequantised) are widened to f32.
     pub fn resident_weight_bytes(&self) -> usize {
         match self {
             ModelSource::Xmoe(f) => f
@@ -86,6 +97,7 @@ impl ModelSource {
                 .map(|(_, _, shape, _)| shape.iter().product::<usize>() * 4)
                 .sum(),
             ModelSource::HuggingFace(c) => c.resident_bytes(),
+            ModelSource::Gguf(g) => g.file().resident_bytes(),
         }
     }
 

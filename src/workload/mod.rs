@@ -11,6 +11,7 @@
 //! length beyond the model's) is a [`WorkloadError`] with a clear message, found when the
 //! workload is built, not in the middle of a run.
 
+pub mod gguf_tokenizer;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};

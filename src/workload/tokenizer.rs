@@ -36,6 +36,14 @@ pub enum TokenizerError {
         /// Largest id.
         max_id: u32,
     },
+    /// The `tokenizer.ggml.*` metadata of a GGUF file does not make a tokenizer.
+    #[error("{path}: cannot build the tokenizer from the GGUF metadata: {detail}")]
+    Gguf {
+        /// The `.gguf` file.
+        path: PathBuf,
+        /// What is missing or wrong.
+        detail: String,
+    },
     /// Encoding failed.
     #[error("tokenizing failed: {0}")]
     Encode(String),
@@ -86,8 +94,13 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Reads `tokenizer.json` for a model whose embedding has `vocab_size` rows.
+    /// Reads `tokenizer.json` (or the tokenizer in a GGUF file's metadata) for a model whose
+    /// embedding has `vocab_size` rows.
     pub fn from_file(path: &Path, vocab_size: usize) -> Result<Self, TokenizerError> {
+        if crate::model::gguf::is_gguf(path) {
+            let tok = super::gguf_tokenizer::from_file(path)?;
+            return Self::checked(path, tok, vocab_size);
+        }
         let bytes =
             crate::input_file::read(path, crate::input_file::MAX_JSON_BYTES).map_err(|io| {
                 TokenizerError::Read {
@@ -119,6 +132,15 @@ impl TextTokenizer {
                 path: path.to_path_buf(),
                 detail: e.to_string(),
             })?;
+        Self::checked(path, tok, vocab_size)
+    }
+
+    /// `tok`, once its ids are checked to fit a `vocab_size`-row embedding.
+    fn checked(
+        path: &Path,
+        tok: tokenizers::Tokenizer,
+        vocab_size: usize,
+    ) -> Result<Self, TokenizerError> {
         let found = tok.get_vocab_size(true);
         let max_id = tok.get_vocab(true).values().copied().max().unwrap_or(0);
         if max_id as usize >= vocab_size {
