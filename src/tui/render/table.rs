@@ -61,7 +61,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         return;
     };
     let e = l.expert_token_share.len();
-    let w = 64.min(area.width);
+    let w = 72.min(area.width);
     let h = (e as u16 + 4).min(area.height.saturating_sub(2)).max(5);
     let popup = area.centered(Constraint::Length(w), Constraint::Length(h));
     frame.render_widget(Clear, popup);
