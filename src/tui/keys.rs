@@ -341,11 +341,7 @@ pub const BINDINGS: &[Binding] = &[
     Binding {
         keys: &[],
         label: "mouse",
-        help: &[
-            "click a slider to focus it; click or drag its bar: t",
-            "click a heatmap cell to select it; wheel: layers",
-            "horizontal wheel over the heatmap: expert cursor",
-        ],
+        help: &["click: focus, set t, pick a cell; wheels: layer, expert"],
         help_without_exporter: None,
         doc: "click a slider: focus; click or drag on its bar: set t; click a heatmap cell: select it; wheel over heatmap or sliders: previous / next layer; horizontal wheel over the heatmap: move the expert cursor (scrolls when zoomed)",
         hint: None,
