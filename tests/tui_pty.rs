@@ -517,3 +517,56 @@ fn a_burst_of_keys_mouse_and_resizes_leaves_the_ui_healthy() {
     assert_eq!(ui.wait_exit(30), 0);
     ui.assert_restored("after the burst");
 }
+
+/// The epoch number in the header ("epoch 3 (…)").
+fn epoch_of(screen: &str) -> Option<u64> {
+    let rest = screen.split("epoch ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn quick_slider_presses_make_one_epoch_and_the_expert_table_sorts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = synth_model(dir.path());
+    let mut ui = PtyUi::spawn(ui_command(&model));
+    let first = ui.wait_live(90, "a live frame");
+    let e0 = epoch_of(&first).unwrap_or_else(|| panic!("no epoch in the header:\n{first}"));
+
+    // Ten quick presses on the global slider (focused at start): 0.90 -> 0.80.
+    for _ in 0..10 {
+        ui.keys.write_all(b"\x1b[D").unwrap();
+        ui.keys.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let after = ui.screen.wait(30, "the new threshold in force", |s| {
+        s.contains("threshold of all MoE layers set to 0.80")
+    });
+    // One new epoch for the ten presses, and no more once the keys have settled.
+    assert_eq!(epoch_of(&after), Some(e0 + 1), "{after}");
+    std::thread::sleep(Duration::from_secs(2));
+    let later = ui.screen.text();
+    assert_eq!(epoch_of(&later), Some(e0 + 1), "{later}");
+    eprintln!("ten presses: epoch {e0} -> {}", e0 + 1);
+
+    // The per-expert table of the selected layer: opens, sorts, closes.
+    ui.press(b"x");
+    let table = ui.screen.wait(10, "the expert table", |s| {
+        s.contains(" experts ") && s.contains("sort: share of tokens")
+    });
+    assert!(table.contains("load/mean"), "{table}");
+    ui.press(b"s");
+    ui.screen.wait(10, "the table sorted by gate mass", |s| {
+        s.contains("sort: gate mass")
+    });
+    ui.press(b"\x1b");
+    ui.screen.wait(10, "the table to close", |s| {
+        !s.contains("sort: gate mass") && s.contains("Thresholds")
+    });
+
+    ui.press(b"q");
+    assert_eq!(ui.wait_exit(30), 0);
+    ui.assert_restored("after q");
+}

@@ -58,6 +58,34 @@ pub struct Snapshot {
     pub device: DeviceSnapshot,
     /// Generate workload only: the recent stream of prompt and generated tokens.
     pub generated: Option<GeneratedText>,
+    /// One point per second over the last minutes, across epochs (oldest first), for the live
+    /// UI's history panel. Not part of reports (their schema is unchanged): a report describes
+    /// one epoch, the history spans several.
+    #[serde(skip)]
+    pub history: Vec<HistoryPoint>,
+}
+
+/// One point of the session's history (see `profiling::stats::history`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistoryPoint {
+    /// Session time of the point, seconds.
+    pub t_s: f64,
+    /// Epoch in force when it was taken; a change between two points marks a change of settings.
+    pub epoch: u64,
+    /// Tokens processed since the previous point.
+    pub tokens: u64,
+    /// Those tokens / wall time of the forward passes that processed them; `None` when none ran.
+    pub tokens_per_second: Option<f64>,
+    /// Mean experts per token over the window; `None` while the window is empty.
+    pub experts_per_token: Option<f64>,
+    /// MoE compute saved against all experts over the window, percent; `None` while empty.
+    pub moe_saved_pct: Option<f64>,
+    /// Δ bits/byte of the epoch so far against the reference policy (eval only).
+    pub delta_bits_per_byte: Option<f64>,
+    /// Standard error of that Δ (two compared batches or more).
+    pub delta_stderr: Option<f64>,
+    /// Compared batches behind the Δ.
+    pub compared_batches: u64,
 }
 
 /// Static facts about the model.

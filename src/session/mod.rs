@@ -534,6 +534,8 @@ impl Runner {
     }
 
     fn publish(&mut self, ended: Option<String>) -> Snapshot {
+        let now = self.now_s();
+        self.stats.sample_history(now);
         let snap = self.stats.snapshot(SnapshotInputs {
             sequence: self.sequence,
             session_elapsed_s: self.now_s(),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use crate::profiling::snapshot::Snapshot;
 use crate::routing::RoutingPolicy;
+use crate::tui::debounce::Debouncer;
 use crate::tui::theme::Theme;
 
 /// Writes a report of the displayed snapshot and returns the paths written. The UI calls it on
@@ -30,6 +31,44 @@ pub enum Target {
     /// One MoE layer, by MoE slot.
     Layer(usize),
 }
+
+/// The column the per-expert table is sorted by (`s` cycles them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableSort {
+    /// Expert number, ascending.
+    Expert,
+    /// Share of tokens, largest first.
+    Share,
+    /// Gate mass, largest first.
+    GateMass,
+    /// Load against the mean load, largest first.
+    Load,
+}
+
+impl TableSort {
+    /// The next column in the cycle.
+    pub fn next(self) -> Self {
+        match self {
+            TableSort::Expert => TableSort::Share,
+            TableSort::Share => TableSort::GateMass,
+            TableSort::GateMass => TableSort::Load,
+            TableSort::Load => TableSort::Expert,
+        }
+    }
+
+    /// The column's name as the table header shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TableSort::Expert => "expert",
+            TableSort::Share => "share of tokens",
+            TableSort::GateMass => "gate mass",
+            TableSort::Load => "load / mean",
+        }
+    }
+}
+
+/// Redraw caps `<` and `>` step through, frames per second.
+pub const FPS_STEPS: [f64; 8] = [1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0];
 
 /// A line for the status bar: the result of the last action.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,6 +108,14 @@ pub struct App {
     pub heat_zoom: bool,
     /// The help overlay is open.
     pub help_open: bool,
+    /// The per-expert table of the selected layer is open.
+    pub table_open: bool,
+    /// The per-expert table's sort column.
+    pub table_sort: TableSort,
+    /// Most redraws per second (`<` / `>` change it).
+    pub fps: f64,
+    /// Slider requests waiting for the keys to settle (see [`crate::tui::debounce`]).
+    pub debounce: Debouncer,
     /// Colours and styles.
     pub theme: Theme,
     /// The result of the last action, if worth saying.
@@ -109,6 +156,10 @@ impl App {
             expert: 0,
             heat_zoom: false,
             help_open: false,
+            table_open: false,
+            table_sort: TableSort::Share,
+            fps: crate::tui::DEFAULT_FPS,
+            debounce: Debouncer::default(),
             theme,
             message: None,
             size: (0, 0),
@@ -174,6 +225,18 @@ impl App {
     fn request_capacity(&mut self, factor: Option<f32>) {
         let at = self.latest.as_ref().map_or(0, |s| s.sequence);
         self.capacity_requested = Some((factor, at));
+    }
+
+    /// The next redraw cap up (`up`) or down the ladder [`FPS_STEPS`] from the current one.
+    pub fn step_fps(&mut self, up: bool) -> f64 {
+        let cur = self.fps;
+        let next = if up {
+            FPS_STEPS.iter().copied().find(|&f| f > cur + 1e-9)
+        } else {
+            FPS_STEPS.iter().rev().copied().find(|&f| f < cur - 1e-9)
+        };
+        self.fps = next.unwrap_or(cur);
+        self.fps
     }
 
     /// True when an exporter is plugged in.

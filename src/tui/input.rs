@@ -87,6 +87,12 @@ pub enum Action {
     },
     /// The terminal has a new size.
     Resize(u16, u16),
+    /// Open / close the per-expert table.
+    ToggleTable,
+    /// Next sort column of the per-expert table.
+    CycleSort,
+    /// Redraw cap up (`true`) or down one step.
+    StepFps(bool),
 }
 
 /// Maps one terminal event to an action, or `None` when it means nothing here.
@@ -133,6 +139,10 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
         Command::TogglePause => Action::TogglePause,
         Command::Reset => Action::Reset,
         Command::Export => Action::Export,
+        Command::ToggleTable => Action::ToggleTable,
+        Command::CycleSort => Action::CycleSort,
+        Command::FpsDown => Action::StepFps(false),
+        Command::FpsUp => Action::StepFps(true),
     })
 }
 
@@ -302,8 +312,10 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             // start of an escape sequence) never ends a session.
             if app.help_open {
                 app.help_open = false;
+            } else if app.table_open {
+                app.table_open = false;
             } else {
-                app.say("Esc closes the help; q quits");
+                app.say("Esc closes the help or the expert table; q quits");
             }
             None
         }
@@ -441,6 +453,24 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
         }
         Action::Resize(w, h) => {
             app.size = (w, h);
+            None
+        }
+        Action::ToggleTable => {
+            app.table_open = !app.table_open;
+            None
+        }
+        Action::CycleSort => {
+            if !app.table_open {
+                app.table_open = true;
+            } else {
+                app.table_sort = app.table_sort.next();
+            }
+            app.say(format!("expert table sorted by {}", app.table_sort.name()));
+            None
+        }
+        Action::StepFps(up) => {
+            let fps = app.step_fps(up);
+            app.say(format!("redraw at most {fps:.0} times per second"));
             None
         }
     }

@@ -62,6 +62,14 @@ pub enum Command {
     Export,
     /// Hand the terminal back to the shell and stop (`fg` resumes).
     Suspend,
+    /// Open / close the per-expert table of the selected layer.
+    ToggleTable,
+    /// Cycle the per-expert table's sort column.
+    CycleSort,
+    /// Lower the redraw cap.
+    FpsDown,
+    /// Raise the redraw cap.
+    FpsUp,
 }
 
 /// A key that triggers a command.
@@ -240,6 +248,27 @@ pub const BINDINGS: &[Binding] = &[
     },
     Binding {
         keys: &[
+            (ch('x'), Command::ToggleTable),
+            (ch('s'), Command::CycleSort),
+        ],
+        label: "x  s",
+        help: &["per-expert table of the selected layer; s: sort column"],
+        help_without_exporter: None,
+        doc: "open / close the per-expert table of the selected layer (share of the window's tokens, gate mass, load against the mean load); `s` cycles the sort column (expert, share, gate mass, load); ↑ ↓ change the layer while it is open",
+        hint: hint(8, "x", "experts"),
+        in_help: false,
+    },
+    Binding {
+        keys: &[(ch('<'), Command::FpsDown), (ch('>'), Command::FpsUp)],
+        label: "< >",
+        help: &["redraw rate down / up (1 to 60 frames/s; status bar)"],
+        help_without_exporter: None,
+        doc: "lower / raise the redraw cap along 1, 2, 5, 10, 15, 20, 30, 60 frames per second (the status bar shows it; the screen still redraws only when something changed)",
+        hint: None,
+        in_help: false,
+    },
+    Binding {
+        keys: &[
             (ch(' '), Command::ToggleFreeze),
             (ch('f'), Command::ToggleFreeze),
         ],
@@ -303,20 +332,16 @@ pub const BINDINGS: &[Binding] = &[
     Binding {
         keys: &[(Key::Plain(KeyCode::Esc), Command::Escape)],
         label: "Esc",
-        help: &["close this help (q quits)"],
+        help: &["close this help or the expert table (q quits)"],
         help_without_exporter: None,
-        doc: "close the help overlay (it never quits: q and Ctrl-C do)",
+        doc: "close the help overlay or the per-expert table (it never quits: q and Ctrl-C do)",
         hint: None,
         in_help: true,
     },
     Binding {
         keys: &[],
         label: "mouse",
-        help: &[
-            "click a slider to focus it; click or drag its bar: t",
-            "click a heatmap cell to select it; wheel: layers",
-            "horizontal wheel over the heatmap: expert cursor",
-        ],
+        help: &["click: focus, set t, pick a cell; wheels: layer, expert"],
         help_without_exporter: None,
         doc: "click a slider: focus; click or drag on its bar: set t; click a heatmap cell: select it; wheel over heatmap or sliders: previous / next layer; horizontal wheel over the heatmap: move the expert cursor (scrolls when zoomed)",
         hint: None,
@@ -370,6 +395,24 @@ pub fn status_hints() -> String {
     format!(" {}", parts.join("  "))
 }
 
+/// The status bar's key hints that fit in `width` columns: whole hints only, in rank order,
+/// so that a narrow terminal drops the last ones instead of cutting one in half.
+pub fn status_hints_within(width: usize) -> String {
+    let mut hints: Vec<Hint> = BINDINGS.iter().filter_map(|b| b.hint).collect();
+    hints.sort_by_key(|h| h.rank);
+    let mut out = String::new();
+    for h in hints {
+        let part = format!(" {} {}", h.keys, h.label);
+        let sep = if out.is_empty() { "" } else { " " };
+        if out.chars().count() + sep.len() + part.chars().count() > width {
+            break;
+        }
+        out.push_str(sep);
+        out.push_str(&part);
+    }
+    out
+}
+
 /// The key table of `docs/tui.md`, as markdown (header included, ending in a newline).
 pub fn markdown_table() -> String {
     let mut s = String::from("| Key | Action |\n| --- | --- |\n");
@@ -406,10 +449,26 @@ mod tests {
     }
 
     #[test]
+    fn status_hints_are_cut_between_hints() {
+        let all = status_hints();
+        assert_eq!(status_hints_within(1000), all);
+        for w in 0..all.chars().count() {
+            let s = status_hints_within(w);
+            assert!(s.chars().count() <= w, "{s:?} over {w}");
+            assert!(all.starts_with(&s));
+            // Ends with a whole hint: the next character of the full line is a separator.
+            assert!(
+                s.is_empty() || all[s.len()..].is_empty() || all[s.len()..].starts_with("  "),
+                "{s:?} cut mid-hint"
+            );
+        }
+    }
+
+    #[test]
     fn status_hints_keep_their_order() {
         assert_eq!(
             status_hints(),
-            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze"
+            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts"
         );
     }
 }

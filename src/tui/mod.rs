@@ -12,6 +12,7 @@
 //! ([`crate::signals`]).
 
 pub mod app;
+pub mod debounce;
 pub mod input;
 pub mod keys;
 pub mod render;
@@ -167,8 +168,11 @@ pub fn run_tui(
         .context("cannot watch for signals")?;
         let input = spawn_input(tx, stop.clone())?;
         let mut terminal = fresh_terminal()?;
+        app.fps = options.fps;
         let r = loop {
-            match event_loop(&mut terminal, &rx, &mut app, &mut control, options.fps) {
+            // The user may have changed the redraw cap (< >) before a suspend.
+            let fps = app.fps;
+            match event_loop(&mut terminal, &rx, &mut app, &mut control, fps) {
                 Ok(LoopEnd::Quit) => break Ok(()),
                 Ok(LoopEnd::Suspend) => {
                     drop(guard);
@@ -224,6 +228,33 @@ fn spawn_input(tx: Sender<UiEvent>, stop: Arc<AtomicBool>) -> Result<thread::Joi
         .context("cannot start the input thread")
 }
 
+/// Sends one request to the session; a failure shows in the status bar.
+fn deliver(app: &mut App, c: Control, control: &mut dyn FnMut(Control) -> Result<()>) {
+    if let Err(e) = control(c) {
+        app.say_error(format!("the model session did not take the request: {e:#}"));
+    }
+}
+
+/// Sends the slider requests whose keys have settled by `now` (all of them with `all`);
+/// returns whether any went out.
+fn flush_debounced(
+    app: &mut App,
+    now: Instant,
+    all: bool,
+    control: &mut dyn FnMut(Control) -> Result<()>,
+) -> bool {
+    let due = if all {
+        app.debounce.take_all()
+    } else {
+        app.debounce.due(now)
+    };
+    let any = !due.is_empty();
+    for c in due {
+        deliver(app, c, control);
+    }
+    any
+}
+
 /// Handles one event; returns whether the screen needs a redraw.
 fn process(
     app: &mut App,
@@ -232,7 +263,23 @@ fn process(
 ) -> Result<bool> {
     Ok(match ev {
         UiEvent::Input(e) => {
-            input::handle_event(app, &e, control);
+            let mut requests = Vec::new();
+            input::handle_event(app, &e, &mut |c| {
+                requests.push(c);
+                Ok(())
+            });
+            for c in requests {
+                if debounce::is_debounced(&c) {
+                    app.debounce.push(c, Instant::now());
+                } else {
+                    // Nothing overtakes a request still waiting (a reset after a slider move
+                    // resets the new epoch, not the old one).
+                    for w in app.debounce.take_all() {
+                        deliver(app, w, control);
+                    }
+                    deliver(app, c, control);
+                }
+            }
             true
         }
         UiEvent::Snapshot(s) => {
@@ -264,7 +311,7 @@ fn process(
 
 /// The UI loop over any ratatui backend (the real terminal, or a `TestBackend` in tests):
 /// blocks on `rx`, applies events, redraws when something changed but at most `fps` times per
-/// second, and returns when the user quits, every sender is gone, or the terminal must be handed
+/// second (the starting cap; `<` and `>` change it), sends slider requests once the keys settle, and returns when the user quits, every sender is gone, or the terminal must be handed
 /// back or taken again ([`LoopEnd`]; the caller does that and calls again).
 pub fn event_loop<B: Backend>(
     terminal: &mut Terminal<B>,
@@ -276,11 +323,15 @@ pub fn event_loop<B: Backend>(
 where
     B::Error: Send + Sync + 'static,
 {
-    let interval = Duration::from_secs_f64(1.0 / fps.clamp(0.5, 120.0));
+    app.fps = fps.clamp(0.5, 120.0);
     let mut dirty = true;
     let mut last_draw: Option<Instant> = None;
     loop {
+        // Read each time round: `<` and `>` change it.
+        let interval = Duration::from_secs_f64(1.0 / app.fps.clamp(0.5, 120.0));
         let now = Instant::now();
+        // Slider requests go out once the keys have rested (see `debounce`).
+        dirty |= flush_debounced(app, now, false, control);
         let due = last_draw.map_or(now, |t| t + interval);
         if dirty && now >= due {
             let done = terminal.draw(|f| render::draw(f, app))?;
@@ -288,17 +339,24 @@ where
             last_draw = Some(now);
             dirty = false;
         }
-        let ev = if dirty {
-            match rx.recv_timeout(due.saturating_duration_since(Instant::now())) {
+        // Wake for the next frame (if one is owed) or for waiting slider requests.
+        let wake = [dirty.then_some(due), app.debounce.deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        let ev = match wake {
+            Some(w) => match rx.recv_timeout(w.saturating_duration_since(Instant::now())) {
                 Ok(ev) => ev,
                 Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Ok(LoopEnd::Quit),
-            }
-        } else {
-            match rx.recv() {
+                Err(RecvTimeoutError::Disconnected) => {
+                    flush_debounced(app, now, true, control);
+                    return Ok(LoopEnd::Quit);
+                }
+            },
+            None => match rx.recv() {
                 Ok(ev) => ev,
                 Err(_) => return Ok(LoopEnd::Quit),
-            }
+            },
         };
         dirty |= process(app, ev, control)?;
         // Take everything already queued before drawing once.
@@ -306,9 +364,13 @@ where
             dirty |= process(app, ev, control)?;
         }
         if app.should_quit {
+            // The last setting asked for is the one the session ends with (its final snapshot
+            // may become a report).
+            flush_debounced(app, now, true, control);
             return Ok(LoopEnd::Quit);
         }
         if std::mem::take(&mut app.suspend_requested) {
+            flush_debounced(app, now, true, control);
             return Ok(LoopEnd::Suspend);
         }
         if std::mem::take(&mut app.resume_requested) {

@@ -100,24 +100,43 @@ fn check_screen(screen: &str, s: &Snapshot, ctx: &str, width: u16) {
     // Header.
     has(screen, &s.model.name, ctx);
     has(screen, &format!("{:.0} tok/s", e.tokens_per_second), ctx);
+    // Each throughput figure names its span.
+    if s.workload.kind == WorkloadKind::Eval || width >= 120 {
+        has(screen, &format!("last {} tok", e.window.tokens), ctx);
+    }
+    if s.workload.kind == WorkloadKind::Generate {
+        has(screen, "tok/s incl. prefill", ctx);
+        has(screen, "decode tok/s", ctx);
+    }
     has(
         screen,
         &format!("{:.1}%", f.moe_saved_vs_all_experts_pct),
         ctx,
     );
-    has(screen, &format!("{:.1}%", f.moe_saved_vs_top_k_pct), ctx);
-    has(screen, &format!("vs top-{}", f.top_k), ctx);
+    if width >= 120 {
+        // Narrower headers leave the top-k comparison out whole (never cut mid-word).
+        has(screen, &format!("{:.1}%", f.moe_saved_vs_top_k_pct), ctx);
+        has(screen, &format!("vs top-{}", f.top_k), ctx);
+    }
     has(screen, &format!("epoch {}", e.id), ctx);
     has(screen, "t 0.70 (all layers)", ctx);
     if s.workload.kind == WorkloadKind::Eval {
+        if width >= 120 {
+            has(
+                screen,
+                &format!("{:.3}", e.quality.bits_per_byte.unwrap()),
+                ctx,
+            );
+        }
+        // Δ bits/byte with its sample size.
         has(
             screen,
-            &format!("{:.3}", e.quality.bits_per_byte.unwrap()),
+            &format!("{:+.3}", e.quality.delta_bits_per_byte.unwrap()),
             ctx,
         );
         has(
             screen,
-            &format!("{:+.3}", e.quality.delta_bits_per_byte.unwrap()),
+            &format!("({} batch", e.quality.reference_batches),
             ctx,
         );
     }
@@ -145,11 +164,13 @@ fn check_screen(screen: &str, s: &Snapshot, ctx: &str, width: u16) {
         &format!("{:5.2} exp/tok", e.window.mean_experts_per_token),
         ctx,
     );
+    // One framing on the screen: compute saved, as in the header.
     has(
         screen,
-        &format!("{:5.1}% FLOPs", 100.0 - f.moe_saved_vs_all_experts_pct),
+        &format!("{:5.1}% saved", f.moe_saved_vs_all_experts_pct),
         ctx,
     );
+    assert!(!screen.contains("% FLOPs"), "{ctx}");
     for l in &e.window.layers {
         has(
             screen,
@@ -158,7 +179,10 @@ fn check_screen(screen: &str, s: &Snapshot, ctx: &str, width: u16) {
         );
         has(
             screen,
-            &format!("{:5.1}% FLOPs", 100.0 * l.moe_flops_fraction_of_all_experts),
+            &format!(
+                "{:5.1}% saved",
+                100.0 * (1.0 - l.moe_flops_fraction_of_all_experts)
+            ),
             ctx,
         );
     }
@@ -237,11 +261,9 @@ fn marks_help_and_waiting_screen() {
     }
     let mut other = app_with(reset, ColorMode::NoColor);
     let s3 = text(&draw(&mut other, 120, 40));
-    has(
-        &s3,
-        " — tok/s · MoE compute saved —",
-        "dashes in the header",
-    );
+    has(&s3, " — tok/s, last 0 tok", "dashes in the header");
+    assert!(!s3.contains(" 0 tok/s"), "{s3}");
+    has(&s3, "saved — vs all", "dashes in the header");
     has(
         &s3,
         "expert 0: no tokens yet in this epoch",
@@ -319,7 +341,7 @@ fn many_layers_are_binned_to_fit_then_scroll_when_zoomed() {
     let (g, max) = heat_geometry(&app, 80, 24);
     assert_eq!((g.layers_per_row, g.cells.height), (8, 3));
     assert_eq!(
-        g.slot_at(g.cells.y + 1),
+        g.slot_at(g.row_y(1)),
         Some(8),
         "a click selects the bin's first layer"
     );
@@ -330,7 +352,7 @@ fn many_layers_are_binned_to_fit_then_scroll_when_zoomed() {
         .sum::<f64>()
         / 8.0;
     let x = g.x_of(0);
-    assert_eq!(buf[(x, g.cells.y + 1)].symbol(), Theme::shade(mean / max));
+    assert_eq!(buf[(x, g.row_y(1))].symbol(), Theme::shade(mean / max));
     // Zoomed: one layer per row, scrolling with the selection.
     press(&mut app, &[key(KeyCode::Char('z'))]);
     let screen = text(&draw(&mut app, 80, 24));
@@ -365,7 +387,7 @@ fn heatmap_cells_carry_the_expected_colour_and_glyphs() {
     let mut saw_top = false;
     for (slot, l) in rows.iter().enumerate() {
         for (e, &share) in l.expert_token_share.iter().enumerate() {
-            let cell = &buf[(g.x_of(e), g.cells.y + slot as u16)];
+            let cell = &buf[(g.x_of(e), g.row_y(slot as u16))];
             assert_eq!(cell.symbol(), "█");
             assert_eq!(
                 cell.fg,
@@ -390,7 +412,7 @@ fn heatmap_cells_carry_the_expected_colour_and_glyphs() {
     let (g, max) = heat_geometry(&app, 120, 40);
     for (slot, l) in rows.iter().enumerate() {
         for (e, &share) in l.expert_token_share.iter().enumerate() {
-            let cell = &buf[(g.x_of(e), g.cells.y + slot as u16)];
+            let cell = &buf[(g.x_of(e), g.row_y(slot as u16))];
             assert_eq!(cell.symbol(), Theme::shade(share / max));
             assert_eq!((cell.fg, cell.bg), (Color::Reset, Color::Reset));
         }
@@ -413,7 +435,7 @@ fn dense_heatmaps_use_half_blocks_or_bins() {
     assert_eq!(g.mode, CellMode::Half);
     let l = &snap.epoch.window.layers[1];
     for e in (0..128).step_by(2) {
-        let cell = &buf[(g.x_of(e), g.cells.y + 1)];
+        let cell = &buf[(g.x_of(e), g.row_y(1))];
         assert_eq!(cell.symbol(), "▌");
         assert_eq!(cell.fg, app.theme.heat(l.expert_token_share[e] / max));
         assert_eq!(cell.bg, app.theme.heat(l.expert_token_share[e + 1] / max));
@@ -481,7 +503,7 @@ fn zoom_shows_one_expert_per_cell_around_the_cursor() {
     // Each cell is one expert's own share.
     let l = &snap.epoch.window.layers[1];
     for e in 0..shown {
-        let cell = &buf[(g.x_of(e), g.cells.y + 1)];
+        let cell = &buf[(g.x_of(e), g.row_y(1))];
         assert_eq!(
             cell.symbol(),
             Theme::shade(l.expert_token_share[e] / max),
@@ -977,4 +999,208 @@ fn n_toggles_renormalisation_and_threshold_steps_keep_it() {
     );
     assert_eq!(app.effective_policy(1), Some(RoutingPolicy::Dense));
     assert!(press(&mut app, &[key(KeyCode::Char('n'))]).is_empty());
+}
+
+// ---------------------------------------------------------------- issue 17: what a user sees
+
+#[test]
+fn expert_table_opens_sorts_and_closes() {
+    let mut app = eval_app();
+    let snap = app.displayed().unwrap().clone();
+    let l = &snap.epoch.window.layers[0];
+    press(&mut app, &[key(KeyCode::Char('x'))]);
+    assert!(app.table_open);
+    let screen = text(&draw(&mut app, 120, 40));
+    has(&screen, &format!("L{} experts", l.layer), "table title");
+    has(&screen, "sort: share of tokens", "default sort");
+    // Sorted by share: the first row is the expert with the largest share.
+    let rows = render::table::rows(l, super::app::TableSort::Share);
+    assert!(rows.windows(2).all(|w| w[0].share >= w[1].share));
+    let top = rows[0];
+    let first_row = screen
+        .lines()
+        .find(|line| line.contains(&format!("{:.1}% ", 100.0 * top.share)))
+        .unwrap_or_else(|| panic!("top row missing:\n{screen}"));
+    assert!(
+        first_row.contains(&format!(" {}  ", top.expert)),
+        "{first_row}"
+    );
+    // Load against the mean: share / mean share, as the table prints it.
+    let mean = l.expert_token_share.iter().sum::<f64>() / l.expert_token_share.len() as f64;
+    assert!((top.load_vs_mean.unwrap() - top.share / mean).abs() < 1e-12);
+    has(
+        &screen,
+        &format!("{:.2}×", top.share / mean),
+        "load vs mean",
+    );
+    // s cycles the sort column.
+    press(&mut app, &[key(KeyCode::Char('s'))]);
+    assert_eq!(app.table_sort, super::app::TableSort::GateMass);
+    let screen = text(&draw(&mut app, 120, 40));
+    has(&screen, "sort: gate mass", "sort column changed");
+    let rows = render::table::rows(l, super::app::TableSort::GateMass);
+    assert!(rows.windows(2).all(|w| w[0].gate_mass >= w[1].gate_mass));
+    let rows = render::table::rows(l, super::app::TableSort::Expert);
+    assert!(rows.iter().enumerate().all(|(i, r)| r.expert == i));
+    // At 80x24 too, and Esc closes it without quitting.
+    text(&draw(&mut app, 80, 24));
+    press(&mut app, &[key(KeyCode::Esc)]);
+    assert!(!app.table_open && !app.should_quit);
+    let screen = text(&draw(&mut app, 120, 40));
+    assert!(!screen.contains("sort: gate mass"), "{screen}");
+    // An empty window: no figures that look measured.
+    let mut empty = example_snapshot(WorkloadKind::Eval, 16, false);
+    empty.epoch.window.tokens = 0;
+    let mut app = app_with(empty, ColorMode::NoColor);
+    press(&mut app, &[key(KeyCode::Char('x'))]);
+    let screen = text(&draw(&mut app, 120, 40));
+    has(&screen, "no tokens yet in this epoch", "empty table");
+    assert!(!screen.contains("load/mean"), "{screen}");
+}
+
+#[test]
+fn refresh_rate_keys_step_along_the_ladder_and_show_in_the_status_bar() {
+    let mut app = eval_app();
+    assert_eq!(app.fps, super::DEFAULT_FPS);
+    press(&mut app, &[key(KeyCode::Char('>'))]);
+    assert_eq!(app.fps, 15.0);
+    press(
+        &mut app,
+        &[key(KeyCode::Char('<')), key(KeyCode::Char('<'))],
+    );
+    assert_eq!(app.fps, 5.0);
+    for _ in 0..10 {
+        press(&mut app, &[key(KeyCode::Char('<'))]);
+    }
+    assert_eq!(app.fps, 1.0);
+    let screen = text(&draw(&mut app, 80, 24));
+    has(&screen, "≤1 fps", "status bar");
+    for _ in 0..10 {
+        press(&mut app, &[key(KeyCode::Char('>'))]);
+    }
+    assert_eq!(app.fps, 60.0);
+}
+
+#[test]
+fn event_loop_sends_one_request_once_the_keys_settle() {
+    let (tx, rx) = mpsc::channel();
+    tx.send(UiEvent::Snapshot(Box::new(example_snapshot(
+        WorkloadKind::Eval,
+        16,
+        false,
+    ))))
+    .unwrap();
+    let sender = std::thread::spawn(move || {
+        for _ in 0..10 {
+            tx.send(UiEvent::Input(key(KeyCode::Left))).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Longer than the debounce: the request goes out while the UI waits for keys.
+        std::thread::sleep(super::debounce::DEBOUNCE * 3);
+        let quit_at = std::time::Instant::now();
+        tx.send(UiEvent::Input(key(KeyCode::Char('q')))).unwrap();
+        quit_at
+    });
+    let mut term = Terminal::new(TestBackend::new(120, 40)).unwrap();
+    let mut app = App::new(Theme::new(ColorMode::NoColor));
+    let mut sent = Vec::new();
+    event_loop(
+        &mut term,
+        &rx,
+        &mut app,
+        &mut |c| {
+            sent.push((c, std::time::Instant::now()));
+            Ok(())
+        },
+        10.0,
+    )
+    .unwrap();
+    let quit_at = sender.join().unwrap();
+    // Ten presses from t = 0.70: one request for 0.60, sent when the keys settled (not on q).
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, threshold(Layers::All, 0.60));
+    assert!(sent[0].1 < quit_at);
+}
+
+fn history_points() -> Vec<crate::profiling::snapshot::HistoryPoint> {
+    (0..40u64)
+        .map(|i| crate::profiling::snapshot::HistoryPoint {
+            t_s: i as f64 + 1.0,
+            epoch: if i < 25 { 0 } else { 1 },
+            tokens: 1000,
+            tokens_per_second: (i != 10).then_some(if i < 25 { 12000.0 } else { 16000.0 }),
+            experts_per_token: Some(if i < 25 { 5.0 } else { 3.0 }),
+            moe_saved_pct: Some(if i < 25 { 66.0 } else { 80.0 }),
+            delta_bits_per_byte: (i > 3).then_some(0.01 * i as f64),
+            delta_stderr: (i > 5).then_some(0.002),
+            compared_batches: i,
+        })
+        .collect()
+}
+
+#[test]
+fn history_and_timing_panels_show_measured_figures() {
+    let mut snap = example_snapshot(WorkloadKind::Eval, 16, false);
+    snap.history = history_points();
+    for (w, h) in [(120, 40), (160, 48), (200, 60)] {
+        let mut app = app_with(snap.clone(), ColorMode::NoColor);
+        let buf = draw(&mut app, w, h);
+        let screen = text(&buf);
+        let ctx = format!("{w}x{h}");
+        has(&screen, "History", &ctx);
+        has(&screen, "16000 (1000 tok in 1 s)", &ctx);
+        has(&screen, "3.00", &ctx);
+        has(&screen, "80.0%", &ctx);
+        has(&screen, "+0.390±0.002 (39 b)", &ctx);
+        // The change of settings is marked on the time axis.
+        let l = layout::screen(Rect::new(0, 0, w, h), &app).unwrap();
+        let axis_y = l.history.y + l.history.height - 1;
+        let axis: String = (l.history.x..l.history.x + l.history.width)
+            .map(|x| buf[(x, axis_y)].symbol().to_string())
+            .collect();
+        assert_eq!(axis.matches('▲').count(), 1, "{ctx}: {axis}");
+        // Where the time goes.
+        let t = render::timing::breakdown(&snap.epoch.histograms).unwrap();
+        has(&screen, "Time per forward pass", &ctx);
+        has(&screen, &format!("attention {}", micros(t[0])), &ctx);
+        has(&screen, &format!("pass {}", micros(t[4])), &ctx);
+        assert!(t.iter().all(|&x| x >= 0.0), "{t:?}");
+    }
+    // Before the first point: a plain note, no bars.
+    let mut app = app_with(
+        example_snapshot(WorkloadKind::Eval, 16, false),
+        ColorMode::NoColor,
+    );
+    let screen = text(&draw(&mut app, 120, 40));
+    has(&screen, "collecting: the first point", "empty history");
+}
+
+#[test]
+fn histograms_mark_percentiles_apart_and_label_their_axes() {
+    let snap = example_snapshot(WorkloadKind::Eval, 16, false);
+    let mut app = app_with(snap.clone(), ColorMode::NoColor);
+    let screen = text(&draw(&mut app, 160, 48));
+    let hl = &snap.epoch.histograms.token_latency_us;
+    for (glyph, v) in [
+        ("◆p50 ", hl.p50),
+        ("▲p90 ", hl.p90),
+        ("●p99 ", hl.p99),
+        ("▼max ", hl.max),
+    ] {
+        has(
+            &screen,
+            &format!("{glyph}{}", micros(v)),
+            "percentile legend",
+        );
+    }
+    // The lowest bucket edge starts the x axis.
+    has(&screen, &micros(hl.edges[0]), "x axis");
+    if hl.scale == crate::profiling::snapshot::BucketScale::Log {
+        has(&screen, "log x (max/min ≥ 20)", "log scale explained");
+    }
+    // Experts per token: the bars are numbered from 1.
+    let l = layout::screen(Rect::new(0, 0, 160, 48), &app).unwrap();
+    let bottom = l.histograms.y + l.histograms.height - 1;
+    let line: String = screen.lines().nth(bottom as usize).unwrap().to_string();
+    assert!(line.contains(" 1 ") || line.contains("1 2"), "{line}");
 }

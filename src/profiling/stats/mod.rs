@@ -6,13 +6,14 @@
 //!   whose contributions are added on arrival and subtracted on eviction (evicted by token count).
 //!
 //! Building a [`Snapshot`] reads only these sums (O(layers x experts) plus the histograms' buckets),
-//! never the history. [`histograms`] holds the recorders, [`layers`] the per-layer routing counts,
+//! never the history. [`history`] keeps one point per second across epochs for the UI. [`histograms`] holds the recorders, [`layers`] the per-layer routing counts,
 //! [`quality`] the pure functions on logits and their sums.
 //!
 //! [`ForwardTrace`]: crate::model::trace::ForwardTrace
 //! [`Snapshot`]: crate::profiling::snapshot::Snapshot
 
 pub mod histograms;
+pub mod history;
 pub mod layers;
 pub mod quality;
 pub mod run;

@@ -12,6 +12,7 @@ use crate::profiling::snapshot::{
 };
 
 use super::histograms::{EpochHistograms, quantile_us};
+use super::history::{Figures, History, Totals};
 use super::layers::{LayerPassRecord, PassRecord, RoutingAggregate, ratio};
 use super::quality::{BatchQuality, QualityAccum, ReferenceComparison};
 
@@ -67,6 +68,9 @@ pub struct RunStats {
     quality: QualityAccum,
     previous: Option<EpochSummary>,
     token_flops: Vec<u64>,
+    /// Wall time of every recorded pass since creation, all epochs (the history's throughput).
+    wall_ns_total: u64,
+    history: History,
 }
 
 impl RunStats {
@@ -98,6 +102,8 @@ impl RunStats {
             quality: QualityAccum::default(),
             previous: None,
             token_flops: Vec::new(),
+            wall_ns_total: 0,
+            history: History::default(),
             flops,
         }
     }
@@ -172,6 +178,7 @@ impl RunStats {
         self.cumulative.apply(&rec, true);
         self.window.apply(&rec, true);
         self.tokens_total += rec.tokens;
+        self.wall_ns_total += rec.wall_ns;
         self.ring.push_back(rec);
         while let Some(front) = self.ring.front() {
             if self.window.tokens - front.tokens < self.window_target {
@@ -200,6 +207,27 @@ impl RunStats {
                 }
             }
         }
+    }
+
+    /// Takes a history point at session time `now_s` if one is due (one per second; see
+    /// [`History::sample`]). The history is not part of any epoch: resets keep it.
+    pub fn sample_history(&mut self, now_s: f64) {
+        let empty = self.window.tokens == 0;
+        let w = (!empty).then(|| self.window.snapshot(&self.policy, &self.flops));
+        let q = self.quality_stats();
+        let figures = Figures {
+            epoch: self.epoch_id,
+            experts_per_token: w.as_ref().map(|w| w.mean_experts_per_token),
+            moe_saved_pct: w.as_ref().map(|w| w.flops.moe_saved_vs_all_experts_pct),
+            delta_bits_per_byte: q.delta_bits_per_byte,
+            delta_stderr: q.delta_bits_per_byte_stderr,
+            compared_batches: q.reference_batches,
+        };
+        let totals = Totals {
+            tokens: self.tokens_total,
+            wall_ns: self.wall_ns_total,
+        };
+        self.history.sample(now_s, totals, figures);
     }
 
     /// Adds the cross-entropy of a batch run under the current policy.
@@ -360,6 +388,7 @@ impl RunStats {
             previous_epoch: self.previous.clone(),
             device: inputs.device,
             generated: inputs.generated,
+            history: self.history.points(),
         }
     }
 }
@@ -610,6 +639,41 @@ mod tests {
         assert_eq!(snap.epoch.histograms.token_latency_us.count, 0);
         assert_eq!(snap.tokens_processed_total, 6);
         assert_eq!(snap.policy.layers[0].policy, RoutingPolicy::threshold(0.7));
+    }
+
+    #[test]
+    fn history_survives_epochs_and_marks_them() {
+        let mut s = stats(1000);
+        let two = |e: &[usize]| vec![v(e); 2];
+        s.sample_history(0.0);
+        // 2 tokens in 1 ms of passes, then a change of threshold and 2 more in 4 ms.
+        s.record_pass(
+            &trace(&[two(&[0, 1]), two(&[2])], 1000),
+            PassKind::Eval,
+            1_000_000,
+        );
+        s.sample_history(1.0);
+        s.begin_epoch("threshold of layer 0 set to 0.50", policy(0.5), 1.5);
+        s.sample_history(1.6);
+        s.record_pass(
+            &trace(&[two(&[4]), two(&[5])], 1000),
+            PassKind::Eval,
+            4_000_000,
+        );
+        s.sample_history(2.0);
+        s.reset(2.5);
+        s.sample_history(3.0);
+        let h = s.snapshot(inputs()).history;
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.iter().map(|p| p.epoch).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert!((h[0].tokens_per_second.unwrap() - 2000.0).abs() < 1e-6);
+        assert_eq!(h[0].experts_per_token, Some(1.5));
+        assert!((h[1].tokens_per_second.unwrap() - 500.0).abs() < 1e-6);
+        assert_eq!(h[1].experts_per_token, Some(1.0));
+        // After the reset: no pass, an empty window: nothing that looks measured.
+        assert_eq!(h[2].tokens_per_second, None);
+        assert_eq!(h[2].experts_per_token, None);
+        assert_eq!(h[2].moe_saved_pct, None);
     }
 
     #[test]

@@ -93,9 +93,16 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             .clone()
             .unwrap_or_else(|| "no GPU found: showing this process's CPU and memory".into());
         let mut lines = vec![process_line(d, theme)];
-        lines[0]
+        // The note only when it fits whole.
+        let used: usize = lines[0]
             .spans
-            .push(Span::styled(format!("  · {note}"), theme.dim()));
+            .iter()
+            .map(|s| s.content.chars().count())
+            .sum();
+        let note = format!("  · {note}");
+        if used + note.chars().count() <= inner.width as usize {
+            lines[0].spans.push(Span::styled(note, theme.dim()));
+        }
         if y < end {
             frame.render_widget(Paragraph::new(lines), line_at(y));
             y += 1;

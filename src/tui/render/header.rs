@@ -78,122 +78,208 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         },
         None => "no capacity limit".to_string(),
     };
-    let l2 = Line::from(vec![
-        Span::styled(" policy ", theme.dim()),
-        Span::styled(policy_summary(s), theme.value()),
-        Span::styled(" · ", theme.dim()),
-        Span::styled(format!("epoch {}", e.id), theme.value()),
-        Span::styled(format!(" ({}) · {capacity} · ", e.reason), theme.dim()),
-        Span::styled(s.workload.description.clone(), theme.dim()),
-    ]);
+    let dim = |t: String| Span::styled(t, theme.dim());
+    let val = |t: String| Span::styled(t, theme.value());
+    // Each line is made of segments with a priority (0 = kept longest); a segment that does
+    // not fit is left out whole, so nothing is cut mid-word.
+    let l2 = fit(
+        vec![
+            (0, vec![dim(" policy ".into()), val(policy_summary(s))]),
+            (
+                1,
+                vec![
+                    val(format!("epoch {}", e.id)),
+                    dim(format!(" ({})", e.reason)),
+                ],
+            ),
+            (2, vec![dim(capacity)]),
+            (3, vec![dim(s.workload.description.clone())]),
+        ],
+        area.width,
+    );
     let f = &e.window.flops;
     // An empty epoch (just reset, or paused before any pass) shows dashes, not zeros that look
     // measured.
     let empty = e.window.tokens == 0;
     let dash = |text: String| if empty { "—".to_string() } else { text };
-    let mut l3 = vec![
-        Span::styled(
-            format!(" {}", dash(format!("{:.0}", e.tokens_per_second))),
-            theme.value(),
-        ),
-        Span::styled(
-            if narrow {
-                " tok/s · MoE saved "
+    // tokens/s = tokens / wall time of the forward passes that processed them (statistics
+    // included, reference passes excluded), over the window of the last N tokens.
+    let span = format!("last {} tok", e.window.tokens);
+    // The figures line needs its short words up to 160 columns to keep every figure.
+    let compact = area.width < 160;
+    let generate = s.workload.kind == WorkloadKind::Generate;
+    let rate = val(format!(" {}", dash(format!("{:.0}", e.tokens_per_second))));
+    let mut l3: Vec<(u8, Vec<Span>)> = Vec::new();
+    if generate {
+        // The plain figure includes prompt prefill; the decode figure counts sampled tokens
+        // only. Both are over the window.
+        if compact {
+            l3.push((0, vec![rate, dim(" tok/s incl. prefill".into())]));
+        } else {
+            l3.push((0, vec![rate, dim(format!(" tok/s incl. prefill ({span})"))]));
+        }
+        l3.push((
+            1,
+            vec![
+                val(e
+                    .decode_tokens_per_second
+                    .map_or("—".to_string(), |d| format!("{d:.0}"))),
+                dim(" decode tok/s".into()),
+            ],
+        ));
+        if compact {
+            l3.push((3, vec![dim(span.clone())]));
+        }
+    } else if compact {
+        l3.push((0, vec![rate, dim(format!(" tok/s, {span}"))]));
+    } else {
+        l3.push((0, vec![rate, dim(format!(" tok/s ({span})"))]));
+    }
+    l3.push((
+        1,
+        vec![
+            dim(if compact {
+                "saved "
             } else {
-                " tok/s · MoE compute saved "
-            },
-            theme.dim(),
-        ),
-        Span::styled(
-            dash(format!("{:.1}%", f.moe_saved_vs_all_experts_pct)),
-            theme.good(),
-        ),
-        Span::styled(
-            if narrow {
-                " vs all, "
+                "MoE compute saved "
+            }
+            .into()),
+            Span::styled(
+                dash(format!("{:.1}%", f.moe_saved_vs_all_experts_pct)),
+                theme.good(),
+            ),
+            dim(if compact {
+                " vs all"
             } else {
-                " vs all experts, "
-            },
-            theme.dim(),
-        ),
-        Span::styled(
-            dash(format!("{:.1}%", f.moe_saved_vs_top_k_pct)),
-            theme.good(),
-        ),
-        Span::styled(
-            format!(" vs {} · ", s.model.top_k_name(f.top_k)),
-            theme.dim(),
-        ),
-    ];
+                " vs all experts"
+            }
+            .into()),
+        ],
+    ));
+    l3.push((
+        4,
+        vec![
+            Span::styled(
+                dash(format!("{:.1}%", f.moe_saved_vs_top_k_pct)),
+                theme.good(),
+            ),
+            dim(format!(" vs {}", s.model.top_k_name(f.top_k))),
+        ],
+    ));
     let q = &e.quality;
     match (s.workload.kind, q.bits_per_byte) {
         (WorkloadKind::Eval, Some(bpb)) => {
-            l3.push(Span::styled(format!("{bpb:.3}"), theme.value()));
-            l3.push(Span::styled(
-                if narrow { " bpb" } else { " bits/byte" },
-                theme.dim(),
+            // The sample behind each quality figure: a figure resting on one batch must
+            // look like one.
+            l3.push((
+                3,
+                vec![
+                    val(format!("{bpb:.3}")),
+                    dim(format!(
+                        " {} ({} tok)",
+                        if compact { "bpb" } else { "bits/byte" },
+                        crate::units::si(q.scored_tokens as f64)
+                    )),
+                ],
             ));
             match q.delta_bits_per_byte {
                 Some(d) => {
-                    l3.push(Span::styled(" Δ ", theme.dim()));
-                    l3.push(Span::styled(format!("{d:+.3}"), theme.value()));
-                    // The sample behind the figure: a delta resting on one batch must look
-                    // like one.
                     let spread = match q.delta_bits_per_byte_stderr {
-                        Some(se) => format!(" ±{se:.3}"),
+                        Some(se) => format!("±{se:.3}"),
                         None => String::new(),
                     };
-                    l3.push(Span::styled(
-                        format!("{spread} (n={})", q.reference_batches),
-                        theme.dim(),
-                    ));
-                    l3.push(Span::styled(
-                        format!(
-                            " vs {}{}",
-                            match q.reference_policy {
-                                RoutingPolicy::TopK { k, .. }
-                                    if s.model.native_top_k == Some(k) =>
-                                {
-                                    "native "
-                                }
-                                _ => "",
-                            },
-                            policy_text(&q.reference_policy)
-                        ),
-                        theme.dim(),
+                    let reference = format!(
+                        " vs {}{}",
+                        match q.reference_policy {
+                            RoutingPolicy::TopK { k, .. } if s.model.native_top_k == Some(k) => {
+                                "native "
+                            }
+                            _ => "",
+                        },
+                        policy_text(&q.reference_policy)
+                    );
+                    l3.push((
+                        2,
+                        vec![
+                            dim("Δ ".into()),
+                            val(format!("{d:+.3}")),
+                            dim(format!(
+                                "{spread} ({} batch{}){}",
+                                q.reference_batches,
+                                if q.reference_batches == 1 { "" } else { "es" },
+                                if compact { String::new() } else { reference }
+                            )),
+                        ],
                     ));
                 }
-                None => l3.push(Span::styled(" (no reference pass yet)", theme.dim())),
+                None => l3.push((2, vec![dim("Δ: no reference pass yet".into())])),
             }
         }
         (WorkloadKind::Eval, None) => {
-            l3.push(Span::styled("quality: no scored tokens yet", theme.dim()))
+            l3.push((2, vec![dim("quality: no scored tokens yet".into())]))
         }
-        (WorkloadKind::Generate, _) => {
-            if let Some(d) = e.decode_tokens_per_second {
-                l3.push(Span::styled(format!("{d:.0}"), theme.value()));
-                l3.push(Span::styled(" decode tok/s · ", theme.dim()));
+        (WorkloadKind::Generate, _) => l3.push((
+            5,
+            vec![dim(if compact {
+                "quality: eval only"
+            } else {
+                "quality: eval mode only"
             }
-            l3.push(Span::styled(
-                if narrow {
-                    "quality: eval only"
-                } else {
-                    "quality: eval mode only"
-                },
-                theme.dim(),
-            ));
-        }
+            .into())],
+        )),
     }
+    let l3 = fit(l3, area.width);
     // The marks go first on the line so that a narrow terminal never cuts them off.
     if !marks.is_empty() {
         marks.push(Span::raw(" "));
         marks.append(&mut l1);
         l1 = marks;
     }
-    frame.render_widget(
-        Paragraph::new(vec![Line::from(l1), l2, Line::from(l3)]),
-        area,
-    );
+    frame.render_widget(Paragraph::new(vec![Line::from(l1), l2, l3]), area);
+}
+
+/// Joins `segments` (priority, spans) with ` · ` into one line of at most `width` columns,
+/// leaving out whole segments, the highest priority number first, until the rest fits.
+pub fn fit(segments: Vec<(u8, Vec<Span<'static>>)>, width: u16) -> Line<'static> {
+    let len = |spans: &[Span]| {
+        spans
+            .iter()
+            .map(|s| s.content.chars().count())
+            .sum::<usize>()
+    };
+    let mut keep: Vec<bool> = vec![true; segments.len()];
+    loop {
+        let total: usize = segments
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|((_, sp), _)| len(sp) + 3)
+            .sum::<usize>()
+            .saturating_sub(3);
+        // The last segment stays: cut by the panel edge is better than an empty line.
+        if total <= width as usize || keep.iter().filter(|k| **k).count() <= 1 {
+            break;
+        }
+        // Drop the kept segment with the highest priority number (the last of equals).
+        let Some(i) = (0..segments.len())
+            .filter(|&i| keep[i])
+            .max_by_key(|&i| (segments[i].0, i))
+        else {
+            break;
+        };
+        keep[i] = false;
+    }
+    let mut out: Vec<Span<'static>> = Vec::new();
+    for ((_, spans), k) in segments.into_iter().zip(keep) {
+        if !k {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(Span::raw(" · "));
+        }
+        out.extend(spans);
+    }
+    Line::from(out)
 }
 
 /// The share of selected (token, expert) pairs the capacity limit dropped over the window; `None`

@@ -23,6 +23,11 @@ pub enum CellMode {
     Binned(usize),
 }
 
+/// Most characters per expert: wider cells stop helping the eye.
+const MAX_CELL_W: u16 = 6;
+/// Most lines per row.
+const MAX_ROW_H: u16 = 3;
+
 /// Where the heatmap's parts are, shared by drawing and mouse hit-testing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeatGeometry {
@@ -48,6 +53,10 @@ pub struct HeatGeometry {
     /// Column of the shared experts (every token uses them), right of the cells, if the model
     /// has any.
     pub shared_x: Option<u16>,
+    /// Rows drawn (each `row_h` lines tall).
+    pub rows: u16,
+    /// Lines per row: more than one when the panel has height to spare.
+    pub row_h: u16,
     /// Line of the expert axis and cursor, if there is room.
     pub axis_y: Option<u16>,
     /// Line of the detail for the cell under the cursor, if there is room.
@@ -73,8 +82,15 @@ impl HeatGeometry {
             n.div_ceil(avail)
         };
         let rows = n.div_ceil(layers_per_row).min(avail) as u16;
-        let detail = inner.height > rows;
-        let axis = inner.height > rows + 1;
+        // Spare height makes the rows taller (up to 3 lines), once the axis and the detail
+        // line have theirs, so that the heatmap grows with the panel.
+        let row_h = if layers_per_row == 1 && rows > 0 && !app.heat_zoom {
+            (inner.height.saturating_sub(2) / rows).clamp(1, MAX_ROW_H)
+        } else {
+            1
+        };
+        let detail = inner.height > rows * row_h;
+        let axis = inner.height > rows * row_h + 1;
         // Over every row, drawn or not, so that the cells do not move while scrolling.
         let label_w = (0..n.div_ceil(layers_per_row))
             .map(|r| row_label(&snap.model.moe_layers, r * layers_per_row, layers_per_row).len())
@@ -89,7 +105,7 @@ impl HeatGeometry {
             .max(1);
         let zoomed = app.heat_zoom && e > cells_w as usize;
         let mode = if e <= cells_w as usize {
-            CellMode::Wide((cells_w / e as u16).clamp(1, 3))
+            CellMode::Wide((cells_w / e as u16).clamp(1, MAX_CELL_W))
         } else if zoomed {
             CellMode::Wide(1)
         } else if app.theme.has_color() && e <= 2 * cells_w as usize {
@@ -109,7 +125,12 @@ impl HeatGeometry {
             CellMode::Half => e.div_ceil(2) as u16,
             CellMode::Binned(b) => e.div_ceil(b) as u16,
         };
-        let cells = Rect::new(inner.x + label_w, inner.y, used_w.min(cells_w), rows);
+        let cells = Rect::new(
+            inner.x + label_w,
+            inner.y,
+            used_w.min(cells_w),
+            rows * row_h,
+        );
         let shared_x = shared.then_some(cells.x + cells.width + 2);
         Self {
             label_w,
@@ -126,8 +147,10 @@ impl HeatGeometry {
             first_expert,
             visible_experts,
             shared_x,
-            axis_y: axis.then_some(inner.y + rows),
-            detail_y: detail.then_some(inner.y + rows + axis as u16),
+            rows,
+            row_h,
+            axis_y: axis.then_some(inner.y + rows * row_h),
+            detail_y: detail.then_some(inner.y + rows * row_h + axis as u16),
         }
     }
 
@@ -163,8 +186,16 @@ impl HeatGeometry {
     /// The MoE slot drawn on absolute line `y`, if any.
     pub fn slot_at(&self, y: u16) -> Option<usize> {
         (y >= self.cells.y && y < self.cells.y + self.cells.height)
-            .then(|| self.first_row + (y - self.cells.y) as usize * self.layers_per_row)
+            .then(|| {
+                self.first_row
+                    + ((y - self.cells.y) / self.row_h.max(1)) as usize * self.layers_per_row
+            })
             .filter(|&s| s < self.n_layers)
+    }
+
+    /// The first line (absolute y) of drawn row `row`.
+    pub fn row_y(&self, row: u16) -> u16 {
+        self.cells.y + row * self.row_h.max(1)
     }
 }
 
@@ -276,12 +307,12 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             format!("1 row = {} layers ", g.layers_per_row),
             theme.dim(),
         ));
-    } else if (g.cells.height as usize) < n {
+    } else if (g.rows as usize) < n {
         title.push(Span::styled(
             format!(
                 "rows {}-{} of {n} ",
                 g.first_row + 1,
-                g.first_row + g.cells.height as usize
+                g.first_row + g.rows as usize
             ),
             theme.dim(),
         ));
@@ -292,12 +323,12 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     );
     let norm = |v: f64| if max > 0.0 { v / max } else { 0.0 };
     let buf = frame.buffer_mut();
-    for row in 0..g.cells.height {
+    for row in 0..g.rows {
         let slots = g.row_slots(row);
         if slots.is_empty() {
             break;
         }
-        let y = g.cells.y + row;
+        let y = g.row_y(row);
         let selected = slots.contains(&app.layer);
         let label = format!(
             "{}{:<w$}",
@@ -324,9 +355,11 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                     let bg = pair
                         .get(1)
                         .map_or(ratatui::style::Color::Reset, |&v| theme.heat(norm(v)));
-                    buf[(x, y)]
-                        .set_symbol("▌")
-                        .set_style(Style::new().fg(fg).bg(bg));
+                    for dy in 0..g.row_h {
+                        buf[(x, y + dy)]
+                            .set_symbol("▌")
+                            .set_style(Style::new().fg(fg).bg(bg));
+                    }
                 }
             }
             CellMode::Wide(_) | CellMode::Binned(_) => {
@@ -335,28 +368,34 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                     _ => 1,
                 };
                 for (c, &v) in values.iter().enumerate() {
-                    for dx in 0..w {
+                    // A one-column gap between wide cells keeps neighbouring experts apart.
+                    let fill = if w >= 3 { w - 1 } else { w };
+                    for dx in 0..fill {
                         let x = g.cells.x + c as u16 * w + dx;
-                        let cell = &mut buf[(x, y)];
-                        if theme.has_color() {
-                            cell.set_symbol("█")
-                                .set_style(Style::new().fg(theme.heat(norm(v))));
-                        } else {
-                            cell.set_symbol(Theme::shade(norm(v)));
+                        for dy in 0..g.row_h {
+                            let cell = &mut buf[(x, y + dy)];
+                            if theme.has_color() {
+                                cell.set_symbol("█")
+                                    .set_style(Style::new().fg(theme.heat(norm(v))));
+                            } else {
+                                cell.set_symbol(Theme::shade(norm(v)));
+                            }
                         }
                     }
                 }
             }
         }
         if let Some(sx) = g.shared_x {
-            buf[(sx - 1, y)].set_symbol("│").set_style(theme.dim());
-            // Every token uses the shared experts: full share, beyond the routed scale.
-            if theme.has_color() {
-                buf[(sx, y)]
-                    .set_symbol("█")
-                    .set_style(Style::new().fg(theme.heat(1.0)));
-            } else {
-                buf[(sx, y)].set_symbol(Theme::shade(1.0));
+            for y in y..y + g.row_h {
+                buf[(sx - 1, y)].set_symbol("│").set_style(theme.dim());
+                // Every token uses the shared experts: full share, beyond the routed scale.
+                if theme.has_color() {
+                    buf[(sx, y)]
+                        .set_symbol("█")
+                        .set_style(Style::new().fg(theme.heat(1.0)));
+                } else {
+                    buf[(sx, y)].set_symbol(Theme::shade(1.0));
+                }
             }
         }
         if selected {
@@ -392,13 +431,13 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         buf.set_string(cx, y, "▲", theme.marker());
     }
     if let Some(y) = g.detail_y {
-        let line = detail_line(app, snap);
+        let line = detail_line(app, snap, area.width);
         frame.render_widget(Paragraph::new(line), Rect::new(area.x, y, area.width, 1));
     }
 }
 
 /// The words and numbers for the cell under the cursor.
-fn detail_line<'a>(app: &App, snap: &'a Snapshot) -> Line<'a> {
+fn detail_line(app: &App, snap: &Snapshot, width: u16) -> Line<'static> {
     let theme = &app.theme;
     let Some(l) = snap.epoch.window.layers.get(app.layer) else {
         return Line::raw("no MoE layers");
@@ -412,18 +451,33 @@ fn detail_line<'a>(app: &App, snap: &'a Snapshot) -> Line<'a> {
     }
     let share = l.expert_token_share.get(e).copied().unwrap_or(0.0);
     let mass = l.expert_gate_mass.get(e).copied().unwrap_or(0.0);
-    Line::from(vec![
-        Span::styled(format!(" L{} expert {e}: ", l.layer), theme.value()),
-        Span::styled(format!("{:.1}%", 100.0 * share), theme.value()),
-        Span::raw(" of tokens, gate mass "),
-        Span::styled(format!("{mass:.3}"), theme.value()),
-        Span::styled(
-            format!(
-                " · {} unused · load max/mean {:.2}",
-                l.unused_experts.len(),
-                l.load_balance.max_over_mean
+    // Left out whole when the panel is narrow (never cut mid-word); x opens the full table.
+    crate::tui::render::header::fit(
+        vec![
+            (
+                0,
+                vec![
+                    Span::styled(format!(" L{} expert {e}: ", l.layer), theme.value()),
+                    Span::styled(format!("{:.1}%", 100.0 * share), theme.value()),
+                    Span::raw(" of tokens, gate mass "),
+                    Span::styled(format!("{mass:.3}"), theme.value()),
+                ],
             ),
-            theme.dim(),
-        ),
-    ])
+            (
+                2,
+                vec![Span::styled(
+                    format!("{} unused", l.unused_experts.len()),
+                    theme.dim(),
+                )],
+            ),
+            (
+                1,
+                vec![Span::styled(
+                    format!("load max/mean {:.2}", l.load_balance.max_over_mean),
+                    theme.dim(),
+                )],
+            ),
+        ],
+        width,
+    )
 }

@@ -44,14 +44,24 @@ pub fn render_help(frame: &mut Frame, area: Rect, app: &App) {
 /// Draws the status bar: the last message, else key hints; the snapshot counter on the right.
 pub fn render_status(frame: &mut Frame, area: Rect, app: &App) {
     let theme = &app.theme;
+    // The redraw cap is adjustable (< >), so it is always said; a request held back until the
+    // keys settle is said too, since the screen does not show its effect yet.
+    let waiting = if app.debounce.is_waiting() {
+        "applying when keys settle · "
+    } else {
+        ""
+    };
+    let fps = format!("≤{:.0} fps", app.fps);
     let right = match app.displayed() {
         Some(s) if app.session_ended => {
-            format!("session ended · snapshot #{} ", s.sequence)
+            format!("session ended · snapshot #{} · {fps} ", s.sequence)
         }
-        Some(s) => format!("snapshot #{} · {:.1} s ", s.sequence, s.session_elapsed_s),
+        Some(s) => format!("{waiting}{:.1} s · {fps} ", s.session_elapsed_s),
         None if app.session_ended => "session ended ".to_string(),
-        None => String::new(),
+        None => format!("{fps} "),
     };
+    let rw = (right.chars().count() as u16).min(area.width / 2);
+    let left_w = area.width.saturating_sub(rw + 1) as usize;
     let left = match &app.message {
         Some(m) => Span::styled(
             format!(" {}", m.text),
@@ -61,9 +71,8 @@ pub fn render_status(frame: &mut Frame, area: Rect, app: &App) {
                 theme.info()
             },
         ),
-        None => Span::styled(keys::status_hints(), theme.dim()),
+        None => Span::styled(keys::status_hints_within(left_w), theme.dim()),
     };
-    let rw = (right.chars().count() as u16).min(area.width / 2);
     frame.render_widget(
         Paragraph::new(Line::from(left)),
         Rect {

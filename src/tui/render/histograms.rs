@@ -1,5 +1,6 @@
 //! Histograms of the epoch: per-token latency and per-token MoE FLOPs (with p50 / p90 / p99 /
-//! max marked), and experts per token of the selected layer.
+//! max marked by distinct glyphs and the bucket edges on an x axis), and experts per token of
+//! the selected layer (bars labelled by their number of experts).
 
 use ratatui::Frame;
 use ratatui::buffer::Buffer;
@@ -87,11 +88,49 @@ fn bucket_of(h: &HistogramSnapshot, v: f64) -> usize {
     h.edges[1..nb].partition_point(|&e| e <= v)
 }
 
-/// One histogram with percentiles: title, figures line(s), bars, markers.
+/// The percentile markers: a glyph each, so that they can be told apart under the bars.
+const MARKS: [(&str, &str); 4] = [("◆", "p50"), ("▲", "p90"), ("●", "p99"), ("▼", "max")];
+
+/// Writes bucket-edge labels on the axis line `y` under bars of `n` buckets in `area`: the
+/// edges at the left, the middle and the right end (as many as fit without touching).
+fn draw_edges(
+    buf: &mut Buffer,
+    area: Rect,
+    y: u16,
+    edges: &[f64],
+    fmt: &dyn Fn(f64) -> String,
+    theme: &Theme,
+) {
+    let n = edges.len().saturating_sub(1);
+    if n == 0 || area.width == 0 {
+        return;
+    }
+    let width = area.width as usize;
+    let cols = n.min(width);
+    let span = if n <= width { width / n } else { 1 };
+    let used = (cols * span).min(width);
+    let left = fmt(edges[0]);
+    let right = fmt(edges[n]);
+    let lw = left.chars().count();
+    let rw = right.chars().count();
+    buf.set_stringn(area.x, y, &left, width, theme.dim());
+    if lw + 1 + rw <= used {
+        buf.set_string(area.x + (used - rw) as u16, y, &right, theme.dim());
+    }
+    let mid = fmt(edges[n / 2]);
+    let mw = mid.chars().count();
+    let mx = (used / 2).saturating_sub(mw / 2);
+    if n >= 2 && mx > lw + 1 && mx + mw + 1 < used.saturating_sub(rw) {
+        buf.set_string(area.x + mx as u16, y, &mid, theme.dim());
+    }
+}
+
+/// One histogram with percentiles: title, figures line(s), bars, markers, the x axis.
 fn render_percentiles(frame: &mut Frame, area: Rect, app: &App, name: &str, h: &HistogramSnapshot) {
     let theme = &app.theme;
     let scale = match h.scale {
-        BucketScale::Log => "log ",
+        // Said in the title so that unequal bucket widths are not read as a linear axis.
+        BucketScale::Log => "log x (max/min ≥ 20) ",
         BucketScale::Linear => "",
     };
     let block = Block::new().borders(Borders::TOP).title(Line::from(vec![
@@ -107,7 +146,7 @@ fn render_percentiles(frame: &mut Frame, area: Rect, app: &App, name: &str, h: &
         );
         return;
     }
-    // The title names the unit; the figures stay short enough for a third of 80 columns.
+    // Units come from the data: each value picks its own (µs, ms, s; k, M, G).
     let f = |v: f64| {
         if h.unit == "us" {
             in_unit(v, "us")
@@ -115,32 +154,48 @@ fn render_percentiles(frame: &mut Frame, area: Rect, app: &App, name: &str, h: &
             in_unit(v, "")
         }
     };
-    let parts = [
-        ("▲p50 ", f(h.p50)),
-        (" p90 ", f(h.p90)),
-        (" p99 ", f(h.p99)),
-        (" max ", f(h.max)),
-    ];
+    let values = [h.p50, h.p90, h.p99, h.max];
+    let parts: Vec<(String, String)> = MARKS
+        .iter()
+        .zip(values)
+        .enumerate()
+        .map(|(i, ((glyph, label), v))| {
+            let sep = if i == 0 { "" } else { " " };
+            (format!("{sep}{glyph}{label} "), f(v))
+        })
+        .collect();
     let total: usize = parts
         .iter()
         .map(|(a, b)| a.chars().count() + b.chars().count())
         .sum();
-    let spans = |ps: &[(&str, String)]| -> Line<'static> {
+    let spans = |ps: &[(String, String)]| -> Line<'static> {
         Line::from(
             ps.iter()
                 .flat_map(|(a, b)| {
                     [
-                        Span::styled(a.to_string(), theme.dim()),
+                        Span::styled(a.clone(), theme.dim()),
                         Span::styled(b.clone(), theme.value()),
                     ]
                 })
                 .collect::<Vec<_>>(),
         )
     };
-    let lines: Vec<Line> = if total <= inner.width as usize || inner.height < 4 {
+    let lines: Vec<Line> = if total <= inner.width as usize {
         vec![spans(&parts)]
-    } else {
+    } else if inner.height >= 5 {
         vec![spans(&parts[..2]), spans(&parts[2..])]
+    } else {
+        // One line and no room for all four: the whole figures that fit, never half of one.
+        let mut used = 0;
+        let n = parts
+            .iter()
+            .take_while(|(a, b)| {
+                used += a.chars().count() + b.chars().count();
+                used <= inner.width as usize
+            })
+            .count()
+            .max(1);
+        vec![spans(&parts[..n])]
     };
     let fig_h = lines.len() as u16;
     frame.render_widget(
@@ -150,21 +205,27 @@ fn render_percentiles(frame: &mut Frame, area: Rect, app: &App, name: &str, h: &
             ..inner
         },
     );
+    // Bars, their marker line, then the x axis when there is a line for it.
+    let rest = inner.height.saturating_sub(fig_h);
+    let axis = rest >= 4;
     let bars_area = Rect {
         y: inner.y + fig_h,
-        height: inner.height.saturating_sub(fig_h),
+        height: rest - u16::from(axis),
         ..inner
     };
     let bars = Bars {
         counts: &h.counts,
-        marks: vec![
-            (bucket_of(h, h.p50), "▲"),
-            (bucket_of(h, h.p90), "▲"),
-            (bucket_of(h, h.p99), "▲"),
-            (bucket_of(h, h.max), "▲"),
-        ],
+        marks: MARKS
+            .iter()
+            .zip(values)
+            .map(|((glyph, _), v)| (bucket_of(h, v), *glyph))
+            .collect(),
     };
     draw_bars(frame.buffer_mut(), bars_area, &bars, theme);
+    if axis {
+        let y = bars_area.y + bars_area.height;
+        draw_edges(frame.buffer_mut(), bars_area, y, &h.edges, &f, theme);
+    }
 }
 
 /// Experts per token of the selected layer: bars for 1..=E (trimmed after the last non-empty).
@@ -199,18 +260,39 @@ fn render_experts(frame: &mut Frame, area: Rect, app: &App) {
         .max_by_key(|&(_, &c)| c)
         .map_or(0, |(i, _)| i + 1);
     frame.render_widget(
-        Paragraph::new(Line::from(vec![
-            Span::styled("▲mean ", theme.dim()),
-            Span::styled(format!("{:.2}", l.mean_experts_per_token), theme.value()),
-            Span::styled(" mode ", theme.dim()),
-            Span::styled(most.to_string(), theme.value()),
-            Span::styled(format!(" range 1-{}", shown.len()), theme.dim()),
-        ])),
+        Paragraph::new(crate::tui::render::header::fit(
+            vec![
+                (
+                    0,
+                    vec![
+                        Span::styled("▲mean ", theme.dim()),
+                        Span::styled(format!("{:.2}", l.mean_experts_per_token), theme.value()),
+                    ],
+                ),
+                (
+                    1,
+                    vec![
+                        Span::styled("mode ", theme.dim()),
+                        Span::styled(most.to_string(), theme.value()),
+                    ],
+                ),
+                (
+                    2,
+                    vec![Span::styled(
+                        format!("range 1-{}", shown.len()),
+                        theme.dim(),
+                    )],
+                ),
+            ],
+            inner.width,
+        )),
         Rect { height: 1, ..inner },
     );
+    let rest = inner.height.saturating_sub(1);
+    let axis = rest >= 4;
     let bars_area = Rect {
         y: inner.y + 1,
-        height: inner.height.saturating_sub(1),
+        height: rest - u16::from(axis),
         ..inner
     };
     // Bucket i holds i + 1 experts; the mean marks between its neighbours' buckets.
@@ -220,6 +302,23 @@ fn render_experts(frame: &mut Frame, area: Rect, app: &App) {
         marks: vec![(mean_bucket, "▲")],
     };
     draw_bars(frame.buffer_mut(), bars_area, &bars, theme);
+    if axis {
+        // The bars are labelled by their number of experts, 1..E, as many as fit.
+        let y = bars_area.y + bars_area.height;
+        let n = shown.len();
+        let width = bars_area.width as usize;
+        let buf = frame.buffer_mut();
+        let mut next_free = 0usize;
+        for i in 0..n.min(width) {
+            let (x, w) = bucket_columns(i, n, width);
+            let label = (i + 1).to_string();
+            let lx = x + w.saturating_sub(label.len()) / 2;
+            if lx >= next_free && lx + label.len() <= width {
+                buf.set_string(bars_area.x + lx as u16, y, &label, theme.dim());
+                next_free = lx + label.len() + 1;
+            }
+        }
+    }
 }
 
 /// Draws the three histograms: side by side on narrow screens, stacked on wide ones.

@@ -7,8 +7,11 @@ pub mod header;
 pub mod heatmap;
 pub mod help;
 pub mod histograms;
+pub mod history;
 pub mod layout;
 pub mod sliders;
+pub mod table;
+pub mod timing;
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -48,6 +51,8 @@ pub fn draw(frame: &mut Frame, app: &App) {
         heatmap::render(frame, l.heatmap, app);
         sliders::render(frame, l.sliders, app);
         histograms::render(frame, l.histograms, app);
+        history::render(frame, l.history, app);
+        timing::render(frame, l.timing, app);
         device::render(frame, l.device, app);
         if let Some(g) = l.generated {
             generated::render(frame, g, app);
@@ -73,6 +78,15 @@ pub fn draw(frame: &mut Frame, app: &App) {
         );
     }
     help::render_status(frame, l.status, app);
+    if app.table_open && app.displayed().is_some() {
+        let body = Rect::new(
+            area.x,
+            l.header.y + l.header.height,
+            area.width,
+            l.status.y.saturating_sub(l.header.y + l.header.height),
+        );
+        table::render(frame, body, app);
+    }
     if app.help_open {
         help::render_help(frame, area, app);
     }

@@ -1,9 +1,10 @@
 //! Threshold sliders: a global one, then one per MoE layer, each with its t (or the policy in
-//! force), experts per token and MoE FLOPs as a fraction of running all experts.
+//! force), experts per token and the MoE compute saved against running all experts (the
+//! header's framing).
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
-use ratatui::text::{Line, Span};
+use ratatui::text::Span;
 
 use crate::profiling::snapshot::Snapshot;
 use crate::routing::RoutingPolicy;
@@ -103,18 +104,24 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         Some(c) => format!("capacity factor {c:.1}"),
         None => "capacity off".to_string(),
     };
-    let title = Line::from(vec![
-        Span::raw(" Thresholds "),
-        Span::styled(
-            format!("←/→ ±0.01  Shift/PgUp ±0.05  g all  p policy · {capacity} "),
-            theme.dim(),
-        ),
-    ]);
+    // Key reminders are left out whole when the panel is narrow (never cut mid-word).
+    let dim = |t: &str| Span::styled(t.to_string(), theme.dim());
+    let title = crate::tui::render::header::fit(
+        vec![
+            (0, vec![Span::raw(" Thresholds")]),
+            (2, vec![dim("←/→ ±0.01")]),
+            (3, vec![dim("Shift/PgUp ±0.05")]),
+            (4, vec![dim("g all  p policy")]),
+            (1, vec![dim(&format!("{capacity} "))]),
+        ],
+        area.width.saturating_sub(8),
+    );
     frame.render_widget(panel_block(app, title, focused_panel), area);
     let window = &snap.epoch.window;
     for row in geometry(area, app, snap) {
         let focused = row.target == app.slider;
-        let (label, policy, pending, experts, flops_pct) = match row.target {
+        // Compute saved against all experts, the header's framing, so one screen says one thing.
+        let (label, policy, pending, experts, saved_pct) = match row.target {
             Target::Global => {
                 let pend: Vec<_> = (0..snap.policy.layers.len())
                     .map(|s| app.pending(s).map(|p| p.policy))
@@ -130,7 +137,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                     common_policy(snap),
                     pending,
                     window.mean_experts_per_token,
-                    100.0 - window.flops.moe_saved_vs_all_experts_pct,
+                    window.flops.moe_saved_vs_all_experts_pct,
                 )
             }
             Target::Layer(slot) => {
@@ -142,7 +149,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
                     snap.policy.layers.get(slot).map(|p| p.policy),
                     app.pending(slot).map(|p| p.policy),
                     l.mean_experts_per_token,
-                    100.0 * l.moe_flops_fraction_of_all_experts,
+                    100.0 * (1.0 - l.moe_flops_fraction_of_all_experts),
                 )
             }
         };
@@ -210,7 +217,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         let figures = if window.tokens == 0 {
             "  no tokens yet in this epoch".to_string()
         } else {
-            format!("  {experts:5.2} exp/tok  {flops_pct:5.1}% FLOPs")
+            format!("  {experts:5.2} exp/tok  {saved_pct:5.1}% saved")
         };
         buf.set_stringn(
             row.bar.x + row.bar.width,
