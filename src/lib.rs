@@ -18,7 +18,6 @@ extern crate self as xmoe_top;
 pub mod atomic_file;
 pub mod bench;
 pub mod cli;
-pub mod config;
 pub mod embedded;
 pub mod gpu;
 pub mod input_file;

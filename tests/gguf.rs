@@ -244,6 +244,7 @@ fn a_dense_llama_gguf_reads_back_the_hugging_face_tensors() {
     for (quant, tol) in [("f32", 0.0f32), ("q8_0", 0.02)] {
         let path = repo(&format!("tests/fixtures/gguf/llama-dense.{quant}.gguf"));
         let d = DenseLlama::open(&path, &Device::Cpu).unwrap();
+        let tokenizer = xmoe_top::workload::gguf_tokenizer::from_file(&path).unwrap();
         let c = &d.config;
         assert_eq!(
             (
@@ -275,12 +276,11 @@ fn a_dense_llama_gguf_reads_back_the_hugging_face_tensors() {
             checked += 1;
         }
         assert_eq!(checked, 1 + 1 + 2 * 9, "every tensor");
-        let ids = d
-            .tokenizer
+        let ids = tokenizer
             .encode("In the beginning was the Word", false)
             .unwrap();
         assert_eq!(
-            d.tokenizer.decode(ids.get_ids(), false).unwrap(),
+            tokenizer.decode(ids.get_ids(), false).unwrap(),
             "In the beginning was the Word"
         );
     }
@@ -505,6 +505,7 @@ fn smollm2_q4_1_reads_with_its_tokenizer() {
     );
     let t0 = std::time::Instant::now();
     let d = DenseLlama::open(&path, &Device::Cpu).unwrap();
+    let tokenizer = xmoe_top::workload::gguf_tokenizer::from_file(&path).unwrap();
     let secs = t0.elapsed().as_secs_f64();
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let hwm = status
@@ -533,13 +534,13 @@ fn smollm2_q4_1_reads_with_its_tokenizer() {
         3546, 46494, 37366, 1841, 17097, 247, 126, 16736, 122, 47526, 10147, 197, 1531, 216, 33,
         34, 35, 36, 37, 38, 39, 1326, 982, 216, 1, 1792, 256, 1116, 329,
     ];
-    let enc = d.tokenizer.encode(text, false).unwrap();
+    let enc = tokenizer.encode(text, false).unwrap();
     assert_eq!(enc.get_ids(), want);
-    assert_eq!(d.tokenizer.decode(enc.get_ids(), false).unwrap(), text);
+    assert_eq!(tokenizer.decode(enc.get_ids(), false).unwrap(), text);
     let held = std::fs::read_to_string(repo("assets/kjv-heldout.txt")).unwrap();
     let sample = &held[..4000];
-    let enc = d.tokenizer.encode(sample, false).unwrap();
-    assert_eq!(d.tokenizer.decode(enc.get_ids(), false).unwrap(), sample);
+    let enc = tokenizer.encode(sample, false).unwrap();
+    assert_eq!(tokenizer.decode(enc.get_ids(), false).unwrap(), sample);
     println!("4000 bytes of KJV -> {} tokens", enc.get_ids().len());
     // `XMOE_SMOLLM2_IDS`: transformers' ids of the same 4000 bytes, `{"sample.txt": [...]}`.
     if let Ok(p) = std::env::var("XMOE_SMOLLM2_IDS") {

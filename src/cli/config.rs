@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::exit::Classify;
-use crate::config::{Settings, SettingsOrigin, TEMPLATE, default_path};
+use super::settings::{Settings, SettingsOrigin, TEMPLATE, default_path};
 
 /// Arguments of `config`.
 #[derive(Args, Debug)]

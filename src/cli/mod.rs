@@ -9,6 +9,7 @@ mod parity;
 pub mod policy_args;
 mod report;
 pub mod run;
+pub mod settings;
 mod sweep;
 mod synth;
 pub mod tui;

@@ -182,9 +182,10 @@ impl RunArgs {
     /// routing flag at all, so that the two sources never mix into a policy nobody wrote.
     fn with_settings(mut self) -> Result<Self> {
         let (settings, origin) =
-            crate::config::Settings::load(self.config.as_deref(), self.no_config).bad_input()?;
+            crate::cli::settings::Settings::load(self.config.as_deref(), self.no_config)
+                .bad_input()?;
         // A file silently changing the defaults would surprise: say which one is in force.
-        if matches!(origin, crate::config::SettingsOrigin::File(_)) {
+        if matches!(origin, crate::cli::settings::SettingsOrigin::File(_)) {
             eprintln!("xmoe-top: {origin}");
         }
         self.tui = self.tui.with_settings(&settings).bad_input()?;
@@ -202,7 +203,7 @@ impl RunArgs {
             p.policy = d
                 .policy
                 .as_deref()
-                .map(crate::config::parse_value_enum)
+                .map(crate::cli::settings::parse_value_enum)
                 .transpose()
                 .bad_input()?;
             p.threshold = d.threshold.as_ref().map(|t| t.as_arg());

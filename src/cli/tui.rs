@@ -39,7 +39,7 @@ fn parse_fps(s: &str) -> Result<f64, String> {
 
 impl TuiArgs {
     /// Fills what the command line left open from the settings file.
-    pub fn with_settings(mut self, settings: &crate::config::Settings) -> Result<Self> {
+    pub fn with_settings(mut self, settings: &crate::cli::settings::Settings) -> Result<Self> {
         if self.fps.is_none() {
             self.fps = settings.ui.fps;
         }
@@ -48,7 +48,7 @@ impl TuiArgs {
                 .ui
                 .color
                 .as_deref()
-                .map(crate::config::parse_value_enum)
+                .map(crate::cli::settings::parse_value_enum)
                 .transpose()?;
         }
         Ok(self)

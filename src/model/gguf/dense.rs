@@ -1,6 +1,6 @@
 //! A dense `llama` GGUF file (no experts; e.g. SmolLM2-135M): its configuration, its tensors
 //! under Hugging Face names in `[out, in]` orientation (q/k rows un-permuted, every tensor
-//! dequantised to f32) and its tokenizer. The input of the dense-to-XMoE conversion (issue 14).
+//! dequantised to f32); its tokenizer is read by `workload::gguf_tokenizer`. The input of the dense-to-XMoE conversion (issue 14).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,8 +50,6 @@ pub struct DenseLlama {
     /// `model.layers.{i}.self_attn.q_proj.weight`, `model.layers.{i}.mlp.gate_proj.weight`,
     /// `model.norm.weight`, `lm_head.weight` when untied, ...), `[out, in]`, f32.
     pub tensors: BTreeMap<String, Tensor>,
-    /// The tokenizer from the file's `tokenizer.ggml.*` metadata.
-    pub tokenizer: tokenizers::Tokenizer,
 }
 
 /// `(GGUF suffix, HF suffix)` of each block tensor.
@@ -117,7 +115,7 @@ impl DenseLlama {
     }
 
     /// Opens the dense `llama` GGUF file at `path` and loads every tensor (dequantised to f32,
-    /// q/k un-permuted) and the tokenizer onto `device`.
+    /// q/k un-permuted) onto `device`; the tokenizer is `workload::gguf_tokenizer::from_file`.
     pub fn open(path: &Path, device: &Device) -> Result<Self, LoadError> {
         let g = GgufFile::open(path)?;
         let config = Self::read_config(&g)?;
@@ -158,12 +156,7 @@ impl DenseLlama {
                 tensors.insert(format!("model.layers.{i}.{hf}"), t);
             }
         }
-        let tokenizer = crate::workload::gguf_tokenizer::from_metadata(path, g.metadata())
-            .map_err(|e| gguf_error(path, e.to_string()))?;
-        Ok(DenseLlama {
-            config,
-            tensors,
-            tokenizer,
-        })
+        // The tokenizer lives in the workload layer: `workload::gguf_tokenizer::from_file`.
+        Ok(DenseLlama { config, tensors })
     }
 }

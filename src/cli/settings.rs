@@ -149,7 +149,7 @@ impl Settings {
         }
         let d = &self.defaults;
         if let Some(p) = &d.policy {
-            parse_value_enum::<crate::cli::policy_args::PolicyKind>(p)
+            parse_value_enum::<super::policy_args::PolicyKind>(p)
                 .with_context(|| format!("[defaults] policy = \"{p}\""))?;
         }
         if let Some(ThresholdSetting::Number(t)) = d.threshold
@@ -161,7 +161,7 @@ impl Settings {
             bail!("[defaults] k must be at least 1");
         }
         if let Some(c) = d.capacity_factor {
-            crate::cli::values::capacity_factor(&c.to_string())
+            super::values::capacity_factor(&c.to_string())
                 .map_err(|e| anyhow::anyhow!("[defaults] capacity_factor: {e}"))?;
         }
         Ok(())
