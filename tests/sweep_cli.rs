@@ -1,27 +1,11 @@
 //! `xmoe-top sweep` and `xmoe-top report` as a user runs them: output, files, exit codes, messages.
 
+#[path = "support/cli.rs"]
+mod cli;
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
+use cli::{text, xmoe};
 use xmoe_top::model::format::StoreDtype;
-
-fn xmoe(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
-        .args(args)
-        .current_dir(dir)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn sweep_prints_a_table_and_writes_reports() {

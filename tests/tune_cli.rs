@@ -1,28 +1,12 @@
 //! `xmoe-top tune` as a user runs it: the thresholds it prints, the invariants of its search, its
 //! report, and its usage errors.
 
+#[path = "support/cli.rs"]
+mod cli;
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
-
+use cli::{text, xmoe};
 use xmoe_top::model::format::StoreDtype;
-
-fn xmoe(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
-        .args(args)
-        .current_dir(dir)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn tune_finds_per_layer_thresholds_within_the_budget_and_reports_them() {

@@ -138,6 +138,31 @@ pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Resolves `device` (printing its note), opens `path` (the embedded model when `None`), checks it
+/// fits in memory unless `allow_large`, and loads it: the start of every batch command. Returns
+/// the model and where it runs, in words.
+pub(crate) fn load_model(
+    path: Option<&std::path::Path>,
+    device: &crate::model::device::DeviceChoice,
+    threads: usize,
+    allow_large: bool,
+    options: crate::model::LoadOptions,
+) -> anyhow::Result<(crate::model::Model, String)> {
+    let dev = device.resolve(threads).usage()?;
+    if let Some(note) = &dev.note {
+        eprintln!("{note}");
+    }
+    let file = match path {
+        Some(p) => crate::model::ModelSource::open(p).bad_input()?,
+        None => crate::embedded::model_file()?.into(),
+    };
+    if !allow_large {
+        file.check_fits(None)?;
+    }
+    let model = crate::model::Model::from_source(&file, &dev.device, options).bad_input()?;
+    Ok((model, dev.description))
+}
+
 /// The tokenizer of `model`: its `tokenizer.json`, or bytes.
 pub(crate) fn model_tokenizer(
     model: &crate::model::Model,

@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::model::device::DeviceChoice;
-use crate::model::forward::Model;
 use crate::report::text::sweep_table;
 use crate::report::{ReportData, ReportFormat, write_report};
 use crate::session::sweep::{
@@ -92,23 +91,18 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         ReportFormat::resolve(path, a.format).usage()?;
         crate::atomic_file::check_target(path, a.force).usage()?;
     }
-    let dev = a.device.resolve(threads).usage()?;
-    if let Some(note) = &dev.note {
-        eprintln!("{note}");
-    }
-    let file = match &a.model {
-        Some(p) => crate::model::ModelSource::open(p).bad_input()?,
-        None => crate::embedded::model_file()?.into(),
-    };
-    if !a.allow_large {
-        file.check_fits(None)?;
-    }
     let options = crate::model::LoadOptions {
         threads,
         sigmoid_selection: a.sigmoid_scores,
         ..Default::default()
     };
-    let model = Model::from_source(&file, &dev.device, options).bad_input()?;
+    let (model, device) = super::load_model(
+        a.model.as_deref(),
+        &a.device,
+        threads,
+        a.allow_large,
+        options,
+    )?;
     let cfg = model.config();
     let top_k = match &a.with_topk {
         Some(s) => parse_top_k(s, cfg.n_experts)
@@ -152,7 +146,7 @@ pub fn run(a: SweepArgs, threads: usize) -> Result<ExitCode> {
         batch_bytes: Some(batch_bytes),
         source: source.name.clone(),
         source_size: text.len(),
-        device: dev.description.clone(),
+        device,
         repeats: a.repeats,
     };
     let show = std::io::stderr().is_terminal();

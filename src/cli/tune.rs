@@ -8,7 +8,6 @@ use clap::Args;
 
 use super::exit::{Classify, usage};
 use crate::model::device::DeviceChoice;
-use crate::model::forward::Model;
 use crate::session::sweep::{parse_thresholds, parse_top_k, token_batches};
 use crate::session::tune::{Budget, TokenSet, TuneResult, TuneSpec, kl_text, tune};
 
@@ -98,22 +97,17 @@ pub fn run(a: TuneArgs, threads: usize) -> Result<ExitCode> {
         report_format(&a, path)?;
         crate::atomic_file::check_target(path, a.force).usage()?;
     }
-    let dev = a.device.resolve(threads).usage()?;
-    if let Some(note) = &dev.note {
-        eprintln!("{note}");
-    }
-    let file = match &a.model {
-        Some(p) => crate::model::ModelSource::open(p).bad_input()?,
-        None => crate::embedded::model_file()?.into(),
-    };
-    if !a.allow_large {
-        file.check_fits(None)?;
-    }
     let options = crate::model::LoadOptions {
         threads,
         ..Default::default()
     };
-    let model = Model::from_source(&file, &dev.device, options).bad_input()?;
+    let (model, _) = super::load_model(
+        a.model.as_deref(),
+        &a.device,
+        threads,
+        a.allow_large,
+        options,
+    )?;
     let cfg = model.config();
     let top_k = match &a.with_topk {
         Some(s) => parse_top_k(s, cfg.n_experts)
