@@ -27,6 +27,20 @@ pub struct Settings {
     /// Defaults of the main command and `run`.
     #[serde(default)]
     pub defaults: DefaultSettings,
+    /// Key bindings of the live UI: command name -> a key or a list of keys, replacing that
+    /// command's default keys (names in `docs/config.md`).
+    #[serde(default)]
+    pub keys: std::collections::BTreeMap<String, KeySetting>,
+}
+
+/// One key or several.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum KeySetting {
+    /// `quit = "x"`.
+    One(String),
+    /// `quit = ["x", "ctrl-q"]`.
+    Many(Vec<String>),
 }
 
 /// `[ui]`: how the live UI draws.
@@ -147,6 +161,7 @@ impl Settings {
             parse_value_enum::<crate::tui::ColorChoice>(c)
                 .with_context(|| format!("[ui] color = \"{c}\""))?;
         }
+        self.keymap()?;
         let d = &self.defaults;
         if let Some(p) = &d.policy {
             parse_value_enum::<super::policy_args::PolicyKind>(p)
@@ -165,6 +180,22 @@ impl Settings {
                 .map_err(|e| anyhow::anyhow!("[defaults] capacity_factor: {e}"))?;
         }
         Ok(())
+    }
+
+    /// The live UI's key bindings with this file's `[keys]` applied.
+    pub fn keymap(&self) -> Result<crate::tui::keys::KeyMap> {
+        let pairs: Vec<(String, Vec<String>)> = self
+            .keys
+            .iter()
+            .map(|(name, k)| {
+                let keys = match k {
+                    KeySetting::One(k) => vec![k.clone()],
+                    KeySetting::Many(v) => v.clone(),
+                };
+                (name.clone(), keys)
+            })
+            .collect();
+        crate::tui::keys::KeyMap::from_names(&pairs).map_err(anyhow::Error::msg)
     }
 
     /// The report directory with a leading `~/` expanded.
@@ -221,6 +252,17 @@ pub const TEMPLATE: &str = r#"# xmoe-top settings (docs/config.md). Every settin
 # capacity_factor = 1.25
 # Where the live UI's `e` key writes its reports ("~/" is your home directory).
 # report_dir = "~/xmoe-reports"
+
+[keys]
+# Replace a command's default keys: one key or a list. Keys: one character ("x", "Q", "?"),
+# "ctrl-<char>", "f1".."f12", or up, down, left, right, pageup, pagedown, home, end, tab,
+# backtab, esc, enter, space. A key given here is taken from the command that had it.
+# Commands: quit, escape, help, next_panel, up, down, left, right, left_big, right_big,
+# threshold_up_big, threshold_down_big, apply_to_all, cycle_policy, k_up, k_down, capacity,
+# capacity_down, capacity_up, renormalize, zoom, freeze, pause, reset, export, suspend,
+# expert_table, sort, fps_down, fps_up.
+# quit = ["q", "ctrl-c"]
+# freeze = "f5"
 "#;
 
 #[cfg(test)]
@@ -251,6 +293,8 @@ mod tests {
         assert_eq!(s.defaults.k, Some(2));
         assert_eq!(s.defaults.renormalize, Some(false));
         assert_eq!(s.defaults.capacity_factor, Some(1.25));
+        assert_eq!(s.keys.len(), 2);
+        assert!(s.keymap().is_ok());
         assert!(s.has_policy());
         let home = dirs::home_dir().unwrap();
         assert_eq!(s.report_dir().unwrap(), home.join("xmoe-reports"));
@@ -288,6 +332,11 @@ mod tests {
             ("[defaults]\nk = 0", &["k must be at least 1"]),
             ("[defaults]\ncapacity_factor = -1", &["capacity_factor"]),
             ("[keyz]\nq = 1", &["unknown field `keyz`"]),
+            (
+                "[keys]\nqiut = \"x\"",
+                &["c.toml", "`qiut` is not a command"],
+            ),
+            ("[keys]\nquit = \"x\"\nreset = [\"x\"]", &["given to both"]),
             ("[ui\nfps = 1", &["c.toml", "line 1"]),
         ] {
             let e = format!("{:#}", parse(text).unwrap_err());

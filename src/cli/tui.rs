@@ -26,6 +26,9 @@ pub struct TuiArgs {
     /// Same as --color never.
     #[arg(long, conflicts_with = "color")]
     pub no_color: bool,
+    /// Key bindings (from the settings file).
+    #[arg(skip)]
+    pub keymap: crate::tui::keys::KeyMap,
 }
 
 fn parse_fps(s: &str) -> Result<f64, String> {
@@ -43,6 +46,7 @@ impl TuiArgs {
         if self.fps.is_none() {
             self.fps = settings.ui.fps;
         }
+        self.keymap = settings.keymap()?;
         if self.color.is_none() && !self.no_color {
             self.color = settings
                 .ui
@@ -66,6 +70,7 @@ impl TuiArgs {
             }),
             capacity_factor: capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR),
             exporter,
+            keymap: self.keymap.clone(),
         }
     }
 }

@@ -108,6 +108,8 @@ pub struct App {
     pub heat_zoom: bool,
     /// The help overlay is open.
     pub help_open: bool,
+    /// The key bindings in force (defaults with the settings file's `[keys]`).
+    pub keymap: crate::tui::keys::KeyMap,
     /// The per-expert table of the selected layer is open.
     pub table_open: bool,
     /// The per-expert table's sort column.
@@ -156,6 +158,7 @@ impl App {
             expert: 0,
             heat_zoom: false,
             help_open: false,
+            keymap: Default::default(),
             table_open: false,
             table_sort: TableSort::Share,
             fps: crate::tui::DEFAULT_FPS,

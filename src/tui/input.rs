@@ -14,7 +14,7 @@ use ratatui::layout::{Position, Rect};
 use crate::routing::RoutingPolicy;
 use crate::session::{Control, Layers};
 use crate::tui::app::{App, Panel, Target};
-use crate::tui::keys::{self, Command};
+use crate::tui::keys::Command;
 use crate::tui::render::heatmap::HeatGeometry;
 use crate::tui::render::{layout, sliders};
 
@@ -106,7 +106,7 @@ pub fn map_event(app: &App, ev: &Event) -> Option<Action> {
 }
 
 fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
-    let command = keys::command_for(k, app.help_open)?;
+    let command = app.keymap.command_for(k, app.help_open)?;
     let shift = k.modifiers.contains(KeyModifiers::SHIFT);
     let horizontal = |sign: f32, big: bool| match app.panel {
         Panel::Sliders => Action::AdjustThreshold(sign * if big { STEP_BIG } else { STEP_SMALL }),

@@ -349,28 +349,238 @@ pub const BINDINGS: &[Binding] = &[
     },
 ];
 
-/// The command a key press triggers, or `None`. With Ctrl held only the Ctrl bindings count;
-/// while the help overlay is open only the bindings marked [`Binding::in_help`] do.
-pub fn command_for(key: &KeyEvent, help_open: bool) -> Option<Command> {
-    let pressed = if key.modifiers.contains(KeyModifiers::CONTROL) {
+/// Commands by the names the settings file uses (`[keys]`, docs/config.md).
+pub const COMMAND_NAMES: &[(Command, &str)] = &[
+    (Command::Quit, "quit"),
+    (Command::Escape, "escape"),
+    (Command::ToggleHelp, "help"),
+    (Command::NextPanel, "next_panel"),
+    (Command::Up, "up"),
+    (Command::Down, "down"),
+    (Command::Left, "left"),
+    (Command::Right, "right"),
+    (Command::LeftBig, "left_big"),
+    (Command::RightBig, "right_big"),
+    (Command::ThresholdUpBig, "threshold_up_big"),
+    (Command::ThresholdDownBig, "threshold_down_big"),
+    (Command::ApplyToAll, "apply_to_all"),
+    (Command::CyclePolicy, "cycle_policy"),
+    (Command::IncreaseK, "k_up"),
+    (Command::DecreaseK, "k_down"),
+    (Command::ToggleCapacity, "capacity"),
+    (Command::CapacityDown, "capacity_down"),
+    (Command::CapacityUp, "capacity_up"),
+    (Command::ToggleRenormalize, "renormalize"),
+    (Command::ToggleZoom, "zoom"),
+    (Command::ToggleFreeze, "freeze"),
+    (Command::TogglePause, "pause"),
+    (Command::Reset, "reset"),
+    (Command::Export, "export"),
+    (Command::Suspend, "suspend"),
+    (Command::ToggleTable, "expert_table"),
+    (Command::CycleSort, "sort"),
+    (Command::FpsDown, "fps_down"),
+    (Command::FpsUp, "fps_up"),
+];
+
+/// Named keys of the settings file, beside single characters and `ctrl-<char>`.
+const KEY_NAMES: &[(&str, KeyCode, &str)] = &[
+    ("up", KeyCode::Up, "↑"),
+    ("down", KeyCode::Down, "↓"),
+    ("left", KeyCode::Left, "←"),
+    ("right", KeyCode::Right, "→"),
+    ("pageup", KeyCode::PageUp, "PgUp"),
+    ("pagedown", KeyCode::PageDown, "PgDn"),
+    ("home", KeyCode::Home, "Home"),
+    ("end", KeyCode::End, "End"),
+    ("tab", KeyCode::Tab, "Tab"),
+    ("backtab", KeyCode::BackTab, "Shift-Tab"),
+    ("esc", KeyCode::Esc, "Esc"),
+    ("enter", KeyCode::Enter, "Enter"),
+    ("space", KeyCode::Char(' '), "Space"),
+];
+
+/// Parses a key as the settings file writes it: one character (`q`, `Q`, `?`), `ctrl-<char>`,
+/// `f1`..`f12`, or a name (`up`, `pageup`, `tab`, `esc`, `space`, ...).
+pub fn parse_key(spec: &str) -> Result<Key, String> {
+    let lower = spec.to_ascii_lowercase();
+    let mut chars = spec.chars();
+    if let (Some(c), None) = (chars.next(), chars.next()) {
+        return Ok(ch(c));
+    }
+    if let Some(rest) = lower
+        .strip_prefix("ctrl-")
+        .or_else(|| lower.strip_prefix("ctrl+"))
+    {
+        let mut r = rest.chars();
+        if let (Some(c), None) = (r.next(), r.next()) {
+            return Ok(Key::Ctrl(c));
+        }
+    }
+    if let Some(n) = lower.strip_prefix('f').and_then(|n| n.parse::<u8>().ok())
+        && (1..=12).contains(&n)
+    {
+        return Ok(Key::Plain(KeyCode::F(n)));
+    }
+    KEY_NAMES
+        .iter()
+        .find(|(name, _, _)| *name == lower)
+        .map(|&(_, code, _)| Key::Plain(code))
+        .ok_or_else(|| {
+            format!(
+                "`{spec}` is not a key: use one character, ctrl-<char>, f1..f12 or one of {}",
+                KEY_NAMES.iter().map(|k| k.0).collect::<Vec<_>>().join(", ")
+            )
+        })
+}
+
+/// A key as the help overlay shows it.
+pub fn key_label(k: Key) -> String {
+    match k {
+        Key::Ctrl(c) => format!("Ctrl-{}", c.to_ascii_uppercase()),
+        Key::Plain(KeyCode::Char(' ')) => "Space".into(),
+        Key::Plain(KeyCode::Char(c)) => c.to_string(),
+        Key::Plain(KeyCode::F(n)) => format!("F{n}"),
+        Key::Plain(code) => KEY_NAMES
+            .iter()
+            .find(|k| k.1 == code)
+            .map_or_else(|| format!("{code:?}"), |k| k.2.to_string()),
+    }
+}
+
+/// The bindings in force: [`BINDINGS`] with the user's replacements from the settings file. A
+/// command the user rebinds loses its default keys; a key the user gives to a command is taken
+/// from whatever command had it by default.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeyMap {
+    overrides: Vec<(Command, Vec<Key>)>,
+}
+
+impl KeyMap {
+    /// Builds the map from `(command name, key specs)` pairs, checking every name and key; two
+    /// commands may not share a key and `quit` must keep one.
+    pub fn from_names(pairs: &[(String, Vec<String>)]) -> Result<Self, String> {
+        let mut overrides: Vec<(Command, Vec<Key>)> = Vec::new();
+        for (name, specs) in pairs {
+            let command = COMMAND_NAMES
+                .iter()
+                .find(|(_, n)| n == name)
+                .map(|&(c, _)| c)
+                .ok_or_else(|| {
+                    format!(
+                        "[keys] `{name}` is not a command: use one of {}",
+                        COMMAND_NAMES
+                            .iter()
+                            .map(|c| c.1)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+            let mut keys = Vec::new();
+            for spec in specs {
+                let k = parse_key(spec).map_err(|e| format!("[keys] {name}: {e}"))?;
+                if let Some((other, _)) = overrides.iter().find(|(_, ks)| ks.contains(&k)) {
+                    let other = COMMAND_NAMES
+                        .iter()
+                        .find(|c| c.0 == *other)
+                        .map_or("?", |c| c.1);
+                    return Err(format!(
+                        "[keys] `{spec}` is given to both `{other}` and `{name}`"
+                    ));
+                }
+                keys.push(k);
+            }
+            overrides.push((command, keys));
+        }
+        let map = Self { overrides };
+        if !map.entries().iter().any(|e| e.1 == Command::Quit) {
+            return Err("[keys] `quit` would have no key left".to_string());
+        }
+        Ok(map)
+    }
+
+    fn overridden(&self, c: Command) -> bool {
+        self.overrides.iter().any(|(o, _)| *o == c)
+    }
+
+    fn user_key(&self, k: Key) -> bool {
+        self.overrides.iter().any(|(_, ks)| ks.contains(&k))
+    }
+
+    /// Every (key, command, works in help) in force, defaults first in table order.
+    fn entries(&self) -> Vec<(Key, Command, bool)> {
+        let mut out: Vec<(Key, Command, bool)> = BINDINGS
+            .iter()
+            .flat_map(|b| b.keys.iter().map(move |&(k, c)| (k, c, b.in_help)))
+            .filter(|&(k, c, _)| !self.overridden(c) && !self.user_key(k))
+            .collect();
+        for (c, keys) in &self.overrides {
+            let in_help = BINDINGS
+                .iter()
+                .any(|b| b.in_help && b.keys.iter().any(|(_, bc)| bc == c));
+            out.extend(keys.iter().map(|&k| (k, *c, in_help)));
+        }
+        out
+    }
+
+    /// The command a key press triggers, or `None`. With Ctrl held only the Ctrl bindings
+    /// count; while the help overlay is open only the bindings marked [`Binding::in_help`] do.
+    pub fn command_for(&self, key: &KeyEvent, help_open: bool) -> Option<Command> {
+        let pressed = pressed_key(key)?;
+        self.entries()
+            .into_iter()
+            .filter(|e| e.2 || !help_open)
+            .find(|e| e.0 == pressed)
+            .map(|e| e.1)
+    }
+
+    /// The keys of `b` as the help shows them: its own label unless the user changed one of
+    /// its keys, else the keys now in force for its commands.
+    pub fn label(&self, b: &Binding) -> String {
+        let touched = b
+            .keys
+            .iter()
+            .any(|&(k, c)| self.overridden(c) || self.user_key(k));
+        if !touched {
+            return b.label.to_string();
+        }
+        let mut names: Vec<String> = Vec::new();
+        for (k, c, _) in self.entries() {
+            if b.keys.iter().any(|(_, bc)| *bc == c) {
+                let n = key_label(k);
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        if names.is_empty() {
+            "(unbound)".to_string()
+        } else {
+            names.join("  ")
+        }
+    }
+}
+
+fn pressed_key(key: &KeyEvent) -> Option<Key> {
+    Some(if key.modifiers.contains(KeyModifiers::CONTROL) {
         match key.code {
             KeyCode::Char(c) => Key::Ctrl(c),
             _ => return None,
         }
     } else {
         Key::Plain(key.code)
-    };
-    BINDINGS
-        .iter()
-        .filter(|b| b.in_help || !help_open)
-        .flat_map(|b| b.keys)
-        .find(|(k, _)| *k == pressed)
-        .map(|&(_, command)| command)
+    })
+}
+
+/// The command a key press triggers, or `None`. With Ctrl held only the Ctrl bindings count;
+/// while the help overlay is open only the bindings marked [`Binding::in_help`] do.
+pub fn command_for(key: &KeyEvent, help_open: bool) -> Option<Command> {
+    KeyMap::default().command_for(key, help_open)
 }
 
 /// The help overlay's lines as (keys, what they do); a binding with several help lines names
 /// its keys on the first only.
-pub fn help_lines(can_export: bool) -> Vec<(&'static str, &'static str)> {
+pub fn help_lines(map: &KeyMap, can_export: bool) -> Vec<(String, &'static str)> {
     let mut lines = Vec::new();
     for b in BINDINGS {
         for (i, &text) in b.help.iter().enumerate() {
@@ -378,31 +588,44 @@ pub fn help_lines(can_export: bool) -> Vec<(&'static str, &'static str)> {
                 Some(disabled) if !can_export => disabled,
                 _ => text,
             };
-            lines.push((if i == 0 { b.label } else { "" }, text));
+            lines.push((if i == 0 { map.label(b) } else { String::new() }, text));
         }
     }
     lines
 }
 
-/// The status bar's key hints, one line.
-pub fn status_hints() -> String {
-    let mut hints: Vec<Hint> = BINDINGS.iter().filter_map(|b| b.hint).collect();
-    hints.sort_by_key(|h| h.rank);
-    let parts: Vec<String> = hints
+/// The status bar's key hints under `map`, in rank order, each as "keys label".
+fn hints(map: &KeyMap) -> Vec<String> {
+    let mut hints: Vec<(u8, String)> = BINDINGS
         .iter()
-        .map(|h| format!("{} {}", h.keys, h.label))
+        .filter_map(|b| {
+            let h = b.hint?;
+            let label = map.label(b);
+            // A rebound binding shows the first key in force for its main command.
+            let keys = if label == b.label {
+                h.keys.to_string()
+            } else {
+                let main = b.keys.first()?.1;
+                key_label(map.entries().into_iter().find(|e| e.1 == main)?.0)
+            };
+            Some((h.rank, format!("{keys} {}", h.label)))
+        })
         .collect();
-    format!(" {}", parts.join("  "))
+    hints.sort_by_key(|h| h.0);
+    hints.into_iter().map(|h| h.1).collect()
 }
 
-/// The status bar's key hints that fit in `width` columns: whole hints only, in rank order,
-/// so that a narrow terminal drops the last ones instead of cutting one in half.
-pub fn status_hints_within(width: usize) -> String {
-    let mut hints: Vec<Hint> = BINDINGS.iter().filter_map(|b| b.hint).collect();
-    hints.sort_by_key(|h| h.rank);
+/// The status bar's key hints, one line (default bindings).
+pub fn status_hints() -> String {
+    format!(" {}", hints(&KeyMap::default()).join("  "))
+}
+
+/// The status bar's key hints under `map` that fit in `width` columns: whole hints only, in
+/// rank order, so that a narrow terminal drops the last ones instead of cutting one in half.
+pub fn status_hints_within(map: &KeyMap, width: usize) -> String {
     let mut out = String::new();
-    for h in hints {
-        let part = format!(" {} {}", h.keys, h.label);
+    for h in hints(map) {
+        let part = format!(" {h}");
         let sep = if out.is_empty() { "" } else { " " };
         if out.chars().count() + sep.len() + part.chars().count() > width {
             break;
@@ -451,9 +674,10 @@ mod tests {
     #[test]
     fn status_hints_are_cut_between_hints() {
         let all = status_hints();
-        assert_eq!(status_hints_within(1000), all);
+        let map = KeyMap::default();
+        assert_eq!(status_hints_within(&map, 1000), all);
         for w in 0..all.chars().count() {
-            let s = status_hints_within(w);
+            let s = status_hints_within(&map, w);
             assert!(s.chars().count() <= w, "{s:?} over {w}");
             assert!(all.starts_with(&s));
             // Ends with a whole hint: the next character of the full line is a separator.
@@ -461,6 +685,120 @@ mod tests {
                 s.is_empty() || all[s.len()..].is_empty() || all[s.len()..].starts_with("  "),
                 "{s:?} cut mid-hint"
             );
+        }
+    }
+
+    fn press(c: KeyCode, m: KeyModifiers) -> KeyEvent {
+        KeyEvent::new(c, m)
+    }
+
+    #[test]
+    fn user_bindings_replace_defaults_and_show_in_help_and_hints() {
+        let pairs = |v: &[(&str, &[&str])]| -> Vec<(String, Vec<String>)> {
+            v.iter()
+                .map(|(n, ks)| (n.to_string(), ks.iter().map(|k| k.to_string()).collect()))
+                .collect()
+        };
+        let map = KeyMap::from_names(&pairs(&[
+            ("quit", &["x", "ctrl-q"]),
+            ("freeze", &["F5"]),
+            ("up", &["w"]),
+        ]))
+        .unwrap();
+        let none = KeyModifiers::NONE;
+        // `x` leaves the expert table for quit; `q` no longer quits.
+        assert_eq!(
+            map.command_for(&press(KeyCode::Char('x'), none), false),
+            Some(Command::Quit)
+        );
+        assert_eq!(
+            map.command_for(&press(KeyCode::Char('q'), none), false),
+            None
+        );
+        assert_eq!(
+            map.command_for(&press(KeyCode::Char('q'), KeyModifiers::CONTROL), true),
+            Some(Command::Quit),
+            "quit works in the help overlay, rebound or not"
+        );
+        assert_eq!(
+            map.command_for(&press(KeyCode::F(5), none), false),
+            Some(Command::ToggleFreeze)
+        );
+        assert_eq!(
+            map.command_for(&press(KeyCode::Char('f'), none), false),
+            None
+        );
+        // The other keys of a binding keep working: `s` still sorts, ↑ is gone, ↓ stays.
+        assert_eq!(
+            map.command_for(&press(KeyCode::Char('s'), none), false),
+            Some(Command::CycleSort)
+        );
+        assert_eq!(map.command_for(&press(KeyCode::Up, none), false), None);
+        assert_eq!(
+            map.command_for(&press(KeyCode::Char('w'), none), false),
+            Some(Command::Up)
+        );
+        assert_eq!(
+            map.command_for(&press(KeyCode::Down, none), false),
+            Some(Command::Down)
+        );
+        let help = help_lines(&map, true);
+        assert!(
+            help.iter().any(|(k, _)| k == "Ctrl-Z  x  Ctrl-Q"),
+            "{help:?}"
+        );
+        assert!(help.iter().any(|(k, _)| k == "F5"), "{help:?}");
+        assert!(
+            help.iter().any(|(k, _)| k == "s"),
+            "the table loses x: {help:?}"
+        );
+        let hints = status_hints_within(&map, 1000);
+        assert!(
+            hints.contains(" Ctrl-Z quit") || hints.contains(" x quit"),
+            "{hints}"
+        );
+        assert!(hints.contains("F5 freeze"), "{hints}");
+        // Defaults are untouched.
+        assert_eq!(help_lines(&KeyMap::default(), true)[0].0, BINDINGS[0].label);
+    }
+
+    #[test]
+    fn bad_user_bindings_are_explained() {
+        for (pairs, needle) in [
+            (vec![("qiut", vec!["x"])], "`qiut` is not a command"),
+            (vec![("quit", vec!["ctrl-"])], "is not a key"),
+            (
+                vec![("quit", vec!["x"]), ("reset", vec!["x"])],
+                "given to both `quit` and `reset`",
+            ),
+            (vec![("quit", vec![])], "`quit` would have no key left"),
+            (vec![("freeze", vec!["f13"])], "f1..f12"),
+        ] {
+            let pairs: Vec<(String, Vec<String>)> = pairs
+                .into_iter()
+                .map(|(n, ks)| (n.to_string(), ks.into_iter().map(String::from).collect()))
+                .collect();
+            let e = KeyMap::from_names(&pairs).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        for (spec, key) in [
+            ("q", ch('q')),
+            ("ctrl-x", Key::Ctrl('x')),
+            ("Ctrl+X", Key::Ctrl('x')),
+            ("PageUp", Key::Plain(KeyCode::PageUp)),
+            ("space", ch(' ')),
+            ("F12", Key::Plain(KeyCode::F(12))),
+        ] {
+            assert_eq!(parse_key(spec).unwrap(), key, "{spec}");
+        }
+    }
+
+    #[test]
+    fn every_command_has_a_settings_name() {
+        for b in BINDINGS {
+            for (_, c) in b.keys {
+                assert!(COMMAND_NAMES.iter().any(|(n, _)| n == c), "{c:?}");
+            }
         }
     }
 

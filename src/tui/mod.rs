@@ -55,6 +55,8 @@ pub struct TuiOptions {
     /// Writes a report of the displayed snapshot on `e`; `None` disables the key (the help
     /// says so).
     pub exporter: Option<Exporter>,
+    /// Key bindings (defaults, or with the settings file's replacements).
+    pub keymap: keys::KeyMap,
 }
 
 impl Default for TuiOptions {
@@ -64,6 +66,7 @@ impl Default for TuiOptions {
             color: ColorMode::detect(ColorChoice::Auto),
             capacity_factor: app::DEFAULT_CAPACITY_FACTOR,
             exporter: None,
+            keymap: keys::KeyMap::default(),
         }
     }
 }
@@ -158,6 +161,7 @@ pub fn run_tui(
     let mut app = App::new(Theme::new(options.color))
         .with_exporter(options.exporter)
         .with_capacity_factor(options.capacity_factor);
+    app.keymap = options.keymap;
     let result = (|| -> Result<()> {
         let mut guard = TerminalGuard::enter()?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -11,8 +11,8 @@ use crate::tui::render::layout::{MIN_HEIGHT, MIN_WIDTH};
 
 /// Every key and mouse action, as (keys, what it does), from [`keys::BINDINGS`]; the export
 /// line depends on whether an exporter is plugged in.
-pub fn help_entries(app: &App) -> Vec<(&'static str, &'static str)> {
-    keys::help_lines(app.can_export())
+pub fn help_entries(app: &App) -> Vec<(String, &'static str)> {
+    keys::help_lines(&app.keymap, app.can_export())
 }
 
 /// Draws the help overlay over the middle of `area`.
@@ -71,7 +71,7 @@ pub fn render_status(frame: &mut Frame, area: Rect, app: &App) {
                 theme.info()
             },
         ),
-        None => Span::styled(keys::status_hints_within(left_w), theme.dim()),
+        None => Span::styled(keys::status_hints_within(&app.keymap, left_w), theme.dim()),
     };
     frame.render_widget(
         Paragraph::new(Line::from(left)),
