@@ -67,6 +67,22 @@ fn describe(s: &Settings, origin: &SettingsOrigin) -> String {
         s.ui.color.clone().unwrap_or_else(|| "auto".into()),
         s.ui.color.is_some(),
     );
+    line(
+        &mut o,
+        "ui.heatmap",
+        s.ui.heatmap.clone().unwrap_or_else(|| "viridis".into()),
+        s.ui.heatmap.is_some(),
+    );
+    line(
+        &mut o,
+        "keys",
+        if s.keys.is_empty() {
+            "defaults".to_string()
+        } else {
+            format!("{} command(s) rebound", s.keys.len())
+        },
+        !s.keys.is_empty(),
+    );
     let d = &s.defaults;
     line(
         &mut o,

@@ -51,6 +51,8 @@ pub struct UiSettings {
     pub fps: Option<f64>,
     /// `auto`, `always` or `never` (`--color`).
     pub color: Option<String>,
+    /// The heatmap's colours: `viridis`, `cividis`, `magma` or `gray` (`--heatmap`).
+    pub heatmap: Option<String>,
 }
 
 /// `[defaults]`: the routing policy and where reports go, unless the command line says otherwise.
@@ -162,6 +164,10 @@ impl Settings {
                 .with_context(|| format!("[ui] color = \"{c}\""))?;
         }
         self.keymap()?;
+        if let Some(h) = &self.ui.heatmap {
+            parse_value_enum::<crate::tui::Palette>(h)
+                .with_context(|| format!("[ui] heatmap = \"{h}\""))?;
+        }
         let d = &self.defaults;
         if let Some(p) = &d.policy {
             parse_value_enum::<super::policy_args::PolicyKind>(p)
@@ -240,6 +246,9 @@ pub const TEMPLATE: &str = r#"# xmoe-top settings (docs/config.md). Every settin
 # fps = 10
 # Colours: "auto" (256-colour or better terminals, unless NO_COLOR is set), "always" or "never".
 # color = "auto"
+# Heatmap colours: "viridis", "cividis" (reads the same with common colour-vision deficiencies),
+# "magma" or "gray".
+# heatmap = "viridis"
 
 [defaults]
 # Routing policy: "native" (the model's own rule), "threshold", "topk" or "dense".
@@ -288,6 +297,7 @@ mod tests {
         let s = parse(&all).unwrap();
         assert_eq!(s.ui.fps, Some(10.0));
         assert_eq!(s.ui.color.as_deref(), Some("auto"));
+        assert_eq!(s.ui.heatmap.as_deref(), Some("viridis"));
         assert_eq!(s.defaults.policy.as_deref(), Some("threshold"));
         assert_eq!(s.defaults.threshold, Some(ThresholdSetting::Number(0.9)));
         assert_eq!(s.defaults.k, Some(2));

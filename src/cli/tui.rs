@@ -29,6 +29,10 @@ pub struct TuiArgs {
     /// Key bindings (from the settings file).
     #[arg(skip)]
     pub keymap: crate::tui::keys::KeyMap,
+    /// Heatmap colours: viridis, cividis (colour-vision-deficiency friendly), magma or gray
+    /// [default: viridis, or the settings file's]
+    #[arg(long, value_enum)]
+    pub heatmap: Option<crate::tui::Palette>,
 }
 
 fn parse_fps(s: &str) -> Result<f64, String> {
@@ -47,6 +51,14 @@ impl TuiArgs {
             self.fps = settings.ui.fps;
         }
         self.keymap = settings.keymap()?;
+        if self.heatmap.is_none() {
+            self.heatmap = settings
+                .ui
+                .heatmap
+                .as_deref()
+                .map(crate::cli::settings::parse_value_enum)
+                .transpose()?;
+        }
         if self.color.is_none() && !self.no_color {
             self.color = settings
                 .ui
@@ -71,6 +83,7 @@ impl TuiArgs {
             capacity_factor: capacity_factor.unwrap_or(DEFAULT_CAPACITY_FACTOR),
             exporter,
             keymap: self.keymap.clone(),
+            palette: self.heatmap.unwrap_or_default(),
         }
     }
 }

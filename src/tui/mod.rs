@@ -38,7 +38,7 @@ use ratatui::backend::{Backend, CrosstermBackend};
 use crate::profiling::snapshot::Snapshot;
 pub use crate::session::{Control, Layers};
 pub use app::{App, Exporter};
-pub use theme::{ColorChoice, ColorMode, Theme};
+pub use theme::{ColorChoice, ColorMode, Palette, Theme};
 
 /// Default redraw cap, frames per second.
 pub const DEFAULT_FPS: f64 = 10.0;
@@ -57,6 +57,8 @@ pub struct TuiOptions {
     pub exporter: Option<Exporter>,
     /// Key bindings (defaults, or with the settings file's replacements).
     pub keymap: keys::KeyMap,
+    /// The heatmap's colour ramp.
+    pub palette: Palette,
 }
 
 impl Default for TuiOptions {
@@ -67,6 +69,7 @@ impl Default for TuiOptions {
             capacity_factor: app::DEFAULT_CAPACITY_FACTOR,
             exporter: None,
             keymap: keys::KeyMap::default(),
+            palette: Palette::default(),
         }
     }
 }
@@ -158,7 +161,7 @@ pub fn run_tui(
     options: TuiOptions,
 ) -> Result<()> {
     let UiChannel { tx, rx } = channel;
-    let mut app = App::new(Theme::new(options.color))
+    let mut app = App::new(Theme::new(options.color).with_palette(options.palette))
         .with_exporter(options.exporter)
         .with_capacity_factor(options.capacity_factor);
     app.keymap = options.keymap;

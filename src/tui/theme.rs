@@ -77,6 +77,49 @@ impl ColorMode {
 pub const SHADES: [&str; 5] = [" ", "░", "▒", "▓", "█"];
 
 /// Stops of the heat ramp (viridis), from low to high.
+/// The heatmap's colour ramp (the settings file's `[ui] heatmap`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Palette {
+    /// Viridis: perceptually uniform, readable in grey.
+    #[default]
+    Viridis,
+    /// Cividis: designed to read the same with the common colour-vision deficiencies.
+    Cividis,
+    /// Magma: black through purple to pale yellow.
+    Magma,
+    /// Grey levels.
+    Gray,
+}
+
+impl Palette {
+    fn ramp(self) -> &'static [(u8, u8, u8); 5] {
+        match self {
+            Self::Viridis => &RAMP,
+            Self::Cividis => &[
+                (0, 34, 78),
+                (65, 77, 107),
+                (124, 123, 120),
+                (187, 175, 113),
+                (254, 232, 56),
+            ],
+            Self::Magma => &[
+                (0, 0, 4),
+                (81, 18, 124),
+                (183, 55, 121),
+                (252, 137, 97),
+                (252, 253, 191),
+            ],
+            Self::Gray => &[
+                (60, 60, 60),
+                (110, 110, 110),
+                (160, 160, 160),
+                (210, 210, 210),
+                (255, 255, 255),
+            ],
+        }
+    }
+}
+
 const RAMP: [(u8, u8, u8); 5] = [
     (68, 1, 84),
     (59, 82, 139),
@@ -94,12 +137,22 @@ const UNUSED: (u8, u8, u8) = (28, 28, 28);
 pub struct Theme {
     /// The colour mode in force.
     pub mode: ColorMode,
+    /// The heatmap's colour ramp.
+    pub palette: Palette,
 }
 
 impl Theme {
     /// A theme for `mode`.
     pub fn new(mode: ColorMode) -> Self {
-        Self { mode }
+        Self {
+            mode,
+            palette: Palette::default(),
+        }
+    }
+
+    /// The same theme with the heatmap drawn in `palette`.
+    pub fn with_palette(self, palette: Palette) -> Self {
+        Self { palette, ..self }
     }
 
     /// True when colours may be used.
@@ -121,7 +174,7 @@ impl Theme {
 
     /// Heat colour of a normalised intensity `v` in 0..=1; exactly 0 is the "unused" colour.
     pub fn heat(&self, v: f64) -> Color {
-        self.rgb(heat_rgb(v))
+        self.rgb(ramp_rgb(self.palette.ramp(), v))
     }
 
     /// Shade glyph of a normalised intensity `v` in 0..=1: a blank only for exactly 0, so an
@@ -228,13 +281,17 @@ pub fn shade_level(v: f64) -> usize {
 
 /// RGB of the heat ramp at `v` (0..=1), linear between the stops; exactly 0 is the colour of an unused expert.
 pub fn heat_rgb(v: f64) -> (u8, u8, u8) {
+    ramp_rgb(&RAMP, v)
+}
+
+fn ramp_rgb(ramp: &[(u8, u8, u8); 5], v: f64) -> (u8, u8, u8) {
     if v.is_nan() || v <= 0.0 {
         return UNUSED;
     }
-    let x = v.min(1.0) * (RAMP.len() - 1) as f64;
-    let i = (x.floor() as usize).min(RAMP.len() - 2);
+    let x = v.min(1.0) * (ramp.len() - 1) as f64;
+    let i = (x.floor() as usize).min(ramp.len() - 2);
     let f = x - i as f64;
-    let (a, b) = (RAMP[i], RAMP[i + 1]);
+    let (a, b) = (ramp[i], ramp[i + 1]);
     let mix = |p: u8, q: u8| (p as f64 + (q as f64 - p as f64) * f).round() as u8;
     (mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
@@ -302,6 +359,24 @@ mod tests {
         assert_eq!(Theme::shade(1.0), "█");
         assert_eq!(heat_rgb(0.0), UNUSED);
         assert_eq!(heat_rgb(1.0), RAMP[4]);
+        for p in [
+            Palette::Viridis,
+            Palette::Cividis,
+            Palette::Magma,
+            Palette::Gray,
+        ] {
+            let t = Theme::new(ColorMode::TrueColor).with_palette(p);
+            let r = p.ramp();
+            assert_eq!(t.heat(1.0), Color::Rgb(r[4].0, r[4].1, r[4].2), "{p:?}");
+            assert_eq!(
+                t.heat(0.0),
+                Color::Rgb(UNUSED.0, UNUSED.1, UNUSED.2),
+                "{p:?}"
+            );
+            // Brighter with the value, so the ramp reads in order.
+            let lum = |c: (u8, u8, u8)| 0.3 * c.0 as f64 + 0.59 * c.1 as f64 + 0.11 * c.2 as f64;
+            assert!(r.windows(2).all(|w| lum(w[1]) > lum(w[0])), "{p:?}");
+        }
         assert_eq!(heat_rgb(1e-9), RAMP[0]);
         assert_eq!(heat_rgb(0.5), RAMP[2]);
         assert_eq!(ansi256_of(0, 0, 0), 16);
