@@ -9,11 +9,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use xmoe_top::model::gguf::DenseLlama;
 use xmoe_top::model::trace::ForwardTrace;
-use xmoe_top::model::{LoadOptions, Model, ModelSource, MoeDispatch};
+use xmoe_top::model::{Model, ModelSource, MoeDispatch};
 use xmoe_top::workload::tokenizer::TextTokenizer;
+
+#[path = "support/golden.rs"]
+mod golden;
+use golden::{f32s, input_ids, load};
 
 const FAMILIES: &[&str] = &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
 
@@ -26,41 +30,9 @@ fn gguf(family: &str, quant: &str) -> PathBuf {
 }
 
 fn goldens(family: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        repo(&format!("tests/fixtures/hf/{family}/golden.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn input_ids(g: &HashMap<String, Tensor>) -> Vec<u32> {
-    g["input_ids"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
-fn load(path: &Path, dispatch: MoeDispatch) -> Model {
-    let source = ModelSource::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let options = LoadOptions {
-        dispatch,
-        ..Default::default()
-    };
-    Model::from_source(&source, &Device::Cpu, options)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    golden::golden_tensors(&repo(&format!(
+        "tests/fixtures/hf/{family}/golden.safetensors"
+    )))
 }
 
 /// Logits, and per MoE layer the native (expert, weight) choices of every token.

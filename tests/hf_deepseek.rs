@@ -4,50 +4,20 @@
 //! threshold rule on the DeepSeek routers against a plain re-implementation, parameter counts,
 //! and the errors for configurations that cannot run.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
 use xmoe_top::model::trace::ForwardTrace;
 use xmoe_top::model::{LoadOptions, Model, ModelSource, MoeDispatch, RoutingConfig};
 use xmoe_top::routing::{RoutingPolicy, SigmoidSelection};
 
+#[path = "support/golden.rs"]
+mod golden;
+use golden::{
+    f32s, golden_tensors as goldens, hf_fixtures as fixtures, input_ids as ids, load_with,
+};
+
 const FAMILIES: &[&str] = &["deepseek_v2", "deepseek_v3"];
 const LAYOUTS: &[&str] = &["per_expert", "fused"];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
-}
-
-fn goldens(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn ids(g: &HashMap<String, Tensor>) -> Vec<u32> {
-    g["input_ids"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn load_with(dir: &Path, options: LoadOptions) -> Model {
-    let source = ModelSource::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    Model::from_source(&source, &Device::Cpu, options)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-}
 
 fn load(dir: &Path, dispatch: MoeDispatch) -> Model {
     load_with(

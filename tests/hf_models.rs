@@ -2,13 +2,16 @@
 //! `scripts/hf-goldens/generate.py`): logits, the native top-k of every MoE layer, and the
 //! threshold rule on the same router probabilities against a naive reference.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use xmoe_top::model::trace::ForwardTrace;
 use xmoe_top::model::{LoadOptions, Model, ModelSource, MoeDispatch, RoutingConfig};
 use xmoe_top::routing::RoutingPolicy;
+
+#[path = "support/golden.rs"]
+mod golden;
+use golden::{f32s, golden_tensors as goldens, hf_fixtures as fixtures, input_ids as ids, load};
 
 const FAMILIES: &[(&str, &[&str])] = &[
     ("mixtral", &["per_expert", "fused"]),
@@ -18,44 +21,6 @@ const FAMILIES: &[(&str, &[&str])] = &[
     // transformers writes gpt-oss only in its fused `x @ W` layout (MXFP4: see the test below).
     ("gpt_oss", &["fused"]),
 ];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
-}
-
-fn goldens(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn ids(g: &HashMap<String, Tensor>) -> Vec<u32> {
-    g["input_ids"]
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|x| x as u32)
-        .collect()
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn load(dir: &Path, dispatch: MoeDispatch) -> Model {
-    let source = ModelSource::open(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let options = LoadOptions {
-        dispatch,
-        ..Default::default()
-    };
-    Model::from_source(&source, &Device::Cpu, options)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-}
 
 fn run(model: &Model, tokens: &[u32], routing: &RoutingConfig) -> (Vec<f32>, ForwardTrace) {
     let mut trace = ForwardTrace::default();
