@@ -40,13 +40,21 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     }
     let theme = &app.theme;
     let h = &snap.epoch.histograms;
-    let title = Line::from(vec![
-        Span::raw(" Time per forward pass "),
-        Span::styled(
-            format!("mean over {} passes, epoch ", h.forward_latency_us.count),
-            theme.dim(),
+    // The longest title that fits, shortened whole rather than cut mid-word.
+    let n = h.forward_latency_us.count;
+    let room = (area.width as usize).saturating_sub(4);
+    let (name, detail) = [
+        (
+            " Time per forward pass ",
+            format!("mean over {n} passes, epoch "),
         ),
-    ]);
+        (" Time per pass ", format!("mean of {n} passes ")),
+        (" Time per pass ", String::new()),
+    ]
+    .into_iter()
+    .find(|(a, b)| a.chars().count() + b.chars().count() <= room)
+    .unwrap_or((" Time ", String::new()));
+    let title = Line::from(vec![Span::raw(name), Span::styled(detail, theme.dim())]);
     frame.render_widget(panel_block(app, title, false), area);
     let inner = Rect {
         y: area.y + 1,
