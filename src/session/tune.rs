@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::forward::{Model, RoutingConfig};
 use crate::model::trace::ForwardTrace;
 use crate::profiling::flops::FlopModel;
-use crate::profiling::stats::{cross_entropy_nats, kl_nats};
+use crate::profiling::stats::{DeltaSums, cross_entropy_nats, kl_nats};
 use crate::routing::RoutingPolicy;
 
 /// What "within budget" means.
@@ -282,7 +282,8 @@ impl<'a> Evaluator<'a> {
         let routing = RoutingConfig::new(policies, None, n_experts)?;
         let n_moe = policies.len();
         let mut nats_total = 0.0;
-        let mut deltas = Vec::with_capacity(set.batches.len());
+        // Δ and its standard error exactly as the live statistics compute them.
+        let mut deltas = DeltaSums::default();
         let (mut kl, mut kl_tokens) = (0.0, 0u64);
         let mut selected = vec![0u64; n_moe];
         let (mut moe_flops, mut tokens) = (0u128, 0u64);
@@ -294,7 +295,10 @@ impl<'a> Evaluator<'a> {
             self.passes += 1;
             let nats = cross_entropy_nats(&l, vocab, &self.targets);
             nats_total += nats;
-            deltas.push((nats - reference.nats[i]) / std::f64::consts::LN_2 / set.bytes[i] as f64);
+            deltas.add(
+                (nats - reference.nats[i]) / std::f64::consts::LN_2,
+                set.bytes[i] as f64,
+            );
             if let Some(r) = reference.logits.get(i) {
                 kl += kl_nats(r, &l, vocab);
                 kl_tokens += self.targets.len() as u64;
@@ -311,32 +315,13 @@ impl<'a> Evaluator<'a> {
         }
         let bytes: u64 = set.bytes.iter().sum();
         let bits_per_byte = nats_total / std::f64::consts::LN_2 / bytes as f64;
-        // Byte-weighted mean of the per-batch differences equals the pooled difference; its
-        // standard error treats batches as the sampled units.
-        let weights: Vec<f64> = set.bytes.iter().map(|&b| b as f64).collect();
-        let wsum: f64 = weights.iter().sum();
-        let mean = deltas.iter().zip(&weights).map(|(d, w)| d * w).sum::<f64>() / wsum;
-        let stderr = if deltas.len() > 1 {
-            let n = deltas.len() as f64;
-            let var = deltas
-                .iter()
-                .zip(&weights)
-                .map(|(d, w)| w * (d - mean).powi(2))
-                .sum::<f64>()
-                / wsum
-                * n
-                / (n - 1.0);
-            (var / n).sqrt()
-        } else {
-            0.0
-        };
         let all = tokens as f64 * n_moe as f64 * self.flops.moe_layer_all_experts() as f64;
         Ok(Evaluation {
             label,
             policies: policies.to_vec(),
             bits_per_byte,
             delta_bits_per_byte: bits_per_byte - reference.bits_per_byte,
-            delta_bits_per_byte_stderr: stderr,
+            delta_bits_per_byte_stderr: deltas.stderr().unwrap_or(0.0),
             mean_kl_bits: (kl_tokens > 0).then(|| kl / kl_tokens as f64 / std::f64::consts::LN_2),
             moe_flops_fraction: if all > 0.0 {
                 moe_flops as f64 / all

@@ -20,5 +20,7 @@ pub mod run;
 
 pub use histograms::HISTOGRAM_BUCKETS;
 pub use layers::{LayerStats, RoutingAggregate, experts_per_layer, load_balance};
-pub use quality::{BatchQuality, ReferenceComparison, cross_entropy_nats, kl_nats, log_softmax};
+pub use quality::{
+    BatchQuality, DeltaSums, ReferenceComparison, cross_entropy_nats, kl_nats, log_softmax,
+};
 pub use run::{PassKind, RunStats, SnapshotInputs};

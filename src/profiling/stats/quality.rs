@@ -74,7 +74,7 @@ pub(super) struct QualityAccum {
 
 /// Running sums for the standard error of Δ bits/byte over compared batches.
 #[derive(Clone, Copy, Debug, Default)]
-pub(super) struct DeltaSums {
+pub struct DeltaSums {
     n: u64,
     x: f64,
     y: f64,
@@ -84,7 +84,8 @@ pub(super) struct DeltaSums {
 }
 
 impl DeltaSums {
-    pub(super) fn add(&mut self, x_bits: f64, y_bytes: f64) {
+    /// Adds one batch: `x_bits` = bits(current) - bits(reference), `y_bytes` = its bytes.
+    pub fn add(&mut self, x_bits: f64, y_bytes: f64) {
         self.n += 1;
         self.x += x_bits;
         self.y += y_bytes;
@@ -96,7 +97,7 @@ impl DeltaSums {
     /// Standard error of R = sum(x) / sum(y), batches taken as the sampled units (the usual
     /// ratio-estimator formula: sqrt(n / (n - 1) * sum((x - R y)^2)) / sum(y)); `None` below two
     /// batches.
-    pub(super) fn stderr(&self) -> Option<f64> {
+    pub fn stderr(&self) -> Option<f64> {
         if self.n < 2 || self.y <= 0.0 {
             return None;
         }
