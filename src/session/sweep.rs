@@ -194,19 +194,7 @@ pub struct SweepSpec {
     pub repeats: usize,
 }
 
-/// The median of nanosecond timings (the mean of the middle two for an even count).
-fn median_ns(v: &[u64]) -> u64 {
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    let n = s.len();
-    match n {
-        0 => 0,
-        _ if n % 2 == 1 => s[n / 2],
-        _ => (s[n / 2 - 1] + s[n / 2]) / 2,
-    }
-}
-
-/// The median of rates (the mean of the middle two for an even count).
+/// The median (the mean of the middle two for an even count).
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -448,8 +436,16 @@ pub fn run_sweep_until(
                     }
                 }
                 if r + 1 == repeats {
-                    p.stats
-                        .record_pass(&trace, PassKind::Eval, median_ns(&batch_ns[run]));
+                    p.stats.record_pass(
+                        &trace,
+                        PassKind::Eval,
+                        median(
+                            &batch_ns[run]
+                                .iter()
+                                .map(|&ns| ns as f64)
+                                .collect::<Vec<_>>(),
+                        ) as u64,
+                    );
                 }
                 done += 1;
                 if progress(done, total).is_break() {
