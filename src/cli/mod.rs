@@ -163,6 +163,21 @@ pub(crate) fn load_model(
     Ok((model, dev.description))
 }
 
+/// `--seq-len`, or 128 (the model's context if shorter), checked against the model's context.
+pub(crate) fn seq_len(
+    requested: Option<usize>,
+    cfg: &crate::model::config::ModelConfig,
+) -> anyhow::Result<usize> {
+    let seq_len = requested.unwrap_or(128.min(cfg.max_seq_len));
+    if seq_len == 0 || seq_len > cfg.max_seq_len {
+        return Err(exit::usage(format!(
+            "--seq-len must be in 1..={} (the model's context), found {seq_len}",
+            cfg.max_seq_len
+        )));
+    }
+    Ok(seq_len)
+}
+
 /// The tokenizer of `model`: its `tokenizer.json`, or bytes.
 pub(crate) fn model_tokenizer(
     model: &crate::model::Model,

@@ -305,13 +305,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     if a.batch == 0 {
         return Err(usage("--batch must be at least 1"));
     }
-    let seq_len = a.seq_len.unwrap_or(cfg.max_seq_len.min(128));
-    if seq_len == 0 || seq_len > cfg.max_seq_len {
-        return Err(usage(format!(
-            "--seq-len must be in 1..={} (the model's context), found {seq_len}",
-            cfg.max_seq_len
-        )));
-    }
+    let seq_len = super::seq_len(a.seq_len, &cfg)?;
     let tokenizer = std::sync::Arc::new(super::model_tokenizer(&model)?);
     let workload = match a.workload {
         WorkloadArg::Eval => {

@@ -121,13 +121,7 @@ pub fn run(a: TuneArgs, threads: usize) -> Result<ExitCode> {
             v
         }
     };
-    let seq_len = a.seq_len.unwrap_or(128.min(cfg.max_seq_len));
-    if seq_len == 0 || seq_len > cfg.max_seq_len {
-        return Err(usage(format!(
-            "--seq-len must be in 1..={} (the model's context), found {seq_len}",
-            cfg.max_seq_len
-        )));
-    }
+    let seq_len = super::seq_len(a.seq_len, cfg)?;
     let tokenizer = super::model_tokenizer(&model)?;
     let source = super::eval_text(a.text.as_deref(), a.model.is_some(), &tokenizer, "tune")?;
     let encoded = tokenizer.encode(&source.bytes)?;
