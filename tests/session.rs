@@ -264,3 +264,100 @@ fn sink_receives_every_published_snapshot_including_the_last() {
     assert_eq!(seen.last().unwrap().sequence, last.sequence);
     assert_eq!(out.final_snapshot.sequence, last.sequence);
 }
+
+#[test]
+fn quick_tune_runs_between_passes_and_applies_as_one_epoch() {
+    use xmoe_top::profiling::snapshot::TuneStatus;
+    use xmoe_top::session::Control;
+    use xmoe_top::session::tune::Budget;
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&model_file(dir.path()), &Device::Cpu).unwrap();
+    // Eight windows of SEQ + 1 bytes: four search and four verification batches.
+    let text: Vec<u8> = TEXT.iter().copied().cycle().take(8 * SEQ + 1).collect();
+    let w = Workload::eval(
+        EvalSpec {
+            text: TextSource {
+                name: "test text".into(),
+                bytes: text,
+            },
+            batch: 1,
+            seq_len: SEQ,
+        },
+        model.config(),
+    )
+    .unwrap();
+    let c = config(&model);
+    let session = Session::start(model, w, c).unwrap();
+    let ctl = session.controller();
+    session
+        .wait_for(WAIT, |s| s.epoch.forward_passes >= 1)
+        .expect("passes run");
+    // Any quality loss is within a budget of 100 bits/byte: every layer ends at the grid's
+    // lowest threshold, and the verification agrees.
+    ctl.send(Control::QuickTune(Budget::AbsoluteBitsPerByte(100.0)))
+        .unwrap();
+    let done = session
+        .wait_for(WAIT, |s| matches!(s.tune, Some(TuneStatus::Done(_))))
+        .expect("the quick tune finishes");
+    let Some(TuneStatus::Done(q)) = &done.tune else {
+        unreachable!()
+    };
+    assert_eq!(q.policies, vec![RoutingPolicy::threshold(0.5); 2]);
+    assert!(q.tuned.within_budget);
+    assert_eq!((q.search_tokens, q.verify_tokens), (4 * 16, 4 * 16));
+    let epoch = done.epoch.id;
+    ctl.send(Control::ApplyTune).unwrap();
+    let applied = session
+        .wait_for(WAIT, |s| s.epoch.id > epoch)
+        .expect("a new epoch");
+    assert_eq!(
+        applied.epoch.reason,
+        "thresholds from the quick tune: t=0.5"
+    );
+    assert!(applied.tune.is_none(), "applying clears the dialog");
+    assert!(
+        applied
+            .policy
+            .layers
+            .iter()
+            .all(|l| l.policy == RoutingPolicy::threshold(0.5))
+    );
+    session.stop().unwrap();
+}
+
+#[test]
+fn quick_tune_on_a_generate_session_says_why_not() {
+    use xmoe_top::profiling::snapshot::TuneStatus;
+    use xmoe_top::session::Control;
+    use xmoe_top::session::tune::Budget;
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&model_file(dir.path()), &Device::Cpu).unwrap();
+    let w = Workload::generate(
+        GenerateSpec {
+            prompts: vec![b"Hello".to_vec()],
+            source: "--prompt".into(),
+            max_len: 20,
+            temperature: 0.8,
+            seed: 1,
+        },
+        model.config(),
+    )
+    .unwrap();
+    let c = config(&model);
+    let session = Session::start(model, w, c).unwrap();
+    let ctl = session.controller();
+    ctl.send(Control::QuickTune(Budget::RelativeBitsPerByte(0.01)))
+        .unwrap();
+    let s = session
+        .wait_for(WAIT, |s| matches!(s.tune, Some(TuneStatus::Failed(_))))
+        .expect("a refusal");
+    let Some(TuneStatus::Failed(why)) = &s.tune else {
+        unreachable!()
+    };
+    assert!(why.contains("eval text"), "{why}");
+    ctl.send(Control::DismissTune).unwrap();
+    session
+        .wait_for(WAIT, |s| s.tune.is_none())
+        .expect("dismissed");
+    session.stop().unwrap();
+}

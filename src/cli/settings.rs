@@ -53,6 +53,8 @@ pub struct UiSettings {
     pub color: Option<String>,
     /// The heatmap's colours: `viridis`, `cividis`, `magma` or `gray` (`--heatmap`).
     pub heatmap: Option<String>,
+    /// Budget of the quick tune, `1%` or `0.01` bits/byte (`--tune-budget`).
+    pub tune_budget: Option<String>,
 }
 
 /// `[defaults]`: the routing policy and where reports go, unless the command line says otherwise.
@@ -168,6 +170,10 @@ impl Settings {
             parse_value_enum::<crate::tui::Palette>(h)
                 .with_context(|| format!("[ui] heatmap = \"{h}\""))?;
         }
+        if let Some(b) = &self.ui.tune_budget {
+            crate::session::tune::Budget::parse_budget(b)
+                .map_err(|e| anyhow::anyhow!("[ui] tune_budget: {e}"))?;
+        }
         let d = &self.defaults;
         if let Some(p) = &d.policy {
             parse_value_enum::<super::policy_args::PolicyKind>(p)
@@ -249,6 +255,8 @@ pub const TEMPLATE: &str = r#"# xmoe-top settings (docs/config.md). Every settin
 # Heatmap colours: "viridis", "cividis" (reads the same with common colour-vision deficiencies),
 # "magma" or "gray".
 # heatmap = "viridis"
+# Budget of the quick tune (T): "1%" (bits/byte at most 1% above the reference) or "0.01" (bits/byte).
+# tune_budget = "1%"
 
 [defaults]
 # Routing policy: "native" (the model's own rule), "threshold", "topk" or "dense".

@@ -33,6 +33,15 @@ pub struct TuiArgs {
     /// [default: viridis, or the settings file's]
     #[arg(long, value_enum)]
     pub heatmap: Option<crate::tui::Palette>,
+    /// Budget of the quick tune (`T` in the UI): `1%` (bits/byte at most 1% above the
+    /// reference's) or `0.01` (bits/byte) [default: 1%, or the settings file's]
+    #[arg(long, value_name = "BUDGET", value_parser = parse_tune_budget)]
+    pub tune_budget: Option<crate::session::tune::Budget>,
+}
+
+fn parse_tune_budget(s: &str) -> Result<crate::session::tune::Budget, String> {
+    crate::session::tune::Budget::parse_budget(s)
+        .map_err(|e| e.to_string().replace("--budget", "--tune-budget"))
 }
 
 fn parse_fps(s: &str) -> Result<f64, String> {
@@ -59,6 +68,14 @@ impl TuiArgs {
                 .map(crate::cli::settings::parse_value_enum)
                 .transpose()?;
         }
+        if self.tune_budget.is_none()
+            && let Some(b) = &settings.ui.tune_budget
+        {
+            self.tune_budget = Some(
+                crate::session::tune::Budget::parse_budget(b)
+                    .map_err(|e| anyhow::anyhow!("[ui] tune_budget: {e}"))?,
+            );
+        }
         if self.color.is_none() && !self.no_color {
             self.color = settings
                 .ui
@@ -84,6 +101,9 @@ impl TuiArgs {
             exporter,
             keymap: self.keymap.clone(),
             palette: self.heatmap.unwrap_or_default(),
+            tune_budget: self
+                .tune_budget
+                .unwrap_or(crate::tui::app::DEFAULT_TUNE_BUDGET),
         }
     }
 }

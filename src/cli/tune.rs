@@ -9,7 +9,7 @@ use clap::Args;
 use super::exit::{Classify, usage};
 use crate::model::device::DeviceChoice;
 use crate::session::sweep::{parse_thresholds, parse_top_k, token_batches};
-use crate::session::tune::{Budget, TokenSet, TuneResult, TuneSpec, kl_text, tune};
+use crate::session::tune::{Budget, TokenSet, TuneProgress, TuneResult, TuneSpec, kl_text, tune};
 
 /// Arguments of `tune`.
 #[derive(Args, Debug)]
@@ -173,7 +173,12 @@ pub fn run(a: TuneArgs, threads: usize) -> Result<ExitCode> {
         &verify,
         &source.name,
         &spec,
-        &mut |line| eprintln!("tune: {line}"),
+        &mut |p| {
+            if let TuneProgress::Line(line) = p {
+                eprintln!("tune: {line}");
+            }
+            Ok(())
+        },
     )
     .usage()?;
     super::print_stdout(&render_text(&result))?;

@@ -63,6 +63,74 @@ pub struct Snapshot {
     /// one epoch, the history spans several.
     #[serde(skip)]
     pub history: Vec<HistoryPoint>,
+    /// A quick tune the UI asked for (running, finished or failed); live UI only, like
+    /// `history`.
+    #[serde(skip)]
+    pub tune: Option<TuneStatus>,
+}
+
+/// Where a quick tune asked for by the UI stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TuneStatus {
+    /// The search is running; live passes wait for it.
+    Running {
+        /// The budget, as the user reads it ("bits/byte at most 1% above Dense").
+        budget: String,
+        /// The search's latest line (reference, accepted step).
+        line: String,
+        /// Forward passes so far.
+        passes: usize,
+        /// Seconds since it started.
+        elapsed_s: f64,
+    },
+    /// The search finished.
+    Done(Box<QuickTune>),
+    /// It could not run or failed: why.
+    Failed(String),
+}
+
+/// One policy as a quick tune measured it on the verification tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TunePoint {
+    /// Per-layer thresholds in the `--threshold` syntax, or "t=0.75".
+    pub label: String,
+    /// MoE FLOPs as a fraction of running all experts.
+    pub moe_flops_fraction: f64,
+    /// Bits per byte minus the reference's.
+    pub delta_bits_per_byte: f64,
+    /// Its standard error over the batches.
+    pub delta_bits_per_byte_stderr: f64,
+    /// Δ bits/byte relative to the reference's bits/byte (a fraction).
+    pub delta_relative: f64,
+    /// Mean KL(reference || policy), bits per token, where the budget measured it.
+    pub mean_kl_bits: Option<f64>,
+    /// Mean experts per token over the MoE layers.
+    pub mean_experts_per_token: f64,
+    /// Whether it kept the budget on the verification tokens.
+    pub within_budget: bool,
+}
+
+/// The result of a quick tune: per-layer thresholds the UI offers to apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuickTune {
+    /// The budget, as the user reads it.
+    pub budget: String,
+    /// The quality reference's label.
+    pub reference: String,
+    /// The tuned policy of each MoE layer, in slot order (what "apply" sets).
+    pub policies: Vec<RoutingPolicy>,
+    /// The tuned thresholds on the verification tokens.
+    pub tuned: TunePoint,
+    /// The lowest-FLOP single threshold within the budget, on the verification tokens.
+    pub best_uniform: Option<TunePoint>,
+    /// Tokens the search ran on.
+    pub search_tokens: u64,
+    /// Tokens only the verification saw.
+    pub verify_tokens: u64,
+    /// Forward passes of the whole run.
+    pub passes: usize,
+    /// Wall time, seconds.
+    pub elapsed_s: f64,
 }
 
 /// One point of the session's history (see `profiling::stats::history`).

@@ -34,6 +34,13 @@ pub enum Control {
     SetPaused(bool),
     /// Clear the statistics and start a new epoch with the same settings.
     ResetStats,
+    /// Search per-layer thresholds within `budget` on the eval text (a quick `xmoe-top tune`);
+    /// live passes wait for it, and its progress and result come in the snapshots' `tune`.
+    QuickTune(crate::session::tune::Budget),
+    /// Route with the finished quick tune's thresholds (one new epoch) and clear it.
+    ApplyTune,
+    /// Cancel a running quick tune, or clear a finished one.
+    DismissTune,
     /// End the session (the UI sends it last, whichever way it closes).
     Stop,
 }

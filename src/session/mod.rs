@@ -16,6 +16,8 @@ pub mod describe;
 pub mod sweep;
 pub mod tune;
 
+mod quick_tune;
+
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +30,7 @@ use crate::model::trace::ForwardTrace;
 use crate::model::{Model, RoutingConfig};
 use crate::profiling::snapshot::{
     DeviceSnapshot, GeneratedText, GeneratedToken, LayerPolicy, ModelInfo, PolicyState, Snapshot,
+    TuneStatus,
 };
 use crate::profiling::stats::{RunStats, SnapshotInputs, experts_per_layer};
 use crate::routing::RoutingPolicy;
@@ -145,6 +148,9 @@ enum Order {
     SetCapacityFactor(Option<CapacityFactor>),
     SetPaused(bool),
     ResetStats,
+    QuickTune(tune::Budget),
+    ApplyTune,
+    DismissTune,
     Stop,
 }
 
@@ -166,6 +172,9 @@ fn check_control(control: Control, n_moe: usize, n_experts: usize) -> Result<Ord
         Control::SetCapacityFactor(c) => Order::SetCapacityFactor(CapacityFactor::optional(c)?),
         Control::SetPaused(p) => Order::SetPaused(p),
         Control::ResetStats => Order::ResetStats,
+        Control::QuickTune(b) => Order::QuickTune(b),
+        Control::ApplyTune => Order::ApplyTune,
+        Control::DismissTune => Order::DismissTune,
         Control::Stop => Order::Stop,
     })
 }
@@ -390,7 +399,8 @@ impl Drop for Session {
 
 /// The model thread's state.
 struct Runner {
-    model: Model,
+    /// Shared only while a quick tune runs, so that it can publish progress from the runner.
+    model: Arc<Model>,
     workload: Workload,
     config: SessionConfig,
     routing: RoutingConfig,
@@ -408,6 +418,8 @@ struct Runner {
     last_publish: Option<Instant>,
     generated: GeneratedText,
     eval_batches: u64,
+    /// The UI's quick tune, shown in every snapshot until applied or dismissed.
+    tune: Option<TuneStatus>,
 }
 
 impl Runner {
@@ -431,7 +443,7 @@ impl Runner {
         let sampler = config.device_sample_period.map(DeviceSampler::start);
         Self {
             paused: config.start_paused,
-            model,
+            model: Arc::new(model),
             workload,
             routing,
             reference,
@@ -447,6 +459,7 @@ impl Runner {
             last_publish: None,
             generated: GeneratedText::default(),
             eval_batches: 0,
+            tune: None,
             config,
         }
     }
@@ -523,6 +536,9 @@ impl Runner {
                 let now = self.now_s();
                 self.stats.reset(now);
             }
+            Order::QuickTune(budget) => self.quick_tune(budget),
+            Order::ApplyTune => self.apply_tune(),
+            Order::DismissTune => self.tune = None,
             Order::Stop => self.stop = true,
         }
     }
@@ -546,6 +562,10 @@ impl Runner {
             device: self.device(),
             generated: (!self.workload.is_eval()).then(|| self.generated.clone()),
         });
+        let snap = Snapshot {
+            tune: self.tune.clone(),
+            ..snap
+        };
         self.sequence += 1;
         self.last_publish = Some(Instant::now());
         *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
@@ -694,8 +714,10 @@ impl Runner {
         if let Some(s) = self.sampler.take() {
             s.stop();
         }
+        let model = Arc::try_unwrap(self.model)
+            .map_err(|_| anyhow::anyhow!("the model is still shared after the session ended"))?;
         Ok(SessionOutcome {
-            model: self.model,
+            model,
             final_snapshot,
         })
     }

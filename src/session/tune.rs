@@ -125,6 +125,15 @@ pub struct TuneSpec {
     pub renormalize: Option<bool>,
 }
 
+/// What the search reports while it runs.
+#[derive(Clone, Copy, Debug)]
+pub enum TuneProgress<'a> {
+    /// A line for the user: the reference, then each accepted step.
+    Line(&'a str),
+    /// Another forward pass finished; the count so far (search and verification).
+    Pass(usize),
+}
+
 /// The tokens of one side of the split.
 #[derive(Clone, Debug)]
 pub struct TokenSet {
@@ -221,6 +230,9 @@ struct Evaluator<'a> {
     inputs: Vec<u32>,
     targets: Vec<u32>,
     passes: usize,
+    /// Every forward pass, the references' included: what progress counts.
+    all_passes: usize,
+    progress: &'a mut dyn FnMut(TuneProgress<'_>) -> Result<()>,
 }
 
 /// The reference's per-batch cross-entropy and (for a KL budget) logits on one token set.
@@ -231,6 +243,19 @@ struct ReferenceRun {
 }
 
 impl<'a> Evaluator<'a> {
+    fn forward(&mut self, routing: &RoutingConfig) -> Result<Vec<f32>> {
+        let l = self
+            .model
+            .forward(&self.inputs, self.batch, routing, None, &mut self.trace)?;
+        self.all_passes += 1;
+        (self.progress)(TuneProgress::Pass(self.all_passes))?;
+        Ok(l)
+    }
+
+    fn line(&mut self, line: &str) -> Result<()> {
+        (self.progress)(TuneProgress::Line(line))
+    }
+
     fn split(&mut self, tokens: &[u32]) {
         let seq = self.window - 1;
         self.inputs.clear();
@@ -253,9 +278,7 @@ impl<'a> Evaluator<'a> {
         let (mut nats, mut logits) = (Vec::new(), Vec::new());
         for b in &set.batches {
             self.split(b);
-            let l =
-                self.model
-                    .forward(&self.inputs, self.batch, &routing, None, &mut self.trace)?;
+            let l = self.forward(&routing)?;
             nats.push(cross_entropy_nats(&l, vocab, &self.targets));
             if keep_logits {
                 logits.push(l);
@@ -289,9 +312,7 @@ impl<'a> Evaluator<'a> {
         let (mut moe_flops, mut tokens) = (0u128, 0u64);
         for (i, b) in set.batches.iter().enumerate() {
             self.split(b);
-            let l =
-                self.model
-                    .forward(&self.inputs, self.batch, &routing, None, &mut self.trace)?;
+            let l = self.forward(&routing)?;
             self.passes += 1;
             let nats = cross_entropy_nats(&l, vocab, &self.targets);
             nats_total += nats;
@@ -344,7 +365,8 @@ pub fn kl_text(kl: Option<f64>) -> String {
 }
 
 /// Tunes per-layer thresholds on `search` and verifies them on `verify` (disjoint tokens).
-/// `progress` receives a line per step.
+/// `progress` hears of every step and pass; an error it returns ends the search with that error
+/// (how a caller cancels).
 pub fn tune(
     model: &Model,
     batch: usize,
@@ -352,7 +374,7 @@ pub fn tune(
     verify: &TokenSet,
     source: &str,
     spec: &TuneSpec,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(TuneProgress<'_>) -> Result<()>,
 ) -> Result<TuneResult> {
     let started = Instant::now();
     let cfg = model.config();
@@ -395,6 +417,8 @@ pub fn tune(
         inputs: Vec::new(),
         targets: Vec::new(),
         passes: 0,
+        all_passes: 0,
+        progress,
     };
     let thr = |t: f32| RoutingPolicy::threshold(t).with_renormalize(renormalize);
     let label_of = |p: &[RoutingPolicy]| threshold_arg(&moe_layers, p);
@@ -402,11 +426,11 @@ pub fn tune(
     let ref_bpb = reference.bits_per_byte;
     let budget = spec.budget;
     let within = |e: &Evaluation| budget.cost(e, ref_bpb) <= budget.limit();
-    progress(&format!(
+    ev.line(&format!(
         "reference {}: {ref_bpb:.4} bits/byte on {} search tokens",
         crate::profiling::sweep::policy_label(&reference_policy),
         search.batches.len() * batch * (window - 1)
-    ));
+    ))?;
 
     // The frontier of one global threshold, and top-k.
     let mut uniform = Vec::new();
@@ -475,7 +499,7 @@ pub fn tune(
         }
         let Some((_, slot, e)) = best else { break };
         idx[slot] -= 1;
-        progress(&format!(
+        ev.line(&format!(
             "step {}: layer {} to t={} -> {:.1}% of all-experts MoE FLOPs, {:+.4} bits/byte{}",
             path.len(),
             moe_layers[slot],
@@ -483,7 +507,7 @@ pub fn tune(
             100.0 * e.moe_flops_fraction,
             e.delta_bits_per_byte,
             kl_text(e.mean_kl_bits)
-        ));
+        ))?;
         current = e;
         path.push(current.clone());
     }

@@ -5,8 +5,9 @@
 
 use std::path::PathBuf;
 
-use crate::profiling::snapshot::Snapshot;
+use crate::profiling::snapshot::{Snapshot, TuneStatus};
 use crate::routing::RoutingPolicy;
+use crate::session::tune::Budget;
 use crate::tui::debounce::Debouncer;
 use crate::tui::theme::Theme;
 
@@ -139,7 +140,12 @@ pub struct App {
     capacity_on: f32,
     capacity_requested: Option<(Option<f32>, u64)>,
     exporter: Option<Exporter>,
+    /// The budget `T` tunes to.
+    pub tune_budget: Budget,
 }
+
+/// The budget `T` tunes to when none is given: bits/byte at most 1% above the reference's.
+pub const DEFAULT_TUNE_BUDGET: Budget = Budget::RelativeBitsPerByte(0.01);
 
 /// Capacity factor `c` switches on when no other is known: the XMoE language models' setting
 /// (capacity per expert = ceil(8 x tokens / E)); with threshold routing a factor must exceed the
@@ -177,6 +183,7 @@ impl App {
             capacity_on: DEFAULT_CAPACITY_FACTOR,
             capacity_requested: None,
             exporter: None,
+            tune_budget: DEFAULT_TUNE_BUDGET,
         }
     }
 
@@ -240,6 +247,12 @@ impl App {
         };
         self.fps = next.unwrap_or(cur);
         self.fps
+    }
+
+    /// The quick tune the session reports (running, done or failed), from the latest snapshot
+    /// (a frozen display still shows its progress).
+    pub fn tune_status(&self) -> Option<&TuneStatus> {
+        self.latest.as_ref()?.tune.as_ref()
     }
 
     /// True when an exporter is plugged in.

@@ -11,6 +11,7 @@ use crossterm::event::{
 };
 use ratatui::layout::{Position, Rect};
 
+use crate::profiling::snapshot::TuneStatus;
 use crate::routing::RoutingPolicy;
 use crate::session::{Control, Layers};
 use crate::tui::app::{App, Panel, Target};
@@ -93,6 +94,10 @@ pub enum Action {
     CycleSort,
     /// Redraw cap up (`true`) or down one step.
     StepFps(bool),
+    /// Start a quick tune.
+    QuickTune,
+    /// Apply the finished quick tune.
+    Confirm,
 }
 
 /// Maps one terminal event to an action, or `None` when it means nothing here.
@@ -143,6 +148,8 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
         Command::CycleSort => Action::CycleSort,
         Command::FpsDown => Action::StepFps(false),
         Command::FpsUp => Action::StepFps(true),
+        Command::QuickTune => Action::QuickTune,
+        Command::Confirm => Action::Confirm,
     })
 }
 
@@ -293,6 +300,7 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             | Action::TogglePause
             | Action::Reset
             | Action::FocusSlider { .. }
+            | Action::QuickTune
     );
     if needs_model && app.latest().is_none() {
         app.say_error("no snapshot from the model yet");
@@ -312,10 +320,18 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             // start of an escape sequence) never ends a session.
             if app.help_open {
                 app.help_open = false;
+            } else if app.tune_status().is_some() {
+                let running = matches!(app.tune_status(), Some(TuneStatus::Running { .. }));
+                app.say(if running {
+                    "quick tune cancelled"
+                } else {
+                    "quick tune dismissed"
+                });
+                return Some(Control::DismissTune);
             } else if app.table_open {
                 app.table_open = false;
             } else {
-                app.say("Esc closes the help or the expert table; q quits");
+                app.say("Esc closes the help, the quick tune or the expert table; q quits");
             }
             None
         }
@@ -473,6 +489,31 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             app.say(format!("redraw at most {fps:.0} times per second"));
             None
         }
+        Action::QuickTune => match app.tune_status() {
+            Some(TuneStatus::Running { .. }) => {
+                app.say("a quick tune is running (Esc cancels it)");
+                None
+            }
+            _ => {
+                app.say(format!(
+                    "quick tune: {}; live passes wait for it",
+                    app.tune_budget.describe()
+                ));
+                Some(Control::QuickTune(app.tune_budget))
+            }
+        },
+        Action::Confirm => match app.tune_status() {
+            Some(TuneStatus::Done(q)) => {
+                let label = q.tuned.label.clone();
+                app.say(format!("applying the tuned thresholds {label}"));
+                Some(Control::ApplyTune)
+            }
+            Some(TuneStatus::Running { .. }) => {
+                app.say("the quick tune is still running");
+                None
+            }
+            _ => None,
+        },
     }
 }
 

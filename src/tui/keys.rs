@@ -70,6 +70,10 @@ pub enum Command {
     FpsDown,
     /// Raise the redraw cap.
     FpsUp,
+    /// Run a quick tune (per-layer thresholds within the tune budget).
+    QuickTune,
+    /// Apply what the open dialog offers (the quick tune's thresholds).
+    Confirm,
 }
 
 /// A key that triggers a command.
@@ -298,6 +302,18 @@ pub const BINDINGS: &[Binding] = &[
         in_help: false,
     },
     Binding {
+        keys: &[
+            (ch('T'), Command::QuickTune),
+            (Key::Plain(KeyCode::Enter), Command::Confirm),
+        ],
+        label: "T  Enter",
+        help: &["quick tune: per-layer t within the budget; Enter applies"],
+        help_without_exporter: None,
+        doc: "quick tune: search per-layer thresholds that spend the fewest MoE FLOPs within the tune budget (`--tune-budget`, default 1% bits/byte) on the eval text, as `xmoe-top tune` does (4,096 search and 4,096 verification tokens, fewer on a short text); live passes wait meanwhile. The dialog shows the verified result beside the best single threshold; Enter applies it (one new epoch), Esc cancels or dismisses",
+        hint: hint(9, "T", "tune"),
+        in_help: false,
+    },
+    Binding {
         keys: &[(ch('e'), Command::Export)],
         label: "e",
         help: &["export a report of the displayed snapshot"],
@@ -381,6 +397,8 @@ pub const COMMAND_NAMES: &[(Command, &str)] = &[
     (Command::CycleSort, "sort"),
     (Command::FpsDown, "fps_down"),
     (Command::FpsUp, "fps_up"),
+    (Command::QuickTune, "quick_tune"),
+    (Command::Confirm, "confirm"),
 ];
 
 /// Named keys of the settings file, beside single characters and `ctrl-<char>`.
@@ -806,7 +824,7 @@ mod tests {
     fn status_hints_keep_their_order() {
         assert_eq!(
             status_hints(),
-            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts"
+            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts  T tune"
         );
     }
 }

@@ -59,6 +59,8 @@ pub struct TuiOptions {
     pub keymap: keys::KeyMap,
     /// The heatmap's colour ramp.
     pub palette: Palette,
+    /// The budget of the quick tune (`T`).
+    pub tune_budget: crate::session::tune::Budget,
 }
 
 impl Default for TuiOptions {
@@ -70,6 +72,7 @@ impl Default for TuiOptions {
             exporter: None,
             keymap: keys::KeyMap::default(),
             palette: Palette::default(),
+            tune_budget: app::DEFAULT_TUNE_BUDGET,
         }
     }
 }
@@ -165,6 +168,7 @@ pub fn run_tui(
         .with_exporter(options.exporter)
         .with_capacity_factor(options.capacity_factor);
     app.keymap = options.keymap;
+    app.tune_budget = options.tune_budget;
     let result = (|| -> Result<()> {
         let mut guard = TerminalGuard::enter()?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -415,6 +415,15 @@ impl Workload {
         &self.info
     }
 
+    /// The tokenized text of an eval workload (`None` when generating): what a quick tune in the
+    /// UI measures quality on.
+    pub fn eval_text(&self) -> Option<&Encoded> {
+        match &self.state {
+            State::Eval(e) => Some(&e.encoded),
+            State::Generate(_) => None,
+        }
+    }
+
     /// True for the eval workload (quality figures and reference passes available).
     pub fn is_eval(&self) -> bool {
         matches!(self.state, State::Eval(_))

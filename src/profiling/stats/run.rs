@@ -389,6 +389,7 @@ impl RunStats {
             device: inputs.device,
             generated: inputs.generated,
             history: self.history.points(),
+            tune: None,
         }
     }
 }

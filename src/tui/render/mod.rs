@@ -12,6 +12,7 @@ pub mod layout;
 pub mod sliders;
 pub mod table;
 pub mod timing;
+pub mod tune;
 
 use ratatui::Frame;
 use ratatui::layout::Rect;
@@ -87,6 +88,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
         );
         table::render(frame, body, app);
     }
+    tune::render(frame, area, app);
     if app.help_open {
         help::render_help(frame, area, app);
     }
