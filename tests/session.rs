@@ -361,3 +361,60 @@ fn quick_tune_on_a_generate_session_says_why_not() {
         .expect("dismissed");
     session.stop().unwrap();
 }
+
+#[test]
+fn token_routes_are_published_only_while_followed_and_match_a_direct_pass() {
+    use xmoe_top::session::Control;
+    let dir = tempfile::tempdir().unwrap();
+    let path = model_file(dir.path());
+    let model = Model::load(&path, &Device::Cpu).unwrap();
+    let twin = Model::load(&path, &Device::Cpu).unwrap();
+    let c = config(&twin);
+    let routing = c.routing.clone();
+    let session = Session::start(model, eval_workload(&twin), c).unwrap();
+    let ctl = session.controller();
+    let s = session
+        .wait_for(WAIT, |s| s.epoch.forward_passes >= 2)
+        .expect("passes run");
+    assert!(s.routes.is_none(), "no routes unless asked");
+    ctl.send(Control::FollowTokens(true)).unwrap();
+    let s = session
+        .wait_for(WAIT, |s| s.routes.is_some())
+        .expect("routes while followed");
+    let r = s.routes.clone().unwrap();
+    assert_eq!(r.layers, vec![0, 1]);
+    assert_eq!(r.tokens.len(), SEQ);
+
+    // The same tokens run directly: every probability, choice and loss agrees.
+    let tokens: Vec<u32> = TEXT[..SEQ].iter().map(|&b| b as u32).collect();
+    let mut trace = ForwardTrace::default();
+    let logits = twin
+        .forward(&tokens, 1, &routing, None, &mut trace)
+        .unwrap();
+    let vocab = twin.config().vocab_size;
+    for (i, t) in r.tokens.iter().enumerate() {
+        assert_eq!((t.token, t.position), (tokens[i], i));
+        assert_eq!(t.bytes, vec![TEXT[i]]);
+        assert_eq!(t.target, Some((TEXT[i + 1] as u32, vec![TEXT[i + 1]])));
+        let row = &logits[i * vocab..(i + 1) * vocab];
+        let lse = row.iter().map(|&z| (z as f64).exp()).sum::<f64>().ln();
+        let want = lse - row[TEXT[i + 1] as usize] as f64;
+        assert!(
+            (t.loss_nats.unwrap() as f64 - want).abs() < 1e-4,
+            "token {i}: {} vs {want}",
+            t.loss_nats.unwrap()
+        );
+        for (slot, l) in t.layers.iter().enumerate() {
+            let m = &trace.moe[slot].routing;
+            assert_eq!(l.probs, m.probs[i * 16..(i + 1) * 16].to_vec());
+            let direct: Vec<(u16, f32, bool)> =
+                m.choices(i).map(|(e, w, k)| (e as u16, w, k)).collect();
+            assert_eq!(l.chosen, direct, "token {i}, slot {slot}");
+        }
+    }
+    ctl.send(Control::FollowTokens(false)).unwrap();
+    session
+        .wait_for(WAIT, |s| s.routes.is_none())
+        .expect("routes stop with the view");
+    session.stop().unwrap();
+}

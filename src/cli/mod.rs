@@ -8,6 +8,7 @@ mod metrics;
 mod parity;
 pub mod policy_args;
 mod report;
+mod route;
 pub mod run;
 pub mod settings;
 mod sweep;
@@ -67,6 +68,10 @@ enum Command {
     Tune(tune::TuneArgs),
     /// Show the settings file in force and what it sets; `--init` writes a commented one.
     Config(config::ConfigArgs),
+    /// Follow one token of a recorded routing trace (`--trace`) through every MoE layer: the
+    /// experts chosen, the probabilities in the order the threshold rule reads them, and the
+    /// experts other thresholds would choose.
+    Route(route::RouteArgs),
 }
 
 /// Most worker threads `--threads` takes: far above any CPU this runs on, far below what makes
@@ -123,6 +128,7 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::Report(a)) => report::run(a),
         Some(Command::Config(a)) => config::run(a),
         Some(Command::Tune(a)) => tune::run(a, threads),
+        Some(Command::Route(a)) => route::run(a),
         None => run::run(main, threads),
     }
 }

@@ -14,6 +14,16 @@ fn float_in(s: &str, lo: f64, hi: f64, open_low: bool) -> Result<f64, String> {
     }
 }
 
+/// A threshold: in (0, 1].
+pub fn threshold(s: &str) -> Result<f32, String> {
+    let t: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if t > 0.0 && t <= 1.0 {
+        Ok(t)
+    } else {
+        Err(format!("a threshold must be in (0, 1], found {s}"))
+    }
+}
+
 /// A capacity factor: in (0, 10^6].
 pub fn capacity_factor(s: &str) -> Result<f32, String> {
     float_in(s, 0.0, 1e6, true).map(|v| v as f32)

@@ -67,6 +67,54 @@ pub struct Snapshot {
     /// `history`.
     #[serde(skip)]
     pub tune: Option<TuneStatus>,
+    /// The routes of recent tokens, published only while the UI's token view asks for them
+    /// (shared: snapshots are cloned often and this can be large).
+    #[serde(skip)]
+    pub routes: Option<std::sync::Arc<TokenRoutes>>,
+}
+
+/// Recent tokens with their full route through every MoE layer: what the UI's "follow one
+/// token" view shows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenRoutes {
+    /// Where the tokens come from ("eval pass 123, sequence 1 of 4", "generate stream").
+    pub source: String,
+    /// Block index of each MoE slot.
+    pub layers: Vec<usize>,
+    /// Experts per MoE layer.
+    pub n_experts: usize,
+    /// The policy of each MoE slot when the tokens ran.
+    pub policies: Vec<RoutingPolicy>,
+    /// The tokens, in text order.
+    pub tokens: Vec<RoutedToken>,
+}
+
+/// One token and its route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutedToken {
+    /// Token id.
+    pub token: u32,
+    /// The text it covers (possibly part of a UTF-8 character).
+    pub bytes: Vec<u8>,
+    /// Position in its sequence.
+    pub position: usize,
+    /// Eval: the next token and the text it covers.
+    pub target: Option<(u32, Vec<u8>)>,
+    /// Eval: cross-entropy of predicting the target, nats.
+    pub loss_nats: Option<f32>,
+    /// Prompt or generated (generate stream); `None` in eval.
+    pub origin: Option<TokenOrigin>,
+    /// One entry per MoE slot.
+    pub layers: Vec<LayerRoute>,
+}
+
+/// A token's routing in one MoE layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerRoute {
+    /// The router's probability of every expert (what the threshold rule reads).
+    pub probs: Vec<f32>,
+    /// The selected experts in choice order: (expert, combine weight, kept by the capacity limit).
+    pub chosen: Vec<(u16, f32, bool)>,
 }
 
 /// Where a quick tune asked for by the UI stands.

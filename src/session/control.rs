@@ -41,6 +41,9 @@ pub enum Control {
     ApplyTune,
     /// Cancel a running quick tune, or clear a finished one.
     DismissTune,
+    /// Publish (`true`) or stop publishing the routes of recent tokens in the snapshots' `routes`
+    /// (the UI's token view).
+    FollowTokens(bool),
     /// End the session (the UI sends it last, whichever way it closes).
     Stop,
 }

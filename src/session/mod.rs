@@ -16,6 +16,7 @@ pub mod describe;
 pub mod sweep;
 pub mod tune;
 
+mod follow;
 mod quick_tune;
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
@@ -151,6 +152,7 @@ enum Order {
     QuickTune(tune::Budget),
     ApplyTune,
     DismissTune,
+    FollowTokens(bool),
     Stop,
 }
 
@@ -175,6 +177,7 @@ fn check_control(control: Control, n_moe: usize, n_experts: usize) -> Result<Ord
         Control::QuickTune(b) => Order::QuickTune(b),
         Control::ApplyTune => Order::ApplyTune,
         Control::DismissTune => Order::DismissTune,
+        Control::FollowTokens(on) => Order::FollowTokens(on),
         Control::Stop => Order::Stop,
     })
 }
@@ -420,6 +423,11 @@ struct Runner {
     eval_batches: u64,
     /// The UI's quick tune, shown in every snapshot until applied or dismissed.
     tune: Option<TuneStatus>,
+    /// The UI's token view is open: capture routes.
+    follow: bool,
+    /// The latest captured routes, published with every snapshot while `follow`.
+    routes: Option<Arc<crate::profiling::snapshot::TokenRoutes>>,
+    generated_routes: follow::GeneratedRoutes,
 }
 
 impl Runner {
@@ -460,6 +468,9 @@ impl Runner {
             generated: GeneratedText::default(),
             eval_batches: 0,
             tune: None,
+            follow: false,
+            routes: None,
+            generated_routes: Default::default(),
             config,
         }
     }
@@ -539,6 +550,7 @@ impl Runner {
             Order::QuickTune(budget) => self.quick_tune(budget),
             Order::ApplyTune => self.apply_tune(),
             Order::DismissTune => self.tune = None,
+            Order::FollowTokens(on) => self.set_follow(on),
             Order::Stop => self.stop = true,
         }
     }
@@ -564,6 +576,7 @@ impl Runner {
         });
         let snap = Snapshot {
             tune: self.tune.clone(),
+            routes: self.routes.clone(),
             ..snap
         };
         self.sequence += 1;
@@ -708,6 +721,7 @@ impl Runner {
             if !outcome.stream.is_empty() {
                 self.push_generated(&trace, &outcome.stream);
             }
+            self.capture_routes(&trace, &outcome, self.config.snapshot_interval);
             self.publish_if_due(self.config.snapshot_interval);
         };
         let final_snapshot = self.publish(Some(ended));

@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use crate::profiling::snapshot::{Snapshot, TuneStatus};
+use std::sync::Arc;
+
+use crate::profiling::snapshot::{Snapshot, TokenRoutes, TuneStatus};
 use crate::routing::RoutingPolicy;
 use crate::session::tune::Budget;
 use crate::tui::debounce::Debouncer;
@@ -142,6 +144,28 @@ pub struct App {
     exporter: Option<Exporter>,
     /// The budget `T` tunes to.
     pub tune_budget: Budget,
+    /// The token view (`o`), when open.
+    pub follow: Option<FollowView>,
+}
+
+/// The token view's state: the tokens it holds still (until `u`) and the cursor.
+#[derive(Clone, Debug, Default)]
+pub struct FollowView {
+    /// The tokens shown; `None` until a snapshot brings them.
+    pub routes: Option<Arc<TokenRoutes>>,
+    /// The selected token.
+    pub cursor: usize,
+}
+
+impl FollowView {
+    /// Moves the cursor by `by` tokens, within the tokens held.
+    pub fn move_cursor(&mut self, by: isize) {
+        let n = self.routes.as_ref().map_or(0, |r| r.tokens.len());
+        self.cursor = self
+            .cursor
+            .saturating_add_signed(by)
+            .min(n.saturating_sub(1));
+    }
 }
 
 /// The budget `T` tunes to when none is given: bits/byte at most 1% above the reference's.
@@ -184,6 +208,7 @@ impl App {
             capacity_requested: None,
             exporter: None,
             tune_budget: DEFAULT_TUNE_BUDGET,
+            follow: None,
         }
     }
 
@@ -292,7 +317,23 @@ impl App {
             self.pause_requested = None;
         }
         self.latest = Some(snap);
+        self.take_routes();
         self.clamp_selection();
+    }
+
+    /// Fills an open token view that waits for tokens from the latest snapshot (cursor on the
+    /// last token, the one with the longest context).
+    pub fn take_routes(&mut self) {
+        let Some(f) = self.follow.as_mut() else {
+            return;
+        };
+        if f.routes.is_some() {
+            return;
+        }
+        if let Some(r) = self.latest.as_ref().and_then(|s| s.routes.clone()) {
+            f.cursor = r.tokens.len().saturating_sub(1);
+            f.routes = Some(r);
+        }
     }
 
     fn clamp_selection(&mut self) {

@@ -14,10 +14,10 @@ use ratatui::layout::{Position, Rect};
 use crate::profiling::snapshot::TuneStatus;
 use crate::routing::RoutingPolicy;
 use crate::session::{Control, Layers};
-use crate::tui::app::{App, Panel, Target};
+use crate::tui::app::{App, FollowView, Panel, Target};
 use crate::tui::keys::Command;
 use crate::tui::render::heatmap::HeatGeometry;
-use crate::tui::render::{layout, sliders};
+use crate::tui::render::{follow, layout, sliders};
 
 /// Small threshold step (arrow keys).
 pub const STEP_SMALL: f32 = 0.01;
@@ -98,6 +98,14 @@ pub enum Action {
     QuickTune,
     /// Apply the finished quick tune.
     Confirm,
+    /// Open / close the token view.
+    FollowToken,
+    /// Token view: take the latest pass's tokens.
+    UpdateTokens,
+    /// Token view: move the token cursor by this many tokens.
+    MoveToken(isize),
+    /// Token view: select this token (a click on the strip).
+    SelectToken(usize),
 }
 
 /// Maps one terminal event to an action, or `None` when it means nothing here.
@@ -114,6 +122,9 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
     let command = app.keymap.command_for(k, app.help_open)?;
     let shift = k.modifiers.contains(KeyModifiers::SHIFT);
     let horizontal = |sign: f32, big: bool| match app.panel {
+        _ if app.follow.is_some() => {
+            Action::MoveToken(sign as isize * if big { EXPERT_JUMP } else { 1 })
+        }
         Panel::Sliders => Action::AdjustThreshold(sign * if big { STEP_BIG } else { STEP_SMALL }),
         Panel::Heatmap => Action::MoveExpert(sign as isize * if big { EXPERT_JUMP } else { 1 }),
     };
@@ -150,6 +161,8 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
         Command::FpsUp => Action::StepFps(true),
         Command::QuickTune => Action::QuickTune,
         Command::Confirm => Action::Confirm,
+        Command::FollowToken => Action::FollowToken,
+        Command::UpdateTokens => Action::UpdateTokens,
     })
 }
 
@@ -160,6 +173,22 @@ fn map_mouse(app: &App, m: &MouseEvent) -> Option<Action> {
     let snap = app.displayed()?;
     let area = Rect::new(0, 0, app.size.0, app.size.1);
     let l = layout::screen(area, app)?;
+    if let Some(view) = &app.follow {
+        // The token view covers the panels: a click on its strip picks a token, nothing else.
+        let routes = view.routes.as_ref()?;
+        let body = Rect::new(
+            area.x,
+            l.header.y + l.header.height,
+            area.width,
+            l.status.y.saturating_sub(l.header.y + l.header.height),
+        );
+        let strip_area = follow::strip_area(body);
+        if matches!(m.kind, MouseEventKind::Down(MouseButton::Left)) && m.row == strip_area.y {
+            let s = follow::strip(&routes.tokens, view.cursor, strip_area.width as usize);
+            return follow::token_at(&s, strip_area.x, m.column).map(Action::SelectToken);
+        }
+        return None;
+    }
     let pos = Position::new(m.column, m.row);
     match m.kind {
         MouseEventKind::Down(MouseButton::Left) | MouseEventKind::Drag(MouseButton::Left) => {
@@ -320,6 +349,9 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             // start of an escape sequence) never ends a session.
             if app.help_open {
                 app.help_open = false;
+            } else if app.follow.is_some() {
+                app.follow = None;
+                return Some(Control::FollowTokens(false));
             } else if app.tune_status().is_some() {
                 let running = matches!(app.tune_status(), Some(TuneStatus::Running { .. }));
                 app.say(if running {
@@ -347,6 +379,14 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             if app.panel == Panel::Heatmap {
                 app.slider = Target::Layer(app.layer);
             }
+            None
+        }
+        Action::Up if app.follow.is_some() => {
+            app.layer = app.layer.saturating_sub(1);
+            None
+        }
+        Action::Down if app.follow.is_some() => {
+            app.layer = (app.layer + 1).min(app.n_slots().saturating_sub(1));
             None
         }
         Action::Up => {
@@ -487,6 +527,38 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
         Action::StepFps(up) => {
             let fps = app.step_fps(up);
             app.say(format!("redraw at most {fps:.0} times per second"));
+            None
+        }
+        Action::FollowToken => {
+            if app.follow.take().is_some() {
+                return Some(Control::FollowTokens(false));
+            }
+            app.follow = Some(FollowView::default());
+            app.say("following tokens: waiting for the next pass");
+            Some(Control::FollowTokens(true))
+        }
+        Action::UpdateTokens => {
+            match app.follow.as_mut() {
+                Some(f) => {
+                    f.routes = None;
+                    app.say("taking the latest pass's tokens");
+                }
+                None => app.say("u updates the token view; o opens it"),
+            }
+            app.take_routes();
+            None
+        }
+        Action::SelectToken(i) => {
+            if let Some(f) = app.follow.as_mut() {
+                f.cursor = i;
+                f.move_cursor(0);
+            }
+            None
+        }
+        Action::MoveToken(by) => {
+            if let Some(f) = app.follow.as_mut() {
+                f.move_cursor(by);
+            }
             None
         }
         Action::QuickTune => match app.tune_status() {

@@ -74,6 +74,10 @@ pub enum Command {
     QuickTune,
     /// Apply what the open dialog offers (the quick tune's thresholds).
     Confirm,
+    /// Open / close the token view (follow one token's route).
+    FollowToken,
+    /// Token view: take the latest pass's tokens.
+    UpdateTokens,
 }
 
 /// A key that triggers a command.
@@ -155,23 +159,16 @@ pub const BINDINGS: &[Binding] = &[
         in_help: false,
     },
     Binding {
-        keys: &[(ch('H'), Command::LeftBig), (ch('L'), Command::RightBig)],
-        label: "Shift+← →  H L",
-        help: &["threshold -/+0.05 (heatmap panel: cursor by 8)"],
-        help_without_exporter: None,
-        doc: "threshold −/+0.05 (heatmap: cursor by 8 experts)",
-        hint: None,
-        in_help: false,
-    },
-    Binding {
         keys: &[
-            (Key::Plain(KeyCode::PageUp), Command::ThresholdUpBig),
+            (ch('H'), Command::LeftBig),
+            (ch('L'), Command::RightBig),
             (Key::Plain(KeyCode::PageDown), Command::ThresholdDownBig),
+            (Key::Plain(KeyCode::PageUp), Command::ThresholdUpBig),
         ],
-        label: "PgUp PgDn",
-        help: &["threshold +0.05 / -0.05"],
+        label: "Shift+←→ H L PgDn PgUp",
+        help: &["threshold -/+0.05 (heatmap: Shift/H L cursor by 8)"],
         help_without_exporter: None,
-        doc: "threshold +/−0.05",
+        doc: "threshold −/+0.05; in the heatmap panel Shift+← → and H L move the cursor by 8 experts instead, PgDn PgUp still change the threshold",
         hint: None,
         in_help: false,
     },
@@ -303,6 +300,18 @@ pub const BINDINGS: &[Binding] = &[
     },
     Binding {
         keys: &[
+            (ch('o'), Command::FollowToken),
+            (ch('u'), Command::UpdateTokens),
+        ],
+        label: "o  u",
+        help: &["follow one token: ←→ token, ↑↓ layer; u: latest pass"],
+        help_without_exporter: None,
+        doc: "open / close the token view: the tokens of the latest pass (eval: the batch's first sequence, with each token's loss; generate: the last 256 tokens of the stream) and the selected token's route through every MoE layer: the router probabilities sorted with their cumulative sum against t, the experts chosen, and how many experts other thresholds would choose. ← → (h l; Shift or H L by 8) pick the token, ↑ ↓ the layer shown in detail, `u` takes the latest pass (the view holds still otherwise), Esc closes",
+        hint: hint(10, "o", "token"),
+        in_help: false,
+    },
+    Binding {
+        keys: &[
             (ch('T'), Command::QuickTune),
             (Key::Plain(KeyCode::Enter), Command::Confirm),
         ],
@@ -399,6 +408,8 @@ pub const COMMAND_NAMES: &[(Command, &str)] = &[
     (Command::FpsUp, "fps_up"),
     (Command::QuickTune, "quick_tune"),
     (Command::Confirm, "confirm"),
+    (Command::FollowToken, "follow_token"),
+    (Command::UpdateTokens, "update_tokens"),
 ];
 
 /// Named keys of the settings file, beside single characters and `ctrl-<char>`.
@@ -824,7 +835,7 @@ mod tests {
     fn status_hints_keep_their_order() {
         assert_eq!(
             status_hints(),
-            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts  T tune"
+            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts  T tune  o token"
         );
     }
 }

@@ -211,6 +211,25 @@ pub struct StreamToken {
     pub sequence: u64,
 }
 
+/// One input token of the last eval pass, for the UI's token view.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalToken {
+    /// Row of the token in the pass (for its routing in the trace).
+    pub row: usize,
+    /// Position in its sequence.
+    pub position: usize,
+    /// Token id.
+    pub token: u32,
+    /// The text it covers.
+    pub bytes: Vec<u8>,
+    /// The next token (the target predicted at this position).
+    pub target: u32,
+    /// The text the target covers.
+    pub target_bytes: Vec<u8>,
+    /// Cross-entropy of predicting the target, nats.
+    pub loss_nats: f32,
+}
+
 /// What one pass did.
 #[derive(Clone, Debug)]
 pub struct PassOutcome {
@@ -233,6 +252,10 @@ struct EvalState {
     targets: Vec<u32>,
     last_logits: Vec<f32>,
     last_quality: Option<BatchQuality>,
+    /// Where each window of the last batch starts in `encoded`.
+    window_starts: Vec<usize>,
+    /// Byte offset of each token in the text (one more entry than tokens).
+    byte_offsets: Vec<usize>,
 }
 
 struct GenerateState {
@@ -302,6 +325,12 @@ impl Workload {
                 seq_len: spec.seq_len,
             });
         }
+        let byte_offsets = std::iter::once(0)
+            .chain(encoded.bytes.iter().scan(0usize, |at, &n| {
+                *at += n as usize;
+                Some(*at)
+            }))
+            .collect();
         let info = WorkloadInfo {
             kind: WorkloadKind::Eval,
             source: spec.text.name.clone(),
@@ -327,6 +356,8 @@ impl Workload {
                 targets: Vec::new(),
                 last_logits: Vec::new(),
                 last_quality: None,
+                window_starts: Vec::new(),
+                byte_offsets,
             })),
             info,
             vocab: cfg.vocab_size,
@@ -500,6 +531,41 @@ impl Workload {
         }))
     }
 
+    /// Eval only: sequence `seq` of the last pass, token by token, with the text each covers
+    /// and the loss of predicting the next; `None` for generate, before the first pass, or for a
+    /// sequence the batch does not have.
+    pub fn last_eval_sequence(&self, seq: usize) -> Option<Vec<EvalToken>> {
+        let State::Eval(s) = &self.state else {
+            return None;
+        };
+        let &start = s.window_starts.get(seq)?;
+        let n = s.spec.seq_len;
+        let text = &s.spec.text.bytes;
+        let span = |i: usize| -> Vec<u8> {
+            let (a, b) = (s.byte_offsets[i], s.byte_offsets[i + 1]);
+            text.get(a..b).map_or_else(Vec::new, <[u8]>::to_vec)
+        };
+        let vocab = self.vocab;
+        Some(
+            (0..n)
+                .map(|p| {
+                    let row = seq * n + p;
+                    let logits = &s.last_logits[row * vocab..(row + 1) * vocab];
+                    let target = s.targets[row];
+                    EvalToken {
+                        row,
+                        position: p,
+                        token: s.inputs[row],
+                        bytes: span(start + p),
+                        target,
+                        target_bytes: span(start + p + 1),
+                        loss_nats: cross_entropy_nats(logits, vocab, &[target]) as f32,
+                    }
+                })
+                .collect(),
+        )
+    }
+
     /// The last eval batch compared with itself, without running anything: for when the current
     /// routing is the reference routing (identical logits, so zero difference and zero KL).
     pub fn self_reference(&self) -> Option<ReferenceComparison> {
@@ -520,8 +586,11 @@ impl EvalState {
         self.targets.clear();
         let (inputs, targets) = (&mut self.inputs, &mut self.targets);
         let encoded = &self.encoded;
+        let starts = &mut self.window_starts;
+        starts.clear();
         let mut covered = 0u64;
         for_each_eval_window(&encoded.ids, b, s, &mut self.cursor, |start, w| {
+            starts.push(start);
             inputs.extend_from_slice(&w[..s]);
             targets.extend_from_slice(&w[1..]);
             covered += encoded.target_bytes(start, s);

@@ -390,6 +390,7 @@ impl RunStats {
             generated: inputs.generated,
             history: self.history.points(),
             tune: None,
+            routes: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! the screen out and calls them. Nothing here touches the model or changes the state.
 
 pub mod device;
+pub mod follow;
 pub mod generated;
 pub mod header;
 pub mod heatmap;
@@ -87,6 +88,15 @@ pub fn draw(frame: &mut Frame, app: &App) {
             l.status.y.saturating_sub(l.header.y + l.header.height),
         );
         table::render(frame, body, app);
+    }
+    if app.follow.is_some() {
+        let body = Rect::new(
+            area.x,
+            l.header.y + l.header.height,
+            area.width,
+            l.status.y.saturating_sub(l.header.y + l.header.height),
+        );
+        follow::render(frame, body, app);
     }
     tune::render(frame, area, app);
     if app.help_open {

@@ -189,6 +189,9 @@ mod tests {
         }
         let all = lines(&s, 78).1.join("\n");
         assert!(all.contains("OVER budget"), "{all}");
-        assert!(all.contains("no single threshold of the grid kept the budget"), "{all}");
+        assert!(
+            all.contains("no single threshold of the grid kept the budget"),
+            "{all}"
+        );
     }
 }
