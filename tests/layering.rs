@@ -75,6 +75,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "bench",
         &[
             "model",
+            "kernel",
             "routing",
             "profiling",
             "session",

@@ -66,6 +66,175 @@ fn panel_at(k_len: usize, k: usize, col: usize) -> usize {
     (col / PANEL) * k_len * PANEL + k * PANEL + col % PANEL
 }
 
+/// Precision in which [`PackedExperts`] keeps its weights. Every variant computes with f32
+/// activations and f32 accumulation; half-precision weights are widened (exactly) in registers as
+/// they are read, so a layer stored in f16 or bf16 takes half the memory and half the bandwidth of
+/// f32, and gives the results of the f32 kernel on the widened weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// IEEE single precision.
+    F32,
+    /// IEEE half precision (widened with F16C / AVX-512F `vcvtph2ps`).
+    F16,
+    /// bfloat16 (widened by a 16-bit shift; stored in `(k, k + 1)` pairs, see [`PackedExperts`]).
+    Bf16,
+}
+
+impl WeightDtype {
+    /// Bytes per stored weight.
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDtype::F32 => 4,
+            WeightDtype::F16 | WeightDtype::Bf16 => 2,
+        }
+    }
+}
+
+/// An element type [`PackedExperts`] can keep: `f32`, [`half::f16`] or [`half::bf16`].
+pub trait ExpertWeight: Copy + Default + Send + Sync + 'static {
+    /// The precision this type stands for.
+    const DTYPE: WeightDtype;
+}
+
+impl ExpertWeight for f32 {
+    const DTYPE: WeightDtype = WeightDtype::F32;
+}
+
+impl ExpertWeight for half::f16 {
+    const DTYPE: WeightDtype = WeightDtype::F16;
+}
+
+impl ExpertWeight for half::bf16 {
+    const DTYPE: WeightDtype = WeightDtype::Bf16;
+}
+
+/// The packed matrices in their stored precision.
+#[derive(Clone, Debug)]
+enum PackedWeights {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    Bf16(Vec<half::bf16>),
+}
+
+impl PackedWeights {
+    fn from_vec<T: ExpertWeight>(v: Vec<T>) -> Self {
+        // One downcast per matrix at load: the generic constructor needs no trait method that
+        // would expose this private type.
+        let any: Box<dyn std::any::Any> = Box::new(v);
+        match T::DTYPE {
+            WeightDtype::F32 => PackedWeights::F32(*any.downcast().expect("f32")),
+            WeightDtype::F16 => PackedWeights::F16(*any.downcast().expect("f16")),
+            WeightDtype::Bf16 => PackedWeights::Bf16(*any.downcast().expect("bf16")),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            PackedWeights::F32(v) => v.len() * 4,
+            PackedWeights::F16(v) => v.len() * 2,
+            PackedWeights::Bf16(v) => v.len() * 2,
+        }
+    }
+}
+
+/// One expert's weights in the model-file layout (PyTorch `[out, in]`): `up` and `gate`
+/// `[h, d]`, `down` `[d, h]`, row-major.
+#[derive(Clone, Debug, Default)]
+pub struct ExpertData<T> {
+    /// Up projection `[h, d]`.
+    pub up: Vec<T>,
+    /// Gate projection `[h, d]` (gated experts only).
+    pub gate: Option<Vec<T>>,
+    /// Down projection `[d, h]`.
+    pub down: Vec<T>,
+}
+
+/// The shapes of a packed layer: what [`PackedExperts::new`] derives from `E`, `d`, `h`.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    d: usize,
+    h: usize,
+    h_pad: usize,
+    d_pad: usize,
+    n1: usize,
+    /// Rows of `w1` stored per panel: `d`, rounded up to even for bf16 pairs.
+    k1: usize,
+    gated: bool,
+    pairs: bool,
+}
+
+impl Geometry {
+    fn new(d: usize, h: usize, gated: bool, dtype: WeightDtype) -> Self {
+        let h_pad = round_up(h, PANEL);
+        let pairs = dtype == WeightDtype::Bf16;
+        Geometry {
+            d,
+            h,
+            h_pad,
+            d_pad: round_up(d, PANEL),
+            n1: if gated { 2 * h_pad } else { h_pad },
+            k1: if pairs { round_up(d, 2) } else { d },
+            gated,
+            pairs,
+        }
+    }
+
+    fn w1_len(&self) -> usize {
+        self.k1 * self.n1
+    }
+
+    fn w2_len(&self) -> usize {
+        self.h_pad * self.d_pad
+    }
+
+    /// Index of element (`k`, `col`) in a panel-packed matrix with `k_len` stored rows.
+    fn at(&self, k_len: usize, k: usize, col: usize) -> usize {
+        if self.pairs {
+            panel_pair_at(k_len, k, col)
+        } else {
+            panel_at(k_len, k, col)
+        }
+    }
+
+    /// Packs one expert (model-file layout, see [`ExpertData`]) into its zeroed slices of `w1`
+    /// and `w2`.
+    fn pack_expert<T: Copy>(
+        &self,
+        w1e: &mut [T],
+        w2e: &mut [T],
+        up: &[T],
+        gate: Option<&[T]>,
+        down: &[T],
+    ) {
+        let (d, h) = (self.d, self.h);
+        let up_col0 = if self.gated { self.h_pad } else { 0 };
+        for j in 0..h {
+            for k in 0..d {
+                w1e[self.at(self.k1, k, up_col0 + j)] = up[j * d + k];
+            }
+        }
+        if let Some(g) = gate {
+            for j in 0..h {
+                for k in 0..d {
+                    w1e[self.at(self.k1, k, j)] = g[j * d + k];
+                }
+            }
+        }
+        for n in 0..d {
+            for j in 0..h {
+                w2e[self.at(self.h_pad, j, n)] = down[n * h + j];
+            }
+        }
+    }
+}
+
+/// Index of element (`k`, `col`) of a `[k_len][n]` matrix stored as `[n / 32][k_len / 2][32][2]`:
+/// rows in pairs, each column's `(k, k + 1)` adjacent, so that one 32-bit lane holds a pair (the
+/// layout `vdpbf16ps` reads, and the one a shift and a mask widen). `k_len` is even.
+fn panel_pair_at(k_len: usize, k: usize, col: usize) -> usize {
+    (col / PANEL) * k_len * PANEL + (k / 2) * 2 * PANEL + (col % PANEL) * 2 + k % 2
+}
+
 /// Expert weights of one MoE layer, packed once at load in the orientation the kernel reads.
 ///
 /// Layout (per expert, zero padded): the first matmul's matrix `[d][n1]` has `n1 = h_pad` columns
@@ -74,7 +243,9 @@ fn panel_at(k_len: usize, k: usize, col: usize) -> usize {
 /// the micro-kernel streams each panel contiguously: a row-major `[k][n]` layout made it stride by
 /// `n` floats per k (up to 4 KiB, a new page per k at d = 1024) and cost ~20% at large widths.
 /// `h_pad` and `d_pad` round up to 32. Zero padding is harmless: a padded hidden unit is
-/// `act(0) = 0` and meets a zero row of the second matrix.
+/// `act(0) = 0` and meets a zero row of the second matrix. bf16 weights interleave row pairs
+/// inside each panel (`[n/32][k/2][32][2]`, `k` padded to even with zeros) so that one load
+/// widens into two rows; f16 and f32 use the plain panels.
 #[derive(Clone, Debug)]
 pub struct PackedExperts {
     n_experts: usize,
@@ -83,29 +254,31 @@ pub struct PackedExperts {
     h_pad: usize,
     d_pad: usize,
     n1: usize,
+    k1: usize,
     gated: bool,
     activation: Activation,
-    w1: Vec<f32>,
-    w2: Vec<f32>,
+    w1: PackedWeights,
+    w2: PackedWeights,
     b1: Option<Vec<f32>>,
     b2: Option<Vec<f32>>,
 }
 
 impl PackedExperts {
     /// Packs expert weights given in the model-file layout: `up`/`gate` `[E, h, d]` (PyTorch
-    /// `[out, in]` per expert), `down` `[E, d, h]`, `up_bias` `[E, h]`, `down_bias` `[E, d]`.
+    /// `[out, in]` per expert), `down` `[E, d, h]`, `up_bias` `[E, h]`, `down_bias` `[E, d]`,
+    /// keeping the element type (`f32`, [`half::f16`] or [`half::bf16`]).
     ///
     /// # Panics
     /// When a slice length does not match the shapes.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub fn new<T: ExpertWeight>(
         n_experts: usize,
         d: usize,
         h: usize,
         activation: Activation,
-        up: &[f32],
-        gate: Option<&[f32]>,
-        down: &[f32],
+        up: &[T],
+        gate: Option<&[T]>,
+        down: &[T],
         up_bias: Option<&[f32]>,
         down_bias: Option<&[f32]>,
     ) -> Self {
@@ -115,43 +288,108 @@ impl PackedExperts {
         if let Some(g) = gate {
             assert_eq!(g.len(), e_n * hd, "gate must be [E, h, d]");
         }
+        let geo = Geometry::new(d, h, gate.is_some(), T::DTYPE);
+        let packed: Result<Self, std::convert::Infallible> = Self::pack_with(
+            n_experts,
+            geo,
+            activation,
+            up_bias,
+            down_bias,
+            |e, w1e: &mut [T], w2e: &mut [T]| {
+                let r = e * hd..(e + 1) * hd;
+                geo.pack_expert(
+                    w1e,
+                    w2e,
+                    &up[r.clone()],
+                    gate.map(|g| &g[r.clone()]),
+                    &down[r],
+                );
+                Ok(())
+            },
+        );
+        let Ok(p) = packed;
+        p
+    }
+
+    /// Packs `n_experts` experts fetched one at a time by `expert(e)`, so that a loader holds one
+    /// expert's unpacked copy at a time (the packed layer is the only full-size allocation).
+    /// `gated` says whether every expert has a `gate`; the biases are as in [`PackedExperts::new`].
+    ///
+    /// # Errors
+    /// The first error `expert` returns, or a description of a weight whose length does not
+    /// match the shapes (as `Er::from(String)`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_experts<T: ExpertWeight, Er: From<String>>(
+        n_experts: usize,
+        d: usize,
+        h: usize,
+        gated: bool,
+        activation: Activation,
+        up_bias: Option<&[f32]>,
+        down_bias: Option<&[f32]>,
+        mut expert: impl FnMut(usize) -> Result<ExpertData<T>, Er>,
+    ) -> Result<Self, Er> {
+        let geo = Geometry::new(d, h, gated, T::DTYPE);
+        Self::pack_with(
+            n_experts,
+            geo,
+            activation,
+            up_bias,
+            down_bias,
+            |e, w1e: &mut [T], w2e: &mut [T]| {
+                let x = expert(e)?;
+                let hd = h * d;
+                let bad = |what: &str, found: usize| -> Er {
+                    Er::from(format!(
+                        "expert {e}: {what} has {found} values, expected {hd} ([{h}, {d}] / [{d}, {h}])"
+                    ))
+                };
+                if x.up.len() != hd {
+                    return Err(bad("up", x.up.len()));
+                }
+                if x.down.len() != hd {
+                    return Err(bad("down", x.down.len()));
+                }
+                match (&x.gate, gated) {
+                    (Some(g), true) if g.len() != hd => return Err(bad("gate", g.len())),
+                    (Some(_), true) | (None, false) => {}
+                    (None, true) => return Err(Er::from(format!("expert {e}: gate missing"))),
+                    (Some(_), false) => {
+                        return Err(Er::from(format!(
+                            "expert {e}: a gate for non-gated experts"
+                        )));
+                    }
+                }
+                geo.pack_expert(w1e, w2e, &x.up, x.gate.as_deref(), &x.down);
+                Ok(())
+            },
+        )
+    }
+
+    fn pack_with<T: ExpertWeight, Er>(
+        n_experts: usize,
+        geo: Geometry,
+        activation: Activation,
+        up_bias: Option<&[f32]>,
+        down_bias: Option<&[f32]>,
+        mut pack_one: impl FnMut(usize, &mut [T], &mut [T]) -> Result<(), Er>,
+    ) -> Result<Self, Er> {
+        let (e_n, d, h, h_pad, d_pad) = (n_experts, geo.d, geo.h, geo.h_pad, geo.d_pad);
         if let Some(b) = up_bias {
             assert_eq!(b.len(), e_n * h, "up_bias must be [E, h]");
         }
         if let Some(b) = down_bias {
             assert_eq!(b.len(), e_n * d, "down_bias must be [E, d]");
         }
-        let h_pad = round_up(h, PANEL);
-        let d_pad = round_up(d, PANEL);
-        let gated = gate.is_some();
-        let n1 = if gated { 2 * h_pad } else { h_pad };
-        let up_col0 = if gated { h_pad } else { 0 };
-
-        let mut w1 = vec![0.0f32; e_n * d * n1];
-        let mut w2 = vec![0.0f32; e_n * h_pad * d_pad];
+        let (l1, l2) = (geo.w1_len(), geo.w2_len());
+        let mut w1 = vec![T::default(); e_n * l1];
+        let mut w2 = vec![T::default(); e_n * l2];
         for e in 0..e_n {
-            let w1e = &mut w1[e * d * n1..(e + 1) * d * n1];
-            let upe = &up[e * hd..(e + 1) * hd];
-            for j in 0..h {
-                for k in 0..d {
-                    w1e[panel_at(d, k, up_col0 + j)] = upe[j * d + k];
-                }
-            }
-            if let Some(g) = gate {
-                let ge = &g[e * hd..(e + 1) * hd];
-                for j in 0..h {
-                    for k in 0..d {
-                        w1e[panel_at(d, k, j)] = ge[j * d + k];
-                    }
-                }
-            }
-            let w2e = &mut w2[e * h_pad * d_pad..(e + 1) * h_pad * d_pad];
-            let downe = &down[e * hd..(e + 1) * hd];
-            for n in 0..d {
-                for j in 0..h {
-                    w2e[panel_at(h_pad, j, n)] = downe[n * h + j];
-                }
-            }
+            pack_one(
+                e,
+                &mut w1[e * l1..(e + 1) * l1],
+                &mut w2[e * l2..(e + 1) * l2],
+            )?;
         }
         let b1 = up_bias.map(|b| {
             let mut p = vec![0.0f32; e_n * h_pad];
@@ -167,20 +405,42 @@ impl PackedExperts {
             }
             p
         });
-        PackedExperts {
+        Ok(PackedExperts {
             n_experts,
             d,
             h,
             h_pad,
             d_pad,
-            n1,
-            gated,
+            n1: geo.n1,
+            k1: geo.k1,
+            gated: geo.gated,
             activation,
-            w1,
-            w2,
+            w1: PackedWeights::from_vec(w1),
+            w2: PackedWeights::from_vec(w2),
             b1,
             b2,
+        })
+    }
+
+    /// The precision the weights are kept in.
+    pub fn dtype(&self) -> WeightDtype {
+        match self.w1 {
+            PackedWeights::F32(_) => WeightDtype::F32,
+            PackedWeights::F16(_) => WeightDtype::F16,
+            PackedWeights::Bf16(_) => WeightDtype::Bf16,
         }
+    }
+
+    /// Bytes of the packed weights and biases (padding included): what the layer holds in memory.
+    pub fn bytes(&self) -> usize {
+        let bias = |b: &Option<Vec<f32>>| b.as_ref().map_or(0, |b| b.len() * 4);
+        self.w1.bytes() + self.w2.bytes() + bias(&self.b1) + bias(&self.b2)
+    }
+
+    /// Bytes of one expert's packed weights (padding included): what a pass streams from memory
+    /// for each distinct expert it runs.
+    pub fn expert_bytes(&self) -> usize {
+        (self.k1 * self.n1 + self.h_pad * self.d_pad) * self.dtype().bytes()
     }
 
     /// Number of experts E.
@@ -214,12 +474,14 @@ impl PackedExperts {
         (32 * 1024 / self.n1).clamp(24, 96) / 12 * 12
     }
 
-    fn w1(&self, e: usize) -> *const f32 {
-        self.w1[e * self.d * self.n1..].as_ptr()
+    /// Expert `e`'s first matrix (`k1` rows per panel) in element type `E`.
+    fn w1<E: Elem>(&self, e: usize) -> *const E {
+        E::weights(&self.w1)[e * self.k1 * self.n1..].as_ptr()
     }
 
-    fn w2(&self, e: usize) -> *const f32 {
-        self.w2[e * self.h_pad * self.d_pad..].as_ptr()
+    /// Expert `e`'s second matrix (`h_pad` rows per panel) in element type `E`.
+    fn w2<E: Elem>(&self, e: usize) -> *const E {
+        E::weights(&self.w2)[e * self.h_pad * self.d_pad..].as_ptr()
     }
 }
 
@@ -311,7 +573,10 @@ impl KernelVariant {
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        // F16C (every AVX2 CPU has it) widens f16 weights.
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -339,6 +604,8 @@ struct ThreadScratch {
     xg: Vec<f32>,
     /// Second-matmul result rows (gemm variant).
     y: Vec<f32>,
+    /// One weight panel widened to f32 (gemm variant on half-precision weights).
+    wp: Vec<f32>,
     /// Work items: (expert, first pair, end pair).
     items: Vec<(u32, u32, u32)>,
 }
@@ -594,16 +861,26 @@ fn run(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     if ts.z.len() < rows * n1 {
         ts.z.resize(rows * n1, 0.0);
     }
+    match job.ex.w1 {
+        PackedWeights::F32(_) => run_as::<f32>(variant, job, dst, ts),
+        PackedWeights::F16(_) => run_as::<half::f16>(variant, job, dst, ts),
+        PackedWeights::Bf16(_) => run_as::<half::bf16>(variant, job, dst, ts),
+    }
+}
+
+/// [`run`] with the weights' element type fixed (`E` is the type of `job.ex`'s weights).
+fn run_as<E: Elem>(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    let rows = job.ex.block_rows();
     match variant {
         // SAFETY: the CPU has the features this variant's intrinsics need: `moe_forward` asserts
-        // `variant.is_supported()` before it calls `run`. `ts.z` was sized for a block above, and
-        // `moe_forward` checked the shapes and token ids that bound every pointer the kernel
-        // forms (see `fused_items`).
+        // `variant.is_supported()` before it calls `run`. `ts.z` was sized for a block in `run`,
+        // `E` is the weights' type (`run` matched it), and `moe_forward` checked the shapes and
+        // token ids that bound every pointer the kernel forms (see `fused_items`).
         #[cfg(target_arch = "x86_64")]
-        KernelVariant::Avx512 => unsafe { run_avx512(job, dst, ts) },
+        KernelVariant::Avx512 => unsafe { run_avx512::<E>(job, dst, ts) },
         // SAFETY: as for the AVX-512 arm: `is_supported` was asserted; the same bounds hold.
         #[cfg(target_arch = "x86_64")]
-        KernelVariant::Avx2 => unsafe { run_avx2(job, dst, ts) },
+        KernelVariant::Avx2 => unsafe { run_avx2::<E>(job, dst, ts) },
         KernelVariant::Gemm => {
             let (d, d_pad) = (job.ex.d, job.ex.d_pad);
             if ts.xg.len() < rows * d {
@@ -612,99 +889,235 @@ fn run(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
             if ts.y.len() < rows * d_pad {
                 ts.y.resize(rows * d_pad, 0.0);
             }
+            // gemm reads f32 panels: half-precision weights are widened one panel at a time.
+            let panel = PANEL * job.ex.k1.max(job.ex.h_pad);
+            if E::DTYPE != WeightDtype::F32 && ts.wp.len() < panel {
+                ts.wp.resize(panel, 0.0);
+            }
             #[cfg(target_arch = "x86_64")]
             {
                 if has_avx512() {
-                    // SAFETY: `has_avx512()` just checked the entry point's features; `ts.xg`
-                    // and `ts.y` were sized above, `ts.z` at the top (bounds: see `gemm_items`).
-                    return unsafe { run_gemm_avx512(job, dst, ts) };
+                    // SAFETY: `has_avx512()` just checked the entry point's features; `ts.xg`,
+                    // `ts.y` and `ts.wp` were sized above, `ts.z` in `run` (bounds: see
+                    // `gemm_items`).
+                    return unsafe { run_gemm_avx512::<E>(job, dst, ts) };
                 }
                 if has_avx2() {
                     // SAFETY: `has_avx2()` just checked the entry point's features; buffers as
                     // above.
-                    return unsafe { run_gemm_avx2(job, dst, ts) };
+                    return unsafe { run_gemm_avx2::<E>(job, dst, ts) };
                 }
             }
             // SAFETY: `Portable` needs no CPU feature; buffers sized above (bounds: see
             // `gemm_items`).
-            unsafe { gemm_items::<Portable>(job, dst, ts) }
+            unsafe { gemm_items::<Portable, E>(job, dst, ts) }
         }
         // 2 rows: 8 accumulator [f32; 8] values, which fit the 32 128-bit registers of NEON and
         // spill less on SSE2's 16 than 4 rows did.
-        // SAFETY: `Portable` needs no CPU feature; `ts.z` sized at the top (bounds: see
+        // SAFETY: `Portable` needs no CPU feature; `ts.z` sized in `run` (bounds: see
         // `fused_items`).
-        _ => unsafe { fused_items::<Portable, 2, 4>(job, dst, ts) },
+        _ => unsafe { fused_items::<Portable, E, 2, 4>(job, dst, ts) },
     }
 }
 
 // The entry points carry the target features; everything below them is `#[inline(always)]` so the
 // intrinsics are compiled with those features in one function body.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn run_avx512(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_avx512<E: Elem>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     // 12 rows x 2 registers = 24 of the 32 zmm registers as accumulators.
     // SAFETY: this function enables what `Avx512` uses; the caller (`run`) checked the CPU
     // has it and upholds `fused_items`'s bounds.
-    unsafe { fused_items::<Avx512, 12, 2>(job, dst, ts) }
+    unsafe { fused_items::<Avx512, E, 12, 2>(job, dst, ts) }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_avx2(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2<E: Elem>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     // 2 rows x 4 registers = 8 accumulators + 4 panel registers + 1 broadcast of the 16 ymm
     // registers; 3 rows (12 accumulators, 17 live registers) spilled and ran at half the speed.
     // SAFETY: this function enables what `Avx2` uses; the caller (`run`) checked the CPU has
     // it and upholds `fused_items`'s bounds.
-    unsafe { fused_items::<Avx2, 2, 4>(job, dst, ts) }
+    unsafe { fused_items::<Avx2, E, 2, 4>(job, dst, ts) }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn run_gemm_avx512(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn run_gemm_avx512<E: Elem>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     // SAFETY: this function enables what `Avx512` uses; `run` checked `has_avx512()` and
     // upholds `gemm_items`'s bounds.
-    unsafe { gemm_items::<Avx512>(job, dst, ts) }
+    unsafe { gemm_items::<Avx512, E>(job, dst, ts) }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn run_gemm_avx2(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_gemm_avx2<E: Elem>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     // SAFETY: this function enables what `Avx2` uses; `run` checked `has_avx2()` and upholds
     // `gemm_items`'s bounds.
-    unsafe { gemm_items::<Avx2>(job, dst, ts) }
+    unsafe { gemm_items::<Avx2, E>(job, dst, ts) }
 }
 
-/// `acc[i][v] = sum_k a[i][k] * b[k * ldb + v * W ..]`: M rows by `NV * W` = 32 columns, the k
-/// loop in order, so every element's arithmetic is independent of how rows are tiled.
-#[inline(always)]
-unsafe fn tile<S: Simd, const M: usize, const NV: usize>(
-    a: &[*const f32; M],
-    b: *const f32,
-    ldb: usize,
-    k: usize,
-) -> [[S::V; NV]; M] {
-    // SAFETY: the caller guarantees each `a[i]` has `k` readable floats and `b` `k` rows of
-    // `ldb >= NV * W` readable floats (a 32-column weight panel, zero padded in `PackedExperts::new`).
-    unsafe {
-        let mut acc = [[S::zero(); NV]; M];
-        let mut bp = b;
-        for kk in 0..k {
-            let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * S::W)));
-            for i in 0..M {
-                let av = S::splat(*a[i].add(kk));
-                for v in 0..NV {
-                    acc[i][v] = S::fma(av, bv[v], acc[i][v]);
+/// A weight element type the micro-kernel reads: how a panel is multiplied and widened.
+///
+/// Every implementation runs the k loop in order with one FMA per (k, element), so the result
+/// is the same, bit for bit, as the f32 kernel's on the widened weights.
+trait Elem: ExpertWeight {
+    /// The packed matrices in this type (`run` matched the storage before choosing `Self`).
+    fn weights(w: &PackedWeights) -> &[Self];
+
+    /// `acc[i][v] = sum_k a[i][k] * b[k][v * W ..]` over one 32-column panel of `k` rows (stored
+    /// as this type lays panels out): M rows by `NV * W` = 32 columns.
+    ///
+    /// # Safety
+    /// Each `a[i]` has `k` readable floats, `b` is the start of a panel with `k` rows (rounded up
+    /// to this type's row step), and the caller enabled the features `S` needs.
+    unsafe fn tile<S: Simd, const M: usize, const NV: usize>(
+        a: &[*const f32; M],
+        b: *const Self,
+        k: usize,
+    ) -> [[S::V; NV]; M];
+
+    /// Widens a panel of `k` rows into `out` as plain f32 `[k][32]` (the gemm variant).
+    fn widen_panel(b: &[Self], k: usize, out: &mut [f32]);
+}
+
+impl Elem for f32 {
+    fn weights(w: &PackedWeights) -> &[Self] {
+        match w {
+            PackedWeights::F32(v) => v,
+            _ => unreachable!("f32 kernel on {:?} weights", std::mem::discriminant(w)),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const M: usize, const NV: usize>(
+        a: &[*const f32; M],
+        b: *const f32,
+        k: usize,
+    ) -> [[S::V; NV]; M] {
+        // SAFETY: the caller guarantees each `a[i]` has `k` readable floats and `b` `k` rows of
+        // 32 readable floats (a weight panel, zero padded in `PackedExperts::new`).
+        unsafe {
+            let mut acc = [[S::zero(); NV]; M];
+            let mut bp = b;
+            for kk in 0..k {
+                let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * S::W)));
+                for i in 0..M {
+                    let av = S::splat(*a[i].add(kk));
+                    for v in 0..NV {
+                        acc[i][v] = S::fma(av, bv[v], acc[i][v]);
+                    }
+                }
+                bp = bp.add(PANEL);
+            }
+            acc
+        }
+    }
+
+    fn widen_panel(b: &[Self], k: usize, out: &mut [f32]) {
+        out[..k * PANEL].copy_from_slice(&b[..k * PANEL]);
+    }
+}
+
+impl Elem for half::f16 {
+    fn weights(w: &PackedWeights) -> &[Self] {
+        match w {
+            PackedWeights::F16(v) => v,
+            _ => unreachable!("f16 kernel on {:?} weights", std::mem::discriminant(w)),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const M: usize, const NV: usize>(
+        a: &[*const f32; M],
+        b: *const half::f16,
+        k: usize,
+    ) -> [[S::V; NV]; M] {
+        // SAFETY: as for f32, with panels of 32 half-precision values per row.
+        unsafe {
+            let mut acc = [[S::zero(); NV]; M];
+            let mut bp = b.cast::<u16>();
+            for kk in 0..k {
+                let bv: [S::V; NV] = std::array::from_fn(|v| S::load_f16(bp.add(v * S::W)));
+                for i in 0..M {
+                    let av = S::splat(*a[i].add(kk));
+                    for v in 0..NV {
+                        acc[i][v] = S::fma(av, bv[v], acc[i][v]);
+                    }
+                }
+                bp = bp.add(PANEL);
+            }
+            acc
+        }
+    }
+
+    fn widen_panel(b: &[Self], k: usize, out: &mut [f32]) {
+        for (o, w) in out[..k * PANEL].iter_mut().zip(b) {
+            *o = w.to_f32();
+        }
+    }
+}
+
+impl Elem for half::bf16 {
+    fn weights(w: &PackedWeights) -> &[Self] {
+        match w {
+            PackedWeights::Bf16(v) => v,
+            _ => unreachable!("bf16 kernel on {:?} weights", std::mem::discriminant(w)),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const M: usize, const NV: usize>(
+        a: &[*const f32; M],
+        b: *const half::bf16,
+        k: usize,
+    ) -> [[S::V; NV]; M] {
+        // SAFETY: `b` is a pair-interleaved panel (`panel_pair_at`) of `round_up(k, 2)` rows: each
+        // step reads 2 rows x 32 columns = 64 values; `a[i]` is read at `kk + 1 < k` only.
+        unsafe {
+            let mut acc = [[S::zero(); NV]; M];
+            let mut bp = b.cast::<u16>();
+            let mut kk = 0;
+            while kk + 1 < k {
+                let bv: [(S::V, S::V); NV] =
+                    std::array::from_fn(|v| S::load_bf16_pairs(bp.add(v * 2 * S::W)));
+                for i in 0..M {
+                    let a0 = S::splat(*a[i].add(kk));
+                    let a1 = S::splat(*a[i].add(kk + 1));
+                    for v in 0..NV {
+                        acc[i][v] = S::fma(a1, bv[v].1, S::fma(a0, bv[v].0, acc[i][v]));
+                    }
+                }
+                bp = bp.add(2 * PANEL);
+                kk += 2;
+            }
+            if kk < k {
+                // Odd k: the last pair's second row is padding, and `a[i][k]` is past the row.
+                let bv: [(S::V, S::V); NV] =
+                    std::array::from_fn(|v| S::load_bf16_pairs(bp.add(v * 2 * S::W)));
+                for i in 0..M {
+                    let a0 = S::splat(*a[i].add(kk));
+                    for v in 0..NV {
+                        acc[i][v] = S::fma(a0, bv[v].0, acc[i][v]);
+                    }
                 }
             }
-            bp = bp.add(ldb);
+            acc
         }
-        acc
+    }
+
+    fn widen_panel(b: &[Self], k: usize, out: &mut [f32]) {
+        for kk in 0..k {
+            for c in 0..PANEL {
+                out[kk * PANEL + c] = b[panel_pair_at(0, kk, c)].to_f32();
+            }
+        }
     }
 }
 
 /// First matmul for rows `r0..r0+M` of the block: gathered token rows times all `w1` panels.
 #[inline(always)]
-unsafe fn mm1_rows<S: Simd, const M: usize, const NV: usize>(
+unsafe fn mm1_rows<S: Simd, E: Elem, const M: usize, const NV: usize>(
     job: &Job,
     e: usize,
     pair0: usize,
@@ -718,13 +1131,13 @@ unsafe fn mm1_rows<S: Simd, const M: usize, const NV: usize>(
         let t = job.groups.tokens[pair0 + r0 + i] as usize;
         xp.wrapping_add(t * d)
     });
-    let w1 = ex.w1(e);
+    let (w1, k1) = (ex.w1::<E>(e), ex.k1);
     for p in (0..n1).step_by(PANEL) {
         // SAFETY: each `a[i]` is a token row of `x` (token ids < T, asserted in `moe_forward`),
-        // `d` floats; panel `p` of `w1(e)` has `d` rows of 32 floats (`n1` is a multiple of 32); `z` has
+        // `d` floats; panel `p` of `w1(e)` has `k1 >= d` rows of 32 values (`n1` is a multiple of 32); `z` has
         // `block_rows() * n1` floats (sized in `run`) and `r0 + i < m <= block_rows()`.
         unsafe {
-            let acc = tile::<S, M, NV>(&a, w1.add(p * d), PANEL, d);
+            let acc = E::tile::<S, M, NV>(&a, w1.add(p * k1), d);
             for (i, row) in acc.iter().enumerate() {
                 for (v, &r) in row.iter().enumerate() {
                     S::store(z.add((r0 + i) * n1 + p + v * S::W), r);
@@ -737,7 +1150,7 @@ unsafe fn mm1_rows<S: Simd, const M: usize, const NV: usize>(
 /// Second matmul for rows `r0..r0+M`: hidden rows times `w2`, plus `w * down_bias`, added into
 /// the destination rows.
 #[inline(always)]
-unsafe fn mm2_rows<S: Simd, const M: usize, const NV: usize>(
+unsafe fn mm2_rows<S: Simd, E: Elem, const M: usize, const NV: usize>(
     job: &Job,
     e: usize,
     pair0: usize,
@@ -750,7 +1163,7 @@ unsafe fn mm2_rows<S: Simd, const M: usize, const NV: usize>(
     let a: [*const f32; M] = std::array::from_fn(|i| z.wrapping_add((r0 + i) * n1));
     let out: [*mut f32; M] = std::array::from_fn(|i| job.dst_row(dst, pair0 + r0 + i));
     let w: [f32; M] = std::array::from_fn(|i| job.groups.weights[pair0 + r0 + i]);
-    let w2 = ex.w2(e);
+    let w2 = ex.w2::<E>(e);
     let b2 = ex.b2.as_ref().map(|b| b[e * d_pad..].as_ptr());
     for q in (0..d_pad).step_by(PANEL) {
         // SAFETY: `a[i]` is a row of the `z` block (`h_pad` floats of its `n1`); panel `q` of
@@ -758,7 +1171,7 @@ unsafe fn mm2_rows<S: Simd, const M: usize, const NV: usize>(
         // `Job::dst_row`), and `accumulate` touches only `d - col` of them; `b2` has `d_pad` floats from
         // `e * d_pad`.
         unsafe {
-            let acc = tile::<S, M, NV>(&a, w2.add(q * ex.h_pad), PANEL, ex.h_pad);
+            let acc = E::tile::<S, M, NV>(&a, w2.add(q * ex.h_pad), ex.h_pad);
             for (i, row) in acc.iter().enumerate() {
                 for (v, &r) in row.iter().enumerate() {
                     let col = q + v * S::W;
@@ -840,30 +1253,30 @@ unsafe fn hidden<S: Simd>(job: &Job, e: usize, pair0: usize, m: usize, z: *mut f
 /// Runs `f::<S, M, NV>(.., r0, ..)` over rows `0..m` in tiles of `MR` rows, then 4, 2 and 1 for the
 /// remainder (const generics need a literal per tile height).
 macro_rules! row_tiles {
-    ($m:expr, $mr:ident, $r0:ident => $f:ident::<$s:ident, _, $nv:ident>($($arg:expr),*)) => {{
+    ($m:expr, $mr:ident, $r0:ident => $f:ident::<$s:ident, $e:ident, _, $nv:ident>($($arg:expr),*)) => {{
         let m = $m;
         let mut $r0 = 0usize;
         while $r0 + $mr <= m {
-            $f::<$s, $mr, $nv>($($arg),*);
+            $f::<$s, $e, $mr, $nv>($($arg),*);
             $r0 += $mr;
         }
         while $r0 + 4 <= m {
-            $f::<$s, 4, $nv>($($arg),*);
+            $f::<$s, $e, 4, $nv>($($arg),*);
             $r0 += 4;
         }
         while $r0 + 2 <= m {
-            $f::<$s, 2, $nv>($($arg),*);
+            $f::<$s, $e, 2, $nv>($($arg),*);
             $r0 += 2;
         }
         while $r0 < m {
-            $f::<$s, 1, $nv>($($arg),*);
+            $f::<$s, $e, 1, $nv>($($arg),*);
             $r0 += 1;
         }
     }};
 }
 
 #[inline(always)]
-unsafe fn fused_items<S: Simd, const MR: usize, const NV: usize>(
+unsafe fn fused_items<S: Simd, E: Elem, const MR: usize, const NV: usize>(
     job: &Job,
     dst: Dst,
     ts: &mut ThreadScratch,
@@ -880,9 +1293,9 @@ unsafe fn fused_items<S: Simd, const MR: usize, const NV: usize>(
             // `b0..b0 + m` is in this thread's destination (`dst`), and `m <= block_rows()`, the rows `z`
             // was sized for in `run`; the pointer bounds of each step are stated where they are formed.
             unsafe {
-                row_tiles!(m, MR, r0 => mm1_rows::<S, _, NV>(job, e, b0, r0, z));
+                row_tiles!(m, MR, r0 => mm1_rows::<S, E, _, NV>(job, e, b0, r0, z));
                 hidden::<S>(job, e, b0, m, z);
-                row_tiles!(m, MR, r0 => mm2_rows::<S, _, NV>(job, e, b0, r0, z, dst));
+                row_tiles!(m, MR, r0 => mm2_rows::<S, E, _, NV>(job, e, b0, r0, z, dst));
             }
             b0 += m;
         }
@@ -890,9 +1303,11 @@ unsafe fn fused_items<S: Simd, const MR: usize, const NV: usize>(
 }
 
 #[inline(always)]
-unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+unsafe fn gemm_items<S: Simd, E: Elem>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     let ex = job.ex;
-    let (d, d_pad, n1, h_pad) = (ex.d, ex.d_pad, ex.n1, ex.h_pad);
+    let (d, d_pad, n1, h_pad, k1) = (ex.d, ex.d_pad, ex.n1, ex.h_pad, ex.k1);
+    let (w1_all, w2_all) = (E::weights(&ex.w1), E::weights(&ex.w2));
+    let wide = E::DTYPE != WeightDtype::F32;
     let block = ex.block_rows();
     let z = ts.z.as_mut_ptr();
     let xg = ts.xg.as_mut_ptr();
@@ -914,6 +1329,13 @@ unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                 }
                 // z = xg @ w1, one call per 32-column panel (read_dst false: dst = beta * lhs @ rhs).
                 for p in (0..n1).step_by(PANEL) {
+                    let panel = if wide {
+                        let at = e * k1 * n1 + p * k1;
+                        E::widen_panel(&w1_all[at..at + k1 * PANEL], d, &mut ts.wp);
+                        ts.wp.as_ptr()
+                    } else {
+                        ex.w1::<f32>(e).add(p * d)
+                    };
                     gemm::gemm(
                         m,
                         PANEL,
@@ -925,7 +1347,7 @@ unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                         xg,
                         1,
                         d as isize,
-                        ex.w1(e).add(p * d),
+                        panel,
                         1,
                         PANEL as isize,
                         0.0,
@@ -938,6 +1360,13 @@ unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                 }
                 hidden::<S>(job, e, b0, m, z);
                 for q in (0..d_pad).step_by(PANEL) {
+                    let panel = if wide {
+                        let at = e * h_pad * d_pad + q * h_pad;
+                        E::widen_panel(&w2_all[at..at + h_pad * PANEL], h_pad, &mut ts.wp);
+                        ts.wp.as_ptr()
+                    } else {
+                        ex.w2::<f32>(e).add(q * h_pad)
+                    };
                     gemm::gemm(
                         m,
                         PANEL,
@@ -949,7 +1378,7 @@ unsafe fn gemm_items<S: Simd>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                         z,
                         1,
                         n1 as isize,
-                        ex.w2(e).add(q * h_pad),
+                        panel,
                         1,
                         PANEL as isize,
                         0.0,

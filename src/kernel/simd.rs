@@ -33,6 +33,11 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// The activation, lane-wise.
     unsafe fn act(a: Activation, x: Self::V) -> Self::V;
+    /// `W` IEEE half-precision values (bits) widened to f32 (exact).
+    unsafe fn load_f16(p: *const u16) -> Self::V;
+    /// `2 * W` bfloat16 values (bits) stored as `W` pairs `(k, k + 1)`, widened to f32 (exact):
+    /// the first register holds every pair's first value, the second every pair's second.
+    unsafe fn load_bf16_pairs(p: *const u16) -> (Self::V, Self::V);
 }
 
 /// Plain Rust "vector" of 8 lanes: LLVM turns the lane loops into SSE2 code on any x86-64, and the
@@ -81,6 +86,22 @@ unsafe impl Simd for Portable {
     #[inline(always)]
     unsafe fn act(a: Activation, x: Self::V) -> Self::V {
         x.map(|v| a.apply(v))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self::V {
+        // SAFETY: the caller guarantees `p` points to 8 readable values (`Simd::load_f16`).
+        let bits = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
+        bits.map(|b| half::f16::from_bits(b).to_f32())
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_pairs(p: *const u16) -> (Self::V, Self::V) {
+        // SAFETY: the caller guarantees `p` points to 16 readable values (`Simd::load_bf16_pairs`).
+        let bits = unsafe { p.cast::<[u16; 16]>().read_unaligned() };
+        // A bfloat16 is the top half of an f32: widening is a shift.
+        (
+            std::array::from_fn(|i| f32::from_bits((bits[2 * i] as u32) << 16)),
+            std::array::from_fn(|i| f32::from_bits((bits[2 * i + 1] as u32) << 16)),
+        )
     }
 }
 
@@ -209,6 +230,25 @@ mod x86 {
                 _mm256_div_ps(x, den)
             }
         }
+
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self::V {
+            // SAFETY: the caller guarantees `p` points to 8 readable values; F16C is enabled by
+            // the entry points with AVX2 (`has_avx2` checks it).
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_pairs(p: *const u16) -> (Self::V, Self::V) {
+            // SAFETY: the caller guarantees `p` points to 16 readable values. Each 32-bit lane
+            // holds a pair, first value in the low half (little-endian): shifting it up gives the
+            // first value as f32, masking the low half off gives the second.
+            unsafe {
+                let v = _mm256_loadu_si256(p.cast());
+                let lo = _mm256_slli_epi32::<16>(v);
+                let hi = _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF_0000u32 as i32));
+                (_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi))
+            }
+        }
     }
 
     /// AVX-512F, 16 lanes.
@@ -306,6 +346,22 @@ mod x86 {
                 let neg = _mm512_sub_ps(_mm512_setzero_ps(), z);
                 let den = _mm512_add_ps(_mm512_set1_ps(1.0), exp512(neg));
                 _mm512_div_ps(x, den)
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self::V {
+            // SAFETY: the caller guarantees `p` points to 16 readable values; `vcvtph2ps` on zmm
+            // is AVX-512F.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16_pairs(p: *const u16) -> (Self::V, Self::V) {
+            // SAFETY: the caller guarantees `p` points to 32 readable values; as for `Avx2`.
+            unsafe {
+                let v = _mm512_loadu_si512(p.cast());
+                let lo = _mm512_slli_epi32::<16>(v);
+                let hi = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
+                (_mm512_castsi512_ps(lo), _mm512_castsi512_ps(hi))
             }
         }
     }

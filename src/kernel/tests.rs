@@ -407,3 +407,254 @@ fn packing_reports_shapes() {
     assert!(p.gated());
     assert_eq!(p.flops_per_pair(), 2 * 20 * 10 * 3);
 }
+
+/// `raw`'s weights rounded to `T` (biases stay f32), as the stacked `T` values to pack and as
+/// f32 values (exactly the rounded ones) for the reference.
+fn rounded<T: ExpertWeight>(
+    raw: &Raw,
+    to: impl Fn(f32) -> T,
+    back: impl Fn(T) -> f32,
+) -> (Raw, PackedExperts) {
+    let half = |v: &[f32]| -> Vec<T> { v.iter().map(|&x| to(x)).collect() };
+    let (up, gate, down) = (
+        half(&raw.up),
+        raw.gate.as_deref().map(half),
+        half(&raw.down),
+    );
+    let wide = |v: &[T]| -> Vec<f32> { v.iter().map(|&x| back(x)).collect() };
+    let reference = Raw {
+        e: raw.e,
+        d: raw.d,
+        h: raw.h,
+        act: raw.act,
+        up: wide(&up),
+        gate: gate.as_deref().map(wide),
+        down: wide(&down),
+        up_bias: raw.up_bias.clone(),
+        down_bias: raw.down_bias.clone(),
+    };
+    let packed = PackedExperts::new(
+        raw.e,
+        raw.d,
+        raw.h,
+        raw.act,
+        &up,
+        gate.as_deref(),
+        &down,
+        raw.up_bias.as_deref(),
+        raw.down_bias.as_deref(),
+    );
+    (reference, packed)
+}
+
+#[test]
+fn half_precision_weights_match_f64_reference_and_the_f32_kernel_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
+    // Odd d (33, 47) exercises the bf16 pair padding and the odd-k tail.
+    let shapes = [
+        (8, 64, 32, false, true, false),
+        (8, 33, 40, true, true, true),
+        (6, 47, 64, true, false, true),
+    ];
+    let mut runs = 0;
+    for (si, &(e, d, h, gated, ub, db)) in shapes.iter().enumerate() {
+        let act = [Activation::Gelu, Activation::Silu][si % 2];
+        let raw = Raw::random(&mut rng, e, d, h, act, gated, ub, db);
+        let f16 = rounded(&raw, half::f16::from_f32, half::f16::to_f32);
+        let bf16 = rounded(&raw, half::bf16::from_f32, half::bf16::to_f32);
+        for (name, (reference, packed), dtype, bytes) in [
+            ("f16", f16, WeightDtype::F16, 2),
+            ("bf16", bf16, WeightDtype::Bf16, 2),
+        ] {
+            assert_eq!(packed.dtype(), dtype);
+            assert_eq!(dtype.bytes(), bytes);
+            // The same values in f32: the half-precision kernels must give its exact bits.
+            let widened = reference.pack();
+            // Half the bytes of f32, but for bf16's even row count (d 33 and 47 store 34 and 48).
+            let ratio = packed.expert_bytes() as f64 / widened.expert_bytes() as f64;
+            assert!(
+                (0.5..0.52).contains(&ratio),
+                "{name}: {ratio} of the f32 size"
+            );
+            for &tokens in &[1usize, 7, 256] {
+                let policy = RoutingPolicy::threshold(0.8);
+                let routing = random_routing(&mut rng, tokens, e, policy);
+                let mut groups = ExpertGroups::default();
+                groups.build(&routing);
+                let x: Vec<f32> = (0..tokens * d)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect();
+                let want = reference.reference(&x, &routing);
+                for v in KernelVariant::testable() {
+                    for threads in [1, 2] {
+                        let what = format!("{name} {v:?} threads={threads} T={tokens} shape#{si}");
+                        let mut out = vec![f32::NAN; tokens * d];
+                        moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, threads);
+                        check(&out, &want, &what);
+                        let mut same = vec![f32::NAN; tokens * d];
+                        moe_forward(&widened, &x, &groups, &mut same, &mut scratch, v, threads);
+                        if v != KernelVariant::Gemm {
+                            assert!(
+                                out.iter()
+                                    .zip(&same)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{what}: differs from the f32 kernel on the widened weights"
+                            );
+                        }
+                        runs += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(runs >= 3 * 2 * 3 * 2 * 2, "only {runs} runs");
+}
+
+#[test]
+fn experts_packed_one_at_a_time_equal_the_stacked_packing_and_bad_shapes_are_errors() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let (e, d, h) = (4, 21, 18);
+    let raw = Raw::random(&mut rng, e, d, h, Activation::Silu, true, false, false);
+    let to =
+        |v: &[f32]| -> Vec<half::bf16> { v.iter().map(|&x| half::bf16::from_f32(x)).collect() };
+    let (up, gate, down) = (to(&raw.up), to(raw.gate.as_ref().unwrap()), to(&raw.down));
+    let stacked = PackedExperts::new(
+        e,
+        d,
+        h,
+        raw.act,
+        &up,
+        Some(gate.as_slice()),
+        &down,
+        None,
+        None,
+    );
+    let hd = h * d;
+    let one = |x: usize| ExpertData {
+        up: up[x * hd..(x + 1) * hd].to_vec(),
+        gate: Some(gate[x * hd..(x + 1) * hd].to_vec()),
+        down: down[x * hd..(x + 1) * hd].to_vec(),
+    };
+    let each = PackedExperts::from_experts::<_, String>(e, d, h, true, raw.act, None, None, |x| {
+        Ok(one(x))
+    })
+    .unwrap();
+    let bits = |p: &PackedExperts| -> (Vec<u16>, Vec<u16>) {
+        match (&p.w1, &p.w2) {
+            (PackedWeights::Bf16(a), PackedWeights::Bf16(b)) => (
+                a.iter().map(|v| v.to_bits()).collect(),
+                b.iter().map(|v| v.to_bits()).collect(),
+            ),
+            _ => panic!("not bf16"),
+        }
+    };
+    assert_eq!(bits(&stacked), bits(&each));
+    // A short `down` and a missing gate are reported with the expert.
+    let err = PackedExperts::from_experts::<_, String>(e, d, h, true, raw.act, None, None, |x| {
+        let mut w = one(x);
+        if x == 2 {
+            w.down.pop();
+        }
+        Ok(w)
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("expert 2: down has 377 values, expected 378"),
+        "{err}"
+    );
+    let err = PackedExperts::from_experts::<_, String>(e, d, h, true, raw.act, None, None, |x| {
+        Ok(ExpertData {
+            gate: None,
+            ..one(x)
+        })
+    })
+    .unwrap_err();
+    assert!(err.contains("expert 0: gate missing"), "{err}");
+}
+
+#[test]
+fn bf16_pairs_and_f16_widen_exactly_on_every_simd() {
+    // Every bf16 and f16 bit pattern that is a finite number, through each SIMD widening.
+    let bf: Vec<u16> = (0..=u16::MAX)
+        .filter(|&b| half::bf16::from_bits(b).is_finite())
+        .collect();
+    let f16: Vec<u16> = (0..=u16::MAX)
+        .filter(|&b| half::f16::from_bits(b).is_finite())
+        .collect();
+    let check_isa = |name: &str, (pairs, halves): (Vec<f32>, Vec<f32>)| {
+        for (i, (&got, &b)) in pairs.iter().zip(&bf).enumerate() {
+            assert_eq!(
+                got.to_bits(),
+                half::bf16::from_bits(b).to_f32().to_bits(),
+                "{name} bf16 #{i}"
+            );
+        }
+        for (i, (&got, &b)) in halves.iter().zip(&f16).enumerate() {
+            assert_eq!(
+                got.to_bits(),
+                half::f16::from_bits(b).to_f32().to_bits(),
+                "{name} f16 #{i}"
+            );
+        }
+        assert!(pairs.len() >= bf.len() / 32 * 32 && halves.len() >= f16.len() / 16 * 16);
+    };
+    #[cfg(target_arch = "x86_64")]
+    {
+        let testable = KernelVariant::testable();
+        if testable.contains(&KernelVariant::Avx512) {
+            // SAFETY: `testable` includes AVX-512 only when `is_supported` found the features.
+            check_isa("avx512", unsafe { widen_avx512(&bf, &f16) });
+        }
+        if testable.contains(&KernelVariant::Avx2) {
+            // SAFETY: as above, for AVX2 (with F16C).
+            check_isa("avx2", unsafe { widen_avx2(&bf, &f16) });
+        }
+    }
+    // SAFETY: `Portable` needs no CPU feature.
+    check_isa("portable", unsafe { widen_with::<Portable>(&bf, &f16) });
+}
+
+/// The bf16 values widened in pair order (`load_bf16_pairs` splits each pair; this puts them
+/// back in memory order) and the f16 values, over whole registers.
+#[inline(always)]
+unsafe fn widen_with<S: Simd>(bf: &[u16], f16: &[u16]) -> (Vec<f32>, Vec<f32>) {
+    let (mut pairs, mut halves) = (Vec::new(), Vec::new());
+    let mut lanes = [0.0f32; 16];
+    let mut lanes2 = [0.0f32; 16];
+    for c in bf.chunks_exact(2 * S::W) {
+        // SAFETY: `c` has `2 W` values; `lanes` hold 16 >= W floats.
+        unsafe {
+            let (a, b) = S::load_bf16_pairs(c.as_ptr());
+            S::store(lanes.as_mut_ptr(), a);
+            S::store(lanes2.as_mut_ptr(), b);
+        }
+        for (&a, &b) in lanes[..S::W].iter().zip(&lanes2[..S::W]) {
+            pairs.push(a);
+            pairs.push(b);
+        }
+    }
+    for c in f16.chunks_exact(S::W) {
+        // SAFETY: `c` has `W` values.
+        unsafe { S::store(lanes.as_mut_ptr(), S::load_f16(c.as_ptr())) };
+        halves.extend_from_slice(&lanes[..S::W]);
+    }
+    (pairs, halves)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn widen_avx512(bf: &[u16], f16: &[u16]) -> (Vec<f32>, Vec<f32>) {
+    // SAFETY: this function enables what `Avx512` uses; its caller checked the CPU has it.
+    unsafe { widen_with::<Avx512>(bf, f16) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_avx2(bf: &[u16], f16: &[u16]) -> (Vec<f32>, Vec<f32>) {
+    // SAFETY: this function enables what `Avx2` uses; its caller checked the CPU has it.
+    unsafe { widen_with::<Avx2>(bf, f16) }
+}

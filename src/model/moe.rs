@@ -2,12 +2,15 @@
 
 use std::sync::Mutex;
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
+use safetensors::Dtype;
 
 use super::blocks::ffn::activate;
 use super::format::{LoadError, ModelFile};
 use crate::kernel::{Activation, ClampedSwiglu};
-use crate::kernel::{KernelVariant, MoeScratch, PackedExperts, moe_forward};
+use crate::kernel::{
+    ExpertData, ExpertWeight, KernelVariant, MoeScratch, PackedExperts, moe_forward,
+};
 use crate::routing::ExpertGroups;
 
 /// How the experts of a MoE layer compute.
@@ -170,11 +173,6 @@ impl MoeExperts {
                     detail: format!("this CPU does not support the {variant:?} kernel"),
                 });
             }
-            let up = stacked("up_proj", "up_proj.weight", &[e, h, d]);
-            let gate = cfg
-                .gated
-                .then(|| stacked("gate_proj", "gate_proj.weight", &[e, h, d]));
-            let down = stacked("down_proj", "down_proj.weight", &[e, d, h]);
             let (ub, db) = if cfg.expert_bias {
                 (
                     Some(stacked("up_bias", "up_proj.bias", &[e, h])),
@@ -183,17 +181,44 @@ impl MoeExperts {
             } else {
                 (None, None)
             };
-            let packed = PackedExperts::new(
-                e,
-                d,
-                h,
-                cfg.activation,
-                &up,
-                gate.as_deref(),
-                &down,
-                ub.as_deref(),
-                db.as_deref(),
-            );
+            let packed = match stored_half_dtype(file, p, per_expert, e, cfg.gated) {
+                // Half-precision experts are packed straight from the file's bytes, one expert
+                // at a time, in their own precision: no f32 copy of the layer is ever made.
+                Some(Dtype::F16) => pack_from_file::<half::f16>(
+                    file,
+                    p,
+                    per_expert,
+                    cfg,
+                    ub.as_deref(),
+                    db.as_deref(),
+                ),
+                Some(Dtype::BF16) => pack_from_file::<half::bf16>(
+                    file,
+                    p,
+                    per_expert,
+                    cfg,
+                    ub.as_deref(),
+                    db.as_deref(),
+                ),
+                _ => {
+                    let up = stacked("up_proj", "up_proj.weight", &[e, h, d]);
+                    let gate = cfg
+                        .gated
+                        .then(|| stacked("gate_proj", "gate_proj.weight", &[e, h, d]));
+                    let down = stacked("down_proj", "down_proj.weight", &[e, d, h]);
+                    PackedExperts::new(
+                        e,
+                        d,
+                        h,
+                        cfg.activation,
+                        &up,
+                        gate.as_deref(),
+                        &down,
+                        ub.as_deref(),
+                        db.as_deref(),
+                    )
+                }
+            };
             return Ok(Self {
                 n_experts: e,
                 activation: cfg.activation,
@@ -267,14 +292,24 @@ impl MoeExperts {
         options: LoadOptions,
     ) -> candle_core::Result<Self> {
         let n_experts = weights.gate.len();
-        let all_f32 = [&weights.gate, &weights.up, &weights.down]
+        // The kernel keeps f32, f16 and bf16 weights as they are (one dtype for the layer).
+        let dtypes: Vec<DType> = [&weights.gate, &weights.up, &weights.down]
             .iter()
-            .all(|ws| ws.iter().all(|w| w.dtype() == candle_core::DType::F32));
-        let variant = match (options.dispatch, device.is_cpu()) {
-            (MoeDispatch::Auto, true) if all_f32 => Some(KernelVariant::Auto),
-            (MoeDispatch::Kernel(v), true) if all_f32 => Some(v),
-            (MoeDispatch::Kernel(_), _) => candle_core::bail!(
-                "the CPU expert kernel needs f32 expert weights on the CPU device; use --moe candle"
+            .flat_map(|ws| ws.iter().map(|w| w.dtype()))
+            .collect();
+        let common = dtypes
+            .first()
+            .copied()
+            .filter(|first| dtypes.iter().all(|d| d == first))
+            .filter(|d| matches!(d, DType::F32 | DType::F16 | DType::BF16));
+        let variant = match (options.dispatch, device.is_cpu(), common) {
+            (MoeDispatch::Auto, true, Some(_)) => Some(KernelVariant::Auto),
+            (MoeDispatch::Kernel(v), true, Some(_)) => Some(v),
+            (MoeDispatch::Kernel(_), _, _) => candle_core::bail!(
+                "the CPU expert kernel needs f32, f16 or bf16 expert weights (one dtype for the \
+                 layer, found {dtypes}) on the CPU device; use --moe candle",
+                dtypes =
+                    common.map_or_else(|| format!("{:?}", dedup(&dtypes)), |d| format!("{d:?}"))
             ),
             _ => None,
         };
@@ -282,25 +317,11 @@ impl MoeExperts {
             if !variant.is_supported() {
                 candle_core::bail!("this CPU does not support the {variant:?} kernel");
             }
-            let (h, d) = weights.gate[0].dims2()?;
-            let flat = |ws: &[Tensor]| -> candle_core::Result<Vec<f32>> {
-                let mut out = Vec::with_capacity(ws.len() * h * d);
-                for w in ws {
-                    out.extend(w.flatten_all()?.to_vec1::<f32>()?);
-                }
-                Ok(out)
+            let packed = match common {
+                Some(DType::F16) => pack_tensors::<half::f16>(weights, activation)?,
+                Some(DType::BF16) => pack_tensors::<half::bf16>(weights, activation)?,
+                _ => pack_tensors::<f32>(weights, activation)?,
             };
-            let packed = PackedExperts::new(
-                n_experts,
-                d,
-                h,
-                activation,
-                &flat(&weights.up)?,
-                Some(&flat(&weights.gate)?),
-                &flat(&weights.down)?,
-                None,
-                None,
-            );
             return Ok(Self {
                 n_experts,
                 activation,
@@ -412,6 +433,133 @@ impl KernelExperts {
             );
         }
         Tensor::from_vec(out, x.shape(), x.device())
+    }
+}
+
+/// The dtypes in `dtypes`, each once.
+fn dedup(dtypes: &[DType]) -> Vec<DType> {
+    let mut seen = Vec::new();
+    for d in dtypes {
+        if !seen.contains(d) {
+            seen.push(*d);
+        }
+    }
+    seen
+}
+
+/// Packs gated per-expert tensors in their own precision `T`, dropping each expert's tensors once
+/// it is packed: at most one expert is held twice while loading.
+fn pack_tensors<T: ExpertWeight + candle_core::WithDType>(
+    weights: ExpertWeights,
+    activation: Activation,
+) -> candle_core::Result<PackedExperts> {
+    let n = weights.gate.len();
+    let (h, d) = weights.gate[0].dims2()?;
+    let take = |ws: Vec<Tensor>| ws.into_iter().map(Some).collect::<Vec<_>>();
+    let (mut gate, mut up, mut down) = (take(weights.gate), take(weights.up), take(weights.down));
+    let flat = |w: Option<Tensor>| -> Result<Vec<T>, String> {
+        w.ok_or("expert tensor taken twice")?
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<T>())
+            .map_err(|e| e.to_string())
+    };
+    PackedExperts::from_experts::<T, String>(n, d, h, true, activation, None, None, |e| {
+        Ok(ExpertData {
+            gate: Some(flat(gate[e].take())?),
+            up: flat(up[e].take())?,
+            down: flat(down[e].take())?,
+        })
+    })
+    .map_err(candle_core::Error::Msg)
+}
+
+/// `Some(F16)` / `Some(BF16)` when every expert weight of the layer under `prefix` is stored in
+/// that one half-precision dtype.
+fn stored_half_dtype(
+    file: &ModelFile,
+    prefix: &str,
+    per_expert: bool,
+    n_experts: usize,
+    gated: bool,
+) -> Option<Dtype> {
+    let mut kinds = vec!["up_proj", "down_proj"];
+    if gated {
+        kinds.push("gate_proj");
+    }
+    let names: Vec<String> = if per_expert {
+        (0..n_experts)
+            .flat_map(|x| {
+                kinds
+                    .iter()
+                    .map(move |k| format!("{prefix}.{x}.{k}.weight"))
+            })
+            .collect()
+    } else {
+        kinds.iter().map(|k| format!("{prefix}.{k}")).collect()
+    };
+    let first = file.raw(&names[0]).dtype;
+    (matches!(first, Dtype::F16 | Dtype::BF16) && names.iter().all(|n| file.raw(n).dtype == first))
+        .then_some(first)
+}
+
+/// Packs the experts under `prefix` from the file's half-precision bytes (dtype `T`, checked by
+/// [`stored_half_dtype`]), one expert at a time.
+fn pack_from_file<T: ExpertWeight + HalfBits>(
+    file: &ModelFile,
+    prefix: &str,
+    per_expert: bool,
+    cfg: &crate::model::config::ModelConfig,
+    up_bias: Option<&[f32]>,
+    down_bias: Option<&[f32]>,
+) -> PackedExperts {
+    let (e, d, h) = (cfg.n_experts, cfg.d_model, cfg.expert_hidden);
+    let hd = h * d;
+    // Values of expert `x` of the tensor kind `k`, from its own tensor or its slice of the stack.
+    let values = |x: usize, k: &str| -> Vec<T> {
+        let (raw, from) = if per_expert {
+            (file.raw(&format!("{prefix}.{x}.{k}.weight")), 0)
+        } else {
+            (file.raw(&format!("{prefix}.{k}")), x * hd)
+        };
+        raw.data[2 * from..2 * (from + hd)]
+            .chunks_exact(2)
+            .map(|b| T::from_bits16(u16::from_le_bytes([b[0], b[1]])))
+            .collect()
+    };
+    let packed = PackedExperts::from_experts::<T, String>(
+        e,
+        d,
+        h,
+        cfg.gated,
+        cfg.activation,
+        up_bias,
+        down_bias,
+        |x| {
+            Ok(ExpertData {
+                up: values(x, "up_proj"),
+                gate: cfg.gated.then(|| values(x, "gate_proj")),
+                down: values(x, "down_proj"),
+            })
+        },
+    );
+    // Every shape was checked when the file was opened.
+    packed.unwrap_or_else(|err| unreachable!("{err}"))
+}
+
+/// A half-precision type from its bits.
+trait HalfBits {
+    fn from_bits16(bits: u16) -> Self;
+}
+
+impl HalfBits for half::f16 {
+    fn from_bits16(bits: u16) -> Self {
+        half::f16::from_bits(bits)
+    }
+}
+
+impl HalfBits for half::bf16 {
+    fn from_bits16(bits: u16) -> Self {
+        half::bf16::from_bits(bits)
     }
 }
 
