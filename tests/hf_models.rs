@@ -536,8 +536,9 @@ fn gpt_oss_mxfp4_experts_load_as_their_dequantised_values() {
     let err = max_rel(&logits, &f32s(&g["logits"]));
     assert!(err < 1e-4, "padded experts: logits off by {err}");
 
-    // The MXFP4 checkpoint keeps its expert weights in bf16 (the dequantised values are exact in
-    // bf16) and gives the logits of the f32 checkpoint holding the same values.
+    // On the CPU the MXFP4 experts stay packed (`--moe auto`) and give the logits of the f32
+    // checkpoint holding the same values, and of the dequantise-to-bf16 path (`--moe candle`,
+    // exact in bf16).
     let source = ModelSource::open(&packed).unwrap();
     assert!(
         source
@@ -545,8 +546,7 @@ fn gpt_oss_mxfp4_experts_load_as_their_dequantised_values() {
             .iter()
             .any(|t| t.0.ends_with("gate_up_proj_blocks") && t.1 == "U8")
     );
-    // The memory check before loading counts the experts as the bf16 they become: 4 bytes per
-    // byte of blocks (32 values of 2 bytes per 16 bytes), the scales dropped.
+    // The memory check before loading counts the packed experts as stored.
     let table = source.tensor_table();
     let bytes = |suffix: &str| -> usize {
         table
@@ -556,15 +556,20 @@ fn gpt_oss_mxfp4_experts_load_as_their_dequantised_values() {
             .sum()
     };
     assert!(bytes("_blocks") > 0 && bytes("_scales") > 0);
-    assert_eq!(
-        source.resident_weight_bytes(),
-        source.file_bytes() + 3 * bytes("_blocks") - bytes("_scales")
-    );
+    assert_eq!(source.resident_weight_bytes(), source.file_bytes());
     let want = load(&reference, MoeDispatch::Auto);
     let got = load(&packed, MoeDispatch::Auto);
     let routing = want.default_routing();
     let (want_logits, want_trace) = run(&want, &tokens, &routing);
     let (got_logits, got_trace) = run(&got, &tokens, &routing);
+    let (bf16_logits, _) = run(&load(&packed, MoeDispatch::Candle), &tokens, &routing);
+    let packed_vs_bf16 = got_logits
+        .iter()
+        .zip(&bf16_logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    println!("MXFP4 packed vs dequantised to bf16: max |logit diff| {packed_vs_bf16:.2e}");
+    assert!(packed_vs_bf16 < 1e-5, "packed vs bf16: {packed_vs_bf16}");
     let max_abs = got_logits
         .iter()
         .zip(&want_logits)

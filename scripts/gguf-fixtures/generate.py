@@ -9,7 +9,7 @@ Run by hand (never by the tests), from the repository root:
     /work/venv-goldens/bin/python scripts/gguf-fixtures/generate.py
 
 For each of mixtral (arch `llama`), qwen2_moe (`qwen2moe`), qwen3_moe (`qwen3moe`) and olmoe
-(`olmoe`) it writes `<family>.f32.gguf`, `<family>.q8_0.gguf` and `<family>.q4_1.gguf`. The
+(`olmoe`) it writes `<family>.f32.gguf`, `<family>.q8_0.gguf`, `<family>.q4_1.gguf` and `<family>.q4_0.gguf`. The
 quantised files quantise what the converter / llama-quantize would: 2-D and 3-D weight matrices
 whose rows (the innermost GGUF dimension) are a multiple of the block size (32), except the
 router `ffn_gate_inp` (kept F32, as the converter does); other matrices fall back to F16, 1-D
@@ -161,7 +161,8 @@ def write(path, family, cfg, tensors, qtype, dense=False):
     w = gguf.GGUFWriter(str(path), ARCH[family] if not dense else "llama")
     add_metadata(w, family, cfg, dense)
     w.add_file_type({Q.F32: gguf.LlamaFileType.ALL_F32, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-                     Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}[qtype])
+                     Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+                     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
     add_tokenizer(w)
     for name, arr in tensors:
         arr = np.ascontiguousarray(arr.astype(np.float32))
@@ -181,12 +182,12 @@ def write(path, family, cfg, tensors, qtype, dense=False):
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    suffix = {Q.F32: "f32", Q.Q8_0: "q8_0", Q.Q4_1: "q4_1"}
+    suffix = {Q.F32: "f32", Q.Q8_0: "q8_0", Q.Q4_1: "q4_1", Q.Q4_0: "q4_0"}
     for family in ARCH:
         cfg = json.loads((HF / family / "per_expert" / "config.json").read_text())
         st = load_file(str(HF / family / "per_expert" / "model.safetensors"))
         tensors = tensors_for(family, cfg, st)
-        for qt in (Q.F32, Q.Q8_0, Q.Q4_1):
+        for qt in (Q.F32, Q.Q8_0, Q.Q4_1, Q.Q4_0):
             path = OUT / f"{family}.{suffix[qt]}.gguf"
             write(path, family, cfg, tensors, qt)
             print(f"{path.relative_to(ROOT)}: {path.stat().st_size} bytes")

@@ -10,6 +10,7 @@ pub mod forward;
 pub mod gguf;
 pub mod hf;
 pub mod moe;
+pub mod quant;
 pub mod source;
 pub mod synth;
 pub mod trace;

@@ -101,6 +101,7 @@ enum ExpertCompute {
     Kernel(Box<KernelExperts>),
     Candle(CandleExperts),
     Stored(StoredExperts),
+    Quant(Box<super::quant::QuantExperts>),
 }
 
 /// The gated experts of one layer as `[out, in]` tensors, one per expert: `gate` and `up`
@@ -387,11 +388,23 @@ impl MoeExperts {
         })
     }
 
-    /// The dispatch in use, with the kernel variant resolved for this CPU.
+    /// Experts kept in their quantised form (GGUF blocks, MXFP4), multiplied in place.
+    pub fn quantized(experts: super::quant::QuantExperts, activation: Activation) -> Self {
+        Self {
+            n_experts: experts.n_experts(),
+            activation,
+            compute: ExpertCompute::Quant(Box::new(experts)),
+        }
+    }
+
+    /// The dispatch in use, with the kernel variant resolved for this CPU (quantised experts
+    /// are per-expert products like the candle path's).
     pub fn dispatch(&self) -> MoeDispatch {
         match &self.compute {
             ExpertCompute::Kernel(k) => MoeDispatch::Kernel(k.variant),
-            ExpertCompute::Candle(_) | ExpertCompute::Stored(_) => MoeDispatch::Candle,
+            ExpertCompute::Candle(_) | ExpertCompute::Stored(_) | ExpertCompute::Quant(_) => {
+                MoeDispatch::Candle
+            }
         }
     }
 
@@ -403,6 +416,7 @@ impl MoeExperts {
             ExpertCompute::Kernel(k) => k.forward(x, groups),
             ExpertCompute::Candle(c) => c.forward(x, groups, self.activation),
             ExpertCompute::Stored(s) => s.forward(x, groups, self.activation),
+            ExpertCompute::Quant(q) => q.forward(x, groups, self.activation),
         }
     }
 }
@@ -565,7 +579,7 @@ impl HalfBits for half::bf16 {
 
 /// `sum over experts e of w * f(e, x[rows of e])` scattered back to the rows: the gather,
 /// weighting and scatter-add of the candle paths, with `f` computing one expert on its rows.
-fn per_expert_groups(
+pub(super) fn per_expert_groups(
     x: &Tensor,
     groups: &ExpertGroups,
     mut f: impl FnMut(usize, &Tensor) -> candle_core::Result<Tensor>,
@@ -642,7 +656,11 @@ impl StoredExperts {
 
 /// [`ClampedSwiglu`] on tensors: `(clamp(up, -l, l) + 1) * g * sigmoid(alpha * g)` with
 /// `g = min(gate, l)`.
-fn clamped_swiglu(gate: &Tensor, up: &Tensor, c: ClampedSwiglu) -> candle_core::Result<Tensor> {
+pub(super) fn clamped_swiglu(
+    gate: &Tensor,
+    up: &Tensor,
+    c: ClampedSwiglu,
+) -> candle_core::Result<Tensor> {
     let limit = f64::from(c.limit);
     let g = gate.minimum(limit)?;
     let u = up.clamp(-limit, limit)?;

@@ -15,7 +15,7 @@ use crate::model::blocks::{
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
 use crate::model::hf::{HfCheckpoint, HfFamily};
-use crate::model::moe::{ExpertBiases, ExpertWeights, LoadOptions, MoeExperts};
+use crate::model::moe::{ExpertBiases, ExpertWeights, LoadOptions, MoeDispatch, MoeExperts};
 
 /// Builds every block of `ckpt` on `device`. Returns the parts and the names of the tensors it
 /// did not use (reported as warnings).
@@ -124,7 +124,30 @@ pub fn build(
             } else {
                 format!("{p}.mlp")
             };
-            let mut moe = if let Some(clamped) = c.clamped_swiglu {
+            let packed = |name: &str| ckpt.has(&format!("{m}.experts.{name}_blocks"));
+            // MXFP4 experts stay packed on the CPU unless a float dispatch is asked for.
+            let keep_mxfp4 = device.is_cpu()
+                && options.dispatch == MoeDispatch::Auto
+                && packed("gate_up_proj")
+                && packed("down_proj");
+            let mut moe = if let (Some(clamped), true) = (c.clamped_swiglu, keep_mxfp4) {
+                let router = widened(&format!("{m}.router.weight"), &[c.experts, h])?;
+                let bias = widened(&format!("{m}.router.bias"), &[c.experts])?;
+                let q = crate::model::hf::mxfp4::packed_experts(
+                    ckpt,
+                    &m,
+                    c.experts,
+                    c.expert_hidden,
+                    h,
+                    clamped,
+                    &widened,
+                    &used,
+                )?;
+                let experts = MoeExperts::quantized(q, Activation::Silu);
+                MoeBlock::new(ffn_norm, &router, experts, slot)
+                    .map_err(de)?
+                    .with_router_bias(bias)
+            } else if let Some(clamped) = c.clamped_swiglu {
                 let router = widened(&format!("{m}.router.weight"), &[c.experts, h])?;
                 let bias = widened(&format!("{m}.router.bias"), &[c.experts])?;
                 let (weights, biases) = gpt_oss_experts(

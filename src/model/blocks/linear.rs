@@ -10,6 +10,8 @@ enum Weight {
     /// `[out, in]` as stored in the checkpoint, in its own dtype (f32, f16 or bf16): a half-precision
     /// model keeps its size in memory, and each pass widens one weight at a time to f32.
     Stored(Tensor),
+    /// `[out, in]` kept quantised (GGUF blocks), multiplied without dequantising the matrix.
+    Quant(std::sync::Arc<crate::model::quant::QuantMatrix>),
 }
 
 /// A linear layer.
@@ -37,12 +39,25 @@ impl Linear {
         })
     }
 
+    /// From a quantised weight `[out, in]` (shared, e.g. with a tied embedding table); the
+    /// bias, if any, is widened to f32 now.
+    pub fn quantized(
+        weight: std::sync::Arc<crate::model::quant::QuantMatrix>,
+        bias: Option<Tensor>,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            w: Weight::Quant(weight),
+            b: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+        })
+    }
+
     /// `x` = [n, in] (f32) -> [n, out] (f32).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.w {
             Weight::Transposed(w_t) => x.matmul(w_t)?,
             // `to_dtype` to the same dtype is a cheap clone: an f32 weight is not copied.
             Weight::Stored(w) => x.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+            Weight::Quant(q) => q.forward(x)?,
         };
         match &self.b {
             Some(b) => y.broadcast_add(b),

@@ -1,10 +1,16 @@
 //! The blocks of a GGUF MoE model, from llama.cpp's tensor names (`gguf` Python package,
 //! `constants.py` `TENSOR_NAMES`): the same [blocks](crate::model::blocks) a Hugging Face
-//! checkpoint of the family builds, every weight dequantised to f32.
+//! checkpoint of the family builds. On the CPU every matrix stays as stored: quantised ones as
+//! [`QuantMatrix`] (experts multiplied in place in their stacked tensors), F16/BF16 ones in
+//! half precision; norms and routers are widened to f32. With
+//! [`GgufModel::set_dequantize`], on another device, or with `--moe kernel` for the experts,
+//! weights are dequantised to f32 on load instead (the reference the tests compare with).
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use super::{GgufArch, GgufFile, GgufModel, candle_message, gguf_error};
@@ -15,7 +21,27 @@ use crate::model::blocks::{
 };
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
-use crate::model::moe::{ExpertWeights, LoadOptions, MoeExperts};
+use crate::model::moe::{ExpertWeights, LoadOptions, MoeDispatch, MoeExperts};
+use crate::model::quant::{GateUp, QuantExperts, QuantMatrix};
+
+/// True for the ggml block types (not F32, F16, BF16).
+pub(crate) fn is_block_type(d: GgmlDType) -> bool {
+    !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// The row order that undoes `LlamaModel.permute` (see [`unpermute_rope_rows`]): row `i` of the
+/// result is row `order[i]` of the stored matrix.
+fn unpermute_order(rows: usize, heads: usize) -> Vec<usize> {
+    let d = rows / heads;
+    let half = d / 2;
+    (0..rows)
+        .map(|n| {
+            let (h, r) = (n / d, n % d);
+            let (two, i) = (r / half, r % half);
+            h * d + i * 2 + two
+        })
+        .collect()
+}
 
 /// Undoes `convert_hf_to_gguf.py`'s `LlamaModel.permute` on a q or k projection `[heads *
 /// head_dim, in]`: the converter reorders each head's rows from Hugging Face's half-split rotary
@@ -48,15 +74,62 @@ pub fn build(
         used.borrow_mut().insert(name.to_string());
         g.tensor(name, shape, device)
     };
+    // Matrices stay as stored on the CPU unless the reference (all f32) is asked for.
+    let keep = device.is_cpu() && !model.dequantizes();
+    let stored_type = |name: &str| g.dtype(name).filter(|_| keep);
+    let matrix = |name: &str, shape: &[usize]| -> Result<QuantMatrix, LoadError> {
+        used.borrow_mut().insert(name.to_string());
+        g.matrix(name, shape)
+    };
     let (h, eps) = (c.hidden, c.rms_norm_eps as f32);
-    let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
-        let w = load(&format!("{name}.weight"), &[out, inp])?;
+    // A linear layer's weight `[out, in]` as stored where that saves memory, else f32; `order`
+    // reorders its rows (the llama q/k un-permutation).
+    let weight = |name: &str,
+                  out: usize,
+                  inp: usize,
+                  order: Option<&[usize]>|
+     -> Result<Weight, LoadError> {
+        let bad = |e: candle_core::Error| {
+            gguf_error(g.path(), format!("tensor `{name}`: {}", candle_message(&e)))
+        };
+        match stored_type(name) {
+            Some(d) if d != GgmlDType::F32 => {
+                let mut m = matrix(name, &[out, inp])?;
+                if let Some(o) = order {
+                    m = m.permute_rows(o).map_err(bad)?;
+                }
+                Ok(Weight::Kept(Arc::new(m)))
+            }
+            _ => {
+                let mut w = load(name, &[out, inp])?;
+                if let Some(o) = order {
+                    let idx: Vec<u32> = o.iter().map(|&r| r as u32).collect();
+                    let idx = Tensor::from_vec(idx, o.len(), device).map_err(bad)?;
+                    w = w.index_select(&idx, 0).map_err(bad)?;
+                }
+                Ok(Weight::F32(w))
+            }
+        }
+    };
+    let linear_with = |name: &str,
+                       out: usize,
+                       inp: usize,
+                       bias: bool,
+                       order: Option<&[usize]>|
+     -> Result<Linear, LoadError> {
         let b = if bias {
             Some(load(&format!("{name}.bias"), &[out])?)
         } else {
             None
         };
-        Linear::stored(w, b).map_err(de)
+        match weight(&format!("{name}.weight"), out, inp, order)? {
+            Weight::Kept(m) => Linear::quantized(m, b),
+            Weight::F32(w) => Linear::stored(w, b),
+        }
+        .map_err(de)
+    };
+    let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
+        linear_with(name, out, inp, bias, None)
     };
     let rms = |name: &str, n: usize| -> Result<Norm, LoadError> {
         Ok(Norm::new(load(&format!("{name}.weight"), &[n])?, None, eps))
@@ -70,23 +143,31 @@ pub fn build(
     for i in 0..c.layers {
         let b = format!("blk.{i}");
         let qkv_bias = c.qkv_bias || c.attention_bias;
-        let (mut q, mut k) = (
-            load(&format!("{b}.attn_q.weight"), &[q_w, h])?,
-            load(&format!("{b}.attn_k.weight"), &[kv_w, h])?,
-        );
-        if permuted {
-            q = unpermute_rope_rows(&q, c.heads).map_err(de)?;
-            k = unpermute_rope_rows(&k, c.kv_heads).map_err(de)?;
-        }
-        let bias = |name: &str, n: usize| -> Result<Option<Tensor>, LoadError> {
-            qkv_bias
-                .then(|| load(&format!("{b}.{name}.bias"), &[n]))
-                .transpose()
+        // A bias would need the same reordering; the llama converter writes none.
+        let (q_order, k_order) = if permuted {
+            (
+                Some(unpermute_order(q_w, c.heads)),
+                Some(unpermute_order(kv_w, c.kv_heads)),
+            )
+        } else {
+            (None, None)
         };
+        if permuted && qkv_bias {
+            return Err(gguf_error(
+                g.path(),
+                "a llama file with q/k biases: their rows would need the rotary un-permutation too (not supported)",
+            ));
+        }
         let mut attention = Attention::new(
             rms(&format!("{b}.attn_norm"), h)?,
-            Linear::stored(q, bias("attn_q", q_w)?).map_err(de)?,
-            Linear::stored(k, bias("attn_k", kv_w)?).map_err(de)?,
+            linear_with(&format!("{b}.attn_q"), q_w, h, qkv_bias, q_order.as_deref())?,
+            linear_with(
+                &format!("{b}.attn_k"),
+                kv_w,
+                h,
+                qkv_bias,
+                k_order.as_deref(),
+            )?,
             linear(&format!("{b}.attn_v"), kv_w, h, qkv_bias)?,
             linear(&format!("{b}.attn_output"), h, q_w, c.attention_bias)?,
             c.heads,
@@ -109,9 +190,26 @@ pub fn build(
         let ffn_norm = rms(&format!("{b}.ffn_norm"), h)?;
         let ffn = if let Some(slot) = c.moe_layers.iter().position(|&l| l == i) {
             let router = load(&format!("{b}.ffn_gate_inp.weight"), &[c.experts, h])?;
-            let weights = experts(g, &b, c.experts, c.expert_hidden, h, &load)?;
-            let experts =
-                MoeExperts::from_weights(weights, Activation::Silu, device, options).map_err(de)?;
+            let names = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
+                .map(|t| format!("{b}.{t}.weight"));
+            // `--moe candle` and `--moe kernel` ask for a float path: they get the experts
+            // dequantised to f32 (the per-expert candle ops, or the packed f32 kernel).
+            let kernel = options.dispatch != MoeDispatch::Auto;
+            let quantised = names
+                .iter()
+                .any(|n| stored_type(n).is_some_and(is_block_type));
+            let experts = if quantised && !kernel {
+                let (n, i) = (c.experts, c.expert_hidden);
+                let gate = matrix(&names[0], &[n, i, h])?;
+                let up = matrix(&names[1], &[n, i, h])?;
+                let down = matrix(&names[2], &[n, h, i])?;
+                let q = QuantExperts::new(n, i, h, GateUp::Separate { gate, up }, down)
+                    .map_err(|e| gguf_error(g.path(), format!("{b}: {}", candle_message(&e))))?;
+                MoeExperts::quantized(q, Activation::Silu)
+            } else {
+                let weights = experts(g, &b, c.experts, c.expert_hidden, h, &load)?;
+                MoeExperts::from_weights(weights, Activation::Silu, device, options).map_err(de)?
+            };
             let mut moe = MoeBlock::new(ffn_norm, &router, experts, slot).map_err(de)?;
             if let Some(s) = c.shared_expert_hidden {
                 let gate = linear(&format!("{b}.ffn_gate_shexp"), s, h, false)?;
@@ -142,17 +240,29 @@ pub fn build(
         };
         blocks.push(Block::new(attention, ffn));
     }
-    let emb = load("token_embd.weight", &[c.vocab, h])?;
-    let head = if c.tie_embeddings {
-        emb.clone()
-    } else {
-        load("output.weight", &[c.vocab, h])?
+    let (embedding, lm_head) = match weight("token_embd.weight", c.vocab, h, None)? {
+        Weight::Kept(m) => {
+            let head = if c.tie_embeddings {
+                Linear::quantized(m.clone(), None).map_err(de)?
+            } else {
+                linear("output", c.vocab, h, false)?
+            };
+            (Embedding::quantized(m), head)
+        }
+        Weight::F32(emb) => {
+            let head = if c.tie_embeddings {
+                Linear::stored(emb.clone(), None).map_err(de)?
+            } else {
+                linear("output", c.vocab, h, false)?
+            };
+            (Embedding::new(emb, None), head)
+        }
     };
     let parts = ModelParts {
-        embedding: Embedding::new(emb, None),
+        embedding,
         blocks,
         final_norm: rms("output_norm", h)?,
-        lm_head: Linear::stored(head, None).map_err(de)?,
+        lm_head,
     };
     let used = used.into_inner();
     let unused = g
@@ -170,6 +280,14 @@ pub fn build(
         })
         .collect();
     Ok((parts, unused))
+}
+
+/// A linear layer's weight as loaded.
+enum Weight {
+    /// As stored (quantised blocks, or F16/BF16).
+    Kept(Arc<QuantMatrix>),
+    /// Dequantised to f32.
+    F32(Tensor),
 }
 
 /// Reads a tensor by name, checked against a shape.
@@ -202,4 +320,32 @@ fn experts(
         up: split("ffn_up_exps", [n, inter, h])?,
         down: split("ffn_down_exps", [n, h, inter])?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_row_order_is_the_tensor_unpermutation() {
+        for (heads, d) in [(4usize, 12usize), (2, 8), (1, 2)] {
+            let rows = heads * d;
+            let w = Tensor::arange(0f32, (rows * 3) as f32, &Device::Cpu)
+                .unwrap()
+                .reshape((rows, 3))
+                .unwrap();
+            let want = unpermute_rope_rows(&w, heads).unwrap();
+            let idx: Vec<u32> = unpermute_order(rows, heads)
+                .into_iter()
+                .map(|r| r as u32)
+                .collect();
+            let idx = Tensor::from_vec(idx, rows, &Device::Cpu).unwrap();
+            let got = w.index_select(&idx, 0).unwrap();
+            assert_eq!(
+                got.to_vec2::<f32>().unwrap(),
+                want.to_vec2::<f32>().unwrap(),
+                "{heads} heads of {d}"
+            );
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! llama.cpp's GGUF files: the header, metadata and tensor index read with candle-core's GGUF
-//! reader (`candle_core::quantized::gguf_file`), quantised tensors dequantised to f32 with
-//! `QTensor::dequantize`. The metadata is mapped onto the same [`HfConfig`] a Hugging Face
+//! reader (`candle_core::quantized::gguf_file`); quantised matrices are kept as stored and
+//! multiplied by [`crate::model::quant`] (or dequantised to f32 for the reference). The metadata is mapped onto the same [`HfConfig`] a Hugging Face
 //! checkpoint gives and the tensors onto the same blocks ([`build`]); see `docs/gguf.md`.
 
 mod build;
@@ -11,11 +11,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use build::build;
 pub use config::{GgufArch, SUPPORTED_ARCHITECTURES};
@@ -24,6 +24,7 @@ pub use dense::{DenseLlama, DenseLlamaConfig};
 use super::config::ModelConfig;
 use super::format::LoadError;
 use super::hf::HfConfig;
+use super::quant::QuantMatrix;
 
 /// True when `path` names a GGUF file: by its extension, or (for any other name) by its first
 /// four bytes `GGUF`.
@@ -222,8 +223,28 @@ impl GgufFile {
             .sum()
     }
 
-    /// Bytes the weights take once loaded: every tensor is dequantised to f32.
+    /// Bytes the weights take once loaded on the CPU (see `build`): matrices as stored;
+    /// vectors (norms, biases) and routers widened to f32.
     pub fn resident_bytes(&self) -> usize {
+        self.content
+            .tensor_infos
+            .iter()
+            .map(|(name, i)| {
+                let widened = i.shape.rank() < 2
+                    || name.ends_with("ffn_gate_inp.weight")
+                    || name.ends_with("ffn_gate_inp_shexp.weight");
+                if widened {
+                    i.shape.elem_count() * 4
+                } else {
+                    self.stored_bytes(i)
+                }
+            })
+            .sum()
+    }
+
+    /// Bytes the weights take when every tensor is dequantised to f32 (another device than the
+    /// CPU, or [`GgufModel::set_dequantize`]).
+    pub fn dequantized_bytes(&self) -> usize {
         self.content
             .tensor_infos
             .values()
@@ -312,6 +333,30 @@ impl GgufFile {
             })
     }
 
+    /// Tensor `name`, checked against `shape`, kept as stored on the CPU: ggml blocks as they are,
+    /// F16/BF16 in half precision, F32 as f32 (outer dimensions flattened into rows).
+    pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<QuantMatrix, LoadError> {
+        let q = self.qtensor(name, shape)?;
+        let dtype = q.dtype();
+        let bad = |e: candle_core::Error| {
+            gguf_error(
+                &self.path,
+                format!("tensor `{name}` ({dtype:?}): {}", candle_message(&e)),
+            )
+        };
+        match dtype {
+            GgmlDType::F32 => QuantMatrix::float(q.dequantize(&Device::Cpu).map_err(bad)?),
+            GgmlDType::F16 => QuantMatrix::float(q.dequantize_f16(&Device::Cpu).map_err(bad)?),
+            GgmlDType::BF16 => QuantMatrix::float(
+                q.dequantize(&Device::Cpu)
+                    .and_then(|t| t.to_dtype(DType::BF16))
+                    .map_err(bad)?,
+            ),
+            _ => QuantMatrix::ggml(Arc::new(q)),
+        }
+        .map_err(bad)
+    }
+
     /// Tensor `name`, checked against `shape`, dequantised to f32 on `device`.
     pub fn tensor(
         &self,
@@ -345,6 +390,7 @@ pub struct GgufModel {
     arch: GgufArch,
     config: HfConfig,
     model_config: ModelConfig,
+    dequantize: bool,
 }
 
 impl GgufModel {
@@ -360,7 +406,19 @@ impl GgufModel {
             arch,
             config,
             model_config,
+            dequantize: false,
         })
+    }
+
+    /// Loads every tensor dequantised to f32 instead of keeping matrices as stored: 4 bytes a
+    /// weight, the reference the quantised products are tested against.
+    pub fn set_dequantize(&mut self, on: bool) {
+        self.dequantize = on;
+    }
+
+    /// True when [`GgufModel::set_dequantize`] asked for f32 weights.
+    pub fn dequantizes(&self) -> bool {
+        self.dequantize
     }
 
     /// The file.

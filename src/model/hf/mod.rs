@@ -166,28 +166,11 @@ impl HfCheckpoint {
         self.tensor_bytes
     }
 
-    /// Bytes the weights take once loaded: the stored bytes, except that MXFP4 experts
-    /// (`*_blocks` + `*_scales`, 4.25 bits a value) are dequantised to bf16 (16 bits a value):
-    /// 4 bytes of bf16 per byte of blocks, the scales dropped.
+    /// Bytes the weights take once loaded on the CPU: the stored bytes (MXFP4 experts stay
+    /// packed, `--moe auto`). On another device, or with `--moe candle`, MXFP4 experts are
+    /// dequantised to bf16 instead: 4 bytes of bf16 per byte of blocks.
     pub fn resident_bytes(&self) -> usize {
-        self.tensors
-            .iter()
-            .map(|(name, e)| {
-                let pair = |suffix: &str, other: &str| {
-                    e.dtype == Dtype::U8
-                        && name
-                            .strip_suffix(suffix)
-                            .is_some_and(|b| self.tensors.contains_key(&format!("{b}{other}")))
-                };
-                if pair("_blocks", "_scales") {
-                    4 * e.range.len()
-                } else if pair("_scales", "_blocks") {
-                    0
-                } else {
-                    e.range.len()
-                }
-            })
-            .sum()
+        self.tensor_bytes
     }
 
     /// The shard files.

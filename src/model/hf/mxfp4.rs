@@ -4,8 +4,23 @@
 //! groups]` u8 (the scale is `2^(s - 127)`). A row of `groups * 32` values is row `r` of the
 //! `[out, in]` matrix, as transformers' `convert_moe_packed_tensors` (`integrations/mxfp4.py`)
 //! reads it before transposing to its `x @ W` layout.
+//!
+//! On the CPU the experts run on this packed form ([`packed_experts`], multiplied by
+//! [`crate::model::quant`], which decodes a tile of rows at a time): memory stays at the file's
+//! 4.25 bits a weight. [`dequantize`] to bf16 on load remains the path for other devices and for
+//! `--moe candle`, and is the reference the packed product is tested against.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+
+use candle_core::Tensor;
 use half::bf16;
+
+use super::HfCheckpoint;
+use crate::kernel::ClampedSwiglu;
+use crate::model::format::LoadError;
+use crate::model::moe::ExpertBiases;
+use crate::model::quant::{GateUp, QuantExperts, QuantMatrix};
 
 /// The 16 FP4 E2M1 values by code: bit 3 is the sign, bits 0-2 index 0, 0.5, 1, 1.5, 2, 3, 4, 6.
 pub const FP4_VALUES: [f32; 16] = [
@@ -43,6 +58,85 @@ pub fn dequantize(blocks: &[u8], scales: &[u8]) -> Vec<bf16> {
         }
     }
     out
+}
+
+/// Reads a tensor by name, checked against a shape.
+pub type TensorLoader<'a> = dyn Fn(&str, &[usize]) -> Result<Tensor, LoadError> + 'a;
+
+/// The MXFP4 matrix `{name}_blocks` `[E, rows, cols / 32, 16]` + `{name}_scales`
+/// `[E, rows, cols / 32]` as stored, `[E * rows, cols]`.
+fn packed(
+    ckpt: &HfCheckpoint,
+    name: &str,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<QuantMatrix, LoadError> {
+    let bad = |detail: String| LoadError::Mxfp4 {
+        path: ckpt.dir().to_path_buf(),
+        tensor: format!("{name}_blocks"),
+        detail,
+    };
+    if !cols.is_multiple_of(BLOCK) {
+        return Err(bad(format!(
+            "rows of {cols} values, expected a multiple of {BLOCK} (one scale per {BLOCK} values)"
+        )));
+    }
+    let groups = cols / BLOCK;
+    let blocks = ckpt.bytes_u8(
+        &format!("{name}_blocks"),
+        &[experts, rows, groups, BLOCK / 2],
+    )?;
+    let scales = ckpt.bytes_u8(&format!("{name}_scales"), &[experts, rows, groups])?;
+    QuantMatrix::mxfp4(blocks, scales, experts * rows, cols).map_err(|e| bad(e.to_string()))
+}
+
+/// gpt-oss experts of the MoE block `m` (`{m}.experts.gate_up_proj_{blocks,scales}` with gate
+/// and up rows interleaved, `{m}.experts.down_proj_{blocks,scales}`, and their f32 biases), kept
+/// packed. `widened` reads (and marks used) the biases; `used` records the packed tensors.
+#[allow(clippy::too_many_arguments)]
+pub fn packed_experts(
+    ckpt: &HfCheckpoint,
+    m: &str,
+    n: usize,
+    inter: usize,
+    h: usize,
+    clamped: ClampedSwiglu,
+    widened: &TensorLoader,
+    used: &RefCell<BTreeSet<String>>,
+) -> Result<QuantExperts, LoadError> {
+    let de = |e: candle_core::Error| LoadError::Device {
+        path: ckpt.dir().to_path_buf(),
+        detail: e.to_string(),
+    };
+    let gate_up = format!("{m}.experts.gate_up_proj");
+    let down = format!("{m}.experts.down_proj");
+    for name in [&gate_up, &down] {
+        for suffix in ["_blocks", "_scales"] {
+            used.borrow_mut().insert(format!("{name}{suffix}"));
+        }
+    }
+    let gu = packed(ckpt, &gate_up, n, 2 * inter, h)?;
+    let dn = packed(ckpt, &down, n, h, inter)?;
+    let gu_b = widened(&format!("{gate_up}_bias"), &[n, 2 * inter])?
+        .reshape((n, inter, 2))
+        .map_err(de)?;
+    let down_b = widened(&format!("{down}_bias"), &[n, h])?;
+    let mut b = ExpertBiases {
+        gate: Vec::with_capacity(n),
+        up: Vec::with_capacity(n),
+        down: Vec::with_capacity(n),
+    };
+    for e in 0..n {
+        let be = gu_b.get(e).map_err(de)?;
+        let half = |i: usize| be.narrow(1, i, 1)?.squeeze(1)?.contiguous();
+        b.gate.push(half(0).map_err(de)?);
+        b.up.push(half(1).map_err(de)?);
+        b.down.push(down_b.get(e).map_err(de)?);
+    }
+    Ok(QuantExperts::new(n, inter, h, GateUp::Interleaved(gu), dn)
+        .map_err(de)?
+        .with_biases(b, clamped))
 }
 
 #[cfg(test)]
