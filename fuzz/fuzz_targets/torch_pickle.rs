@@ -8,7 +8,7 @@ use std::rc::Rc;
 use libfuzzer_sys::fuzz_target;
 use xmoe_top::import::analysis::{PlacementChoice, summarize};
 use xmoe_top::import::torch_file::decode_pickle;
-use xmoe_top::import::{Format, Hints, from_value};
+use xmoe_top::import::{Format, from_value};
 
 fuzz_target!(|data: &[u8]| {
     let storage = Rc::new((0u8..64).collect::<Vec<u8>>());
@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
             Some(Format::SglangPerToken),
             Some(Format::VllmEplb),
         ] {
-            if let Ok(dump) = from_value(&value, format, Hints::default()) {
+            if let Ok(dump) = from_value(&value, format) {
                 let _ = summarize(&dump, "fuzz", &PlacementChoice::Gpus(2), None);
             }
         }

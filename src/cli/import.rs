@@ -152,6 +152,17 @@ pub fn run(a: ImportArgs) -> Result<ExitCode> {
     if let Some(m) = &model {
         check_against(&dump, &a.file, m)?;
     }
+    if let Some(e) = a.experts
+        && e != dump.n_experts
+    {
+        return Err(anyhow::anyhow!(
+            "{}: the {} dump has {} experts per layer, --experts says {e}",
+            a.file.display(),
+            dump.format,
+            dump.n_experts
+        ))
+        .bad_input();
+    }
     let placement = match (&a.placement, a.gpus) {
         (Some(spec), _) => PlacementChoice::Spec(spec.clone()),
         (None, Some(n)) => PlacementChoice::Gpus(n),

@@ -41,11 +41,11 @@ fn keys_note(value: &Value) -> String {
     }
 }
 
-pub(super) fn from_torch(format: Format, value: &Value, hints: Hints) -> Result<Dump, String> {
+pub(super) fn from_torch(format: Format, value: &Value) -> Result<Dump, String> {
     match format {
-        Format::SglangStat => sglang_stat(value, hints),
-        Format::SglangPerPass | Format::SglangPerToken => sglang_detail(format, value, hints),
-        Format::VllmEplb => vllm_eplb(value, hints),
+        Format::SglangStat => sglang_stat(value),
+        Format::SglangPerPass | Format::SglangPerToken => sglang_detail(format, value),
+        Format::VllmEplb => vllm_eplb(value),
         Format::SglangRouted => unreachable!("JSON, not a torch.save archive"),
     }
 }
@@ -87,25 +87,15 @@ fn count(v: i64, name: &str) -> Result<u64, String> {
     u64::try_from(v).map_err(|_| format!("`{name}` holds the negative count {v}"))
 }
 
-fn check_experts_hint(found: usize, hints: Hints) -> Result<(), String> {
-    match hints.experts {
-        Some(e) if e != found => Err(format!(
-            "the dump has {found} experts per layer, --experts says {e}"
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// `_StatAccumulator.dump`: `dict(rank, logical_count [steps, layers, experts] int32,
 /// average_utilization_rate_over_window)`; rows of the circular buffer never written are zero.
-fn sglang_stat(value: &Value, hints: Hints) -> Result<Dump, String> {
+fn sglang_stat(value: &Value) -> Result<Dump, String> {
     let f = Format::SglangStat;
     let t = tensor(field(value, "logical_count", f)?, "logical_count", 3)?;
     let data = ints(t, "logical_count")?;
     let (steps, layers, experts) = (t.shape[0], t.shape[1], t.shape[2]);
     dim(layers, "layers", "logical_count")?;
     dim(experts, "experts", "logical_count")?;
-    check_experts_hint(experts, hints)?;
     let mut load = vec![vec![0u64; experts]; layers];
     let mut nonzero_steps = 0;
     for s in 0..steps {
@@ -150,7 +140,7 @@ fn sglang_stat(value: &Value, hints: Hints) -> Result<Dump, String> {
 /// physical])`; in `per_token` mode each record also holds `input_ids`, `positions`,
 /// `extend_seq_lens`, `forward_mode`, `topk_ids_of_layer` [layers, tokens, 8] (physical ids, -1
 /// unused) and `misc_objects`.
-fn sglang_detail(format: Format, value: &Value, hints: Hints) -> Result<Dump, String> {
+fn sglang_detail(format: Format, value: &Value) -> Result<Dump, String> {
     let map = tensor(
         field(value, "last_physical_to_logical_map", format)?,
         "last_physical_to_logical_map",
@@ -160,7 +150,7 @@ fn sglang_detail(format: Format, value: &Value, hints: Hints) -> Result<Dump, St
     dim(layers, "layers", "last_physical_to_logical_map")?;
     dim(physical, "physical experts", "last_physical_to_logical_map")?;
     let to_logical = logical_map(map, "last_physical_to_logical_map")?;
-    let experts = logical_count(&to_logical, hints)?;
+    let experts = logical_count(&to_logical);
     let Value::List(records) = field(value, "records", format)? else {
         return Err("`records` is not a list".into());
     };
@@ -265,7 +255,7 @@ fn sglang_detail(format: Format, value: &Value, hints: Hints) -> Result<Dump, St
 /// vLLM's `EplbState` fields `expert_load_window` [window, num_moe_layers, num_physical_experts]
 /// and `physical_to_logical_map` [num_moe_layers, num_physical_experts], as a hook saves them
 /// (`docs/import-formats.md`).
-fn vllm_eplb(value: &Value, hints: Hints) -> Result<Dump, String> {
+fn vllm_eplb(value: &Value) -> Result<Dump, String> {
     let f = Format::VllmEplb;
     let w = tensor(
         field(value, "expert_load_window", f)?,
@@ -287,7 +277,7 @@ fn vllm_eplb(value: &Value, hints: Hints) -> Result<Dump, String> {
         ));
     }
     let to_logical = logical_map(map, "physical_to_logical_map")?;
-    let experts = logical_count(&to_logical, hints)?;
+    let experts = logical_count(&to_logical);
     let data = ints(w, "expert_load_window")?;
     let mut phys = vec![vec![0u64; physical]; layers];
     for (j, &v) in data.iter().enumerate() {
@@ -332,18 +322,11 @@ fn logical_map(map: &Tensor, name: &str) -> Result<Vec<Vec<usize>>, String> {
     Ok(out)
 }
 
-/// Logical experts: one more than the largest id the map names (or `--experts`, which must
-/// cover it); the map names every logical expert at least once when replicas are all placed.
-fn logical_count(map: &[Vec<usize>], hints: Hints) -> Result<usize, String> {
-    let seen = map.iter().flatten().max().map_or(0, |m| m + 1);
-    match hints.experts {
-        Some(e) if e < seen => Err(format!(
-            "the physical-to-logical map names logical expert {}, but --experts says {e}",
-            seen - 1
-        )),
-        Some(e) => Ok(e),
-        None => Ok(seen),
-    }
+/// Logical experts: one more than the largest id the map names (a map names every logical
+/// expert at least once). An expected count (`--experts`, `--model`) is checked by the caller, so
+/// that a mismatch names both sides.
+fn logical_count(map: &[Vec<usize>]) -> usize {
+    map.iter().flatten().max().map_or(0, |m| m + 1)
 }
 
 fn to_logical_load(phys: &[Vec<u64>], map: &[Vec<usize>], experts: usize) -> Vec<Vec<u64>> {

@@ -66,7 +66,8 @@ pub struct Hints {
     pub layers: Option<usize>,
     /// Experts per token in `routed_experts` (the model's `num_experts_per_tok`).
     pub top_k: Option<usize>,
-    /// Logical experts per layer, where the dump only holds ids.
+    /// Logical experts per layer, where the dump only holds ids (dumps with counts or a map give
+    /// their own, which the caller checks).
     pub experts: Option<usize>,
 }
 
@@ -136,18 +137,14 @@ pub fn parse(bytes: &[u8], format: Option<Format>, hints: Hints) -> Result<Dump,
                 ));
             }
             let value = torch_file::read(bytes)?;
-            formats::from_torch(format, &value, hints)
+            formats::from_torch(format, &value)
         }
     }
 }
 
 /// Reads a torch.save archive's decoded object as `format` (or the one its keys name): the
 /// second half of [`parse`], for the fuzzer.
-pub fn from_value(
-    value: &torch_file::Value,
-    format: Option<Format>,
-    hints: Hints,
-) -> Result<Dump, String> {
+pub fn from_value(value: &torch_file::Value, format: Option<Format>) -> Result<Dump, String> {
     let format = match format {
         Some(Format::SglangRouted) => {
             return Err("sglang-routed is JSON, not a torch.save archive".into());
@@ -155,7 +152,7 @@ pub fn from_value(
         Some(f) => f,
         None => formats::detect_torch(value)?,
     };
-    formats::from_torch(format, value, hints)
+    formats::from_torch(format, value)
 }
 
 /// Reads the dump at `path`; errors name the file.
