@@ -102,17 +102,19 @@ fn draw_heat(frame: &mut Frame, area: Rect, s: &Summary, theme: &Theme, scroll: 
     let imb_w = 7usize;
     let cols = (inner.width as usize).saturating_sub(label_w + imb_w);
     let rows = inner.height as usize;
+    // Up to 4 columns per expert when few experts leave room, so small dumps stay readable.
+    let cell_w = (cols / s.n_experts.max(1)).clamp(1, 4);
     let first_e = scroll.expert.min(s.n_experts.saturating_sub(1));
-    let last_e = (first_e + cols).min(s.n_experts);
+    let last_e = (first_e + cols / cell_w).min(s.n_experts);
     let mut lines = Vec::new();
     for (l, row) in s.load.iter().enumerate().skip(scroll.layer).take(rows) {
         let mut spans = vec![Span::styled(format!("L{l:<3} "), theme.dim())];
         for &v in &row[first_e..last_e] {
             let x = if max > 0 { v as f64 / max as f64 } else { 0.0 };
             let cell = if theme.has_color() {
-                Span::styled(" ", Style::new().bg(theme.heat(x)))
+                Span::styled(" ".repeat(cell_w), Style::new().bg(theme.heat(x)))
             } else {
-                Span::raw(Theme::shade(x))
+                Span::raw(Theme::shade(x).repeat(cell_w))
             };
             spans.push(cell);
         }
@@ -247,10 +249,26 @@ mod tests {
             assert!(text.contains("sglang-stat"), "{text}");
             // Layer 0: loads 4,2,2,2 of max 5 shade as █▒▒▒ (0.8 and 0.4 of the busiest cell, in
             // quarter steps rounded up) and max/mean 1.60.
-            assert!(text.contains("L0   █▒▒▒  1.60x"), "{text}");
-            assert!(text.contains("L1   █░▒▒  2.00x"), "{text}");
+            // Each expert is 4 columns wide: there is room for it at both sizes.
+            let row = |cells: &str| {
+                cells
+                    .chars()
+                    .map(|c| c.to_string().repeat(4))
+                    .collect::<String>()
+            };
+            assert!(
+                text.contains(&format!("L0   {}  1.60x", row("█▒▒▒"))),
+                "{text}"
+            );
+            assert!(
+                text.contains(&format!("L1   {}  2.00x", row("█░▒▒"))),
+                "{text}"
+            );
             // A layer without load is blank with no ratio.
-            assert!(text.contains(&format!("L2{}—x", " ".repeat(12))), "{text}");
+            assert!(
+                text.contains(&format!("L2{}—x", " ".repeat(3 + 16 + 5))),
+                "{text}"
+            );
             assert!(text.contains("GPU0"), "{text}");
             assert!(text.contains("GPU1"), "{text}");
             assert!(text.contains("overall max/mean 1.20"), "{text}");
