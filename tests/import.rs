@@ -292,7 +292,7 @@ fn bad_input_is_one_clear_line() {
 fn committed_pickles_decode_or_are_refused_without_panic() {
     use std::rc::Rc;
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz/torch_pickle");
-    let storage = Rc::new((0u8..64).collect::<Vec<u8>>());
+    let storage = Rc::new((0u8..=255).collect::<Vec<u8>>());
     let mut n = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();

@@ -1,5 +1,5 @@
 //! The `data.pkl` of a torch.save archive decoded as plain data (`src/import/torch_file.rs`):
-//! the pre-scan, candle's pickle machine and the conversion, with every tensor storage 64 bytes
+//! the pre-scan, candle's pickle machine and the conversion, with every tensor storage 256 bytes
 //! of counting data (inside a zip the CRC would stop most mutations before the pickle), then
 //! every torch.save format's reader and the summary.
 #![no_main]
@@ -11,7 +11,7 @@ use xmoe_top::import::torch_file::decode_pickle;
 use xmoe_top::import::{Format, from_value};
 
 fuzz_target!(|data: &[u8]| {
-    let storage = Rc::new((0u8..64).collect::<Vec<u8>>());
+    let storage = Rc::new((0u8..=255).collect::<Vec<u8>>());
     let mut lookup = |_: &str| Ok(storage.clone());
     if let Ok(value) = decode_pickle(data, &mut lookup) {
         for format in [
