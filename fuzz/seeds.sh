@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=fuzz/seeds
 rm -rf "$out"
-targets=(model_format model_config hf_config hf_index hf_shard_header tokenizer report_json trace)
+targets=(model_format model_config hf_config hf_index hf_shard_header tokenizer report_json trace import_dump torch_pickle)
 for t in "${targets[@]}"; do
     mkdir -p "$out/$t"
     if [ -d "tests/fixtures/fuzz/$t" ]; then
@@ -40,6 +40,8 @@ while IFS= read -r f; do
     cp "$f" "$out/hf_index/$(name_of "$f")"
 done < <(find tests/fixtures/hf -name '*.index.json' | sort)
 cp tests/fixtures/hf/tokenizer.json "$out/tokenizer/fixture.json"
+# Engine dumps, whole (import_dump); their data.pkl alone is committed for torch_pickle.
+cp tests/fixtures/import/* "$out/import_dump/"
 
 for t in "${targets[@]}"; do
     echo "seeds/$t: $(find "$out/$t" -type f | wc -l) files"

@@ -20,6 +20,7 @@ pub mod bench;
 pub mod cli;
 pub mod embedded;
 pub mod gpu;
+pub mod import;
 pub mod input_file;
 pub mod inspect;
 pub mod kernel;

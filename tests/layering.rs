@@ -24,6 +24,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // Statistics and snapshots over traces.
     ("profiling", &["model", "routing", "units"]),
     ("gpu", &["profiling", "units"]),
+    // Routing recorded by serving engines: readers and load figures, beside profiling.
+    ("import", &["routing", "units", "input_file"]),
     ("workload", &["model", "profiling", "routing", "input_file"]),
     ("embedded", &["model", "workload"]),
     // The model thread, its controls, and batch drivers (the sweep).
@@ -41,6 +43,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "units",
             "atomic_file",
             "input_file",
+            "import",
         ],
     ),
     (
@@ -54,6 +57,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "gpu",
             "units",
             "signals",
+            "import",
         ],
     ),
     (
@@ -105,6 +109,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "atomic_file",
             "signals",
             "input_file",
+            "import",
         ],
     ),
 ];

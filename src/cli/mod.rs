@@ -3,6 +3,7 @@
 mod bench;
 mod config;
 pub mod exit;
+mod import;
 mod inspect;
 mod metrics;
 mod parity;
@@ -66,6 +67,9 @@ enum Command {
     /// Per-layer thresholds that minimise MoE FLOPs within a quality budget (`--budget 1%` or
     /// `--kl 0.01`), verified on tokens the search never saw.
     Tune(tune::TuneArgs),
+    /// Summarise routing recorded by SGLang or vLLM: per-layer expert load, imbalance, per-GPU
+    /// balance under a placement (`--gpus N` or `--placement`), as text, a report or in the TUI.
+    Import(import::ImportArgs),
     /// Show the settings file in force and what it sets; `--init` writes a commented one.
     Config(config::ConfigArgs),
     /// Follow one token of a recorded routing trace (`--trace`) through every MoE layer: the
@@ -129,6 +133,7 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::Config(a)) => config::run(a),
         Some(Command::Tune(a)) => tune::run(a, threads),
         Some(Command::Route(a)) => route::run(a),
+        Some(Command::Import(a)) => import::run(a),
         None => run::run(main, threads),
     }
 }

@@ -9,6 +9,7 @@ pub mod heatmap;
 pub mod help;
 pub mod histograms;
 pub mod history;
+pub mod import;
 pub mod layout;
 pub mod sliders;
 pub mod table;
