@@ -6,6 +6,7 @@
 //! the table in [`crate::tui::keys`]), [`apply`] changes the
 //! [`App`] and returns the request for the session, if any.
 
+use crate::tui::compare::CompareAction;
 use crossterm::event::{
     Event, KeyEvent, KeyEventKind, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
 };
@@ -93,6 +94,8 @@ pub enum Action {
     CycleSort,
     /// Redraw cap up (`true`) or down one step.
     StepFps(bool),
+    /// An A/B key.
+    Compare(crate::tui::compare::CompareAction),
 }
 
 /// Maps one terminal event to an action, or `None` when it means nothing here.
@@ -143,6 +146,10 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
         Command::CycleSort => Action::CycleSort,
         Command::FpsDown => Action::StepFps(false),
         Command::FpsUp => Action::StepFps(true),
+        Command::ToggleCompare => Action::Compare(CompareAction::Toggle),
+        Command::CycleCompareB => Action::Compare(CompareAction::CycleB),
+        Command::CompareBDown => Action::Compare(CompareAction::StepB(-1)),
+        Command::CompareBUp => Action::Compare(CompareAction::StepB(1)),
     })
 }
 
@@ -314,6 +321,8 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
                 app.help_open = false;
             } else if app.table_open {
                 app.table_open = false;
+            } else if app.compare.is_open(app.displayed()) {
+                app.compare.open = Some(false);
             } else {
                 app.say("Esc closes the help or the expert table; q quits");
             }
@@ -473,6 +482,7 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             app.say(format!("redraw at most {fps:.0} times per second"));
             None
         }
+        Action::Compare(a) => crate::tui::compare::apply(app, a),
     }
 }
 

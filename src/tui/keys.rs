@@ -70,6 +70,14 @@ pub enum Command {
     FpsDown,
     /// Raise the redraw cap.
     FpsUp,
+    /// A/B: start comparing with policy B and show the view / stop.
+    ToggleCompare,
+    /// A/B: next kind of policy B.
+    CycleCompareB,
+    /// A/B: B's k or t one step down.
+    CompareBDown,
+    /// A/B: B's k or t one step up.
+    CompareBUp,
 }
 
 /// A key that triggers a command.
@@ -259,6 +267,20 @@ pub const BINDINGS: &[Binding] = &[
         in_help: false,
     },
     Binding {
+        keys: &[
+            (ch('a'), Command::ToggleCompare),
+            (ch('b'), Command::CycleCompareB),
+            (ch('{'), Command::CompareBDown),
+            (ch('}'), Command::CompareBUp),
+        ],
+        label: "a  b  { }",
+        help: &["compare with policy B (A/B); b: its kind, { }: its k or t"],
+        help_without_exporter: None,
+        doc: "A/B (eval workload): `a` runs every batch again under a second policy B (first the compute-matched top-k) and opens the comparison view (difference heatmap, Δ experts/token, FLOPs, pass time, bits/byte, KL, Jaccard); `a` again stops it, Esc hides the view; `b` cycles B (top-k → threshold → dense), `{` `}` step B's k by 1 or t by 0.05; figures start again whenever A or B changes",
+        hint: hint(9, "a", "A/B"),
+        in_help: false,
+    },
+    Binding {
         keys: &[(ch('<'), Command::FpsDown), (ch('>'), Command::FpsUp)],
         label: "< >",
         help: &["redraw rate down / up (1 to 60 frames/s; status bar)"],
@@ -332,9 +354,9 @@ pub const BINDINGS: &[Binding] = &[
     Binding {
         keys: &[(Key::Plain(KeyCode::Esc), Command::Escape)],
         label: "Esc",
-        help: &["close this help or the expert table (q quits)"],
+        help: &["close this help, the expert table or the A/B view (q quits)"],
         help_without_exporter: None,
-        doc: "close the help overlay or the per-expert table (it never quits: q and Ctrl-C do)",
+        doc: "close the help overlay, the per-expert table or the A/B view (it never quits: q and Ctrl-C do)",
         hint: None,
         in_help: true,
     },
@@ -381,6 +403,10 @@ pub const COMMAND_NAMES: &[(Command, &str)] = &[
     (Command::CycleSort, "sort"),
     (Command::FpsDown, "fps_down"),
     (Command::FpsUp, "fps_up"),
+    (Command::ToggleCompare, "compare"),
+    (Command::CycleCompareB, "compare_b"),
+    (Command::CompareBDown, "compare_b_down"),
+    (Command::CompareBUp, "compare_b_up"),
 ];
 
 /// Named keys of the settings file, beside single characters and `ctrl-<char>`.
@@ -806,7 +832,7 @@ mod tests {
     fn status_hints_keep_their_order() {
         assert_eq!(
             status_hints(),
-            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts"
+            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts  a A/B"
         );
     }
 }
