@@ -312,7 +312,8 @@ fn diff_heatmap_svg(c: &CompareSnapshot) -> String {
     let (left, top) = (64.0, 26.0);
     let cell_w = (1040.0 / n_experts.max(1) as f64).clamp(3.0, 40.0);
     let cell_h = if c.layers.len() > 12 { 16.0 } else { 26.0 };
-    let w = (left + cell_w * n_experts as f64 + 20.0).max(700.0);
+    // Room for the legend's explanation beside its colour bar.
+    let w = (left + cell_w * n_experts as f64 + 20.0).max(920.0);
     let legend_y = top + cell_h * c.layers.len() as f64 + 34.0;
     let h = legend_y + 40.0;
     let max = c.max_abs_share_delta();

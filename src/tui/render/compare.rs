@@ -46,10 +46,13 @@ impl CompareLayout {
 const FIGURE_LINES: u16 = 6;
 
 /// The view's layout in `body` for a model of `n_layers` MoE layers: one column below
-/// [`WIDE_WIDTH`], else the figures and tables left and the heatmap right.
+/// [`WIDE_WIDTH`], else the figures across the top, the tables left and the heatmap right.
 pub fn layout(body: Rect, n_layers: u16) -> CompareLayout {
     let [title, rest] = stack(body, [(1, 1), (0, u16::MAX)], [0, 1], 1);
     if body.width >= WIDE_WIDTH {
+        // The figure lines are long: they take the whole width, the tables and heatmap share
+        // what is below.
+        let [figures, rest] = stack(rest, [(3, FIGURE_LINES), (0, u16::MAX)], [0, 1], 1);
         let [left, right] = rest.layout(
             &Layout::horizontal([
                 ratatui::layout::Constraint::Percentage(50),
@@ -57,14 +60,10 @@ pub fn layout(body: Rect, n_layers: u16) -> CompareLayout {
             ])
             .spacing(1),
         );
-        let [figures, layers, jaccard] = stack(
+        let [layers, jaccard] = stack(
             left,
-            [
-                (3, FIGURE_LINES),
-                (2, 1 + n_layers),
-                (1, 2 + JACCARD_BINS as u16),
-            ],
-            [0, 1, 2],
+            [(2, 1 + n_layers), (1, 2 + JACCARD_BINS as u16)],
+            [0, 1],
             1,
         );
         CompareLayout {
