@@ -116,6 +116,59 @@ impl PolicyArgs {
     }
 }
 
+/// Parses one policy of `--compare` into one policy per MoE layer: `t=0.9` (or `0.9`),
+/// per-layer thresholds `t=0:0.8,3:0.95` (or `0:0.8,3:0.95`; layers not named keep the model's
+/// default threshold, as with `--threshold`), `top-2`, `dense`, `native`, and the `--reference`
+/// forms `topk:K` and `threshold:T`. Threshold and top-k weights are renormalised as the model's
+/// native rule does, or as `renormalize` says when given.
+pub fn parse_policy_spec(
+    spec: &str,
+    cfg: &ModelConfig,
+    renormalize: Option<bool>,
+) -> Result<Vec<RoutingPolicy>> {
+    let moe = cfg.moe_layer_indices();
+    let e = cfg.n_experts;
+    let renorm = renormalize.unwrap_or(cfg.default_policy.renormalizes());
+    let s = spec.trim();
+    let lower = s.to_ascii_lowercase();
+    let policies = if let Some(k) = lower.strip_prefix("top-") {
+        let k: usize = k.trim().parse().map_err(|_| {
+            anyhow::anyhow!("--compare `{s}`: `{k}` is not a whole number of experts")
+        })?;
+        vec![
+            RoutingPolicy::TopK {
+                k,
+                renormalize: renorm
+            };
+            moe.len()
+        ]
+    } else if lower.starts_with("t=") || lower.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+    {
+        let base = match cfg.default_policy {
+            RoutingPolicy::Threshold { t, .. } => t,
+            _ => 0.9,
+        };
+        let mut ts = vec![base; moe.len()];
+        parse_thresholds(lower.strip_prefix("t=").unwrap_or(&lower), &moe, &mut ts)
+            .map_err(|err| anyhow::anyhow!("--compare `{s}`: {err}"))?;
+        ts.into_iter()
+            .map(|t| RoutingPolicy::threshold(t).with_renormalize(renorm))
+            .collect()
+    } else {
+        let p = super::run::parse_reference(s, cfg).map_err(|_| {
+            anyhow::anyhow!(
+                "--compare: expected t=T, t=LAYER:T,..., top-K, dense or native, found `{s}`"
+            )
+        })?;
+        vec![p.with_renormalize(renormalize.unwrap_or(p.renormalizes())); moe.len()]
+    };
+    for p in &policies {
+        p.validate(e)
+            .map_err(|err| anyhow::anyhow!("--compare `{s}`: {err}"))?;
+    }
+    Ok(policies)
+}
+
 /// Parses `0.9` (every layer) or `0:0.8,3:0.95` (block index: threshold) into `ts`, one entry per
 /// MoE layer in `moe` order.
 pub fn parse_thresholds(spec: &str, moe: &[usize], ts: &mut [f32]) -> Result<()> {
@@ -218,6 +271,43 @@ mod tests {
             .routing(&cfg())
             .is_err()
         );
+    }
+
+    #[test]
+    fn compare_specs_use_the_policy_syntax() {
+        let c = cfg();
+        let p = |s: &str| parse_policy_spec(s, &c, None);
+        assert_eq!(p("t=0.7").unwrap(), vec![RoutingPolicy::threshold(0.7); 2]);
+        assert_eq!(p("0.7").unwrap(), vec![RoutingPolicy::threshold(0.7); 2]);
+        assert_eq!(
+            p("t=3:0.5").unwrap(),
+            vec![RoutingPolicy::threshold(0.9), RoutingPolicy::threshold(0.5)]
+        );
+        assert_eq!(p("1:0.6,3:0.5").unwrap()[0], RoutingPolicy::threshold(0.6));
+        let top2 = RoutingPolicy::TopK {
+            k: 2,
+            renormalize: false,
+        };
+        assert_eq!(p("top-2").unwrap(), vec![top2; 2]);
+        assert_eq!(p("topk:2").unwrap(), vec![top2; 2]);
+        assert_eq!(p(" dense ").unwrap(), vec![RoutingPolicy::Dense; 2]);
+        assert_eq!(
+            parse_policy_spec("top-2", &c, Some(true)).unwrap()[0],
+            RoutingPolicy::TopK {
+                k: 2,
+                renormalize: true
+            }
+        );
+        for (bad, msg) in [
+            ("top-9", "k in 1..=8"),
+            ("top-x", "not a whole number"),
+            ("t=1.5", "must be in (0, 1]"),
+            ("t=2:0.5", "not a MoE layer"),
+            ("sparse", "expected t=T"),
+        ] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(e.contains(msg), "{bad}: {e}");
+        }
     }
 
     #[test]

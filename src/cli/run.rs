@@ -87,6 +87,10 @@ pub struct SessionArgs {
     /// checkpoints), dense otherwise.
     #[arg(long, value_name = "POLICY")]
     pub reference: Option<String>,
+    /// A/B: run every eval batch under two policies and compare them (`--compare "t=0.9"
+    /// "top-2"`): t=T, t=LAYER:T,..., top-K, dense or native. A replaces the routing flags.
+    #[arg(long, num_args = 2, value_names = ["A", "B"])]
+    pub compare: Option<Vec<String>>,
     /// Load a model even when its weights exceed the available memory.
     #[arg(long)]
     pub allow_large: bool,
@@ -197,7 +201,8 @@ impl RunArgs {
             || p.threshold.is_some()
             || p.k.is_some()
             || p.renormalize.is_some()
-            || p.capacity_factor.is_some();
+            || p.capacity_factor.is_some()
+            || self.session.compare.is_some();
         if !cli_routing && settings.has_policy() {
             let d = &settings.defaults;
             p.policy = d
@@ -301,7 +306,10 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
         );
     }
     let cfg = model.config().clone();
-    let routing = a.policy.routing(&cfg).usage()?;
+    let (routing, compare) = match &a.compare {
+        None => (a.policy.routing(&cfg).usage()?, None),
+        Some(specs) => compare_routing(a, specs, &cfg)?,
+    };
     if a.batch == 0 {
         return Err(usage("--batch must be at least 1"));
     }
@@ -353,6 +361,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     };
     let mut config = SessionConfig::new(&model, device.description.clone());
     config.routing = routing;
+    config.compare = compare;
     config.reference_every = a.reference_every;
     if let Some(spec) = &a.reference {
         config.reference_policy = parse_reference(spec, &cfg)?;
@@ -369,6 +378,42 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
         workload,
         config,
     })
+}
+
+/// The routings of `--compare A B`: A for the session, B for the comparison, under the
+/// capacity factor of the flags (or the model's).
+fn compare_routing(
+    a: &SessionArgs,
+    specs: &[String],
+    cfg: &crate::model::config::ModelConfig,
+) -> Result<(
+    crate::model::RoutingConfig,
+    Option<crate::model::RoutingConfig>,
+)> {
+    let p = &a.policy;
+    if p.policy.is_some() || p.threshold.is_some() || p.k.is_some() {
+        return Err(usage(
+            "--compare names both policies: drop --policy, --threshold and --k",
+        ));
+    }
+    if a.workload != WorkloadArg::Eval {
+        return Err(usage(
+            "--compare needs --workload eval: under generate the two policies would choose different tokens",
+        ));
+    }
+    let [spec_a, spec_b] = specs else {
+        return Err(usage("--compare takes two policies, A and B"));
+    };
+    let side = |spec: &str| -> Result<crate::model::RoutingConfig> {
+        let policies = super::policy_args::parse_policy_spec(spec, cfg, p.renormalize).usage()?;
+        crate::model::RoutingConfig::new(
+            &policies,
+            p.capacity_factor.or(cfg.capacity_factor),
+            cfg.n_experts,
+        )
+        .map_err(|e| usage(format!("--compare `{spec}`: {e}")))
+    };
+    Ok((side(spec_a)?, Some(side(spec_b)?)))
 }
 
 /// Runs a session to its budget and prints the summary (or JSON) to stdout; progress goes to

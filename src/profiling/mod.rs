@@ -1,6 +1,7 @@
 //! Profiling: FLOP accounting, statistics and the snapshots views read.
 
 // The library's unit tests share the integration tests' fixtures (see that file's header).
+pub mod compare;
 #[cfg(test)]
 #[path = "../../tests/common/fixtures.rs"]
 pub mod fixtures;

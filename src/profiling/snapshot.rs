@@ -58,6 +58,10 @@ pub struct Snapshot {
     pub device: DeviceSnapshot,
     /// Generate workload only: the recent stream of prompt and generated tokens.
     pub generated: Option<GeneratedText>,
+    /// A/B comparison of the session's policy with a second one on the same batches, while one
+    /// runs (`--compare`, the `a` key). Absent from reports written before A/B existed.
+    #[serde(default)]
+    pub compare: Option<crate::profiling::compare::CompareSnapshot>,
     /// One point per second over the last minutes, across epochs (oldest first), for the live
     /// UI's history panel. Not part of reports (their schema is unchanged): a report describes
     /// one epoch, the history spans several.

@@ -725,6 +725,9 @@ pub fn render(data: &ReportData) -> String {
     cards(&mut o, data);
     device_notes(&mut o, data);
     sweep_section(&mut o, data);
+    if let Some(c) = &data.snapshot.compare {
+        super::compare::html(&mut o, c);
+    }
     heatmap_section(&mut o, data);
     experts_per_token_section(&mut o, data);
     histograms_section(&mut o, data);

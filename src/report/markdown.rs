@@ -208,6 +208,11 @@ pub fn render(data: &ReportData) -> String {
     o.push_str(&hist_row("forward pass latency", &h.forward_latency_us));
     o.push_str(&hist_row("MoE FLOPs per token", &h.token_moe_flops));
 
+    if let Some(cmp) = &s.compare {
+        o.push('\n');
+        super::compare::markdown(&mut o, cmp);
+    }
+
     if let Some(sw) = &data.sweep {
         let _ = writeln!(
             o,

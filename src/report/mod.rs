@@ -11,6 +11,7 @@
 //! Writes are atomic (a temporary file in the target directory, then a rename) and never replace
 //! an existing file unless asked to (`force`).
 
+pub mod compare;
 pub mod csv;
 pub mod html;
 pub mod import;

@@ -28,6 +28,9 @@ pub fn render(s: &Snapshot) -> String {
     routing(&mut o, s);
     compute(&mut o, s);
     quality(&mut o, s);
+    if let Some(c) = &s.compare {
+        super::compare::text(&mut o, c);
+    }
     device(&mut o, s);
     generated(&mut o, s);
     o

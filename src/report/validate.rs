@@ -64,6 +64,9 @@ pub fn validate(data: &ReportData) -> Result<(), InvalidReport> {
     }
     routing("snapshot.epoch.window", &s.epoch.window, n_experts)?;
     routing("snapshot.epoch.cumulative", &s.epoch.cumulative, n_experts)?;
+    if let Some(c) = &s.compare {
+        compare("snapshot.compare", c, s.model.moe_layers.len(), n_experts)?;
+    }
     if let Some(sw) = &data.sweep {
         if sw.n_experts == 0 {
             return Err(invalid(
@@ -96,6 +99,85 @@ pub fn validate(data: &ReportData) -> Result<(), InvalidReport> {
             ] {
                 finite(&format!("{at}.{name}"), v)?;
             }
+        }
+    }
+    Ok(())
+}
+
+/// An A/B comparison: one entry per MoE layer and expert, histograms of the right length,
+/// finite figures (the renderers scale the difference heatmap by them).
+fn compare(
+    at: &str,
+    c: &crate::profiling::compare::CompareSnapshot,
+    n_moe: usize,
+    n_experts: usize,
+) -> Result<(), InvalidReport> {
+    use crate::profiling::compare::JACCARD_BINS;
+    if c.layers.len() != n_moe {
+        return Err(invalid(
+            format!("{at}.layers"),
+            format!("{} layers for {n_moe} MoE layers", c.layers.len()),
+        ));
+    }
+    for (name, side) in [("a", &c.a), ("b", &c.b)] {
+        if side.policies.len() != n_moe {
+            return Err(invalid(
+                format!("{at}.{name}.policies"),
+                format!("{} policies for {n_moe} MoE layers", side.policies.len()),
+            ));
+        }
+        for (f, v) in [
+            ("mean_experts_per_token", side.mean_experts_per_token),
+            ("moe_flops_per_token", side.moe_flops_per_token),
+            ("pass_ms_mean", side.pass_ms_mean),
+            ("pass_ms_p50", side.pass_ms_p50),
+            ("pass_ms_p90", side.pass_ms_p90),
+        ] {
+            finite(&format!("{at}.{name}.{f}"), v)?;
+        }
+    }
+    if c.jaccard_histogram.len() != JACCARD_BINS {
+        return Err(invalid(
+            format!("{at}.jaccard_histogram"),
+            format!(
+                "{} bins, expected {JACCARD_BINS}",
+                c.jaccard_histogram.len()
+            ),
+        ));
+    }
+    for (name, v) in [
+        ("jaccard_mean", c.jaccard_mean),
+        ("delta_moe_flops_per_token", c.delta_moe_flops_per_token),
+        ("delta_pass_ms_mean", c.delta_pass_ms_mean),
+    ] {
+        finite(&format!("{at}.{name}"), v)?;
+    }
+    for (i, l) in c.layers.iter().enumerate() {
+        let lat = format!("{at}.layers[{i}]");
+        for (name, v) in [("share_a", &l.share_a), ("share_b", &l.share_b)] {
+            if v.len() != n_experts {
+                return Err(invalid(
+                    format!("{lat}.{name}"),
+                    format!("{} values for {n_experts} experts", v.len()),
+                ));
+            }
+            for (e, &x) in v.iter().enumerate() {
+                if !(x.is_finite() && (0.0..=1.0).contains(&x)) {
+                    return Err(invalid(
+                        format!("{lat}.{name}[{e}]"),
+                        format!("{x} is not a share in [0, 1]"),
+                    ));
+                }
+            }
+        }
+        if l.jaccard_histogram.len() != JACCARD_BINS {
+            return Err(invalid(
+                format!("{lat}.jaccard_histogram"),
+                format!(
+                    "{} bins, expected {JACCARD_BINS}",
+                    l.jaccard_histogram.len()
+                ),
+            ));
         }
     }
     Ok(())

@@ -30,6 +30,10 @@ pub enum Control {
     /// it off (`None`). The `c` key toggles between off and the factor last in force (or
     /// [`crate::tui::TuiOptions::capacity_factor`]).
     SetCapacityFactor(Option<f32>),
+    /// Start comparing the current policy (A) with `Some(policy)` (B, on every MoE layer) on
+    /// the same batches, or stop comparing (`None`); eval workload only. Every later change of
+    /// A's policy restarts the comparison (a new epoch).
+    SetCompare(Option<RoutingPolicy>),
     /// Stop (`true`) or resume (`false`) forward passes; statistics collection stops with them.
     SetPaused(bool),
     /// Clear the statistics and start a new epoch with the same settings.

@@ -11,6 +11,7 @@
 //! `try_send`: a slow reader only skips snapshots and can never slow the model thread. The latest
 //! snapshot is also kept in a slot ([`Session::latest`]).
 
+pub mod compare;
 pub mod control;
 pub mod describe;
 pub mod sweep;
@@ -89,6 +90,9 @@ pub struct SessionConfig {
     /// Called after every measured pass (not reference passes) with its input ids and trace,
     /// e.g. to stream a routing trace to a file; an error stops the session.
     pub pass_observer: Option<PassObserver>,
+    /// A/B: run every eval batch again under this routing (policy B) and compare it with the
+    /// session's own (`--compare`); eval workload only.
+    pub compare: Option<RoutingConfig>,
 }
 
 /// A callback shared with the session thread; see [`SessionConfig::pass_observer`].
@@ -134,6 +138,7 @@ impl SessionConfig {
             start_paused: false,
             generated_capacity: 2048,
             pass_observer: None,
+            compare: None,
         }
     }
 }
@@ -147,6 +152,7 @@ enum Order {
         policy: CheckedPolicy,
     },
     SetCapacityFactor(Option<CapacityFactor>),
+    SetCompare(Option<CheckedPolicy>),
     SetPaused(bool),
     ResetStats,
     QuickTune(tune::Budget),
@@ -172,6 +178,7 @@ fn check_control(control: Control, n_moe: usize, n_experts: usize) -> Result<Ord
             }
         }
         Control::SetCapacityFactor(c) => Order::SetCapacityFactor(CapacityFactor::optional(c)?),
+        Control::SetCompare(p) => Order::SetCompare(p.map(|p| p.check(n_experts)).transpose()?),
         Control::SetPaused(p) => Order::SetPaused(p),
         Control::ResetStats => Order::ResetStats,
         Control::QuickTune(b) => Order::QuickTune(b),
@@ -287,6 +294,19 @@ impl Session {
         let reference =
             RoutingConfig::uniform(config.reference_policy, moe_layers.len(), n_experts)
                 .context("reference policy")?;
+        if let Some(b) = &config.compare {
+            anyhow::ensure!(
+                workload.is_eval(),
+                "A/B (--compare) needs the eval workload: under generate the two policies would \
+                 choose different tokens, so there would be no same tokens to compare on"
+            );
+            anyhow::ensure!(
+                b.len() == moe_layers.len(),
+                "policy B has {} policies but the model has {} MoE layers",
+                b.len(),
+                moe_layers.len()
+            );
+        }
         let (tx, rx) = mpsc::channel();
         let latest = Arc::new(Mutex::new(None));
         let runner = Runner::new(
@@ -428,6 +448,7 @@ struct Runner {
     /// The latest captured routes, published with every snapshot while `follow`.
     routes: Option<Arc<crate::profiling::snapshot::TokenRoutes>>,
     generated_routes: follow::GeneratedRoutes,
+    compare: Option<compare::Comparison>,
 }
 
 impl Runner {
@@ -449,7 +470,13 @@ impl Runner {
         let state = policy_state(model.moe_layers(), &routing, config.reference_policy);
         let stats = RunStats::new(cfg, top_k, config.window_tokens, state, 0.0);
         let sampler = config.device_sample_period.map(DeviceSampler::start);
+        // Checked against the model in `start_inner`, so building the statistics cannot fail.
+        let compare = config
+            .compare
+            .clone()
+            .and_then(|b| compare::Comparison::new(&model, &routing, b).ok());
         Self {
+            compare,
             paused: config.start_paused,
             model: Arc::new(model),
             workload,
@@ -501,6 +528,28 @@ impl Runner {
         );
         let now = self.now_s();
         self.stats.begin_epoch(reason, state, now);
+        self.restart_compare();
+    }
+
+    /// A/B figures never mix two policies A: they start again with the epoch.
+    fn restart_compare(&mut self) {
+        if let Some(c) = &mut self.compare {
+            // The policy counts were checked when the comparison began and cannot change.
+            let _ = c.restart(&self.model, &self.routing);
+        }
+    }
+
+    fn set_compare(&mut self, b: Option<CheckedPolicy>) {
+        self.compare = match b {
+            Some(b) if self.workload.is_eval() => {
+                let n_moe = self.model.moe_layers().len();
+                let n_experts = self.model.config().n_experts;
+                RoutingConfig::uniform(b.policy(), n_moe, n_experts)
+                    .ok()
+                    .and_then(|r| compare::Comparison::new(&self.model, &self.routing, r).ok())
+            }
+            _ => None,
+        };
     }
 
     fn set_policy(&mut self, layers: Layers, checked: CheckedPolicy) {
@@ -542,10 +591,12 @@ impl Runner {
                     None => "capacity factor cleared".to_string(),
                 });
             }
+            Order::SetCompare(b) => self.set_compare(b),
             Order::SetPaused(paused) => self.paused = paused,
             Order::ResetStats => {
                 let now = self.now_s();
                 self.stats.reset(now);
+                self.restart_compare();
             }
             Order::QuickTune(budget) => self.quick_tune(budget),
             Order::ApplyTune => self.apply_tune(),
@@ -564,7 +615,7 @@ impl Runner {
     fn publish(&mut self, ended: Option<String>) -> Snapshot {
         let now = self.now_s();
         self.stats.sample_history(now);
-        let snap = self.stats.snapshot(SnapshotInputs {
+        let mut snap = self.stats.snapshot(SnapshotInputs {
             sequence: self.sequence,
             session_elapsed_s: self.now_s(),
             model: self.model_info.clone(),
@@ -574,11 +625,9 @@ impl Runner {
             device: self.device(),
             generated: (!self.workload.is_eval()).then(|| self.generated.clone()),
         });
-        let snap = Snapshot {
-            tune: self.tune.clone(),
-            routes: self.routes.clone(),
-            ..snap
-        };
+        snap.tune = self.tune.clone();
+        snap.routes = self.routes.clone();
+        snap.compare = self.compare.as_ref().map(compare::Comparison::snapshot);
         self.sequence += 1;
         self.last_publish = Some(Instant::now());
         *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
@@ -689,6 +738,16 @@ impl Runner {
                     self.publish(Some(msg));
                     return Err(e);
                 }
+            }
+            if let Some(c) = &mut self.compare
+                && outcome.quality.is_some()
+            {
+                if let Err(e) = c.run_b(&self.model, &mut self.workload, &trace) {
+                    self.publish(Some(format!("{e:#}")));
+                    return Err(e);
+                }
+                // B's pass is not part of A's next wall time.
+                last_mark = Instant::now();
             }
             if let Some(q) = &outcome.quality {
                 self.stats.record_quality(q);

@@ -119,6 +119,8 @@ pub struct App {
     pub table_sort: TableSort,
     /// Most redraws per second (`<` / `>` change it).
     pub fps: f64,
+    /// The A/B view (`a`).
+    pub compare: crate::tui::compare::CompareUi,
     /// Slider requests waiting for the keys to settle (see [`crate::tui::debounce`]).
     pub debounce: Debouncer,
     /// Colours and styles.
@@ -192,6 +194,7 @@ impl App {
             table_open: false,
             table_sort: TableSort::Share,
             fps: crate::tui::DEFAULT_FPS,
+            compare: Default::default(),
             debounce: Debouncer::default(),
             theme,
             message: None,

@@ -6,6 +6,7 @@
 //! the table in [`crate::tui::keys`]), [`apply`] changes the
 //! [`App`] and returns the request for the session, if any.
 
+use crate::tui::compare::CompareAction;
 use crossterm::event::{
     Event, KeyEvent, KeyEventKind, KeyModifiers, MouseButton, MouseEvent, MouseEventKind,
 };
@@ -106,6 +107,8 @@ pub enum Action {
     MoveToken(isize),
     /// Token view: select this token (a click on the strip).
     SelectToken(usize),
+    /// An A/B key.
+    Compare(crate::tui::compare::CompareAction),
 }
 
 /// Maps one terminal event to an action, or `None` when it means nothing here.
@@ -163,6 +166,10 @@ fn map_key(app: &App, k: &KeyEvent) -> Option<Action> {
         Command::Confirm => Action::Confirm,
         Command::FollowToken => Action::FollowToken,
         Command::UpdateTokens => Action::UpdateTokens,
+        Command::ToggleCompare => Action::Compare(CompareAction::Toggle),
+        Command::CycleCompareB => Action::Compare(CompareAction::CycleB),
+        Command::CompareBDown => Action::Compare(CompareAction::StepB(-1)),
+        Command::CompareBUp => Action::Compare(CompareAction::StepB(1)),
     })
 }
 
@@ -362,6 +369,8 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
                 return Some(Control::DismissTune);
             } else if app.table_open {
                 app.table_open = false;
+            } else if app.compare.is_open(app.displayed()) {
+                app.compare.open = Some(false);
             } else {
                 app.say("Esc closes the help, the quick tune or the expert table; q quits");
             }
@@ -586,6 +595,7 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             }
             _ => None,
         },
+        Action::Compare(a) => crate::tui::compare::apply(app, a),
     }
 }
 

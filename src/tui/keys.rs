@@ -78,6 +78,14 @@ pub enum Command {
     FollowToken,
     /// Token view: take the latest pass's tokens.
     UpdateTokens,
+    /// A/B: start comparing with policy B and show the view / stop.
+    ToggleCompare,
+    /// A/B: next kind of policy B.
+    CycleCompareB,
+    /// A/B: B's k or t one step down.
+    CompareBDown,
+    /// A/B: B's k or t one step up.
+    CompareBUp,
 }
 
 /// A key that triggers a command.
@@ -260,6 +268,20 @@ pub const BINDINGS: &[Binding] = &[
         in_help: false,
     },
     Binding {
+        keys: &[
+            (ch('a'), Command::ToggleCompare),
+            (ch('b'), Command::CycleCompareB),
+            (ch('{'), Command::CompareBDown),
+            (ch('}'), Command::CompareBUp),
+        ],
+        label: "a  b  { }",
+        help: &["compare with policy B (A/B); b: its kind, { }: its k or t"],
+        help_without_exporter: None,
+        doc: "A/B (eval workload): `a` runs every batch again under a second policy B (first the compute-matched top-k) and opens the comparison view (difference heatmap, Δ experts/token, FLOPs, pass time, bits/byte, KL, Jaccard); `a` again stops it, Esc hides the view; `b` cycles B (top-k → threshold → dense), `{` `}` step B's k by 1 or t by 0.05; figures start again whenever A or B changes",
+        hint: hint(9, "a", "A/B"),
+        in_help: false,
+    },
+    Binding {
         keys: &[(ch('<'), Command::FpsDown), (ch('>'), Command::FpsUp)],
         label: "< >",
         help: &["redraw rate down / up (1 to 60 frames/s; status bar)"],
@@ -357,9 +379,9 @@ pub const BINDINGS: &[Binding] = &[
     Binding {
         keys: &[(Key::Plain(KeyCode::Esc), Command::Escape)],
         label: "Esc",
-        help: &["close this help or the expert table (q quits)"],
+        help: &["close this help, the expert table or the A/B view (q quits)"],
         help_without_exporter: None,
-        doc: "close the help overlay or the per-expert table (it never quits: q and Ctrl-C do)",
+        doc: "close the help overlay, the per-expert table or the A/B view (it never quits: q and Ctrl-C do)",
         hint: None,
         in_help: true,
     },
@@ -410,6 +432,10 @@ pub const COMMAND_NAMES: &[(Command, &str)] = &[
     (Command::Confirm, "confirm"),
     (Command::FollowToken, "follow_token"),
     (Command::UpdateTokens, "update_tokens"),
+    (Command::ToggleCompare, "compare"),
+    (Command::CycleCompareB, "compare_b"),
+    (Command::CompareBDown, "compare_b_down"),
+    (Command::CompareBUp, "compare_b_up"),
 ];
 
 /// Named keys of the settings file, beside single characters and `ctrl-<char>`.

@@ -12,6 +12,7 @@
 //! ([`crate::signals`]).
 
 pub mod app;
+pub mod compare;
 pub mod debounce;
 pub mod input;
 pub mod keys;

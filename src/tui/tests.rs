@@ -1209,3 +1209,150 @@ fn histograms_mark_percentiles_apart_and_label_their_axes() {
     let line: String = screen.lines().nth(bottom as usize).unwrap().to_string();
     assert!(line.contains(" 1 ") || line.contains("1 2"), "{line}");
 }
+
+// ---------------------------------------------------------------- A/B view
+
+fn compare_app(snap: Snapshot, mode: ColorMode) -> App {
+    let mut snap = snap;
+    snap.compare = Some(crate::profiling::compare::example(
+        &snap.model.moe_layers,
+        snap.model.n_experts,
+    ));
+    app_with(snap, mode)
+}
+
+#[test]
+fn compare_view_parts_never_overlap_and_stay_in_the_body() {
+    let sizes = [
+        (80, 24),
+        (100, 30),
+        (119, 24),
+        (120, 40),
+        (160, 48),
+        (200, 60),
+    ];
+    for snap in [
+        example_snapshot(WorkloadKind::Eval, 16, false),
+        large_snapshot(),
+    ] {
+        let app = compare_app(snap.clone(), ColorMode::NoColor);
+        let n = snap.policy.layers.len() as u16;
+        for (w, h) in sizes {
+            let area = Rect::new(0, 0, w, h);
+            let l = layout::screen(area, &app).unwrap();
+            let body = Rect::new(0, l.header.bottom(), w, l.status.y - l.header.bottom());
+            let c = render::compare::layout(body, n);
+            let parts = c.parts();
+            for (i, (a, ra)) in parts.iter().enumerate() {
+                assert!(
+                    body.union(*ra) == body,
+                    "{a} outside the body at {w}x{h}: {ra:?}"
+                );
+                for (b, rb) in &parts[i + 1..] {
+                    assert!(
+                        ra.is_empty() || rb.is_empty() || !ra.intersects(*rb),
+                        "{a} {ra:?} overlaps {b} {rb:?} at {w}x{h}"
+                    );
+                }
+            }
+            // The figures and at least one heatmap row always get room.
+            assert!(
+                c.figures.height >= 3 && c.heatmap.height >= 3,
+                "{w}x{h}: {c:?}"
+            );
+            if n <= 8 {
+                assert_eq!(c.figures.height, 6, "every figure at {w}x{h}");
+                assert!(c.heatmap.height >= 2 + n, "every layer at {w}x{h}");
+            }
+        }
+    }
+}
+
+#[test]
+fn compare_view_shows_every_figure_at_80x24_and_120x40() {
+    for mode in [ColorMode::NoColor, ColorMode::TrueColor] {
+        let mut app = compare_app(example_snapshot(WorkloadKind::Eval, 16, false), mode);
+        let c = app.displayed().unwrap().compare.clone().unwrap();
+        for (w, h) in [(80, 24), (120, 40)] {
+            let screen = text(&draw(&mut app, w, h));
+            let ctx = format!("{w}x{h} {mode:?}");
+            for needle in [
+                "A/B  A t=0.9  vs  B top-2",
+                "experts/tok",
+                format!("Δ {:+.2}", c.delta_experts_per_token()).as_str(),
+                "MoE FLOPs",
+                "pass ms",
+                "bits/byte",
+                "KL(B‖A)",
+                format!("Jaccard {:.3}", c.jaccard_mean).as_str(),
+                "Δ share of tokens B − A",
+                "largest shifts",
+                "exp/tok A",
+                "Jaccard 0",
+            ] {
+                has(&screen, needle, &ctx);
+            }
+            // Every layer's row is in the heatmap and in the table.
+            for l in &c.layers {
+                has(&screen, &format!("L{:<3}", l.layer), &ctx);
+            }
+        }
+    }
+    // Without colour the sign glyphs carry the direction.
+    assert_eq!(render::compare::cell_text(0.6, 3), "+▓ ");
+    assert_eq!(render::compare::cell_text(0.2, 3), "+░ ");
+    assert_eq!(render::compare::cell_text(-1.0, 2), "-█");
+    assert_eq!(render::compare::cell_text(0.0, 3), "·  ");
+}
+
+#[test]
+fn a_starts_and_stops_comparing_and_b_keys_edit_policy_b() {
+    let mut app = app_with(
+        example_snapshot(WorkloadKind::Eval, 16, false),
+        ColorMode::NoColor,
+    );
+    let k = app.displayed().unwrap().model.top_k_baseline;
+    let top_k = |k| RoutingPolicy::TopK {
+        k,
+        renormalize: false,
+    };
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('a'))]),
+        vec![Control::SetCompare(Some(top_k(k)))]
+    );
+    assert!(app.compare.is_open(app.displayed()));
+    // Not comparing yet in the snapshot: b edits B without a request.
+    assert!(press(&mut app, &[key(KeyCode::Char('}'))]).is_empty());
+    // Once the snapshot shows the comparison, B's edits go to the session.
+    let mut snap = app.latest().unwrap().clone();
+    snap.compare = Some(crate::profiling::compare::example(
+        &snap.model.moe_layers,
+        snap.model.n_experts,
+    ));
+    snap.sequence += 1;
+    app.push_snapshot(snap.clone());
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('{'))]),
+        vec![Control::SetCompare(Some(top_k(k)))]
+    );
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('b'))]),
+        vec![Control::SetCompare(Some(RoutingPolicy::threshold(0.9)))]
+    );
+    // Esc hides the view, a shows it again, a once more stops the comparison.
+    assert!(press(&mut app, &[key(KeyCode::Esc)]).is_empty());
+    assert!(!app.compare.is_open(app.displayed()));
+    assert!(press(&mut app, &[key(KeyCode::Char('a'))]).is_empty());
+    assert!(app.compare.is_open(app.displayed()));
+    assert_eq!(
+        press(&mut app, &[key(KeyCode::Char('a'))]),
+        vec![Control::SetCompare(None)]
+    );
+    // Generate has no same tokens to compare on: refused with a message, nothing sent.
+    let mut app = app_with(
+        example_snapshot(WorkloadKind::Generate, 16, false),
+        ColorMode::NoColor,
+    );
+    assert!(press(&mut app, &[key(KeyCode::Char('a'))]).is_empty());
+    assert!(app.message.as_ref().unwrap().text.contains("eval workload"));
+}

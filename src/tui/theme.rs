@@ -177,6 +177,11 @@ impl Theme {
         self.rgb(ramp_rgb(self.palette.ramp(), v))
     }
 
+    /// Colour of a difference `d` in [-1, 1] on the A/B view's diverging scale.
+    pub fn diverging(&self, d: f64) -> Color {
+        self.rgb(diverging_rgb(d))
+    }
+
     /// Shade glyph of a normalised intensity `v` in 0..=1: a blank only for exactly 0, so an
     /// expert that a few tokens used is never drawn like an unused one.
     pub fn shade(v: f64) -> &'static str {
@@ -268,6 +273,20 @@ impl Theme {
     pub fn prompt_text(&self) -> Style {
         Style::new().add_modifier(Modifier::ITALIC | Modifier::UNDERLINED)
     }
+}
+
+/// RGB of the A/B difference scale at `d` in [-1, 1]: blue where B uses an expert less, white
+/// at no change, red where B uses it more (the ends of ColorBrewer's RdBu, as in the HTML
+/// report).
+pub fn diverging_rgb(d: f64) -> (u8, u8, u8) {
+    let d = if d.is_nan() { 0.0 } else { d.clamp(-1.0, 1.0) };
+    let (end, f) = if d < 0.0 {
+        ((33.0, 102.0, 172.0), -d)
+    } else {
+        ((178.0, 24.0, 43.0), d)
+    };
+    let mix = |e: f64| (247.0 + (e - 247.0) * f).round() as u8;
+    (mix(end.0), mix(end.1), mix(end.2))
 }
 
 /// The 0..=4 level of the shade glyph for intensity `v`.

@@ -359,6 +359,7 @@ impl RunStats {
             paused: inputs.paused,
             ended: inputs.ended,
             tokens_processed_total: self.tokens_total,
+            compare: None,
             window_tokens_target: self.window_target,
             epoch: EpochStats {
                 id: self.epoch_id,

@@ -19,16 +19,24 @@ pub fn help_entries(app: &App) -> Vec<(String, &'static str)> {
 pub fn render_help(frame: &mut Frame, area: Rect, app: &App) {
     let theme = &app.theme;
     let entries = help_entries(app);
-    // Below the header row, so that FROZEN / PAUSED stay in sight; no bottom border, so that
-    // every key still fits the smallest screen (80x24).
-    let below_header = Rect {
-        y: area.y + 1.min(area.height),
+    // The header's first line (FROZEN, PAUSED, ENDED marks) stays visible; when every entry
+    // and both borders do not fit below it, the bottom border goes first.
+    let below = Rect {
+        y: area.y + 1,
         height: area.height.saturating_sub(1),
         ..area
     };
-    let h = (entries.len() as u16 + 1).min(below_header.height);
+    let n = entries.len() as u16;
+    let (h, borders) = if n + 2 <= below.height {
+        (n + 2, Borders::ALL)
+    } else {
+        (
+            (n + 1).min(below.height),
+            Borders::TOP | Borders::LEFT | Borders::RIGHT,
+        )
+    };
     let w = 78.min(area.width);
-    let popup = below_header.centered(Constraint::Length(w), Constraint::Length(h));
+    let popup = below.centered(Constraint::Length(w), Constraint::Length(h));
     frame.render_widget(Clear, popup);
     let lines: Vec<Line> = entries
         .iter()
@@ -40,14 +48,10 @@ pub fn render_help(frame: &mut Frame, area: Rect, app: &App) {
         })
         .collect();
     frame.render_widget(
-        Paragraph::new(lines).block(
-            Block::new()
-                .borders(Borders::TOP | Borders::LEFT | Borders::RIGHT)
-                .title(Line::styled(
-                    " Help: ? or Esc to close ",
-                    theme.title_focused(),
-                )),
-        ),
+        Paragraph::new(lines).block(Block::new().borders(borders).title(Line::styled(
+            " Help: ? or Esc to close ",
+            theme.title_focused(),
+        ))),
         popup,
     );
 }

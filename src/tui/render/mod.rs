@@ -1,6 +1,7 @@
 //! Drawing: one pure function per panel, `render(frame, area, &App)`, and [`draw`] which lays
 //! the screen out and calls them. Nothing here touches the model or changes the state.
 
+pub mod compare;
 pub mod device;
 pub mod follow;
 pub mod generated;
@@ -81,6 +82,15 @@ pub fn draw(frame: &mut Frame, app: &App) {
         );
     }
     help::render_status(frame, l.status, app);
+    if app.compare.is_open(app.displayed()) && !app.table_open {
+        let body = Rect::new(
+            area.x,
+            l.header.y + l.header.height,
+            area.width,
+            l.status.y.saturating_sub(l.header.y + l.header.height),
+        );
+        compare::render(frame, body, app);
+    }
     if app.table_open && app.displayed().is_some() {
         let body = Rect::new(
             area.x,
