@@ -67,6 +67,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "atomic_file",
         ],
     ),
+    // Dense to XMoE: reads a dense model, calibrates, trains routers (candle-nn), writes a model.
+    ("moefy", &["model", "routing", "workload", "kernel"]),
     (
         "inspect",
         &["model", "routing", "profiling", "units", "embedded"],
@@ -91,6 +93,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "embedded",
             "inspect",
             "model",
+            "moefy",
             "profiling",
             "report",
             "routing",

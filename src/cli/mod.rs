@@ -5,6 +5,7 @@ mod config;
 pub mod exit;
 mod inspect;
 mod metrics;
+mod moefy;
 mod parity;
 pub mod policy_args;
 mod report;
@@ -65,6 +66,9 @@ enum Command {
     /// Per-layer thresholds that minimise MoE FLOPs within a quality budget (`--budget 1%` or
     /// `--kl 0.01`), verified on tokens the search never saw.
     Tune(tune::TuneArgs),
+    /// Turn a dense Llama-family model (GGUF or Hugging Face) into an XMoE model: FFNs split into
+    /// experts by co-activation, a trained router per block (docs/dense-to-xmoe.md).
+    Moefy(moefy::MoefyArgs),
     /// Show the settings file in force and what it sets; `--init` writes a commented one.
     Config(config::ConfigArgs),
 }
@@ -123,6 +127,7 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::Report(a)) => report::run(a),
         Some(Command::Config(a)) => config::run(a),
         Some(Command::Tune(a)) => tune::run(a, threads),
+        Some(Command::Moefy(a)) => moefy::run(a),
         None => run::run(main, threads),
     }
 }
