@@ -99,7 +99,7 @@ fn two_converted_blocks_reproduce_smollm2_at_t_1_with_its_tokenizer() {
     let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     let mut trace = ForwardTrace::default();
     for policy in [RoutingPolicy::Dense, RoutingPolicy::threshold(1.0)] {
-        let routing = RoutingConfig::uniform(policy, 2, None, 48).unwrap();
+        let routing = RoutingConfig::uniform(policy, 2, 48).unwrap();
         let got = model.forward(&ids, 1, &routing, None, &mut trace).unwrap();
         let diff = got
             .iter()
