@@ -222,6 +222,9 @@ pub fn convert(
     })
 }
 
+/// A tensor to write: name, shape, f32 values.
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The configuration of the converted model.
 pub fn converted_config(dense: &DenseModel, conv: &Conversion) -> ModelConfig {
     let c = &dense.config;
@@ -267,10 +270,7 @@ pub fn converted_config(dense: &DenseModel, conv: &Conversion) -> ModelConfig {
 /// non-FFN tensors unchanged, dense FFNs for the blocks not converted, and for the converted ones
 /// the router and the stacked experts (`gate_proj`/`up_proj` `[E, h, d]`, `down_proj`
 /// `[E, d, h]`).
-pub fn converted_tensors(
-    dense: &DenseModel,
-    conv: &Conversion,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn converted_tensors(dense: &DenseModel, conv: &Conversion) -> Result<Vec<NamedTensor>> {
     let c = &dense.config;
     let mut out = Vec::new();
     let mut put = |name: String, t: &Tensor| -> Result<()> {
