@@ -345,9 +345,9 @@ fn evaluate(
             w.tokens(),
             bytes,
             opts.seq_len,
+            d,
             conv.split,
-            base.split,
-            d
+            base.split
         ));
         let mut curve = Vec::new();
         let mut base_curve = Vec::new();
