@@ -25,6 +25,7 @@ pub mod input_file;
 pub mod inspect;
 pub mod kernel;
 pub mod model;
+pub mod moefy;
 pub mod profiling;
 pub mod report;
 pub mod routing;

@@ -71,6 +71,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "atomic_file",
         ],
     ),
+    // Dense to XMoE: reads a dense model, calibrates, trains routers (candle-nn), writes a model.
+    ("moefy", &["model", "routing", "workload", "kernel"]),
     (
         "inspect",
         &["model", "routing", "profiling", "units", "embedded"],
@@ -96,6 +98,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "embedded",
             "inspect",
             "model",
+            "moefy",
             "profiling",
             "report",
             "routing",

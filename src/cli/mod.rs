@@ -6,6 +6,7 @@ pub mod exit;
 mod import;
 mod inspect;
 mod metrics;
+mod moefy;
 mod parity;
 pub mod policy_args;
 mod report;
@@ -70,6 +71,9 @@ enum Command {
     /// Summarise routing recorded by SGLang or vLLM: per-layer expert load, imbalance, per-GPU
     /// balance under a placement (`--gpus N` or `--placement`), as text, a report or in the TUI.
     Import(import::ImportArgs),
+    /// Turn a dense Llama-family model (GGUF or Hugging Face) into an XMoE model: FFNs split into
+    /// experts by co-activation, a trained router per block (docs/dense-to-xmoe.md).
+    Moefy(moefy::MoefyArgs),
     /// Show the settings file in force and what it sets; `--init` writes a commented one.
     Config(config::ConfigArgs),
     /// Follow one token of a recorded routing trace (`--trace`) through every MoE layer: the
@@ -134,6 +138,7 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::Tune(a)) => tune::run(a, threads),
         Some(Command::Route(a)) => route::run(a),
         Some(Command::Import(a)) => import::run(a),
+        Some(Command::Moefy(a)) => moefy::run(a),
         None => run::run(main, threads),
     }
 }

@@ -12,13 +12,18 @@ pub const FORMAT_VERSION: u32 = 1;
 /// The metadata key under which the JSON configuration is stored in a safetensors header.
 pub const METADATA_KEY: &str = "xmoe_config";
 
+/// The metadata key under which a file of the project's format with `"tokenizer":
+/// "hugging_face"` stores its `tokenizer.json` text, so that the file stays self-describing.
+pub const TOKENIZER_KEY: &str = "xmoe_tokenizer";
+
 /// How text becomes token ids.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum TokenizerKind {
     /// One token per byte; `vocab_size` must be at least 256.
     Byte,
-    /// A Hugging Face `tokenizer.json` beside the checkpoint.
+    /// A Hugging Face `tokenizer.json`: beside a checkpoint, or (the project's own format) its
+    /// text stored in the header's `__metadata__["xmoe_tokenizer"]`.
     HuggingFace,
 }
 
@@ -108,6 +113,25 @@ impl MlaShape {
             + if bias { kv_a } else { 0 };
         let o = 2 * h * self.v_head_dim as u64 * d + if bias { d } else { 0 };
         q + kv + o
+    }
+}
+
+/// How the selected experts' outputs are added up.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// `sum over selected e of w_e * expert_e(x)`, with `w_e` the routing policy's weight (XMoE,
+    /// and every trained MoE).
+    #[default]
+    GateWeighted,
+    /// `sum over selected e of expert_e(x)`: the router only selects. A dense FFN split into
+    /// experts (`xmoe-top moefy`) is this sum over all experts, so selecting all reproduces it.
+    Sum,
+}
+
+impl Combine {
+    fn is_gate_weighted(&self) -> bool {
+        *self == Combine::GateWeighted
     }
 }
 
@@ -214,6 +238,9 @@ pub struct ModelConfig {
     /// Each expert has an input bias `[h]` and an output bias `[d]` (added before gating).
     #[serde(default)]
     pub expert_bias: bool,
+    /// How the selected experts' outputs are combined (default: gate-weighted).
+    #[serde(default, skip_serializing_if = "Combine::is_gate_weighted")]
+    pub combine: Combine,
     /// The gated experts also have a gate bias `[h]` (gpt-oss's `gate_up_proj_bias` holds gate and
     /// up biases); counted only with `expert_bias`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -466,6 +493,7 @@ impl ModelConfig {
             n_experts,
             expert_hidden,
             expert_bias: true,
+            combine: Combine::GateWeighted,
             expert_gate_bias: false,
             clamped_swiglu: None,
             router_bias: false,
@@ -513,15 +541,11 @@ impl ModelConfig {
     }
 
     /// The fields only the Hugging Face architectures use, by name, when any is set: the project's
-    /// own format does not read them.
+    /// own format does not read them. (Grouped-query attention, a head size of its own and a
+    /// Hugging Face tokenizer stored in the file are part of the format: `xmoe-top moefy` writes
+    /// Llama-family models with them.)
     pub fn hf_only_fields(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        if self.n_kv_heads.is_some() {
-            v.push("n_kv_heads");
-        }
-        if self.head_size.is_some() {
-            v.push("head_dim");
-        }
         if self.qk_norm.is_some() {
             v.push("qk_norm");
         }
@@ -551,9 +575,6 @@ impl ModelConfig {
         }
         if self.mla.is_some() {
             v.push("mla");
-        }
-        if self.tokenizer == TokenizerKind::HuggingFace {
-            v.push("tokenizer");
         }
         v
     }

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors, View};
 
-use super::config::{METADATA_KEY, ModelConfig, NormKind, PositionKind};
+use super::config::{
+    METADATA_KEY, ModelConfig, NormKind, PositionKind, TOKENIZER_KEY, TokenizerKind,
+};
 
 /// Everything that can go wrong opening a model. Every message names the file, and the tensor or
 /// field when there is one, with expected versus found.
@@ -283,6 +285,7 @@ pub struct ModelFile {
     tensors: HashMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
     per_expert: Vec<bool>,
     warnings: Vec<String>,
+    tokenizer_json: Option<String>,
 }
 
 enum Bytes {
@@ -438,6 +441,23 @@ impl ModelFile {
             });
         }
 
+        let tokenizer_json = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(TOKENIZER_KEY))
+            .cloned();
+        if config.tokenizer == TokenizerKind::HuggingFace && tokenizer_json.is_none() {
+            return Err(LoadError::Config {
+                path,
+                problem: super::config::ConfigError {
+                    field: "tokenizer",
+                    message: format!(
+                        "\"hugging_face\" needs the tokenizer.json text in the header's `__metadata__[\"{TOKENIZER_KEY}\"]`, which is missing"
+                    ),
+                },
+            });
+        }
+
         let mut tensors = HashMap::new();
         for (name, info) in metadata.tensors() {
             let (start, end) = info.data_offsets;
@@ -506,6 +526,7 @@ impl ModelFile {
             tensors,
             per_expert,
             warnings,
+            tokenizer_json,
         };
         for i in file.config.moe_layer_indices() {
             file.check_finite(&format!("layers.{i}.moe.router.weight"))?;
@@ -539,6 +560,11 @@ impl ModelFile {
     /// Non-fatal findings (extra tensors).
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// The `tokenizer.json` text stored in the header (`"tokenizer": "hugging_face"`).
+    pub fn stored_tokenizer(&self) -> Option<&str> {
+        self.tokenizer_json.as_deref()
     }
 
     /// Whether MoE block `layer` stores one tensor per expert.
@@ -581,6 +607,25 @@ impl ModelFile {
     }
 }
 
+/// Whether `path` looks like a safetensors file: an 8-byte little-endian header length that fits
+/// in the file, then a JSON object. (A `tokenizer.json` read as such would claim a header of
+/// exabytes.)
+pub fn is_safetensors(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return false;
+    };
+    let mut head = [0u8; 9];
+    if f.read_exact(&mut head).is_err() {
+        return false;
+    }
+    let header = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    header.checked_add(8).is_some_and(|end| end <= len) && head[8] == b'{'
+}
+
 /// Sort key that orders `layers.10` after `layers.9`.
 fn natural_key(s: &str) -> Vec<(String, u64)> {
     s.split('.')
@@ -609,12 +654,18 @@ pub fn expected_tensors(
             t.push((format!("{prefix}.bias"), vec![d]));
         }
     };
+    // Grouped-query attention and a head size of its own change the projections' widths; by
+    // default both are `d`.
+    let (qw, kvw) = (
+        cfg.n_heads * cfg.head_dim(),
+        cfg.kv_heads() * cfg.head_dim(),
+    );
     for i in 0..cfg.n_layers {
         norm(&mut t, &format!("layers.{i}.attn_norm"));
-        for p in ["q", "k", "v", "o"] {
-            t.push((format!("layers.{i}.attn.{p}_proj.weight"), vec![d, d]));
+        for (p, out, inp) in [("q", qw, d), ("k", kvw, d), ("v", kvw, d), ("o", d, qw)] {
+            t.push((format!("layers.{i}.attn.{p}_proj.weight"), vec![out, inp]));
             if cfg.attn_bias {
-                t.push((format!("layers.{i}.attn.{p}_proj.bias"), vec![d]));
+                t.push((format!("layers.{i}.attn.{p}_proj.bias"), vec![out]));
             }
         }
         norm(&mut t, &format!("layers.{i}.ffn_norm"));
@@ -708,7 +759,30 @@ pub fn write_model(
     dtype: StoreDtype,
     force: bool,
 ) -> anyhow::Result<()> {
+    write_model_with_tokenizer(path, config, tensors, dtype, force, None)
+}
+
+/// [`write_model`], with a `tokenizer.json` text stored in the header under
+/// [`TOKENIZER_KEY`] (required when the configuration says `"tokenizer": "hugging_face"`).
+pub fn write_model_with_tokenizer(
+    path: &Path,
+    config: &ModelConfig,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    dtype: StoreDtype,
+    force: bool,
+    tokenizer_json: Option<&str>,
+) -> anyhow::Result<()> {
     config.validate()?;
+    anyhow::ensure!(
+        (config.tokenizer == TokenizerKind::HuggingFace) == tokenizer_json.is_some(),
+        "a model with \"tokenizer\": {:?} {} a stored tokenizer.json",
+        config.tokenizer,
+        if tokenizer_json.is_some() {
+            "cannot have"
+        } else {
+            "needs"
+        }
+    );
     let mut views = BTreeMap::new();
     for (name, shape, values) in tensors {
         let n: usize = shape.iter().product();
@@ -748,6 +822,9 @@ pub fn write_model(
     }
     let mut meta = HashMap::new();
     meta.insert(METADATA_KEY.to_string(), config.to_json());
+    if let Some(text) = tokenizer_json {
+        meta.insert(TOKENIZER_KEY.to_string(), text.to_string());
+    }
     let bytes = safetensors::serialize(views.iter().map(|(k, v)| (k.as_str(), v)), Some(meta))?;
     crate::atomic_file::write_atomically(path, &bytes, force)
 }

@@ -213,14 +213,19 @@ impl Model {
         options: LoadOptions,
     ) -> Result<Self, LoadError> {
         let parts = arch::xmoe::build(file, device, options)?;
-        Ok(Self::assemble(
+        let mut model = Self::assemble(
             file.config().clone(),
             parts,
             device,
             file.warnings().to_vec(),
             file.path().display().to_string(),
             file.file_bytes(),
-        ))
+        );
+        // A stored tokenizer is read back from the model file itself.
+        if file.stored_tokenizer().is_some() {
+            model.tokenizer_path = Some(file.path().to_path_buf());
+        }
+        Ok(model)
     }
 
     fn assemble(
@@ -250,7 +255,8 @@ impl Model {
         }
     }
 
-    /// The `tokenizer.json` of a Hugging Face checkpoint (none for byte-level models).
+    /// Where the tokenizer is read from: a checkpoint's `tokenizer.json`, a GGUF file or a model
+    /// file with a stored tokenizer (none for byte-level models).
     pub fn tokenizer_path(&self) -> Option<&std::path::Path> {
         self.tokenizer_path.as_deref()
     }

@@ -67,10 +67,10 @@ impl ModelSource {
     }
 
     /// The `tokenizer.json` that goes with the model, if it has one (for a GGUF file, the file
-    /// itself: its tokenizer is in its metadata).
+    /// itself: its tokenizer is in its metadata; likewise a model file with a stored tokenizer).
     pub fn tokenizer_path(&self) -> Option<PathBuf> {
         match self {
-            ModelSource::Xmoe(_) => None,
+            ModelSource::Xmoe(f) => f.stored_tokenizer().map(|_| f.path().to_path_buf()),
             ModelSource::HuggingFace(c) => Some(c.dir().join("tokenizer.json")),
             ModelSource::Gguf(g) => Some(g.file().path().to_path_buf()),
         }

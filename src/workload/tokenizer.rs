@@ -94,12 +94,31 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Reads `tokenizer.json` (or the tokenizer in a GGUF file's metadata) for a model whose
-    /// embedding has `vocab_size` rows.
+    /// Reads `tokenizer.json` (or the tokenizer in a GGUF file's metadata, or the one stored in a
+    /// model file of the project's format) for a model whose embedding has `vocab_size` rows.
     pub fn from_file(path: &Path, vocab_size: usize) -> Result<Self, TokenizerError> {
         if crate::model::gguf::is_gguf(path) {
             let tok = super::gguf_tokenizer::from_file(path)?;
             return Self::checked(path, tok, vocab_size);
+        }
+        if crate::model::format::is_safetensors(path) {
+            // A model file of the project's format with its tokenizer.json in the header.
+            let file = crate::model::format::ModelFile::open(path).map_err(|e| {
+                TokenizerError::Invalid {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                }
+            })?;
+            let Some(text) = file.stored_tokenizer() else {
+                return Err(TokenizerError::Invalid {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "the model file stores no tokenizer (no `__metadata__[\"{}\"]`)",
+                        crate::model::config::TOKENIZER_KEY
+                    ),
+                });
+            };
+            return Self::from_bytes(path, text.as_bytes(), vocab_size);
         }
         let bytes =
             crate::input_file::read(path, crate::input_file::MAX_JSON_BYTES).map_err(|io| {

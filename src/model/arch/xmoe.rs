@@ -73,7 +73,9 @@ pub fn build(
                 options,
             )?;
             BlockFfn::Moe(Box::new(
-                MoeBlock::new(ffn_norm, &router, experts, slot).map_err(de)?,
+                MoeBlock::new(ffn_norm, &router, experts, slot)
+                    .map_err(de)?
+                    .with_combine(cfg.combine),
             ))
         } else {
             let h = cfg.dense_ffn_hidden;
@@ -90,16 +92,21 @@ pub fn build(
                 cfg.activation,
             ))
         };
+        let (qw, kvw) = (
+            cfg.n_heads * cfg.head_dim(),
+            cfg.kv_heads() * cfg.head_dim(),
+        );
         let attention = Attention::new(
             norm(&format!("{p}.attn_norm"))?,
-            linear(&format!("{p}.attn.q_proj"), d, d, cfg.attn_bias)?,
-            linear(&format!("{p}.attn.k_proj"), d, d, cfg.attn_bias)?,
-            linear(&format!("{p}.attn.v_proj"), d, d, cfg.attn_bias)?,
-            linear(&format!("{p}.attn.o_proj"), d, d, cfg.attn_bias)?,
+            linear(&format!("{p}.attn.q_proj"), qw, d, cfg.attn_bias)?,
+            linear(&format!("{p}.attn.k_proj"), kvw, d, cfg.attn_bias)?,
+            linear(&format!("{p}.attn.v_proj"), kvw, d, cfg.attn_bias)?,
+            linear(&format!("{p}.attn.o_proj"), d, qw, cfg.attn_bias)?,
             cfg.n_heads,
             cfg.head_dim(),
             rotary.clone(),
-        );
+        )
+        .with_kv_heads(cfg.kv_heads());
         Ok(Block::new(attention, ffn))
     };
     // Converting and packing the weights is most of the load time: on the CPU, layers load on

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use super::ffn::activate;
 use super::{Linear, Norm, elapsed_ns};
 use crate::kernel::Activation;
+use crate::model::config::Combine;
 use crate::model::forward::RoutingConfig;
 use crate::model::moe::{MoeDispatch, MoeExperts};
 use crate::model::trace::ForwardTrace;
@@ -66,6 +67,8 @@ pub struct MoeBlock {
     shared: Option<SharedExpert>,
     /// Index of this block among the model's MoE blocks: its policy and its trace slot.
     slot: usize,
+    /// Gate-weighted, or a plain sum of the selected experts (a split dense FFN).
+    combine: Combine,
 }
 
 impl MoeBlock {
@@ -85,7 +88,14 @@ impl MoeBlock {
             experts,
             shared: None,
             slot,
+            combine: Combine::GateWeighted,
         })
+    }
+
+    /// Combines the selected experts as `combine` says (default: gate-weighted).
+    pub fn with_combine(mut self, combine: Combine) -> Self {
+        self.combine = combine;
+        self
     }
 
     /// Adds a bias `[n_experts]` to the router logits (gpt-oss's `mlp.router.bias`).
@@ -138,6 +148,11 @@ impl MoeBlock {
         )
         .with_context(|| format!("routing in layer {layer}"))?;
         lt.groups.build(&lt.routing);
+        if self.combine == Combine::Sum {
+            // The routing keeps its probabilities (the statistics show them); only the experts'
+            // combine weights become 1.
+            lt.groups.weights.fill(1.0);
+        }
         let router_ns = elapsed_ns(t0, f.device())?;
         let t1 = Instant::now();
         let mut y = self.experts.forward(&f, &lt.groups)?;
