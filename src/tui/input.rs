@@ -372,7 +372,7 @@ pub fn apply(app: &mut App, action: Action) -> Option<Control> {
             } else if app.compare.is_open(app.displayed()) {
                 app.compare.open = Some(false);
             } else {
-                app.say("Esc closes the help, the quick tune or the expert table; q quits");
+                app.say("Esc closes the help, the quick tune, the token view or the expert table; q quits");
             }
             None
         }

@@ -354,11 +354,14 @@ pub const BINDINGS: &[Binding] = &[
         in_help: false,
     },
     Binding {
-        keys: &[(ch('?'), Command::ToggleHelp)],
-        label: "?",
-        help: &["open / close this help"],
+        keys: &[
+            (ch('?'), Command::ToggleHelp),
+            (Key::Plain(KeyCode::Esc), Command::Escape),
+        ],
+        label: "?  Esc",
+        help: &["help; Esc closes help, table, A/B, tune, token view"],
         help_without_exporter: None,
-        doc: "open / close the help overlay",
+        doc: "`?` opens / closes the help overlay; Esc closes the help, the per-expert table, the A/B view, the quick tune (cancelling a running one) or the token view (it never quits: q and Ctrl-C do)",
         hint: hint(0, "?", "help"),
         in_help: true,
     },
@@ -374,15 +377,6 @@ pub const BINDINGS: &[Binding] = &[
         help_without_exporter: None,
         doc: "quit (SIGTERM, SIGINT, SIGHUP and SIGQUIT quit the same way, exit status 128+N); Ctrl-Z suspends: the terminal goes back to the shell and the model stops with the process, `fg` resumes and redraws (SIGTSTP does the same)",
         hint: hint(1, "q", "quit"),
-        in_help: true,
-    },
-    Binding {
-        keys: &[(Key::Plain(KeyCode::Esc), Command::Escape)],
-        label: "Esc",
-        help: &["close this help, the expert table or the A/B view (q quits)"],
-        help_without_exporter: None,
-        doc: "close the help overlay, the per-expert table or the A/B view (it never quits: q and Ctrl-C do)",
-        hint: None,
         in_help: true,
     },
     Binding {
@@ -861,7 +855,7 @@ mod tests {
     fn status_hints_keep_their_order() {
         assert_eq!(
             status_hints(),
-            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts  T tune  o token"
+            " ? help  q quit  Tab panel  ↑↓ layer  ←→ t  g all  p policy  f freeze  x experts  a A/B  T tune  o token"
         );
     }
 }

@@ -42,7 +42,7 @@ pub fn render_help(frame: &mut Frame, area: Rect, app: &App) {
         .iter()
         .map(|(k, what)| {
             Line::from(vec![
-                Span::styled(format!(" {k:<15}"), theme.value()),
+                Span::styled(format!(" {k:<15} "), theme.value()),
                 Span::raw(*what),
             ])
         })
