@@ -8,8 +8,11 @@ use clap::Args;
 
 use super::exit::{Classify, usage};
 use crate::model::device::DeviceChoice;
-use crate::session::sweep::{parse_thresholds, parse_top_k, token_batches};
-use crate::session::tune::{Budget, TokenSet, TuneProgress, TuneResult, TuneSpec, kl_text, tune};
+use crate::session::sweep::{parse_thresholds, parse_top_k};
+use crate::session::tune::{
+    Budget, DEFAULT_GRID, DEFAULT_TOKENS, TuneProgress, TuneResult, TuneSpec, kl_text,
+    search_and_verify, tune,
+};
 
 /// Arguments of `tune`.
 #[derive(Args, Debug)]
@@ -27,13 +30,13 @@ pub struct TuneArgs {
     kl: Option<f64>,
     /// Threshold grid: start:end:step (end included) or a list; the search starts from the best
     /// single threshold of the grid.
-    #[arg(long, default_value = "0.5:1.0:0.05")]
+    #[arg(long, default_value = DEFAULT_GRID)]
     grid: String,
     /// Search tokens (rounded up to whole batches), 1..=10^8.
-    #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000_000))]
+    #[arg(long, default_value_t = DEFAULT_TOKENS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000_000))]
     tokens: usize,
     /// Verification tokens, after the search tokens in the text and never seen by the search.
-    #[arg(long, default_value_t = 4096, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000_000))]
+    #[arg(long, default_value_t = DEFAULT_TOKENS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000_000))]
     verify_tokens: usize,
     /// Sequences per forward pass, 1..=4096.
     #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
@@ -142,19 +145,9 @@ pub fn run(a: TuneArgs, threads: usize) -> Result<ExitCode> {
             a.batch
         )));
     }
-    let (mut batches, mut bytes) = token_batches(
-        &encoded,
-        a.batch,
-        seq_len,
-        (n_search + n_verify) * per_batch,
-    )
-    .with_context(|| format!("in {}", source.name))
-    .usage()?;
-    let verify = TokenSet {
-        batches: batches.split_off(n_search),
-        bytes: bytes.split_off(n_search),
-    };
-    let search = TokenSet { batches, bytes };
+    let (search, verify) = search_and_verify(&encoded, a.batch, seq_len, n_search, n_verify)
+        .with_context(|| format!("in {}", source.name))
+        .usage()?;
     let spec = TuneSpec {
         grid,
         budget,

@@ -317,11 +317,32 @@ impl CompareStats {
         }
         let flops = FlopModel::new(cfg);
         let e = cfg.n_experts;
-        Ok(Self {
-            layer_flops: (0..=e).map(|k| flops.moe_layer(k) as f64).collect(),
-            all_experts_flops: flops.moe_layer_all_experts() as f64,
-            a: SideSums::new(a, n_moe, e),
-            b: SideSums::new(b, n_moe, e),
+        Ok(Self::with_flops(
+            moe_layers,
+            e,
+            (0..=e).map(|k| flops.moe_layer(k) as f64).collect(),
+            flops.moe_layer_all_experts() as f64,
+            a,
+            b,
+        ))
+    }
+
+    /// Empty sums for `a` and `b` on `moe_layers` x `n_experts`, with the MoE FLOPs of a layer
+    /// that keeps k experts at `layer_flops[k]`.
+    fn with_flops(
+        moe_layers: Vec<usize>,
+        n_experts: usize,
+        layer_flops: Vec<f64>,
+        all_experts_flops: f64,
+        a: Vec<RoutingPolicy>,
+        b: Vec<RoutingPolicy>,
+    ) -> Self {
+        let n_moe = moe_layers.len();
+        Self {
+            layer_flops,
+            all_experts_flops,
+            a: SideSums::new(a, n_moe, n_experts),
+            b: SideSums::new(b, n_moe, n_experts),
             batches: 0,
             tokens: 0,
             jaccard_sum: vec![0.0; n_moe],
@@ -335,10 +356,10 @@ impl CompareStats {
             kl_nats: 0.0,
             scratch_a: Vec::new(),
             scratch_b: Vec::new(),
-            mark: vec![false; e],
+            mark: vec![false; n_experts],
             moe_layers,
-            n_experts: e,
-        })
+            n_experts,
+        }
     }
 
     /// Policy A, per MoE layer.
@@ -553,36 +574,20 @@ fn side_token(
 #[cfg(test)]
 pub fn example(moe_layers: &[usize], n_experts: usize) -> CompareSnapshot {
     let n_moe = moe_layers.len();
-    let side = || SideSums::new(vec![RoutingPolicy::threshold(0.9); n_moe], n_moe, n_experts);
-    let mut stats = CompareStats {
-        moe_layers: moe_layers.to_vec(),
+    let mut stats = CompareStats::with_flops(
+        moe_layers.to_vec(),
         n_experts,
-        layer_flops: (0..=n_experts).map(|k| 1000.0 + 500.0 * k as f64).collect(),
-        all_experts_flops: 1000.0 + 500.0 * n_experts as f64,
-        a: side(),
-        b: side(),
-        batches: 0,
-        tokens: 0,
-        jaccard_sum: vec![0.0; n_moe],
-        jaccard_hist: vec![[0; JACCARD_BINS]; n_moe],
-        dt_sum: 0.0,
-        dt_sq: 0.0,
-        quality_batches: 0,
-        scored_tokens: 0,
-        bytes: 0,
-        deltas: DeltaSums::default(),
-        kl_nats: 0.0,
-        scratch_a: Vec::new(),
-        scratch_b: Vec::new(),
-        mark: vec![false; n_experts],
-    };
-    stats.b.policies = vec![
-        RoutingPolicy::TopK {
-            k: 2,
-            renormalize: false
-        };
-        n_moe
-    ];
+        (0..=n_experts).map(|k| 1000.0 + 500.0 * k as f64).collect(),
+        1000.0 + 500.0 * n_experts as f64,
+        vec![RoutingPolicy::threshold(0.9); n_moe],
+        vec![
+            RoutingPolicy::TopK {
+                k: 2,
+                renormalize: false
+            };
+            n_moe
+        ],
+    );
     let tokens = 64;
     let trace = |offset: usize, width: usize| {
         let mut tr = ForwardTrace {

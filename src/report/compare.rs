@@ -345,30 +345,9 @@ fn diff_heatmap_svg(c: &CompareSnapshot) -> String {
             );
         }
     }
-    let every = [1usize, 2, 4, 8, 16, 32]
-        .into_iter()
-        .find(|&k| cell_w * k as f64 >= 22.0)
-        .unwrap_or(64);
     let bottom = top + cell_h * c.layers.len() as f64;
-    for e in (0..n_experts).step_by(every) {
-        let _ = write!(
-            s,
-            r##"<text x="{:.1}" y="{:.1}" font-size="10.5" text-anchor="middle" fill="#5b6578">{e}</text>"##,
-            left + (e as f64 + 0.5) * cell_w,
-            bottom + 13.0
-        );
-    }
-    let lw = 260.0;
-    for i in 0..52 {
-        let f = i as f64 / 51.0;
-        let _ = write!(
-            s,
-            r##"<rect x="{:.1}" y="{legend_y:.1}" width="{:.2}" height="10" fill="{}"/>"##,
-            left + f * lw,
-            lw / 51.0 + 0.6,
-            diverging(2.0 * f - 1.0)
-        );
-    }
+    super::html::expert_ticks(&mut s, left, cell_w, bottom, n_experts);
+    let lw = super::html::colour_bar(&mut s, left, legend_y, |f| diverging(2.0 * f - 1.0));
     let _ = write!(
         s,
         r##"<text x="{left}" y="{:.1}" font-size="11">{:+.1} pp</text><text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle">0</text><text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end">{:+.1} pp</text><text x="{:.1}" y="{:.1}" font-size="11" fill="#5b6578">colour: share of tokens under B minus under A (blue: B uses the expert less, red: more)</text></svg>"##,

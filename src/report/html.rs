@@ -85,6 +85,39 @@ fn tick_decimals(step: f64) -> usize {
 }
 
 /// Viridis, sampled at 9 stops; `t` in 0..=1.
+/// Expert ids under a heatmap whose cells start at `left` and end at `bottom`: every 1, 2, 4, ...
+/// experts, whichever keeps labels at least 22 px apart.
+pub(super) fn expert_ticks(s: &mut String, left: f64, cell_w: f64, bottom: f64, n_experts: usize) {
+    let every = [1usize, 2, 4, 8, 16, 32]
+        .into_iter()
+        .find(|&k| cell_w * k as f64 >= 22.0)
+        .unwrap_or(64);
+    for e in (0..n_experts).step_by(every) {
+        let x = left + (e as f64 + 0.5) * cell_w;
+        let _ = write!(
+            s,
+            r##"<text x="{x:.1}" y="{:.1}" font-size="10.5" text-anchor="middle" fill="#5b6578">{e}</text>"##,
+            bottom + 13.0
+        );
+    }
+}
+
+/// A heatmap legend's colour bar at (`left`, `y`) through `ramp` over 0..=1; returns its width.
+pub(super) fn colour_bar(s: &mut String, left: f64, y: f64, ramp: impl Fn(f64) -> String) -> f64 {
+    let lw = 260.0;
+    for i in 0..52 {
+        let f = i as f64 / 51.0;
+        let _ = write!(
+            s,
+            r##"<rect x="{:.1}" y="{y:.1}" width="{:.2}" height="10" fill="{}"/>"##,
+            left + f * lw,
+            lw / 51.0 + 0.6,
+            ramp(f)
+        );
+    }
+    lw
+}
+
 fn viridis(t: f64) -> String {
     const STOPS: [(u8, u8, u8); 9] = [
         (68, 1, 84),
@@ -132,11 +165,6 @@ fn heatmap(layers: &[LayerStatsSnapshot], n_experts: usize) -> String {
         s,
         r##"<text x="{left}" y="14" font-size="12" fill="#5b6578">expert id &#8594;</text>"##
     );
-    // Expert ticks every 1, 2, 4, 8 or 16 experts depending on width.
-    let every = [1usize, 2, 4, 8, 16, 32]
-        .into_iter()
-        .find(|&k| cell_w * k as f64 >= 22.0)
-        .unwrap_or(64);
     for (slot, l) in layers.iter().enumerate() {
         let y = top + slot as f64 * cell_h;
         let _ = write!(
@@ -160,27 +188,14 @@ fn heatmap(layers: &[LayerStatsSnapshot], n_experts: usize) -> String {
             );
         }
     }
-    let bottom = top + cell_h * layers.len() as f64;
-    for e in (0..n_experts).step_by(every) {
-        let x = left + (e as f64 + 0.5) * cell_w;
-        let _ = write!(
-            s,
-            r##"<text x="{x:.1}" y="{:.1}" font-size="10.5" text-anchor="middle" fill="#5b6578">{e}</text>"##,
-            bottom + 13.0
-        );
-    }
-    // Colour legend.
-    let lw = 260.0;
-    for i in 0..52 {
-        let f = i as f64 / 51.0;
-        let _ = write!(
-            s,
-            r##"<rect x="{:.1}" y="{legend_y:.1}" width="{:.2}" height="10" fill="{}"/>"##,
-            left + f * lw,
-            lw / 51.0 + 0.6,
-            viridis(f)
-        );
-    }
+    expert_ticks(
+        &mut s,
+        left,
+        cell_w,
+        top + cell_h * layers.len() as f64,
+        n_experts,
+    );
+    let lw = colour_bar(&mut s, left, legend_y, viridis);
     let _ = write!(
         s,
         r##"<text x="{left}" y="{:.1}" font-size="11">0%</text><text x="{:.1}" y="{:.1}" font-size="11" text-anchor="end">{:.1}% of tokens</text><text x="{:.1}" y="{:.1}" font-size="11" fill="#5b6578">colour: share of the layer's tokens that selected the expert</text></svg>"##,

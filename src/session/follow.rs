@@ -59,7 +59,7 @@ impl Runner {
         if !self.follow {
             return;
         }
-        let due = self.last_publish.is_none_or(|t| t.elapsed() >= interval);
+        let due = self.publish_due(interval);
         let tokens: Vec<RoutedToken> = if outcome.stream.is_empty() {
             if !due {
                 return;

@@ -640,8 +640,13 @@ impl Runner {
         snap
     }
 
+    /// True when a periodic snapshot is due (the last one is at least `interval` old).
+    fn publish_due(&self, interval: Duration) -> bool {
+        self.last_publish.is_none_or(|t| t.elapsed() >= interval)
+    }
+
     fn publish_if_due(&mut self, interval: Duration) {
-        if self.last_publish.is_none_or(|t| t.elapsed() >= interval) {
+        if self.publish_due(interval) {
             self.publish(None);
         }
     }

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use super::tune::{Budget, Evaluation, TokenSet, TuneProgress, TuneResult, TuneSpec, tune};
+use super::sweep::parse_thresholds;
+use super::tune::{
+    Budget, DEFAULT_GRID, DEFAULT_TOKENS, Evaluation, TokenSet, TuneProgress, TuneResult, TuneSpec,
+    search_and_verify, tune,
+};
 use super::{Order, Runner};
 use crate::profiling::snapshot::{QuickTune, TunePoint, TuneStatus};
 use crate::profiling::sweep::policy_label;
-
-/// Tokens the search runs on, and as many again for the verification (fewer on a short text).
-const QUICK_TUNE_TOKENS: usize = 4096;
 
 /// How often a running tune republishes its progress.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -23,8 +24,8 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 #[error("quick tune cancelled")]
 struct Cancelled;
 
-/// Cuts the eval text into search batches and, after them, verification batches: as in
-/// `xmoe-top tune`, the verification never sees a search token.
+/// As `xmoe-top tune` splits its text ([`DEFAULT_TOKENS`] each), with fewer verification and
+/// search batches on a short text.
 fn token_sets(
     encoded: &crate::workload::tokenizer::Encoded,
     batch: usize,
@@ -38,16 +39,10 @@ fn token_sets(
             encoded.ids.len()
         );
     }
-    let wanted = QUICK_TUNE_TOKENS.div_ceil(per_batch).max(1);
+    let wanted = DEFAULT_TOKENS.div_ceil(per_batch).max(1);
     let n_verify = wanted.min(available / 2);
     let n_search = wanted.min(available - n_verify);
-    let (mut batches, mut bytes) =
-        super::sweep::token_batches(encoded, batch, seq_len, (n_search + n_verify) * per_batch)?;
-    let verify = TokenSet {
-        batches: batches.split_off(n_search),
-        bytes: bytes.split_off(n_search),
-    };
-    Ok((TokenSet { batches, bytes }, verify))
+    search_and_verify(encoded, batch, seq_len, n_search, n_verify)
 }
 
 fn point(e: &Evaluation, reference_bpb: f64, within_budget: bool) -> TunePoint {
@@ -108,7 +103,7 @@ impl Runner {
         let (search, verify) = token_sets(encoded, info.batch, info.seq_len)?;
         let source = info.source.clone();
         let spec = TuneSpec {
-            grid: (10..=20).map(|i| i as f32 / 20.0).collect(),
+            grid: parse_thresholds(DEFAULT_GRID)?,
             budget,
             reference: Some(self.config.reference_policy),
             top_k: Vec::new(),

@@ -125,6 +125,34 @@ pub struct TuneSpec {
     pub renormalize: Option<bool>,
 }
 
+/// The threshold grid `xmoe-top tune` and the UI's quick tune search by default.
+pub const DEFAULT_GRID: &str = "0.5:1.0:0.05";
+
+/// Search tokens, and as many verification tokens, that both take by default.
+pub const DEFAULT_TOKENS: usize = 4096;
+
+/// Cuts `encoded` into `n_search` search batches and, after them, `n_verify` verification
+/// batches of `batch` windows of `seq_len` tokens: the verification never sees a search token.
+pub fn search_and_verify(
+    encoded: &crate::workload::tokenizer::Encoded,
+    batch: usize,
+    seq_len: usize,
+    n_search: usize,
+    n_verify: usize,
+) -> Result<(TokenSet, TokenSet)> {
+    let (mut batches, mut bytes) = super::sweep::token_batches(
+        encoded,
+        batch,
+        seq_len,
+        (n_search + n_verify) * batch * seq_len,
+    )?;
+    let verify = TokenSet {
+        batches: batches.split_off(n_search),
+        bytes: bytes.split_off(n_search),
+    };
+    Ok((TokenSet { batches, bytes }, verify))
+}
+
 /// What the search reports while it runs.
 #[derive(Clone, Copy, Debug)]
 pub enum TuneProgress<'a> {

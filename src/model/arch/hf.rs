@@ -130,40 +130,20 @@ pub fn build(
                 && options.dispatch == MoeDispatch::Auto
                 && packed("gate_up_proj")
                 && packed("down_proj");
-            let mut moe = if let (Some(clamped), true) = (c.clamped_swiglu, keep_mxfp4) {
+            let mut moe = if let Some(clamped) = c.clamped_swiglu {
                 let router = widened(&format!("{m}.router.weight"), &[c.experts, h])?;
                 let bias = widened(&format!("{m}.router.bias"), &[c.experts])?;
-                let q = crate::model::hf::mxfp4::packed_experts(
-                    ckpt,
-                    &m,
-                    c.experts,
-                    c.expert_hidden,
-                    h,
-                    clamped,
-                    &widened,
-                    &used,
-                )?;
-                let experts = MoeExperts::quantized(q, Activation::Silu);
-                MoeBlock::new(ffn_norm, &router, experts, slot)
-                    .map_err(de)?
-                    .with_router_bias(bias)
-            } else if let Some(clamped) = c.clamped_swiglu {
-                let router = widened(&format!("{m}.router.weight"), &[c.experts, h])?;
-                let bias = widened(&format!("{m}.router.bias"), &[c.experts])?;
-                let (weights, biases) = gpt_oss_experts(
-                    ckpt,
-                    &m,
-                    c.experts,
-                    c.expert_hidden,
-                    h,
-                    device,
-                    &stored,
-                    &widened,
-                    &used,
-                )?;
-                let experts =
+                let (n, inter) = (c.experts, c.expert_hidden);
+                let biases = gpt_oss_biases(ckpt, &m, n, inter, h, &widened)?;
+                let experts = if keep_mxfp4 {
+                    let q = crate::model::hf::mxfp4::packed_experts(ckpt, &m, n, inter, h, &used)?
+                        .with_biases(biases, clamped);
+                    MoeExperts::quantized(q, Activation::Silu)
+                } else {
+                    let weights = gpt_oss_experts(ckpt, &m, n, inter, h, device, &stored, &used)?;
                     MoeExperts::gated_with_biases(weights, biases, clamped, device, options)
-                        .map_err(de)?;
+                        .map_err(de)?
+                };
                 MoeBlock::new(ffn_norm, &router, experts, slot)
                     .map_err(de)?
                     .with_router_bias(bias)
@@ -277,7 +257,7 @@ pub(super) fn expert_weights(
 /// published checkpoints do: `[E, 2I, H/32, 16]` and `[E, H, I/32, 16]`, rows `[out]`, dequantised
 /// to bf16), else from the fused `x @ W` layout transformers writes (`gate_up_proj [E, H, 2I]`,
 /// `down_proj [E, I, H]`). gate and up are interleaved: gate = column (or MXFP4 row) 0, 2, 4, ...,
-/// up = 1, 3, 5, ...; `gate_up_proj_bias [E, 2I]` the same way, `down_proj_bias [E, H]`.
+/// up = 1, 3, 5, ...; the biases are [`gpt_oss_biases`].
 #[allow(clippy::too_many_arguments)]
 fn gpt_oss_experts(
     ckpt: &HfCheckpoint,
@@ -287,9 +267,8 @@ fn gpt_oss_experts(
     h: usize,
     device: &Device,
     stored: &TensorLoader,
-    widened: &TensorLoader,
     used: &std::cell::RefCell<BTreeSet<String>>,
-) -> Result<(ExpertWeights, ExpertBiases), LoadError> {
+) -> Result<ExpertWeights, LoadError> {
     let de = |e: candle_core::Error| LoadError::Device {
         path: ckpt.dir().to_path_buf(),
         detail: e.to_string(),
@@ -342,6 +321,27 @@ fn gpt_oss_experts(
                 .push(d.get(e).and_then(|t| t.t()?.contiguous()).map_err(de)?);
         }
     }
+    Ok(w)
+}
+
+/// gpt-oss expert biases, f32, whatever form the weights take: `gate_up_proj_bias [E, 2I]` with
+/// gate and up interleaved like the weights (gate = 0, 2, 4, ...), `down_proj_bias [E, H]`.
+fn gpt_oss_biases(
+    ckpt: &HfCheckpoint,
+    m: &str,
+    n: usize,
+    inter: usize,
+    h: usize,
+    widened: &TensorLoader,
+) -> Result<ExpertBiases, LoadError> {
+    let de = |e: candle_core::Error| LoadError::Device {
+        path: ckpt.dir().to_path_buf(),
+        detail: e.to_string(),
+    };
+    let (gate_up, down) = (
+        format!("{m}.experts.gate_up_proj"),
+        format!("{m}.experts.down_proj"),
+    );
     let gu_b = widened(&format!("{gate_up}_bias"), &[n, 2 * inter])?
         .reshape((n, inter, 2))
         .map_err(de)?;
@@ -358,5 +358,5 @@ fn gpt_oss_experts(
         b.up.push(half(1).map_err(de)?);
         b.down.push(down_b.get(e).map_err(de)?);
     }
-    Ok((w, b))
+    Ok(b)
 }

@@ -17,9 +17,7 @@ use candle_core::Tensor;
 use half::bf16;
 
 use super::HfCheckpoint;
-use crate::kernel::ClampedSwiglu;
 use crate::model::format::LoadError;
-use crate::model::moe::ExpertBiases;
 use crate::model::quant::{GateUp, QuantExperts, QuantMatrix};
 
 /// The 16 FP4 E2M1 values by code: bit 3 is the sign, bits 0-2 index 0, 0.5, 1, 1.5, 2, 3, 4, 6.
@@ -92,17 +90,14 @@ fn packed(
 }
 
 /// gpt-oss experts of the MoE block `m` (`{m}.experts.gate_up_proj_{blocks,scales}` with gate
-/// and up rows interleaved, `{m}.experts.down_proj_{blocks,scales}`, and their f32 biases), kept
-/// packed. `widened` reads (and marks used) the biases; `used` records the packed tensors.
-#[allow(clippy::too_many_arguments)]
+/// and up rows interleaved, `{m}.experts.down_proj_{blocks,scales}`), kept packed; the caller adds
+/// the biases (`QuantExperts::with_biases`). `used` records the packed tensors.
 pub fn packed_experts(
     ckpt: &HfCheckpoint,
     m: &str,
     n: usize,
     inter: usize,
     h: usize,
-    clamped: ClampedSwiglu,
-    widened: &TensorLoader,
     used: &RefCell<BTreeSet<String>>,
 ) -> Result<QuantExperts, LoadError> {
     let de = |e: candle_core::Error| LoadError::Device {
@@ -118,25 +113,7 @@ pub fn packed_experts(
     }
     let gu = packed(ckpt, &gate_up, n, 2 * inter, h)?;
     let dn = packed(ckpt, &down, n, h, inter)?;
-    let gu_b = widened(&format!("{gate_up}_bias"), &[n, 2 * inter])?
-        .reshape((n, inter, 2))
-        .map_err(de)?;
-    let down_b = widened(&format!("{down}_bias"), &[n, h])?;
-    let mut b = ExpertBiases {
-        gate: Vec::with_capacity(n),
-        up: Vec::with_capacity(n),
-        down: Vec::with_capacity(n),
-    };
-    for e in 0..n {
-        let be = gu_b.get(e).map_err(de)?;
-        let half = |i: usize| be.narrow(1, i, 1)?.squeeze(1)?.contiguous();
-        b.gate.push(half(0).map_err(de)?);
-        b.up.push(half(1).map_err(de)?);
-        b.down.push(down_b.get(e).map_err(de)?);
-    }
-    Ok(QuantExperts::new(n, inter, h, GateUp::Interleaved(gu), dn)
-        .map_err(de)?
-        .with_biases(b, clamped))
+    QuantExperts::new(n, inter, h, GateUp::Interleaved(gu), dn).map_err(de)
 }
 
 #[cfg(test)]

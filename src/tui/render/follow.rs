@@ -32,7 +32,12 @@ pub fn ranked(probs: &[f32]) -> Vec<(usize, f32, f32)> {
 
 /// Experts the threshold rule keeps at `t` for these probabilities.
 pub fn experts_at(probs: &[f32], t: f32) -> usize {
-    ranked(probs)
+    kept_at(&ranked(probs), t)
+}
+
+/// Experts the threshold rule keeps at `t`, from [`ranked`] probabilities.
+fn kept_at(ranked: &[(usize, f32, f32)], t: f32) -> usize {
+    ranked
         .iter()
         .enumerate()
         .take_while(|&(rank, &(_, p, cum))| threshold_keeps(rank, cum, p, t))
@@ -180,9 +185,10 @@ pub fn layer_rows(routes: &TokenRoutes, token: &RoutedToken, width: usize) -> Ve
             }
             experts.push_str(&item);
         }
+        let order = ranked(&lr.probs);
         let counts: String = WHAT_IF
             .iter()
-            .map(|&t| format!("{:>4}", experts_at(&lr.probs, t)))
+            .map(|&t| format!("{:>4}", kept_at(&order, t)))
             .collect();
         out.push(format!(
             "{:<6}{:<8}{:>5} {:<experts_w$}{:>7.3}{counts}",
