@@ -81,7 +81,6 @@ fn tune_finds_per_layer_thresholds_within_the_budget_and_reports_them() {
     }
     assert_eq!(r["search_tokens"], 256);
     assert_eq!(r["verify_tokens"], 128);
-
     // A KL budget measures the KL everywhere; a Markdown report renders the frontier.
     let mut kl = args.to_vec();
     kl.splice(4..6, ["--kl", "0.05"]);
@@ -91,6 +90,53 @@ fn tune_finds_per_layer_thresholds_within_the_budget_and_reports_them() {
     let md = std::fs::read_to_string(d.join("t.md")).unwrap();
     assert!(md.contains("## Frontier (search tokens)"), "{md}");
     assert!(md.contains("mean KL to the reference at most 0.05"), "{md}");
+}
+
+/// Lazy and exhaustive descents on the embedded model (4 MoE layers): the first round is the same
+/// by construction (the lazy search has no stale scores yet); the lazy one never needs more passes;
+/// both keep every step within the budget.
+#[test]
+fn lazy_and_exhaustive_descents_agree_on_the_first_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut reports = Vec::new();
+    for mode in ["lazy", "exhaustive"] {
+        let name = format!("{mode}.json");
+        let args = [
+            "tune",
+            "--budget",
+            "1%",
+            "--tokens",
+            "512",
+            "--verify-tokens",
+            "512",
+            "--search",
+            mode,
+            "--report",
+            &name,
+        ];
+        let o = xmoe(&args, d);
+        assert!(o.status.success(), "{}", text(&o).1);
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join(&name)).unwrap()).unwrap();
+        assert_eq!(r["search"], mode);
+        let limit = 0.01 * r["reference_bits_per_byte_search"].as_f64().unwrap();
+        let path = r["path"].as_array().unwrap();
+        assert!(path.len() >= 2, "{mode}: the search took no step");
+        for step in path {
+            assert!(step["delta_bits_per_byte"].as_f64().unwrap() <= limit + 1e-12);
+        }
+        reports.push(r);
+    }
+    let (lazy, exhaustive) = (&reports[0], &reports[1]);
+    assert_eq!(lazy["best_uniform"], exhaustive["best_uniform"]);
+    assert_eq!(lazy["path"][1]["label"], exhaustive["path"][1]["label"]);
+    assert!(
+        lazy["evaluations"].as_u64() <= exhaustive["evaluations"].as_u64(),
+        "lazy {} passes, exhaustive {}",
+        lazy["evaluations"],
+        exhaustive["evaluations"]
+    );
 }
 
 #[test]

@@ -47,6 +47,11 @@ pub struct TuneArgs {
     /// Text to tune on (default with the embedded model: its held-out text).
     #[arg(long, value_name = "FILE")]
     text: Option<PathBuf>,
+    /// How each round of the descent finds its step: `lazy` re-measures only the best-ranked
+    /// layers whose score is stale (a few passes a round), `exhaustive` measures every layer's
+    /// step every round (one pass per layer a round).
+    #[arg(long, default_value = "lazy", value_name = "lazy|exhaustive")]
+    search: crate::session::tune::SearchMode,
     /// Quality reference: `native`, `dense`, `topk:K` or `threshold:T` (default: native for a
     /// model with a native top-k, dense otherwise).
     #[arg(long, value_name = "POLICY")]
@@ -66,6 +71,10 @@ pub struct TuneArgs {
     /// Load a model even when its weights exceed the available memory.
     #[arg(long)]
     allow_large: bool,
+    /// Scores a threshold ranks on in a sigmoid router (DeepSeek-V3): `biased` (the router's
+    /// choice values, sigmoid + correction bias) or `unbiased` (the sigmoid scores it weights by).
+    #[arg(long, default_value = "biased", value_name = "biased|unbiased")]
+    sigmoid_scores: crate::routing::SigmoidSelection,
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<DeviceChoice>())]
     device: DeviceChoice,
@@ -102,6 +111,7 @@ pub fn run(a: TuneArgs, threads: usize) -> Result<ExitCode> {
     }
     let options = crate::model::LoadOptions {
         threads,
+        sigmoid_selection: a.sigmoid_scores,
         ..Default::default()
     };
     let (model, _) = super::load_model(
@@ -158,6 +168,7 @@ pub fn run(a: TuneArgs, threads: usize) -> Result<ExitCode> {
             .transpose()?,
         top_k,
         renormalize: None,
+        search: a.search,
     };
     let result = tune(
         &model,
@@ -240,7 +251,7 @@ fn comparison(r: &TuneResult) -> Vec<String> {
 /// The result as text for stdout.
 pub fn render_text(r: &TuneResult) -> String {
     let mut o = format!(
-        "{} | budget: {} | reference {} ({:.4} bits/byte on search tokens) | {} search + {} verification tokens from {} | {} passes in {:.1} s\n\n",
+        "{} | budget: {} | reference {} ({:.4} bits/byte on search tokens) | {} search + {} verification tokens from {} | {} search: {} passes in {:.1} s\n\n",
         r.model,
         r.budget.describe(),
         crate::profiling::sweep::policy_label(&r.reference_policy),
@@ -248,6 +259,7 @@ pub fn render_text(r: &TuneResult) -> String {
         r.search_tokens,
         r.verify_tokens,
         r.source,
+        search_name(r.search),
         r.evaluations,
         r.elapsed_s
     );
@@ -283,11 +295,18 @@ pub fn render_text(r: &TuneResult) -> String {
     o
 }
 
+fn search_name(m: crate::session::tune::SearchMode) -> &'static str {
+    match m {
+        crate::session::tune::SearchMode::Lazy => "lazy",
+        crate::session::tune::SearchMode::Exhaustive => "exhaustive",
+    }
+}
+
 /// The result as a Markdown report.
 pub fn render_markdown(r: &TuneResult) -> String {
     let esc = crate::report::markdown::text;
     let mut o = format!(
-        "# Threshold tuning: {}\n\nBudget: {}. Reference: {} ({:.4} bits/byte on the search tokens, {:.4} on the verification tokens). {} search tokens and {} verification tokens from {}; grid {}; {} forward passes in {:.1} s.\n\n## Result (verification tokens)\n\n",
+        "# Threshold tuning: {}\n\nBudget: {}. Reference: {} ({:.4} bits/byte on the search tokens, {:.4} on the verification tokens). {} search tokens and {} verification tokens from {}; grid {}; {} search, {} forward passes in {:.1} s.\n\n## Result (verification tokens)\n\n",
         esc(&r.model),
         r.budget.describe(),
         crate::profiling::sweep::policy_label(&r.reference_policy),
@@ -301,6 +320,7 @@ pub fn render_markdown(r: &TuneResult) -> String {
             .map(|t| crate::units::trim_float(*t as f64, 3))
             .collect::<Vec<_>>()
             .join(", "),
+        search_name(r.search),
         r.evaluations,
         r.elapsed_s
     );

@@ -9,8 +9,8 @@ use anyhow::{Result, bail};
 
 use super::sweep::parse_thresholds;
 use super::tune::{
-    Budget, DEFAULT_GRID, DEFAULT_TOKENS, Evaluation, TokenSet, TuneProgress, TuneResult, TuneSpec,
-    search_and_verify, tune,
+    Budget, DEFAULT_GRID, DEFAULT_TOKENS, Evaluation, SearchMode, TokenSet, TuneProgress,
+    TuneResult, TuneSpec, search_and_verify, tune,
 };
 use super::{Order, Runner};
 use crate::profiling::snapshot::{QuickTune, TunePoint, TuneStatus};
@@ -108,6 +108,7 @@ impl Runner {
             reference: Some(self.config.reference_policy),
             top_k: Vec::new(),
             renormalize: None,
+            search: SearchMode::Lazy,
         };
         let described = budget.describe();
         let (mut line, mut passes) = (String::from("reference pass"), 0usize);

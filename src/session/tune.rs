@@ -3,11 +3,16 @@
 //!
 //! Greedy coordinate descent on a grid of thresholds. Every layer starts at the best uniform
 //! threshold (the lowest-FLOP single threshold within the budget), so the result never spends
-//! more than one global threshold would; each round tries lowering each layer's threshold by one
-//! grid step, evaluates every candidate
-//! on the search tokens, and takes the step that saves the most MoE FLOPs per unit of quality
-//! lost among those within the budget. A layer whose next step broke the budget is frozen (its
-//! later steps would only cost more, as the other layers' thresholds only fall). The result is
+//! more than one global threshold would; each round takes, among the one-grid-step lowerings of a
+//! layer's threshold that stay within the budget on the search tokens, the one that saves the
+//! most MoE FLOPs per unit of quality lost. A layer whose next step broke the budget is frozen
+//! (its later steps would only cost more, as the other layers' thresholds only fall).
+//!
+//! [`SearchMode::Exhaustive`] measures every layer's step in every round: rounds x layers passes,
+//! too many for a model of 30-60 MoE layers. [`SearchMode::Lazy`] (the default) keeps each step's
+//! score from when it was last measured and re-measures only the best-ranked stale ones until
+//! the best-ranked step is fresh (lazy greedy): a step's score changes little when another layer
+//! moves, so a round costs a few passes instead of one per layer. The result is
 //! then measured on verification tokens that the search never saw, beside the best uniform
 //! threshold chosen by the same budget on the same search tokens, so the comparison is fair.
 
@@ -123,6 +128,30 @@ pub struct TuneSpec {
     pub top_k: Vec<usize>,
     /// Renormalise the threshold weights (None: as the model's native rule).
     pub renormalize: Option<bool>,
+    /// How each round of the descent finds its step.
+    pub search: SearchMode,
+}
+
+/// How each round of the greedy descent finds the step it takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SearchMode {
+    /// Re-measure only the best-ranked steps whose score is stale (lazy greedy).
+    #[default]
+    Lazy,
+    /// Measure every layer's step in every round.
+    Exhaustive,
+}
+
+impl std::str::FromStr for SearchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lazy" => Ok(Self::Lazy),
+            "exhaustive" => Ok(Self::Exhaustive),
+            _ => Err(format!("expected lazy or exhaustive, found `{s}`")),
+        }
+    }
 }
 
 /// The threshold grid `xmoe-top tune` and the UI's quick tune search by default.
@@ -214,6 +243,9 @@ pub struct TuneResult {
     pub tuned_within_budget_on_verify: bool,
     /// Whether the best uniform threshold kept the budget on the verification tokens.
     pub best_uniform_within_budget_on_verify: bool,
+    /// How the descent found its steps.
+    #[serde(default)]
+    pub search: SearchMode,
     /// Forward passes over the search tokens' batches that the search ran.
     pub evaluations: usize,
     /// Wall time, seconds.
@@ -499,33 +531,82 @@ pub fn tune(
     let mut current = best_uniform.clone().expect("checked above");
     let mut path = vec![current.clone()];
     let mut frozen = vec![false; n_moe];
-    loop {
-        let mut best: Option<(f64, usize, Evaluation)> = None;
-        for slot in 0..n_moe {
-            if frozen[slot] || idx[slot] == 0 {
-                continue;
-            }
-            let mut cand = idx.clone();
-            cand[slot] -= 1;
-            let p = policies(&cand);
-            let e = ev.evaluate(search, &reference, &p, label_of(&p))?;
-            if !within(&e) {
-                frozen[slot] = true;
-                continue;
-            }
-            let saved = current.moe_flops_fraction - e.moe_flops_fraction;
-            let lost = budget.cost(&e, ref_bpb) - budget.cost(&current, ref_bpb);
-            // A step that saves FLOPs at no quality cost ranks above every other.
-            let score = if lost <= 0.0 {
-                f64::INFINITY
-            } else {
-                saved / lost
-            };
-            if best.as_ref().is_none_or(|b| score > b.0) {
-                best = Some((score, slot, e));
-            }
+    // Lazy mode: each layer's step score when last measured (unmeasured: +inf, so it is
+    // measured before any finite score is trusted) and the measurement, while it is current.
+    let mut stale = vec![f64::INFINITY; n_moe];
+    let mut fresh: Vec<Option<Evaluation>> = vec![None; n_moe];
+    let score_of = |e: &Evaluation, current: &Evaluation| {
+        let saved = current.moe_flops_fraction - e.moe_flops_fraction;
+        let lost = budget.cost(e, ref_bpb) - budget.cost(current, ref_bpb);
+        // A step that saves FLOPs at no quality cost ranks above every other.
+        if lost <= 0.0 {
+            f64::INFINITY
+        } else {
+            saved / lost
         }
-        let Some((_, slot, e)) = best else { break };
+    };
+    loop {
+        let open = |slot: usize, frozen: &[bool], idx: &[usize]| !frozen[slot] && idx[slot] > 0;
+        let step = match spec.search {
+            SearchMode::Exhaustive => {
+                let mut best: Option<(f64, usize, Evaluation)> = None;
+                for slot in 0..n_moe {
+                    if !open(slot, &frozen, &idx) {
+                        continue;
+                    }
+                    let mut cand = idx.clone();
+                    cand[slot] -= 1;
+                    let p = policies(&cand);
+                    let e = ev.evaluate(search, &reference, &p, label_of(&p))?;
+                    if !within(&e) {
+                        frozen[slot] = true;
+                        continue;
+                    }
+                    let score = score_of(&e, &current);
+                    if best.as_ref().is_none_or(|b| score > b.0) {
+                        best = Some((score, slot, e));
+                    }
+                }
+                best.map(|(_, slot, e)| (slot, e))
+            }
+            SearchMode::Lazy => loop {
+                // The best-ranked open step; on equal scores a current measurement first, then
+                // the lowest slot (the exhaustive order).
+                let mut top: Option<usize> = None;
+                for slot in (0..n_moe).filter(|&s| open(s, &frozen, &idx)) {
+                    let better = match top {
+                        None => true,
+                        Some(t) => {
+                            stale[slot] > stale[t]
+                                || (stale[slot] == stale[t]
+                                    && fresh[slot].is_some()
+                                    && fresh[t].is_none())
+                        }
+                    };
+                    if better {
+                        top = Some(slot);
+                    }
+                }
+                let Some(slot) = top else { break None };
+                if let Some(e) = fresh[slot].take() {
+                    break Some((slot, e));
+                }
+                let mut cand = idx.clone();
+                cand[slot] -= 1;
+                let p = policies(&cand);
+                let e = ev.evaluate(search, &reference, &p, label_of(&p))?;
+                if !within(&e) {
+                    frozen[slot] = true;
+                    continue;
+                }
+                stale[slot] = score_of(&e, &current);
+                fresh[slot] = Some(e);
+            },
+        };
+        let Some((slot, e)) = step else { break };
+        // Every other measurement was taken against the state this step changes.
+        fresh.iter_mut().for_each(|f| *f = None);
+        stale[slot] = f64::INFINITY;
         idx[slot] -= 1;
         ev.line(&format!(
             "step {}: layer {} to t={} -> {:.1}% of all-experts MoE FLOPs, {:+.4} bits/byte{}",
@@ -574,6 +655,7 @@ pub fn tune(
         best_uniform_verify,
         tuned_within_budget_on_verify,
         best_uniform_within_budget_on_verify,
+        search: spec.search,
         evaluations,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
