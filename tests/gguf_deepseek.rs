@@ -151,8 +151,15 @@ fn f32_deepseek2_files_match_the_transformers_goldens() {
 
 /// Bounds on the quantised files against the goldens (logits up to about 5): (quant, max |logit
 /// diff|, share of (layer, token) whose native top-k set differs), measured with `--nocapture`
-/// and written down in docs/gguf.md with room for summation order.
-const QUANT_BOUNDS: &[(&str, f32, f64)] = &[("q8_0", 1.0, 0.15), ("q4_0", 3.0, 0.35)];
+/// and written down in docs/gguf.md with room for summation order. The fixtures' N(0, 0.2)
+/// weights and V2's routed_scaling_factor 16 amplify a weight's rounding through the blocks, so
+/// the golden bounds are loose; the tight check is against the same file dequantised to f32
+/// ([`REFERENCE_BOUND`]).
+const QUANT_BOUNDS: &[(&str, f32, f64)] = &[("q8_0", 1.5, 0.15), ("q4_0", 6.0, 0.35)];
+
+/// Max |logit diff| between a quantised file run on its blocks and the same file dequantised
+/// to f32: the activations' 8-bit quantisation alone (measured up to 0.13).
+const REFERENCE_BOUND: f32 = 0.3;
 
 /// Opens `path` and loads it on the CPU, kept as stored or (`dequantize`) all f32.
 fn load_gguf(path: &Path, dequantize: bool) -> Model {
@@ -216,6 +223,11 @@ fn quantised_deepseek2_files_stay_within_the_documented_tolerance() {
         // kept blocks run on quantised activations, which the f32 reference does not.
         if abs <= 1e-5 {
             failures.push(format!("{stem} {quant}: identical to the goldens?"));
+        }
+        if vs_ref >= REFERENCE_BOUND {
+            failures.push(format!(
+                "{stem} {quant}: {vs_ref} from its f32 reference (bound {REFERENCE_BOUND})"
+            ));
         }
         if vs_ref <= 1e-6 {
             failures.push(format!("{stem} {quant}: kept weights ran as f32?"));
