@@ -405,14 +405,18 @@ fn bad_gguf_files_get_one_clear_line_and_a_non_zero_exit() {
     let mut m = meta.clone();
     for (k, v) in m.iter_mut() {
         if k == "general.architecture" {
-            *v = Value::String("deepseek2".into());
+            *v = Value::String("gpt-oss".into());
         }
     }
     let p = write(dir.path(), "arch.gguf", &m, &no_router);
     cases.push((
         "unsupported architecture",
         p,
-        vec!["\"deepseek2\"", "llama, qwen2moe, qwen3moe, olmoe"],
+        vec![
+            "\"gpt-oss\"",
+            "MXFP4",
+            "llama, qwen2moe, qwen3moe, olmoe, deepseek2",
+        ],
     ));
 
     let m: Vec<_> = meta

@@ -17,12 +17,27 @@ tensors stay F32. It also writes `llama-dense.f32.gguf` and `llama-dense.q8_0.gg
 `llama` model (no experts) made of the mixtral fixture's attention and, as each block's FFN, its
 expert 0 (issue 14's `moefy` input; the tests check the tensors read back equal the HF ones).
 
+It also writes llama.cpp's `deepseek2` architecture from tests/fixtures/hf/deepseek_v{2,3}/per_expert
+as llama.cpp's `DeepseekV2Model` (`conversion/deepseek.py`; see docs/gguf.md for what was read)
+writes it: `deepseek_v2.{f32,q8_0,q4_0}.gguf` and
+`deepseek_v3.{f32,q8_0,q4_0}.gguf` with `kv_b_proj` split into `attn_k_b` (each head's key half,
+transposed) and `attn_v_b` plus the `*_mla` head sizes (current converters), and
+`deepseek_v3-kvb.{f32,q8_0}.gguf` in the legacy layout (one `attn_kv_b`, `key_length` /
+`value_length` the per-head sizes, no `*_mla` keys, as converters before the MLA split wrote it).
+For deepseek2 the Hugging Face weights are written unpermuted (llama.cpp rotates adjacent pairs,
+which is DeepSeek's interleaved layout), the experts stacked, `e_score_correction_bias` as
+`blk.N.exp_probs_b.bias`, tied embeddings without `output.weight`.
+
 Deviations from a real conversion, all needed to reproduce the HF goldens exactly:
 - mixtral: `llama.attention.sliding_window` = 5 is written (the converter does not write it for
   `llama`; published Mixtral has no sliding window, the tiny fixture has one).
 - qwen2_moe / qwen3_moe: block 1 is a dense FFN (`mlp_only_layers`); llama.cpp has no such block
   for these architectures, so it is written under the `llama` dense names
   `blk.1.ffn_{gate,up,down}.weight` with `{arch}.feed_forward_length` its width.
+- deepseek2: the fixture configs lack `scoring_func` (transformers 5.24 does not save it), from
+  which the converter writes `expert_gating_func`; it is written here as the published configs
+  would give it (V2 softmax, V3 sigmoid). The configs' `head_dim` (transformers' alias of
+  `qk_rope_head_dim`, absent from published configs) is not written as `key_length`.
 """
 
 import json
@@ -94,6 +109,114 @@ def tensors_for(family, cfg, st):
     return out
 
 
+DS_ARCH = "deepseek2"
+
+
+def deepseek_tensors(cfg, st, split):
+    """(gguf name, array) of a DeepSeek checkpoint as DeepseekV2Model.modify_tensors maps it."""
+    heads = cfg["num_attention_heads"]
+    nope, vd = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    n_exp = cfg["n_routed_experts"]
+    out = [("token_embd.weight", st["model.embed_tokens.weight"]),
+           ("output_norm.weight", st["model.norm.weight"])]
+    if not cfg.get("tie_word_embeddings", False):
+        out.append(("output.weight", st["lm_head.weight"]))
+    for i in range(cfg["num_hidden_layers"]):
+        p, b = f"model.layers.{i}", f"blk.{i}"
+        a = f"{p}.self_attn"
+        out += [(f"{b}.attn_norm.weight", st[f"{p}.input_layernorm.weight"]),
+                (f"{b}.ffn_norm.weight", st[f"{p}.post_attention_layernorm.weight"]),
+                (f"{b}.attn_kv_a_mqa.weight", st[f"{a}.kv_a_proj_with_mqa.weight"]),
+                (f"{b}.attn_kv_a_norm.weight", st[f"{a}.kv_a_layernorm.weight"]),
+                (f"{b}.attn_output.weight", st[f"{a}.o_proj.weight"])]
+        if f"{a}.q_proj.weight" in st:
+            out.append((f"{b}.attn_q.weight", st[f"{a}.q_proj.weight"]))
+        else:
+            out += [(f"{b}.attn_q_a.weight", st[f"{a}.q_a_proj.weight"]),
+                    (f"{b}.attn_q_a_norm.weight", st[f"{a}.q_a_layernorm.weight"]),
+                    (f"{b}.attn_q_b.weight", st[f"{a}.q_b_proj.weight"])]
+        kv_b = st[f"{a}.kv_b_proj.weight"]
+        if split:
+            # modify_tensors: view(n_head_kv, nope + v, rank), split, k_b.transpose(1, 2).
+            kv = kv_b.reshape(heads, nope + vd, kv_b.shape[-1])
+            k_b = np.ascontiguousarray(kv[:, :nope, :].transpose(0, 2, 1))
+            v_b = np.ascontiguousarray(kv[:, nope:, :])
+            out += [(f"{b}.attn_k_b.weight", k_b), (f"{b}.attn_v_b.weight", v_b)]
+        else:
+            out.append((f"{b}.attn_kv_b.weight", kv_b))
+        m = f"{p}.mlp"
+        if f"{m}.gate.weight" in st:
+            out.append((f"{b}.ffn_gate_inp.weight", st[f"{m}.gate.weight"]))
+            if f"{m}.gate.e_score_correction_bias" in st:
+                out.append((f"{b}.exp_probs_b.bias", st[f"{m}.gate.e_score_correction_bias"]))
+            for g in ("gate", "up", "down"):
+                out.append((f"{b}.ffn_{g}_exps.weight",
+                            np.stack([st[f"{m}.experts.{e}.{g}_proj.weight"] for e in range(n_exp)])))
+                if f"{m}.shared_experts.{g}_proj.weight" in st:
+                    out.append((f"{b}.ffn_{g}_shexp.weight", st[f"{m}.shared_experts.{g}_proj.weight"]))
+        else:
+            for g in ("gate", "up", "down"):
+                out.append((f"{b}.ffn_{g}.weight", st[f"{m}.{g}_proj.weight"]))
+    return out
+
+
+def add_deepseek_metadata(w, name, cfg, split):
+    """DeepseekV2Model.set_gguf_parameters (and TextModel's) for `cfg`; `split` as the current
+    converter, else as converters before the MLA split."""
+    rp = cfg["rope_parameters"]
+    heads = cfg["num_attention_heads"]
+    rank, rope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    nope, vd = cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    v3 = cfg["model_type"] == "deepseek_v3"
+    w.add_name(name)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    # The current converter sets num_key_value_heads to 1 (MLA as MQA); older ones kept it.
+    w.add_head_count_kv(1 if split else cfg["num_key_value_heads"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rp["factor"])
+    w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+    if split:
+        w.add_rope_scaling_yarn_beta_fast(rp["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(rp["beta_slow"])
+    w.add_rope_freq_base(rp["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(cfg["n_routed_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_group_count(cfg["n_group"])
+    w.add_expert_group_used_count(cfg["topk_group"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+    w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("q_lora_rank") is not None:
+        w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(rank)
+    if split:
+        w.add_key_length(rank + rope)
+        w.add_value_length(rank)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(vd)
+    else:
+        w.add_key_length(nope + rope)
+        w.add_value_length(vd)
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_expert_shared_count(cfg.get("n_shared_experts", 0))
+    w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg.get("norm_topk_prob"):
+        w.add_expert_weights_norm(True)
+    w.add_rope_dimension_count(rope)
+    w.add_rope_scaling_yarn_log_mul(0.1 * rp["mscale_all_dim"])
+
+
+def write_deepseek(path, family, cfg, tensors, qtype, split):
+    w = gguf.GGUFWriter(str(path), DS_ARCH)
+    add_deepseek_metadata(w, f"tiny-{family}", cfg, split)
+    add_tensors(w, tensors, qtype)
+
+
 def add_tokenizer(w):
     """tokenizer.ggml.* as the converter's gpt2 path (LlamaModel falls back to it for a
     byte-level BPE tokenizer.json) writes them."""
@@ -150,7 +273,8 @@ def add_metadata(w, family, cfg, dense=False):
 
 def qtype_for(name, arr, qtype):
     """What the converter with --outtype q8_0 (or llama-quantize) stores `name` as."""
-    if qtype == Q.F32 or arr.ndim < 2 or name.endswith("ffn_gate_inp.weight"):
+    if qtype == Q.F32 or arr.ndim < 2 or name.endswith("ffn_gate_inp.weight") \
+            or name.endswith(".bias"):
         return Q.F32
     if arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] != 0:
         return Q.F16
@@ -160,6 +284,12 @@ def qtype_for(name, arr, qtype):
 def write(path, family, cfg, tensors, qtype, dense=False):
     w = gguf.GGUFWriter(str(path), ARCH[family] if not dense else "llama")
     add_metadata(w, family, cfg, dense)
+    add_tensors(w, tensors, qtype)
+
+
+def add_tensors(w, tensors, qtype):
+    """The file type, the tokenizer and the tensors (quantised as qtype_for says); writes and
+    closes the file."""
     w.add_file_type({Q.F32: gguf.LlamaFileType.ALL_F32, Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
                      Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
                      Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
@@ -191,6 +321,18 @@ def main():
             path = OUT / f"{family}.{suffix[qt]}.gguf"
             write(path, family, cfg, tensors, qt)
             print(f"{path.relative_to(ROOT)}: {path.stat().st_size} bytes")
+    for family in ("deepseek_v2", "deepseek_v3"):
+        cfg = json.loads((HF / family / "per_expert" / "config.json").read_text())
+        st = load_file(str(HF / family / "per_expert" / "model.safetensors"))
+        layouts = [(True, family, (Q.F32, Q.Q8_0, Q.Q4_0))]
+        if family == "deepseek_v3":
+            layouts.append((False, f"{family}-kvb", (Q.F32, Q.Q8_0)))
+        for split, stem, qtypes in layouts:
+            tensors = deepseek_tensors(cfg, st, split)
+            for qt in qtypes:
+                path = OUT / f"{stem}.{suffix[qt]}.gguf"
+                write_deepseek(path, family, cfg, tensors, qt, split)
+                print(f"{path.relative_to(ROOT)}: {path.stat().st_size} bytes")
     # Dense llama: mixtral's attention, expert 0 of each block as its FFN, tied embeddings.
     cfg = json.loads((HF / "mixtral" / "per_expert" / "config.json").read_text())
     st = load_file(str(HF / "mixtral" / "per_expert" / "model.safetensors"))

@@ -12,8 +12,8 @@ use super::hf::expert_weights;
 use crate::kernel::Activation;
 use crate::model::blocks::mla::softmax_scale;
 use crate::model::blocks::{
-    Block, BlockFfn, Embedding, Ffn, LatentAttention, LatentParts, LatentQuery, Linear, MoeBlock,
-    Norm, Rotary, SharedExpert,
+    Block, BlockFfn, Embedding, Ffn, LatentAttention, LatentKv, LatentParts, LatentQuery, Linear,
+    MoeBlock, Norm, Rotary, SharedExpert,
 };
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
@@ -107,12 +107,12 @@ pub fn build(
                 bias,
             )?,
             kv_norm: rms(&format!("{a}.kv_a_layernorm"), mla.kv_lora_rank)?,
-            kv_b: linear(
+            kv_b: LatentKv::Expand(linear(
                 &format!("{a}.kv_b_proj"),
                 heads * (mla.qk_nope_head_dim + mla.v_head_dim),
                 mla.kv_lora_rank,
                 false,
-            )?,
+            )?),
             o: linear(&format!("{a}.o_proj"), h, heads * mla.v_head_dim, bias)?,
         };
         let attention =

@@ -7,6 +7,7 @@
 //! The cache holds what DeepSeek designed it to hold: the latent (`kv_lora_rank` values per
 //! token) and the rotated shared key (`qk_rope_head_dim`), not per-head keys and values.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{D, Tensor};
@@ -14,6 +15,7 @@ use candle_core::{D, Tensor};
 use super::attention::{AttentionOutput, KvSlot, PassContext, Rotary};
 use super::{Linear, Norm, elapsed_ns};
 use crate::model::config::MlaShape;
+use crate::model::quant::QuantMatrix;
 use crate::model::trace::BlockTiming;
 
 /// How queries are projected.
@@ -31,6 +33,25 @@ pub enum LatentQuery {
     },
 }
 
+/// How the cached latents become per-head keys and values.
+pub enum LatentKv {
+    /// `kv_b_proj`, latent -> heads x (qk_nope_head_dim + v_head_dim): every cached latent is
+    /// expanded to per-head keys and values (transformers' computation).
+    Expand(Linear),
+    /// llama.cpp's split form (`attn_k_b`, `attn_v_b`), used absorbed as llama.cpp uses it: each
+    /// head's no-position query part is taken into the latent space by its `k_b` rows, the
+    /// scores are taken against the latents themselves, and the attention output stays latent
+    /// until its `v_b` rows. `kv_b`'s key half is stored transposed per head there, so this is the
+    /// form in which both stay as stored (quantised) instead of being transposed back.
+    Absorbed {
+        /// `[heads * kv_lora_rank, qk_nope_head_dim]`: head h's rows are its key half of `kv_b`,
+        /// transposed.
+        k_b: Arc<QuantMatrix>,
+        /// `[heads * v_head_dim, kv_lora_rank]`: head h's rows are its value half of `kv_b`.
+        v_b: Arc<QuantMatrix>,
+    },
+}
+
 /// The attention sublayer of a DeepSeek block: `x + o(attn(n(x)))` with latent keys and values.
 pub struct LatentAttention {
     norm: Norm,
@@ -39,8 +60,8 @@ pub struct LatentAttention {
     kv_a: Linear,
     /// `kv_a_layernorm` over the latent.
     kv_norm: Norm,
-    /// `kv_b_proj`: latent -> heads x (qk_nope_head_dim + v_head_dim).
-    kv_b: Linear,
+    /// `kv_b_proj` or its split form.
+    kv_b: LatentKv,
     o: Linear,
     heads: usize,
     shape: MlaShape,
@@ -59,8 +80,8 @@ pub struct LatentParts {
     pub kv_a: Linear,
     /// `kv_a_layernorm`.
     pub kv_norm: Norm,
-    /// `kv_b_proj`.
-    pub kv_b: Linear,
+    /// `kv_b_proj` (or llama.cpp's split `attn_k_b` / `attn_v_b`).
+    pub kv_b: LatentKv,
     /// `o_proj`.
     pub o: Linear,
 }
@@ -142,36 +163,83 @@ impl LatentAttention {
             None => (latent, k_rope),
         };
         let keys = latent.dim(2)?;
-        // Every cached latent is expanded to per-head keys and values for this pass.
-        let kv = self
-            .kv_b
-            .forward(&latent.reshape((batch * keys, rank))?)?
-            .reshape((batch, keys, nh, nope + vd))?
-            .transpose(1, 2)?;
-        let k = Tensor::cat(
-            &[
-                &kv.narrow(D::Minus1, 0, nope)?,
-                &k_rope.broadcast_as((batch, nh, keys, rope))?,
-            ],
-            D::Minus1,
-        )?;
-        let v = kv.narrow(D::Minus1, nope, vd)?.contiguous()?;
-        let q = Tensor::cat(&[&q_nope, &q_rope], D::Minus1)?.contiguous()?;
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
-        if let Some(m) = &pass.mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ctx = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((pass.tokens(), nh * vd))?;
+        let (working, ctx) = match &self.kv_b {
+            LatentKv::Expand(kv_b) => {
+                // Every cached latent is expanded to per-head keys and values for this pass.
+                let kv = kv_b
+                    .forward(&latent.reshape((batch * keys, rank))?)?
+                    .reshape((batch, keys, nh, nope + vd))?
+                    .transpose(1, 2)?;
+                let k = Tensor::cat(
+                    &[
+                        &kv.narrow(D::Minus1, 0, nope)?,
+                        &k_rope.broadcast_as((batch, nh, keys, rope))?,
+                    ],
+                    D::Minus1,
+                )?;
+                let v = kv.narrow(D::Minus1, nope, vd)?.contiguous()?;
+                let q = Tensor::cat(&[&q_nope, &q_rope], D::Minus1)?.contiguous()?;
+                let mut scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+                if let Some(m) = &pass.mask {
+                    scores = scores.broadcast_add(m)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let ctx = probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .contiguous()?
+                    .reshape((pass.tokens(), nh * vd))?;
+                ([a, q, k, v, scores, probs, ctx.clone()], ctx)
+            }
+            LatentKv::Absorbed { k_b, v_b } => {
+                // Per head, q_nope · k_nope = (q_nope k_b_h^T) · latent: the query enters the
+                // latent space once, instead of every cached latent leaving it.
+                let heads_abs = (0..nh)
+                    .map(|h| {
+                        let qn = q_nope
+                            .narrow(1, h, 1)?
+                            .contiguous()?
+                            .reshape((batch * seq, nope))?;
+                        k_b.forward_rows(&qn, h * rank, rank)?
+                            .reshape((batch, seq, rank))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                // [b, h * s, rank]: heads outermost, as q is.
+                let q_abs = Tensor::cat(&heads_abs, 1)?;
+                let latent = latent.reshape((batch, keys, rank))?.contiguous()?;
+                let k_rope = k_rope.reshape((batch, keys, rope))?.contiguous()?;
+                let q_rope = q_rope.contiguous()?.reshape((batch, nh * seq, rope))?;
+                let scores = (q_abs.matmul(&latent.t()?.contiguous()?)?
+                    + q_rope.matmul(&k_rope.t()?.contiguous()?)?)?;
+                let mut scores = (scores.reshape((batch, nh, seq, keys))? * self.scale)?;
+                if let Some(m) = &pass.mask {
+                    scores = scores.broadcast_add(m)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                // [b, h, s, rank]: the attention output, still latent.
+                let ctx_latent = probs
+                    .reshape((batch, nh * seq, keys))?
+                    .matmul(&latent)?
+                    .reshape((batch, nh, seq, rank))?;
+                let heads_out = (0..nh)
+                    .map(|h| {
+                        let c = ctx_latent
+                            .narrow(1, h, 1)?
+                            .contiguous()?
+                            .reshape((batch * seq, rank))?;
+                        v_b.forward_rows(&c, h * vd, vd)?
+                            .reshape((batch, seq, 1, vd))
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let ctx = Tensor::cat(&heads_out, 2)?.reshape((pass.tokens(), nh * vd))?;
+                ([a, q, q_abs, latent, scores, probs, ctx_latent], ctx)
+            }
+        };
         let out = (x + self.o.forward(&ctx)?)?;
         timing.attention_ns = elapsed_ns(t0, out.device())?;
         Ok(AttentionOutput {
             hidden: out,
-            working: [a, q, k, v, scores, probs, ctx],
+            working,
         })
     }
 

@@ -20,7 +20,7 @@ pub use block::{Block, BlockAttention, BlockFfn};
 pub use embedding::Embedding;
 pub use ffn::Ffn;
 pub use linear::Linear;
-pub use mla::{LatentAttention, LatentParts, LatentQuery};
+pub use mla::{LatentAttention, LatentKv, LatentParts, LatentQuery};
 pub use moe_block::{MoeBlock, SharedExpert};
 pub use norm::Norm;
 

@@ -63,6 +63,9 @@ pub fn build(
     device: &Device,
     options: LoadOptions,
 ) -> Result<(ModelParts, Vec<String>), LoadError> {
+    if model.arch() == GgufArch::Deepseek2 {
+        return super::deepseek::build(model, device, options);
+    }
     let g = model.file();
     let c = model.hf_config();
     let used = RefCell::new(BTreeSet::new());
@@ -185,7 +188,7 @@ pub fn build(
                 q: rms(&format!("{b}.attn_q_norm"), q_w)?,
                 k: rms(&format!("{b}.attn_k_norm"), kv_w)?,
             }),
-            GgufArch::Llama | GgufArch::Qwen2Moe => attention,
+            GgufArch::Llama | GgufArch::Qwen2Moe | GgufArch::Deepseek2 => attention,
         };
         let ffn_norm = rms(&format!("{b}.ffn_norm"), h)?;
         let ffn = if let Some(slot) = c.moe_layers.iter().position(|&l| l == i) {
@@ -291,11 +294,11 @@ enum Weight {
 }
 
 /// Reads a tensor by name, checked against a shape.
-type TensorLoader<'a> = dyn Fn(&str, &[usize]) -> Result<Tensor, LoadError> + 'a;
+pub(super) type TensorLoader<'a> = dyn Fn(&str, &[usize]) -> Result<Tensor, LoadError> + 'a;
 
 /// The experts of block `b`, split out of the stacked `ffn_{gate,up}_exps.weight` `[E, I, H]`
 /// and `ffn_down_exps.weight` `[E, H, I]` (GGUF dims `[H, I, E]` and `[I, H, E]`).
-fn experts(
+pub(super) fn experts(
     g: &GgufFile,
     b: &str,
     n: usize,

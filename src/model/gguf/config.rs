@@ -16,7 +16,8 @@ use crate::model::hf::HfConfig;
 /// The llama.cpp architectures (`general.architecture`) xmoe-top runs, in the order messages
 /// list them. `llama` must have experts (Mixtral); a dense `llama` is read by
 /// [`super::DenseLlama`].
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "qwen2moe", "qwen3moe", "olmoe"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2"];
 
 /// A supported `general.architecture`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +30,9 @@ pub enum GgufArch {
     Qwen3Moe,
     /// `olmoe`.
     Olmoe,
+    /// `deepseek2` (DeepSeek-V2, V2-Lite, V3, Kimi-K2): multi-head latent attention and the
+    /// DeepSeek routers (`super::deepseek`).
+    Deepseek2,
 }
 
 impl GgufArch {
@@ -40,11 +44,9 @@ impl GgufArch {
             "qwen2moe" => GgufArch::Qwen2Moe,
             "qwen3moe" => GgufArch::Qwen3Moe,
             "olmoe" => GgufArch::Olmoe,
+            "deepseek2" => GgufArch::Deepseek2,
             other => {
                 let why = match other {
-                    "deepseek2" => {
-                        " (DeepSeek-V2/V3 in GGUF is not supported yet, see docs/gguf.md)"
-                    }
                     "gpt-oss" => {
                         " (gpt-oss GGUF files store MXFP4 experts, which candle-core 0.11 cannot read)"
                     }
@@ -67,6 +69,7 @@ impl GgufArch {
             GgufArch::Qwen2Moe => "qwen2moe",
             GgufArch::Qwen3Moe => "qwen3moe",
             GgufArch::Olmoe => "olmoe",
+            GgufArch::Deepseek2 => "deepseek2",
         }
     }
 }
@@ -78,7 +81,7 @@ pub(crate) struct Meta<'a> {
 }
 
 impl Meta<'_> {
-    fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.g.path()
     }
 
@@ -87,7 +90,7 @@ impl Meta<'_> {
         format!("{}.{key}", self.arch)
     }
 
-    fn bad(&self, key: &str, message: impl std::fmt::Display) -> LoadError {
+    pub(crate) fn bad(&self, key: &str, message: impl std::fmt::Display) -> LoadError {
         gguf_error(self.path(), format!("metadata `{key}`: {message}"))
     }
 
@@ -150,7 +153,7 @@ impl Meta<'_> {
     }
 
     /// A boolean at `{arch}.{key}`, if present.
-    fn bool_opt(&self, key: &str) -> Result<Option<bool>, LoadError> {
+    pub(crate) fn bool_opt(&self, key: &str) -> Result<Option<bool>, LoadError> {
         let k = self.key(key);
         match self.g.metadata().get(&k) {
             None => Ok(None),
@@ -160,7 +163,7 @@ impl Meta<'_> {
     }
 
     /// A string at `{arch}.{key}`, if present.
-    fn str_opt(&self, key: &str) -> Result<Option<&str>, LoadError> {
+    pub(crate) fn str_opt(&self, key: &str) -> Result<Option<&str>, LoadError> {
         let k = self.key(key);
         match self.g.metadata().get(&k) {
             None => Ok(None),
@@ -294,6 +297,9 @@ pub(crate) fn hf_config(g: &GgufFile) -> Result<HfConfig, LoadError> {
         g,
         arch: arch.name(),
     };
+    if arch == GgufArch::Deepseek2 {
+        return super::deepseek::hf_config(&m);
+    }
     let mut c = Map::new();
     common_keys(&m, &mut c)?;
     let layers = m.uint("block_count", 4096)?;
@@ -430,6 +436,8 @@ pub(crate) fn hf_config(g: &GgufFile) -> Result<HfConfig, LoadError> {
             c.insert("norm_topk_prob".into(), json!(norm));
             c.insert("attention_bias".into(), json!(has0("attn_q.bias")));
         }
+        // Mapped above, before the keys DeepSeek does not share; kept for an exhaustive match.
+        GgufArch::Deepseek2 => return super::deepseek::hf_config(&m),
     }
     c.insert("tie_word_embeddings".into(), json!(!g.has("output.weight")));
     let text = serde_json::Value::Object(c).to_string();

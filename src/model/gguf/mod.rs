@@ -5,6 +5,7 @@
 
 mod build;
 pub mod config;
+mod deepseek;
 pub mod dense;
 
 use std::collections::{BTreeSet, HashMap};
