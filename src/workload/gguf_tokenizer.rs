@@ -18,6 +18,13 @@ const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])
 /// llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`.
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// llama.cpp `LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM` (`deepseek-v3`): three splits in turn, as in
+/// DeepSeek-V3's own `tokenizer.json`.
+const DEEPSEEK_V3: [&str; 3] = [
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r##"[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"##,
+];
 /// `tokenizer.ggml.pre` values this reader maps, in the order messages list them.
 pub const SUPPORTED_PRE: &[&str] = &[
     "default",
@@ -28,6 +35,7 @@ pub const SUPPORTED_PRE: &[&str] = &[
     "llama-bpe",
     "llama3",
     "qwen2",
+    "deepseek-v3",
 ];
 
 /// `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
@@ -104,6 +112,11 @@ fn pre_tokenizer(path: &Path, pre: &str) -> Result<(serde_json::Value, bool), To
             json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
             false,
         ),
+        "deepseek-v3" => {
+            let mut seq: Vec<_> = DEEPSEEK_V3.iter().map(|re| split(re)).collect();
+            seq.push(byte_level(false));
+            (json!({"type": "Sequence", "pretokenizers": seq}), false)
+        }
         other => {
             return Err(bad(
                 path,
@@ -249,4 +262,44 @@ pub fn from_file(path: &Path) -> Result<tokenizers::Tokenizer, TokenizerError> {
         detail: e.to_string(),
     })?;
     from_metadata(path, g.metadata())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+
+    /// The pieces the pre-tokenizer of `pre` cuts `text` into, as text (before byte mapping).
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        let (json, _) = pre_tokenizer(Path::new("t.gguf"), pre).unwrap();
+        let p: tokenizers::PreTokenizerWrapper = serde_json::from_value(json).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        p.pre_tokenize(&mut s).unwrap();
+        // Undo the byte-level mapping so the expectations read as the input text.
+        let bl = tokenizers::decoders::byte_level::ByteLevel::default();
+        s.get_splits(OffsetReferential::Original, OffsetType::Char)
+            .into_iter()
+            .map(|(piece, _, _)| {
+                tokenizers::Decoder::decode_chain(&bl, vec![piece.to_string()]).unwrap()[0].clone()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn deepseek_v3_splits_digits_in_threes_and_kana_and_han_apart() {
+        assert_eq!(
+            pieces("deepseek-v3", "Hello, world 12345 日本語です!"),
+            [
+                "Hello",
+                ",",
+                " world",
+                " ",
+                "123",
+                "45",
+                " ",
+                "日本語です",
+                "!"
+            ]
+        );
+    }
 }
