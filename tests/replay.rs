@@ -177,7 +177,11 @@ fn the_replay_ui_pauses_steps_and_counts_frames() {
     c.env("TERM", "xterm-256color");
     let mut child = pair.slave.spawn_command(c).unwrap();
     drop(pair.slave);
-    let parser = Arc::new(Mutex::new(vt100::Parser::new(ROWS, COLS, 0)));
+    let parser = Arc::new(Mutex::new(vt100::Parser::new(
+        ROWS.try_into().unwrap(),
+        COLS.try_into().unwrap(),
+        0,
+    )));
     let mut reader = pair.master.try_clone_reader().unwrap();
     let p = parser.clone();
     std::thread::spawn(move || {
@@ -210,7 +214,9 @@ fn the_replay_ui_pauses_steps_and_counts_frames() {
         keys.flush().unwrap();
     };
     // "frame 1/N": the counter, and how many frames there are.
-    let first = wait("frame 1", &|t| t.contains("frame 1/"));
+    let first = wait("frame 1", &|t| {
+        t.contains("frame 1/") && t.contains("REPLAY")
+    });
     assert!(first.contains("REPLAY s.xmoe-rec (recorded"), "{first}");
     assert!(first.contains("xmoe-kjv"), "{first}");
     assert!(first.contains("paused"), "{first}");
