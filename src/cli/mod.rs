@@ -46,6 +46,8 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per process: the size of the largest variant (`run`'s flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Whole-model tokens/s per policy (eval and decode) and model load time.
     Bench(bench::BenchArgs),
