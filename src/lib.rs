@@ -27,6 +27,7 @@ pub mod kernel;
 pub mod model;
 pub mod moefy;
 pub mod profiling;
+pub mod record;
 pub mod report;
 pub mod routing;
 pub mod session;

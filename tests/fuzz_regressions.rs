@@ -109,6 +109,23 @@ fn trace(data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A recording as the `recording` target reads it: open, then every frame and the trace.
+fn recording(data: &[u8]) -> Result<(), String> {
+    let mut r = xmoe_top::record::Recording::from_bytes(data.to_vec(), "input")
+        .map_err(|e| format!("{e:#}"))?;
+    for i in 0..r.frames().len() {
+        r.frame(i).map_err(|e| format!("{e:#}"))?;
+    }
+    let mut out = Vec::new();
+    r.write_trace(&mut out).map_err(|e| format!("{e:#}"))?;
+    trace(&out)
+}
+
+#[test]
+fn recording_inputs() {
+    replay("recording", recording);
+}
+
 #[test]
 fn model_format_inputs() {
     replay("model_format", model_format);

@@ -46,9 +46,23 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "import",
         ],
     ),
+    // Recordings of sessions (snapshots and the routing trace) and their reader.
+    (
+        "record",
+        &[
+            "profiling",
+            "model",
+            "report",
+            "routing",
+            "units",
+            "atomic_file",
+            "input_file",
+        ],
+    ),
     (
         "tui",
         &[
+            "record",
             "session",
             "profiling",
             "routing",
@@ -94,6 +108,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "cli",
         &[
+            "record",
             "bench",
             "embedded",
             "inspect",

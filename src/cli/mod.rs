@@ -9,6 +9,7 @@ mod metrics;
 mod moefy;
 mod parity;
 pub mod policy_args;
+mod replay;
 mod report;
 mod route;
 pub mod run;
@@ -45,6 +46,8 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per process: the size of the largest variant (`run`'s flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Whole-model tokens/s per policy (eval and decode) and model load time.
     Bench(bench::BenchArgs),
@@ -80,6 +83,9 @@ enum Command {
     /// experts chosen, the probabilities in the order the threshold rule reads them, and the
     /// experts other thresholds would choose.
     Route(route::RouteArgs),
+    /// Play a recording (`--record FILE`) back in the UI without the model: pause, step, scrub,
+    /// speed; or write a report of one moment of it (`--report out.html --at 12.5`).
+    Replay(replay::ReplayArgs),
 }
 
 /// Most worker threads `--threads` takes: far above any CPU this runs on, far below what makes
@@ -139,6 +145,7 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
         Some(Command::Route(a)) => route::run(a),
         Some(Command::Import(a)) => import::run(a),
         Some(Command::Moefy(a)) => moefy::run(a),
+        Some(Command::Replay(a)) => replay::run(a),
         None => run::run(main, threads),
     }
 }

@@ -160,6 +160,10 @@ pub struct RunArgs {
     /// Stream a routing trace (JSON Lines, docs/trace-format.md) of every pass to this file.
     #[arg(long)]
     pub trace: Option<PathBuf>,
+    /// Record what the UI shows (every snapshot, and the routing trace) to this file for
+    /// `xmoe-top replay` (docs/recording-format.md); written as FILE.partial until the session ends.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
     /// With --trace: also record every router probability.
     #[arg(long, requires = "trace")]
     pub trace_probs: bool,
@@ -434,6 +438,7 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
         return Ok(interrupted(signal, "while loading the model"));
     }
     let trace = attach_trace(a, &mut p)?;
+    let recorder = super::replay::attach_recorder(a.record.as_deref(), &mut p, a.force)?;
     if p.config.token_budget.is_none() && p.config.time_budget.is_none() {
         p.config.token_budget = Some(20_000);
     }
@@ -461,7 +466,7 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
         Some(_) => session.stop(),
         None => session.join(),
     };
-    let trace_done = finish_trace(trace);
+    let trace_done = finish_trace(trace).and(super::replay::finish_recorder(recorder));
     let (last, failure) = match ended {
         Ok(outcome) => (outcome.final_snapshot, trace_done.err()),
         Err(e) => match published {
@@ -561,6 +566,9 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
         return Ok(interrupted(signal, "while loading the model"));
     }
     let trace = attach_trace(&a, &mut p)?;
+    let recorder = super::replay::attach_recorder(a.record.as_deref(), &mut p, a.force)?;
+    let mut a = a;
+    a.tui.recording = recorder.as_ref().map(crate::record::Recorder::status);
     let dir = report_dir;
     let exporter: Exporter = Box::new(move |snapshot: &Snapshot| {
         export(
@@ -572,6 +580,7 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
     });
     let result = super::tui::run(&a.tui, p.model, p.workload, p.config, Some(exporter));
     finish_trace(trace)?;
+    super::replay::finish_recorder(recorder)?;
     result?;
     Ok(match signals::received() {
         Some(signal) => interrupted(signal, "in the live UI"),

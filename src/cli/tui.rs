@@ -37,6 +37,9 @@ pub struct TuiArgs {
     /// reference's) or `0.01` (bits/byte) [default: 1%, or the settings file's]
     #[arg(long, value_name = "BUDGET", value_parser = parse_tune_budget)]
     pub tune_budget: Option<crate::session::tune::Budget>,
+    /// The recorder's counters while `--record` runs (the header shows them).
+    #[arg(skip)]
+    pub recording: Option<std::sync::Arc<crate::record::RecorderStatus>>,
 }
 
 fn parse_tune_budget(s: &str) -> Result<crate::session::tune::Budget, String> {
@@ -104,6 +107,8 @@ impl TuiArgs {
             tune_budget: self
                 .tune_budget
                 .unwrap_or(crate::tui::app::DEFAULT_TUNE_BUDGET),
+            replay: None,
+            recording: self.recording.clone(),
         }
     }
 }

@@ -185,8 +185,9 @@ pub struct QuickTune {
     pub elapsed_s: f64,
 }
 
-/// One point of the session's history (see `profiling::stats::history`).
-#[derive(Clone, Debug, PartialEq)]
+/// One point of the session's history (see `profiling::stats::history`). Serialisable for
+/// recordings (`crate::record`), which keep what the history panel draws; reports leave it out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HistoryPoint {
     /// Session time of the point, seconds.
     pub t_s: f64,

@@ -771,6 +771,14 @@ fn page_head(o: &mut String, data: &ReportData) {
         data.generator.report_schema_version,
         esc(&data.command_line.join(" "))
     );
+    if let Some(r) = &data.recording {
+        let _ = write!(
+            o,
+            r##"<p class="meta">Figures {}; recorded by <code>{}</code></p>"##,
+            esc(&r.describe()),
+            esc(&r.recorded_command_line.join(" "))
+        );
+    }
     let _ = write!(
         o,
         r##"<p class="meta">{} parameters · {} blocks · MoE blocks {} · {} experts of width {} · d_model {} · {} · {}</p>"##,

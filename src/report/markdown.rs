@@ -39,6 +39,14 @@ pub fn render(data: &ReportData) -> String {
         data.generator.report_schema_version,
         text(&data.command_line.join(" ")).replace('`', "'")
     );
+    if let Some(r) = &data.recording {
+        let _ = writeln!(
+            o,
+            "Figures {}; recorded by `{}`.\n",
+            text(&r.describe()),
+            text(&r.recorded_command_line.join(" ")).replace('`', "'")
+        );
+    }
 
     o.push_str("## Session\n\n| | |\n|---|---|\n");
     let m = &s.model;

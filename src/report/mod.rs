@@ -163,6 +163,42 @@ pub struct ReportData {
     pub snapshot: Snapshot,
     /// The threshold sweep, when the report comes from `xmoe-top sweep`.
     pub sweep: Option<SweepResult>,
+    /// Set when the figures were played back from a recording (`xmoe-top replay`) rather than
+    /// measured by this process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording: Option<RecordingSource>,
+}
+
+/// Which recording a report was played back from, and where in it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordingSource {
+    /// The recording file as given to `xmoe-top replay`.
+    pub file: String,
+    /// When the recording was started, ISO 8601 UTC.
+    pub recorded_utc: String,
+    /// The command line that made the recording (program name first).
+    pub recorded_command_line: Vec<String>,
+    /// Session time of the snapshot reported, seconds.
+    pub at_s: f64,
+    /// Index of that snapshot among the recorded ones (0-based) and how many there are.
+    pub frame: u64,
+    /// Snapshots in the recording.
+    pub frames: u64,
+}
+
+impl RecordingSource {
+    /// One line for the report's header, e.g. "played back from session.xmoe-rec (recorded
+    /// 2026-11-29T10:00:00Z), snapshot 120 of 300 at 12.0 s".
+    pub fn describe(&self) -> String {
+        format!(
+            "played back from the recording {} (recorded {}), snapshot {} of {} at {:.1} s",
+            self.file,
+            self.recorded_utc,
+            self.frame + 1,
+            self.frames,
+            self.at_s
+        )
+    }
 }
 
 impl ReportData {
@@ -176,6 +212,7 @@ impl ReportData {
             command_line: std::env::args().collect(),
             snapshot,
             sweep,
+            recording: None,
         }
     }
 }

@@ -220,6 +220,16 @@ impl<W: Write> TraceWriter<W> {
         Ok(())
     }
 
+    /// The underlying writer (e.g. the buffer of a writer into memory).
+    pub fn get_ref(&self) -> &W {
+        &self.out
+    }
+
+    /// The underlying writer, mutably: a recording takes the records out of its buffer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     /// Flushes and returns the underlying writer (for writers other than files).
     pub fn into_inner(mut self) -> io::Result<W> {
         self.out.flush()?;

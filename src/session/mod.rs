@@ -90,6 +90,9 @@ pub struct SessionConfig {
     /// Called after every measured pass (not reference passes) with its input ids and trace,
     /// e.g. to stream a routing trace to a file; an error stops the session.
     pub pass_observer: Option<PassObserver>,
+    /// Called with every snapshot the session publishes (on the model thread, so it must not
+    /// block), e.g. to record the session (`--record`).
+    pub snapshot_observer: Option<SnapshotObserver>,
     /// A/B: run every eval batch again under this routing (policy B) and compare it with the
     /// session's own (`--compare`); eval workload only.
     pub compare: Option<RoutingConfig>,
@@ -103,6 +106,19 @@ pub struct PassObserver(
         std::sync::Mutex<dyn FnMut(&[u32], &ForwardTrace) -> anyhow::Result<()> + Send>,
     >,
 );
+
+/// A callback shared with the session thread; see [`SessionConfig::snapshot_observer`].
+#[derive(Clone)]
+pub struct SnapshotObserver(
+    #[allow(clippy::type_complexity)]
+    pub  std::sync::Arc<std::sync::Mutex<dyn FnMut(&Snapshot) + Send>>,
+);
+
+impl std::fmt::Debug for SnapshotObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotObserver")
+    }
+}
 
 impl std::fmt::Debug for PassObserver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -138,6 +154,7 @@ impl SessionConfig {
             start_paused: false,
             generated_capacity: 2048,
             pass_observer: None,
+            snapshot_observer: None,
             compare: None,
         }
     }
@@ -631,6 +648,9 @@ impl Runner {
         self.sequence += 1;
         self.last_publish = Some(Instant::now());
         *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(snap.clone());
+        if let Some(obs) = &self.config.snapshot_observer {
+            (obs.0.lock().unwrap_or_else(|p| p.into_inner()))(&snap);
+        }
         match &mut self.publisher {
             Publisher::Channel(tx) => {
                 let _ = tx.try_send(snap.clone());

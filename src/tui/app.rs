@@ -148,6 +148,10 @@ pub struct App {
     pub tune_budget: Budget,
     /// The token view (`o`), when open.
     pub follow: Option<FollowView>,
+    /// Set when playing a recording: the timeline and the player (`xmoe-top replay`).
+    pub replay: Option<crate::tui::replay::ReplayLink>,
+    /// Set while the session is being recorded (`--record`).
+    pub recording: Option<Arc<crate::record::RecorderStatus>>,
 }
 
 /// The token view's state: the tokens it holds still (until `u`) and the cursor.
@@ -212,6 +216,8 @@ impl App {
             exporter: None,
             tune_budget: DEFAULT_TUNE_BUDGET,
             follow: None,
+            replay: None,
+            recording: None,
         }
     }
 

@@ -606,6 +606,9 @@ pub fn handle_event(
     ev: &Event,
     send: &mut dyn FnMut(Control) -> anyhow::Result<()>,
 ) {
+    if crate::tui::replay::intercept(app, ev) {
+        return;
+    }
     let Some(action) = map_event(app, ev) else {
         return;
     };

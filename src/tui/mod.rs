@@ -17,6 +17,7 @@ pub mod debounce;
 pub mod input;
 pub mod keys;
 pub mod render;
+pub mod replay;
 pub mod session_link;
 pub mod theme;
 
@@ -62,6 +63,10 @@ pub struct TuiOptions {
     pub palette: Palette,
     /// The budget of the quick tune (`T`).
     pub tune_budget: crate::session::tune::Budget,
+    /// Playing a recording instead of watching a session (see [`replay`]).
+    pub replay: Option<replay::ReplayLink>,
+    /// The session is being recorded (`--record`): the header shows the counters.
+    pub recording: Option<std::sync::Arc<crate::record::RecorderStatus>>,
 }
 
 impl Default for TuiOptions {
@@ -74,6 +79,8 @@ impl Default for TuiOptions {
             keymap: keys::KeyMap::default(),
             palette: Palette::default(),
             tune_budget: app::DEFAULT_TUNE_BUDGET,
+            replay: None,
+            recording: None,
         }
     }
 }
@@ -170,6 +177,8 @@ pub fn run_tui(
         .with_capacity_factor(options.capacity_factor);
     app.keymap = options.keymap;
     app.tune_budget = options.tune_budget;
+    app.replay = options.replay;
+    app.recording = options.recording;
     let result = (|| -> Result<()> {
         let mut guard = TerminalGuard::enter()?;
         let stop = Arc::new(AtomicBool::new(false));

@@ -37,7 +37,18 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     // Below 120 columns the words get shorter so that every figure still fits in 80.
     let narrow = area.width < 120;
     let mut l1 = vec![
-        Span::styled(" xmoe-top ", theme.title()),
+        match &app.replay {
+            // A replay says so first: which file, recorded when (the model's name follows).
+            Some(r) => Span::styled(
+                format!(
+                    " REPLAY {} (recorded {}) · ",
+                    r.info.file,
+                    r.info.recorded_utc.replace('T', " ").trim_end_matches('Z')
+                ),
+                theme.mark(),
+            ),
+            None => Span::styled(" xmoe-top ", theme.title()),
+        },
         Span::styled(m.name.clone(), theme.value()),
         Span::styled(
             if narrow {
@@ -69,6 +80,9 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
     }
     if s.ended.is_some() {
         marks.push(Span::styled(" ENDED ", theme.mark()));
+    }
+    if let Some(r) = &app.recording {
+        marks.push(Span::styled(format!(" {} ", r.line()), theme.mark()));
     }
     let e = &s.epoch;
     let capacity = match s.policy.capacity_factor {

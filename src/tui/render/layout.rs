@@ -33,6 +33,8 @@ pub struct ScreenLayout {
     pub device: Rect,
     /// Generated text (generate workload only).
     pub generated: Option<Rect>,
+    /// Replay only: the timeline (position, wall time, the bar to scrub); empty otherwise.
+    pub timeline: Rect,
     /// Messages and key hints.
     pub status: Rect,
 }
@@ -48,6 +50,7 @@ impl ScreenLayout {
             ("history", self.history),
             ("timing", self.timing),
             ("device", self.device),
+            ("timeline", self.timeline),
             ("status", self.status),
         ];
         if let Some(g) = self.generated {
@@ -78,10 +81,16 @@ pub fn screen(area: Rect, app: &App) -> Option<ScreenLayout> {
         // Each line of text has a line of shade glyphs under it.
         if area.height >= 40 { 5 } else { 3 }
     };
-    let [header, body, generated, status] = area.layout(&Layout::vertical([
+    let timeline_h = if app.replay.is_some() {
+        crate::tui::replay::TIMELINE_ROWS
+    } else {
+        0
+    };
+    let [header, body, generated, timeline, status] = area.layout(&Layout::vertical([
         Constraint::Length(3),
         Constraint::Fill(1),
         Constraint::Length(gen_h),
+        Constraint::Length(timeline_h),
         Constraint::Length(1),
     ]));
     // The heatmap wants its title, axis and detail lines and up to 3 lines per layer (2 on
@@ -143,6 +152,7 @@ pub fn screen(area: Rect, app: &App) -> Option<ScreenLayout> {
         timing,
         device,
         generated: has_text.then_some(generated),
+        timeline,
         status,
     })
 }

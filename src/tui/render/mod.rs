@@ -81,6 +81,7 @@ pub fn draw(frame: &mut Frame, app: &App) {
             },
         );
     }
+    crate::tui::replay::render_timeline(frame, l.timeline, app);
     help::render_status(frame, l.status, app);
     if app.compare.is_open(app.displayed()) && !app.table_open {
         let body = Rect::new(
