@@ -130,10 +130,12 @@ struct Proj {
     parts: usize,
 }
 
-/// A stored-layout weight of at least this many bytes is multiplied on every rayon thread:
-/// below it, waking the pool costs more than the second core saves (`xmoe-top bench`, "Splitting
-/// one matrix-vector product", recorded in docs/benchmarks.md).
-pub const SPLIT_MIN_BYTES: usize = 4 << 20;
+/// A stored-layout weight of at least this many bytes is multiplied on every rayon thread.
+/// Measured with `xmoe-top bench` ("Splitting one matrix-vector product", docs/benchmarks.md): on
+/// the 2-core machine no size from 1 MB to OLMoE's 206 MB LM head ran faster on two threads
+/// (0.73x-1.02x; one thread already reads at the memory's bandwidth), so nothing is split. Set
+/// a size here where that table shows a gain.
+pub const SPLIT_MIN_BYTES: Option<usize> = None;
 
 impl Proj {
     fn new(l: &Linear, what: &str) -> Result<Self, String> {
@@ -169,7 +171,7 @@ impl Proj {
             return Err(format!("{what}'s bias is not [{n_out}]"));
         }
         let bytes = w.elem_count() * w.dtype().size_in_bytes();
-        let parts = if !transposed && bytes >= SPLIT_MIN_BYTES {
+        let parts = if !transposed && SPLIT_MIN_BYTES.is_some_and(|min| bytes >= min) {
             rayon::current_num_threads()
         } else {
             1
