@@ -30,6 +30,9 @@ pub fn run(quick: bool, device: &Device, threads: usize) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     whole_model(quick, device, threads)?;
+    if device.is_cpu() {
+        matvec_split(quick, threads);
+    }
     load_time(quick, device, threads)?;
     if device.is_cpu() {
         half_layer(quick, threads);
@@ -55,7 +58,7 @@ fn policies(r: usize) -> Vec<RoutingPolicy> {
 
 fn whole_model(quick: bool, device: &Device, threads: usize) -> anyhow::Result<()> {
     let file = crate::embedded::model_file()?;
-    let model = Model::from_file(&file, device, LoadOptions::default())?;
+    let mut model = Model::from_file(&file, device, LoadOptions::default())?;
     let cfg = model.config().clone();
     let flops = FlopModel::new(&cfg);
     let n_moe = model.moe_layers().len();
@@ -66,10 +69,13 @@ fn whole_model(quick: bool, device: &Device, threads: usize) -> anyhow::Result<(
         "\n## Whole model: {} on {device:?} ({threads} CPU threads), eval {batch} x {seq} tokens, generate 1 x 128 positions\n",
         cfg.name
     );
+    println!("decode path: {}\n", model.decode_path());
+    let bound = DecodeBound::measure(&model, threads, quick);
+    println!("{}\n", bound.describe());
     println!(
-        "| policy | experts/token | MoE FLOPs / all experts | eval tokens/s | decode tokens/s | decode us/token |"
+        "| policy | experts/token | MoE FLOPs / all experts | eval tokens/s | decode tokens/s | decode us/token | decode CPU us/token | bound us/token | CPU / bound | candle decode us/token | candle CPU us/token |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for policy in policies(cfg.split_ratio().min(cfg.n_experts)) {
         let routing = RoutingConfig::uniform(policy, n_moe, cfg.n_experts)?;
         let mut trace = ForwardTrace::default();
@@ -93,27 +99,284 @@ fn whole_model(quick: bool, device: &Device, threads: usize) -> anyhow::Result<(
         let frac = (flops.router() as f64 + experts * flops.expert() as f64)
             / flops.moe_layer_all_experts() as f64;
         // Decode: a short prompt, then one token at a time with the KV cache.
-        let mut cache = model.new_cache(1);
         let prompt: Vec<u32> = b"And God said, ".iter().map(|&b| b as u32).collect();
-        let logits = model.forward(&prompt, 1, &routing, Some(&mut cache), &mut trace)?;
-        let vocab = cfg.vocab_size;
-        let mut next = argmax(&logits[logits.len() - vocab..]);
         let steps = if quick { 32 } else { 112 };
-        let t0 = Instant::now();
-        for _ in 0..steps {
-            let l = model.forward(&[next], 1, &routing, Some(&mut cache), &mut trace)?;
-            next = argmax(&l);
-        }
-        let dec = t0.elapsed().as_secs_f64();
+        let lean = decode_run(&model, &routing, &prompt, steps, &bound)?;
+        model.set_lean_decode(false);
+        let candle = decode_run(&model, &routing, &prompt, steps, &bound)?;
+        model.set_lean_decode(true);
+        let cpu = |r: &DecodeRun| r.cpu_us_per_token.map_or("-".into(), |c| format!("{c:.1}"));
+        let ratio = lean
+            .cpu_us_per_token
+            .map_or("-".into(), |c| format!("{:.2}", c / lean.bound_us));
         println!(
-            "| {policy} | {experts:.2} | {:.1}% | {:.0} | {:.0} | {:.0} |",
+            "| {policy} | {experts:.2} | {:.1}% | {:.0} | {:.0} | {:.1} | {} | {:.1} | {ratio} | {:.1} | {} |",
             frac * 100.0,
             tokens as f64 / elapsed,
-            steps as f64 / dec,
-            dec / steps as f64 * 1e6
+            1e6 / lean.us_per_token,
+            lean.us_per_token,
+            cpu(&lean),
+            lean.bound_us,
+            candle.us_per_token,
+            cpu(&candle),
         );
     }
     Ok(())
+}
+
+/// What a decode step is held against: its arithmetic at the machine's matmul rate, or, when the
+/// weights do not fit the last-level cache, the bytes it reads at the memory's read bandwidth.
+pub struct DecodeBound {
+    flops: FlopModel,
+    /// FLOP/s of the fastest 1024^3 f32 matmul on these threads.
+    peak_flops: f64,
+    /// Bytes/s read from a buffer far larger than the caches (measured only when the weights do
+    /// not fit the last-level cache).
+    bandwidth: Option<f64>,
+    /// Weight bytes every token reads (attention, router, dense FFNs, shared experts, LM head)
+    /// and bytes of one routed expert, as the decode path keeps them.
+    weight_bytes: Option<(usize, usize)>,
+    llc_bytes: Option<usize>,
+    kv_width: usize,
+    n_layers: usize,
+}
+
+impl DecodeBound {
+    /// Measures the machine (matmul rate, and bandwidth when the model's weights exceed the
+    /// last-level cache) for `model`.
+    pub fn measure(model: &Model, threads: usize, quick: bool) -> Self {
+        let cfg = model.config();
+        let weight_bytes = model.decode_weight_bytes();
+        let llc_bytes = last_level_cache_bytes();
+        let total = weight_bytes
+            .map(|(dense, expert)| dense + expert * cfg.n_experts * model.moe_layers().len());
+        let bandwidth = match (total, llc_bytes) {
+            (Some(t), Some(llc)) if t > llc => Some(read_bandwidth(
+                (1usize << 30).max(4 * llc),
+                threads,
+                if quick { 2 } else { 5 },
+            )),
+            _ => None,
+        };
+        Self {
+            flops: FlopModel::new(cfg),
+            peak_flops: matmul_rate(if quick { 3 } else { 8 }),
+            bandwidth,
+            weight_bytes,
+            llc_bytes,
+            kv_width: cfg.kv_heads() * cfg.head_dim(),
+            n_layers: cfg.n_layers,
+        }
+    }
+
+    /// One line on what was measured and which bound applies.
+    pub fn describe(&self) -> String {
+        let llc = self.llc_bytes.map_or("unknown".into(), |b| {
+            format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+        });
+        let weights = self.weight_bytes.map_or("unknown".into(), |(d, e)| {
+            format!(
+                "{:.2} MB every token + {:.3} MB per routed expert",
+                d as f64 / 1e6,
+                e as f64 / 1e6
+            )
+        });
+        match self.bandwidth {
+            Some(bw) => format!(
+                "bound: bytes read / read bandwidth ({:.1} GB/s), since the weights exceed the last-level cache ({llc}); weights read: {weights}; matmul rate {:.0} GFLOP/s",
+                bw / 1e9,
+                self.peak_flops / 1e9
+            ),
+            None => format!(
+                "bound: FLOPs of the token / the fastest 1024^3 matmul on one thread ({:.0} GFLOP/s, thread CPU time), since the weights fit the last-level cache ({llc}); weights read: {weights}",
+                self.peak_flops / 1e9
+            ),
+        }
+    }
+
+    /// The bound of one decoded token, in seconds: `context` keys, `pairs` routed (token,
+    /// expert) pairs over all MoE layers.
+    pub fn seconds(&self, context: usize, pairs: usize) -> f64 {
+        match (self.bandwidth, self.weight_bytes) {
+            (Some(bw), Some((dense, expert))) => {
+                let kv = 2 * self.kv_width * 4 * context * self.n_layers;
+                (dense + pairs * expert + kv) as f64 / bw
+            }
+            _ => {
+                let moe = self.flops.moe_layers().len() as u64 * self.flops.router()
+                    + pairs as u64 * self.flops.expert();
+                (self.flops.non_moe(context) + moe) as f64 / self.peak_flops
+            }
+        }
+    }
+}
+
+/// Whether splitting one decode matrix-vector product over the threads pays: bf16 `[out, in]`
+/// weights from 1 MiB (a d-1024 projection) to OLMoE's LM head (50304 x 2048, 206 MB), each on
+/// one thread and split, best of a few runs (wall clock).
+fn matvec_split(quick: bool, threads: usize) {
+    use crate::kernel::matvec::matvec_rows_split;
+    println!(
+        "\n## Splitting one matrix-vector product (bf16 weights, decode): 1 thread vs {threads}\n"
+    );
+    println!("| weight | bytes | 1 thread (us) | {threads} threads (us) | speed-up |");
+    println!("|---|---|---|---|---|");
+    let reps = if quick { 3 } else { 10 };
+    for (out, inp) in [
+        (512usize, 1024usize),
+        (2048, 2048),
+        (8192, 2048),
+        (50304, 2048),
+    ] {
+        let w: Vec<half::bf16> = (0..out * inp)
+            .map(|i| half::bf16::from_f32(weight(i, 0.05)))
+            .collect();
+        let x: Vec<f32> = (0..inp).map(|i| weight(i + 5, 1.0)).collect();
+        let mut y = vec![0.0f32; out];
+        let mut time = |parts: usize| {
+            let mut best = f64::INFINITY;
+            for r in 0..=reps {
+                let t0 = Instant::now();
+                matvec_rows_split(&w, &x, &mut y, parts);
+                std::hint::black_box(&y);
+                if r > 0 {
+                    best = best.min(t0.elapsed().as_secs_f64());
+                }
+            }
+            best
+        };
+        let (one, split) = (time(1), time(threads));
+        println!(
+            "| {out} x {inp} | {:.1} MB | {:.1} | {:.1} | {:.2}x |",
+            (out * inp * 2) as f64 / 1e6,
+            one * 1e6,
+            split * 1e6,
+            one / split
+        );
+    }
+}
+
+/// Per-token time of a decode run and its bound.
+struct DecodeRun {
+    /// Wall clock.
+    us_per_token: f64,
+    /// CPU time of the calling thread (a decode step of the embedded model runs on it alone):
+    /// on a shared machine the time the step computed, without the time it waited for a core.
+    cpu_us_per_token: Option<f64>,
+    bound_us: f64,
+}
+
+/// CPU time this thread has run, in nanoseconds (Linux: `/proc/thread-self/schedstat`).
+pub fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Prefills `prompt`, then decodes `steps` greedy tokens one at a time.
+fn decode_run(
+    model: &Model,
+    routing: &RoutingConfig,
+    prompt: &[u32],
+    steps: usize,
+    bound: &DecodeBound,
+) -> anyhow::Result<DecodeRun> {
+    let mut trace = ForwardTrace::default();
+    let mut cache = model.new_cache(1);
+    let vocab = model.config().vocab_size;
+    let logits = model.forward(prompt, 1, routing, Some(&mut cache), &mut trace)?;
+    let mut next = argmax(&logits[logits.len() - vocab..]);
+    // One warm-up step: the lean path sizes its buffers and copies the prefill's keys here.
+    next = argmax(model.decode(next, routing, &mut cache, &mut trace)?);
+    let mut bound_s = 0.0;
+    let cpu0 = thread_cpu_ns();
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        next = argmax(model.decode(next, routing, &mut cache, &mut trace)?);
+        let pairs = trace.moe.iter().map(|m| m.groups.pairs()).sum::<usize>();
+        bound_s += bound.seconds(trace.start_pos + 1, pairs);
+    }
+    let dec = t0.elapsed().as_secs_f64();
+    let cpu = cpu0
+        .zip(thread_cpu_ns())
+        .map(|(a, b)| (b - a) as f64 / 1e3 / steps as f64);
+    Ok(DecodeRun {
+        us_per_token: dec / steps as f64 * 1e6,
+        cpu_us_per_token: cpu,
+        bound_us: bound_s / steps as f64 * 1e6,
+    })
+}
+
+/// FLOP/s of the fastest of `reps` 1024^3 f32 matmuls (the `gemm` crate candle uses) on the
+/// calling thread alone, timed by this thread's CPU clock (wall clock where there is none): the
+/// rate a one-thread decode step could reach, and one that a shared machine does not distort.
+pub fn matmul_rate(reps: usize) -> f64 {
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| weight(i, 1.0)).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| weight(i + 1, 1.0)).collect();
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::INFINITY;
+    for r in 0..=reps {
+        let (t0, cpu0) = (Instant::now(), thread_cpu_ns());
+        // SAFETY: a, b and c are n x n row-major buffers (row stride n, column stride 1) that
+        // live across the call, and c does not alias a or b.
+        unsafe {
+            gemm::gemm(
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let secs = match cpu0.zip(thread_cpu_ns()) {
+            Some((x, y)) => (y - x) as f64 / 1e9,
+            None => t0.elapsed().as_secs_f64(),
+        };
+        std::hint::black_box(&c);
+        if r > 0 {
+            best = best.min(secs);
+        }
+    }
+    (2 * n * n * n) as f64 / best
+}
+
+/// Size of the largest CPU cache (Linux sysfs), if the kernel says.
+fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
+    let mut best = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let Ok(size) = std::fs::read_to_string(entry.path().join("size")) else {
+            continue;
+        };
+        let s = size.trim();
+        let bytes = if let Some(k) = s.strip_suffix('K') {
+            k.parse::<usize>().ok().map(|v| v << 10)
+        } else if let Some(m) = s.strip_suffix('M') {
+            m.parse::<usize>().ok().map(|v| v << 20)
+        } else {
+            s.parse::<usize>().ok()
+        };
+        best = best.max(bytes);
+    }
+    best
 }
 
 fn argmax(row: &[f32]) -> u32 {

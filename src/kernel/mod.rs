@@ -39,6 +39,7 @@
 //! arithmetic, so the fused variants give bit-identical results for every thread count.
 
 pub mod activation;
+pub(crate) mod matvec;
 mod simd;
 #[cfg(test)]
 mod tests;

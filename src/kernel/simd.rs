@@ -38,6 +38,8 @@ pub(crate) unsafe trait Simd: Copy {
     /// `2 * W` bfloat16 values (bits) stored as `W` pairs `(k, k + 1)`, widened to f32 (exact):
     /// the first register holds every pair's first value, the second every pair's second.
     unsafe fn load_bf16_pairs(p: *const u16) -> (Self::V, Self::V);
+    /// `W` consecutive bfloat16 values (bits) widened to f32 (exact).
+    unsafe fn load_bf16(p: *const u16) -> Self::V;
 }
 
 /// Plain Rust "vector" of 8 lanes: LLVM turns the lane loops into SSE2 code on any x86-64, and the
@@ -102,6 +104,12 @@ unsafe impl Simd for Portable {
             std::array::from_fn(|i| f32::from_bits((bits[2 * i] as u32) << 16)),
             std::array::from_fn(|i| f32::from_bits((bits[2 * i + 1] as u32) << 16)),
         )
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self::V {
+        // SAFETY: the caller guarantees `p` points to 8 readable values (`Simd::load_bf16`).
+        let bits = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
+        bits.map(|b| f32::from_bits((b as u32) << 16))
     }
 }
 
@@ -249,6 +257,15 @@ mod x86 {
                 (_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi))
             }
         }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> Self::V {
+            // SAFETY: the caller guarantees `p` points to 8 readable values: zero-extend each to
+            // 32 bits and shift it into the high half, where a bfloat16 sits in an f32.
+            unsafe {
+                let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
+            }
+        }
     }
 
     /// AVX-512F, 16 lanes.
@@ -362,6 +379,14 @@ mod x86 {
                 let lo = _mm512_slli_epi32::<16>(v);
                 let hi = _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF_0000u32 as i32));
                 (_mm512_castsi512_ps(lo), _mm512_castsi512_ps(hi))
+            }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> Self::V {
+            // SAFETY: the caller guarantees `p` points to 16 readable values; as for `Avx2`.
+            unsafe {
+                let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))
             }
         }
     }

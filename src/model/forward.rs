@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use super::arch;
 use super::blocks::{Block, Embedding, KvSlot, Linear, MoeBlock, Norm, PassContext, elapsed_ns};
 use super::config::{ModelConfig, NormKind, PositionKind, QkNormKind};
+use super::decode::{DecodePath, LeanDecoder, LeanState};
 use super::format::{LoadError, ModelFile};
 use super::moe::LoadOptions;
 use super::source::ModelSource;
@@ -95,11 +96,20 @@ impl RoutingConfig {
 }
 
 /// Keys and values of past positions, for autoregressive decoding.
+///
+/// Two paths can fill it: full passes (candle tensors, one slot per block) and the lean decode
+/// path ([`super::decode`], plain vectors). Each half knows how many positions it holds; a pass
+/// first brings its half up to date from the other (once after a prefill, or when a full pass
+/// follows lean steps), so the two can alternate freely.
 pub struct KvCache {
     /// One slot per block.
     slots: Vec<KvSlot>,
     len: usize,
     batch: usize,
+    /// Positions held in `slots`.
+    candle_len: usize,
+    /// The lean path's keys, values and step buffers (created on its first step).
+    lean: Option<Box<LeanState>>,
 }
 
 impl KvCache {
@@ -117,6 +127,10 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.slots.iter_mut().for_each(KvSlot::clear);
         self.len = 0;
+        self.candle_len = 0;
+        if let Some(l) = &mut self.lean {
+            l.clear();
+        }
     }
 }
 
@@ -160,6 +174,12 @@ pub struct Model {
     source: String,
     file_bytes: usize,
     tokenizer_path: Option<std::path::PathBuf>,
+    /// The lean decode path, when every part of the model is covered (decided at load).
+    lean: Option<LeanDecoder>,
+    /// What load decided, and why.
+    decode_path: DecodePath,
+    /// False after [`Model::set_lean_decode`]`(false)`: one-token passes use candle.
+    lean_enabled: bool,
 }
 
 impl Model {
@@ -240,7 +260,21 @@ impl Model {
             .filter(|(_, b)| b.moe().is_some())
             .map(|(i, _)| i)
             .collect();
+        let (lean, decode_path) = match LeanDecoder::build(
+            device,
+            &parts.embedding,
+            &parts.blocks,
+            &parts.final_norm,
+            &parts.lm_head,
+            config.max_seq_len,
+        ) {
+            Ok(l) => (Some(l), DecodePath::Lean),
+            Err(reason) => (None, DecodePath::Candle { reason }),
+        };
         Model {
+            lean,
+            decode_path,
+            lean_enabled: true,
             config,
             device: device.clone(),
             embedding: parts.embedding,
@@ -312,7 +346,120 @@ impl Model {
             slots: vec![KvSlot::default(); self.blocks.len()],
             len: 0,
             batch,
+            candle_len: 0,
+            lean: None,
         }
+    }
+
+    /// How one token with a KV cache is decoded, as load decided (see [`super::decode`]).
+    pub fn decode_path(&self) -> &DecodePath {
+        &self.decode_path
+    }
+
+    /// Turns the lean decode path off (one-token passes then run on candle, as full passes do)
+    /// or back on where load found it applicable; for comparisons and benchmarks.
+    pub fn set_lean_decode(&mut self, enabled: bool) {
+        self.lean_enabled = enabled;
+    }
+
+    /// Bytes the lean decode path reads per token whatever the routing, and per routed expert
+    /// (`None` on the candle path).
+    pub fn decode_weight_bytes(&self) -> Option<(usize, usize)> {
+        self.lean.as_ref().map(|l| l.weight_bytes(&self.blocks))
+    }
+
+    /// The lean decoder, when it is in force.
+    fn lean(&self) -> Option<&LeanDecoder> {
+        self.lean.as_ref().filter(|_| self.lean_enabled)
+    }
+
+    /// Decodes one `token` of a single sequence after the positions in `cache` and returns its
+    /// logits (`[vocab]`, borrowed from the cache's buffers). On the lean path (see
+    /// [`Model::decode_path`]) nothing is allocated once the cache's buffers exist; otherwise
+    /// this is [`Model::forward`] of one token.
+    pub fn decode<'c>(
+        &self,
+        token: u32,
+        routing: &RoutingConfig,
+        cache: &'c mut KvCache,
+        trace: &mut ForwardTrace,
+    ) -> Result<&'c [f32]> {
+        let vocab = self.config.vocab_size;
+        if self.lean().is_some() && cache.batch == 1 {
+            self.lean_step(token, routing, cache, trace)?;
+        } else {
+            let logits = self.forward(&[token], 1, routing, Some(&mut *cache), trace)?;
+            let state = cache.lean.get_or_insert_with(Box::default);
+            state.logits.clear();
+            state.logits.extend_from_slice(&logits);
+        }
+        let state = cache.lean.as_deref().expect("filled above");
+        Ok(&state.logits[..vocab])
+    }
+
+    /// One lean step: checks as [`Model::forward`] does, brings the lean half of the cache up to
+    /// date, then decodes.
+    fn lean_step(
+        &self,
+        token: u32,
+        routing: &RoutingConfig,
+        cache: &mut KvCache,
+        trace: &mut ForwardTrace,
+    ) -> Result<()> {
+        let lean = self.lean().expect("checked by the caller");
+        self.check_pass(&[token], routing, cache.len, 1)?;
+        let state = cache.lean.get_or_insert_with(Box::default);
+        if state.len != cache.len {
+            // Positions a full pass (a prefill) added: copy them over once.
+            debug_assert_eq!(cache.candle_len, cache.len);
+            lean.load_from_slots(state, &cache.slots, cache.len)?;
+        }
+        lean.step(&self.blocks, token, routing, state, trace)?;
+        cache.len += 1;
+        Ok(())
+    }
+
+    /// The checks every pass makes before it runs.
+    fn check_pass(
+        &self,
+        tokens: &[u32],
+        routing: &RoutingConfig,
+        start_pos: usize,
+        seq: usize,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        if routing.len() != self.moe_layers.len() {
+            bail!(
+                "routing has {} policies but the model has {} MoE layers",
+                routing.len(),
+                self.moe_layers.len()
+            );
+        }
+        if let Some(p) = routing
+            .policies
+            .iter()
+            .find(|p| p.n_experts() != cfg.n_experts)
+        {
+            bail!(
+                "routing was checked for {} experts but the model has {}",
+                p.n_experts(),
+                cfg.n_experts
+            );
+        }
+        if start_pos + seq > cfg.max_seq_len {
+            bail!(
+                "sequence of {} positions exceeds the model's context of {}",
+                start_pos + seq,
+                cfg.max_seq_len
+            );
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!(
+                "token id {bad} is outside the vocabulary (0..{})",
+                cfg.vocab_size
+            );
+        }
+        Ok(())
     }
 
     /// How the MoE layers compute (the kernel variant resolved for this CPU).
@@ -341,24 +488,6 @@ impl Model {
                 tokens.len()
             );
         }
-        if routing.len() != self.moe_layers.len() {
-            bail!(
-                "routing has {} policies but the model has {} MoE layers",
-                routing.len(),
-                self.moe_layers.len()
-            );
-        }
-        if let Some(p) = routing
-            .policies
-            .iter()
-            .find(|p| p.n_experts() != cfg.n_experts)
-        {
-            bail!(
-                "routing was checked for {} experts but the model has {}",
-                p.n_experts(),
-                cfg.n_experts
-            );
-        }
         let seq = tokens.len() / batch;
         let start_pos = match &cache {
             Some(c) => {
@@ -369,18 +498,24 @@ impl Model {
             }
             None => 0,
         };
-        if start_pos + seq > cfg.max_seq_len {
-            bail!(
-                "sequence of {} positions exceeds the model's context of {}",
-                start_pos + seq,
-                cfg.max_seq_len
-            );
+        if let (Some(c), Some(_), 1, 1) = (&mut cache, self.lean(), batch, seq) {
+            // One token after cached positions: the lean path (the logits are copied out of
+            // its buffer; `decode` borrows them instead).
+            self.lean_step(tokens[0], routing, c, trace)?;
+            let state = c.lean.as_deref().expect("filled by the step");
+            return Ok(state.logits[..cfg.vocab_size].to_vec());
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                cfg.vocab_size
-            );
+        self.check_pass(tokens, routing, start_pos, seq)?;
+        if let Some(c) = cache.as_deref_mut()
+            && c.candle_len != c.len
+        {
+            // Positions the lean path decoded: hand them to the candle slots once.
+            let (lean, state) = (self.lean.as_ref(), c.lean.as_deref());
+            let (Some(lean), Some(state)) = (lean, state) else {
+                bail!("the KV cache holds positions that neither path can read");
+            };
+            lean.store_to_slots(state, &mut c.slots, &self.device)?;
+            c.candle_len = c.len;
         }
         trace.begin(batch, seq, start_pos, self.blocks.len());
         let pass = PassContext::new(batch, seq, start_pos, &self.device)?;
@@ -396,6 +531,7 @@ impl Model {
         }
         if let Some(c) = cache {
             c.len += seq;
+            c.candle_len = c.len;
         }
         let t3 = Instant::now();
         let logits = self.lm_head.forward(&self.final_norm.forward(&x)?)?;

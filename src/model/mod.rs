@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod blocks;
 pub mod config;
+pub mod decode;
 pub mod device;
 pub mod format;
 pub mod forward;
@@ -15,6 +16,7 @@ pub mod source;
 pub mod synth;
 pub mod trace;
 
+pub use decode::DecodePath;
 pub use device::DeviceChoice;
 pub use format::{LoadError, ModelFile};
 pub use forward::{KvCache, Model, ModelParts, ParamCounts, RoutingConfig};

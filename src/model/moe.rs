@@ -421,6 +421,36 @@ impl MoeExperts {
     }
 }
 
+impl MoeExperts {
+    /// Runs the CPU kernel on plain slices (`x`, `out` = `[T, d]`), as [`MoeExperts::forward`]
+    /// does for tensors: the lean decode path (`model::decode`) calls it with `T = 1`. `None` when
+    /// these experts are not on the kernel path (candle, stored or quantised experts).
+    pub fn forward_slices(&self, x: &[f32], groups: &ExpertGroups, out: &mut [f32]) -> Option<()> {
+        let ExpertCompute::Kernel(k) = &self.compute else {
+            return None;
+        };
+        let mut scratch = k.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        moe_forward(
+            &k.packed,
+            x,
+            groups,
+            out,
+            &mut scratch,
+            k.variant,
+            k.threads,
+        );
+        Some(())
+    }
+
+    /// The packed weights when the experts run on the CPU kernel.
+    pub fn packed(&self) -> Option<&PackedExperts> {
+        match &self.compute {
+            ExpertCompute::Kernel(k) => Some(&k.packed),
+            _ => None,
+        }
+    }
+}
+
 impl KernelExperts {
     fn forward(&self, x: &Tensor, groups: &ExpertGroups) -> candle_core::Result<Tensor> {
         let x = x.contiguous()?;

@@ -41,6 +41,8 @@ pub struct ForwardTrace {
     pub head_ns: u64,
     /// Whole forward pass.
     pub total_ns: u64,
+    /// True when the lean decode path ran this pass (`model::decode`), false for candle.
+    pub lean_decode: bool,
 }
 
 impl ForwardTrace {
@@ -64,6 +66,7 @@ impl ForwardTrace {
         self.blocks.resize(n_blocks, BlockTiming::default());
         self.head_ns = 0;
         self.total_ns = 0;
+        self.lean_decode = false;
     }
 
     /// The trace slot of the `slot`-th MoE block (grown on first use; buffers kept).

@@ -642,9 +642,17 @@ impl GenerateState {
             Some(t) => (vec![t], PassKind::Decode, TokenOrigin::Generated),
         };
         let cache = self.cache.as_mut().expect("created above");
-        let logits = model.forward(&tokens, 1, routing, Some(cache), trace)?;
+        let prefill;
+        let last = match kind {
+            // One token: the model's decode step (the lean path where it applies, allocation
+            // free), its logits borrowed from the cache.
+            PassKind::Decode => model.decode(tokens[0], routing, cache, trace)?,
+            _ => {
+                prefill = model.forward(&tokens, 1, routing, Some(cache), trace)?;
+                &prefill[prefill.len() - vocab..]
+            }
+        };
         self.last_tokens.clone_from(&tokens);
-        let last = &logits[logits.len() - vocab..];
         let next = sample(last, self.spec.temperature, &mut self.rng, &mut self.probs);
         if cache.len() >= self.max_len {
             self.pending = None;

@@ -226,6 +226,11 @@ impl Rotary {
         })
     }
 
+    /// The tables `[max_positions, head_dim / 2]`: cos and sin of every position's angles.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` = [batch, heads, seq, head_dim] by the positions of the pass.
     pub(super) fn apply(&self, x: &Tensor, pass: &PassContext) -> candle_core::Result<Tensor> {
         let cos = self.cos.narrow(0, pass.start_pos, pass.seq)?;
@@ -262,6 +267,19 @@ impl KvSlot {
         self.k = None;
         self.v = None;
     }
+
+    /// The cached keys and values, `[batch, heads, positions, head_dim]` each (none before the
+    /// first pass).
+    pub fn get(&self) -> Option<(&Tensor, &Tensor)> {
+        self.k.as_ref().zip(self.v.as_ref())
+    }
+
+    /// Replaces the cached keys and values (`[batch, heads, positions, head_dim]` each): the lean
+    /// decode path hands back the positions it decoded.
+    pub fn set(&mut self, k: Tensor, v: Tensor) {
+        self.k = Some(k);
+        self.v = Some(v);
+    }
 }
 
 /// What the attention sublayer returns: its output and the tensors it computed on the way.
@@ -292,6 +310,34 @@ pub enum QkNorm {
         /// Key norm.
         k: Norm,
     },
+}
+
+/// Every part of an [`Attention`], borrowed (for the lean decode path, `model::decode`).
+pub struct AttentionParts<'a> {
+    /// Pre-norm.
+    pub norm: &'a Norm,
+    /// Query projection.
+    pub q: &'a Linear,
+    /// Key projection.
+    pub k: &'a Linear,
+    /// Value projection.
+    pub v: &'a Linear,
+    /// Output projection.
+    pub o: &'a Linear,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+    /// Rotary tables, if positions are rotary.
+    pub rotary: Option<&'a Rotary>,
+    /// Query/key norms.
+    pub qk_norm: Option<&'a QkNorm>,
+    /// Sliding window, if any.
+    pub sliding_window: Option<usize>,
+    /// `[n_heads]` sink logits.
+    pub sinks: Option<&'a Tensor>,
 }
 
 /// The attention sublayer: `x + o(attn(q(n(x)), k(n(x)), v(n(x))))` with `n` its pre-norm, and
@@ -361,6 +407,24 @@ impl Attention {
     pub fn with_sinks(mut self, sinks: Tensor) -> Self {
         self.sinks = Some(sinks);
         self
+    }
+
+    /// Every part, borrowed.
+    pub fn parts(&self) -> AttentionParts<'_> {
+        AttentionParts {
+            norm: &self.norm,
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            o: &self.o,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            rotary: self.rotary.as_ref(),
+            qk_norm: self.qk_norm.as_ref(),
+            sliding_window: self.sliding_window,
+            sinks: self.sinks.as_ref(),
+        }
     }
 
     /// A query sees itself and the `window - 1` positions before it, not further back.

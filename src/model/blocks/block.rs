@@ -50,6 +50,16 @@ impl Block {
         }
     }
 
+    /// The attention half.
+    pub fn attention(&self) -> &BlockAttention {
+        &self.attention
+    }
+
+    /// The feed-forward half.
+    pub fn ffn(&self) -> &BlockFfn {
+        &self.ffn
+    }
+
     /// The MoE sublayer, if this block has one.
     pub fn moe(&self) -> Option<&MoeBlock> {
         match &self.ffn {

@@ -43,6 +43,11 @@ impl Embedding {
         }
     }
 
+    /// The learned position table `[max_seq_len, d]`, if the model has one.
+    pub fn position_table(&self) -> Option<&Tensor> {
+        self.positions.as_ref()
+    }
+
     /// `ids` = the pass's `batch * seq` token ids -> [batch * seq, d].
     pub fn forward(&self, ids: &Tensor, pass: &PassContext) -> candle_core::Result<Tensor> {
         // Half-precision tables stay half in memory; the rows a pass uses are widened to f32.

@@ -44,6 +44,17 @@ impl Ffn {
         }
     }
 
+    /// Pre-norm, up, gate (if gated), down and activation, borrowed.
+    pub fn parts(&self) -> (&Norm, &Linear, Option<&Linear>, &Linear, Activation) {
+        (
+            &self.norm,
+            &self.up,
+            self.gate.as_ref(),
+            &self.down,
+            self.activation,
+        )
+    }
+
     /// `x` = [n, d] -> `x` with the FFN added. Records `timing.ffn_ns`.
     pub fn forward(&self, x: Tensor, timing: &mut BlockTiming) -> candle_core::Result<Tensor> {
         let t0 = Instant::now();

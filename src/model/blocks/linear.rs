@@ -14,6 +14,16 @@ enum Weight {
     Quant(std::sync::Arc<crate::model::quant::QuantMatrix>),
 }
 
+/// How a [`Linear`] keeps its weight, as [`Linear::weight_view`] shows it.
+pub enum LinearWeight<'a> {
+    /// `[in, out]`, contiguous f32.
+    Transposed(&'a Tensor),
+    /// `[out, in]` in its stored dtype.
+    Stored(&'a Tensor),
+    /// Quantised blocks (GGUF), only multiplied through candle.
+    Quantized,
+}
+
 /// A linear layer.
 pub struct Linear {
     w: Weight,
@@ -49,6 +59,17 @@ impl Linear {
             w: Weight::Quant(weight),
             b: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
         })
+    }
+
+    /// The weight as this layer keeps it and the bias, for code that multiplies on plain slices
+    /// (the lean decode path, `model::decode`).
+    pub fn weight_view(&self) -> (LinearWeight<'_>, Option<&Tensor>) {
+        let w = match &self.w {
+            Weight::Transposed(t) => LinearWeight::Transposed(t),
+            Weight::Stored(t) => LinearWeight::Stored(t),
+            Weight::Quant(_) => LinearWeight::Quantized,
+        };
+        (w, self.b.as_ref())
     }
 
     /// `x` = [n, in] (f32) -> [n, out] (f32).

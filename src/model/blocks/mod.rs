@@ -15,13 +15,15 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-pub use attention::{Attention, AttentionOutput, KvSlot, PassContext, QkNorm, Rotary, Yarn};
+pub use attention::{
+    Attention, AttentionOutput, AttentionParts, KvSlot, PassContext, QkNorm, Rotary, Yarn,
+};
 pub use block::{Block, BlockAttention, BlockFfn};
 pub use embedding::Embedding;
 pub use ffn::Ffn;
-pub use linear::Linear;
+pub use linear::{Linear, LinearWeight};
 pub use mla::{LatentAttention, LatentKv, LatentParts, LatentQuery};
-pub use moe_block::{MoeBlock, SharedExpert};
+pub use moe_block::{MoeBlock, MoeParts, SharedExpert};
 pub use norm::Norm;
 
 /// Nanoseconds since `since`, counting the device work queued meanwhile.

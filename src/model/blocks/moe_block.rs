@@ -42,6 +42,17 @@ impl SharedExpert {
         }
     }
 
+    /// Gate, up, down, activation and the optional scale gate, borrowed.
+    pub fn parts(&self) -> (&Linear, &Linear, &Linear, Activation, Option<&Linear>) {
+        (
+            &self.gate,
+            &self.up,
+            &self.down,
+            self.activation,
+            self.scale.as_ref(),
+        )
+    }
+
     /// `f` = [n, d] (already normed) -> [n, d].
     pub fn forward(&self, f: &Tensor) -> candle_core::Result<Tensor> {
         let h = (activate(&self.gate.forward(f)?, self.activation)? * self.up.forward(f)?)?;
@@ -51,6 +62,26 @@ impl SharedExpert {
             None => Ok(y),
         }
     }
+}
+
+/// Every part of a [`MoeBlock`], borrowed.
+pub struct MoeParts<'a> {
+    /// Pre-norm.
+    pub norm: &'a Norm,
+    /// Router weight transposed, `[d, E]`.
+    pub router_t: &'a Tensor,
+    /// Router bias `[E]`.
+    pub router_b: Option<&'a Tensor>,
+    /// How logits become scores and weights.
+    pub router: &'a Router,
+    /// The routed experts.
+    pub experts: &'a MoeExperts,
+    /// The always-on expert.
+    pub shared: Option<&'a SharedExpert>,
+    /// Index among the model's MoE blocks.
+    pub slot: usize,
+    /// How the selected experts combine.
+    pub combine: Combine,
 }
 
 /// `x + sum over the selected experts e of w_e * expert_e(n(x))`, with `n` its pre-norm and the
@@ -114,6 +145,20 @@ impl MoeBlock {
     pub fn with_shared(mut self, shared: SharedExpert) -> Self {
         self.shared = Some(shared);
         self
+    }
+
+    /// Every part, borrowed (for the lean decode path, `model::decode`).
+    pub fn parts(&self) -> MoeParts<'_> {
+        MoeParts {
+            norm: &self.norm,
+            router_t: &self.router_t,
+            router_b: self.router_b.as_ref(),
+            router: &self.router,
+            experts: &self.experts,
+            shared: self.shared.as_ref(),
+            slot: self.slot,
+            combine: self.combine,
+        }
     }
 
     /// How the experts compute.

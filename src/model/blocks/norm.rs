@@ -19,6 +19,12 @@ impl Norm {
         }
     }
 
+    /// Weight, bias (LayerNorm only) and epsilon, for code that runs the norm on plain slices
+    /// (the lean decode path, `model::decode`).
+    pub fn parts(&self) -> (&Tensor, Option<&Tensor>, f32) {
+        (&self.w, self.b.as_ref(), self.eps)
+    }
+
     /// Normalises every row of `x`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.b {
