@@ -266,14 +266,16 @@ struct DecodeRun {
     bound_us: f64,
 }
 
-/// CPU time this thread has run, in nanoseconds (Linux: `/proc/thread-self/schedstat`).
+/// CPU time this thread has run, in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`: exact, unlike
+/// `/proc/thread-self/schedstat`, which is brought up to date only at scheduler ticks).
 pub fn thread_cpu_ns() -> Option<u64> {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call's duration.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// Prefills `prompt`, then decodes `steps` greedy tokens one at a time.
