@@ -731,11 +731,9 @@ mod tests {
             (4, 0, 0.9),
         ];
         let routing_of = |pairs: &[(usize, usize, f32)]| {
-            let mut r = Routing {
-                n_experts: e,
-                offsets: vec![0],
-                ..Default::default()
-            };
+            let mut r = Routing::default();
+            r.n_experts = e;
+            r.offsets.push(0);
             for tok in 0..t {
                 for &(_, pe, pw) in pairs.iter().filter(|p| p.0 == tok) {
                     r.experts.push(pe as u16);
