@@ -9,7 +9,7 @@
 //! `QMatMul` per expert), and half-precision files of the project's format. Each case compares
 //! the expert choices (identical) and the logits (`|a - b| / (1 + |b|)` below `TOL`) under the
 //! native rule and a threshold. `cargo test --release --test device_generic -- --nocapture`
-//! prints the measured differences (docs/gpu.md).
+//! prints the measured differences.
 
 use std::path::{Path, PathBuf};
 
