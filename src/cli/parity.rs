@@ -1,7 +1,10 @@
 //! `xmoe-top parity`: the same tokens through two engines, compared. With `--device cuda` it
-//! checks the GPU path against the CPU; with `--device cpu` the candle dispatch against the CPU
-//! kernel. Logits must agree within `--tol` (relative to each row's largest logit) and the expert
-//! selections must be identical wherever the routing decision is not within rounding of a tie.
+//! checks the GPU path against the CPU; with `--device cpu` the candle dispatch (the
+//! device-generic path a GPU runs: per-expert candle ops, weights in their device form) against
+//! the CPU's default path. Any model the other commands open: the project's format, a Hugging
+//! Face checkpoint, a GGUF file. Logits must agree within `--tol` (relative to each row's largest
+//! logit) and the expert selections must be identical wherever the routing decision is not within
+//! rounding of a tie.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +14,7 @@ use anyhow::{Result, bail};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
 
+use crate::model::ModelSource;
 use crate::model::config::ModelConfig;
 use crate::model::format::{ModelFile, StoreDtype, write_model};
 use crate::model::synth::random_weights;
@@ -21,6 +25,8 @@ use crate::routing::{Routing, RoutingPolicy};
 /// Which policies to compare.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ParityPolicy {
+    /// The model's own rule (its family's top-k, or the file's policy).
+    Native,
     /// Every expert.
     Dense,
     /// Top-k with the model's baseline k.
@@ -34,7 +40,8 @@ pub enum ParityPolicy {
 /// Arguments of `parity`.
 #[derive(Args, Debug)]
 pub struct ParityArgs {
-    /// Model file; default: the embedded model.
+    /// Model: a file of the project's format, a Hugging Face checkpoint or a GGUF file; default:
+    /// the embedded model.
     model: Option<PathBuf>,
     /// Use a generated random model (d 512, 4 layers, 64 experts x 32) instead.
     #[arg(long, conflicts_with = "model")]
@@ -53,7 +60,7 @@ pub struct ParityArgs {
 /// Runs the comparison and prints one row per policy.
 pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
     let tmp;
-    let file = if a.synthetic {
+    let source: ModelSource = if a.synthetic {
         tmp = tempfile::tempdir()?;
         let path = tmp.path().join("synthetic.safetensors");
         let cfg = synthetic_config();
@@ -64,37 +71,40 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
             StoreDtype::F32,
             true,
         )?;
-        ModelFile::open(&path)?
+        ModelFile::open(&path)?.into()
     } else {
         match &a.model {
-            Some(p) => ModelFile::open(p).bad_input()?,
-            None => crate::embedded::model_file()?,
+            Some(p) => ModelSource::open(p).bad_input()?,
+            None => crate::embedded::model_file()?.into(),
         }
     };
     let device = a.device.resolve(threads).usage()?;
-    let reference = Model::from_file(
-        &file,
+    let reference = Model::from_source(
+        &source,
         &Device::Cpu,
         LoadOptions {
             dispatch: MoeDispatch::Auto,
             threads,
             ..Default::default()
         },
-    )?;
+    )
+    .bad_input()?;
+    // On the CPU, `candle` is the device-generic path; on a GPU, `auto` is that same path.
     let test_dispatch = if device.device.is_cpu() {
         MoeDispatch::Candle
     } else {
         MoeDispatch::Auto
     };
-    let tested = Model::from_file(
-        &file,
+    let tested = Model::from_source(
+        &source,
         &device.device,
         LoadOptions {
             dispatch: test_dispatch,
             threads,
             ..Default::default()
         },
-    )?;
+    )
+    .bad_input()?;
     let cfg = reference.config().clone();
     let n_moe = reference.moe_layers().len();
     let (batch, seq) = (4, cfg.max_seq_len.min(64));
@@ -104,7 +114,10 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
         .map(|&b| (b as u32) % cfg.vocab_size as u32)
         .collect();
     let k = cfg.top_k_baseline();
+    let native = reference.default_routing();
+    let uniform = |p: RoutingPolicy| RoutingConfig::uniform(p, n_moe, cfg.n_experts);
     let policies: Vec<RoutingPolicy> = match a.policy {
+        ParityPolicy::Native => vec![],
         ParityPolicy::Dense => vec![RoutingPolicy::Dense],
         ParityPolicy::Topk => vec![RoutingPolicy::TopK {
             k,
@@ -123,17 +136,27 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
             RoutingPolicy::threshold(0.5),
         ],
     };
+    let mut runs: Vec<(String, RoutingConfig, Option<RoutingPolicy>)> = Vec::new();
+    if matches!(a.policy, ParityPolicy::Native | ParityPolicy::All) {
+        runs.push(("native".into(), native, None));
+    }
+    for p in policies {
+        runs.push((p.to_string(), uniform(p)?, Some(p)));
+    }
     println!(
-        "parity: {} on {} ({:?} dispatch) against the CPU kernel; {batch} x {seq} tokens; tolerance {}",
-        cfg.name, device.description, test_dispatch, a.tol
+        "parity: {} ({}) on {} ({:?} dispatch) against the CPU's default path; {batch} x {seq} tokens; tolerance {}",
+        cfg.name,
+        source.path().display(),
+        device.description,
+        test_dispatch,
+        a.tol
     );
     println!(
         "{:<20} {:>14} {:>12} {:>12} {:>8}",
         "policy", "max rel err", "sel. differ", "near ties", "result"
     );
     let mut failed = false;
-    for policy in policies {
-        let routing = RoutingConfig::uniform(policy, n_moe, cfg.n_experts)?;
+    for (label, routing, policy) in runs {
         let (mut rt, mut tt) = (ForwardTrace::default(), ForwardTrace::default());
         let lr = reference.forward(&tokens, batch, &routing, None, &mut rt)?;
         let lt = tested.forward(&tokens, batch, &routing, None, &mut tt)?;
@@ -159,7 +182,7 @@ pub fn run(a: ParityArgs, threads: usize) -> Result<ExitCode> {
         failed |= !ok;
         println!(
             "{:<20} {:>14.3e} {:>12} {:>12} {:>8}",
-            policy.to_string(),
+            label,
             err,
             differ,
             near,
@@ -194,8 +217,9 @@ fn max_rel_err(a: &[f32], b: &[f32], vocab: usize) -> f64 {
 }
 
 /// How far token `i`'s decision is from flipping: the gap between the last selected and the
-/// first unselected probability, and for thresholds the distance of the cumulative mass from t.
-fn decision_margin(r: &Routing, i: usize, policy: RoutingPolicy) -> f32 {
+/// first unselected probability, and for thresholds the distance of the cumulative mass from t
+/// (`None`: the model's native rule, judged by the gap).
+fn decision_margin(r: &Routing, i: usize, policy: Option<RoutingPolicy>) -> f32 {
     let e = r.n_experts;
     let mut p: Vec<f32> = r.probs[i * e..(i + 1) * e].to_vec();
     p.sort_unstable_by(|a, b| b.total_cmp(a));
@@ -205,7 +229,7 @@ fn decision_margin(r: &Routing, i: usize, policy: RoutingPolicy) -> f32 {
     }
     let gap = p[n - 1] - p[n];
     match policy {
-        RoutingPolicy::Threshold { t, .. } => {
+        Some(RoutingPolicy::Threshold { t, .. }) => {
             let before_last: f32 = p[..n - 1].iter().sum();
             let with_last = before_last + p[n - 1];
             gap.min((t - before_last).abs()).min((with_last - t).abs())

@@ -76,7 +76,7 @@ struct KernelExperts {
     scratch: Mutex<MoeScratch>,
 }
 
-/// The candle path (any device).
+/// The candle path (any device), weights in the file's dtype (f32, f16 or bf16).
 struct CandleExperts {
     /// [E, d, h]: each expert's up projection transposed for `x @ up_t`.
     up_t: Tensor,
@@ -235,23 +235,42 @@ impl MoeExperts {
             path: file.path().to_path_buf(),
             detail: err.to_string(),
         };
-        let transposed = |v: Vec<f32>, a: usize, b: usize| -> Result<Tensor, LoadError> {
-            Tensor::from_vec(v, (e, a, b), device)
-                .and_then(|t| t.transpose(1, 2))
-                .and_then(|t| t.contiguous())
-                .map_err(de)
-        };
-        let up_t = transposed(stacked("up_proj", "up_proj.weight", &[e, h, d]), h, d)?;
+        // Half-precision experts stay half on the device (the file's size, not twice it), each
+        // expert widened to f32 only while it runs; f32 ones are uploaded as they are.
+        let half = stored_half_dtype(file, p, per_expert, e, cfg.gated);
+        let stacked_tensor =
+            |suffix: &str, per: &str, a: usize, b: usize| -> Result<Tensor, LoadError> {
+                let t = match half {
+                    Some(dt) => {
+                        let bytes: Vec<u8> = if per_expert {
+                            (0..e)
+                                .flat_map(|x| {
+                                    file.raw(&format!("{p}.{x}.{per}")).data.iter().copied()
+                                })
+                                .collect()
+                        } else {
+                            file.raw(&format!("{p}.{suffix}")).data.to_vec()
+                        };
+                        let dtype = if dt == Dtype::F16 {
+                            DType::F16
+                        } else {
+                            DType::BF16
+                        };
+                        Tensor::from_raw_buffer(&bytes, dtype, &[e, a, b], device)
+                    }
+                    None => Tensor::from_vec(stacked(suffix, per, &[e, a, b]), (e, a, b), device),
+                };
+                t.and_then(|t| t.transpose(1, 2))
+                    .and_then(|t| t.contiguous())
+                    .map_err(de)
+            };
+        let up_t = stacked_tensor("up_proj", "up_proj.weight", h, d)?;
         let gate_t = if cfg.gated {
-            Some(transposed(
-                stacked("gate_proj", "gate_proj.weight", &[e, h, d]),
-                h,
-                d,
-            )?)
+            Some(stacked_tensor("gate_proj", "gate_proj.weight", h, d)?)
         } else {
             None
         };
-        let down_t = transposed(stacked("down_proj", "down_proj.weight", &[e, d, h]), d, h)?;
+        let down_t = stacked_tensor("down_proj", "down_proj.weight", d, h)?;
         let (up_b, down_b) = if cfg.expert_bias {
             (
                 Some(
@@ -609,25 +628,37 @@ impl HalfBits for half::bf16 {
 
 /// `sum over experts e of w * f(e, x[rows of e])` scattered back to the rows: the gather,
 /// weighting and scatter-add of the candle paths, with `f` computing one expert on its rows.
+///
+/// Built for a device that is not the host: the pairs' rows and weights (already grouped by
+/// expert on the host, where the routing decision was made) go to the device in **one upload
+/// each**, all selected rows are gathered in one `index_select`, each active expert multiplies a
+/// view of its run of rows (no copy, no upload), and the weighted outputs go back in one
+/// `index_add`. Nothing is read back: the only device-to-host transfer of a MoE layer is the
+/// router's logits, read by `MoeBlock::forward` because the policy runs on the host.
 pub(super) fn per_expert_groups(
     x: &Tensor,
     groups: &ExpertGroups,
     mut f: impl FnMut(usize, &Tensor) -> candle_core::Result<Tensor>,
 ) -> candle_core::Result<Tensor> {
+    let pairs = groups.pairs();
+    if pairs == 0 {
+        return x.zeros_like();
+    }
     let device = x.device();
-    let mut y = x.zeros_like()?;
+    let rows = Tensor::from_slice(&groups.tokens, pairs, device)?;
+    let weights = Tensor::from_slice(&groups.weights, (pairs, 1), device)?;
+    let gathered = x.index_select(&rows, 0)?;
+    let mut outs = Vec::with_capacity(groups.n_experts());
     for e in 0..groups.n_experts() {
-        let (rows, weights) = groups.group(e);
-        if rows.is_empty() {
+        let n = groups.rows(e);
+        if n == 0 {
             continue;
         }
-        let n = rows.len();
-        let idx = Tensor::from_slice(rows, n, device)?;
-        let out = f(e, &x.index_select(&idx, 0)?)?;
-        let w = Tensor::from_slice(weights, (n, 1), device)?;
-        y = y.index_add(&idx, &out.broadcast_mul(&w)?, 0)?;
+        let start = groups.offsets[e] as usize;
+        outs.push(f(e, &gathered.narrow(0, start, n)?)?);
     }
-    Ok(y)
+    let out = Tensor::cat(&outs, 0)?.broadcast_mul(&weights)?;
+    x.zeros_like()?.index_add(&rows, &out, 0)
 }
 
 impl CandleExperts {
@@ -637,16 +668,18 @@ impl CandleExperts {
         groups: &ExpertGroups,
         activation: Activation,
     ) -> candle_core::Result<Tensor> {
+        // A same-dtype `to_dtype` is a cheap clone: f32 weights are not copied.
+        let w = |t: &Tensor, e: usize| t.get(e)?.to_dtype(x.dtype());
         per_expert_groups(x, groups, |e, xs| {
-            let mut up = xs.matmul(&self.up_t.get(e)?)?;
+            let mut up = xs.matmul(&w(&self.up_t, e)?)?;
             if let Some(b) = &self.up_b {
                 up = up.broadcast_add(&b.get(e)?)?;
             }
             let hidden = match &self.gate_t {
-                Some(g) => (activate(&xs.matmul(&g.get(e)?)?, activation)? * up)?,
+                Some(g) => (activate(&xs.matmul(&w(g, e)?)?, activation)? * up)?,
                 None => activate(&up, activation)?,
             };
-            let out = hidden.matmul(&self.down_t.get(e)?)?;
+            let out = hidden.matmul(&w(&self.down_t, e)?)?;
             match &self.down_b {
                 Some(b) => out.broadcast_add(&b.get(e)?),
                 None => Ok(out),
@@ -701,6 +734,73 @@ pub(super) fn clamped_swiglu(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The grouped computation against a per-pair loop: empty experts, a token with several
+    /// experts, a token with none, and no pairs at all.
+    #[test]
+    fn grouped_experts_match_a_per_pair_sum() {
+        use crate::routing::Routing;
+        let (t, d, e) = (5, 3, 4);
+        let x = Tensor::from_vec(
+            (0..t * d)
+                .map(|i| i as f32 * 0.25 - 1.0)
+                .collect::<Vec<_>>(),
+            (t, d),
+            &Device::Cpu,
+        )
+        .unwrap();
+        // Expert e scales its rows by (e + 1) and adds e.
+        let expert = |e: usize, xs: &Tensor| (xs * (e as f64 + 1.0))? + e as f64;
+        // (token, expert, weight); token 3 has no expert, expert 2 no token.
+        let pairs = [
+            (0, 1, 0.5f32),
+            (0, 3, 0.25),
+            (1, 0, 1.0),
+            (2, 1, 0.75),
+            (4, 3, 0.1),
+            (4, 0, 0.9),
+        ];
+        let routing_of = |pairs: &[(usize, usize, f32)]| {
+            let mut r = Routing::default();
+            r.n_experts = e;
+            r.offsets.push(0);
+            for tok in 0..t {
+                for &(_, pe, pw) in pairs.iter().filter(|p| p.0 == tok) {
+                    r.experts.push(pe as u16);
+                    r.weights.push(pw);
+                    r.kept.push(true);
+                }
+                r.offsets.push(r.experts.len() as u32);
+            }
+            r
+        };
+        let routing = routing_of(&pairs);
+        let mut groups = ExpertGroups::default();
+        groups.build(&routing);
+        assert_eq!(groups.rows(2), 0);
+        let got = per_expert_groups(&x, &groups, |e, xs| expert(e, xs))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let xs = x.to_vec2::<f32>().unwrap();
+        for tok in 0..t {
+            for c in 0..d {
+                let want: f32 = pairs
+                    .iter()
+                    .filter(|p| p.0 == tok)
+                    .map(|&(_, pe, pw)| pw * (xs[tok][c] * (pe as f32 + 1.0) + pe as f32))
+                    .sum();
+                assert!(
+                    (got[tok][c] - want).abs() < 1e-6,
+                    "{tok},{c}: {} vs {want}",
+                    got[tok][c]
+                );
+            }
+        }
+        groups.build(&routing_of(&[]));
+        let none = per_expert_groups(&x, &groups, |e, xs| expert(e, xs)).unwrap();
+        assert_eq!(none.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
 
     #[test]
     fn clamped_swiglu_on_tensors_matches_the_scalar_definition() {

@@ -10,8 +10,16 @@
 //! weight type's dot-product partner (Q8_0 for Q4_0, Q5_0, Q8_0; Q8_1 for Q4_1, Q5_1; Q8_K for
 //! the K-quants), then integer dot products are scaled. That quantisation of the activations is
 //! the only arithmetic difference from multiplying the dequantised f32 matrix (docs/gguf.md
-//! measures it). candle's own `QMatMul` is not used on purpose: on x86 it caches a repacked copy
-//! of Q4_K, Q6_K and Q8_0 weights next to the original, which would double the memory.
+//! measures it). candle's own `QMatMul` is not used for this CPU form on purpose: on x86 it caches
+//! a repacked copy of Q4_K, Q6_K and Q8_0 weights next to the original, which would double the
+//! memory.
+//!
+//! **The device form** ([`QuantMatrix::on_device`]) is what a GPU runs (and the CPU, when the
+//! device-generic path is asked for with `--moe candle`): ggml blocks become candle `QMatMul`s on
+//! the device, one per expert of a stacked tensor (an expert is then a whole matrix, which is what
+//! candle's CUDA kernels multiply: mmvq for up to 8 rows, the mmq/dequantise + cuBLAS path above);
+//! MXFP4 is dequantised to bf16 (exact, 16 bits a weight instead of 4.25); float matrices move as
+//! they are. Nothing in the device form's product reads data back to the host.
 
 use std::sync::Arc;
 
@@ -19,8 +27,8 @@ use candle_core::quantized::k_quants::{
     self, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
     BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, GgmlType,
 };
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::hf::mxfp4;
@@ -37,7 +45,30 @@ enum Kind {
     /// MXFP4: per row, `cols / 32` groups of 16 bytes (two E2M1 codes a byte, low nibble first)
     /// and one E8M0 scale byte per group.
     Mxfp4 { blocks: Vec<u8>, scales: Vec<u8> },
+    /// The device form: ggml blocks as candle `QMatMul`s on any device, in `parts.len()` equal
+    /// runs of `part_rows` rows (one per expert of a stacked tensor, or one for a whole matrix).
+    Parts {
+        parts: Vec<QMatMul>,
+        part_rows: usize,
+        dtype: GgmlDType,
+        bytes: usize,
+    },
 }
+
+/// The ggml types candle-core 0.11 multiplies on CUDA (`quantized/cuda.rs`: `mul_mat_vec_*`,
+/// `mul_mat_q*`, `dequantize_block_*`); Q8_1 and Q8_K have no CUDA matmul there.
+pub const CUDA_GGML_TYPES: [GgmlDType; 10] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
 
 /// A `[rows, cols]` weight matrix kept as stored, multiplied as `x @ W[r0..r0 + n]^T`.
 pub struct QuantMatrix {
@@ -143,6 +174,7 @@ impl QuantMatrix {
             Kind::Ggml(q) => format!("{:?}", q.dtype()),
             Kind::Float(t) => format!("{:?}", t.dtype()),
             Kind::Mxfp4 { .. } => "MXFP4".into(),
+            Kind::Parts { dtype, .. } => format!("{dtype:?}"),
         }
     }
 
@@ -152,6 +184,56 @@ impl QuantMatrix {
             Kind::Ggml(q) => q.storage_size_in_bytes(),
             Kind::Float(t) => t.elem_count() * t.dtype().size_in_bytes(),
             Kind::Mxfp4 { blocks, scales } => blocks.len() + scales.len(),
+            Kind::Parts { bytes, .. } => *bytes,
+        }
+    }
+
+    /// The device form of this matrix on `device`, split into `parts` equal runs of rows (the
+    /// experts of a stacked tensor; 1 for a whole matrix): ggml blocks as `QMatMul`s (their bytes
+    /// copied once, per part), MXFP4 dequantised to bf16 (exact), float matrices moved as they are.
+    /// A ggml type candle cannot multiply on `device` is an error naming it.
+    pub fn on_device(&self, device: &Device, parts: usize) -> candle_core::Result<Self> {
+        if parts == 0 || !self.rows.is_multiple_of(parts) {
+            candle_core::bail!("{} rows do not split into {parts} equal parts", self.rows)
+        }
+        let part_rows = self.rows / parts;
+        match &self.kind {
+            Kind::Ggml(q) => {
+                let dtype = q.dtype();
+                if device.is_cuda() && !CUDA_GGML_TYPES.contains(&dtype) {
+                    candle_core::bail!(
+                        "{dtype:?} blocks have no matrix product on CUDA in candle-core 0.11 \
+                         (it multiplies {CUDA_GGML_TYPES:?}); run this file with --device cpu"
+                    )
+                }
+                let data = q.data()?;
+                let part_bytes = data.len() / parts;
+                let mut out = Vec::with_capacity(parts);
+                for chunk in data.chunks_exact(part_bytes) {
+                    // One storage per part: an expert is a whole `[I, H]` matrix for candle's
+                    // kernels, so no row offset into a stacked tensor is needed.
+                    let storage =
+                        QStorage::from_data(std::borrow::Cow::Borrowed(chunk), device, dtype)?;
+                    let t = QTensor::new(storage, (part_rows, self.cols))?;
+                    out.push(QMatMul::from_arc(Arc::new(t))?);
+                }
+                Ok(Self {
+                    kind: Kind::Parts {
+                        parts: out,
+                        part_rows,
+                        dtype,
+                        bytes: data.len(),
+                    },
+                    rows: self.rows,
+                    cols: self.cols,
+                })
+            }
+            Kind::Float(t) => Self::float(t.to_device(device)?),
+            Kind::Mxfp4 { blocks, scales } => {
+                let values = mxfp4::dequantize(blocks, scales);
+                Self::float(Tensor::from_vec(values, (self.rows, self.cols), device)?)
+            }
+            Kind::Parts { .. } => candle_core::bail!("the matrix is already in its device form"),
         }
     }
 
@@ -191,6 +273,9 @@ impl QuantMatrix {
                 };
                 Self::mxfp4(pick(blocks, rb), pick(scales, rs), self.rows, self.cols)
             }
+            Kind::Parts { .. } => {
+                candle_core::bail!("rows are reordered before the matrix moves to its device form")
+            }
         }
     }
 
@@ -222,6 +307,20 @@ impl QuantMatrix {
                 }
                 Ok(out)
             }
+            Kind::Parts {
+                parts, part_rows, ..
+            } => {
+                let mut out = Vec::with_capacity(n * self.cols);
+                for r in r0..r0 + n {
+                    let w = match &parts[r / part_rows] {
+                        QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+                        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_device(&Device::Cpu)?,
+                    };
+                    let row = w.narrow(0, r % part_rows, 1)?.to_dtype(DType::F32)?;
+                    out.extend(row.flatten_all()?.to_vec1::<f32>()?);
+                }
+                Ok(out)
+            }
         }
     }
 
@@ -246,6 +345,19 @@ impl QuantMatrix {
         if let Kind::Float(w) = &self.kind {
             return x.matmul(&w.narrow(0, r0, n)?.to_dtype(x.dtype())?.t()?);
         }
+        if let Kind::Parts {
+            parts, part_rows, ..
+        } = &self.kind
+        {
+            // The device form multiplies whole parts (experts): a row range inside one is not
+            // something the model asks for.
+            if !r0.is_multiple_of(*part_rows) || n != *part_rows {
+                candle_core::bail!(
+                    "rows {r0}..{r0}+{n} of a matrix kept as parts of {part_rows} rows"
+                )
+            }
+            return parts[r0 / part_rows].forward(&x.contiguous()?);
+        }
         if x.dtype() != DType::F32 || !x.device().is_cpu() {
             candle_core::bail!(
                 "quantised weights multiply f32 inputs on the CPU, found {:?} on {:?}",
@@ -267,7 +379,7 @@ impl QuantMatrix {
                 Kind::Mxfp4 { blocks, scales } => {
                     mxfp4_matmul(blocks, scales, xs, m, self.cols, r0, n, &mut out)
                 }
-                Kind::Float(_) => unreachable!("handled above"),
+                Kind::Float(_) | Kind::Parts { .. } => unreachable!("handled above"),
             }
         }
         Tensor::from_vec(out, (m, n), x.device())
@@ -303,6 +415,15 @@ impl QuantMatrix {
                 }
                 Tensor::from_vec(out, (ids.len(), self.cols), &Device::Cpu)
             }
+            // No range check here: it would read the ids back from the device, and
+            // `Model::forward` checks every id against the vocabulary on the host before upload.
+            Kind::Parts { parts, .. } => match parts.as_slice() {
+                [table] => table
+                    .embedding(&ids.flatten_all()?)?
+                    .to_dtype(DType::F32)?
+                    .reshape((ids.elem_count(), self.cols)),
+                _ => candle_core::bail!("an embedding table kept in {} parts", parts.len()),
+            },
         }
     }
 }
@@ -526,6 +647,39 @@ impl QuantExperts {
         self.n_experts
     }
 
+    /// The same experts in their device form on `device` ([`QuantMatrix::on_device`], one part
+    /// per expert), biases moved with them.
+    pub fn on_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let n = self.n_experts;
+        let gate_up = match &self.gate_up {
+            GateUp::Separate { gate, up } => GateUp::Separate {
+                gate: gate.on_device(device, n)?,
+                up: up.on_device(device, n)?,
+            },
+            GateUp::Interleaved(gu) => GateUp::Interleaved(gu.on_device(device, n)?),
+        };
+        let moved = |ts: &[Tensor]| -> candle_core::Result<Vec<Tensor>> {
+            ts.iter().map(|t| t.to_device(device)).collect()
+        };
+        let biases = match &self.biases {
+            Some(b) => Some(ExpertBiases {
+                gate: moved(&b.gate)?,
+                up: moved(&b.up)?,
+                down: moved(&b.down)?,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            n_experts: n,
+            inter: self.inter,
+            hidden: self.hidden,
+            gate_up,
+            down: self.down.on_device(device, n)?,
+            biases,
+            clamped: self.clamped,
+        })
+    }
+
     /// Bytes the weights take in memory.
     pub fn storage_bytes(&self) -> usize {
         let gu = match &self.gate_up {
@@ -677,6 +831,70 @@ mod tests {
         assert_eq!(
             p.dequantize_rows(0, 1).unwrap(),
             qm.dequantize_rows(rows - 1, 1).unwrap()
+        );
+    }
+
+    /// The device form (here on the CPU, where candle's `QMatMul` runs the same ggml algorithm):
+    /// each expert's part multiplies like the expert's rows of the stacked CPU form, a whole
+    /// matrix looks rows up like the CPU form, MXFP4 becomes its exact bf16 values, and a row
+    /// range inside a part is refused.
+    #[test]
+    fn the_device_form_multiplies_like_the_cpu_form() {
+        let (experts, rows, cols, m) = (3, 8, 64, 4);
+        let w = Tensor::from_vec(
+            ramp(experts * rows * cols, 0.4),
+            (experts * rows, cols),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let x = Tensor::from_vec(ramp(m * cols, 2.0), (m, cols), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            let cpu = QuantMatrix::ggml(q).unwrap();
+            let dev = cpu.on_device(&Device::Cpu, experts).unwrap();
+            assert_eq!(dev.storage_bytes(), cpu.storage_bytes());
+            assert_eq!(dev.type_name(), format!("{dtype:?}"));
+            for e in 0..experts {
+                let a = dev.forward_rows(&x, e * rows, rows).unwrap();
+                let b = cpu.forward_rows(&x, e * rows, rows).unwrap();
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(
+                    diff.to_scalar::<f32>().unwrap() < 1e-4,
+                    "{dtype:?} expert {e}"
+                );
+                assert_eq!(
+                    dev.dequantize_rows(e * rows + 1, 2).unwrap(),
+                    cpu.dequantize_rows(e * rows + 1, 2).unwrap()
+                );
+            }
+            assert!(
+                dev.forward_rows(&x, 1, rows).is_err(),
+                "row range inside a part"
+            );
+            assert!(dev.permute_rows(&[0; 24]).is_err());
+            let whole = cpu.on_device(&Device::Cpu, 1).unwrap();
+            let ids = Tensor::new(&[5u32, 0, 23], &Device::Cpu).unwrap();
+            assert_eq!(
+                whole.lookup(&ids).unwrap().to_vec2::<f32>().unwrap(),
+                cpu.lookup(&ids).unwrap().to_vec2::<f32>().unwrap()
+            );
+        }
+        assert!(
+            QuantMatrix::ggml(Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()))
+                .unwrap()
+                .on_device(&Device::Cpu, 5)
+                .is_err(),
+            "24 rows in 5 parts"
+        );
+        let blocks: Vec<u8> = (0..rows * cols / 2).map(|i| (i * 29 % 256) as u8).collect();
+        let scales: Vec<u8> = (0..rows * cols / 32).map(|i| 122 + (i % 7) as u8).collect();
+        let mx = QuantMatrix::mxfp4(blocks, scales, rows, cols).unwrap();
+        let dev = mx.on_device(&Device::Cpu, 1).unwrap();
+        assert_eq!(dev.type_name(), "BF16");
+        assert_eq!(dev.storage_bytes(), rows * cols * 2);
+        assert_eq!(
+            dev.dequantize_rows(0, rows).unwrap(),
+            mx.dequantize_rows(0, rows).unwrap()
         );
     }
 

@@ -2,9 +2,12 @@
 //! `constants.py` `TENSOR_NAMES`): the same [blocks](crate::model::blocks) a Hugging Face
 //! checkpoint of the family builds. On the CPU every matrix stays as stored: quantised ones as
 //! [`QuantMatrix`] (experts multiplied in place in their stacked tensors), F16/BF16 ones in
-//! half precision; norms and routers are widened to f32. With
-//! [`GgufModel::set_dequantize`], on another device, or with `--moe kernel` for the experts,
-//! weights are dequantised to f32 on load instead (the reference the tests compare with).
+//! half precision; norms and routers are widened to f32. On another device the matrices take
+//! their device form ([`QuantMatrix::on_device`]: candle `QMatMul`s on the device, one per expert
+//! of a stacked tensor; F16/BF16 stay half), and so do the experts on the CPU with `--moe candle`
+//! (the device-generic path, tested on the CPU). With [`GgufModel::set_dequantize`], or with
+//! `--moe kernel` for the experts, weights are dequantised to f32 on load instead (the reference
+//! the tests compare with).
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -77,12 +80,27 @@ pub fn build(
         used.borrow_mut().insert(name.to_string());
         g.tensor(name, shape, device)
     };
-    // Matrices stay as stored on the CPU unless the reference (all f32) is asked for.
-    let keep = device.is_cpu() && !model.dequantizes();
+    // Matrices stay as stored (on the CPU) or in their device form (elsewhere) unless the
+    // reference (all f32) is asked for.
+    let keep = !model.dequantizes();
     let stored_type = |name: &str| g.dtype(name).filter(|_| keep);
     let matrix = |name: &str, shape: &[usize]| -> Result<QuantMatrix, LoadError> {
         used.borrow_mut().insert(name.to_string());
         g.matrix(name, shape)
+    };
+    // `parts`: 1 for a whole matrix, the expert count for a stacked expert tensor.
+    let to_device = |m: QuantMatrix, name: &str, parts: usize| -> Result<QuantMatrix, LoadError> {
+        m.on_device(device, parts).map_err(|e| {
+            gguf_error(
+                g.path(),
+                format!(
+                    "tensor `{name}` ({}) on {:?}: {}",
+                    m.type_name(),
+                    device.location(),
+                    candle_message(&e)
+                ),
+            )
+        })
     };
     let (h, eps) = (c.hidden, c.rms_norm_eps as f32);
     // A linear layer's weight `[out, in]` as stored where that saves memory, else f32; `order`
@@ -100,6 +118,9 @@ pub fn build(
                 let mut m = matrix(name, &[out, inp])?;
                 if let Some(o) = order {
                     m = m.permute_rows(o).map_err(bad)?;
+                }
+                if !device.is_cpu() {
+                    m = to_device(m, name, 1)?;
                 }
                 Ok(Weight::Kept(Arc::new(m)))
             }
@@ -195,17 +216,23 @@ pub fn build(
             let router = load(&format!("{b}.ffn_gate_inp.weight"), &[c.experts, h])?;
             let names = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
                 .map(|t| format!("{b}.{t}.weight"));
-            // `--moe candle` and `--moe kernel` ask for a float path: they get the experts
-            // dequantised to f32 (the per-expert candle ops, or the packed f32 kernel).
-            let kernel = options.dispatch != MoeDispatch::Auto;
+            // `--moe kernel` asks for the packed f32 kernel: it gets the experts dequantised to
+            // f32. `--moe candle` (and any device but the CPU) gets their device form.
+            let kernel = matches!(options.dispatch, MoeDispatch::Kernel(_));
+            let device_form = !device.is_cpu() || options.dispatch == MoeDispatch::Candle;
             let quantised = names
                 .iter()
                 .any(|n| stored_type(n).is_some_and(is_block_type));
             let experts = if quantised && !kernel {
                 let (n, i) = (c.experts, c.expert_hidden);
-                let gate = matrix(&names[0], &[n, i, h])?;
-                let up = matrix(&names[1], &[n, i, h])?;
-                let down = matrix(&names[2], &[n, h, i])?;
+                let mut gate = matrix(&names[0], &[n, i, h])?;
+                let mut up = matrix(&names[1], &[n, i, h])?;
+                let mut down = matrix(&names[2], &[n, h, i])?;
+                if device_form {
+                    gate = to_device(gate, &names[0], n)?;
+                    up = to_device(up, &names[1], n)?;
+                    down = to_device(down, &names[2], n)?;
+                }
                 let q = QuantExperts::new(n, i, h, GateUp::Separate { gate, up }, down)
                     .map_err(|e| gguf_error(g.path(), format!("{b}: {}", candle_message(&e))))?;
                 MoeExperts::quantized(q, Activation::Silu)

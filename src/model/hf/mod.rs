@@ -310,9 +310,17 @@ impl HfCheckpoint {
         )?;
         let scales = self.bytes_u8(&format!("{name}_scales"), &[experts, rows, groups])?;
         let values = mxfp4::dequantize(&blocks, &scales);
-        Tensor::from_vec(values, (experts, rows, cols), device).map_err(|err| LoadError::Device {
+        let bytes = values.len() * 2;
+        // On a GPU this is where a checkpoint too large for its memory fails (bf16 takes 16 bits a
+        // weight against MXFP4's 4.25): say which tensor and how much it needed.
+        Tensor::from_vec(values, (experts, rows, cols), device).map_err(|err| LoadError::Mxfp4 {
             path: self.dir.clone(),
-            detail: err.to_string(),
+            tensor: format!("{name}_blocks"),
+            detail: format!(
+                "dequantised to bf16 ({:.2} GiB) on {:?}: {err}",
+                bytes as f64 / f64::from(1u32 << 30),
+                device.location()
+            ),
         })
     }
 
