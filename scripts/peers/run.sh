@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 # assets/kjv-heldout.txt per pass, a 32-token prompt).
 {
   echo "# peers run $(date -u '+%Y-%m-%d %H:%M:%S') UTC, $(nproc) CPUs, $THREADS threads"
-  echo "xmoe-top $("$XMOE" --version 2>/dev/null || echo '?'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "$("$XMOE" --version 2>/dev/null || echo 'xmoe-top ?'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 } | tee "$OUT/log.md"
 for p in $PLAN; do
   IFS=: read -r m IMPL DTYPE <<<"$p"
