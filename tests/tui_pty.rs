@@ -340,6 +340,70 @@ fn wait_until(secs: u64, what: &str, pred: impl Fn() -> bool) {
     }
 }
 
+/// Closing the terminal (the window, or an ssh connection) hangs it up: the UI must end, not keep
+/// the model running on a dead terminal. (crossterm's poll can spin on a hung-up descriptor; the
+/// UI once waited for its input thread forever there, at 100% CPU.)
+#[test]
+fn closing_the_terminal_ends_the_ui() {
+    let pair = native_pty_system()
+        .openpty(PtySize {
+            rows: ROWS,
+            cols: COLS,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .unwrap();
+    let mut c = CommandBuilder::new(env!("CARGO_BIN_EXE_xmoe-top"));
+    c.args(["--device", "cpu", "--threads", "1"]);
+    c.env("TERM", "xterm-256color");
+    let mut child = pair.slave.spawn_command(c).unwrap();
+    drop(pair.slave);
+    // Read on this thread, not a reader thread, so that every descriptor of the master can be
+    // closed below (a blocked reader would keep the terminal open).
+    let mut reader = pair.master.try_clone_reader().unwrap();
+    let fd = pair.master.as_raw_fd().unwrap();
+    // SAFETY: fcntl on a descriptor this test owns; the clone shares its open file description.
+    unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_SETFL,
+            libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+        )
+    };
+    let (mut drawn, mut buf, start) = (Vec::new(), [0u8; 8192], Instant::now());
+    while start.elapsed() < Duration::from_secs(60) {
+        match reader.read(&mut buf) {
+            Ok(n) if n > 0 => drawn.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => panic!("pty read: {e}"),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+        if String::from_utf8_lossy(&drawn).contains("tok/s") {
+            break;
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&drawn).contains("tok/s"),
+        "the UI never drew its header"
+    );
+    drop(reader);
+    drop(pair.master);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("the UI kept running after its terminal was closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !status.success(),
+        "a hangup is not a clean exit: {status:?}"
+    );
+}
+
 #[test]
 fn terminating_signals_restore_the_terminal_and_exit_128_plus_n() {
     for (signal, name) in [

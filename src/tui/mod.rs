@@ -209,7 +209,16 @@ pub fn run_tui(
             terminal = fresh_terminal()?;
         };
         stop.store(true, Ordering::SeqCst);
-        let _ = input.join();
+        // After a hangup (the terminal window closed, ssh dropped) crossterm's poll can spin on
+        // the dead descriptor without returning, so the thread never sees `stop`: wait a little,
+        // then leave it to die with the process rather than hang here.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !input.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if input.is_finished() {
+            let _ = input.join();
+        }
         drop(forwarder);
         drop(terminal);
         drop(guard);
