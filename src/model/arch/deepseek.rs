@@ -24,6 +24,33 @@ use crate::routing::{GroupLimit, Router, SigmoidRouter, SoftmaxGroups};
 /// Builds every block of a DeepSeek checkpoint on `device`. Returns the parts and the names of
 /// the tensors it did not use (reported as warnings: e.g. the multi-token-prediction layers
 /// after `num_hidden_layers`, which the forward does not run).
+/// The router of a DeepSeek MoE block: V3's sigmoid scores with their correction bias (given
+/// as `v3_bias`) for choosing, else V2's softmax with its group limit.
+pub(crate) fn router_of(
+    c: &crate::model::hf::HfConfig,
+    ds: &crate::model::hf::config::DeepseekConfig,
+    v3_bias: Option<Vec<f32>>,
+    selection: crate::routing::SigmoidSelection,
+) -> Router {
+    match v3_bias {
+        Some(bias) => Router::Sigmoid(SigmoidRouter {
+            bias,
+            // noaux_tc always groups; config.rs filled the groups (1 x all by default).
+            groups: ds.groups.unwrap_or(GroupLimit {
+                n_group: 1,
+                topk_group: 1,
+            }),
+            norm_topk_prob: c.norm_topk_prob,
+            scaling: ds.routed_scaling_factor as f32,
+            selection,
+        }),
+        None => Router::SoftmaxGroups(SoftmaxGroups {
+            groups: ds.groups,
+            scaling: ds.routed_scaling_factor as f32,
+        }),
+    }
+}
+
 pub fn build(
     ckpt: &HfCheckpoint,
     device: &Device,
@@ -122,27 +149,14 @@ pub fn build(
             let m = format!("{p}.mlp");
             let router_w = widened(&format!("{m}.gate.weight"), &[c.experts, h])?;
             let router = match c.family {
-                HfFamily::DeepseekV3 => {
-                    let bias = widened(&format!("{m}.gate.e_score_correction_bias"), &[c.experts])?
+                HfFamily::DeepseekV3 => Some(
+                    widened(&format!("{m}.gate.e_score_correction_bias"), &[c.experts])?
                         .to_vec1::<f32>()
-                        .map_err(de)?;
-                    Router::Sigmoid(SigmoidRouter {
-                        bias,
-                        // noaux_tc always groups; config.rs filled the groups (1 x all by default).
-                        groups: ds.groups.unwrap_or(GroupLimit {
-                            n_group: 1,
-                            topk_group: 1,
-                        }),
-                        norm_topk_prob: c.norm_topk_prob,
-                        scaling: ds.routed_scaling_factor as f32,
-                        selection: options.sigmoid_selection,
-                    })
-                }
-                _ => Router::SoftmaxGroups(SoftmaxGroups {
-                    groups: ds.groups,
-                    scaling: ds.routed_scaling_factor as f32,
-                }),
+                        .map_err(de)?,
+                ),
+                _ => None,
             };
+            let router = router_of(c, &ds, router, options.sigmoid_selection);
             let weights =
                 expert_weights(ckpt, c.family, &m, c.experts, c.expert_hidden, h, &stored)?;
             let experts =

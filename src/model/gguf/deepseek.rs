@@ -30,7 +30,6 @@ use crate::model::forward::ModelParts;
 use crate::model::hf::{HfConfig, HfFamily};
 use crate::model::moe::{LoadOptions, MoeDispatch, MoeExperts};
 use crate::model::quant::{GateUp, QuantExperts, QuantMatrix};
-use crate::routing::{GroupLimit, Router, SigmoidRouter, SoftmaxGroups};
 
 /// llama.cpp's `LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX` (`expert_gating_func`).
 const GATING_SOFTMAX: usize = 1;
@@ -438,29 +437,18 @@ pub(crate) fn build(
                 HfFamily::DeepseekV3 => {
                     // llama.cpp treats the correction bias as optional (no bias: none added).
                     let name = format!("{b}.exp_probs_b.bias");
-                    let bias = if g.has(&name) {
+                    Some(if g.has(&name) {
                         l.tensor(&name, &[c.experts])?
                             .to_vec1::<f32>()
                             .map_err(|e| l.de(e))?
                     } else {
                         vec![0.0; c.experts]
-                    };
-                    Router::Sigmoid(SigmoidRouter {
-                        bias,
-                        groups: ds.groups.unwrap_or(GroupLimit {
-                            n_group: 1,
-                            topk_group: 1,
-                        }),
-                        norm_topk_prob: c.norm_topk_prob,
-                        scaling: ds.routed_scaling_factor as f32,
-                        selection: options.sigmoid_selection,
                     })
                 }
-                _ => Router::SoftmaxGroups(SoftmaxGroups {
-                    groups: ds.groups,
-                    scaling: ds.routed_scaling_factor as f32,
-                }),
+                _ => None,
             };
+            let router =
+                crate::model::arch::deepseek::router_of(c, &ds, router, options.sigmoid_selection);
             let names = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
                 .map(|t| format!("{b}.{t}.weight"));
             // `--moe candle` and `--moe kernel` ask for a float path (see build.rs).
