@@ -104,6 +104,36 @@ fn a_recorded_run_replays_to_its_own_report() {
     assert!(md.contains("snapshot 1 of"), "{md}");
 }
 
+/// `--record-no-trace`: the same snapshots, no trace chunks (a smaller file for long sessions).
+#[test]
+fn a_recording_without_its_trace_still_replays_every_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    record(d, &["--tokens", "1500", "--record-no-trace"]);
+    let o = xmoe(
+        &[
+            "replay",
+            "s.xmoe-rec",
+            "--report",
+            "replayed.json",
+            "--trace",
+            "t.jsonl",
+        ],
+        d,
+    );
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        json(&d.join("live.json"))["snapshot"],
+        json(&d.join("replayed.json"))["snapshot"]
+    );
+    // Only the trace header: no pass was recorded.
+    let trace = std::fs::read_to_string(d.join("t.jsonl")).unwrap_or_default();
+    assert!(trace.lines().count() <= 1, "{trace}");
+    let o = xmoe(&["run", "--headless", "--record-no-trace"], d);
+    assert_eq!(o.status.code(), Some(2), "--record-no-trace needs --record");
+}
+
 #[test]
 fn a_cut_partial_replays_and_bad_files_are_one_line() {
     let dir = tempfile::tempdir().unwrap();

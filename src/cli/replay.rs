@@ -52,12 +52,14 @@ pub struct ReplayArgs {
     pub tui: super::tui::TuiArgs,
 }
 
-/// Starts recording to `path` (when given): hooks a [`Recorder`] into the session's snapshot and
-/// pass observers (after any observer already there, e.g. `--trace`).
+/// Starts recording to `path` (when given): hooks a [`Recorder`] into the session's snapshot
+/// observer and, `with_trace`, its pass observer (after any observer already there, e.g.
+/// `--trace`).
 pub fn attach_recorder(
     path: Option<&std::path::Path>,
     p: &mut super::run::Prepared,
     force: bool,
+    with_trace: bool,
 ) -> Result<Option<Recorder>> {
     let Some(path) = path else {
         return Ok(None);
@@ -73,6 +75,9 @@ pub fn attach_recorder(
     p.config.snapshot_observer = Some(SnapshotObserver(Arc::new(Mutex::new(
         move |s: &Snapshot| on_snapshot(s),
     ))));
+    if !with_trace {
+        return Ok(Some(rec));
+    }
     let mut on_pass = rec.pass_observer();
     let before = p.config.pass_observer.take();
     p.config.pass_observer = Some(PassObserver(Arc::new(Mutex::new(

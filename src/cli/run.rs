@@ -164,6 +164,11 @@ pub struct RunArgs {
     /// `xmoe-top replay` (docs/recording-format.md); written as FILE.partial until the session ends.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// With --record: leave the routing trace out (snapshots only). The trace is most of a
+    /// recording (about 120 bytes a token with 4 MoE layers); without it replay shows every
+    /// panel but has no trace to export.
+    #[arg(long, requires = "record")]
+    pub record_no_trace: bool,
     /// With --trace: also record every router probability.
     #[arg(long, requires = "trace")]
     pub trace_probs: bool,
@@ -438,7 +443,8 @@ pub fn run_headless(a: &RunArgs, threads: usize) -> Result<ExitCode> {
         return Ok(interrupted(signal, "while loading the model"));
     }
     let trace = attach_trace(a, &mut p)?;
-    let recorder = super::replay::attach_recorder(a.record.as_deref(), &mut p, a.force)?;
+    let recorder =
+        super::replay::attach_recorder(a.record.as_deref(), &mut p, a.force, !a.record_no_trace)?;
     if p.config.token_budget.is_none() && p.config.time_budget.is_none() {
         p.config.token_budget = Some(20_000);
     }
@@ -566,7 +572,8 @@ pub fn run(a: RunArgs, threads: usize) -> Result<ExitCode> {
         return Ok(interrupted(signal, "while loading the model"));
     }
     let trace = attach_trace(&a, &mut p)?;
-    let recorder = super::replay::attach_recorder(a.record.as_deref(), &mut p, a.force)?;
+    let recorder =
+        super::replay::attach_recorder(a.record.as_deref(), &mut p, a.force, !a.record_no_trace)?;
     let mut a = a;
     a.tui.recording = recorder.as_ref().map(crate::record::Recorder::status);
     let dir = report_dir;
