@@ -22,11 +22,8 @@ pub fn run(quick: bool, device: &Device, threads: usize) -> anyhow::Result<()> {
     println!(
         "machine: {} threads, {}",
         threads,
-        std::fs::read_to_string("/proc/loadavg")
-            .map(|l| format!(
-                "load average {}",
-                l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-            ))
+        load_average()
+            .map(|l| format!("load average {l}"))
             .unwrap_or_default()
     );
     whole_model(quick, device, threads)?;
@@ -381,7 +378,15 @@ fn last_level_cache_bytes() -> Option<usize> {
     best
 }
 
-fn argmax(row: &[f32]) -> u32 {
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`), recorded beside every timing because
+/// the machines are shared.
+pub(crate) fn load_average() -> Option<String> {
+    let l = std::fs::read_to_string("/proc/loadavg").ok()?;
+    Some(l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+}
+
+/// The greedy choice: the index of the largest logit.
+pub(crate) fn argmax(row: &[f32]) -> u32 {
     row.iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))

@@ -96,12 +96,6 @@ fn cpu_ticks() -> Option<u64> {
         .and_then(|s| crate::gpu::parse_stat_cpu_ticks(&s))
 }
 
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 /// Where a pass's time went, summed over passes, in seconds.
 #[derive(Default)]
 struct Parts {
@@ -135,19 +129,12 @@ impl Parts {
     }
 }
 
-fn argmax(row: &[f32]) -> u32 {
-    row.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i as u32)
-}
-
 /// `bench --model`: the protocol of `scripts/peers/transformers_cpu.py`, per policy. Eval: one
 /// warm-up pass, then `passes` passes of `batch x seq_len` tokens (all logits, no cache), pass p
 /// on tokens `[p * b * s, (p + 1) * b * s)` of the text. Decode: `prompt_tokens` of the text, then
 /// `new_tokens` greedy steps of one token with the KV cache, after one warm-up run.
 fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<ExitCode> {
-    let before = load_average();
+    let before = crate::bench::load_average().unwrap_or_default();
     let t0 = Instant::now();
     let (model, device) = super::load_model(
         Some(path),
@@ -231,14 +218,14 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
             let mut cache = model.new_cache(1);
             let mut tr = ForwardTrace::default();
             let logits = model.forward(&ids[..prompt], 1, routing, Some(&mut cache), &mut tr)?;
-            let mut next = argmax(&logits[logits.len() - cfg.vocab_size..]);
+            let mut next = crate::bench::argmax(&logits[logits.len() - cfg.vocab_size..]);
             let mut out = vec![next];
             let mut times = Vec::with_capacity(steps);
             let clock = Clock::start();
             for _ in 0..steps {
                 let t = Instant::now();
                 let l = model.forward(&[next], 1, routing, Some(&mut cache), &mut tr)?;
-                next = argmax(&l);
+                next = crate::bench::argmax(&l);
                 times.push(t.elapsed().as_secs_f64());
                 parts.add(&tr);
                 out.push(next);
@@ -287,7 +274,7 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
             "decode_tokens": generated,
         }));
     }
-    let after = load_average();
+    let after = crate::bench::load_average().unwrap_or_default();
     println!("\nload average after: {after}");
     if let Some(out) = &a.json {
         let doc = serde_json::json!({
