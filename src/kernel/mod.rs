@@ -1002,7 +1002,10 @@ impl Elem for f32 {
             let mut acc = [[S::zero(); NV]; M];
             let mut bp = b;
             for kk in 0..k {
-                let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * S::W)));
+                let mut bv = [S::zero(); NV];
+                for (v, b) in bv.iter_mut().enumerate() {
+                    *b = S::load(bp.add(v * S::W));
+                }
                 for i in 0..M {
                     let av = S::splat(*a[i].add(kk));
                     for v in 0..NV {
@@ -1039,7 +1042,10 @@ impl Elem for half::f16 {
             let mut acc = [[S::zero(); NV]; M];
             let mut bp = b.cast::<u16>();
             for kk in 0..k {
-                let bv: [S::V; NV] = std::array::from_fn(|v| S::load_f16(bp.add(v * S::W)));
+                let mut bv = [S::zero(); NV];
+                for (v, b) in bv.iter_mut().enumerate() {
+                    *b = S::load_f16(bp.add(v * S::W));
+                }
                 for i in 0..M {
                     let av = S::splat(*a[i].add(kk));
                     for v in 0..NV {
@@ -1080,8 +1086,10 @@ impl Elem for half::bf16 {
             let mut bp = b.cast::<u16>();
             let mut kk = 0;
             while kk + 1 < k {
-                let bv: [(S::V, S::V); NV] =
-                    std::array::from_fn(|v| S::load_bf16_pairs(bp.add(v * 2 * S::W)));
+                let mut bv = [(S::zero(), S::zero()); NV];
+                for (v, b) in bv.iter_mut().enumerate() {
+                    *b = S::load_bf16_pairs(bp.add(v * 2 * S::W));
+                }
                 for i in 0..M {
                     let a0 = S::splat(*a[i].add(kk));
                     let a1 = S::splat(*a[i].add(kk + 1));
@@ -1094,8 +1102,10 @@ impl Elem for half::bf16 {
             }
             if kk < k {
                 // Odd k: the last pair's second row is padding, and `a[i][k]` is past the row.
-                let bv: [(S::V, S::V); NV] =
-                    std::array::from_fn(|v| S::load_bf16_pairs(bp.add(v * 2 * S::W)));
+                let mut bv = [(S::zero(), S::zero()); NV];
+                for (v, b) in bv.iter_mut().enumerate() {
+                    *b = S::load_bf16_pairs(bp.add(v * 2 * S::W));
+                }
                 for i in 0..M {
                     let a0 = S::splat(*a[i].add(kk));
                     for v in 0..NV {

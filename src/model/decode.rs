@@ -853,7 +853,7 @@ impl LeanDecoder {
                 let vj = &kv.v[j * kvw + kh * hd..j * kvw + (kh + 1) * hd];
                 let w = p * inv;
                 for (o, &v) in out.iter_mut().zip(vj) {
-                    *o = w.mul_add(v, *o);
+                    *o += w * v;
                 }
             }
         }
