@@ -66,6 +66,9 @@ fn bench_model_times_each_policy_on_the_same_tokens_and_writes_json() {
         assert_eq!(r["eval_tokens"], 2 * 2 * 16);
         assert!(r["eval_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["decode_ms_per_token"].as_f64().unwrap() > 0.0);
+        // Each step's bound (its FLOPs at the measured matmul rate: the fixture fits the cache)
+        // grows with the experts it routes to, so dense is held to more than native top-2.
+        assert!(r["decode_bound_ms_per_token"].as_f64().unwrap() > 0.0);
         // The token after the prompt, then one per step.
         assert_eq!(r["decode_tokens"].as_array().unwrap().len(), 6);
         assert!(
@@ -76,6 +79,15 @@ fn bench_model_times_each_policy_on_the_same_tokens_and_writes_json() {
                 .all(|t| t.as_u64().unwrap() < 512)
         );
     }
+    let bound = |i: usize| rows[i]["decode_bound_ms_per_token"].as_f64().unwrap();
+    assert!(bound(2) > bound(0), "{} vs {}", bound(2), bound(0));
+    // The decode loop goes through `Model::decode`, as a session does: this fixture takes the
+    // lean path.
+    assert!(
+        doc["decode_path"].as_str().unwrap().starts_with("lean"),
+        "{}",
+        doc["decode_path"]
+    );
     assert_eq!(doc["setup"]["new_tokens"], 5);
     assert!(doc["text_tokens"].as_u64().unwrap() >= 3 * 2 * 16);
 }

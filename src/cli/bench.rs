@@ -185,16 +185,19 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
     let n_moe = model.moe_layers().len();
     let mut rows = Vec::new();
     println!(
-        "model {} ({}), {device}, {threads} threads; {} tokens of {}; load {load_s:.2} s; load average {before}\n",
+        "model {} ({}), {device}, {threads} threads; {} tokens of {}; load {load_s:.2} s; load average {before}",
         cfg.name,
         path.display(),
         ids.len(),
         text.name
     );
+    println!("decode path: {}", model.decode_path());
+    let bound = crate::bench::DecodeBound::measure(&model, threads, false);
+    println!("{}\n", bound.describe());
     println!(
-        "| policy | experts/token (eval) | eval tokens/s | eval CPU s/pass | decode ms/token (p50) | decode CPU ms/token | eval pass: attention / router / experts / head ms | decode step: attention / router / experts / head ms |"
+        "| policy | experts/token (eval) | eval tokens/s | eval CPU s/pass | decode ms/token (p50) | decode CPU ms/token | bound ms/token | decode / bound | eval pass: attention / router / experts / head ms | decode step: attention / router / experts / head ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (spec, routing) in &plans {
         let mut trace = ForwardTrace::default();
         let (mut wall, mut cpu, mut pairs) = (0.0, 0.0, 0usize);
@@ -214,28 +217,34 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
         }
         let eval_tokens = passes * b * s;
         let experts = pairs as f64 / (eval_tokens * n_moe.max(1)) as f64;
-        let decode = |parts: &mut Parts| -> Result<(Vec<f64>, f64, Vec<u32>)> {
+        // Decoded as a user's session decodes (`Model::decode`: the lean path where the model
+        // has one), each step held against its bound (`DecodeBound`: the bytes it reads at the
+        // measured bandwidth for weights beyond the last-level cache).
+        let decode = |parts: &mut Parts| -> Result<(Vec<f64>, f64, Vec<u32>, f64)> {
             let mut cache = model.new_cache(1);
             let mut tr = ForwardTrace::default();
             let logits = model.forward(&ids[..prompt], 1, routing, Some(&mut cache), &mut tr)?;
             let mut next = crate::bench::argmax(&logits[logits.len() - cfg.vocab_size..]);
             let mut out = vec![next];
             let mut times = Vec::with_capacity(steps);
+            let mut bound_s = 0.0;
             let clock = Clock::start();
             for _ in 0..steps {
                 let t = Instant::now();
-                let l = model.forward(&[next], 1, routing, Some(&mut cache), &mut tr)?;
-                next = crate::bench::argmax(&l);
+                next = crate::bench::argmax(model.decode(next, routing, &mut cache, &mut tr)?);
                 times.push(t.elapsed().as_secs_f64());
+                let pairs = tr.moe.iter().map(|m| m.groups.pairs()).sum::<usize>();
+                bound_s += bound.seconds(tr.start_pos + 1, pairs);
                 parts.add(&tr);
                 out.push(next);
             }
-            Ok((times, clock.read().1, out))
+            Ok((times, clock.read().1, out, bound_s))
         };
         decode(&mut Parts::default())?; // warm-up
         let mut dec_parts = Parts::default();
-        let (times, dec_cpu, generated) = decode(&mut dec_parts)?;
+        let (times, dec_cpu, generated, bound_s) = decode(&mut dec_parts)?;
         let mean = times.iter().sum::<f64>() / steps as f64;
+        let bound_ms = bound_s / steps as f64 * 1e3;
         let mut sorted = times.clone();
         sorted.sort_by(f64::total_cmp);
         let p50 = sorted[steps / 2];
@@ -249,12 +258,13 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
             )
         };
         println!(
-            "| {spec} | {experts:.2} | {:.1} | {:.2} | {:.2} ({:.2}) | {:.2} | {} | {} |",
+            "| {spec} | {experts:.2} | {:.1} | {:.2} | {:.3} ({:.3}) | {:.3} | {bound_ms:.3} | {:.2} | {} | {} |",
             eval_tokens as f64 / wall,
             cpu / passes as f64,
             mean * 1e3,
             p50 * 1e3,
             dec_cpu / steps as f64 * 1e3,
+            mean * 1e3 / bound_ms,
             fmt_parts(&eval_parts, passes as f64),
             fmt_parts(&dec_parts, steps as f64),
         );
@@ -270,6 +280,7 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
             "decode_ms_per_token": mean * 1e3,
             "decode_ms_p50": p50 * 1e3,
             "decode_cpu_ms_per_token": dec_cpu / steps as f64 * 1e3,
+            "decode_bound_ms_per_token": bound_ms,
             "decode_step": dec_parts.json(steps as f64),
             "decode_tokens": generated,
         }));
@@ -287,6 +298,8 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
             "text": text.name,
             "text_tokens": ids.len(),
             "setup": {"batch": b, "seq": s, "passes": passes, "prompt_tokens": prompt, "new_tokens": steps},
+            "decode_path": model.decode_path().to_string(),
+            "decode_bound": bound.describe(),
             "load_average_before": before,
             "load_average_after": after,
             "results": rows,

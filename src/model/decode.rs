@@ -128,6 +128,9 @@ struct Proj {
     n_out: usize,
     /// Threads the product is split over (stored layout only; 1 below [`SPLIT_MIN_BYTES`]).
     parts: usize,
+    /// `[out, in]` f16 copy of a transposed f32 weight whose every value is an f16 (a model
+    /// stored in f16 and widened at load): half the bytes per step, the same products.
+    half: Option<Vec<half::f16>>,
 }
 
 /// A stored-layout weight of at least this many bytes is multiplied on every rayon thread.
@@ -176,6 +179,11 @@ impl Proj {
         } else {
             1
         };
+        let half = if transposed {
+            exact_half_rows(w, n_in, n_out).map_err(|e| format!("{what}: {e}"))?
+        } else {
+            None
+        };
         Ok(Self {
             w: w.clone(),
             transposed,
@@ -183,11 +191,17 @@ impl Proj {
             n_in,
             n_out,
             parts,
+            half,
         })
     }
 
     /// `y = W x + b`.
     fn apply(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        if let Some(w) = &self.half {
+            matvec_rows_split(w, &x[..self.n_in], &mut y[..self.n_out], 1);
+            self.add_bias(y);
+            return Ok(());
+        }
         let (storage, layout) = self.w.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else {
             bail!("a weight left the CPU");
@@ -207,12 +221,16 @@ impl Proj {
             }
             other => bail!("{other:?} weight on the lean decode path"),
         }
+        self.add_bias(y);
+        Ok(())
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.b {
             for (v, b) in y.iter_mut().zip(b) {
                 *v += b;
             }
         }
-        Ok(())
     }
 }
 
@@ -500,7 +518,10 @@ impl LeanDecoder {
     /// experts, the LM head and one embedding row), and the bytes of one routed expert as the
     /// kernel keeps it.
     pub(crate) fn weight_bytes(&self, blocks: &[Block]) -> (usize, usize) {
-        let p = |p: &Proj| p.w.elem_count() * p.w.dtype().size_in_bytes();
+        let p = |p: &Proj| match &p.half {
+            Some(h) => 2 * h.len(),
+            None => p.w.elem_count() * p.w.dtype().size_in_bytes(),
+        };
         let mut dense = p(&self.head) + self.d * self.tokens.dtype().size_in_bytes();
         for l in &self.layers {
             let a = &l.attn;
@@ -861,6 +882,26 @@ impl LeanDecoder {
         add(&mut s.x[..d], &s.y[..d]);
         Ok(())
     }
+}
+
+/// `w_t` (`[n_in, n_out]` f32) as `[n_out, n_in]` f16, if every value converts exactly.
+fn exact_half_rows(
+    w_t: &Tensor,
+    n_in: usize,
+    n_out: usize,
+) -> candle_core::Result<Option<Vec<half::f16>>> {
+    let v = w_t.flatten_all()?.to_vec1::<f32>()?;
+    let mut rows = vec![half::f16::ZERO; n_in * n_out];
+    for (i, row) in v.chunks_exact(n_out).enumerate() {
+        for (o, &x) in row.iter().enumerate() {
+            let h = half::f16::from_f32(x);
+            if h.to_f32() != x {
+                return Ok(None);
+            }
+            rows[o * n_in + i] = h;
+        }
+    }
+    Ok(Some(rows))
 }
 
 fn add(x: &mut [f32], y: &[f32]) {
