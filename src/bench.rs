@@ -166,6 +166,16 @@ impl DecodeBound {
         }
     }
 
+    /// The model's FLOP counts.
+    pub fn flops(&self) -> &FlopModel {
+        &self.flops
+    }
+
+    /// FLOP/s of the fastest 1024^3 f32 matmul on one thread.
+    pub fn matmul_rate(&self) -> f64 {
+        self.peak_flops
+    }
+
     /// One line on what was measured and which bound applies.
     pub fn describe(&self) -> String {
         let llc = self.llc_bytes.map_or("unknown".into(), |b| {

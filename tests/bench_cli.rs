@@ -65,6 +65,8 @@ fn bench_model_times_each_policy_on_the_same_tokens_and_writes_json() {
     for r in rows {
         assert_eq!(r["eval_tokens"], 2 * 2 * 16);
         assert!(r["eval_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(r["eval_gflops"].as_f64().unwrap() > 0.0);
+        assert!(r["eval_share_of_matmul_rate"].as_f64().unwrap() > 0.0);
         assert!(r["decode_ms_per_token"].as_f64().unwrap() > 0.0);
         // Each step's bound (its FLOPs at the measured matmul rate: the fixture fits the cache)
         // grows with the experts it routes to, so dense is held to more than native top-2.

@@ -195,9 +195,9 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
     let bound = crate::bench::DecodeBound::measure(&model, threads, false);
     println!("{}\n", bound.describe());
     println!(
-        "| policy | experts/token (eval) | eval tokens/s | eval CPU s/pass | decode ms/token (p50) | decode CPU ms/token | bound ms/token | decode / bound | eval pass: attention / router / experts / head ms | decode step: attention / router / experts / head ms |"
+        "| policy | experts/token (eval) | eval tokens/s | eval GFLOP/s (share of {threads} x matmul rate) | eval CPU s/pass | decode ms/token (p50) | decode CPU ms/token | bound ms/token | decode / bound | eval pass: attention / router / experts / head ms | decode step: attention / router / experts / head ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (spec, routing) in &plans {
         let mut trace = ForwardTrace::default();
         let (mut wall, mut cpu, mut pairs) = (0.0, 0.0, 0usize);
@@ -217,6 +217,14 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
         }
         let eval_tokens = passes * b * s;
         let experts = pairs as f64 / (eval_tokens * n_moe.max(1)) as f64;
+        // Useful FLOPs of the timed passes (each sequence's token i attends to i + 1 keys) at
+        // the threads' combined matmul rate: how near the arithmetic limit an eval pass runs.
+        let fm = bound.flops();
+        let eval_flops = (passes * b) as f64 * (1..=s).map(|c| fm.non_moe(c) as f64).sum::<f64>()
+            + (eval_tokens * fm.moe_layers().len()) as f64 * fm.router() as f64
+            + pairs as f64 * fm.expert() as f64;
+        let eval_gflops = eval_flops / wall / 1e9;
+        let peak_share = eval_flops / wall / (threads as f64 * bound.matmul_rate());
         // Decoded as a user's session decodes (`Model::decode`: the lean path where the model
         // has one), each step held against its bound (`DecodeBound`: the bytes it reads at the
         // measured bandwidth for weights beyond the last-level cache).
@@ -258,8 +266,9 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
             )
         };
         println!(
-            "| {spec} | {experts:.2} | {:.1} | {:.2} | {:.3} ({:.3}) | {:.3} | {bound_ms:.3} | {:.2} | {} | {} |",
+            "| {spec} | {experts:.2} | {:.1} | {eval_gflops:.1} ({:.0}%) | {:.2} | {:.3} ({:.3}) | {:.3} | {bound_ms:.3} | {:.2} | {} | {} |",
             eval_tokens as f64 / wall,
+            peak_share * 100.0,
             cpu / passes as f64,
             mean * 1e3,
             p50 * 1e3,
@@ -273,6 +282,8 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
             "experts_per_token_eval": experts,
             "eval_tokens": eval_tokens,
             "eval_tokens_per_s": eval_tokens as f64 / wall,
+            "eval_gflops": eval_gflops,
+            "eval_share_of_matmul_rate": peak_share,
             "eval_wall_s": wall,
             "eval_cpu_s": cpu,
             "eval_pass": eval_parts.json(passes as f64),

@@ -134,11 +134,13 @@ struct Proj {
 }
 
 /// A stored-layout weight of at least this many bytes is multiplied on every rayon thread.
-/// Measured with `xmoe-top bench` ("Splitting one matrix-vector product", docs/benchmarks.md): on
-/// the 2-core machine no size from 1 MB to OLMoE's 206 MB LM head ran faster on two threads
-/// (0.73x-1.02x; one thread already reads at the memory's bandwidth), so nothing is split. Set
-/// a size here where that table shows a gain.
-pub const SPLIT_MIN_BYTES: Option<usize> = None;
+/// Measured with `xmoe-top bench` ("Splitting one matrix-vector product", docs/benchmarks.md):
+/// on the 2-core machine, products of 1 and 8.4 MB ran slower split (0.58-0.59x: the hand-off
+/// costs more than half of a product that short), 33.6 MB and OLMoE's 206 MB LM head faster
+/// (1.52x and 1.58x: one thread does not reach the memory's read bandwidth). An earlier run on
+/// the same machine, when its memory read at 4.7 GB/s, showed no gain at any size; this bound
+/// sits between the sizes that lost and gained in every run that showed a gain.
+pub const SPLIT_MIN_BYTES: Option<usize> = Some(16 << 20);
 
 impl Proj {
     fn new(l: &Linear, what: &str) -> Result<Self, String> {
