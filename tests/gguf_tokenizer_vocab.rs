@@ -136,3 +136,26 @@ fn llama_bpe_pre_tokenizer_gives_llama_cpps_ids() {
 fn qwen2_pre_tokenizer_gives_llama_cpps_ids() {
     check("qwen2");
 }
+
+/// What generate mode shows: the tokens of a text, each turned into bytes on its own
+/// (`TextTokenizer::token_bytes`), must spell the text with its spaces. A SentencePiece
+/// decoder strips the space a word starts with when the word opens the text, so decoding a
+/// token alone ran generated words together.
+#[test]
+fn tokens_shown_one_at_a_time_keep_their_spaces() {
+    use xmoe_top::workload::tokenizer::TextTokenizer;
+    let text = "Hello world, it is a test of 42 tokens.";
+    for (name, shown) in [
+        ("llama-spm", format!(" {text}")),
+        ("gpt-2", text.to_string()),
+    ] {
+        let file = vocab_file(name);
+        let vocab = xmoe_top::workload::gguf_tokenizer::from_file(&file)
+            .unwrap()
+            .get_vocab_size(true);
+        let tok = TextTokenizer::from_file(&file, vocab).unwrap();
+        let ids = tok.encode(text.as_bytes()).unwrap().ids;
+        let bytes: Vec<u8> = ids.iter().flat_map(|&i| tok.token_bytes(i)).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), shown, "{name}");
+    }
+}

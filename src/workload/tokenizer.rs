@@ -216,13 +216,30 @@ impl TextTokenizer {
 
     /// The text of one token, as bytes (a byte token is its byte; a BPE token may be part of a
     /// UTF-8 character, in which case its bytes are what the tokenizer decodes it to alone).
+    ///
+    /// A token is decoded after a fixed one and that one's text is cut off: SentencePiece-style
+    /// decoders (Llama, Mistral, Mixtral, GGUF `llama` vocabularies) strip the space a word starts
+    /// with when it opens the text, so a token decoded alone would lose it and generated words
+    /// would run together.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
         match self {
             TextTokenizer::Byte => vec![id as u8],
-            TextTokenizer::HuggingFace(t) => t
-                .decode(&[id], false)
-                .map(String::into_bytes)
-                .unwrap_or_default(),
+            TextTokenizer::HuggingFace(t) => {
+                let alone = || {
+                    t.decode(&[id], false)
+                        .map(String::into_bytes)
+                        .unwrap_or_default()
+                };
+                let Some(anchor) = t.token_to_id("a") else {
+                    return alone();
+                };
+                match (t.decode(&[anchor], false), t.decode(&[anchor, id], false)) {
+                    (Ok(base), Ok(both)) if both.starts_with(&base) => {
+                        both.as_bytes()[base.len()..].to_vec()
+                    }
+                    _ => alone(),
+                }
+            }
         }
     }
 
