@@ -134,12 +134,11 @@ struct Proj {
 }
 
 /// A stored-layout weight of at least this many bytes is multiplied on every rayon thread.
-/// Measured with `xmoe-top bench` ("Splitting one matrix-vector product", docs/benchmarks.md):
-/// on the 2-core machine, products of 1 and 8.4 MB ran slower split (0.58-0.59x: the hand-off
-/// costs more than half of a product that short), 33.6 MB and OLMoE's 206 MB LM head faster
-/// (1.52x and 1.58x: one thread does not reach the memory's read bandwidth). An earlier run on
-/// the same machine, when its memory read at 4.7 GB/s, showed no gain at any size; this bound
-/// sits between the sizes that lost and gained in every run that showed a gain.
+/// Measured with `xmoe-top bench` ("Splitting one product over both threads, re-measured",
+/// docs/benchmarks.md), three runs on the 2-core machine: products of 1 and 8.4 MB never gained
+/// (0.58-1.02x: the hand-off costs more than half a product that short); 33.6 MB and OLMoE's
+/// 206 MB LM head gained up to 1.88x when the second core was free and one thread did not
+/// saturate the memory, and otherwise ran at 0.86-0.99x.
 pub const SPLIT_MIN_BYTES: Option<usize> = Some(16 << 20);
 
 impl Proj {
