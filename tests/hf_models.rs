@@ -231,12 +231,12 @@ fn sliding_windows_cap_the_attention_flops() {
 
 #[test]
 fn a_synthetic_olmoe_checkpoint_is_written_shard_by_shard_and_runs() {
-    use xmoe_top::model::hf::synth::{OlmoeShape, write_olmoe};
+    use xmoe_top::model::hf::synth::{OlmoeShape, write_checkpoint};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("olmoe");
     let shape = OlmoeShape::tiny();
     let mut calls = Vec::new();
-    let shards = write_olmoe(
+    let shards = write_checkpoint(
         &out,
         &shape,
         &fixtures().join("tokenizer.json"),
@@ -250,7 +250,7 @@ fn a_synthetic_olmoe_checkpoint_is_written_shard_by_shard_and_runs() {
     assert_eq!(calls.last(), Some(&(shards.len(), shards.len())));
     // Refuses to overwrite.
     assert!(
-        write_olmoe(
+        write_checkpoint(
             &out,
             &shape,
             &fixtures().join("tokenizer.json"),
@@ -593,4 +593,34 @@ fn gpt_oss_mxfp4_experts_load_as_their_dequantised_values() {
     let moved = max_rel(&want_logits, &logits);
     println!("quantisation moved the logits by up to {moved:.2e} (relative)");
     assert!(moved > 1e-3, "quantised logits moved only {moved}");
+}
+
+#[test]
+fn a_synthetic_deepseek_v2_checkpoint_loads_with_its_dense_block_shared_experts_and_yarn() {
+    use xmoe_top::model::hf::synth::{DeepseekV2Shape, SynthShape, write_checkpoint};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("deepseek");
+    let shape = DeepseekV2Shape::tiny();
+    write_checkpoint(
+        &out,
+        &shape,
+        &fixtures().join("tokenizer.json"),
+        3,
+        200_000,
+        false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let source = ModelSource::open(&out).unwrap();
+    let params = xmoe_top::model::forward::param_counts(source.config()).total;
+    assert_eq!(source.file_bytes(), 2 * params, "bf16 on disk");
+    assert_eq!(source.tensor_table().len(), shape.tensors().len());
+    let model = Model::from_source(&source, &Device::Cpu, LoadOptions::default()).unwrap();
+    assert!(model.warnings().is_empty(), "{:?}", model.warnings());
+    // Block 0 is dense (`first_k_dense_replace` 1); the others route top-4 of 16.
+    assert_eq!(model.moe_layers(), &[1, 2]);
+    let tokens: Vec<u32> = (0..32).map(|i| (i * 37 % 512) as u32).collect();
+    let (logits, trace) = run(&model, &tokens, &model.default_routing());
+    assert!(logits.iter().all(|v| v.is_finite()));
+    assert_eq!(trace.moe[0].routing.pairs(), 32 * shape.top_k);
 }

@@ -49,10 +49,15 @@ pub struct SynthArgs {
     #[arg(long)]
     force: bool,
     /// Write a Hugging Face checkpoint directory with a published family's shapes instead:
-    /// `olmoe-1b-7b` (6.9 B parameters, 13.8 GB of bf16) or `olmoe-tiny`. Random weights, written
-    /// shard by shard without holding the model in memory.
+    /// `olmoe-1b-7b` (6.9 B parameters, 13.8 GB of bf16), `deepseek-v2-lite` (15.7 B, 31.4 GB),
+    /// or the small `olmoe-tiny` and `deepseek-v2-tiny`. Random weights, written shard by shard
+    /// without holding the model in memory.
     #[arg(long, value_name = "PRESET")]
     hf: Option<String>,
+    /// With --hf: keep only the preset's first N blocks (a published shape too large for this
+    /// machine, cut to one that fits; the configuration says N).
+    #[arg(long, value_name = "N")]
+    hf_layers: Option<usize>,
     /// With --hf: the tokenizer.json to put beside it (default: the 512-token BPE tokenizer of the
     /// test fixtures, built into xmoe-top).
     #[arg(long, value_name = "FILE")]
@@ -67,16 +72,46 @@ pub struct SynthArgs {
 const FIXTURE_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/hf/tokenizer.json");
 
 fn run_hf(a: &SynthArgs, preset: &str) -> Result<ExitCode> {
-    use crate::model::hf::synth::{OlmoeShape, write_olmoe};
-    let shape = match preset {
-        "olmoe-1b-7b" => OlmoeShape::olmoe_1b_7b(),
-        "olmoe-tiny" => OlmoeShape::tiny(),
+    use crate::model::hf::synth::{DeepseekV2Shape, OlmoeShape, SynthShape, write_checkpoint};
+    let (layers, shape): (usize, Box<dyn FnOnce(usize) -> Box<dyn SynthShape>>) = match preset {
+        "olmoe-1b-7b" | "olmoe-tiny" => {
+            let base = if preset == "olmoe-tiny" {
+                OlmoeShape::tiny()
+            } else {
+                OlmoeShape::olmoe_1b_7b()
+            };
+            (
+                base.layers,
+                Box::new(move |layers| Box::new(OlmoeShape { layers, ..base })),
+            )
+        }
+        "deepseek-v2-lite" | "deepseek-v2-tiny" => {
+            let base = if preset == "deepseek-v2-tiny" {
+                DeepseekV2Shape::tiny()
+            } else {
+                DeepseekV2Shape::v2_lite()
+            };
+            (
+                base.layers,
+                Box::new(move |layers| Box::new(DeepseekV2Shape { layers, ..base })),
+            )
+        }
         other => {
             return Err(super::exit::usage(format!(
-                "--hf: expected olmoe-1b-7b or olmoe-tiny, found `{other}`"
+                "--hf: expected olmoe-1b-7b, olmoe-tiny, deepseek-v2-lite or deepseek-v2-tiny, found `{other}`"
             )));
         }
     };
+    let layers = match a.hf_layers {
+        None => layers,
+        Some(n) if (1..=layers).contains(&n) => n,
+        Some(n) => {
+            return Err(super::exit::usage(format!(
+                "--hf-layers {n}: {preset} has {layers} blocks; keep 1 to {layers}"
+            )));
+        }
+    };
+    let shape = shape(layers);
     let fallback;
     let tokenizer = match &a.tokenizer {
         Some(p) => p.as_path(),
@@ -87,9 +122,9 @@ fn run_hf(a: &SynthArgs, preset: &str) -> Result<ExitCode> {
         }
     };
     let start = std::time::Instant::now();
-    let shards = write_olmoe(
+    let shards = write_checkpoint(
         &a.out,
-        &shape,
+        shape.as_ref(),
         tokenizer,
         a.seed,
         (a.shard_gb * 1e9) as usize,

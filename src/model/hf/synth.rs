@@ -115,6 +115,210 @@ impl OlmoeShape {
     }
 }
 
+/// A checkpoint layout [`write_checkpoint`] can write: its tensors in file order and its
+/// `config.json`.
+pub trait SynthShape {
+    /// Every tensor, in file order, with its shape.
+    fn tensors(&self) -> Vec<(String, Vec<usize>)>;
+    /// `config.json`.
+    fn config_json(&self) -> serde_json::Value;
+}
+
+impl SynthShape for OlmoeShape {
+    fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        OlmoeShape::tensors(self)
+    }
+    fn config_json(&self) -> serde_json::Value {
+        OlmoeShape::config_json(self)
+    }
+}
+
+/// The shapes of a synthetic DeepSeek-V2 checkpoint (multi-head latent attention without a
+/// query compression, as V2-Lite; softmax router with greedy top-k; shared experts; leading
+/// dense blocks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeepseekV2Shape {
+    /// `hidden_size`.
+    pub hidden: usize,
+    /// `num_hidden_layers`.
+    pub layers: usize,
+    /// `num_attention_heads`.
+    pub heads: usize,
+    /// `n_routed_experts`.
+    pub routed: usize,
+    /// `n_shared_experts`.
+    pub shared: usize,
+    /// `num_experts_per_tok`.
+    pub top_k: usize,
+    /// `moe_intermediate_size` (one routed expert).
+    pub expert_hidden: usize,
+    /// `intermediate_size` (the dense blocks' FFN).
+    pub dense_hidden: usize,
+    /// `first_k_dense_replace`.
+    pub first_dense: usize,
+    /// `kv_lora_rank`.
+    pub kv_lora_rank: usize,
+    /// `qk_nope_head_dim`.
+    pub qk_nope: usize,
+    /// `qk_rope_head_dim`.
+    pub qk_rope: usize,
+    /// `v_head_dim`.
+    pub v_head: usize,
+    /// `vocab_size`.
+    pub vocab: usize,
+    /// `max_position_embeddings`.
+    pub max_positions: usize,
+    /// YaRN `factor` and `original_max_position_embeddings`, if the config scales RoPE.
+    pub yarn: Option<(u32, usize)>,
+}
+
+impl DeepseekV2Shape {
+    /// DeepSeek-V2-Lite's published configuration (`deepseek-ai/DeepSeek-V2-Lite`): 15.7 B
+    /// parameters, 64 routed experts of 1408 + 2 shared, top-6, one leading dense block.
+    pub fn v2_lite() -> Self {
+        Self {
+            hidden: 2048,
+            layers: 27,
+            heads: 16,
+            routed: 64,
+            shared: 2,
+            top_k: 6,
+            expert_hidden: 1408,
+            dense_hidden: 10944,
+            first_dense: 1,
+            kv_lora_rank: 512,
+            qk_nope: 128,
+            qk_rope: 64,
+            v_head: 128,
+            vocab: 102400,
+            max_positions: 163840,
+            yarn: Some((40, 4096)),
+        }
+    }
+
+    /// A small model of the same family, for tests.
+    pub fn tiny() -> Self {
+        Self {
+            hidden: 64,
+            layers: 3,
+            heads: 4,
+            routed: 16,
+            shared: 2,
+            top_k: 4,
+            expert_hidden: 32,
+            dense_hidden: 128,
+            first_dense: 1,
+            kv_lora_rank: 32,
+            qk_nope: 16,
+            qk_rope: 8,
+            v_head: 16,
+            vocab: 512,
+            max_positions: 256,
+            yarn: Some((4, 64)),
+        }
+    }
+}
+
+impl SynthShape for DeepseekV2Shape {
+    fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden;
+        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
+        let ffn = |v: &mut Vec<(String, Vec<usize>)>, p: &str, width: usize| {
+            v.push((format!("{p}.gate_proj.weight"), vec![width, h]));
+            v.push((format!("{p}.up_proj.weight"), vec![width, h]));
+            v.push((format!("{p}.down_proj.weight"), vec![h, width]));
+        };
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            v.push((
+                format!("{a}.q_proj.weight"),
+                vec![self.heads * (self.qk_nope + self.qk_rope), h],
+            ));
+            v.push((
+                format!("{a}.kv_a_proj_with_mqa.weight"),
+                vec![self.kv_lora_rank + self.qk_rope, h],
+            ));
+            v.push((
+                format!("{a}.kv_a_layernorm.weight"),
+                vec![self.kv_lora_rank],
+            ));
+            v.push((
+                format!("{a}.kv_b_proj.weight"),
+                vec![self.heads * (self.qk_nope + self.v_head), self.kv_lora_rank],
+            ));
+            v.push((
+                format!("{a}.o_proj.weight"),
+                vec![h, self.heads * self.v_head],
+            ));
+            v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            if l < self.first_dense {
+                ffn(&mut v, &format!("{p}.mlp"), self.dense_hidden);
+            } else {
+                v.push((format!("{p}.mlp.gate.weight"), vec![self.routed, h]));
+                for e in 0..self.routed {
+                    ffn(&mut v, &format!("{p}.mlp.experts.{e}"), self.expert_hidden);
+                }
+                ffn(
+                    &mut v,
+                    &format!("{p}.mlp.shared_experts"),
+                    self.shared * self.expert_hidden,
+                );
+            }
+        }
+        v.push(("model.norm.weight".to_string(), vec![h]));
+        v.push(("lm_head.weight".to_string(), vec![self.vocab, h]));
+        v
+    }
+
+    /// As DeepSeek-V2-Lite's published `config.json` has it (transformers 4 spelling).
+    fn config_json(&self) -> serde_json::Value {
+        let rope_scaling = self.yarn.map(|(factor, original)| {
+            serde_json::json!({
+                "type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707
+            })
+        });
+        serde_json::json!({
+            "architectures": ["DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v2",
+            "hidden_size": self.hidden,
+            "intermediate_size": self.dense_hidden,
+            "moe_intermediate_size": self.expert_hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.heads,
+            "n_routed_experts": self.routed,
+            "n_shared_experts": self.shared,
+            "num_experts_per_tok": self.top_k,
+            "first_k_dense_replace": self.first_dense,
+            "moe_layer_freq": 1,
+            "routed_scaling_factor": 1.0,
+            "topk_method": "greedy",
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": false,
+            "scoring_func": "softmax",
+            "q_lora_rank": null,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope,
+            "qk_rope_head_dim": self.qk_rope,
+            "v_head_dim": self.v_head,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": self.max_positions,
+            "rope_theta": 10000.0,
+            "rope_scaling": rope_scaling,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": false,
+            "attention_bias": false,
+            "hidden_act": "silu",
+            "torch_dtype": "bfloat16",
+            "xmoe_top_synthetic": "random weights written by `xmoe-top synth --hf`; not a trained model"
+        })
+    }
+}
+
 /// A bf16 tensor of random values, generated when the writer asks for its bytes.
 struct RandomBf16 {
     shape: Vec<usize>,
@@ -160,9 +364,9 @@ impl View for RandomBf16 {
 /// Writes a synthetic checkpoint into `dir` (created; must not exist unless `force`): sharded
 /// safetensors of at most `shard_bytes` each with their index, `config.json` and a copy of
 /// `tokenizer`. Returns the shard paths.
-pub fn write_olmoe(
+pub fn write_checkpoint(
     dir: &Path,
-    shape: &OlmoeShape,
+    shape: &dyn SynthShape,
     tokenizer: &Path,
     seed: u64,
     shard_bytes: usize,
