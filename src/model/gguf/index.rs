@@ -482,6 +482,67 @@ mod tests {
         assert!(read_mxfp4(&mut &raw[..100], blocks).is_err(), "short data");
     }
 
+    /// One v3 index entry: name, dimensions (innermost first), type, offset.
+    fn entry(name: &str, dims: &[u64], ty: u32, offset: u64) -> Vec<u8> {
+        let mut b = (name.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(name.as_bytes());
+        b.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            b.extend_from_slice(&d.to_le_bytes());
+        }
+        b.extend_from_slice(&ty.to_le_bytes());
+        b.extend_from_slice(&offset.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn the_index_is_read_and_checked() {
+        let mut idx = entry("a", &[64, 3], GGML_TYPE_MXFP4, 0);
+        idx.extend(entry("b", &[5], 0, 256));
+        let start = 100u64;
+        let end = start + idx.len() as u64;
+        let meta = |align: Option<Value>| -> HashMap<String, Value> {
+            align
+                .map(|v| ("general.alignment".to_string(), v))
+                .into_iter()
+                .collect()
+        };
+        let (t, data) = read_index(&mut idx.as_slice(), start, 10_000, 3, 2, &meta(None)).unwrap();
+        assert_eq!(data, end.div_ceil(32) * 32);
+        assert_eq!(t["a"].dims, [3, 64], "outermost first");
+        assert_eq!(
+            (t["a"].dtype, t["a"].bytes),
+            (TensorType::Mxfp4, 3 * 2 * 17)
+        );
+        assert_eq!((t["b"].bytes, t["b"].offset), (20, 256));
+        let (_, data) = read_index(
+            &mut idx.as_slice(),
+            start,
+            10_000,
+            3,
+            2,
+            &meta(Some(Value::U32(64))),
+        )
+        .unwrap();
+        assert_eq!(data, end.div_ceil(64) * 64);
+        let err = |bytes: &[u8], count: u64, m: HashMap<String, Value>| {
+            read_index(&mut &bytes[..], start, 10_000, 3, count, &m).unwrap_err()
+        };
+        let e = err(&idx, 2, meta(Some(Value::U32(24))));
+        assert!(e.contains("`general.alignment` is 24"), "{e}");
+        let mut twice = idx.clone();
+        twice.extend(entry("a", &[32], 0, 512));
+        let e = err(&twice, 3, meta(None));
+        assert!(e.contains("`a` appears twice"), "{e}");
+        let e = err(&entry("c", &[48], 8, 0), 1, meta(None));
+        assert!(
+            e.contains("rows of 48 values") && e.contains("32-value blocks"),
+            "{e}"
+        );
+        let e = err(&idx[..idx.len() - 3], 2, meta(None));
+        assert!(e.contains("truncated") && e.contains("`b`"), "{e}");
+    }
+
     #[test]
     fn the_hidden_count_reads_as_zero_only_there() {
         let data: Vec<u8> = (0..40u8).collect();
