@@ -374,6 +374,78 @@ fn the_gpt_4o_tokenizer_comes_from_the_metadata() {
     }
 }
 
+/// The metadata and tensors of a fixture, to write back changed.
+type Parts = (Vec<(String, Value)>, Vec<(String, QTensor)>);
+
+/// The F32 fixture's metadata and tensors.
+fn f32_parts() -> Parts {
+    let mut f = std::fs::File::open(gguf("f32")).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let mut names: Vec<_> = c.tensor_infos.keys().cloned().collect();
+    names.sort();
+    let tensors = names
+        .into_iter()
+        .map(|n| {
+            let t = c.tensor(&mut f, &n, &Device::Cpu).unwrap();
+            (n, t)
+        })
+        .collect();
+    (c.metadata.into_iter().collect(), tensors)
+}
+
+/// Writes `meta` and `tensors` to `dir/name`.
+fn write_gguf(
+    dir: &Path,
+    name: &str,
+    meta: &[(String, Value)],
+    tensors: &[(String, QTensor)],
+) -> PathBuf {
+    let p = dir.join(name);
+    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &m, &t).unwrap();
+    p
+}
+
+#[test]
+fn the_sliding_window_pattern_follows_llama_cpp() {
+    // Without the key: llama.cpp's pattern 2, the even blocks slide (transformers' default).
+    let windows = |path: &Path| {
+        let ModelSource::Gguf(g) = ModelSource::open(path).unwrap() else {
+            panic!("not GGUF")
+        };
+        g.hf_config().sliding_window.clone()
+    };
+    assert_eq!(windows(&gguf("f32")), [Some(5), None]);
+    let dir = tempfile::tempdir().unwrap();
+    let (meta, tensors) = f32_parts();
+    let key = "gpt-oss.attention.sliding_window_pattern";
+    for (name, value, want) in [
+        // `set_swa_pattern(n)`: block i slides when n == 0 or i % n < n - 1.
+        ("p0", Value::U32(0), [Some(5), Some(5)]),
+        ("p1", Value::U32(1), [None, None]),
+        ("p3", Value::U32(3), [Some(5), Some(5)]),
+        (
+            "array",
+            Value::Array(vec![Value::Bool(false), Value::Bool(true)]),
+            [None, Some(5)],
+        ),
+    ] {
+        let mut m = meta.clone();
+        m.push((key.into(), value));
+        let p = write_gguf(dir.path(), &format!("{name}.gguf"), &m, &tensors);
+        assert_eq!(windows(&p), want, "{name}");
+    }
+    let mut m = meta.clone();
+    m.push((key.into(), Value::Array(vec![Value::Bool(true)])));
+    let p = write_gguf(dir.path(), "short.gguf", &m, &tensors);
+    let e = ModelSource::open(&p).err().unwrap().to_string();
+    assert!(
+        e.contains(key) && e.contains("one entry per block (2)"),
+        "{e}"
+    );
+}
+
 // ---- bad input -------------------------------------------------------------------------------
 
 /// `xmoe-top ARGS`: exit code and stderr.
@@ -499,31 +571,13 @@ fn bad_gpt_oss_files_get_one_clear_line_and_a_non_zero_exit() {
     }
 
     // A missing gpt-oss key (the F32 file, which candle's writer can rewrite).
-    let f32_path = gguf("f32");
-    let mut f = std::fs::File::open(&f32_path).unwrap();
-    let c = gguf_file::Content::read(&mut f).unwrap();
-    let mut names: Vec<_> = c.tensor_infos.keys().cloned().collect();
-    names.sort();
-    let tensors: Vec<(String, QTensor)> = names
-        .into_iter()
-        .map(|n| {
-            let t = c.tensor(&mut f, &n, &Device::Cpu).unwrap();
-            (n, t)
-        })
-        .collect();
-    let all: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let (meta, tensors) = f32_parts();
     for key in [
         "gpt-oss.attention.sliding_window",
         "gpt-oss.expert_feed_forward_length",
     ] {
-        let meta: Vec<(&str, &Value)> = c
-            .metadata
-            .iter()
-            .filter(|(k, _)| k.as_str() != key)
-            .map(|(k, v)| (k.as_str(), v))
-            .collect();
-        let p = dir.path().join(format!("{key}.gguf"));
-        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &meta, &all).unwrap();
+        let m: Vec<_> = meta.iter().filter(|(k, _)| k != key).cloned().collect();
+        let p = write_gguf(dir.path(), &format!("{key}.gguf"), &m, &tensors);
         cases.push((
             "missing gpt-oss key",
             p,
