@@ -585,6 +585,16 @@ fn bad_gpt_oss_files_get_one_clear_line_and_a_non_zero_exit() {
         ));
     }
 
+    // An alignment of 0, which candle-core's reader divides by.
+    let mut m = meta.clone();
+    m.push(("general.alignment".into(), Value::U32(0)));
+    let p = write_gguf(dir.path(), "align0.gguf", &m, &tensors);
+    cases.push((
+        "alignment 0",
+        p,
+        vec!["invalid header".into(), "`general.alignment` of 0".into()],
+    ));
+
     for (what, path, says) in cases {
         let p = path.to_string_lossy().into_owned();
         let (code, err) = xmoe(&["inspect", &p]);

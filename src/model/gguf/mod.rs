@@ -155,8 +155,30 @@ impl GgufFile {
         // The metadata is thousands of small values (a tokenizer's vocabulary): buffered.
         let reader = BufReader::new(file.try_clone().map_err(open_err)?);
         let mut reader = HideTensorCount::new(reader, count_at, count_len);
-        let content = Content::read(&mut reader)
-            .map_err(|e| gguf_error(path, header_detail(&e, file_len)))?;
+        // candle-core 0.11.1 divides by `general.alignment` without checking it, so a file that
+        // says 0 panics inside `Content::read`; that is bad input, reported like any other. The
+        // hook is silenced for the call so that the user gets one line.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+        std::panic::set_hook(hook);
+        let content = match read {
+            Ok(r) => r.map_err(|e| gguf_error(path, header_detail(&e, file_len)))?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(gguf_error(
+                    path,
+                    format!(
+                        "invalid header: candle-core's GGUF reader failed on the metadata ({why}; a `general.alignment` of 0 does this)"
+                    ),
+                ));
+            }
+        };
         let at = reader.position();
         let (tensors, data_offset) = index::read_index(
             reader.inner(),
