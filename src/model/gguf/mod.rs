@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-
 use candle_core::{DType, Device, Tensor};
 pub use index::TensorType;
 use index::{Entry, HideTensorCount};
