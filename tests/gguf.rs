@@ -365,13 +365,13 @@ fn bad_gguf_files_get_one_clear_line_and_a_non_zero_exit() {
 
     let mut b = bytes.clone();
     let at = type_offset(&b, "blk.0.ffn_gate_exps.weight");
-    b[at..at + 4].copy_from_slice(&39u32.to_le_bytes());
-    let p = dir.path().join("mxfp4.gguf");
+    b[at..at + 4].copy_from_slice(&20u32.to_le_bytes());
+    let p = dir.path().join("iq4_nl.gguf");
     std::fs::write(&p, &b).unwrap();
     cases.push((
         "unsupported quantisation",
         p,
-        vec!["ggml type 39 (MXFP4)", "cannot be dequantised"],
+        vec!["ggml type 20 (IQ4_NL)", "cannot be read"],
     ));
 
     // A metadata array that claims more elements than the file holds.
@@ -405,7 +405,7 @@ fn bad_gguf_files_get_one_clear_line_and_a_non_zero_exit() {
     let mut m = meta.clone();
     for (k, v) in m.iter_mut() {
         if k == "general.architecture" {
-            *v = Value::String("gpt-oss".into());
+            *v = Value::String("mixtral".into());
         }
     }
     let p = write(dir.path(), "arch.gguf", &m, &no_router);
@@ -413,9 +413,9 @@ fn bad_gguf_files_get_one_clear_line_and_a_non_zero_exit() {
         "unsupported architecture",
         p,
         vec![
-            "\"gpt-oss\"",
-            "MXFP4",
-            "llama, qwen2moe, qwen3moe, olmoe, deepseek2",
+            "\"mixtral\"",
+            "writes Mixtral as \"llama\"",
+            "llama, qwen2moe, qwen3moe, olmoe, deepseek2, gpt-oss",
         ],
     ));
 

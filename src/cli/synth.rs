@@ -71,9 +71,12 @@ pub struct SynthArgs {
 /// The tokenizer of the test fixtures (`tests/fixtures/hf/tokenizer.json`, 8.5 kB).
 const FIXTURE_TOKENIZER: &[u8] = include_bytes!("../../tests/fixtures/hf/tokenizer.json");
 
+/// A preset's shape with its block count set.
+type ShapeWithLayers = Box<dyn FnOnce(usize) -> Box<dyn crate::model::hf::synth::SynthShape>>;
+
 fn run_hf(a: &SynthArgs, preset: &str) -> Result<ExitCode> {
-    use crate::model::hf::synth::{DeepseekV2Shape, OlmoeShape, SynthShape, write_checkpoint};
-    let (layers, shape): (usize, Box<dyn FnOnce(usize) -> Box<dyn SynthShape>>) = match preset {
+    use crate::model::hf::synth::{DeepseekV2Shape, OlmoeShape, write_checkpoint};
+    let (layers, shape): (usize, ShapeWithLayers) = match preset {
         "olmoe-1b-7b" | "olmoe-tiny" => {
             let base = if preset == "olmoe-tiny" {
                 OlmoeShape::tiny()

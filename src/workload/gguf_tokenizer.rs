@@ -72,6 +72,10 @@ const DEEPSEEK_CODER: [&str; 5] = [
 /// Han runs alone; words split at case changes (`HelloWorld` is two words; llama.cpp's hand
 /// version keeps it one, and does not count combining marks as letters, where the regex does).
 const KIMI_K2: &str = r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp `LLAMA_VOCAB_PRE_TYPE_GPT4O` (`gpt-4o`: gpt-oss, Llama 4): the "original regex from
+/// tokenizer.json" llama.cpp quotes there (o200k's), which fancy-regex runs as written; llama.cpp
+/// itself runs a rewrite of it for its own regex engine.
+const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// `tokenizer.ggml.pre` values this reader maps, in the order messages list them.
 pub const SUPPORTED_PRE: &[&str] = &[
     "default",
@@ -86,6 +90,7 @@ pub const SUPPORTED_PRE: &[&str] = &[
     "deepseek-llm",
     "deepseek-coder",
     "kimi-k2",
+    "gpt-4o",
 ];
 
 /// `tokenizer.ggml.token_type` values (llama.cpp `llama_token_type`).
@@ -213,6 +218,10 @@ fn pre_tokenizer(path: &Path, pre: &str) -> Result<(serde_json::Value, bool), To
             seq.push(byte_level(false));
             (json!({"type": "Sequence", "pretokenizers": seq}), false)
         }
+        "gpt-4o" => (
+            json!({"type": "Sequence", "pretokenizers": [split(GPT4O), byte_level(false)]}),
+            false,
+        ),
         other => {
             return Err(bad(
                 path,
@@ -440,6 +449,47 @@ mod tests {
         assert_eq!(
             pieces("deepseek-llm", "Hello~World \u{1FD2}12345!"),
             ["Hello", "~", "World", " ", "\u{1FD2}", "12345", "!"]
+        );
+    }
+
+    /// Expected pieces from Python's `regex` module (2026.11.19) running the same pattern: a
+    /// second regex engine. Case-insensitive contractions stay on their word, digits go in threes,
+    /// punctuation takes trailing newlines, and capitals run into the lower-case letters after them.
+    #[test]
+    fn gpt_4o_splits_as_o200k_does() {
+        assert_eq!(
+            pieces("gpt-4o", "Hello WORLD's HTTPServer don'T 12345 ok!!\n\n  x"),
+            [
+                "Hello",
+                " WORLD's",
+                " HTTPServer",
+                " don'T",
+                " ",
+                "123",
+                "45",
+                " ok",
+                "!!\n\n",
+                " ",
+                " x"
+            ]
+        );
+        assert_eq!(
+            pieces("gpt-4o", "naïve CAFÉ déjà-vu 3.14159"),
+            ["naïve", " CAFÉ", " déjà", "-vu", " ", "3", ".", "141", "59"]
+        );
+        assert_eq!(
+            pieces("gpt-4o", "<|endoftext|>path/to//file\r\nend"),
+            [
+                "<|",
+                "endoftext",
+                "|>",
+                "path",
+                "/to",
+                "//",
+                "file",
+                "\r\n",
+                "end"
+            ]
         );
     }
 }

@@ -13,10 +13,9 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
-use super::{GgufArch, GgufFile, GgufModel, candle_message, gguf_error};
+use super::{GgufArch, GgufFile, GgufModel, TensorType, candle_message, gguf_error};
 use crate::kernel::Activation;
 use crate::model::blocks::{
     Attention, Block, BlockFfn, Embedding, Ffn, Linear, MoeBlock, Norm, QkNorm, Rotary,
@@ -24,12 +23,12 @@ use crate::model::blocks::{
 };
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
-use crate::model::moe::{ExpertWeights, LoadOptions, MoeDispatch, MoeExperts};
+use crate::model::moe::{ExpertBiases, ExpertWeights, LoadOptions, MoeDispatch, MoeExperts};
 use crate::model::quant::{GateUp, QuantExperts, QuantMatrix};
 
-/// True for the ggml block types (not F32, F16, BF16).
-pub(crate) fn is_block_type(d: GgmlDType) -> bool {
-    !matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+/// True for the block types (not F32, F16, BF16).
+pub(crate) fn is_block_type(d: TensorType) -> bool {
+    d.is_block()
 }
 
 /// The row order that undoes `LlamaModel.permute` (see [`unpermute_rope_rows`]): row `i` of the
@@ -114,7 +113,7 @@ pub fn build(
             gguf_error(g.path(), format!("tensor `{name}`: {}", candle_message(&e)))
         };
         match stored_type(name) {
-            Some(d) if d != GgmlDType::F32 => {
+            Some(d) if d != TensorType::F32 => {
                 let mut m = matrix(name, &[out, inp])?;
                 if let Some(o) = order {
                     m = m.permute_rows(o).map_err(bad)?;
@@ -158,9 +157,19 @@ pub fn build(
     let rms = |name: &str, n: usize| -> Result<Norm, LoadError> {
         Ok(Norm::new(load(&format!("{name}.weight"), &[n])?, None, eps))
     };
-    let rotary =
-        Rotary::like_transformers(c.head_dim, c.max_positions, c.rope_theta as f32, device)
-            .map_err(de)?;
+    // YaRN only for gpt-oss (the other architectures refuse `rope.scaling.type` at open).
+    let rotary = match &c.rope_yarn {
+        Some(yarn) => Rotary::yarn_like_transformers(
+            c.head_dim,
+            c.max_positions,
+            c.rope_theta as f32,
+            yarn,
+            device,
+        ),
+        None => Rotary::like_transformers(c.head_dim, c.max_positions, c.rope_theta as f32, device),
+    }
+    .map_err(de)?;
+    let gpt_oss = model.arch() == GgufArch::GptOss;
     let (q_w, kv_w) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
     let permuted = model.arch() == GgufArch::Llama;
     let mut blocks = Vec::with_capacity(c.layers);
@@ -209,9 +218,19 @@ pub fn build(
                 q: rms(&format!("{b}.attn_q_norm"), q_w)?,
                 k: rms(&format!("{b}.attn_k_norm"), kv_w)?,
             }),
-            GgufArch::Llama | GgufArch::Qwen2Moe | GgufArch::Deepseek2 => attention,
+            GgufArch::Llama | GgufArch::Qwen2Moe | GgufArch::Deepseek2 | GgufArch::GptOss => {
+                attention
+            }
         };
-        let ffn_norm = rms(&format!("{b}.ffn_norm"), h)?;
+        if c.attn_sinks {
+            attention = attention.with_sinks(load(&format!("{b}.attn_sinks.weight"), &[c.heads])?);
+        }
+        // gpt-oss's `post_attention_layernorm` keeps llama.cpp's generic name for it.
+        let ffn_norm = if gpt_oss {
+            rms(&format!("{b}.post_attention_norm"), h)?
+        } else {
+            rms(&format!("{b}.ffn_norm"), h)?
+        };
         let ffn = if let Some(slot) = c.moe_layers.iter().position(|&l| l == i) {
             let router = load(&format!("{b}.ffn_gate_inp.weight"), &[c.experts, h])?;
             let names = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
@@ -223,6 +242,12 @@ pub fn build(
             let quantised = names
                 .iter()
                 .any(|n| stored_type(n).is_some_and(is_block_type));
+            // gpt-oss: per-expert biases (`ffn_{gate,up,down}_exps.bias`, the converter's split
+            // of Hugging Face's interleaved `gate_up_proj_bias`) and the clamped SwiGLU.
+            let biases = match c.clamped_swiglu {
+                Some(_) => Some(expert_biases(g, &b, c.experts, c.expert_hidden, h, &load)?),
+                None => None,
+            };
             let experts = if quantised && !kernel {
                 let (n, i) = (c.experts, c.expert_hidden);
                 let mut gate = matrix(&names[0], &[n, i, h])?;
@@ -233,14 +258,26 @@ pub fn build(
                     up = to_device(up, &names[1], n)?;
                     down = to_device(down, &names[2], n)?;
                 }
-                let q = QuantExperts::new(n, i, h, GateUp::Separate { gate, up }, down)
+                let mut q = QuantExperts::new(n, i, h, GateUp::Separate { gate, up }, down)
                     .map_err(|e| gguf_error(g.path(), format!("{b}: {}", candle_message(&e))))?;
+                if let (Some(biases), Some(clamped)) = (biases, c.clamped_swiglu) {
+                    q = q.with_biases(biases, clamped);
+                }
                 MoeExperts::quantized(q, Activation::Silu)
             } else {
                 let weights = experts(g, &b, c.experts, c.expert_hidden, h, &load)?;
-                MoeExperts::from_weights(weights, Activation::Silu, device, options).map_err(de)?
+                match (biases, c.clamped_swiglu) {
+                    (Some(biases), Some(clamped)) => {
+                        MoeExperts::gated_with_biases(weights, biases, clamped, device, options)
+                    }
+                    _ => MoeExperts::from_weights(weights, Activation::Silu, device, options),
+                }
+                .map_err(de)?
             };
             let mut moe = MoeBlock::new(ffn_norm, &router, experts, slot).map_err(de)?;
+            if c.router_bias {
+                moe = moe.with_router_bias(load(&format!("{b}.ffn_gate_inp.bias"), &[c.experts])?);
+            }
             if let Some(s) = c.shared_expert_hidden {
                 let gate = linear(&format!("{b}.ffn_gate_shexp"), s, h, false)?;
                 let up = linear(&format!("{b}.ffn_up_shexp"), s, h, false)?;
@@ -349,6 +386,31 @@ pub(super) fn experts(
         gate: split("ffn_gate_exps", [n, inter, h])?,
         up: split("ffn_up_exps", [n, inter, h])?,
         down: split("ffn_down_exps", [n, h, inter])?,
+    })
+}
+
+/// gpt-oss expert biases of block `b`: `ffn_{gate,up}_exps.bias` `[E, I]` and
+/// `ffn_down_exps.bias` `[E, H]`, one f32 row per expert.
+fn expert_biases(
+    g: &GgufFile,
+    b: &str,
+    n: usize,
+    inter: usize,
+    h: usize,
+    load: &TensorLoader,
+) -> Result<ExpertBiases, LoadError> {
+    let rows = |name: &str, width: usize| -> Result<Vec<Tensor>, LoadError> {
+        let name = format!("{b}.{name}.bias");
+        let t = load(&name, &[n, width])?;
+        (0..n)
+            .map(|e| t.get(e))
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(|e| gguf_error(g.path(), format!("tensor `{name}`: {}", candle_message(&e))))
+    };
+    Ok(ExpertBiases {
+        gate: rows("ffn_gate_exps", inter)?,
+        up: rows("ffn_up_exps", inter)?,
+        down: rows("ffn_down_exps", h)?,
     })
 }
 

@@ -16,8 +16,14 @@ use crate::model::hf::HfConfig;
 /// The llama.cpp architectures (`general.architecture`) xmoe-top runs, in the order messages
 /// list them. `llama` must have experts (Mixtral); a dense `llama` is read by
 /// [`super::DenseLlama`].
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["llama", "qwen2moe", "qwen3moe", "olmoe", "deepseek2"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama",
+    "qwen2moe",
+    "qwen3moe",
+    "olmoe",
+    "deepseek2",
+    "gpt-oss",
+];
 
 /// A supported `general.architecture`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +39,9 @@ pub enum GgufArch {
     /// `deepseek2` (DeepSeek-V2, V2-Lite, V3, Kimi-K2): multi-head latent attention and the
     /// DeepSeek routers (`super::deepseek`).
     Deepseek2,
+    /// `gpt-oss` (gpt-oss-20b, -120b): attention sinks, biases everywhere, a router with a bias,
+    /// clamped SwiGLU experts, usually MXFP4 (`super::gptoss`).
+    GptOss,
 }
 
 impl GgufArch {
@@ -45,11 +54,9 @@ impl GgufArch {
             "qwen3moe" => GgufArch::Qwen3Moe,
             "olmoe" => GgufArch::Olmoe,
             "deepseek2" => GgufArch::Deepseek2,
+            "gpt-oss" => GgufArch::GptOss,
             other => {
                 let why = match other {
-                    "gpt-oss" => {
-                        " (gpt-oss GGUF files store MXFP4 experts, which candle-core 0.11 cannot read)"
-                    }
                     "mixtral" => " (llama.cpp writes Mixtral as \"llama\")",
                     _ => "",
                 };
@@ -70,6 +77,7 @@ impl GgufArch {
             GgufArch::Qwen3Moe => "qwen3moe",
             GgufArch::Olmoe => "olmoe",
             GgufArch::Deepseek2 => "deepseek2",
+            GgufArch::GptOss => "gpt-oss",
         }
     }
 }
@@ -300,6 +308,9 @@ pub(crate) fn hf_config(g: &GgufFile) -> Result<HfConfig, LoadError> {
     if arch == GgufArch::Deepseek2 {
         return super::deepseek::hf_config(&m);
     }
+    if arch == GgufArch::GptOss {
+        return super::gptoss::hf_config(&m);
+    }
     let mut c = Map::new();
     common_keys(&m, &mut c)?;
     let layers = m.uint("block_count", 4096)?;
@@ -438,6 +449,7 @@ pub(crate) fn hf_config(g: &GgufFile) -> Result<HfConfig, LoadError> {
         }
         // Mapped above, before the keys DeepSeek does not share; kept for an exhaustive match.
         GgufArch::Deepseek2 => return super::deepseek::hf_config(&m),
+        GgufArch::GptOss => return super::gptoss::hf_config(&m),
     }
     c.insert("tie_word_embeddings".into(), json!(!g.has("output.weight")));
     let text = serde_json::Value::Object(c).to_string();

@@ -12,13 +12,12 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use serde_json::{Map, json};
 
 use super::build::{experts, is_block_type};
 use super::config::{Meta, describe, vocab_size};
-use super::{GgufFile, GgufModel, candle_message, gguf_error};
+use super::{GgufFile, GgufModel, TensorType, candle_message, gguf_error};
 use crate::kernel::Activation;
 use crate::model::blocks::mla::softmax_scale;
 use crate::model::blocks::{
@@ -243,7 +242,7 @@ pub(crate) fn hf_config(m: &Meta) -> Result<HfConfig, LoadError> {
 /// YaRN's `mscale_all_dim` as `rope.scaling.yarn_log_multiplier` = 0.1 x it (and divides by 0.1
 /// again on load), and not `mscale` at all: its attention computes as if `mscale` =
 /// `mscale_all_dim`, as every published DeepSeek config has it, so that is what is mapped.
-fn rope_parameters(m: &Meta) -> Result<serde_json::Value, LoadError> {
+pub(crate) fn rope_parameters(m: &Meta) -> Result<serde_json::Value, LoadError> {
     let theta = m.float_opt("rope.freq_base")?.unwrap_or(10_000.0);
     let kind = m.str_opt("rope.scaling.type")?.unwrap_or("none");
     match kind {
@@ -331,7 +330,7 @@ impl Loader<'_> {
     /// Tensor `name` as stored when kept (quantised blocks, F16/BF16), else f32; outer
     /// dimensions flattened into rows.
     fn matrix(&self, name: &str, shape: &[usize]) -> Result<QuantMatrix, LoadError> {
-        let kept = self.keep && self.g.dtype(name).is_some_and(|d| d != GgmlDType::F32);
+        let kept = self.keep && self.g.dtype(name).is_some_and(|d| d != TensorType::F32);
         if kept {
             self.used.borrow_mut().insert(name.to_string());
             self.g.matrix(name, shape)
@@ -343,7 +342,7 @@ impl Loader<'_> {
 
     fn linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear, LoadError> {
         let w = format!("{name}.weight");
-        let kept = self.keep && self.g.dtype(&w).is_some_and(|d| d != GgmlDType::F32);
+        let kept = self.keep && self.g.dtype(&w).is_some_and(|d| d != TensorType::F32);
         if kept {
             let m = self.matrix(&w, &[out, inp])?;
             Linear::quantized(Arc::new(m), None)
@@ -488,7 +487,7 @@ pub(crate) fn build(
         blocks.push(Block::new(attention, ffn));
     }
     let emb = "token_embd.weight";
-    let (embedding, lm_head) = if l.keep && g.dtype(emb).is_some_and(|d| d != GgmlDType::F32) {
+    let (embedding, lm_head) = if l.keep && g.dtype(emb).is_some_and(|d| d != TensorType::F32) {
         let m = Arc::new(l.matrix(emb, &[c.vocab, h])?);
         let head = if c.tie_embeddings {
             Linear::quantized(m.clone(), None).map_err(|e| l.de(e))?

@@ -1,22 +1,28 @@
-//! llama.cpp's GGUF files: the header, metadata and tensor index read with candle-core's GGUF
-//! reader (`candle_core::quantized::gguf_file`); quantised matrices are kept as stored and
-//! multiplied by [`crate::model::quant`] (or dequantised to f32 for the reference). The metadata is mapped onto the same [`HfConfig`] a Hugging Face
-//! checkpoint gives and the tensors onto the same blocks ([`build`]); see `docs/gguf.md`.
+//! llama.cpp's GGUF files: the header and metadata read with candle-core's GGUF reader
+//! (`candle_core::quantized::gguf_file`), the tensor index by [`index`] (so that MXFP4, which
+//! candle-core 0.11 does not know, can be listed); quantised matrices are kept as stored and
+//! multiplied by [`crate::model::quant`] (or dequantised to f32 for the reference). The metadata
+//! is mapped onto the same [`HfConfig`] a Hugging Face checkpoint gives and the tensors onto the
+//! same blocks ([`build`]); see `docs/gguf.md`.
 
 mod build;
 pub mod config;
 mod deepseek;
 pub mod dense;
+mod gptoss;
+pub mod index;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
+pub use index::TensorType;
+use index::{Entry, HideTensorCount};
 
 pub use build::build;
 pub use config::{GgufArch, SUPPORTED_ARCHITECTURES};
@@ -49,7 +55,10 @@ pub fn is_gguf(path: &Path) -> bool {
 /// An opened GGUF file: header and metadata read, tensors indexed, nothing loaded yet.
 pub struct GgufFile {
     path: PathBuf,
+    /// candle's parse of the metadata (its `tensor_infos` is empty: see [`index`]).
     content: Content,
+    tensors: HashMap<String, Entry>,
+    data_offset: u64,
     // candle's `TensorInfo::read` wants a `Read + Seek`; the lock makes one file handle usable
     // from a shared `&self` (tensors are read one at a time during a load).
     file: Mutex<File>,
@@ -65,7 +74,7 @@ pub(crate) fn gguf_error(path: &Path, detail: impl Into<String>) -> LoadError {
 }
 
 /// ggml type ids that candle-core 0.11 cannot read, by name (ggml.h `enum ggml_type`), so that
-/// the message names the quantisation rather than a number.
+/// the message names the quantisation rather than a number. (39, MXFP4, is read by [`index`].)
 fn ggml_type_name(id: u32) -> Option<&'static str> {
     Some(match id {
         4 => "Q4_2 (removed from ggml)",
@@ -86,7 +95,9 @@ fn ggml_type_name(id: u32) -> Option<&'static str> {
         29 => "IQ1_M",
         34 => "TQ1_0",
         35 => "TQ2_0",
-        39 => "MXFP4",
+        40 => "NVFP4",
+        41 => "Q1_0",
+        42 => "Q2_0",
         _ => return None,
     })
 }
@@ -103,15 +114,6 @@ pub(crate) fn candle_message(err: &candle_core::Error) -> String {
 /// candle's message for a header it refused, made to say what a user can act on.
 fn header_detail(err: &candle_core::Error, file_len: u64) -> String {
     let text = candle_message(err);
-    if let Some(id) = text
-        .strip_prefix("unknown dtype for tensor ")
-        .and_then(|n| n.trim().parse::<u32>().ok())
-    {
-        let name = ggml_type_name(id).unwrap_or("unknown");
-        return format!(
-            "a tensor has ggml type {id} ({name}), which cannot be dequantised (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
-        );
-    }
     if text.starts_with("unknown magic") {
         return format!("not a GGUF file ({text}; expected the bytes \"GGUF\")");
     }
@@ -142,31 +144,72 @@ impl GgufFile {
                 ),
             ));
         }
+        let mut head = Vec::with_capacity(16);
+        (&file).take(16).read_to_end(&mut head).map_err(open_err)?;
+        (&file).seek(SeekFrom::Start(0)).map_err(open_err)?;
+        let (count, count_at, count_len) = index::tensor_count(&head).unwrap_or((0, 0, 0));
+        let version = head
+            .get(4..8)
+            .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         // The metadata is thousands of small values (a tokenizer's vocabulary): buffered.
-        let mut reader = BufReader::new(file.try_clone().map_err(open_err)?);
-        let content = Content::read(&mut reader)
-            .map_err(|e| gguf_error(path, header_detail(&e, file_len)))?;
+        let reader = BufReader::new(file.try_clone().map_err(open_err)?);
+        let mut reader = HideTensorCount::new(reader, count_at, count_len);
+        // candle-core 0.11.1 divides by `general.alignment` without checking it, so a file that
+        // says 0 panics inside `Content::read`; that is bad input, reported like any other. The
+        // hook is silenced for the call so that the user gets one line.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+        std::panic::set_hook(hook);
+        let content = match read {
+            Ok(r) => r.map_err(|e| gguf_error(path, header_detail(&e, file_len)))?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(gguf_error(
+                    path,
+                    format!(
+                        "invalid header: candle-core's GGUF reader failed on the metadata ({why}; a `general.alignment` of 0 does this)"
+                    ),
+                ));
+            }
+        };
+        let at = reader.position();
+        let (tensors, data_offset) = index::read_index(
+            reader.inner(),
+            at,
+            file_len,
+            version,
+            count,
+            &content.metadata,
+        )
+        .map_err(|e| gguf_error(path, e))?;
         let g = GgufFile {
             path: path.to_path_buf(),
             content,
+            tensors,
+            data_offset,
             file: Mutex::new(file),
             file_len,
         };
-        for (name, info) in &g.content.tensor_infos {
-            let end = g
-                .content
-                .tensor_data_offset
-                .checked_add(info.offset)
-                .and_then(|s| s.checked_add(g.stored_bytes(info) as u64));
+        let mut by_offset: Vec<_> = g.tensors.iter().collect();
+        by_offset.sort_by_key(|(_, e)| e.offset);
+        for (name, e) in by_offset {
+            let start = g.data_offset.saturating_add(e.offset);
+            let end = start.checked_add(e.bytes);
             if end.is_none_or(|e| e > file_len) {
                 return Err(gguf_error(
                     path,
                     format!(
-                        "the file is truncated: tensor `{name}` ({:?} {:?}, {} bytes at offset {}) ends past the end of the {file_len}-byte file",
-                        info.ggml_dtype,
-                        info.shape.dims(),
-                        g.stored_bytes(info),
-                        g.content.tensor_data_offset.saturating_add(info.offset),
+                        "the file is truncated: tensor `{name}` ({} {:?}, {} bytes at offset {start}) ends past the end of the {file_len}-byte file: only {} bytes remain",
+                        e.dtype.name(),
+                        e.dims,
+                        e.bytes,
+                        file_len.saturating_sub(start),
                     ),
                 ));
             }
@@ -211,33 +254,25 @@ impl GgufFile {
         }
     }
 
-    fn stored_bytes(&self, info: &TensorInfo) -> usize {
-        info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()
-    }
-
     /// Bytes of tensor data in the file.
     pub fn tensor_bytes(&self) -> usize {
-        self.content
-            .tensor_infos
-            .values()
-            .map(|i| self.stored_bytes(i))
-            .sum()
+        self.tensors.values().map(|e| e.bytes as usize).sum()
     }
 
     /// Bytes the weights take once loaded on the CPU (see `build`): matrices as stored;
     /// vectors (norms, biases) and routers widened to f32.
     pub fn resident_bytes(&self) -> usize {
-        self.content
-            .tensor_infos
+        self.tensors
             .iter()
-            .map(|(name, i)| {
-                let widened = i.shape.rank() < 2
+            .map(|(name, e)| {
+                let widened = e.dims.len() < 2
                     || name.ends_with("ffn_gate_inp.weight")
-                    || name.ends_with("ffn_gate_inp_shexp.weight");
+                    || name.ends_with("ffn_gate_inp_shexp.weight")
+                    || name.ends_with(".bias");
                 if widened {
-                    i.shape.elem_count() * 4
+                    e.dims.iter().product::<usize>() * 4
                 } else {
-                    self.stored_bytes(i)
+                    e.bytes as usize
                 }
             })
             .sum()
@@ -246,10 +281,9 @@ impl GgufFile {
     /// Bytes the weights take when every tensor is dequantised to f32 (another device than the
     /// CPU, or [`GgufModel::set_dequantize`]).
     pub fn dequantized_bytes(&self) -> usize {
-        self.content
-            .tensor_infos
+        self.tensors
             .values()
-            .map(|i| i.shape.elem_count() * 4)
+            .map(|e| e.dims.iter().product::<usize>() * 4)
             .sum()
     }
 
@@ -258,74 +292,89 @@ impl GgufFile {
         self.file_len
     }
 
-    /// Every tensor: name, ggml type, shape (outermost first, as candle and numpy order it; GGUF
-    /// stores the reverse), bytes; sorted by name.
+    /// Every tensor: name, stored type, shape (outermost first, as candle and numpy order it;
+    /// GGUF stores the reverse), bytes; sorted by name.
     pub fn tensor_table(&self) -> Vec<(String, String, Vec<usize>, usize)> {
         let mut v: Vec<_> = self
-            .content
-            .tensor_infos
+            .tensors
             .iter()
-            .map(|(n, i)| {
-                (
-                    n.clone(),
-                    format!("{:?}", i.ggml_dtype),
-                    i.shape.dims().to_vec(),
-                    self.stored_bytes(i),
-                )
-            })
+            .map(|(n, e)| (n.clone(), e.dtype.name(), e.dims.clone(), e.bytes as usize))
             .collect();
         v.sort();
         v
     }
 
+    /// Where tensor `name`'s data lies in the file: (first byte, bytes).
+    pub fn data_range(&self, name: &str) -> Option<(u64, u64)> {
+        self.tensors
+            .get(name)
+            .map(|e| (self.data_offset.saturating_add(e.offset), e.bytes))
+    }
+
     /// True when the file holds tensor `name`.
     pub fn has(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
+        self.tensors.contains_key(name)
     }
 
     /// The shape of tensor `name` (outermost first), if present.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.content.tensor_infos.get(name).map(|i| i.shape.dims())
+        self.tensors.get(name).map(|e| e.dims.as_slice())
     }
 
-    /// The ggml type of tensor `name`, if present.
-    pub fn dtype(&self, name: &str) -> Option<GgmlDType> {
-        self.content.tensor_infos.get(name).map(|i| i.ggml_dtype)
+    /// The stored type of tensor `name`, if present.
+    pub fn dtype(&self, name: &str) -> Option<TensorType> {
+        self.tensors.get(name).map(|e| e.dtype)
     }
 
     /// Names of the tensors.
     pub fn names(&self) -> BTreeSet<&str> {
-        self.content
-            .tensor_infos
-            .keys()
-            .map(String::as_str)
-            .collect()
+        self.tensors.keys().map(String::as_str).collect()
     }
 
-    /// Tensor `name` as stored (quantised or not), checked against `shape`, on the CPU.
-    pub fn qtensor(&self, name: &str, shape: &[usize]) -> Result<QTensor, LoadError> {
-        let info = self
-            .content
-            .tensor_infos
+    /// The index entry of `name`, checked against `shape`.
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry, LoadError> {
+        let e = self
+            .tensors
             .get(name)
             .ok_or_else(|| LoadError::MissingTensor {
                 path: self.path.clone(),
                 tensor: name.to_string(),
                 expected: shape.to_vec(),
             })?;
-        if info.shape.dims() != shape {
+        if e.dims != shape {
             return Err(LoadError::WrongShape {
                 path: self.path.clone(),
                 tensor: name.to_string(),
                 expected: shape.to_vec(),
-                found: info.shape.dims().to_vec(),
+                found: e.dims.clone(),
             });
         }
+        Ok(e)
+    }
+
+    /// Tensor `name` as stored, checked against `shape`, on the CPU: a candle `QTensor` for
+    /// candle's types; MXFP4 tensors are read by [`GgufFile::matrix`] instead.
+    pub fn qtensor(&self, name: &str, shape: &[usize]) -> Result<QTensor, LoadError> {
+        let e = self.entry(name, shape)?;
+        let TensorType::Ggml(ggml_dtype) = e.dtype else {
+            return Err(gguf_error(
+                &self.path,
+                format!(
+                    "tensor `{name}` is {}, which candle-core cannot hold as a QTensor",
+                    e.dtype.name()
+                ),
+            ));
+        };
+        let info = TensorInfo {
+            ggml_dtype,
+            shape: candle_core::Shape::from(e.dims.clone()),
+            offset: e.offset,
+        };
         let mut file = self
             .file
             .lock()
             .map_err(|_| gguf_error(&self.path, "the file handle was poisoned by a panic"))?;
-        info.read(&mut *file, self.content.tensor_data_offset, &Device::Cpu)
+        info.read(&mut *file, self.data_offset, &Device::Cpu)
             .map_err(|e| {
                 gguf_error(
                     &self.path,
@@ -334,9 +383,46 @@ impl GgufFile {
             })
     }
 
+    /// MXFP4 tensor `name` (checked against `shape`) in the project's MXFP4 layout, outer
+    /// dimensions flattened into rows: 4.25 bits a value, as in the file.
+    fn mxfp4_matrix(&self, name: &str, shape: &[usize]) -> Result<QuantMatrix, LoadError> {
+        let e = self.entry(name, shape)?;
+        let cols = *shape.last().unwrap_or(&1);
+        let rows = shape.iter().product::<usize>() / cols.max(1);
+        let blocks = rows * cols / super::hf::mxfp4::BLOCK;
+        let start = self.data_offset.saturating_add(e.offset);
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| gguf_error(&self.path, "the file handle was poisoned by a panic"))?;
+        let found = self.file_len.saturating_sub(start);
+        let short = |why: String| {
+            gguf_error(
+                &self.path,
+                format!(
+                    "tensor `{name}` (MXFP4 {shape:?}): expected {} bytes at offset {start}, found {found} in the file: {why}",
+                    e.bytes
+                ),
+            )
+        };
+        file.seek(SeekFrom::Start(start))
+            .map_err(|io| short(io.to_string()))?;
+        let (codes, scales) = index::read_mxfp4(&mut BufReader::new(&mut *file), blocks)
+            .map_err(|io| short(io.to_string()))?;
+        QuantMatrix::mxfp4(codes, scales, rows, cols).map_err(|err| {
+            gguf_error(
+                &self.path,
+                format!("tensor `{name}` (MXFP4): {}", candle_message(&err)),
+            )
+        })
+    }
+
     /// Tensor `name`, checked against `shape`, kept as stored on the CPU: ggml blocks as they are,
     /// F16/BF16 in half precision, F32 as f32 (outer dimensions flattened into rows).
     pub fn matrix(&self, name: &str, shape: &[usize]) -> Result<QuantMatrix, LoadError> {
+        if self.dtype(name) == Some(TensorType::Mxfp4) {
+            return self.mxfp4_matrix(name, shape);
+        }
         let q = self.qtensor(name, shape)?;
         let dtype = q.dtype();
         let bad = |e: candle_core::Error| {
@@ -365,6 +451,22 @@ impl GgufFile {
         shape: &[usize],
         device: &Device,
     ) -> Result<Tensor, LoadError> {
+        if self.dtype(name) == Some(TensorType::Mxfp4) {
+            // Exact: every MXFP4 value is an E2M1 value times a power of two.
+            let m = self.mxfp4_matrix(name, shape)?;
+            return m
+                .dequantize_rows(0, m.rows())
+                .and_then(|v| Tensor::from_vec(v, shape, device))
+                .map_err(|e| {
+                    gguf_error(
+                        &self.path,
+                        format!(
+                            "tensor `{name}`: cannot dequantise MXFP4: {}",
+                            candle_message(&e)
+                        ),
+                    )
+                });
+        }
         let q = self.qtensor(name, shape)?;
         let dtype = q.dtype();
         q.dequantize(device).map_err(|e| {
