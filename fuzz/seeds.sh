@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=fuzz/seeds
 rm -rf "$out"
-targets=(model_format model_config hf_config hf_index hf_shard_header tokenizer report_json trace import_dump torch_pickle recording)
+targets=(model_format model_config hf_config hf_index hf_shard_header tokenizer report_json trace import_dump torch_pickle recording gguf)
 for t in "${targets[@]}"; do
     mkdir -p "$out/$t"
     if [ -d "tests/fixtures/fuzz/$t" ]; then
@@ -42,6 +42,14 @@ done < <(find tests/fixtures/hf -name '*.index.json' | sort)
 cp tests/fixtures/hf/tokenizer.json "$out/tokenizer/fixture.json"
 # Engine dumps, whole (import_dump); their data.pkl alone is committed for torch_pickle.
 cp tests/fixtures/import/* "$out/import_dump/"
+
+# GGUF files written from the tiny checkpoints, one per architecture and quantisation type
+# (the f32 ones, which carry the tokenizer as well, and one of each block type).
+for f in tests/fixtures/gguf/mixtral.f32.gguf tests/fixtures/gguf/mixtral.q4_0.gguf \
+    tests/fixtures/gguf/olmoe.q4_1.gguf tests/fixtures/gguf/qwen3_moe.q8_0.gguf \
+    tests/fixtures/gguf/deepseek_v2.q8_0.gguf tests/fixtures/gguf/gpt_oss.mxfp4.gguf; do
+    cp "$f" "$out/gguf/"
+done
 
 for t in "${targets[@]}"; do
     echo "seeds/$t: $(find "$out/$t" -type f | wc -l) files"

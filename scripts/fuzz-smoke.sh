@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-12}"
-targets=(model_format model_config hf_config hf_index hf_shard_header tokenizer report_json trace import_dump torch_pickle recording)
+targets=(model_format model_config hf_config hf_index hf_shard_header tokenizer report_json trace import_dump torch_pickle recording gguf)
 triple=x86_64-unknown-linux-gnu
 
 # Sanitizer coverage for libFuzzer, without nightly's -Zsanitizer; --target keeps these flags off
