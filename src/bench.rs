@@ -194,6 +194,10 @@ impl DecodeBound {
                 bw / 1e9,
                 self.peak_flops / 1e9
             ),
+            None if self.weight_bytes.is_none() => format!(
+                "bound: FLOPs of the token / the fastest 1024^3 matmul on one thread ({:.0} GFLOP/s, thread CPU time); a lower bound only: this model's decode path (not the lean one) does not say which bytes a step reads, so the bandwidth bound is not computed",
+                self.peak_flops / 1e9
+            ),
             None => format!(
                 "bound: FLOPs of the token / the fastest 1024^3 matmul on one thread ({:.0} GFLOP/s, thread CPU time), since the weights fit the last-level cache ({llc}); weights read: {weights}",
                 self.peak_flops / 1e9
