@@ -160,6 +160,14 @@ impl Meta<'_> {
         }
     }
 
+    /// The RMSNorm epsilon (`attention.layer_norm_rms_epsilon`), required; `why` is added to the
+    /// message when it is missing.
+    pub(crate) fn rms_eps(&self, why: &str) -> Result<f64, LoadError> {
+        let key = "attention.layer_norm_rms_epsilon";
+        self.float_opt(key)?
+            .ok_or_else(|| self.bad(&self.key(key), format!("required key is missing{why}")))
+    }
+
     /// A boolean at `{arch}.{key}`, if present.
     pub(crate) fn bool_opt(&self, key: &str) -> Result<Option<bool>, LoadError> {
         let k = self.key(key);
@@ -240,14 +248,7 @@ pub(crate) fn common_keys(
             format!("rope scaling \"{kind}\" is not supported (only none)"),
         ));
     }
-    let eps = m
-        .float_opt("attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| {
-            m.bad(
-                &m.key("attention.layer_norm_rms_epsilon"),
-                "required key is missing (only RMSNorm models are supported)",
-            )
-        })?;
+    let eps = m.rms_eps(" (only RMSNorm models are supported)")?;
     out.insert("hidden_size".into(), json!(hidden));
     out.insert("num_hidden_layers".into(), json!(layers));
     out.insert("num_attention_heads".into(), json!(heads));

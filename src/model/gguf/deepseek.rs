@@ -53,14 +53,7 @@ pub(crate) fn hf_config(m: &Meta) -> Result<HfConfig, LoadError> {
     }
     let layers = all_blocks - nextn;
     let heads = m.uint("attention.head_count", 4096)?;
-    let eps = m
-        .float_opt("attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| {
-            m.bad(
-                &m.key("attention.layer_norm_rms_epsilon"),
-                "required key is missing",
-            )
-        })?;
+    let eps = m.rms_eps("")?;
     let rope = m.uint("rope.dimension_count", 4096)?;
     let kv_rank = m.uint("attention.kv_lora_rank", 1 << 16)?;
     let q_rank = m.uint_opt("attention.q_lora_rank")?.filter(|&r| r > 0);

@@ -89,14 +89,7 @@ pub(crate) fn hf_config(m: &Meta) -> Result<HfConfig, LoadError> {
             ));
         }
     }
-    let eps = m
-        .float_opt("attention.layer_norm_rms_epsilon")?
-        .ok_or_else(|| {
-            m.bad(
-                &m.key("attention.layer_norm_rms_epsilon"),
-                "required key is missing",
-            )
-        })?;
+    let eps = m.rms_eps("")?;
     let experts = m.uint("expert_count", u16::MAX as usize)?;
     let top_k = m.uint("expert_used_count", experts)?;
     let expert_ffn = m.uint("expert_feed_forward_length", 1 << 20)?;
