@@ -978,6 +978,29 @@ trait Elem: ExpertWeight {
         k: usize,
     ) -> [[S::V; NV]; M];
 
+    /// Panels `b` and `b + stride` (elements) for one row at once: twice the independent FMA
+    /// chains of [`Elem::tile`], for the one-token tiles of a decode step, which are otherwise
+    /// bound by the FMA latency. Each element sees the same FMAs in the same order as in
+    /// `tile`, so the result is the same, bit for bit.
+    ///
+    /// # Safety
+    /// As for [`Elem::tile`] with `M = 1`, for both panels.
+    #[inline(always)]
+    unsafe fn tile_pair<S: Simd, const NV: usize>(
+        a: *const f32,
+        b: *const Self,
+        stride: usize,
+        k: usize,
+    ) -> [[S::V; NV]; 2] {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            [
+                Self::tile::<S, 1, NV>(&[a], b, k)[0],
+                Self::tile::<S, 1, NV>(&[a], b.add(stride), k)[0],
+            ]
+        }
+    }
+
     /// Widens a panel of `k` rows into `out` as plain f32 `[k][32]` (the gemm variant).
     fn widen_panel(b: &[Self], k: usize, out: &mut [f32]);
 }
@@ -1018,6 +1041,31 @@ impl Elem for f32 {
         }
     }
 
+    #[inline(always)]
+    unsafe fn tile_pair<S: Simd, const NV: usize>(
+        a: *const f32,
+        b: *const f32,
+        stride: usize,
+        k: usize,
+    ) -> [[S::V; NV]; 2] {
+        // SAFETY: as for `tile`, for the panels at `b` and `b + stride`.
+        unsafe {
+            let mut acc = [[S::zero(); NV]; 2];
+            let (mut p0, mut p1) = (b, b.add(stride));
+            for kk in 0..k {
+                let av = S::splat(*a.add(kk));
+                let [acc0, acc1] = &mut acc;
+                for (v, (x0, x1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+                    *x0 = S::fma(av, S::load(p0.add(v * S::W)), *x0);
+                    *x1 = S::fma(av, S::load(p1.add(v * S::W)), *x1);
+                }
+                p0 = p0.add(PANEL);
+                p1 = p1.add(PANEL);
+            }
+            acc
+        }
+    }
+
     fn widen_panel(b: &[Self], k: usize, out: &mut [f32]) {
         out[..k * PANEL].copy_from_slice(&b[..k * PANEL]);
     }
@@ -1053,6 +1101,31 @@ impl Elem for half::f16 {
                     }
                 }
                 bp = bp.add(PANEL);
+            }
+            acc
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile_pair<S: Simd, const NV: usize>(
+        a: *const f32,
+        b: *const half::f16,
+        stride: usize,
+        k: usize,
+    ) -> [[S::V; NV]; 2] {
+        // SAFETY: as for `tile`, for the panels at `b` and `b + stride`.
+        unsafe {
+            let mut acc = [[S::zero(); NV]; 2];
+            let (mut p0, mut p1) = (b.cast::<u16>(), b.add(stride).cast::<u16>());
+            for kk in 0..k {
+                let av = S::splat(*a.add(kk));
+                let [acc0, acc1] = &mut acc;
+                for (v, (x0, x1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+                    *x0 = S::fma(av, S::load_f16(p0.add(v * S::W)), *x0);
+                    *x1 = S::fma(av, S::load_f16(p1.add(v * S::W)), *x1);
+                }
+                p0 = p0.add(PANEL);
+                p1 = p1.add(PANEL);
             }
             acc
         }
@@ -1143,11 +1216,23 @@ unsafe fn mm1_rows<S: Simd, E: Elem, const M: usize, const NV: usize>(
         xp.wrapping_add(t * d)
     });
     let (w1, k1) = (ex.w1::<E>(e), ex.k1);
-    for p in (0..n1).step_by(PANEL) {
+    let mut p = 0;
+    while p < n1 {
         // SAFETY: each `a[i]` is a token row of `x` (token ids < T, asserted in `moe_forward`),
         // `d` floats; panel `p` of `w1(e)` has `k1 >= d` rows of 32 values (`n1` is a multiple of 32); `z` has
-        // `block_rows() * n1` floats (sized in `run`) and `r0 + i < m <= block_rows()`.
+        // `block_rows() * n1` floats (sized in `run`) and `r0 + i < m <= block_rows()`. The pair
+        // path reads panels `p` and `p + PANEL < n1`, each `k1` rows apart.
         unsafe {
+            if M == 1 && p + PANEL < n1 {
+                let acc = E::tile_pair::<S, NV>(a[0], w1.add(p * k1), PANEL * k1, d);
+                for (half, row) in acc.iter().enumerate() {
+                    for (v, &r) in row.iter().enumerate() {
+                        S::store(z.add(r0 * n1 + p + half * PANEL + v * S::W), r);
+                    }
+                }
+                p += 2 * PANEL;
+                continue;
+            }
             let acc = E::tile::<S, M, NV>(&a, w1.add(p * k1), d);
             for (i, row) in acc.iter().enumerate() {
                 for (v, &r) in row.iter().enumerate() {
@@ -1155,6 +1240,7 @@ unsafe fn mm1_rows<S: Simd, E: Elem, const M: usize, const NV: usize>(
                 }
             }
         }
+        p += PANEL;
     }
 }
 
@@ -1176,22 +1262,41 @@ unsafe fn mm2_rows<S: Simd, E: Elem, const M: usize, const NV: usize>(
     let w: [f32; M] = std::array::from_fn(|i| job.groups.weights[pair0 + r0 + i]);
     let w2 = ex.w2::<E>(e);
     let b2 = ex.b2.as_ref().map(|b| b[e * d_pad..].as_ptr());
-    for q in (0..d_pad).step_by(PANEL) {
+    let mut q = 0;
+    while q < d_pad {
         // SAFETY: `a[i]` is a row of the `z` block (`h_pad` floats of its `n1`); panel `q` of
         // `w2(e)` has `h_pad` rows of 32 floats; `out[i]` is a destination row of `d` floats (see
         // `Job::dst_row`), and `accumulate` touches only `d - col` of them; `b2` has `d_pad` floats from
-        // `e * d_pad`.
+        // `e * d_pad`. The pair path reads panels `q` and `q + PANEL < d_pad`, `h_pad` rows apart.
         unsafe {
-            let acc = E::tile::<S, M, NV>(&a, w2.add(q * ex.h_pad), ex.h_pad);
-            for (i, row) in acc.iter().enumerate() {
+            let (acc, panels): ([[S::V; NV]; 2], usize) = if M == 1 && q + PANEL < d_pad {
+                let pair =
+                    E::tile_pair::<S, NV>(a[0], w2.add(q * ex.h_pad), PANEL * ex.h_pad, ex.h_pad);
+                (pair, 2)
+            } else {
+                let one = E::tile::<S, M, NV>(&a, w2.add(q * ex.h_pad), ex.h_pad);
+                for (i, row) in one.iter().enumerate() {
+                    for (v, &r) in row.iter().enumerate() {
+                        let col = q + v * S::W;
+                        if col >= d {
+                            break;
+                        }
+                        accumulate::<S>(out[i].add(col), r, w[i], b2.map(|b| b.add(col)), d - col);
+                    }
+                }
+                q += PANEL;
+                continue;
+            };
+            for (half, row) in acc.iter().enumerate().take(panels) {
                 for (v, &r) in row.iter().enumerate() {
-                    let col = q + v * S::W;
+                    let col = q + half * PANEL + v * S::W;
                     if col >= d {
                         break;
                     }
-                    accumulate::<S>(out[i].add(col), r, w[i], b2.map(|b| b.add(col)), d - col);
+                    accumulate::<S>(out[0].add(col), r, w[0], b2.map(|b| b.add(col)), d - col);
                 }
             }
+            q += panels * PANEL;
         }
     }
 }
