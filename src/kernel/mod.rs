@@ -1005,6 +1005,62 @@ trait Elem: ExpertWeight {
     fn widen_panel(b: &[Self], k: usize, out: &mut [f32]);
 }
 
+/// A weight type whose panels store one row of 32 values after another (f32, f16; bf16 pairs
+/// rows), so a row's `W` values load as one vector.
+trait RowPanel: Elem {
+    /// `S::W` consecutive values at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` points to `S::W` readable values and the CPU has what `S` needs.
+    unsafe fn load_row<S: Simd>(p: *const Self) -> S::V;
+}
+
+impl RowPanel for f32 {
+    #[inline(always)]
+    unsafe fn load_row<S: Simd>(p: *const f32) -> S::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { S::load(p) }
+    }
+}
+
+impl RowPanel for half::f16 {
+    #[inline(always)]
+    unsafe fn load_row<S: Simd>(p: *const half::f16) -> S::V {
+        // SAFETY: forwarded from the caller.
+        unsafe { S::load_f16(p.cast()) }
+    }
+}
+
+/// [`Elem::tile_pair`] for row-by-row panels: both panels' rows `kk` multiplied by the same
+/// broadcast value, one FMA per element per row, in row order.
+///
+/// # Safety
+/// As for [`Elem::tile`] with `M = 1`, for the panels at `b` and `b + stride`.
+#[inline(always)]
+unsafe fn tile_pair_rows<S: Simd, E: RowPanel, const NV: usize>(
+    a: *const f32,
+    b: *const E,
+    stride: usize,
+    k: usize,
+) -> [[S::V; NV]; 2] {
+    // SAFETY: `a` has `k` readable floats and each panel `k` rows of 32 values (the caller).
+    unsafe {
+        let mut acc = [[S::zero(); NV]; 2];
+        let (mut p0, mut p1) = (b, b.add(stride));
+        for kk in 0..k {
+            let av = S::splat(*a.add(kk));
+            let [acc0, acc1] = &mut acc;
+            for (v, (x0, x1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+                *x0 = S::fma(av, E::load_row::<S>(p0.add(v * S::W)), *x0);
+                *x1 = S::fma(av, E::load_row::<S>(p1.add(v * S::W)), *x1);
+            }
+            p0 = p0.add(PANEL);
+            p1 = p1.add(PANEL);
+        }
+        acc
+    }
+}
+
 impl Elem for f32 {
     fn weights(w: &PackedWeights) -> &[Self] {
         match w {
@@ -1048,22 +1104,8 @@ impl Elem for f32 {
         stride: usize,
         k: usize,
     ) -> [[S::V; NV]; 2] {
-        // SAFETY: as for `tile`, for the panels at `b` and `b + stride`.
-        unsafe {
-            let mut acc = [[S::zero(); NV]; 2];
-            let (mut p0, mut p1) = (b, b.add(stride));
-            for kk in 0..k {
-                let av = S::splat(*a.add(kk));
-                let [acc0, acc1] = &mut acc;
-                for (v, (x0, x1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
-                    *x0 = S::fma(av, S::load(p0.add(v * S::W)), *x0);
-                    *x1 = S::fma(av, S::load(p1.add(v * S::W)), *x1);
-                }
-                p0 = p0.add(PANEL);
-                p1 = p1.add(PANEL);
-            }
-            acc
-        }
+        // SAFETY: forwarded from the caller.
+        unsafe { tile_pair_rows::<S, Self, NV>(a, b, stride, k) }
     }
 
     fn widen_panel(b: &[Self], k: usize, out: &mut [f32]) {
@@ -1113,22 +1155,8 @@ impl Elem for half::f16 {
         stride: usize,
         k: usize,
     ) -> [[S::V; NV]; 2] {
-        // SAFETY: as for `tile`, for the panels at `b` and `b + stride`.
-        unsafe {
-            let mut acc = [[S::zero(); NV]; 2];
-            let (mut p0, mut p1) = (b.cast::<u16>(), b.add(stride).cast::<u16>());
-            for kk in 0..k {
-                let av = S::splat(*a.add(kk));
-                let [acc0, acc1] = &mut acc;
-                for (v, (x0, x1)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
-                    *x0 = S::fma(av, S::load_f16(p0.add(v * S::W)), *x0);
-                    *x1 = S::fma(av, S::load_f16(p1.add(v * S::W)), *x1);
-                }
-                p0 = p0.add(PANEL);
-                p1 = p1.add(PANEL);
-            }
-            acc
-        }
+        // SAFETY: forwarded from the caller.
+        unsafe { tile_pair_rows::<S, Self, NV>(a, b, stride, k) }
     }
 
     fn widen_panel(b: &[Self], k: usize, out: &mut [f32]) {
