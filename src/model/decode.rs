@@ -29,6 +29,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Storage, Tensor};
 
+use super::blocks::linear::matvec_stored;
 use super::blocks::{
     Block, BlockAttention, BlockFfn, Embedding, Linear, LinearWeight, Norm, QkNorm,
 };
@@ -126,8 +127,6 @@ struct Proj {
     b: Option<Vec<f32>>,
     n_in: usize,
     n_out: usize,
-    /// Threads the product is split over (stored layout only; 1 below [`SPLIT_MIN_BYTES`]).
-    parts: usize,
     /// `[out, in]` f16 copy of a transposed f32 weight whose every value is an f16 (a model
     /// stored in f16 and widened at load): half the bytes per step, the same products.
     half: Option<Vec<half::f16>>,
@@ -174,12 +173,6 @@ impl Proj {
         if b.as_ref().is_some_and(|b| b.len() != n_out) {
             return Err(format!("{what}'s bias is not [{n_out}]"));
         }
-        let bytes = w.elem_count() * w.dtype().size_in_bytes();
-        let parts = if !transposed && SPLIT_MIN_BYTES.is_some_and(|min| bytes >= min) {
-            rayon::current_num_threads()
-        } else {
-            1
-        };
         let half = if transposed {
             exact_half_rows(w, n_in, n_out).map_err(|e| format!("{what}: {e}"))?
         } else {
@@ -191,7 +184,6 @@ impl Proj {
             b,
             n_in,
             n_out,
-            parts,
             half,
         })
     }
@@ -203,24 +195,18 @@ impl Proj {
             self.add_bias(y);
             return Ok(());
         }
-        let (storage, layout) = self.w.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            bail!("a weight left the CPU");
-        };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .context("a weight is not contiguous")?;
         let (x, y) = (&x[..self.n_in], &mut y[..self.n_out]);
-        match self.w.dtype() {
-            DType::F32 if self.transposed => matvec_t(&cpu.as_slice::<f32>()?[start..end], x, y),
-            DType::F32 => matvec_rows_split(&cpu.as_slice::<f32>()?[start..end], x, y, self.parts),
-            DType::F16 => {
-                matvec_rows_split(&cpu.as_slice::<half::f16>()?[start..end], x, y, self.parts)
-            }
-            DType::BF16 => {
-                matvec_rows_split(&cpu.as_slice::<half::bf16>()?[start..end], x, y, self.parts)
-            }
-            other => bail!("{other:?} weight on the lean decode path"),
+        if !self.transposed {
+            matvec_stored(&self.w, x, y)?;
+        } else {
+            let (storage, layout) = self.w.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                bail!("a weight left the CPU");
+            };
+            let (start, end) = layout
+                .contiguous_offsets()
+                .context("a weight is not contiguous")?;
+            matvec_t(&cpu.as_slice::<f32>()?[start..end], x, y);
         }
         self.add_bias(y);
         Ok(())

@@ -96,15 +96,15 @@ impl Linear {
 /// DeepSeek-V2-Lite's 419 MB LM head. `None` where this does not apply (several rows, another
 /// device or dtype, a shape the matmul should report).
 fn stored_matvec(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    use crate::kernel::matvec::matvec_rows_split;
-    use candle_core::Storage;
     let dims = x.dims();
     let Some(&n_in) = dims.last() else {
         return Ok(None);
     };
     let (out, w_in) = w.dims2()?;
     if !x.device().is_cpu()
+        || !w.device().is_cpu()
         || x.dtype() != DType::F32
+        || !matches!(w.dtype(), DType::F32 | DType::F16 | DType::BF16)
         || n_in == 0
         || x.elem_count() != n_in
         || w_in != n_in
@@ -114,44 +114,40 @@ fn stored_matvec(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> 
     }
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
     let mut y = vec![0f32; out];
+    matvec_stored(w, &xv, &mut y)?;
+    let mut shape = dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = out;
+    }
+    Tensor::from_vec(y, shape, x.device()).map(Some)
+}
+
+/// `y = w x` for a weight `[out, in]` kept on the CPU in its stored dtype (f32, f16 or bf16), read
+/// in place, on every thread when it is large (`model::decode::SPLIT_MIN_BYTES`). Shared by
+/// [`Linear::forward`] for one row and the lean decoder's projections.
+pub(crate) fn matvec_stored(w: &Tensor, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
+    use crate::kernel::matvec::matvec_rows_split;
+    use candle_core::Storage;
     let bytes = w.elem_count() * w.dtype().size_in_bytes();
     let parts = if crate::model::decode::SPLIT_MIN_BYTES.is_some_and(|min| bytes >= min) {
         rayon::current_num_threads()
     } else {
         1
     };
-    {
-        let (storage, layout) = w.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            return Ok(None);
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            return Ok(None);
-        };
-        match w.dtype() {
-            DType::F32 => {
-                matvec_rows_split(&cpu.as_slice::<f32>()?[start..end], &xv, &mut y, parts)
-            }
-            DType::F16 => matvec_rows_split(
-                &cpu.as_slice::<half::f16>()?[start..end],
-                &xv,
-                &mut y,
-                parts,
-            ),
-            DType::BF16 => matvec_rows_split(
-                &cpu.as_slice::<half::bf16>()?[start..end],
-                &xv,
-                &mut y,
-                parts,
-            ),
-            _ => return Ok(None),
-        }
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("a weight left the CPU");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a weight is not contiguous");
+    };
+    match w.dtype() {
+        DType::F32 => matvec_rows_split(&cpu.as_slice::<f32>()?[start..end], x, y, parts),
+        DType::F16 => matvec_rows_split(&cpu.as_slice::<half::f16>()?[start..end], x, y, parts),
+        DType::BF16 => matvec_rows_split(&cpu.as_slice::<half::bf16>()?[start..end], x, y, parts),
+        other => candle_core::bail!("{other:?} weight for a matrix-vector product"),
     }
-    let mut shape = dims.to_vec();
-    if let Some(last) = shape.last_mut() {
-        *last = out;
-    }
-    Tensor::from_vec(y, shape, x.device()).map(Some)
+    Ok(())
 }
 
 #[cfg(test)]
