@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::QTensor;
-use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::{Device, Tensor};
 use xmoe_top::model::gguf::DenseLlama;
 use xmoe_top::model::trace::ForwardTrace;
@@ -17,7 +17,10 @@ use xmoe_top::workload::tokenizer::TextTokenizer;
 
 #[path = "support/golden.rs"]
 mod golden;
-use golden::{f32s, input_ids, load};
+use golden::{f32s, input_ids, load, max_abs, max_rel};
+#[path = "support/gguf_files.rs"]
+mod gguf_files;
+use gguf_files::{parts, write, xmoe};
 
 const FAMILIES: &[&str] = &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"];
 
@@ -52,22 +55,6 @@ fn forward(model: &Model, tokens: &[u32]) -> (Vec<f32>, Vec<Vec<Vec<(usize, f32)
         })
         .collect();
     (logits, choices)
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Largest |a - b| / (1 + |b|), the measure tests/hf_models.rs bounds by 1e-4.
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -273,51 +260,6 @@ fn a_dense_llama_gguf_reads_back_the_hugging_face_tensors() {
 }
 
 // ---- bad input -------------------------------------------------------------------------------
-
-/// The metadata and tensors of a fixture, to write back changed.
-type Parts = (Vec<(String, Value)>, Vec<(String, QTensor)>);
-
-fn parts(path: &Path) -> Parts {
-    let mut f = std::fs::File::open(path).unwrap();
-    let c = gguf_file::Content::read(&mut f).unwrap();
-    let mut meta: Vec<_> = c.metadata.clone().into_iter().collect();
-    meta.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut names: Vec<_> = c.tensor_infos.keys().cloned().collect();
-    names.sort();
-    let tensors = names
-        .into_iter()
-        .map(|n| {
-            let t = c.tensor(&mut f, &n, &Device::Cpu).unwrap();
-            (n, t)
-        })
-        .collect();
-    (meta, tensors)
-}
-
-fn write(
-    dir: &Path,
-    name: &str,
-    meta: &[(String, Value)],
-    tensors: &[(&str, &QTensor)],
-) -> PathBuf {
-    let p = dir.join(name);
-    let mut f = std::fs::File::create(&p).unwrap();
-    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut f, &m, tensors).unwrap();
-    p
-}
-
-/// `xmoe-top inspect PATH` (or `run` when `run` is set): exit code and stderr.
-fn xmoe(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// The byte offset of the ggml type of tensor `name` in the header of `bytes` (GGUF v3: name
 /// length u64, name, n_dims u32, dims u64 each, type u32).

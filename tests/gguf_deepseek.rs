@@ -18,7 +18,10 @@ use xmoe_top::workload::tokenizer::TextTokenizer;
 
 #[path = "support/golden.rs"]
 mod golden;
-use golden::{f32s, input_ids, load};
+use golden::{choices, f32s, golden_choices, input_ids, load, max_abs, max_rel, run};
+#[path = "support/gguf_files.rs"]
+mod gguf_files;
+use gguf_files::{parts, write, xmoe};
 
 /// (fixture stem, the Hugging Face family whose goldens it reproduces).
 const F32_FILES: &[(&str, &str)] = &[
@@ -39,72 +42,6 @@ fn goldens(family: &str) -> HashMap<String, Tensor> {
     golden::golden_tensors(&repo(&format!(
         "tests/fixtures/hf/{family}/golden.safetensors"
     )))
-}
-
-fn run(model: &Model, tokens: &[u32], routing: &RoutingConfig) -> (Vec<f32>, ForwardTrace) {
-    let mut trace = ForwardTrace::default();
-    let logits = model.forward(tokens, 2, routing, None, &mut trace).unwrap();
-    (logits, trace)
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Largest |a - b| / (1 + |b|), the measure the safetensors tests bound by 1e-4.
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-        .fold(0.0, f32::max)
-}
-
-/// Per MoE slot and token, the golden's (expert, weight) pairs sorted by expert
-/// (`torch.topk(sorted=False)`: the order is unspecified).
-fn golden_choices(g: &HashMap<String, Tensor>, model: &Model) -> Vec<Vec<Vec<(usize, f32)>>> {
-    model
-        .moe_layers()
-        .iter()
-        .map(|&layer| {
-            let ids: Vec<i64> = g[&format!("topk_ids.{layer}")]
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let w = f32s(&g[&format!("topk_weights.{layer}")]);
-            let k = g[&format!("topk_ids.{layer}")].dims()[1];
-            (0..ids.len() / k)
-                .map(|t| {
-                    let mut v: Vec<(usize, f32)> = (0..k)
-                        .map(|r| (ids[t * k + r] as usize, w[t * k + r]))
-                        .collect();
-                    v.sort_by_key(|p| p.0);
-                    v
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn choices(trace: &ForwardTrace) -> Vec<Vec<Vec<(usize, f32)>>> {
-    trace
-        .moe
-        .iter()
-        .map(|m| {
-            (0..m.routing.tokens())
-                .map(|t| {
-                    let mut v: Vec<(usize, f32)> =
-                        m.routing.choices(t).map(|(e, w, _)| (e, w)).collect();
-                    v.sort_by_key(|p| p.0);
-                    v
-                })
-                .collect()
-        })
-        .collect()
 }
 
 #[test]
@@ -429,51 +366,6 @@ fn deepseek2_tokenizer_and_parameters_come_from_the_file() {
 }
 
 // ---- bad input -------------------------------------------------------------------------------
-
-/// The metadata and tensors of a fixture, to write back changed.
-type Parts = (Vec<(String, Value)>, Vec<(String, QTensor)>);
-
-fn parts(path: &Path) -> Parts {
-    let mut f = std::fs::File::open(path).unwrap();
-    let c = gguf_file::Content::read(&mut f).unwrap();
-    let mut meta: Vec<_> = c.metadata.clone().into_iter().collect();
-    meta.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut names: Vec<_> = c.tensor_infos.keys().cloned().collect();
-    names.sort();
-    let tensors = names
-        .into_iter()
-        .map(|n| {
-            let t = c.tensor(&mut f, &n, &Device::Cpu).unwrap();
-            (n, t)
-        })
-        .collect();
-    (meta, tensors)
-}
-
-fn write(
-    dir: &Path,
-    name: &str,
-    meta: &[(String, Value)],
-    tensors: &[(&str, &QTensor)],
-) -> PathBuf {
-    let p = dir.join(name);
-    let mut f = std::fs::File::create(&p).unwrap();
-    let m: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut f, &m, tensors).unwrap();
-    p
-}
-
-/// `xmoe-top ARGS`: exit code and stderr.
-fn xmoe(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn bad_deepseek2_files_get_one_clear_line_and_a_non_zero_exit() {

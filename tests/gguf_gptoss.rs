@@ -20,7 +20,10 @@ use xmoe_top::workload::tokenizer::TextTokenizer;
 
 #[path = "support/golden.rs"]
 mod golden;
-use golden::{f32s, input_ids, load};
+use golden::{choices, f32s, golden_choices, input_ids, load, max_abs, max_rel, run};
+#[path = "support/gguf_files.rs"]
+mod gguf_files;
+use gguf_files::{Parts, xmoe};
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -32,71 +35,6 @@ fn gguf(quant: &str) -> PathBuf {
 
 fn goldens() -> HashMap<String, Tensor> {
     golden::golden_tensors(&repo("tests/fixtures/hf/gpt_oss/golden.safetensors"))
-}
-
-fn run(model: &Model, tokens: &[u32], routing: &RoutingConfig) -> (Vec<f32>, ForwardTrace) {
-    let mut trace = ForwardTrace::default();
-    let logits = model.forward(tokens, 2, routing, None, &mut trace).unwrap();
-    (logits, trace)
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Largest |a - b| / (1 + |b|), the measure the safetensors tests bound by 1e-4.
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-        .fold(0.0, f32::max)
-}
-
-/// Per MoE layer and token, the golden's (expert, weight) pairs sorted by expert.
-fn golden_choices(g: &HashMap<String, Tensor>, model: &Model) -> Vec<Vec<Vec<(usize, f32)>>> {
-    model
-        .moe_layers()
-        .iter()
-        .map(|&layer| {
-            let ids: Vec<i64> = g[&format!("topk_ids.{layer}")]
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let w = f32s(&g[&format!("topk_weights.{layer}")]);
-            let k = g[&format!("topk_ids.{layer}")].dims()[1];
-            (0..ids.len() / k)
-                .map(|t| {
-                    let mut v: Vec<(usize, f32)> = (0..k)
-                        .map(|r| (ids[t * k + r] as usize, w[t * k + r]))
-                        .collect();
-                    v.sort_by_key(|p| p.0);
-                    v
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn choices(trace: &ForwardTrace) -> Vec<Vec<Vec<(usize, f32)>>> {
-    trace
-        .moe
-        .iter()
-        .map(|m| {
-            (0..m.routing.tokens())
-                .map(|t| {
-                    let mut v: Vec<(usize, f32)> =
-                        m.routing.choices(t).map(|(e, w, _)| (e, w)).collect();
-                    v.sort_by_key(|p| p.0);
-                    v
-                })
-                .collect()
-        })
-        .collect()
 }
 
 /// (native top-k sets differing from the goldens', sets compared).
@@ -374,9 +312,6 @@ fn the_gpt_4o_tokenizer_comes_from_the_metadata() {
     }
 }
 
-/// The metadata and tensors of a fixture, to write back changed.
-type Parts = (Vec<(String, Value)>, Vec<(String, QTensor)>);
-
 /// The F32 fixture's metadata and tensors.
 fn f32_parts() -> Parts {
     let mut f = std::fs::File::open(gguf("f32")).unwrap();
@@ -447,18 +382,6 @@ fn the_sliding_window_pattern_follows_llama_cpp() {
 }
 
 // ---- bad input -------------------------------------------------------------------------------
-
-/// `xmoe-top ARGS`: exit code and stderr.
-fn xmoe(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// The byte offset of tensor `name`'s name length in the tensor index of `bytes` (GGUF v3).
 fn entry_offset(bytes: &[u8], name: &str) -> usize {

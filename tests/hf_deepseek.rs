@@ -13,7 +13,8 @@ use xmoe_top::routing::{RoutingPolicy, SigmoidSelection};
 #[path = "support/golden.rs"]
 mod golden;
 use golden::{
-    f32s, golden_tensors as goldens, hf_fixtures as fixtures, input_ids as ids, load_with,
+    f32s, golden_tensors as goldens, hf_fixtures as fixtures, input_ids as ids, load_with, max_abs,
+    run,
 };
 
 const FAMILIES: &[&str] = &["deepseek_v2", "deepseek_v3"];
@@ -27,20 +28,6 @@ fn load(dir: &Path, dispatch: MoeDispatch) -> Model {
             ..Default::default()
         },
     )
-}
-
-fn run(model: &Model, tokens: &[u32], routing: &RoutingConfig) -> (Vec<f32>, ForwardTrace) {
-    let mut trace = ForwardTrace::default();
-    let logits = model.forward(tokens, 2, routing, None, &mut trace).unwrap();
-    (logits, trace)
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

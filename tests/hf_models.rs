@@ -11,7 +11,9 @@ use xmoe_top::routing::RoutingPolicy;
 
 #[path = "support/golden.rs"]
 mod golden;
-use golden::{f32s, golden_tensors as goldens, hf_fixtures as fixtures, input_ids as ids, load};
+use golden::{
+    f32s, golden_tensors as goldens, hf_fixtures as fixtures, input_ids as ids, load, max_rel, run,
+};
 
 const FAMILIES: &[(&str, &[&str])] = &[
     ("mixtral", &["per_expert", "fused"]),
@@ -21,21 +23,6 @@ const FAMILIES: &[(&str, &[&str])] = &[
     // transformers writes gpt-oss only in its fused `x @ W` layout (MXFP4: see the test below).
     ("gpt_oss", &["fused"]),
 ];
-
-fn run(model: &Model, tokens: &[u32], routing: &RoutingConfig) -> (Vec<f32>, ForwardTrace) {
-    let mut trace = ForwardTrace::default();
-    let logits = model.forward(tokens, 2, routing, None, &mut trace).unwrap();
-    (logits, trace)
-}
-
-/// Largest |a - b| / (1 + |b|).
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
-        .fold(0.0, f32::max)
-}
 
 #[test]
 fn f32_checkpoints_match_transformers_logits_and_native_top_k() {

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use xmoe_top::model::forward::Model;
-use xmoe_top::model::{LoadOptions, ModelSource, MoeDispatch};
+use xmoe_top::model::trace::ForwardTrace;
+use xmoe_top::model::{LoadOptions, ModelSource, MoeDispatch, RoutingConfig};
 
 /// `tests/fixtures/hf` of this checkout.
 pub fn hf_fixtures() -> PathBuf {
@@ -57,4 +58,74 @@ pub fn load(path: &Path, dispatch: MoeDispatch) -> Model {
             ..Default::default()
         },
     )
+}
+
+/// A pass over `tokens` as 2 sequences with no cache: logits and trace.
+pub fn run(model: &Model, tokens: &[u32], routing: &RoutingConfig) -> (Vec<f32>, ForwardTrace) {
+    let mut trace = ForwardTrace::default();
+    let logits = model.forward(tokens, 2, routing, None, &mut trace).unwrap();
+    (logits, trace)
+}
+
+/// Largest |a - b|.
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Largest |a - b| / (1 + |b|), the measure the safetensors tests bound by 1e-4.
+pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+        .fold(0.0, f32::max)
+}
+
+/// Per MoE slot and token, the golden's (expert, weight) pairs sorted by expert
+/// (`torch.topk(sorted=False)`: the order is unspecified).
+pub fn golden_choices(g: &HashMap<String, Tensor>, model: &Model) -> Vec<Vec<Vec<(usize, f32)>>> {
+    model
+        .moe_layers()
+        .iter()
+        .map(|&layer| {
+            let ids: Vec<i64> = g[&format!("topk_ids.{layer}")]
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let w = f32s(&g[&format!("topk_weights.{layer}")]);
+            let k = g[&format!("topk_ids.{layer}")].dims()[1];
+            (0..ids.len() / k)
+                .map(|t| {
+                    let mut v: Vec<(usize, f32)> = (0..k)
+                        .map(|r| (ids[t * k + r] as usize, w[t * k + r]))
+                        .collect();
+                    v.sort_by_key(|p| p.0);
+                    v
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Per MoE slot and token, the pass's (expert, weight) pairs sorted by expert.
+pub fn choices(trace: &ForwardTrace) -> Vec<Vec<Vec<(usize, f32)>>> {
+    trace
+        .moe
+        .iter()
+        .map(|m| {
+            (0..m.routing.tokens())
+                .map(|t| {
+                    let mut v: Vec<(usize, f32)> =
+                        m.routing.choices(t).map(|(e, w, _)| (e, w)).collect();
+                    v.sort_by_key(|p| p.0);
+                    v
+                })
+                .collect()
+        })
+        .collect()
 }
