@@ -5,7 +5,10 @@
 
 use std::time::Instant;
 
-use crate::kernel::{Activation, KernelVariant, MoeScratch, PackedExperts, moe_forward};
+use crate::kernel::{
+    Activation, ExpertRows, KernelVariant, MoeScratch, PackedExperts, RowRef, RowSource,
+    WeightDtype, moe_forward,
+};
 use crate::model::config::ModelConfig;
 use crate::model::format::{ModelFile, StoreDtype, write_model};
 use crate::model::synth::random_weights;
@@ -539,6 +542,54 @@ fn groups_for(tokens: usize, e: usize, k: usize, first: impl Fn(usize) -> usize)
     groups
 }
 
+/// A layer of gated experts read in place ([`PackedExperts::from_rows`]) from one buffer that
+/// holds each expert's gate, up and down in `dtype`, as a checkpoint shard does.
+#[allow(clippy::too_many_arguments)]
+fn in_place_layer(
+    e: usize,
+    d: usize,
+    h: usize,
+    act: Activation,
+    dtype: WeightDtype,
+    up: &[f32],
+    gate: &[f32],
+    down: &[f32],
+) -> PackedExperts {
+    let hd = h * d;
+    let mut buf = Vec::with_capacity(3 * e * hd * dtype.bytes());
+    let mut put = |v: &[f32]| {
+        let at = buf.len();
+        for &x in v {
+            match dtype {
+                WeightDtype::F32 => buf.extend_from_slice(&x.to_le_bytes()),
+                WeightDtype::F16 => {
+                    buf.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
+                }
+                WeightDtype::Bf16 => {
+                    buf.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes())
+                }
+            }
+        }
+        RowRef {
+            source: 0,
+            offset: at,
+        }
+    };
+    let experts: Vec<ExpertRows> = (0..e)
+        .map(|x| {
+            let r = x * hd..(x + 1) * hd;
+            ExpertRows {
+                gate: Some(put(&gate[r.clone()])),
+                up: put(&up[r.clone()]),
+                down: put(&down[r]),
+            }
+        })
+        .collect();
+    let sources: Vec<std::sync::Arc<dyn RowSource>> = vec![std::sync::Arc::new(buf)];
+    PackedExperts::from_rows(d, h, true, act, dtype, sources, experts, None, None)
+        .expect("every matrix lies in the buffer")
+}
+
 /// The half-precision expert layer against the f32 one (issue 15, section 1): useful GFLOP/s at
 /// prefill sizes, and decode time against the time to read the selected experts' weights at the
 /// read bandwidth measured in the same run.
@@ -587,6 +638,14 @@ fn half_layer(quick: bool, threads: usize) {
                 None,
                 None,
             ),
+        ),
+        (
+            "bf16 in place",
+            in_place_layer(e, d, h, act, WeightDtype::Bf16, &up, &gate, &down),
+        ),
+        (
+            "f32 in place",
+            in_place_layer(e, d, h, act, WeightDtype::F32, &up, &gate, &down),
         ),
     ];
     drop((up, gate, down));

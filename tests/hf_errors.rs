@@ -207,9 +207,30 @@ fn shard_and_tensor_errors() {
 fn a_model_larger_than_memory_is_refused_before_loading() {
     let source = ModelSource::open(&fixture("olmoe/per_expert")).unwrap();
     let need = source.resident_weight_bytes() as u64;
-    assert!(source.check_fits(Some(need)).is_ok());
-    let msg = source.check_fits(Some(need - 1)).unwrap_err().to_string();
+    assert_eq!(source.check_fits(Some(need), false).unwrap(), None);
+    let msg = source
+        .check_fits(Some(need - 1), false)
+        .unwrap_err()
+        .to_string();
     assert_mentions(&msg, &["GiB of memory is available", "--allow-large"]);
+    // Experts read in place need no memory of their own: what does not fit beside the rest is a
+    // note (it pages), and only the rest can be too large.
+    let experts = source.in_place_bytes(true) as u64;
+    assert!(experts > 0 && experts < need, "{experts} of {need} bytes");
+    assert_eq!(source.check_fits(Some(need), true).unwrap(), None);
+    let note = source.check_fits(Some(need - 1), true).unwrap().unwrap();
+    assert_mentions(&note, &["read in place", "read from disk"]);
+    assert!(
+        source
+            .check_fits(Some(need - experts), true)
+            .unwrap()
+            .is_some()
+    );
+    let msg = source
+        .check_fits(Some(need - experts - 1), true)
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&msg, &["GiB of memory is available"]);
 }
 
 #[test]

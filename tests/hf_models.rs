@@ -6,13 +6,14 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use xmoe_top::model::trace::ForwardTrace;
-use xmoe_top::model::{LoadOptions, Model, ModelSource, MoeDispatch, RoutingConfig};
+use xmoe_top::model::{ExpertStorage, LoadOptions, Model, ModelSource, MoeDispatch, RoutingConfig};
 use xmoe_top::routing::RoutingPolicy;
 
 #[path = "support/golden.rs"]
 mod golden;
 use golden::{
-    f32s, golden_tensors as goldens, hf_fixtures as fixtures, input_ids as ids, load, max_rel, run,
+    f32s, golden_tensors as goldens, hf_fixtures as fixtures, input_ids as ids, load, load_with,
+    max_rel, run,
 };
 
 const FAMILIES: &[(&str, &[&str])] = &[
@@ -31,9 +32,20 @@ fn f32_checkpoints_match_transformers_logits_and_native_top_k() {
         let tokens = ids(&g);
         let want = f32s(&g["logits"]);
         for layout in layouts {
-            for dispatch in [MoeDispatch::Candle, MoeDispatch::Auto] {
-                let what = format!("{family}/{layout} ({dispatch:?})");
-                let model = load(&fixtures().join(family).join(layout), dispatch);
+            // The candle path, the kernel on experts read in place (the default), and the kernel
+            // on packed experts.
+            for (dispatch, experts) in [
+                (MoeDispatch::Candle, ExpertStorage::Auto),
+                (MoeDispatch::Auto, ExpertStorage::Auto),
+                (MoeDispatch::Auto, ExpertStorage::Packed),
+            ] {
+                let what = format!("{family}/{layout} ({dispatch:?}, experts {experts:?})");
+                let options = LoadOptions {
+                    dispatch,
+                    experts,
+                    ..Default::default()
+                };
+                let model = load_with(&fixtures().join(family).join(layout), options);
                 let (logits, trace) = run(&model, &tokens, &model.default_routing());
                 let err = max_rel(&logits, &want);
                 let abs = logits
@@ -130,6 +142,75 @@ fn threshold_routing_on_hf_routers_matches_the_naive_rule() {
             }
         }
     }
+}
+
+#[test]
+fn experts_read_in_place_are_the_default_on_the_cpu_and_give_the_packed_results() {
+    // bf16 and sharded: each layer's experts come from the shard that holds them.
+    for dir in [
+        fixtures().join("mixtral/bf16"),
+        fixtures().join("olmoe/fused"),
+        fixtures().join("deepseek_v3/per_expert"),
+    ] {
+        let what = dir.display().to_string();
+        let g_tokens: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % 100).collect();
+        let in_place = load(&dir, MoeDispatch::Auto);
+        let packed = load_with(
+            &dir,
+            LoadOptions {
+                experts: ExpertStorage::Packed,
+                ..Default::default()
+            },
+        );
+        assert!(in_place.experts_in_place(), "{what}");
+        assert!(!packed.experts_in_place(), "{what}");
+        let routing = in_place.default_routing();
+        let (a, ta) = run(&in_place, &g_tokens, &routing);
+        let (b, tb) = run(&packed, &g_tokens, &routing);
+        let err = max_rel(&a, &b);
+        assert!(err < 1e-5, "{what}: in place vs packed off by {err}");
+        for (x, y) in ta.moe.iter().zip(&tb.moe) {
+            assert_eq!(x.routing.experts, y.routing.experts, "{what}");
+        }
+        // Decoding one token at a time (the lean decoder where the family has it) on the same
+        // experts: a prompt of 8 tokens, then 6 greedy steps.
+        let decode = |m: &Model| -> (Vec<u32>, Vec<f32>) {
+            let mut cache = m.new_cache(1);
+            let mut trace = ForwardTrace::default();
+            let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+            let mut token = g_tokens[0];
+            for step in 0..14 {
+                let l = m.decode(token, &routing, &mut cache, &mut trace).unwrap();
+                let best = (0..l.len()).fold(0, |b, i| if l[i] > l[b] { i } else { b }) as u32;
+                logits.extend_from_slice(l);
+                token = if step < 7 { g_tokens[step + 1] } else { best };
+                tokens.push(token);
+            }
+            (tokens, logits)
+        };
+        let ((ka, la), (kb, lb)) = (decode(&in_place), decode(&packed));
+        assert_eq!(ka, kb, "{what}: greedy tokens");
+        let err = max_rel(&la, &lb);
+        assert!(err < 1e-5, "{what}: decode logits off by {err}");
+    }
+    // Asking for in place where it cannot be: the candle path, and MXFP4 (gpt-oss) experts.
+    let refuse = |dir: &Path, dispatch: MoeDispatch| -> String {
+        let source = ModelSource::open(dir).unwrap();
+        let options = LoadOptions {
+            dispatch,
+            experts: ExpertStorage::InPlace,
+            ..Default::default()
+        };
+        match Model::from_source(&source, &Device::Cpu, options) {
+            Ok(_) => panic!("{}: loaded", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    };
+    let msg = refuse(&fixtures().join("olmoe/fused"), MoeDispatch::Candle);
+    assert!(
+        msg.contains("--expert-weights in-place") && msg.contains("CPU kernel"),
+        "{msg}"
+    );
 }
 
 #[test]

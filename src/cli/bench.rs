@@ -51,6 +51,13 @@ pub struct BenchArgs {
     /// With --model: also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// With --model: where the CPU kernel keeps the experts (auto, packed or in-place; see
+    /// `xmoe-top run --help`).
+    #[arg(long, default_value = "auto", value_name = "auto|packed|in-place")]
+    expert_weights: crate::model::ExpertStorage,
+    /// With --model: load it even when its weights exceed the available memory.
+    #[arg(long)]
+    allow_large: bool,
 }
 
 /// Runs the benchmarks and prints markdown tables.
@@ -140,8 +147,11 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
         Some(path),
         &a.device,
         threads,
-        false,
-        LoadOptions::default(),
+        a.allow_large,
+        LoadOptions {
+            experts: a.expert_weights,
+            ..LoadOptions::default()
+        },
     )?;
     let load_s = t0.elapsed().as_secs_f64();
     let cfg = model.config().clone();

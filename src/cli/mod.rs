@@ -179,8 +179,10 @@ pub(crate) fn load_model(
         Some(p) => crate::model::ModelSource::open(p).bad_input()?,
         None => crate::embedded::model_file()?.into(),
     };
-    if !allow_large {
-        file.check_fits(None)?;
+    if !allow_large
+        && let Some(note) = file.check_fits(None, options.experts_in_place(&dev.device))?
+    {
+        eprintln!("xmoe-top: {note}");
     }
     let model = crate::model::Model::from_source(&file, &dev.device, options).bad_input()?;
     Ok((model, dev.description))

@@ -78,6 +78,11 @@ pub struct SessionArgs {
     /// How MoE layers compute on the CPU: auto, kernel, portable, avx2, avx512, gemm or candle.
     #[arg(long, default_value = "auto")]
     pub moe_dispatch: MoeDispatch,
+    /// Where the CPU kernel keeps a Hugging Face checkpoint's experts: `in-place` (read from the
+    /// memory-mapped files: no copy, ready at once, pages read as experts are chosen), `packed`
+    /// (copied into the kernel's layout at load), or `auto` (in place where possible).
+    #[arg(long, default_value = "auto", value_name = "auto|packed|in-place")]
+    pub expert_weights: crate::model::ExpertStorage,
     /// Re-run every n-th eval batch under the reference routing to measure the quality cost
     /// (0: never).
     #[arg(long, default_value_t = 8)]
@@ -296,14 +301,17 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     for w in file.warnings() {
         eprintln!("xmoe-top: warning: {w}");
     }
-    if !a.allow_large {
-        file.check_fits(None)?;
-    }
     let options = LoadOptions {
         dispatch: a.moe_dispatch,
+        experts: a.expert_weights,
         threads,
         sigmoid_selection: a.sigmoid_scores,
     };
+    if !a.allow_large
+        && let Some(note) = file.check_fits(None, options.experts_in_place(&device.device))?
+    {
+        eprintln!("xmoe-top: {note}");
+    }
     let load_start = std::time::Instant::now();
     let model = Model::from_source(&file, &device.device, options).bad_input()?;
     let load_s = load_start.elapsed().as_secs_f64();

@@ -40,12 +40,14 @@
 
 pub mod activation;
 pub(crate) mod matvec;
+mod rows;
 mod simd;
 #[cfg(test)]
 mod tests;
 
 use crate::routing::ExpertGroups;
 pub use activation::{Activation, ClampedSwiglu};
+pub use rows::{ExpertRows, RowRef, RowSource};
 #[cfg(target_arch = "x86_64")]
 use simd::{Avx2, Avx512};
 use simd::{Portable, Simd};
@@ -229,6 +231,33 @@ impl Geometry {
     }
 }
 
+/// The biases padded per expert to `h_pad` / `d_pad` (see [`PackedExperts::new`]).
+fn pad_biases(
+    e_n: usize,
+    geo: Geometry,
+    up_bias: Option<&[f32]>,
+    down_bias: Option<&[f32]>,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let (d, h, h_pad, d_pad) = (geo.d, geo.h, geo.h_pad, geo.d_pad);
+    if let Some(b) = up_bias {
+        assert_eq!(b.len(), e_n * h, "up_bias must be [E, h]");
+    }
+    if let Some(b) = down_bias {
+        assert_eq!(b.len(), e_n * d, "down_bias must be [E, d]");
+    }
+    let pad = |b: &[f32], n: usize, n_pad: usize| {
+        let mut p = vec![0.0f32; e_n * n_pad];
+        for e in 0..e_n {
+            p[e * n_pad..e * n_pad + n].copy_from_slice(&b[e * n..(e + 1) * n]);
+        }
+        p
+    };
+    (
+        up_bias.map(|b| pad(b, h, h_pad)),
+        down_bias.map(|b| pad(b, d, d_pad)),
+    )
+}
+
 /// Index of element (`k`, `col`) of a `[k_len][n]` matrix stored as `[n / 32][k_len / 2][32][2]`:
 /// rows in pairs, each column's `(k, k + 1)` adjacent, so that one 32-bit lane holds a pair (the
 /// layout `vdpbf16ps` reads, and the one a shift and a mask widen). `k_len` is even.
@@ -236,7 +265,18 @@ fn panel_pair_at(k_len: usize, k: usize, col: usize) -> usize {
     (col / PANEL) * k_len * PANEL + (k / 2) * 2 * PANEL + (col % PANEL) * 2 + k % 2
 }
 
-/// Expert weights of one MoE layer, packed once at load in the orientation the kernel reads.
+/// Where a layer's weights are: packed panels it owns, or rows read in place.
+#[derive(Clone, Debug)]
+enum Store {
+    Panels {
+        w1: PackedWeights,
+        w2: PackedWeights,
+    },
+    Rows(rows::RowWeights),
+}
+
+/// Expert weights of one MoE layer, packed once at load in the orientation the kernel reads, or
+/// (built with [`PackedExperts::from_rows`]) read in place in the checkpoint's own layout.
 ///
 /// Layout (per expert, zero padded): the first matmul's matrix `[d][n1]` has `n1 = h_pad` columns
 /// of `up` (non-gated) or `2 * h_pad` columns, `gate` then `up` (gated); the second's is
@@ -258,8 +298,7 @@ pub struct PackedExperts {
     k1: usize,
     gated: bool,
     activation: Activation,
-    w1: PackedWeights,
-    w2: PackedWeights,
+    store: Store,
     b1: Option<Vec<f32>>,
     b2: Option<Vec<f32>>,
 }
@@ -376,12 +415,8 @@ impl PackedExperts {
         mut pack_one: impl FnMut(usize, &mut [T], &mut [T]) -> Result<(), Er>,
     ) -> Result<Self, Er> {
         let (e_n, d, h, h_pad, d_pad) = (n_experts, geo.d, geo.h, geo.h_pad, geo.d_pad);
-        if let Some(b) = up_bias {
-            assert_eq!(b.len(), e_n * h, "up_bias must be [E, h]");
-        }
-        if let Some(b) = down_bias {
-            assert_eq!(b.len(), e_n * d, "down_bias must be [E, d]");
-        }
+        // Biases first: a wrong length panics before the packing work.
+        let (b1, b2) = pad_biases(e_n, geo, up_bias, down_bias);
         let (l1, l2) = (geo.w1_len(), geo.w2_len());
         let mut w1 = vec![T::default(); e_n * l1];
         let mut w2 = vec![T::default(); e_n * l2];
@@ -392,20 +427,6 @@ impl PackedExperts {
                 &mut w2[e * l2..(e + 1) * l2],
             )?;
         }
-        let b1 = up_bias.map(|b| {
-            let mut p = vec![0.0f32; e_n * h_pad];
-            for e in 0..e_n {
-                p[e * h_pad..e * h_pad + h].copy_from_slice(&b[e * h..(e + 1) * h]);
-            }
-            p
-        });
-        let b2 = down_bias.map(|b| {
-            let mut p = vec![0.0f32; e_n * d_pad];
-            for e in 0..e_n {
-                p[e * d_pad..e * d_pad + d].copy_from_slice(&b[e * d..(e + 1) * d]);
-            }
-            p
-        });
         Ok(PackedExperts {
             n_experts,
             d,
@@ -416,32 +437,103 @@ impl PackedExperts {
             k1: geo.k1,
             gated: geo.gated,
             activation,
-            w1: PackedWeights::from_vec(w1),
-            w2: PackedWeights::from_vec(w2),
+            store: Store::Panels {
+                w1: PackedWeights::from_vec(w1),
+                w2: PackedWeights::from_vec(w2),
+            },
             b1,
             b2,
         })
     }
 
-    /// The precision the weights are kept in.
-    pub fn dtype(&self) -> WeightDtype {
-        match self.w1 {
-            PackedWeights::F32(_) => WeightDtype::F32,
-            PackedWeights::F16(_) => WeightDtype::F16,
-            PackedWeights::Bf16(_) => WeightDtype::Bf16,
+    /// Experts read in place: each expert's matrices in the checkpoint's `[out, in]` layout
+    /// (`gate`/`up` `[h, d]`, `down` `[d, h]`, row-major, dtype `dtype`) at the given places in
+    /// `sources` (typically memory-mapped shards), which the layer keeps alive. Nothing is copied:
+    /// the layer takes no memory of its own beyond the biases, and a page of a mapped file is read
+    /// when an expert that lies there is first chosen. Biases as in [`PackedExperts::new`].
+    ///
+    /// # Errors
+    /// A description of the first matrix that does not lie inside its source, or of a gate that
+    /// is missing (`gated`) or present (not `gated`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_rows(
+        d: usize,
+        h: usize,
+        gated: bool,
+        activation: Activation,
+        dtype: WeightDtype,
+        sources: Vec<std::sync::Arc<dyn RowSource>>,
+        experts: Vec<ExpertRows>,
+        up_bias: Option<&[f32]>,
+        down_bias: Option<&[f32]>,
+    ) -> Result<Self, String> {
+        let n_experts = experts.len();
+        let geo = Geometry::new(d, h, gated, WeightDtype::F32);
+        let (b1, b2) = pad_biases(n_experts, geo, up_bias, down_bias);
+        let rows = rows::RowWeights::new(dtype, d, h, gated, sources, experts)?;
+        Ok(PackedExperts {
+            n_experts,
+            d,
+            h,
+            h_pad: geo.h_pad,
+            d_pad: geo.d_pad,
+            n1: geo.n1,
+            k1: geo.k1,
+            gated,
+            activation,
+            store: Store::Rows(rows),
+            b1,
+            b2,
+        })
+    }
+
+    /// True when the weights are read in place ([`PackedExperts::from_rows`]), not packed.
+    pub fn in_place(&self) -> bool {
+        matches!(self.store, Store::Rows(_))
+    }
+
+    /// The packed matrices (panel layout only: `run` sends row layouts elsewhere).
+    fn panels(&self) -> (&PackedWeights, &PackedWeights) {
+        match &self.store {
+            Store::Panels { w1, w2 } => (w1, w2),
+            Store::Rows(_) => unreachable!("panel kernel on row-layout weights"),
         }
     }
 
-    /// Bytes of the packed weights and biases (padding included): what the layer holds in memory.
-    pub fn bytes(&self) -> usize {
-        let bias = |b: &Option<Vec<f32>>| b.as_ref().map_or(0, |b| b.len() * 4);
-        self.w1.bytes() + self.w2.bytes() + bias(&self.b1) + bias(&self.b2)
+    /// The precision the weights are kept in.
+    pub fn dtype(&self) -> WeightDtype {
+        match &self.store {
+            Store::Panels { w1, .. } => match w1 {
+                PackedWeights::F32(_) => WeightDtype::F32,
+                PackedWeights::F16(_) => WeightDtype::F16,
+                PackedWeights::Bf16(_) => WeightDtype::Bf16,
+            },
+            Store::Rows(r) => r.dtype,
+        }
     }
 
-    /// Bytes of one expert's packed weights (padding included): what a pass streams from memory
-    /// for each distinct expert it runs.
+    /// Bytes of the weights (packed: padding included; in place: the matrices where they lie)
+    /// and biases: what the layer's weights take in memory.
+    pub fn bytes(&self) -> usize {
+        let bias = |b: &Option<Vec<f32>>| b.as_ref().map_or(0, |b| b.len() * 4);
+        let weights = match &self.store {
+            Store::Panels { w1, w2 } => w1.bytes() + w2.bytes(),
+            Store::Rows(r) => r.matrix_bytes(self.d, self.h),
+        };
+        weights + bias(&self.b1) + bias(&self.b2)
+    }
+
+    /// Bytes of one expert's weights (packed: padding included): what a pass streams from
+    /// memory for each distinct expert it runs.
     pub fn expert_bytes(&self) -> usize {
-        (self.k1 * self.n1 + self.h_pad * self.d_pad) * self.dtype().bytes()
+        match &self.store {
+            Store::Panels { .. } => {
+                (self.k1 * self.n1 + self.h_pad * self.d_pad) * self.dtype().bytes()
+            }
+            Store::Rows(_) => {
+                (if self.gated { 3 } else { 2 }) * self.d * self.h * self.dtype().bytes()
+            }
+        }
     }
 
     /// Number of experts E.
@@ -477,12 +569,12 @@ impl PackedExperts {
 
     /// Expert `e`'s first matrix (`k1` rows per panel) in element type `E`.
     fn w1<E: Elem>(&self, e: usize) -> *const E {
-        E::weights(&self.w1)[e * self.k1 * self.n1..].as_ptr()
+        E::weights(self.panels().0)[e * self.k1 * self.n1..].as_ptr()
     }
 
     /// Expert `e`'s second matrix (`h_pad` rows per panel) in element type `E`.
     fn w2<E: Elem>(&self, e: usize) -> *const E {
-        E::weights(&self.w2)[e * self.h_pad * self.d_pad..].as_ptr()
+        E::weights(self.panels().1)[e * self.h_pad * self.d_pad..].as_ptr()
     }
 }
 
@@ -862,10 +954,17 @@ fn run(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     if ts.z.len() < rows * n1 {
         ts.z.resize(rows * n1, 0.0);
     }
-    match job.ex.w1 {
-        PackedWeights::F32(_) => run_as::<f32>(variant, job, dst, ts),
-        PackedWeights::F16(_) => run_as::<half::f16>(variant, job, dst, ts),
-        PackedWeights::Bf16(_) => run_as::<half::bf16>(variant, job, dst, ts),
+    match &job.ex.store {
+        Store::Panels { w1, .. } => match w1 {
+            PackedWeights::F32(_) => run_as::<f32>(variant, job, dst, ts),
+            PackedWeights::F16(_) => run_as::<half::f16>(variant, job, dst, ts),
+            PackedWeights::Bf16(_) => run_as::<half::bf16>(variant, job, dst, ts),
+        },
+        Store::Rows(r) => match r.dtype {
+            WeightDtype::F32 => rows::run_rows::<f32>(variant, job, r, dst, ts),
+            WeightDtype::F16 => rows::run_rows::<half::f16>(variant, job, r, dst, ts),
+            WeightDtype::Bf16 => rows::run_rows::<half::bf16>(variant, job, r, dst, ts),
+        },
     }
 }
 
@@ -1450,7 +1549,7 @@ unsafe fn fused_items<S: Simd, E: Elem, const MR: usize, const NV: usize>(
 unsafe fn gemm_items<S: Simd, E: Elem>(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     let ex = job.ex;
     let (d, d_pad, n1, h_pad, k1) = (ex.d, ex.d_pad, ex.n1, ex.h_pad, ex.k1);
-    let (w1_all, w2_all) = (E::weights(&ex.w1), E::weights(&ex.w2));
+    let (w1_all, w2_all) = (E::weights(ex.panels().0), E::weights(ex.panels().1));
     let wide = E::DTYPE != WeightDtype::F32;
     let block = ex.block_rows();
     let z = ts.z.as_mut_ptr();

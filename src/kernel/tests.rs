@@ -544,7 +544,7 @@ fn experts_packed_one_at_a_time_equal_the_stacked_packing_and_bad_shapes_are_err
     })
     .unwrap();
     let bits = |p: &PackedExperts| -> (Vec<u16>, Vec<u16>) {
-        match (&p.w1, &p.w2) {
+        match p.panels() {
             (PackedWeights::Bf16(a), PackedWeights::Bf16(b)) => (
                 a.iter().map(|v| v.to_bits()).collect(),
                 b.iter().map(|v| v.to_bits()).collect(),
@@ -657,4 +657,242 @@ unsafe fn widen_avx512(bf: &[u16], f16: &[u16]) -> (Vec<f32>, Vec<f32>) {
 unsafe fn widen_avx2(bf: &[u16], f16: &[u16]) -> (Vec<f32>, Vec<f32>) {
     // SAFETY: this function enables what `Avx2` uses; its caller checked the CPU has it.
     unsafe { widen_with::<Avx2>(bf, f16) }
+}
+
+/// `raw`'s weights in `dtype`, laid out as a checkpoint might hold them and read in place: two
+/// sources (gate and up in one, down in the other), every matrix at an odd byte offset and the
+/// experts in reverse order, so that neither alignment nor adjacency is assumed. Also returns the
+/// reference with the weights rounded to `dtype`.
+fn in_place(raw: &Raw, dtype: WeightDtype) -> (Raw, PackedExperts) {
+    let round = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|&x| match dtype {
+                WeightDtype::F32 => x,
+                WeightDtype::F16 => half::f16::from_f32(x).to_f32(),
+                WeightDtype::Bf16 => half::bf16::from_f32(x).to_f32(),
+            })
+            .collect()
+    };
+    let reference = Raw {
+        e: raw.e,
+        d: raw.d,
+        h: raw.h,
+        act: raw.act,
+        up: round(&raw.up),
+        gate: raw.gate.as_deref().map(round),
+        down: round(&raw.down),
+        up_bias: raw.up_bias.clone(),
+        down_bias: raw.down_bias.clone(),
+    };
+    let push = |buf: &mut Vec<u8>, v: &[f32]| -> usize {
+        buf.push(0xA5);
+        let at = buf.len();
+        for &x in v {
+            match dtype {
+                WeightDtype::F32 => buf.extend_from_slice(&x.to_le_bytes()),
+                WeightDtype::F16 => {
+                    buf.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
+                }
+                WeightDtype::Bf16 => {
+                    buf.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes())
+                }
+            }
+        }
+        at
+    };
+    let hd = raw.h * raw.d;
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    let mut experts = vec![None; raw.e];
+    for e in (0..raw.e).rev() {
+        let r = e * hd..(e + 1) * hd;
+        let gate = raw.gate.as_ref().map(|g| RowRef {
+            source: 0,
+            offset: push(&mut first, &g[r.clone()]),
+        });
+        let up = RowRef {
+            source: 0,
+            offset: push(&mut first, &raw.up[r.clone()]),
+        };
+        let down = RowRef {
+            source: 1,
+            offset: push(&mut second, &raw.down[r]),
+        };
+        experts[e] = Some(ExpertRows { gate, up, down });
+    }
+    let sources: Vec<std::sync::Arc<dyn RowSource>> =
+        vec![std::sync::Arc::new(first), std::sync::Arc::new(second)];
+    let packed = PackedExperts::from_rows(
+        raw.d,
+        raw.h,
+        raw.gate.is_some(),
+        raw.act,
+        dtype,
+        sources,
+        experts.into_iter().map(Option::unwrap).collect(),
+        raw.up_bias.as_deref(),
+        raw.down_bias.as_deref(),
+    )
+    .unwrap();
+    (reference, packed)
+}
+
+#[test]
+fn weights_read_in_place_match_f64_reference_every_variant_dtype_and_thread_count() {
+    let mut rng = StdRng::seed_from_u64(29);
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
+    // Ragged widths: tails of every register width, fewer rows than a tile, more than a chunk.
+    let shapes = [
+        (8, 64, 32, false, true, false),
+        (8, 33, 40, true, true, true),
+        (6, 47, 64, true, false, true),
+        (5, 9, 3, true, false, false),
+    ];
+    let mut runs = 0;
+    for (si, &(e, d, h, gated, ub, db)) in shapes.iter().enumerate() {
+        let act = [Activation::Gelu, Activation::Silu][si % 2];
+        let raw = Raw::random(&mut rng, e, d, h, act, gated, ub, db);
+        for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::Bf16] {
+            let (reference, layer) = in_place(&raw, dtype);
+            assert!(layer.in_place());
+            assert_eq!(layer.dtype(), dtype);
+            let per = if gated { 3 } else { 2 };
+            assert_eq!(layer.expert_bytes(), per * d * h * dtype.bytes());
+            for &tokens in &[1usize, 7, 256] {
+                let policy = [
+                    RoutingPolicy::threshold(0.8),
+                    RoutingPolicy::Dense,
+                    RoutingPolicy::TopK {
+                        k: 2,
+                        renormalize: true,
+                    },
+                ][(si + tokens) % 3];
+                let routing = random_routing(&mut rng, tokens, e, policy);
+                let mut groups = ExpertGroups::default();
+                groups.build(&routing);
+                let x: Vec<f32> = (0..tokens * d)
+                    .map(|_| rng.random_range(-1.0f32..1.0))
+                    .collect();
+                let want = reference.reference(&x, &routing);
+                for v in KernelVariant::testable() {
+                    let mut first: Option<Vec<f32>> = None;
+                    for threads in [1, 2] {
+                        let what =
+                            format!("{dtype:?} {v:?} threads={threads} T={tokens} shape#{si}");
+                        let mut out = vec![f32::NAN; tokens * d];
+                        moe_forward(&layer, &x, &groups, &mut out, &mut scratch, v, threads);
+                        check(&out, &want, &what);
+                        // One FMA chain per output whatever the tile: the same bits for every
+                        // thread count (and so for every split of the work).
+                        match &first {
+                            None => first = Some(out),
+                            Some(f) => assert!(
+                                f.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{what}: differs from threads=1"
+                            ),
+                        }
+                        runs += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(runs >= 4 * 3 * 3 * 2 * 2, "only {runs} runs");
+}
+
+#[test]
+fn weights_read_in_place_compute_only_the_chosen_pairs() {
+    // As `only_the_rows_that_chose_an_expert_are_computed`, on the row layout: unused experts are
+    // NaN in the source, tokens without a pair are NaN rows.
+    let mut rng = StdRng::seed_from_u64(31);
+    let (e, d, h, tokens) = (12, 48, 32, 64);
+    let mut raw = Raw::random(&mut rng, e, d, h, Activation::Silu, true, true, true);
+    let routing = random_routing(&mut rng, tokens, e, RoutingPolicy::threshold(0.5));
+    let mut groups = ExpertGroups::default();
+    groups.build(&routing);
+    let mut x: Vec<f32> = (0..tokens * d)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let (reference, _) = in_place(&raw, WeightDtype::Bf16);
+    let want = reference.reference(&x, &routing);
+    for i in (0..e).filter(|&i| groups.rows(i) == 0) {
+        raw.poison(i);
+    }
+    for t in 0..tokens {
+        if routing.choices(t).all(|(_, _, kept)| !kept) {
+            x[t * d..(t + 1) * d].fill(f32::NAN);
+        }
+    }
+    let (_, layer) = in_place(&raw, WeightDtype::Bf16);
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
+    for v in KernelVariant::testable() {
+        for threads in [1, 2] {
+            let mut out = vec![f32::NAN; x.len()];
+            moe_forward(&layer, &x, &groups, &mut out, &mut scratch, v, threads);
+            assert!(out.iter().all(|v| v.is_finite()), "{v:?}: NaN leaked");
+            check(&out, &want, &format!("{v:?} threads={threads}"));
+        }
+    }
+}
+
+#[test]
+fn weights_read_in_place_refuse_matrices_outside_their_source() {
+    let src =
+        || -> Vec<std::sync::Arc<dyn RowSource>> { vec![std::sync::Arc::new(vec![0u8; 100])] };
+    let at = |offset| RowRef { source: 0, offset };
+    // [h, d] = [4, 6] bf16 = 48 bytes per matrix.
+    let ok = ExpertRows {
+        gate: Some(at(0)),
+        up: at(48),
+        down: at(52),
+    };
+    let build = |x: ExpertRows, gated: bool| {
+        PackedExperts::from_rows(
+            6,
+            4,
+            gated,
+            Activation::Silu,
+            WeightDtype::Bf16,
+            src(),
+            vec![x],
+            None,
+            None,
+        )
+    };
+    assert_eq!(build(ok, true).unwrap().bytes(), 3 * 48);
+    let err = build(ExpertRows { down: at(53), ..ok }, true).unwrap_err();
+    assert!(
+        err.contains("expert 0: down at byte 53 needs 48 bytes, the source has 100"),
+        "{err}"
+    );
+    let err = build(
+        ExpertRows {
+            up: at(usize::MAX - 10),
+            ..ok
+        },
+        true,
+    )
+    .unwrap_err();
+    assert!(err.contains("expert 0: up at byte"), "{err}");
+    let err = build(
+        ExpertRows {
+            gate: Some(RowRef {
+                source: 3,
+                offset: 0,
+            }),
+            ..ok
+        },
+        true,
+    )
+    .unwrap_err();
+    assert!(err.contains("expert 0: gate names source 3, of 1"), "{err}");
+    let err = build(ExpertRows { gate: None, ..ok }, true).unwrap_err();
+    assert!(err.contains("expert 0: gate missing"), "{err}");
+    let err = build(ok, false).unwrap_err();
+    assert!(err.contains("a gate for non-gated experts"), "{err}");
 }

@@ -462,6 +462,14 @@ impl Model {
         Ok(())
     }
 
+    /// True when the CPU kernel reads every MoE layer's experts in place from the mapped model
+    /// files (see [`super::ExpertStorage`]), false when any layer holds its own copy.
+    pub fn experts_in_place(&self) -> bool {
+        let mut layers = self.blocks.iter().filter_map(|b| b.moe()).peekable();
+        layers.peek().is_some()
+            && layers.all(|m| m.parts().experts.packed().is_some_and(|p| p.in_place()))
+    }
+
     /// How the MoE layers compute (the kernel variant resolved for this CPU).
     pub fn moe_dispatch(&self) -> Option<super::moe::MoeDispatch> {
         self.blocks

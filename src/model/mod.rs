@@ -20,5 +20,5 @@ pub use decode::DecodePath;
 pub use device::DeviceChoice;
 pub use format::{LoadError, ModelFile};
 pub use forward::{KvCache, Model, ModelParts, ParamCounts, RoutingConfig};
-pub use moe::{ExpertWeights, LoadOptions, MoeDispatch};
+pub use moe::{ExpertStorage, ExpertWeights, LoadOptions, MoeDispatch};
 pub use source::ModelSource;

@@ -46,21 +46,59 @@ impl std::str::FromStr for MoeDispatch {
     }
 }
 
+/// Where the CPU kernel keeps a checkpoint's expert weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ExpertStorage {
+    /// Read in place where the checkpoint allows it (Hugging Face float experts on the CPU
+    /// kernel), packed otherwise.
+    #[default]
+    Auto,
+    /// Packed into the kernel's panels at load (a copy the size of the experts).
+    Packed,
+    /// Read in place from the mapped checkpoint files; an error where that is not possible.
+    InPlace,
+}
+
+impl std::str::FromStr for ExpertStorage {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => ExpertStorage::Auto,
+            "packed" => ExpertStorage::Packed,
+            "in-place" => ExpertStorage::InPlace,
+            _ => return Err(format!("expected auto, packed or in-place, found `{s}`")),
+        })
+    }
+}
+
 /// How a model is loaded: MoE dispatch and CPU threads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
     /// How MoE layers compute.
     pub dispatch: MoeDispatch,
+    /// Where the CPU kernel keeps expert weights.
+    pub experts: ExpertStorage,
     /// Threads the CPU kernel may use.
     pub threads: usize,
     /// The scores a threshold ranks on in a sigmoid router (DeepSeek-V3); ignored elsewhere.
     pub sigmoid_selection: crate::routing::SigmoidSelection,
 }
 
+impl LoadOptions {
+    /// True when these options let the CPU kernel read a checkpoint's experts in place on
+    /// `device` (whether a given checkpoint allows it is decided at load).
+    pub fn experts_in_place(&self, device: &Device) -> bool {
+        device.is_cpu()
+            && self.dispatch != MoeDispatch::Candle
+            && self.experts != ExpertStorage::Packed
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             dispatch: MoeDispatch::Auto,
+            experts: ExpertStorage::Auto,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             sigmoid_selection: crate::routing::SigmoidSelection::Biased,
         }
@@ -366,6 +404,35 @@ impl MoeExperts {
                 biases: None,
                 clamped: None,
             }),
+        })
+    }
+
+    /// Experts the CPU kernel reads in place ([`PackedExperts::from_rows`]) with the variant
+    /// `options.dispatch` asks for (`Auto` for anything but a kernel variant).
+    ///
+    /// # Errors
+    /// When that variant is not supported by this CPU.
+    pub fn in_place(
+        packed: PackedExperts,
+        activation: Activation,
+        options: LoadOptions,
+    ) -> Result<Self, String> {
+        let variant = match options.dispatch {
+            MoeDispatch::Kernel(v) => v,
+            MoeDispatch::Auto | MoeDispatch::Candle => KernelVariant::Auto,
+        };
+        if !variant.is_supported() {
+            return Err(format!("this CPU does not support the {variant:?} kernel"));
+        }
+        Ok(Self {
+            n_experts: packed.n_experts(),
+            activation,
+            compute: ExpertCompute::Kernel(Box::new(KernelExperts {
+                packed,
+                variant: variant.resolve(),
+                threads: options.threads,
+                scratch: Mutex::new(MoeScratch::default()),
+            })),
         })
     }
 

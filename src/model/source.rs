@@ -101,22 +101,49 @@ impl ModelSource {
         }
     }
 
+    /// Bytes of expert weights the CPU kernel will read in place from the mapped files rather
+    /// than hold in memory of its own, when `in_place` (see [`super::LoadOptions`]).
+    pub fn in_place_bytes(&self, in_place: bool) -> usize {
+        match self {
+            ModelSource::HuggingFace(c) if in_place => c.in_place_expert_bytes(),
+            _ => 0,
+        }
+    }
+
     /// Refuses, before anything is loaded, a model whose weights need more than `available`
-    /// bytes (default: the system's `MemAvailable`; unknown memory passes).
-    pub fn check_fits(&self, available: Option<u64>) -> Result<(), LoadError> {
+    /// bytes (default: the system's `MemAvailable`; unknown memory passes). Experts read in place
+    /// (`in_place`) need no memory of their own: the model is refused only when the rest does
+    /// not fit, and the answer is a note when the experts do not fit beside it (then the pages
+    /// of experts not in the page cache are read from disk when the router picks them).
+    pub fn check_fits(
+        &self,
+        available: Option<u64>,
+        in_place: bool,
+    ) -> Result<Option<String>, LoadError> {
         let Some(available) = available.or_else(mem_available) else {
-            return Ok(());
+            return Ok(None);
         };
-        let need = self.resident_weight_bytes() as u64;
+        const GIB: f64 = (1u64 << 30) as f64;
+        let mapped = self.in_place_bytes(in_place) as u64;
+        let need = self.resident_weight_bytes() as u64 - mapped;
         if need > available {
-            const GIB: f64 = (1u64 << 30) as f64;
             return Err(LoadError::TooLarge {
                 path: self.path().to_path_buf(),
                 need_gib: need as f64 / GIB,
                 available_gib: available as f64 / GIB,
             });
         }
-        Ok(())
+        Ok((need + mapped > available).then(|| {
+            format!(
+                "{}: the experts ({:.1} GiB) are read in place from the model's files and do not \
+                 all fit in memory beside the other weights ({:.1} GiB) with {:.1} GiB available: \
+                 experts that are not in the page cache are read from disk when they are chosen",
+                self.path().display(),
+                mapped as f64 / GIB,
+                need as f64 / GIB,
+                available as f64 / GIB
+            )
+        }))
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 
 use candle_core::{Device, Tensor};
 
-use super::hf::expert_weights;
+use super::hf::gated_experts;
 use crate::kernel::Activation;
 use crate::model::blocks::mla::softmax_scale;
 use crate::model::blocks::{
@@ -18,7 +18,7 @@ use crate::model::blocks::{
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
 use crate::model::hf::{HfCheckpoint, HfFamily};
-use crate::model::moe::{LoadOptions, MoeExperts};
+use crate::model::moe::LoadOptions;
 use crate::routing::{GroupLimit, Router, SigmoidRouter, SoftmaxGroups};
 
 /// Builds every block of a DeepSeek checkpoint on `device`. Returns the parts and the names of
@@ -157,10 +157,9 @@ pub fn build(
                 _ => None,
             };
             let router = router_of(c, &ds, router, options.sigmoid_selection);
-            let weights =
-                expert_weights(ckpt, c.family, &m, c.experts, c.expert_hidden, h, &stored)?;
+            let shape = (c.experts, c.expert_hidden, h);
             let experts =
-                MoeExperts::from_weights(weights, Activation::Silu, device, options).map_err(de)?;
+                gated_experts(ckpt, c.family, &m, shape, device, options, &stored, &used)?;
             let mut moe = MoeBlock::new(ffn_norm, &router_w, experts, slot)
                 .map_err(de)?
                 .with_router(router);

@@ -7,15 +7,17 @@ use std::collections::BTreeSet;
 
 use candle_core::{Device, Tensor};
 
-use crate::kernel::Activation;
+use crate::kernel::{Activation, ExpertRows, PackedExperts, RowRef, RowSource, WeightDtype};
 use crate::model::blocks::{
     Attention, Block, BlockFfn, Embedding, Ffn, Linear, MoeBlock, Norm, QkNorm, Rotary,
     SharedExpert,
 };
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
-use crate::model::hf::{HfCheckpoint, HfFamily};
-use crate::model::moe::{ExpertBiases, ExpertWeights, LoadOptions, MoeDispatch, MoeExperts};
+use crate::model::hf::{HfCheckpoint, HfFamily, TensorPlace};
+use crate::model::moe::{
+    ExpertBiases, ExpertStorage, ExpertWeights, LoadOptions, MoeDispatch, MoeExperts,
+};
 
 /// Builds every block of `ckpt` on `device`. Returns the parts and the names of the tensors it
 /// did not use (reported as warnings).
@@ -149,10 +151,9 @@ pub fn build(
                     .with_router_bias(bias)
             } else {
                 let router = widened(&format!("{m}.gate.weight"), &[c.experts, h])?;
-                let weights =
-                    expert_weights(ckpt, c.family, &m, c.experts, c.expert_hidden, h, &stored)?;
-                let experts = MoeExperts::from_weights(weights, Activation::Silu, device, options)
-                    .map_err(de)?;
+                let shape = (c.experts, c.expert_hidden, h);
+                let experts =
+                    gated_experts(ckpt, c.family, &m, shape, device, options, &stored, &used)?;
                 MoeBlock::new(ffn_norm, &router, experts, slot).map_err(de)?
             };
             if let Some(s) = c.shared_expert_hidden {
@@ -193,6 +194,169 @@ pub fn build(
         })
         .collect();
     Ok((parts, unused))
+}
+
+/// The gated experts of one MoE block under `m`, `(experts, intermediate, hidden)` in `shape`:
+/// read in place from the mapped shards when the CPU kernel runs them and `options.experts`
+/// allows it, else loaded as tensors ([`expert_weights`]) for [`MoeExperts::from_weights`].
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gated_experts(
+    ckpt: &HfCheckpoint,
+    family: HfFamily,
+    m: &str,
+    shape: (usize, usize, usize),
+    device: &Device,
+    options: LoadOptions,
+    stored: &TensorLoader,
+    used: &std::cell::RefCell<BTreeSet<String>>,
+) -> Result<MoeExperts, LoadError> {
+    let (n, inter, h) = shape;
+    let refuse = |detail: String| LoadError::Device {
+        path: ckpt.dir().to_path_buf(),
+        detail: format!("--expert-weights in-place: {detail}"),
+    };
+    let kernel = device.is_cpu() && options.dispatch != MoeDispatch::Candle;
+    let try_in_place = match options.experts {
+        ExpertStorage::Packed => false,
+        ExpertStorage::Auto => kernel,
+        ExpertStorage::InPlace if kernel => true,
+        ExpertStorage::InPlace => {
+            return Err(refuse(
+                "experts are read in place only by the CPU kernel (--device cpu, --moe other \
+                 than candle)"
+                    .into(),
+            ));
+        }
+    };
+    if try_in_place {
+        match in_place_experts(ckpt, family, m, n, inter, h)? {
+            Ok((packed, names)) => {
+                used.borrow_mut().extend(names);
+                return MoeExperts::in_place(packed, Activation::Silu, options).map_err(|detail| {
+                    LoadError::Device {
+                        path: ckpt.dir().to_path_buf(),
+                        detail,
+                    }
+                });
+            }
+            Err(why) if options.experts == ExpertStorage::InPlace => return Err(refuse(why)),
+            Err(_) => {}
+        }
+    }
+    let weights = expert_weights(ckpt, family, m, n, inter, h, stored)?;
+    MoeExperts::from_weights(weights, Activation::Silu, device, options).map_err(|e| {
+        LoadError::Device {
+            path: ckpt.dir().to_path_buf(),
+            detail: e.to_string(),
+        }
+    })
+}
+
+/// The experts under `m` as matrices read in place from the mapped shards, with the names of
+/// the tensors they come from; `Ok(Err(why))` when their dtypes do not allow it (not f32, f16 or
+/// bf16, or not one dtype for the layer). Names and layouts as [`expert_weights`] reads them.
+fn in_place_experts(
+    ckpt: &HfCheckpoint,
+    family: HfFamily,
+    m: &str,
+    n: usize,
+    inter: usize,
+    h: usize,
+) -> Result<Result<(PackedExperts, Vec<String>), String>, LoadError> {
+    // (tensor name, shape, byte offset of each expert's matrix inside it, per role)
+    let mut places: Vec<(String, TensorPlace)> = Vec::new();
+    let mut experts: Vec<[(usize, usize); 3]> = Vec::with_capacity(n);
+    let fused = format!("{m}.experts.gate_up_proj");
+    if ckpt.has(&fused) {
+        let down = format!("{m}.experts.down_proj");
+        places.push((fused.clone(), ckpt.place(&fused, &[n, 2 * inter, h])?));
+        places.push((down.clone(), ckpt.place(&down, &[n, h, inter])?));
+        let size = places[0].1.dtype.bitsize() / 8;
+        let mat = inter * h * size;
+        for e in 0..n {
+            // gate rows first, then up, in each expert's [2I, H] slice.
+            experts.push([(0, 2 * e * mat), (0, (2 * e + 1) * mat), (1, e * mat)]);
+        }
+    } else {
+        let (g, u, d) = match family {
+            HfFamily::Mixtral => ("w1", "w3", "w2"),
+            _ => ("gate_proj", "up_proj", "down_proj"),
+        };
+        for e in 0..n {
+            let mut roles = [(0, 0); 3];
+            for (role, (name, shape)) in [(g, [inter, h]), (u, [inter, h]), (d, [h, inter])]
+                .into_iter()
+                .enumerate()
+            {
+                let full = format!("{m}.experts.{e}.{name}.weight");
+                places.push((full.clone(), ckpt.place(&full, &shape)?));
+                roles[role] = (places.len() - 1, 0);
+            }
+            experts.push(roles);
+        }
+    }
+    let dtype = places[0].1.dtype;
+    if let Some((name, p)) = places.iter().find(|(_, p)| p.dtype != dtype) {
+        return Ok(Err(format!(
+            "the experts under {m} mix dtypes ({dtype:?}, and {:?} in `{name}`)",
+            p.dtype
+        )));
+    }
+    let weight_dtype = match dtype {
+        safetensors::Dtype::F32 => WeightDtype::F32,
+        safetensors::Dtype::F16 => WeightDtype::F16,
+        safetensors::Dtype::BF16 => WeightDtype::Bf16,
+        other => {
+            return Ok(Err(format!(
+                "the experts under {m} are {other:?}; the kernel reads f32, f16 or bf16"
+            )));
+        }
+    };
+    // One source per shard the layer uses.
+    let mut shard_source: Vec<(usize, usize)> = Vec::new();
+    let mut sources: Vec<std::sync::Arc<dyn RowSource>> = Vec::new();
+    for (_, p) in &places {
+        if !shard_source.iter().any(|&(s, _)| s == p.shard) {
+            shard_source.push((p.shard, sources.len()));
+            sources.push(ckpt.mapped(p.shard)?);
+        }
+    }
+    let at = |(place, extra): (usize, usize)| {
+        let p = places[place].1;
+        let source = shard_source
+            .iter()
+            .find(|&&(s, _)| s == p.shard)
+            .map(|&(_, i)| i)
+            .unwrap_or_default();
+        RowRef {
+            source,
+            offset: p.offset + extra,
+        }
+    };
+    let rows: Vec<ExpertRows> = experts
+        .into_iter()
+        .map(|[g, u, d]| ExpertRows {
+            gate: Some(at(g)),
+            up: at(u),
+            down: at(d),
+        })
+        .collect();
+    let packed = PackedExperts::from_rows(
+        h,
+        inter,
+        true,
+        Activation::Silu,
+        weight_dtype,
+        sources,
+        rows,
+        None,
+        None,
+    )
+    .map_err(|detail| LoadError::Device {
+        path: ckpt.dir().to_path_buf(),
+        detail: format!("experts under {m}: {detail}"),
+    })?;
+    Ok(Ok((packed, places.into_iter().map(|(n, _)| n).collect())))
 }
 
 /// Reads a tensor by name, checked against a shape.

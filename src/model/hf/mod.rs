@@ -2,10 +2,12 @@
 //! `*.safetensors` shards (with `model.safetensors.index.json` when sharded). Every tensor keeps its
 //! stored dtype; see `docs/model-families.md`.
 //!
-//! The shards are read, not memory-mapped: candle's CPU tensors own their storage, so mapped
-//! weights would be copied anyway, and the touched file pages would count in the process's
-//! resident set next to the copy (measured on a 13.8 GB checkpoint: 22 GB peak instead of 13).
-//! Each tensor is read once with a positioned read into its own buffer.
+//! Tensors that become candle tensors are read, not memory-mapped: candle's CPU tensors own their
+//! storage, so mapped weights would be copied anyway, and the touched file pages would count in
+//! the process's resident set next to the copy (measured on a 13.8 GB checkpoint: 22 GB peak
+//! instead of 13). Each is read once with a positioned read into its own buffer. The experts,
+//! most of the bytes, are the exception: the CPU kernel reads them in place from the mapped
+//! shards ([`HfCheckpoint::mapped`], `docs/model-families.md`, "Experts read in place").
 
 pub mod config;
 pub mod mxfp4;
@@ -38,8 +40,21 @@ pub struct HfCheckpoint {
     config: HfConfig,
     model_config: ModelConfig,
     shards: Vec<(PathBuf, File)>,
+    /// Each shard's mapping, made the first time an expert is read in place from it.
+    maps: Vec<std::sync::OnceLock<std::sync::Arc<memmap2::Mmap>>>,
     tensors: HashMap<String, Entry>,
     tensor_bytes: usize,
+}
+
+/// Where a tensor's bytes lie in the checkpoint's files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorPlace {
+    /// Index of the shard (see [`HfCheckpoint::mapped`]).
+    pub shard: usize,
+    /// Byte offset of the tensor's data in the shard file.
+    pub offset: usize,
+    /// Its stored dtype.
+    pub dtype: Dtype,
 }
 
 /// True when `path` looks like a Hugging Face checkpoint rather than a file of the project's own
@@ -140,6 +155,7 @@ impl HfCheckpoint {
             dir,
             config,
             model_config,
+            maps: shards.iter().map(|_| std::sync::OnceLock::new()).collect(),
             shards,
             tensors,
             tensor_bytes,
@@ -226,6 +242,56 @@ impl HfCheckpoint {
             });
         }
         Ok((e, path))
+    }
+
+    /// Where tensor `name` lies, checked against `shape` (its bytes were checked against the
+    /// shard's length when the checkpoint was opened).
+    pub fn place(&self, name: &str, shape: &[usize]) -> Result<TensorPlace, LoadError> {
+        let (e, _) = self.entry(name, shape)?;
+        Ok(TensorPlace {
+            shard: e.shard,
+            offset: e.range.start,
+            dtype: e.dtype,
+        })
+    }
+
+    /// Shard `shard` mapped read-only into memory (once; later calls share the mapping).
+    pub fn mapped(&self, shard: usize) -> Result<std::sync::Arc<memmap2::Mmap>, LoadError> {
+        if let Some(m) = self.maps[shard].get() {
+            return Ok(m.clone());
+        }
+        let (path, file) = &self.shards[shard];
+        // SAFETY: the mapping is read-only and private to this process's view of a file it
+        // opened for reading; as for every memory-mapped model file (and candle's own
+        // safetensors loader), the file must not be truncated or rewritten while the model is
+        // loaded: that is documented, not enforceable.
+        let map = unsafe { memmap2::Mmap::map(file) }.map_err(|io| LoadError::Open {
+            path: path.clone(),
+            io,
+        })?;
+        let map = std::sync::Arc::new(map);
+        Ok(self.maps[shard].get_or_init(|| map).clone())
+    }
+
+    /// Bytes of the expert matrices a CPU kernel can read in place: routed experts' float
+    /// weights (`….experts.….weight`, or the fused `….experts.gate_up_proj` / `down_proj`), not
+    /// MXFP4 blocks or shared experts.
+    pub fn in_place_expert_bytes(&self) -> usize {
+        // gpt-oss experts have biases and the clamped SwiGLU, which the kernel does not compute.
+        if self.config.family == HfFamily::GptOss {
+            return 0;
+        }
+        self.tensors
+            .iter()
+            .filter(|(name, e)| {
+                let expert = name.contains(".experts.")
+                    && (name.ends_with(".weight")
+                        || name.ends_with(".gate_up_proj")
+                        || name.ends_with(".down_proj"));
+                expert && matches!(e.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+            })
+            .map(|(_, e)| e.range.len())
+            .sum()
     }
 
     /// The stored bytes of `e`.

@@ -1,0 +1,429 @@
+//! Expert weights computed where they lie: the checkpoint's own `[out, in]` rows, read in place
+//! from memory the layer does not own (a memory-mapped safetensors shard).
+//!
+//! # Why a second layout
+//! Packing a layer into panels reads and rewrites every weight once at load: for a 14 GB bf16
+//! checkpoint that was most of a 52 s load, and the packed copy plus the file's pages do not both
+//! fit in 24 GiB, so a "warm" second load was cold again. A model larger than memory (DeepSeek-V2-Lite,
+//! 29 GiB) could not load at all. Rows read in place cost nothing at load, count once in memory
+//! (the page cache's copy is the only one), and let the kernel page experts in from the file as
+//! the router picks them.
+//!
+//! # How the rows compute
+//! Both matrices of an expert are multiplied in the `x . w^T` form: every output is the dot product
+//! of an activation row with a weight row, both contiguous. A tile takes `M` activation rows and
+//! `R` weight rows, keeps `M x R` accumulators in registers, and loads each weight vector once for
+//! the `M` rows (`R + M` loads per `M x R` FMAs). Weight rows are taken in chunks of about
+//! [`CHUNK_BYTES`] so that a chunk stays in L2 while every token tile of the block passes over it.
+//! Each output is one FMA chain in `k` order and one horizontal sum, whatever tile it falls in, so
+//! the results are the same bits for every tile shape, block split and thread count.
+
+use std::sync::Arc;
+
+use super::matvec::MatvecWeight;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{Avx2, Avx512};
+use super::simd::{Portable, Simd};
+use super::{Dst, Job, KernelVariant, ThreadScratch, WeightDtype, hidden};
+
+/// Weight bytes a chunk of rows may take: a quarter of this machine kind's 512 KiB L2, leaving
+/// room for the activation rows and the hidden block.
+const CHUNK_BYTES: usize = 128 * 1024;
+
+/// Memory that holds expert weights: a mapped file, or any byte buffer. The bytes must not change
+/// while a layer reads them.
+pub trait RowSource: Send + Sync {
+    /// The bytes.
+    fn bytes(&self) -> &[u8];
+}
+
+impl RowSource for memmap2::Mmap {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl RowSource for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+/// Where one matrix starts: a byte offset into one of the layer's sources. The matrix is stored
+/// row-major `[out, in]`, little-endian, in the layer's dtype; no alignment is needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowRef {
+    /// Index into the sources given to [`super::PackedExperts::from_rows`].
+    pub source: usize,
+    /// Byte offset of the first weight.
+    pub offset: usize,
+}
+
+/// One expert's matrices: `gate` and `up` `[h, d]`, `down` `[d, h]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertRows {
+    /// Gate projection (gated experts only).
+    pub gate: Option<RowRef>,
+    /// Up projection.
+    pub up: RowRef,
+    /// Down projection.
+    pub down: RowRef,
+}
+
+/// The row-layout weights of a layer: checked references into shared sources.
+#[derive(Clone)]
+pub(super) struct RowWeights {
+    pub(super) dtype: WeightDtype,
+    sources: Vec<Arc<dyn RowSource>>,
+    experts: Vec<ExpertRows>,
+}
+
+impl std::fmt::Debug for RowWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowWeights")
+            .field("dtype", &self.dtype)
+            .field("sources", &self.sources.len())
+            .field("experts", &self.experts.len())
+            .finish()
+    }
+}
+
+impl RowWeights {
+    /// Checks that every matrix lies inside its source: `[h, d]` for gate and up, `[d, h]` for
+    /// down, `gated` deciding whether every expert has a gate.
+    pub(super) fn new(
+        dtype: WeightDtype,
+        d: usize,
+        h: usize,
+        gated: bool,
+        sources: Vec<Arc<dyn RowSource>>,
+        experts: Vec<ExpertRows>,
+    ) -> Result<Self, String> {
+        let len = h
+            .checked_mul(d)
+            .and_then(|n| n.checked_mul(dtype.bytes()))
+            .ok_or_else(|| format!("experts of [{h}, {d}] overflow"))?;
+        for (e, x) in experts.iter().enumerate() {
+            if x.gate.is_some() != gated {
+                return Err(format!(
+                    "expert {e}: {}",
+                    if gated {
+                        "gate missing"
+                    } else {
+                        "a gate for non-gated experts"
+                    }
+                ));
+            }
+            for (what, r) in [("gate", x.gate), ("up", Some(x.up)), ("down", Some(x.down))] {
+                let Some(r) = r else { continue };
+                let src = sources.get(r.source).ok_or_else(|| {
+                    format!(
+                        "expert {e}: {what} names source {}, of {}",
+                        r.source,
+                        sources.len()
+                    )
+                })?;
+                let size = src.bytes().len();
+                if r.offset.checked_add(len).is_none_or(|end| end > size) {
+                    return Err(format!(
+                        "expert {e}: {what} at byte {} needs {len} bytes, the source has {size}",
+                        r.offset
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            dtype,
+            sources,
+            experts,
+        })
+    }
+
+    /// Bytes of the matrices (each expert's gate, up and down), without what else the sources
+    /// hold.
+    pub(super) fn matrix_bytes(&self, d: usize, h: usize) -> usize {
+        let per = if self.experts.first().is_some_and(|x| x.gate.is_some()) {
+            3
+        } else {
+            2
+        };
+        self.experts.len() * per * d * h * self.dtype.bytes()
+    }
+
+    fn at<E>(&self, r: RowRef) -> *const E {
+        self.sources[r.source]
+            .bytes()
+            .as_ptr()
+            .wrapping_add(r.offset)
+            .cast()
+    }
+}
+
+/// Sum of the lanes of `v`, lane 0 first.
+#[inline(always)]
+unsafe fn hsum<S: Simd>(v: S::V) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    // SAFETY: `S::W <= 16` for every implementation, so the store stays inside `lanes`.
+    unsafe { S::store(lanes.as_mut_ptr(), v) };
+    let mut s = 0.0;
+    for l in &lanes[..S::W] {
+        s += l;
+    }
+    s
+}
+
+/// `out[i][j] = sum over kk < k of a[i][kk] * w[j][kk]`: vector FMAs over the whole registers,
+/// one horizontal sum, then the tail in order.
+///
+/// # Safety
+/// Each `a[i]` has `k` readable floats, each `w[j]` `k` readable values (any alignment), and the
+/// caller enabled what `S` needs.
+#[inline(always)]
+unsafe fn dot_tile<S: Simd, E: MatvecWeight, const M: usize, const R: usize>(
+    a: &[*const f32; M],
+    w: &[*const E; R],
+    k: usize,
+) -> [[f32; R]; M] {
+    let full = k / S::W * S::W;
+    // SAFETY: every load reads `W` values at `kk + W <= full <= k` of a row, the tail reads
+    // `kk < k`; the caller guarantees those are readable.
+    unsafe {
+        let mut acc = [[S::zero(); R]; M];
+        let mut kk = 0;
+        while kk < full {
+            let mut wv = [S::zero(); R];
+            for j in 0..R {
+                wv[j] = E::load::<S>(w[j].add(kk));
+            }
+            for i in 0..M {
+                let av = S::load(a[i].add(kk));
+                for j in 0..R {
+                    acc[i][j] = S::fma(av, wv[j], acc[i][j]);
+                }
+            }
+            kk += S::W;
+        }
+        let mut out = [[0.0f32; R]; M];
+        for i in 0..M {
+            for j in 0..R {
+                let mut s = hsum::<S>(acc[i][j]);
+                for t in full..k {
+                    s += *a[i].add(t) * w[j].add(t).read_unaligned().to_f32();
+                }
+                out[i][j] = s;
+            }
+        }
+        out
+    }
+}
+
+/// `sink(r, j, dot(a(r), w_j))` for the `m` activation rows `a(r)` and the `n` weight rows `w_j`
+/// of `k` values each (`w` row-major), chunk by chunk of weight rows: `MR` rows by `R` weight rows
+/// per tile, and a lone row against `R1` weight rows (more independent FMA chains).
+///
+/// # Safety
+/// `a(r)` has `k` readable floats for `r < m`, `w` holds `n x k` values, and the caller enabled
+/// what `S` needs.
+#[inline(always)]
+unsafe fn rows_product<
+    S: Simd,
+    E: MatvecWeight,
+    const MR: usize,
+    const R: usize,
+    const R1: usize,
+>(
+    m: usize,
+    a: impl Fn(usize) -> *const f32,
+    w: *const E,
+    n: usize,
+    k: usize,
+    mut sink: impl FnMut(usize, usize, f32),
+) {
+    let chunk = (CHUNK_BYTES / (k * size_of::<E>()).max(1)).max(R1);
+    let row = |j: usize| w.wrapping_add(j * k);
+    let mut j0 = 0;
+    while j0 < n {
+        let j1 = (j0 + chunk).min(n);
+        let mut r0 = 0;
+        // SAFETY: every tile's activation rows are `< m` and its weight rows `< j1 <= n`: rows
+        // the caller vouched for.
+        unsafe {
+            while r0 + MR <= m {
+                let a_rows: [*const f32; MR] = std::array::from_fn(|i| a(r0 + i));
+                let mut j = j0;
+                while j + R <= j1 {
+                    let w_rows: [*const E; R] = std::array::from_fn(|q| row(j + q));
+                    let t = dot_tile::<S, E, MR, R>(&a_rows, &w_rows, k);
+                    for (i, ti) in t.iter().enumerate() {
+                        for (q, &v) in ti.iter().enumerate() {
+                            sink(r0 + i, j + q, v);
+                        }
+                    }
+                    j += R;
+                }
+                while j < j1 {
+                    let t = dot_tile::<S, E, MR, 1>(&a_rows, &[row(j)], k);
+                    for (i, ti) in t.iter().enumerate() {
+                        sink(r0 + i, j, ti[0]);
+                    }
+                    j += 1;
+                }
+                r0 += MR;
+            }
+            while r0 < m {
+                let a_row = [a(r0)];
+                let mut j = j0;
+                while j + R1 <= j1 {
+                    let w_rows: [*const E; R1] = std::array::from_fn(|q| row(j + q));
+                    let t = dot_tile::<S, E, 1, R1>(&a_row, &w_rows, k);
+                    for (q, &v) in t[0].iter().enumerate() {
+                        sink(r0, j + q, v);
+                    }
+                    j += R1;
+                }
+                while j < j1 {
+                    let t = dot_tile::<S, E, 1, 1>(&a_row, &[row(j)], k);
+                    sink(r0, j, t[0][0]);
+                    j += 1;
+                }
+                r0 += 1;
+            }
+        }
+        j0 = j1;
+    }
+}
+
+/// The fused expert computation over this thread's work items, on row-layout weights.
+///
+/// # Safety
+/// As for the panel kernel (`fused_items`): the items and `dst` come from `moe_forward`'s
+/// planning, `ts.z` holds `block_rows() * n1` floats, and the caller enabled what `S` needs.
+#[inline(always)]
+unsafe fn rows_items<S: Simd, E: MatvecWeight, const MR: usize, const R: usize, const R1: usize>(
+    job: &Job,
+    rows: &RowWeights,
+    dst: Dst,
+    ts: &mut ThreadScratch,
+) {
+    let ex = job.ex;
+    let (d, h, n1) = (ex.d, ex.h, ex.n1);
+    // Gate in columns 0..h, up from h_pad (gated) or 0 (not): the layout `hidden` reads.
+    let up_col = if ex.gated { ex.h_pad } else { 0 };
+    let block = ex.block_rows();
+    let z = ts.z.as_mut_ptr();
+    let xp = job.x.as_ptr();
+    for &(e, lo, hi) in &ts.items {
+        let (e, lo, hi) = (e as usize, lo as usize, hi as usize);
+        let x = rows.experts[e];
+        let b2 = ex.b2.as_ref().map(|b| &b[e * ex.d_pad..e * ex.d_pad + d]);
+        let mut b0 = lo;
+        while b0 < hi {
+            let m = (hi - b0).min(block);
+            let token_row = |r: usize| {
+                let t = job.groups.tokens[b0 + r] as usize;
+                xp.wrapping_add(t * d)
+            };
+            let hidden_row = |r: usize| z.cast_const().wrapping_add(r * n1);
+            // SAFETY: token rows have `d` floats (ids checked in `moe_forward`); gate and up hold
+            // `h x d` values and down `d x h` (checked in `RowWeights::new`); `z` holds the
+            // block's `m <= block_rows()` rows of `n1` floats, and `col + j < n1` for `j < h`;
+            // `dst_row` is the pair's destination row of `d` floats, written at `n < d`.
+            unsafe {
+                if let Some(g) = x.gate {
+                    rows_product::<S, E, MR, R, R1>(
+                        m,
+                        token_row,
+                        rows.at::<E>(g),
+                        h,
+                        d,
+                        |r, j, v| {
+                            *z.add(r * n1 + j) = v;
+                        },
+                    );
+                }
+                rows_product::<S, E, MR, R, R1>(
+                    m,
+                    token_row,
+                    rows.at::<E>(x.up),
+                    h,
+                    d,
+                    |r, j, v| {
+                        *z.add(r * n1 + up_col + j) = v;
+                    },
+                );
+                hidden::<S>(job, e, b0, m, z);
+                rows_product::<S, E, MR, R, R1>(
+                    m,
+                    hidden_row,
+                    rows.at::<E>(x.down),
+                    d,
+                    h,
+                    |r, n, v| {
+                        let out = job.dst_row(dst, b0 + r).add(n);
+                        // As the panel kernel's `accumulate`: the bias scaled by the routing weight.
+                        let v = match b2 {
+                            Some(b) => v + job.groups.weights[b0 + r] * b[n],
+                            None => v,
+                        };
+                        *out += v;
+                    },
+                );
+            }
+            b0 += m;
+        }
+    }
+}
+
+/// Runs this thread's items on row-layout weights of element type `E` with `variant` (the gemm
+/// variant, which has no row form, runs the best SIMD one).
+pub(super) fn run_rows<E: MatvecWeight>(
+    variant: KernelVariant,
+    job: &Job,
+    rows: &RowWeights,
+    dst: Dst,
+    ts: &mut ThreadScratch,
+) {
+    let variant = match variant {
+        KernelVariant::Gemm => KernelVariant::Auto.resolve(),
+        v => v,
+    };
+    match variant {
+        // SAFETY: `moe_forward` asserted `is_supported()` for the variant it was given; the gemm
+        // variant maps to `Auto`, which resolves to a supported one. Bounds: see `rows_items`.
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx512 => unsafe { rows_avx512::<E>(job, rows, dst, ts) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx2 => unsafe { rows_avx2::<E>(job, rows, dst, ts) },
+        // SAFETY: `Portable` needs no CPU feature; bounds as above.
+        _ => unsafe { rows_items::<Portable, E, 2, 4, 8>(job, rows, dst, ts) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn rows_avx512<E: MatvecWeight>(
+    job: &Job,
+    rows: &RowWeights,
+    dst: Dst,
+    ts: &mut ThreadScratch,
+) {
+    // 4 x 4 = 16 accumulators + 4 weight registers + 1 activation of the 32 zmm registers; a
+    // lone row takes 8 weight rows (8 FMA chains hide the FMA latency).
+    // SAFETY: this function enables what `Avx512` uses; the caller checked the CPU.
+    unsafe { rows_items::<Avx512, E, 4, 4, 8>(job, rows, dst, ts) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2<E: MatvecWeight>(
+    job: &Job,
+    rows: &RowWeights,
+    dst: Dst,
+    ts: &mut ThreadScratch,
+) {
+    // 4 x 3 = 12 accumulators + 3 weight registers + 1 activation: the 16 ymm registers; a lone
+    // row takes 8 weight rows (8 FMA chains hide the FMA latency).
+    // SAFETY: this function enables what `Avx2` uses; the caller checked the CPU.
+    unsafe { rows_items::<Avx2, E, 4, 3, 8>(job, rows, dst, ts) }
+}
