@@ -133,12 +133,13 @@ struct Proj {
 }
 
 /// A stored-layout weight of at least this many bytes is multiplied on every rayon thread.
-/// Measured with `xmoe-top bench` ("Splitting one product over both threads, re-measured",
-/// docs/benchmarks.md), three runs on the 2-core machine: products of 1 and 8.4 MB never gained
-/// (0.58-1.02x: the hand-off costs more than half a product that short); 33.6 MB and OLMoE's
-/// 206 MB LM head gained up to 1.88x when the second core was free and one thread did not
-/// saturate the memory, and otherwise ran at 0.86-0.99x.
-pub const SPLIT_MIN_BYTES: Option<usize> = Some(16 << 20);
+/// `xmoe-top bench`'s "Splitting" table times one product repeated, so a product of 8.4 MB sits
+/// in the 32 MiB L3 after the first call, and there splitting never gained (0.58-1.15x). In a
+/// decode step every weight comes from memory once, and there it does: OLMoE-1B-7B's attention
+/// (64 products of 8.4 MB per token) took 41 ms on one thread and 28 ms split (docs/benchmarks.md,
+/// "Experts read in place"). Products under 4 MiB (every one of the embedded model and of the
+/// d-1024 peers) stay on the calling thread, where the hand-off would cost more than it saves.
+pub const SPLIT_MIN_BYTES: Option<usize> = Some(4 << 20);
 
 impl Proj {
     fn new(l: &Linear, what: &str) -> Result<Self, String> {
