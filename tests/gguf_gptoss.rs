@@ -102,7 +102,7 @@ fn the_f32_gpt_oss_file_matches_the_transformers_goldens() {
         println!("{what}: max weight diff {worst:.2e}");
         assert!(worst < 1e-5, "{what}: weights off by {worst}");
     }
-    // `--moe kernel` has neither the biases nor the clamp: refused, not run wrongly.
+    // `--moe-dispatch kernel` has neither the biases nor the clamp: refused, not run wrongly.
     let source = ModelSource::open(&gguf("f32")).unwrap();
     let options = xmoe_top::model::LoadOptions {
         dispatch: "kernel".parse().unwrap(),
@@ -145,7 +145,7 @@ fn the_mxfp4_file_runs_packed_and_gives_its_dequantised_logits() {
     }
     let packed = load_gguf(&path, MoeDispatch::Auto, false);
     let reference = load_gguf(&path, MoeDispatch::Auto, true);
-    // The device form (`--moe candle`): MXFP4 widened to bf16, exact for these values.
+    // The device form (`--moe-dispatch candle`): MXFP4 widened to bf16, exact for these values.
     let device_form = load_gguf(&path, MoeDispatch::Candle, false);
     assert!(packed.warnings().is_empty(), "{:?}", packed.warnings());
     let (logits, trace) = run(&packed, &tokens, &packed.default_routing());

@@ -146,7 +146,7 @@ fn quantised_fixtures_run_on_their_blocks_and_match_the_dequantised_reference() 
 
 #[test]
 fn the_kernel_dispatch_and_the_reference_give_the_same_logits() {
-    // `--moe kernel` asks for the packed f32 kernel: the experts are dequantised for it, the rest
+    // `--moe-dispatch kernel` asks for the packed f32 kernel: the experts are dequantised for it, the rest
     // stays quantised; with everything dequantised the two dispatches agree to rounding.
     let tokens = golden_tokens();
     let path = repo("tests/fixtures/gguf/olmoe.q8_0.gguf");

@@ -15,7 +15,7 @@
 //! memory.
 //!
 //! **The device form** ([`QuantMatrix::on_device`]) is what a GPU runs (and the CPU, when the
-//! device-generic path is asked for with `--moe candle`): ggml blocks become candle `QMatMul`s on
+//! device-generic path is asked for with `--moe-dispatch candle`): ggml blocks become candle `QMatMul`s on
 //! the device, one per expert of a stacked tensor (an expert is then a whole matrix, which is what
 //! candle's CUDA kernels multiply: mmvq for up to 8 rows, the mmq/dequantise + cuBLAS path above);
 //! MXFP4 is dequantised to bf16 (exact, 16 bits a weight instead of 4.25); float matrices move as

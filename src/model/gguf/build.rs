@@ -4,9 +4,9 @@
 //! [`QuantMatrix`] (experts multiplied in place in their stacked tensors), F16/BF16 ones in
 //! half precision; norms and routers are widened to f32. On another device the matrices take
 //! their device form ([`QuantMatrix::on_device`]: candle `QMatMul`s on the device, one per expert
-//! of a stacked tensor; F16/BF16 stay half), and so do the experts on the CPU with `--moe candle`
+//! of a stacked tensor; F16/BF16 stay half), and so do the experts on the CPU with `--moe-dispatch candle`
 //! (the device-generic path, tested on the CPU). With [`GgufModel::set_dequantize`], or with
-//! `--moe kernel` for the experts, weights are dequantised to f32 on load instead (the reference
+//! `--moe-dispatch kernel` for the experts, weights are dequantised to f32 on load instead (the reference
 //! the tests compare with).
 
 use std::cell::RefCell;
@@ -235,8 +235,8 @@ pub fn build(
             let router = load(&format!("{b}.ffn_gate_inp.weight"), &[c.experts, h])?;
             let names = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
                 .map(|t| format!("{b}.{t}.weight"));
-            // `--moe kernel` asks for the packed f32 kernel: it gets the experts dequantised to
-            // f32. `--moe candle` (and any device but the CPU) gets their device form.
+            // `--moe-dispatch kernel` asks for the packed f32 kernel: it gets the experts dequantised to
+            // f32. `--moe-dispatch candle` (and any device but the CPU) gets their device form.
             let kernel = matches!(options.dispatch, MoeDispatch::Kernel(_));
             let device_form = !device.is_cpu() || options.dispatch == MoeDispatch::Candle;
             let quantised = names

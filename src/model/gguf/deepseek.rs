@@ -443,7 +443,7 @@ pub(crate) fn build(
                 crate::model::arch::deepseek::router_of(c, &ds, router, options.sigmoid_selection);
             let names = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]
                 .map(|t| format!("{b}.{t}.weight"));
-            // `--moe candle` and `--moe kernel` ask for a float path (see build.rs).
+            // `--moe-dispatch candle` and `--moe-dispatch kernel` ask for a float path (see build.rs).
             let float_path = options.dispatch != MoeDispatch::Auto;
             let quantised = l.keep && names.iter().any(|n| g.dtype(n).is_some_and(is_block_type));
             let (n, inter) = (c.experts, c.expert_hidden);

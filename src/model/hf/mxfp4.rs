@@ -8,7 +8,7 @@
 //! On the CPU the experts run on this packed form ([`packed_experts`], multiplied by
 //! [`crate::model::quant`], which decodes a tile of rows at a time): memory stays at the file's
 //! 4.25 bits a weight. [`dequantize`] to bf16 on load remains the path for other devices and for
-//! `--moe candle`, and is the reference the packed product is tested against.
+//! `--moe-dispatch candle`, and is the reference the packed product is tested against.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
