@@ -604,8 +604,8 @@ fn gpt_oss_mxfp4_experts_load_as_their_dequantised_values() {
     let err = max_rel(&logits, &f32s(&g["logits"]));
     assert!(err < 1e-4, "padded experts: logits off by {err}");
 
-    // On the CPU the MXFP4 experts stay packed (`--moe auto`) and give the logits of the f32
-    // checkpoint holding the same values, and of the dequantise-to-bf16 path (`--moe candle`,
+    // On the CPU the MXFP4 experts stay packed (`--moe-dispatch auto`) and give the logits of the f32
+    // checkpoint holding the same values, and of the dequantise-to-bf16 path (`--moe-dispatch candle`,
     // exact in bf16).
     let source = ModelSource::open(&packed).unwrap();
     assert!(

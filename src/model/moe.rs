@@ -365,7 +365,7 @@ impl MoeExperts {
             (MoeDispatch::Kernel(v), true, Some(_)) => Some(v),
             (MoeDispatch::Kernel(_), _, _) => candle_core::bail!(
                 "the CPU expert kernel needs f32, f16 or bf16 expert weights (one dtype for the \
-                 layer, found {dtypes}) on the CPU device; use --moe candle",
+                 layer, found {dtypes}) on the CPU device; use --moe-dispatch candle",
                 dtypes =
                     common.map_or_else(|| format!("{:?}", dedup(&dtypes)), |d| format!("{d:?}"))
             ),
@@ -439,7 +439,7 @@ impl MoeExperts {
     /// gpt-oss experts: gated, with gate/up/down biases and the clamped SwiGLU. They run on the
     /// per-expert candle path with the weights kept as given (bf16 stays bf16 and is widened one
     /// expert at a time): the CPU kernel has neither gate biases nor the clamp. Asking for the
-    /// kernel (`--moe kernel` and its variants) is an error.
+    /// kernel (`--moe-dispatch kernel` and its variants) is an error.
     pub fn gated_with_biases(
         weights: ExpertWeights,
         biases: ExpertBiases,
@@ -450,7 +450,7 @@ impl MoeExperts {
         if let MoeDispatch::Kernel(_) = options.dispatch {
             candle_core::bail!(
                 "the CPU expert kernel has no gate biases or clamped SwiGLU (gpt-oss experts); \
-                 use --moe auto or --moe candle"
+                 use --moe-dispatch auto or --moe-dispatch candle"
             );
         }
         let n_experts = weights.gate.len();

@@ -222,7 +222,7 @@ pub(super) fn gated_experts(
         ExpertStorage::InPlace if kernel => true,
         ExpertStorage::InPlace => {
             return Err(refuse(
-                "experts are read in place only by the CPU kernel (--device cpu, --moe other \
+                "experts are read in place only by the CPU kernel (--device cpu, --moe-dispatch other \
                  than candle)"
                     .into(),
             ));

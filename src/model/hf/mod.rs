@@ -183,7 +183,7 @@ impl HfCheckpoint {
     }
 
     /// Bytes the weights take once loaded on the CPU: the stored bytes (MXFP4 experts stay
-    /// packed, `--moe auto`). On another device, or with `--moe candle`, MXFP4 experts are
+    /// packed, `--moe-dispatch auto`). On another device, or with `--moe-dispatch candle`, MXFP4 experts are
     /// dequantised to bf16 instead: 4 bytes of bf16 per byte of blocks.
     pub fn resident_bytes(&self) -> usize {
         self.tensor_bytes
