@@ -483,3 +483,89 @@ fn smollm2_q4_1_reads_with_its_tokenizer() {
         }
     }
 }
+
+#[test]
+fn float_gguf_experts_are_read_in_place_and_give_the_loaded_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % 100).collect();
+    let options = |experts| xmoe_top::model::LoadOptions {
+        experts,
+        ..Default::default()
+    };
+    use xmoe_top::model::ExpertStorage::{InPlace, Packed};
+    for (family, file) in [
+        ("mixtral", "mixtral.f32.gguf"),
+        ("olmoe", "olmoe.f32.gguf"),
+        ("deepseek_v3", "deepseek_v3.f32.gguf"),
+    ] {
+        // The F32 fixture, and the same with the experts rewritten as F16 (what a converter
+        // writes with --outtype f16).
+        let f32_path = repo(&format!("tests/fixtures/gguf/{file}"));
+        let (meta, tensors) = parts(&f32_path);
+        let halves: Vec<(String, QTensor)> = tensors
+            .into_iter()
+            .map(|(n, t)| {
+                if n.ends_with("_exps.weight") {
+                    let w = t.dequantize(&Device::Cpu).unwrap();
+                    let h = QTensor::quantize(&w, candle_core::quantized::GgmlDType::F16).unwrap();
+                    (n, h)
+                } else {
+                    (n, t)
+                }
+            })
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = halves.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let f16_path = write(
+            dir.path(),
+            &format!("{family}.f16-experts.gguf"),
+            &meta,
+            &refs,
+        );
+        for path in [&f32_path, &f16_path] {
+            let what = path.display().to_string();
+            let source = ModelSource::open(path).unwrap();
+            assert!(source.in_place_bytes(true) > 0, "{what}");
+            let load_as =
+                |experts| Model::from_source(&source, &Device::Cpu, options(experts)).unwrap();
+            let (in_place, packed) = (load_as(InPlace), load_as(Packed));
+            assert!(in_place.experts_in_place(), "{what}");
+            assert!(!packed.experts_in_place(), "{what}");
+            // The default reads them in place too.
+            assert!(load(path, MoeDispatch::Auto).experts_in_place(), "{what}");
+            assert!(
+                in_place.warnings().is_empty(),
+                "{what}: {:?}",
+                in_place.warnings()
+            );
+            let (a, ca) = forward(&in_place, &tokens);
+            let (b, cb) = forward(&packed, &tokens);
+            let rel = max_rel(&a, &b);
+            assert!(rel < 1e-5, "{what}: in place vs loaded, relative {rel}");
+            assert_eq!(
+                ca.iter()
+                    .map(|l| l
+                        .iter()
+                        .map(|t| t.iter().map(|c| c.0).collect::<Vec<_>>())
+                        .collect::<Vec<_>>())
+                    .collect::<Vec<_>>(),
+                cb.iter()
+                    .map(|l| l
+                        .iter()
+                        .map(|t| t.iter().map(|c| c.0).collect::<Vec<_>>())
+                        .collect::<Vec<_>>())
+                    .collect::<Vec<_>>(),
+                "{what}: expert choices"
+            );
+        }
+    }
+    // Quantised experts cannot be read in place: asking for it is an error that says so.
+    let source = ModelSource::open(&gguf("olmoe", "q8_0")).unwrap();
+    let err = match Model::from_source(&source, &Device::Cpu, options(InPlace)) {
+        Ok(_) => panic!("q8_0 experts loaded in place"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("--expert-weights in-place") && err.contains("olmoe.q8_0.gguf"),
+        "{err}"
+    );
+}

@@ -106,6 +106,7 @@ impl ModelSource {
     pub fn in_place_bytes(&self, in_place: bool) -> usize {
         match self {
             ModelSource::HuggingFace(c) if in_place => c.in_place_expert_bytes(),
+            ModelSource::Gguf(g) if in_place => g.file().in_place_expert_bytes(),
             _ => 0,
         }
     }

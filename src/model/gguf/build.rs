@@ -13,17 +13,20 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use super::{GgufArch, GgufFile, GgufModel, TensorType, candle_message, gguf_error};
-use crate::kernel::Activation;
+use crate::kernel::{Activation, ExpertRows, PackedExperts, RowRef, RowSource, WeightDtype};
 use crate::model::blocks::{
     Attention, Block, BlockFfn, Embedding, Ffn, Linear, MoeBlock, Norm, QkNorm, Rotary,
     SharedExpert,
 };
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
-use crate::model::moe::{ExpertBiases, ExpertWeights, LoadOptions, MoeDispatch, MoeExperts};
+use crate::model::moe::{
+    ExpertBiases, ExpertStorage, ExpertWeights, LoadOptions, MoeDispatch, MoeExperts,
+};
 use crate::model::quant::{GateUp, QuantExperts, QuantMatrix};
 
 /// True for the block types (not F32, F16, BF16).
@@ -248,7 +251,18 @@ pub fn build(
                 Some(_) => Some(expert_biases(g, &b, c.experts, c.expert_hidden, h, &load)?),
                 None => None,
             };
-            let experts = if quantised && !kernel {
+            let in_place = in_place_experts(
+                g,
+                &b,
+                (c.experts, c.expert_hidden, h),
+                keep && !quantised && biases.is_none(),
+                device,
+                options,
+                &used,
+            )?;
+            let experts = if let Some(x) = in_place {
+                x
+            } else if quantised && !kernel {
                 let (n, i) = (c.experts, c.expert_hidden);
                 let mut gate = matrix(&names[0], &[n, i, h])?;
                 let mut up = matrix(&names[1], &[n, i, h])?;
@@ -387,6 +401,93 @@ pub(super) fn experts(
         up: split("ffn_up_exps", [n, inter, h])?,
         down: split("ffn_down_exps", [n, h, inter])?,
     })
+}
+
+/// The experts of block `b` read in place from the mapped file by the CPU kernel, when
+/// `options` allow it on `device`, `eligible` (stored form kept, no expert biases) and the three
+/// stacked tensors are F32, F16 or BF16 in one type with the expected shapes `(E, I, H)`; their
+/// names go into `used`. `None` otherwise (the caller loads them), or an error when
+/// `--expert-weights in-place` asked for it.
+pub(super) fn in_place_experts(
+    g: &GgufFile,
+    b: &str,
+    (n, inter, h): (usize, usize, usize),
+    eligible: bool,
+    device: &Device,
+    options: LoadOptions,
+    used: &RefCell<BTreeSet<String>>,
+) -> Result<Option<MoeExperts>, LoadError> {
+    let required = options.experts == ExpertStorage::InPlace;
+    let refuse = |why: &str| {
+        gguf_error(
+            g.path(),
+            format!("--expert-weights in-place: the experts of {b} {why}"),
+        )
+    };
+    if !options.experts_in_place(device) {
+        return if required {
+            Err(refuse(
+                "are read in place only by the CPU kernel (--device cpu, --moe-dispatch other \
+                 than candle)",
+            ))
+        } else {
+            Ok(None)
+        };
+    }
+    let names =
+        ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"].map(|t| format!("{b}.{t}.weight"));
+    let shapes = [[n, inter, h], [n, inter, h], [n, h, inter]];
+    let types: Vec<Option<TensorType>> = names.iter().map(|n| g.dtype(n)).collect();
+    let weight_dtype = match types[..] {
+        [Some(a), Some(b2), Some(c)] if a == b2 && b2 == c => match a {
+            TensorType::Ggml(GgmlDType::F32) => Some(WeightDtype::F32),
+            TensorType::Ggml(GgmlDType::F16) => Some(WeightDtype::F16),
+            TensorType::Ggml(GgmlDType::BF16) => Some(WeightDtype::Bf16),
+            _ => None,
+        },
+        _ => None,
+    };
+    let shapes_ok = names
+        .iter()
+        .zip(&shapes)
+        .all(|(name, shape)| g.shape(name) == Some(&shape[..]));
+    let (Some(weight_dtype), true, true) = (weight_dtype, eligible, shapes_ok) else {
+        return if required {
+            Err(refuse(
+                "are not three F32, F16 or BF16 tensors of one type without biases",
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    let start = |name: &str| g.data_range(name).map_or(0, |(offset, _)| offset as usize);
+    let (gate0, up0, down0) = (start(&names[0]), start(&names[1]), start(&names[2]));
+    let mat = inter * h * weight_dtype.bytes();
+    let at = |offset| RowRef { source: 0, offset };
+    let rows = (0..n)
+        .map(|e| ExpertRows {
+            gate: Some(at(gate0 + e * mat)),
+            up: at(up0 + e * mat),
+            down: at(down0 + e * mat),
+        })
+        .collect();
+    let sources: Vec<Arc<dyn RowSource>> = vec![g.mapped()?];
+    let packed = PackedExperts::from_rows(
+        h,
+        inter,
+        true,
+        Activation::Silu,
+        weight_dtype,
+        sources,
+        rows,
+        None,
+        None,
+    )
+    .map_err(|detail| gguf_error(g.path(), format!("experts of {b}: {detail}")))?;
+    used.borrow_mut().extend(names);
+    MoeExperts::in_place(packed, Activation::Silu, options)
+        .map(Some)
+        .map_err(|detail| gguf_error(g.path(), detail))
 }
 
 /// gpt-oss expert biases of block `b`: `ffn_{gate,up}_exps.bias` `[E, I]` and

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use serde_json::{Map, json};
 
-use super::build::{experts, is_block_type};
+use super::build::{experts, in_place_experts, is_block_type};
 use super::config::{Meta, describe, vocab_size};
 use super::{GgufFile, GgufModel, TensorType, candle_message, gguf_error};
 use crate::kernel::Activation;
@@ -447,7 +447,18 @@ pub(crate) fn build(
             let float_path = options.dispatch != MoeDispatch::Auto;
             let quantised = l.keep && names.iter().any(|n| g.dtype(n).is_some_and(is_block_type));
             let (n, inter) = (c.experts, c.expert_hidden);
-            let moe_experts = if quantised && !float_path {
+            let in_place = in_place_experts(
+                g,
+                &b,
+                (n, inter, h),
+                l.keep && !quantised,
+                device,
+                options,
+                &l.used,
+            )?;
+            let moe_experts = if let Some(x) = in_place {
+                x
+            } else if quantised && !float_path {
                 let gate = l.matrix(&names[0], &[n, inter, h])?;
                 let up = l.matrix(&names[1], &[n, inter, h])?;
                 let down = l.matrix(&names[2], &[n, h, inter])?;

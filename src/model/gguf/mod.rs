@@ -63,6 +63,8 @@ pub struct GgufFile {
     // from a shared `&self` (tensors are read one at a time during a load).
     file: Mutex<File>,
     file_len: u64,
+    /// The file mapped read-only, made the first time experts are read in place from it.
+    map: std::sync::OnceLock<Arc<memmap2::Mmap>>,
 }
 
 /// The error for `path` with `detail`.
@@ -195,6 +197,7 @@ impl GgufFile {
             data_offset,
             file: Mutex::new(file),
             file_len,
+            map: std::sync::OnceLock::new(),
         };
         let mut by_offset: Vec<_> = g.tensors.iter().collect();
         by_offset.sort_by_key(|(_, e)| e.offset);
@@ -215,6 +218,37 @@ impl GgufFile {
             }
         }
         Ok(g)
+    }
+
+    /// The file mapped read-only into memory (once; later calls share the mapping).
+    pub fn mapped(&self) -> Result<Arc<memmap2::Mmap>, LoadError> {
+        if let Some(m) = self.map.get() {
+            return Ok(m.clone());
+        }
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: a read-only mapping of a file opened for reading; as for every memory-mapped
+        // model file, the file must not be truncated or rewritten while the model is loaded
+        // (documented, not enforceable).
+        let map = unsafe { memmap2::Mmap::map(&*file) }.map_err(|io| LoadError::Open {
+            path: self.path.clone(),
+            io,
+        })?;
+        let map = Arc::new(map);
+        Ok(self.map.get_or_init(|| map).clone())
+    }
+
+    /// Bytes of the stacked expert tensors (`…_exps.weight`) in F32, F16 or BF16, which the CPU
+    /// kernel reads in place from the mapped file; none for `gpt-oss` (its experts have biases
+    /// and the clamped SwiGLU, which the kernel does not compute).
+    pub fn in_place_expert_bytes(&self) -> usize {
+        if self.architecture().is_ok_and(|a| a == "gpt-oss") {
+            return 0;
+        }
+        self.tensors
+            .iter()
+            .filter(|(name, e)| name.ends_with("_exps.weight") && !e.dtype.is_block())
+            .map(|(_, e)| e.bytes as usize)
+            .sum()
     }
 
     /// The file.
