@@ -57,6 +57,11 @@ pub struct InspectReport {
     pub active_params_top_k: usize,
     /// File size in bytes.
     pub file_bytes: usize,
+    /// Bytes the weights take in memory once loaded on the CPU with the defaults, not counting
+    /// the experts read in place.
+    pub loaded_bytes: usize,
+    /// Bytes of expert weights the CPU kernel reads in place from the files (mapped, not loaded).
+    pub in_place_expert_bytes: usize,
     /// The configuration.
     pub config: ModelConfig,
     /// MoE block indices.
@@ -98,6 +103,8 @@ impl InspectReport {
             files,
             active_params_top_k,
             file_bytes: file.file_bytes(),
+            loaded_bytes: file.resident_weight_bytes() - file.in_place_bytes(true),
+            in_place_expert_bytes: file.in_place_bytes(true),
             moe_layers: cfg.moe_layer_indices(),
             split_ratio: cfg.split_ratio(),
             params,
@@ -145,6 +152,16 @@ impl InspectReport {
             self.files,
             if self.files == 1 { "" } else { "s" }
         );
+        if self.in_place_expert_bytes > 0 {
+            let _ = writeln!(
+                s,
+                "memory     {} loaded; experts {} read in place from the file{} (CPU kernel; \
+                 --expert-weights packed loads them too)",
+                human_bytes(self.loaded_bytes as u64),
+                human_bytes(self.in_place_expert_bytes as u64),
+                if self.files == 1 { "" } else { "s" }
+            );
+        }
         let _ = writeln!(
             s,
             "shape      {} layers, d_model {}, {} heads ({} key/value) of {}, context {}, vocab {} ({:?} tokenizer)",

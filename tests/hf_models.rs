@@ -206,6 +206,17 @@ fn experts_read_in_place_are_the_default_on_the_cpu_and_give_the_packed_results(
             Err(e) => e.to_string(),
         }
     };
+    // `inspect` says what will be read in place and what loaded (the three files' sizes).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_xmoe-top"))
+        .arg("inspect")
+        .arg(fixtures().join("mixtral/bf16"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("memory     51.3 KiB loaded; experts 36.0 KiB read in place from the files"),
+        "{text}"
+    );
     let msg = refuse(&fixtures().join("olmoe/fused"), MoeDispatch::Candle);
     assert!(
         msg.contains("--expert-weights in-place") && msg.contains("CPU kernel"),
