@@ -159,19 +159,6 @@ impl RowWeights {
     }
 }
 
-/// Sum of the lanes of `v`, lane 0 first.
-#[inline(always)]
-unsafe fn hsum<S: Simd>(v: S::V) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    // SAFETY: `S::W <= 16` for every implementation, so the store stays inside `lanes`.
-    unsafe { S::store(lanes.as_mut_ptr(), v) };
-    let mut s = 0.0;
-    for l in &lanes[..S::W] {
-        s += l;
-    }
-    s
-}
-
 /// `out[i][j] = sum over kk < k of a[i][kk] * w[j][kk]`: vector FMAs over the whole registers,
 /// one horizontal sum, then the tail in order.
 ///
@@ -206,7 +193,7 @@ unsafe fn dot_tile<S: Simd, E: MatvecWeight, const M: usize, const R: usize>(
         let mut out = [[0.0f32; R]; M];
         for i in 0..M {
             for j in 0..R {
-                let mut s = hsum::<S>(acc[i][j]);
+                let mut s = S::hsum(acc[i][j]);
                 for t in full..k {
                     s += *a[i].add(t) * w[j].add(t).read_unaligned().to_f32();
                 }

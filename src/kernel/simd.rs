@@ -40,6 +40,9 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn load_bf16_pairs(p: *const u16) -> (Self::V, Self::V);
     /// `W` consecutive bfloat16 values (bits) widened to f32 (exact).
     unsafe fn load_bf16(p: *const u16) -> Self::V;
+    /// The sum of the lanes, as a tree: halves added lane by lane until one lane is left (the
+    /// same order on every implementation of the same width).
+    unsafe fn hsum(v: Self::V) -> f32;
 }
 
 /// Plain Rust "vector" of 8 lanes: LLVM turns the lane loops into SSE2 code on any x86-64, and the
@@ -110,6 +113,13 @@ unsafe impl Simd for Portable {
         // SAFETY: the caller guarantees `p` points to 8 readable values (`Simd::load_bf16`).
         let bits = unsafe { p.cast::<[u16; 8]>().read_unaligned() };
         bits.map(|b| f32::from_bits((b as u32) << 16))
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: Self::V) -> f32 {
+        // As the AVX2 reduction: 8 -> 4 -> 2 -> 1 lanes.
+        let q: [f32; 4] = std::array::from_fn(|i| v[i] + v[i + 4]);
+        let (a, b) = (q[0] + q[2], q[1] + q[3]);
+        a + b
     }
 }
 
@@ -266,6 +276,22 @@ mod x86 {
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v))
             }
         }
+        #[inline(always)]
+        unsafe fn hsum(v: Self::V) -> f32 {
+            // SAFETY: AVX (part of the checked AVX2 feature set) and SSE intrinsics on registers.
+            unsafe { hsum256(v) }
+        }
+    }
+
+    /// 8 -> 4 -> 2 -> 1 lanes: lane `i` plus lane `i + 4`, then `i + 2`, then `i + 1`.
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        // SAFETY: the caller's entry point enabled AVX2.
+        unsafe {
+            let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps::<1>(d, d)))
+        }
     }
 
     /// AVX-512F, 16 lanes.
@@ -387,6 +413,15 @@ mod x86 {
             unsafe {
                 let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
                 _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))
+            }
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: Self::V) -> f32 {
+            // SAFETY: AVX-512F and AVX2 intrinsics on registers; the entry point enabled both.
+            unsafe {
+                let lo = _mm512_castps512_ps256(v);
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+                hsum256(_mm256_add_ps(lo, hi))
             }
         }
     }
