@@ -47,15 +47,22 @@ pub fn parse_stat_cpu_ticks(text: &str) -> Option<u64> {
 
 /// `VmRSS` of `/proc/<pid>/status`, in bytes.
 pub fn parse_vmrss(text: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    parse_status_kb(text, "VmRSS:")
+}
+
+/// A `key:  N kB` line of `/proc/<pid>/status`, in bytes.
+fn parse_status_kb(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
-fn process_rss_bytes() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| parse_vmrss(&s))
+/// Resident bytes, and of them the pages of mapped files (`RssFile`).
+fn process_rss_bytes() -> (Option<u64>, Option<u64>) {
+    match std::fs::read_to_string("/proc/self/status") {
+        Ok(s) => (parse_vmrss(&s), parse_status_kb(&s, "RssFile:")),
+        Err(_) => (None, None),
+    }
 }
 
 /// Reads counters on demand; [`DeviceSampler`] calls it on a thread, tests call it directly.
@@ -153,9 +160,11 @@ impl CounterReader {
             _ => None,
         };
         self.last_cpu = cpu_ns.map(|c| (now, c));
+        let (rss_bytes, rss_file_bytes) = process_rss_bytes();
         self.latest_process = ProcessCounters {
             cpu_pct,
-            rss_bytes: process_rss_bytes(),
+            rss_bytes,
+            rss_file_bytes,
             cpus: self.cpus,
         };
         self.latest_gpus = self.read_gpus();
@@ -307,6 +316,8 @@ mod tests {
         let status = "Name:\txmoe-top\nVmPeak:\t  9999 kB\nVmRSS:\t    2012 kB\nThreads:\t4\n";
         assert_eq!(parse_vmrss(status), Some(2012 * 1024));
         assert_eq!(parse_vmrss("Name: x\n"), None);
+        let status = "VmRSS:\t 2012 kB\nRssAnon:\t 12 kB\nRssFile:\t 2000 kB\n";
+        assert_eq!(parse_status_kb(status, "RssFile:"), Some(2000 * 1024));
     }
 
     #[test]

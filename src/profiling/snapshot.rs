@@ -733,6 +733,11 @@ pub struct ProcessCounters {
     pub cpu_pct: Option<f64>,
     /// Resident memory, bytes.
     pub rss_bytes: Option<u64>,
+    /// Of the resident memory, the pages of mapped files (`RssFile`): experts read in place
+    /// from a model's files live there, and the kernel can drop and reread them; absent in
+    /// reports written before this field.
+    #[serde(default)]
+    pub rss_file_bytes: Option<u64>,
     /// Logical CPUs available to the process.
     pub cpus: usize,
 }

@@ -341,7 +341,11 @@ fn device(o: &mut String, s: &Snapshot) {
         d.process
             .cpu_pct
             .map_or("-".into(), |c| format!("{c:.0}% of one core")),
-        d.process.rss_bytes.map_or("-".into(), bytes)
+        match (d.process.rss_bytes, d.process.rss_file_bytes) {
+            (Some(r), Some(f)) if f >= 64 << 20 =>
+                format!("{} ({} mapped files)", bytes(r), bytes(f)),
+            (r, _) => r.map_or("-".into(), bytes),
+        }
     )
     .expect("string");
     line!(o, "{dev}");

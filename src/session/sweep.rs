@@ -497,6 +497,7 @@ pub fn run_sweep_until(
         process: ProcessCounters {
             cpu_pct: None,
             rss_bytes: None,
+            rss_file_bytes: None,
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         sample_period_s: 0.0,

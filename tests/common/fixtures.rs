@@ -159,6 +159,7 @@ fn device(with_gpu: bool) -> DeviceSnapshot {
         process: ProcessCounters {
             cpu_pct: Some(98.0),
             rss_bytes: Some(329 << 20),
+            rss_file_bytes: Some(3 << 20),
             cpus: 8,
         },
         sample_period_s: 1.0,

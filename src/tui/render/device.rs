@@ -61,6 +61,15 @@ fn process_line<'a>(d: &DeviceSnapshot, theme: &Theme) -> Line<'a> {
             theme.dim(),
         ),
         Span::styled(opt(d.process.rss_bytes, bytes), theme.value()),
+        // Experts read in place count in the resident set as file pages the kernel may drop:
+        // say how much, so a 13 GiB figure is not read as 13 GiB taken.
+        Span::styled(
+            match d.process.rss_file_bytes {
+                Some(f) if f >= 64 << 20 => format!(" ({} mapped)", bytes(f)),
+                _ => String::new(),
+            },
+            theme.dim(),
+        ),
     ])
 }
 
