@@ -135,8 +135,8 @@ fn embedded_model_decodes_the_same_on_both_paths() {
 }
 
 /// Every Hugging Face fixture family whose blocks the lean path covers (f32 and bf16 weights,
-/// grouped-query attention, q/k norms, sliding windows, shared experts), and the ones it does
-/// not, which must say why.
+/// grouped-query attention, q/k norms, sliding windows, shared experts, DeepSeek's latent
+/// attention and routers), and the ones it does not, which must say why.
 #[test]
 fn hf_fixture_families_decode_the_same_on_both_paths_or_say_why_not() {
     let covered = [
@@ -145,6 +145,13 @@ fn hf_fixture_families_decode_the_same_on_both_paths_or_say_why_not() {
         "qwen2_moe/fused",
         "qwen3_moe/per_expert",
         "olmoe/fused",
+        // q_proj, group-limited softmax router, YaRN with mscale, two shared experts.
+        "deepseek_v2/per_expert",
+        "deepseek_v2/fused",
+        // q_a_proj + q_a_layernorm + q_b_proj, sigmoid router with a correction bias,
+        // rope_interleave.
+        "deepseek_v3/per_expert",
+        "deepseek_v3/fused",
     ];
     let prompt: Vec<u32> = vec![5, 17, 300, 42];
     let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 500).collect();
@@ -156,7 +163,7 @@ fn hf_fixture_families_decode_the_same_on_both_paths_or_say_why_not() {
     }
     for (path, why) in [
         ("gpt_oss/fused", "candle path"),
-        ("deepseek_v2/fused", "latent attention"),
+        ("../gguf/deepseek_v2.q8_0.gguf", "quantised (GGUF)"),
     ] {
         let source = ModelSource::open(&hf_fixtures().join(path)).unwrap();
         let model = Model::from_source(&source, &Device::Cpu, LoadOptions::default()).unwrap();
@@ -169,14 +176,47 @@ fn hf_fixture_families_decode_the_same_on_both_paths_or_say_why_not() {
     }
 }
 
+/// llama.cpp's DeepSeek files in F32, in both key/value layouts: the split `attn_k_b` /
+/// `attn_v_b` (read in place, already in the absorbed form) and the legacy `attn_kv_b`.
+#[test]
+fn f32_gguf_deepseek_files_decode_the_same_on_both_paths() {
+    let prompt: Vec<u32> = vec![5, 17, 300, 42];
+    let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 11) % 500).collect();
+    for stem in ["deepseek_v2", "deepseek_v3", "deepseek_v3-kvb"] {
+        let path = hf_fixtures().join(format!("../gguf/{stem}.f32.gguf"));
+        let source = ModelSource::open(&path).unwrap();
+        let mut model = Model::from_source(&source, &Device::Cpu, LoadOptions::default()).unwrap();
+        let worst = compare(&mut model, stem, &prompt, &tokens);
+        eprintln!("{stem}.f32.gguf: largest logit difference {worst:e}");
+    }
+}
+
 /// Prefill, lean steps, then a full pass that continues the cache: the full pass must see the
 /// positions the lean path decoded (and the lean path those of the prefill).
 #[test]
 fn the_kv_cache_passes_between_the_two_paths() {
     let file = xmoe_top::embedded::model_file().unwrap();
     let model = Model::from_file(&file, &Device::Cpu, LoadOptions::default()).unwrap();
-    let routing = model.default_routing();
     let text = bytes(b"In the beginning God created the heaven and the earth.");
+    cache_round_trip(&model, "embedded", &text, b'!'.into());
+}
+
+/// The same with latent attention, whose cache holds latents and rotated shared keys.
+#[test]
+fn the_latent_kv_cache_passes_between_the_two_paths() {
+    let text: Vec<u32> = (0..40).map(|i| (i * 53 + 7) % 500).collect();
+    for path in ["deepseek_v2/per_expert", "deepseek_v3/fused"] {
+        let source = ModelSource::open(&hf_fixtures().join(path)).unwrap();
+        let model = Model::from_source(&source, &Device::Cpu, LoadOptions::default()).unwrap();
+        assert_eq!(model.decode_path(), &DecodePath::Lean, "{path}");
+        cache_round_trip(&model, path, &text, 321);
+    }
+}
+
+/// Prefills `text[..10]`, decodes `text[10..30]` lean, runs the rest as a full pass on the same
+/// cache, then decodes `next` lean, comparing with full passes over everything.
+fn cache_round_trip(model: &Model, name: &str, text: &[u32], next: u32) {
+    let routing = model.default_routing();
     let (prompt, middle, tail) = (&text[..10], &text[10..30], &text[30..]);
     let mut trace = ForwardTrace::default();
 
@@ -195,22 +235,26 @@ fn the_kv_cache_passes_between_the_two_paths() {
     assert_eq!(mixed.len(), text.len());
 
     // Reference: one full pass over everything.
-    let all = model.forward(&text, 1, &routing, None, &mut trace).unwrap();
+    let all = model.forward(text, 1, &routing, None, &mut trace).unwrap();
     let vocab = model.config().vocab_size;
     let want = &all[(prompt.len() + middle.len()) * vocab..];
     let diff = max_rel(&got, want);
-    assert!(diff <= TOL, "continued cache: logits differ by {diff:e}");
-
-    // And lean again after that full pass, against the full pass's next position.
-    let next = model.decode(b'!'.into(), &routing, &mut mixed, &mut trace);
-    let next = next.unwrap().to_vec();
-    let mut with = text.clone();
-    with.push(b'!'.into());
-    let all = model.forward(&with, 1, &routing, None, &mut trace).unwrap();
-    let diff = max_rel(&next, &all[text.len() * vocab..]);
     assert!(
         diff <= TOL,
-        "lean after a full pass: logits differ by {diff:e}"
+        "{name}: continued cache: logits differ by {diff:e}"
+    );
+
+    // And lean again after that full pass, against the full pass's next position.
+    let after = model.decode(next, &routing, &mut mixed, &mut trace);
+    let after = after.unwrap().to_vec();
+    assert!(trace.lean_decode);
+    let mut with = text.to_vec();
+    with.push(next);
+    let all = model.forward(&with, 1, &routing, None, &mut trace).unwrap();
+    let diff = max_rel(&after, &all[text.len() * vocab..]);
+    assert!(
+        diff <= TOL,
+        "{name}: lean after a full pass: logits differ by {diff:e}"
     );
 }
 

@@ -15,10 +15,16 @@
 //! # When it is used
 //! [`LeanDecoder::build`] decides once, at load, from the blocks the architecture file assembled:
 //! a CPU model whose every part is covered (f32 / f16 / bf16 weights, multi-head or grouped-query
-//! attention with rotary or learned positions, q/k norms, sliding windows and sinks, dense or MoE
-//! feed-forwards with the experts on the CPU kernel, shared experts) decodes here; anything else
-//! (a GPU, GGUF-quantised weights, latent attention, experts on the candle path) keeps the candle
-//! path, and [`DecodePath::Candle`] says why. `xmoe-top inspect` and `xmoe-top bench` print it.
+//! attention with rotary or learned positions, q/k norms, sliding windows and sinks, DeepSeek's
+//! multi-head latent attention (Hugging Face's `kv_b_proj` or llama.cpp's split `attn_k_b` /
+//! `attn_v_b`, run absorbed: see [`LeanDecoder::latent_attention`]), dense or MoE feed-forwards
+//! with the experts on the CPU kernel, shared experts, any [`crate::routing::Router`]) decodes
+//! here; anything else (a GPU, GGUF-quantised weights, experts on the candle path) keeps the
+//! candle path, and [`DecodePath::Candle`] says why. `xmoe-top inspect` and `xmoe-top bench`
+//! print it.
+//!
+//! Latent attention caches what the candle path caches (per position the normalised latent and
+//! the rotated shared key), so the cache changes hands between the paths as for plain attention.
 //!
 //! # Numerics
 //! Products accumulate in f32, as candle's do, but in another order: logits agree with the candle
@@ -31,13 +37,15 @@ use candle_core::{DType, Device, Storage, Tensor};
 
 use super::blocks::linear::matvec_stored;
 use super::blocks::{
-    Block, BlockAttention, BlockFfn, Embedding, Linear, LinearWeight, Norm, QkNorm,
+    AttentionParts, Block, BlockAttention, BlockFfn, Embedding, LatentKv, LatentQuery, LatentView,
+    Linear, LinearWeight, Norm, QkNorm, Rotary,
 };
-use super::config::Combine;
+use super::config::{Combine, MlaShape};
 use super::forward::RoutingConfig;
+use super::quant::QuantMatrix;
 use super::trace::ForwardTrace;
 use crate::kernel::Activation;
-use crate::kernel::matvec::{matvec_rows_split, matvec_t};
+use crate::kernel::matvec::{MatvecWeight, matvec_rows, matvec_rows_split, matvec_t};
 use crate::routing::route_with;
 
 /// Which code decodes one token with a KV cache, decided once when the model is loaded.
@@ -243,6 +251,302 @@ struct Attn {
     sinks: Option<Vec<f32>>,
 }
 
+impl Attn {
+    fn new(i: usize, a: AttentionParts<'_>) -> Result<Self, String> {
+        let proj = |l: &Linear, name: &str| Proj::new(l, &format!("layer {i} {name}"));
+        let rope = a.rotary.map(rope_tables).transpose()?;
+        let qk_norm = match a.qk_norm {
+            None => None,
+            Some(QkNorm::PerHead { q, k }) => Some(QkNormW::PerHead {
+                q: norm_w(q, "q norm")?,
+                k: norm_w(k, "k norm")?,
+            }),
+            Some(QkNorm::Full { q, k }) => Some(QkNormW::Full {
+                q: norm_w(q, "q norm")?,
+                k: norm_w(k, "k norm")?,
+            }),
+        };
+        let attn = Attn {
+            norm: norm_w(a.norm, "attention norm")?,
+            q: proj(a.q, "q_proj")?,
+            k: proj(a.k, "k_proj")?,
+            v: proj(a.v, "v_proj")?,
+            o: proj(a.o, "o_proj")?,
+            n_heads: a.n_heads,
+            n_kv_heads: a.n_kv_heads,
+            head_dim: a.head_dim,
+            rope,
+            qk_norm,
+            window: a.sliding_window,
+            sinks: a.sinks.map(host_vec).transpose().map_err(err("sinks"))?,
+        };
+        let (qw, kvw) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+        if attn.q.n_out != qw || attn.k.n_out != kvw || attn.v.n_out != kvw {
+            return Err(format!(
+                "layer {i}: projections do not match the head counts"
+            ));
+        }
+        if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
+            return Err(format!(
+                "layer {i}: {} heads over {} kv heads",
+                a.n_heads, a.n_kv_heads
+            ));
+        }
+        Ok(attn)
+    }
+}
+
+/// How multi-head latent attention projects its queries.
+enum MlaQuery {
+    Direct(Proj),
+    LowRank { a: Proj, norm: NormW, b: Proj },
+}
+
+/// Where each head's value half of the latent-to-key/value weight sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KvLayout {
+    /// In Hugging Face's `kv_b_proj` `[heads * (nope + vd), rank]`: head `h`'s value rows follow
+    /// its `nope` key rows.
+    Joint,
+    /// In llama.cpp's `attn_v_b` `[heads * vd, rank]`.
+    Split,
+}
+
+/// Multi-head latent attention (DeepSeek) on plain slices; see [`LeanDecoder::latent_attention`].
+struct Mla {
+    norm: NormW,
+    q: MlaQuery,
+    kv_a: Proj,
+    kv_norm: NormW,
+    /// The key half of `kv_b` as llama.cpp's `attn_k_b` holds it, `[heads * rank, nope]` (head
+    /// `h`'s `[nope, rank]` transposed, rows `h * rank..`), f32 / f16 / bf16.
+    k_b: Tensor,
+    /// `kv_b_proj` or `attn_v_b` (see [`KvLayout`]), read in place, the same dtype as `k_b`.
+    v_b: Tensor,
+    layout: KvLayout,
+    /// Bytes of `kv_b` a step reads: its key half and its value half.
+    kv_b_bytes: usize,
+    o: Proj,
+    heads: usize,
+    rank: usize,
+    nope: usize,
+    rope: usize,
+    vd: usize,
+    /// cos and sin `[max_positions, rope / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    interleaved: bool,
+    scale: f32,
+}
+
+/// A float weight matrix the lean path can read in place: on the CPU, contiguous, f32 / f16 /
+/// bf16, of `rows x cols`.
+fn check_matrix(t: &Tensor, rows: usize, cols: usize, what: &str) -> Result<(), String> {
+    if !t.device().is_cpu() {
+        return Err(format!("{what} is not on the CPU"));
+    }
+    if !t.is_contiguous() {
+        return Err(format!("{what}'s weight is not contiguous"));
+    }
+    if !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return Err(format!("{what} has {:?} weights", t.dtype()));
+    }
+    match t.dims2() {
+        Ok(dims) if dims == (rows, cols) => Ok(()),
+        _ => Err(format!("{what} is {:?}, not [{rows}, {cols}]", t.dims())),
+    }
+}
+
+impl Mla {
+    fn new(i: usize, d: usize, m: &LatentView<'_>) -> Result<Self, String> {
+        let proj = |l: &Linear, name: &str| Proj::new(l, &format!("layer {i} {name}"));
+        let MlaShape {
+            kv_lora_rank: rank,
+            qk_nope_head_dim: nope,
+            qk_rope_head_dim: rope,
+            v_head_dim: vd,
+            ..
+        } = m.shape;
+        let nh = m.heads;
+        let q = match m.q {
+            LatentQuery::Direct(l) => MlaQuery::Direct(proj(l, "q_proj")?),
+            LatentQuery::LowRank { a, norm, b } => MlaQuery::LowRank {
+                a: proj(a, "q_a_proj")?,
+                norm: norm_w(norm, "q_a_layernorm")?,
+                b: proj(b, "q_b_proj")?,
+            },
+        };
+        let (k_b, v_b, layout) = match m.kv_b {
+            LatentKv::Expand(l) => {
+                let what = format!("layer {i} kv_b_proj");
+                let (w, b) = l.weight_view();
+                if b.is_some() {
+                    // The absorbed form moves kv_b into the query and the output, where a bias
+                    // on the keys would need its own term; no DeepSeek checkpoint has one.
+                    return Err(format!("{what} has a bias"));
+                }
+                let w = match w {
+                    LinearWeight::Stored(t) => t.clone(),
+                    // [rank, out] f32 as converted at load: the stored layout back, once.
+                    LinearWeight::Transposed(t) => t
+                        .t()
+                        .and_then(|t| t.contiguous())
+                        .map_err(|e| format!("{what}: {e}"))?,
+                    LinearWeight::Quantized => {
+                        return Err(format!("{what} has quantised (GGUF) weights"));
+                    }
+                };
+                check_matrix(&w, nh * (nope + vd), rank, &what)?;
+                // The absorbed query is `k_half^T q_nope` per head, and the CPU kernel's f16 /
+                // bf16 products read rows: so the key half is copied once, transposed, as
+                // llama.cpp's converters store it (2 MiB a block for DeepSeek-V2-Lite, 16 MiB
+                // for V3; the value half is read in place). A column-wise bf16 loop over the
+                // stored `[nope, rank]` instead took 757 us a block for the head loop, against
+                // 614 us with the copy (V2-Lite's shapes, one run each, load average 3.5).
+                let k = w
+                    .reshape((nh, nope + vd, rank))
+                    .and_then(|t| t.narrow(1, 0, nope))
+                    .and_then(|t| t.transpose(1, 2))
+                    .and_then(|t| t.contiguous())
+                    .and_then(|t| t.reshape((nh * rank, nope)))
+                    .map_err(|e| format!("{what}: {e}"))?;
+                (k, w, KvLayout::Joint)
+            }
+            LatentKv::Absorbed { k_b, v_b } => {
+                let float = |q: &QuantMatrix, name: &str| {
+                    let what = format!("layer {i} {name}");
+                    q.float_rows()
+                        .cloned()
+                        .ok_or_else(|| format!("{what} has quantised (GGUF) weights"))
+                        .map(|t| (t, what))
+                };
+                let ((k, kw), (v, vw)) = (float(k_b, "attn_k_b")?, float(v_b, "attn_v_b")?);
+                check_matrix(&k, nh * rank, nope, &kw)?;
+                check_matrix(&v, nh * vd, rank, &vw)?;
+                if k.dtype() != v.dtype() {
+                    return Err(format!(
+                        "layer {i}: attn_k_b is {:?} but attn_v_b {:?}",
+                        k.dtype(),
+                        v.dtype()
+                    ));
+                }
+                (k, v, KvLayout::Split)
+            }
+        };
+        let (cos, sin) = rope_tables(m.rotary)?;
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let kv_b_bytes = match layout {
+            // The key rows of kv_b are read from the copy.
+            KvLayout::Joint => bytes(&v_b),
+            KvLayout::Split => bytes(&k_b) + bytes(&v_b),
+        };
+        let mla = Mla {
+            norm: norm_w(m.norm, "attention norm")?,
+            q,
+            kv_a: proj(m.kv_a, "kv_a_proj_with_mqa")?,
+            kv_norm: norm_w(m.kv_norm, "kv_a_layernorm")?,
+            k_b,
+            v_b,
+            layout,
+            kv_b_bytes,
+            o: proj(m.o, "o_proj")?,
+            heads: nh,
+            rank,
+            nope,
+            rope,
+            vd,
+            cos,
+            sin,
+            interleaved: m.interleaved,
+            scale: m.scale as f32,
+        };
+        let q_out = match &mla.q {
+            MlaQuery::Direct(p) => p.n_out,
+            MlaQuery::LowRank { a, norm, b } => {
+                if norm.w.len() != a.n_out || b.n_in != a.n_out {
+                    return Err(format!(
+                        "layer {i}: q_a_proj, q_a_layernorm and q_b_proj disagree on the rank"
+                    ));
+                }
+                b.n_out
+            }
+        };
+        if nh == 0
+            || q_out != nh * (nope + rope)
+            || mla.kv_a.n_out != rank + rope
+            || mla.kv_norm.w.len() != rank
+            || mla.o.n_in != nh * vd
+            || mla.o.n_out != d
+        {
+            return Err(format!(
+                "layer {i}: latent attention projections do not match {nh} heads of {nope} + {rope} (q, k), {vd} (v), latent {rank}"
+            ));
+        }
+        if rope == 0
+            || !rope.is_multiple_of(2)
+            || mla.cos.len() != mla.sin.len()
+            || !mla.cos.len().is_multiple_of(rope / 2)
+        {
+            return Err(format!(
+                "layer {i}: a rotary part of {rope} dimensions (the lean path needs an even, non-zero width and tables of its half)"
+            ));
+        }
+        Ok(mla)
+    }
+
+    /// The `[max_positions, rope / 2]` tables hold this many positions.
+    fn positions(&self) -> usize {
+        self.cos.len() / (self.rope / 2)
+    }
+}
+
+/// A layer's attention.
+enum LayerAttn {
+    Multi(Attn),
+    Latent(Mla),
+}
+
+/// What one layer caches per position: `heads` vectors of `k_dim` and `heads` of `v_dim` (the
+/// candle slots' `[1, heads, positions, dim]`). Latent attention caches one latent (`k`) and one
+/// rotated shared key (`v`), as the candle path does.
+#[derive(Clone, Copy)]
+struct CacheShape {
+    heads: usize,
+    k_dim: usize,
+    v_dim: usize,
+}
+
+impl LayerAttn {
+    fn cache_shape(&self) -> CacheShape {
+        match self {
+            LayerAttn::Multi(a) => CacheShape {
+                heads: a.n_kv_heads,
+                k_dim: a.head_dim,
+                v_dim: a.head_dim,
+            },
+            LayerAttn::Latent(m) => CacheShape {
+                heads: 1,
+                k_dim: m.rank,
+                v_dim: m.rope,
+            },
+        }
+    }
+
+    /// The widest vector its step writes into the shared buffers.
+    fn widest(&self) -> usize {
+        match self {
+            LayerAttn::Multi(a) => (a.n_heads * a.head_dim).max(a.n_kv_heads * a.head_dim),
+            LayerAttn::Latent(m) => {
+                let q = match &m.q {
+                    MlaQuery::Direct(p) => p.n_out,
+                    MlaQuery::LowRank { a, b, .. } => a.n_out.max(b.n_out),
+                };
+                q.max(m.kv_a.n_out).max(m.heads * m.vd)
+            }
+        }
+    }
+}
+
 enum Ffn {
     Dense {
         norm: NormW,
@@ -272,7 +576,7 @@ struct Shared {
 }
 
 struct Layer {
-    attn: Attn,
+    attn: LayerAttn,
     ffn: Ffn,
 }
 
@@ -291,7 +595,8 @@ pub(crate) struct LeanDecoder {
     head: Proj,
     /// Widest intermediate vector (q, FFN hidden, shared expert hidden).
     widest: usize,
-    kv_width: Vec<usize>,
+    /// What each layer caches per position.
+    cache: Vec<CacheShape>,
 }
 
 /// One layer's cached keys and values, position-major: position `p` is `[p * width, (p + 1) *
@@ -320,6 +625,9 @@ pub(crate) struct LeanState {
     y: Vec<f32>,
     tmp: Vec<f32>,
     scores: Vec<f32>,
+    /// Latent attention's scratch, one run per thread: the query taken into the latent space,
+    /// the attention output still latent, and the scores.
+    heads: Vec<f32>,
     router: Vec<f32>,
     pub(crate) logits: Vec<f32>,
 }
@@ -333,6 +641,20 @@ impl LeanState {
         }
         self.len = 0;
     }
+}
+
+/// A norm's vectors copied, or why not (for [`DecodePath::Candle`]).
+fn norm_w(n: &Norm, what: &str) -> Result<NormW, String> {
+    NormW::new(n).map_err(|e| format!("{what}: {e}"))
+}
+
+/// A rotary's cos and sin tables copied to the host.
+fn rope_tables(r: &Rotary) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let (c, s) = r.tables();
+    Ok((
+        host_vec(c).map_err(err("rotary tables"))?,
+        host_vec(s).map_err(err("rotary tables"))?,
+    ))
 }
 
 /// Describes a candle error with the part it happened in (for [`DecodePath::Candle`]).
@@ -374,72 +696,24 @@ impl LeanDecoder {
             .map(host_vec)
             .transpose()
             .map_err(err("position table"))?;
-        let norm = |n: &Norm, what: &str| NormW::new(n).map_err(|e| format!("{what}: {e}"));
         let mut layers = Vec::with_capacity(blocks.len());
         let mut widest = d;
-        let mut kv_width = Vec::with_capacity(blocks.len());
+        let mut cache = Vec::with_capacity(blocks.len());
         for (i, block) in blocks.iter().enumerate() {
-            let a = match block.attention() {
-                BlockAttention::Multi(a) => a.parts(),
-                BlockAttention::Latent(_) => {
-                    return Err(format!("layer {i} has multi-head latent attention"));
-                }
-            };
             let proj = |l: &Linear, name: &str| Proj::new(l, &format!("layer {i} {name}"));
-            let rope = a
-                .rotary
-                .map(|r| {
-                    let (c, s) = r.tables();
-                    Ok::<_, candle_core::Error>((host_vec(c)?, host_vec(s)?))
-                })
-                .transpose()
-                .map_err(err("rotary tables"))?;
-            let qk_norm = match a.qk_norm {
-                None => None,
-                Some(QkNorm::PerHead { q, k }) => Some(QkNormW::PerHead {
-                    q: norm(q, "q norm")?,
-                    k: norm(k, "k norm")?,
-                }),
-                Some(QkNorm::Full { q, k }) => Some(QkNormW::Full {
-                    q: norm(q, "q norm")?,
-                    k: norm(k, "k norm")?,
-                }),
+            let attn = match block.attention() {
+                BlockAttention::Multi(a) => LayerAttn::Multi(Attn::new(i, a.parts())?),
+                BlockAttention::Latent(m) => LayerAttn::Latent(Mla::new(i, d, &m.parts())?),
             };
-            let attn = Attn {
-                norm: norm(a.norm, "attention norm")?,
-                q: proj(a.q, "q_proj")?,
-                k: proj(a.k, "k_proj")?,
-                v: proj(a.v, "v_proj")?,
-                o: proj(a.o, "o_proj")?,
-                n_heads: a.n_heads,
-                n_kv_heads: a.n_kv_heads,
-                head_dim: a.head_dim,
-                rope,
-                qk_norm,
-                window: a.sliding_window,
-                sinks: a.sinks.map(host_vec).transpose().map_err(err("sinks"))?,
-            };
-            let (qw, kvw) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
-            if attn.q.n_out != qw || attn.k.n_out != kvw || attn.v.n_out != kvw {
-                return Err(format!(
-                    "layer {i}: projections do not match the head counts"
-                ));
-            }
-            if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
-                return Err(format!(
-                    "layer {i}: {} heads over {} kv heads",
-                    a.n_heads, a.n_kv_heads
-                ));
-            }
-            widest = widest.max(qw).max(kvw);
-            kv_width.push(kvw);
+            widest = widest.max(attn.widest());
+            cache.push(attn.cache_shape());
             let ffn = match block.ffn() {
                 BlockFfn::Dense(f) => {
                     let (n, up, gate, down, act) = f.parts();
                     let up = proj(up, "ffn up")?;
                     widest = widest.max(up.n_out);
                     Ffn::Dense {
-                        norm: norm(n, "ffn norm")?,
+                        norm: norm_w(n, "ffn norm")?,
                         up,
                         gate: gate.map(|g| proj(g, "ffn gate")).transpose()?,
                         down: proj(down, "ffn down")?,
@@ -471,7 +745,7 @@ impl LeanDecoder {
                         }
                     };
                     Ffn::Moe {
-                        norm: norm(p.norm, "moe norm")?,
+                        norm: norm_w(p.norm, "moe norm")?,
                         router_t,
                         router_b: p
                             .router_b
@@ -495,10 +769,10 @@ impl LeanDecoder {
             tokens: tokens.clone(),
             positions,
             layers,
-            final_norm: norm(final_norm, "final norm")?,
+            final_norm: norm_w(final_norm, "final norm")?,
             head,
             widest,
-            kv_width,
+            cache,
         })
     }
 
@@ -512,8 +786,16 @@ impl LeanDecoder {
         };
         let mut dense = p(&self.head) + self.d * self.tokens.dtype().size_in_bytes();
         for l in &self.layers {
-            let a = &l.attn;
-            dense += p(&a.q) + p(&a.k) + p(&a.v) + p(&a.o);
+            dense += match &l.attn {
+                LayerAttn::Multi(a) => p(&a.q) + p(&a.k) + p(&a.v) + p(&a.o),
+                LayerAttn::Latent(m) => {
+                    let q = match &m.q {
+                        MlaQuery::Direct(q) => p(q),
+                        MlaQuery::LowRank { a, b, .. } => p(a) + p(b),
+                    };
+                    q + p(&m.kv_a) + m.kv_b_bytes + p(&m.o)
+                }
+            };
             dense += match &l.ffn {
                 Ffn::Dense { up, gate, down, .. } => p(up) + gate.as_ref().map_or(0, p) + p(down),
                 Ffn::Moe {
@@ -562,22 +844,35 @@ impl LeanDecoder {
             .max()
             .unwrap_or(0);
         grow(&mut s.router, e);
+        let rank = (self.layers.iter())
+            .filter_map(|l| match &l.attn {
+                LayerAttn::Latent(m) => Some(m.rank),
+                LayerAttn::Multi(_) => None,
+            })
+            .max();
+        if let Some(rank) = rank {
+            let parts = rayon::current_num_threads();
+            grow(&mut s.heads, parts * head_scratch(rank, self.max_positions));
+        }
         if s.kv.len() != self.layers.len() {
             s.kv = (0..self.layers.len()).map(|_| LayerKv::default()).collect();
             // Room for every position up front when that is small (the embedded model: 1 MiB),
             // so that no step reallocates; large contexts grow as they fill.
-            let total: usize = self.kv_width.iter().sum::<usize>() * 2 * 4 * self.max_positions;
-            if total <= 64 << 20 {
-                for (kv, &w) in s.kv.iter_mut().zip(&self.kv_width) {
-                    kv.k.reserve_exact(w * self.max_positions);
-                    kv.v.reserve_exact(w * self.max_positions);
+            let per_position: usize = (self.cache.iter())
+                .map(|c| c.heads * (c.k_dim + c.v_dim))
+                .sum();
+            if per_position * 4 * self.max_positions <= 64 << 20 {
+                for (kv, c) in s.kv.iter_mut().zip(&self.cache) {
+                    kv.k.reserve_exact(c.heads * c.k_dim * self.max_positions);
+                    kv.v.reserve_exact(c.heads * c.v_dim * self.max_positions);
                 }
             }
         }
     }
 
     /// Copies every cached position of the candle path's slots (`[1, kv_heads, positions,
-    /// head_dim]` each) into `s`, replacing what it held.
+    /// head_dim]` each; latent attention: `[1, 1, positions, rank]` latents and `[1, 1,
+    /// positions, rope]` rotated keys) into `s`, replacing what it held.
     pub(crate) fn load_from_slots(
         &self,
         s: &mut LeanState,
@@ -585,19 +880,26 @@ impl LeanDecoder {
         len: usize,
     ) -> Result<()> {
         self.prepare(s);
-        for (kv, slot) in s.kv.iter_mut().zip(slots) {
+        for (li, ((kv, slot), c)) in s.kv.iter_mut().zip(slots).zip(&self.cache).enumerate() {
             kv.k.clear();
             kv.v.clear();
             if let Some((k, v)) = slot.get() {
-                // [1, heads, pos, hd] -> [pos, heads * hd]
-                let flat = |t: &Tensor| -> candle_core::Result<Vec<f32>> {
-                    t.transpose(1, 2)?
+                // [1, heads, pos, dim] -> [pos, heads * dim]
+                let flat = |t: &Tensor, dim: usize| -> Result<Vec<f32>> {
+                    if t.dims() != [1, c.heads, len, dim] {
+                        bail!(
+                            "layer {li}'s cache is {:?}, not [1, {}, {len}, {dim}]",
+                            t.dims(),
+                            c.heads
+                        );
+                    }
+                    Ok(t.transpose(1, 2)?
                         .contiguous()?
                         .flatten_all()?
-                        .to_vec1::<f32>()
+                        .to_vec1::<f32>()?)
                 };
-                kv.k.extend_from_slice(&flat(k)?);
-                kv.v.extend_from_slice(&flat(v)?);
+                kv.k.extend_from_slice(&flat(k, c.k_dim)?);
+                kv.v.extend_from_slice(&flat(v, c.v_dim)?);
             }
         }
         s.len = len;
@@ -611,14 +913,14 @@ impl LeanDecoder {
         slots: &mut [super::blocks::KvSlot],
         device: &Device,
     ) -> Result<()> {
-        for ((kv, slot), l) in s.kv.iter().zip(slots).zip(&self.layers) {
-            let (h, hd) = (l.attn.n_kv_heads, l.attn.head_dim);
-            let t = |v: &[f32]| -> candle_core::Result<Tensor> {
-                Tensor::from_slice(&v[..s.len * h * hd], (1, s.len, h, hd), device)?
+        for ((kv, slot), c) in s.kv.iter().zip(slots).zip(&self.cache) {
+            let h = c.heads;
+            let t = |v: &[f32], dim: usize| -> candle_core::Result<Tensor> {
+                Tensor::from_slice(&v[..s.len * h * dim], (1, s.len, h, dim), device)?
                     .transpose(1, 2)?
                     .contiguous()
             };
-            slot.set(t(&kv.k)?, t(&kv.v)?);
+            slot.set(t(&kv.k, c.k_dim)?, t(&kv.v, c.v_dim)?);
         }
         Ok(())
     }
@@ -646,7 +948,10 @@ impl LeanDecoder {
         let mut head_ns = head_start.elapsed().as_nanos() as u64;
         for (li, layer) in self.layers.iter().enumerate() {
             let t0 = Instant::now();
-            self.attention(&layer.attn, li, pos, s)?;
+            match &layer.attn {
+                LayerAttn::Multi(a) => self.attention(a, li, pos, s)?,
+                LayerAttn::Latent(m) => self.latent_attention(m, li, pos, s)?,
+            }
             trace.blocks[li].attention_ns = t0.elapsed().as_nanos() as u64;
             match &layer.ffn {
                 Ffn::Dense {
@@ -813,12 +1118,7 @@ impl LeanDecoder {
                 &sin[pos * half..(pos + 1) * half],
             );
             for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a1, a2) = (x1[i], x2[i]);
-                    x1[i] = a1 * c[i] - a2 * sn[i];
-                    x2[i] = a2 * c[i] + a1 * sn[i];
-                }
+                rotate_half(head, c, sn);
             }
         }
         let kv = &mut s.kv[li];
@@ -870,6 +1170,251 @@ impl LeanDecoder {
         add(&mut s.x[..d], &s.y[..d]);
         Ok(())
     }
+
+    /// The latent attention sublayer (DeepSeek) for the token at `pos`: `s.x += o(attn(...))`,
+    /// its normalised latent and rotated shared key appended to layer `li`'s cache (what the
+    /// candle path caches, so the two halves of a [`KvCache`](super::KvCache) convert as for
+    /// plain attention).
+    ///
+    /// Computed absorbed, as DeepSeek's own inference code and llama.cpp do: per head, `q_nope ·
+    /// (W_k latent_j) = (W_k^T q_nope) · latent_j` and `sum_j p_j (W_v latent_j) = W_v (sum_j p_j
+    /// latent_j)`, so the query enters the latent space once and the output leaves it once. The
+    /// candle path expands every cached latent through `kv_b` at every step instead: `keys *
+    /// heads * (nope + vd) * rank` multiply-adds, growing with the context, and per-head keys and
+    /// values written and read back. Absorbed, a step reads and multiplies `kv_b` once (`heads *
+    /// (nope + vd) * rank`) whatever the context, and a cached position costs each head `2 *
+    /// rank + rope` multiply-adds (its score and its share of the output).
+    fn latent_attention(&self, m: &Mla, li: usize, pos: usize, s: &mut LeanState) -> Result<()> {
+        let d = self.d;
+        let (nh, rank, nope, rope, vd) = (m.heads, m.rank, m.nope, m.rope, m.vd);
+        let qk = nope + rope;
+        if pos >= m.positions() {
+            bail!(
+                "position {pos} is past layer {li}'s rotary tables ({} positions)",
+                m.positions()
+            );
+        }
+        m.norm.apply(&s.x[..d], &mut s.a[..d]);
+        match &m.q {
+            MlaQuery::Direct(p) => p.apply(&s.a, &mut s.q)?,
+            MlaQuery::LowRank { a, norm, b } => {
+                a.apply(&s.a, &mut s.h1)?;
+                norm.apply(&s.h1[..a.n_out], &mut s.h2[..a.n_out]);
+                b.apply(&s.h2, &mut s.q)?;
+            }
+        }
+        m.kv_a.apply(&s.a, &mut s.k)?;
+        let half = rope / 2;
+        let (c, sn) = (
+            &m.cos[pos * half..(pos + 1) * half],
+            &m.sin[pos * half..(pos + 1) * half],
+        );
+        for head in s.q[..nh * qk].chunks_exact_mut(qk) {
+            rotate_latent(&mut head[nope..], c, sn, m.interleaved, &mut s.tmp);
+        }
+        let (latent, k_rope) = s.k[..rank + rope].split_at_mut(rank);
+        m.kv_norm.apply_in_place(latent, &mut s.tmp);
+        rotate_latent(k_rope, c, sn, m.interleaved, &mut s.tmp);
+        let kv = &mut s.kv[li];
+        if kv.k.len() != pos * rank || kv.v.len() != pos * rope {
+            bail!("layer {li}'s latent cache is out of step with position {pos}");
+        }
+        kv.k.extend_from_slice(latent);
+        kv.v.extend_from_slice(k_rope);
+        let keys = pos + 1;
+        // The head loop streams kv_b and, per head, the cached latents twice: split over the
+        // threads on the same rule as one large product.
+        let bytes = m.kv_b_bytes + nh * keys * (2 * rank + rope) * 4;
+        let stride = head_scratch(rank, keys);
+        let parts = if SPLIT_MIN_BYTES.is_some_and(|min| bytes >= min) {
+            rayon::current_num_threads()
+                .min(nh)
+                .min(s.heads.len() / stride)
+        } else {
+            1
+        };
+        let cached = Cached {
+            latents: &kv.k,
+            k_ropes: &kv.v,
+            keys,
+        };
+        m.all_heads(
+            &s.q[..nh * qk],
+            &cached,
+            &mut s.heads,
+            &mut s.ctx[..nh * vd],
+            parts.max(1),
+        )?;
+        m.o.apply(&s.ctx, &mut s.y)?;
+        add(&mut s.x[..d], &s.y[..d]);
+        Ok(())
+    }
+}
+
+/// Floats of one thread's latent attention scratch for `keys` keys: see [`LeanState::heads`].
+fn head_scratch(rank: usize, keys: usize) -> usize {
+    2 * rank + keys + 1
+}
+
+/// One layer's cached latents (`[keys, rank]`) and rotated shared keys (`[keys, rope]`).
+struct Cached<'a> {
+    latents: &'a [f32],
+    k_ropes: &'a [f32],
+    keys: usize,
+}
+
+impl Mla {
+    /// Every head's attention output (`ctx`, `[heads * vd]`) from the rotated queries (`q`,
+    /// `[heads * (nope + rope)]`), on `parts` threads (each a contiguous run of heads and its own
+    /// scratch run of `scratch`). A head's arithmetic is the same whatever `parts`.
+    fn all_heads(
+        &self,
+        q: &[f32],
+        cached: &Cached<'_>,
+        scratch: &mut [f32],
+        ctx: &mut [f32],
+        parts: usize,
+    ) -> Result<()> {
+        let (ks, kl) = self.k_b.storage_and_layout();
+        let (vs, vl) = self.v_b.storage_and_layout();
+        let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+            bail!("a weight left the CPU");
+        };
+        let (kr, vr) = (offsets(kl)?, offsets(vl)?);
+        macro_rules! run {
+            ($t:ty) => {{
+                let k = &kc.as_slice::<$t>()?[kr];
+                let v = &vc.as_slice::<$t>()?[vr];
+                self.heads_on::<$t>(k, v, q, cached, scratch, ctx, parts);
+            }};
+        }
+        match self.k_b.dtype() {
+            DType::F32 => run!(f32),
+            DType::F16 => run!(half::f16),
+            DType::BF16 => run!(half::bf16),
+            other => bail!("{other:?} kv_b on the lean decode path"),
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn heads_on<E: MatvecWeight>(
+        &self,
+        k: &[E],
+        v: &[E],
+        q: &[f32],
+        cached: &Cached<'_>,
+        scratch: &mut [f32],
+        ctx: &mut [f32],
+        parts: usize,
+    ) {
+        let vd = self.vd;
+        let stride = head_scratch(self.rank, cached.keys);
+        let per = self.heads.div_ceil(parts);
+        let run = |h0: usize, ctx: &mut [f32], scratch: &mut [f32]| {
+            for (i, out) in ctx.chunks_exact_mut(vd).enumerate() {
+                self.head(h0 + i, k, v, q, cached, scratch, out);
+            }
+        };
+        if parts <= 1 {
+            return run(0, ctx, &mut scratch[..stride]);
+        }
+        let run = &run;
+        rayon::in_place_scope(|sc| {
+            let mut chunks = ctx.chunks_mut(per * vd).zip(scratch.chunks_mut(stride));
+            let first = chunks.next();
+            for (i, (c, s)) in chunks.enumerate() {
+                sc.spawn(move |_| run((i + 1) * per, c, s));
+            }
+            if let Some((c, s)) = first {
+                run(0, c, s);
+            }
+        });
+    }
+
+    /// Head `h`'s attention output `out` (`[vd]`), absorbed (see
+    /// [`LeanDecoder::latent_attention`]).
+    #[allow(clippy::too_many_arguments)]
+    fn head<E: MatvecWeight>(
+        &self,
+        h: usize,
+        k: &[E],
+        v: &[E],
+        q: &[f32],
+        cached: &Cached<'_>,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (rank, nope, rope, vd) = (self.rank, self.nope, self.rope, self.vd);
+        let qk = nope + rope;
+        let (q_nope, q_rope) = q[h * qk..(h + 1) * qk].split_at(nope);
+        let (q_abs, rest) = scratch.split_at_mut(rank);
+        let (ctx_lat, scores) = rest.split_at_mut(rank);
+        matvec_rows(&k[h * rank * nope..(h + 1) * rank * nope], q_nope, q_abs);
+        let v0 = match self.layout {
+            KvLayout::Joint => (h * (nope + vd) + nope) * rank,
+            KvLayout::Split => h * vd * rank,
+        };
+        let v_h = &v[v0..v0 + vd * rank];
+        let scores = &mut scores[..cached.keys];
+        let keys = cached
+            .latents
+            .chunks_exact(rank)
+            .zip(cached.k_ropes.chunks_exact(rope));
+        for (sc, (lat, kr)) in scores.iter_mut().zip(keys) {
+            *sc = (dot(q_abs, lat) + dot(q_rope, kr)) * self.scale;
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let inv = 1.0 / sum;
+        ctx_lat.fill(0.0);
+        for (&p, lat) in scores.iter().zip(cached.latents.chunks_exact(rank)) {
+            let w = p * inv;
+            for (o, &l) in ctx_lat.iter_mut().zip(lat) {
+                *o += w * l;
+            }
+        }
+        matvec_rows(v_h, ctx_lat, out);
+    }
+}
+
+/// A weight's element range in its CPU storage.
+fn offsets(layout: &candle_core::Layout) -> Result<std::ops::Range<usize>> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .context("a weight is not contiguous")?;
+    Ok(start..end)
+}
+
+/// Rotates `x` by one position's `cos` and `sin` (`[x.len() / 2]` each), pairing `(i, i + n/2)`
+/// as candle's `rope` does.
+fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at_mut(half);
+    for i in 0..half {
+        let (a1, a2) = (x1[i], x2[i]);
+        x1[i] = a1 * cos[i] - a2 * sin[i];
+        x2[i] = a2 * cos[i] + a1 * sin[i];
+    }
+}
+
+/// One latent attention head's rotary part rotated in place, as `LatentAttention::rotate` does
+/// it: when `interleaved`, the adjacent pairs `(2i, 2i + 1)` are first laid out as halves (evens,
+/// then odds), so that the keys cached here are the very vectors the candle path caches.
+fn rotate_latent(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool, tmp: &mut [f32]) {
+    if interleaved {
+        let (n, half) = (x.len(), x.len() / 2);
+        tmp[..n].copy_from_slice(x);
+        for i in 0..half {
+            x[i] = tmp[2 * i];
+            x[half + i] = tmp[2 * i + 1];
+        }
+    }
+    rotate_half(x, cos, sin);
 }
 
 /// `w_t` (`[n_in, n_out]` f32) as `[n_out, n_in]` f16, if every value converts exactly.
@@ -914,4 +1459,230 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    const NH: usize = 4;
+    const RANK: usize = 16;
+    const NOPE: usize = 8;
+    const ROPE: usize = 6;
+    const VD: usize = 12;
+    const D: usize = 10;
+    const KEYS: usize = 5;
+    const SCALE: f64 = 0.3;
+
+    /// Deterministic values in [-1, 1).
+    fn vals(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 + seed * 104_729 + 13) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    fn linear(rows: usize, cols: usize, seed: usize) -> Linear {
+        let t = Tensor::from_vec(vals(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+        Linear::stored(t, None).unwrap()
+    }
+
+    /// Head outputs from the expanded form, in f64: every latent through the key and value rows of
+    /// `kv_b` (`[NH * (NOPE + VD), RANK]`), as the candle path computes them.
+    fn expanded(kv_b: &[f32], q: &[f32], latents: &[f32], k_ropes: &[f32]) -> Vec<f64> {
+        let row = |r: usize, x: &[f32]| -> f64 {
+            (0..RANK)
+                .map(|c| f64::from(kv_b[r * RANK + c]) * f64::from(x[c]))
+                .sum()
+        };
+        let mut out = vec![0f64; NH * VD];
+        for h in 0..NH {
+            let qh = &q[h * (NOPE + ROPE)..(h + 1) * (NOPE + ROPE)];
+            let base = h * (NOPE + VD);
+            let scores: Vec<f64> = (0..KEYS)
+                .map(|j| {
+                    let lat = &latents[j * RANK..(j + 1) * RANK];
+                    let nope: f64 = (0..NOPE)
+                        .map(|i| f64::from(qh[i]) * row(base + i, lat))
+                        .sum();
+                    let rope: f64 = (0..ROPE)
+                        .map(|i| f64::from(qh[NOPE + i]) * f64::from(k_ropes[j * ROPE + i]))
+                        .sum();
+                    (nope + rope) * SCALE
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (j, p) in e.iter().enumerate() {
+                let lat = &latents[j * RANK..(j + 1) * RANK];
+                for c in 0..VD {
+                    out[h * VD + c] += p / sum * row(base + NOPE + c, lat);
+                }
+            }
+        }
+        out
+    }
+
+    /// The absorbed head loop (both kv_b layouts, f32 and bf16, on one and on three threads)
+    /// against the expanded form, and the same bits whatever the number of threads.
+    #[test]
+    fn absorbed_heads_match_the_expanded_form_in_both_layouts() {
+        let dev = Device::Cpu;
+        let q = vals(NH * (NOPE + ROPE), 1);
+        let latents = vals(KEYS * RANK, 2);
+        let k_ropes = vals(KEYS * ROPE, 3);
+        let joint = vals(NH * (NOPE + VD) * RANK, 4);
+        let rotary = Rotary::like_transformers(ROPE, 8, 10000.0, &dev).unwrap();
+        let norm = |n: usize| Norm::new(Tensor::ones(n, DType::F32, &dev).unwrap(), None, 1e-6);
+        let (attn_norm, kv_norm) = (norm(D), norm(RANK));
+        let (q_proj, kv_a, o) = (
+            LatentQuery::Direct(linear(NH * (NOPE + ROPE), D, 5)),
+            linear(RANK + ROPE, D, 6),
+            linear(D, NH * VD, 7),
+        );
+        // llama.cpp's split of the same weight: k_b[h * RANK + r][i] = kv_b[h * (NOPE + VD) + i][r].
+        let mut k_b = vec![0f32; NH * RANK * NOPE];
+        let mut v_b = vec![0f32; NH * VD * RANK];
+        for h in 0..NH {
+            for r in 0..RANK {
+                for i in 0..NOPE {
+                    k_b[(h * RANK + r) * NOPE + i] = joint[(h * (NOPE + VD) + i) * RANK + r];
+                }
+            }
+            for c in 0..VD {
+                let from = (h * (NOPE + VD) + NOPE + c) * RANK;
+                v_b[(h * VD + c) * RANK..(h * VD + c + 1) * RANK]
+                    .copy_from_slice(&joint[from..from + RANK]);
+            }
+        }
+        let cached = Cached {
+            latents: &latents,
+            k_ropes: &k_ropes,
+            keys: KEYS,
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            let t = |v: &[f32], rows: usize, cols: usize| {
+                Tensor::from_slice(v, (rows, cols), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            // The reference sees the weights as rounded to the dtype.
+            let rounded = t(&joint, NH * (NOPE + VD), RANK)
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = expanded(&rounded, &q, &latents, &k_ropes);
+            let layouts = [
+                (
+                    KvLayout::Joint,
+                    LatentKv::Expand(
+                        Linear::stored(t(&joint, NH * (NOPE + VD), RANK), None).unwrap(),
+                    ),
+                ),
+                (
+                    KvLayout::Split,
+                    LatentKv::Absorbed {
+                        k_b: Arc::new(QuantMatrix::float(t(&k_b, NH * RANK, NOPE)).unwrap()),
+                        v_b: Arc::new(QuantMatrix::float(t(&v_b, NH * VD, RANK)).unwrap()),
+                    },
+                ),
+            ];
+            for (layout, kv_b) in &layouts {
+                let view = LatentView {
+                    norm: &attn_norm,
+                    q: &q_proj,
+                    kv_a: &kv_a,
+                    kv_norm: &kv_norm,
+                    kv_b,
+                    o: &o,
+                    heads: NH,
+                    shape: MlaShape {
+                        q_lora_rank: None,
+                        kv_lora_rank: RANK,
+                        qk_nope_head_dim: NOPE,
+                        qk_rope_head_dim: ROPE,
+                        v_head_dim: VD,
+                    },
+                    rotary: &rotary,
+                    interleaved: true,
+                    scale: SCALE,
+                };
+                let mla = Mla::new(0, D, &view).unwrap();
+                assert_eq!(mla.layout, *layout);
+                let mut outs = Vec::new();
+                for parts in [1, 3] {
+                    let mut scratch = vec![0f32; parts * head_scratch(RANK, KEYS)];
+                    let mut ctx = vec![0f32; NH * VD];
+                    mla.all_heads(&q, &cached, &mut scratch, &mut ctx, parts)
+                        .unwrap();
+                    for (i, (&g, &w)) in ctx.iter().zip(&want).enumerate() {
+                        let err = (f64::from(g) - w).abs() / (1.0 + w.abs());
+                        assert!(
+                            err < 1e-5,
+                            "{dtype:?} {layout:?} {parts} threads, output {i}: {g} vs {w}"
+                        );
+                    }
+                    outs.push(ctx);
+                }
+                assert_eq!(
+                    outs[0], outs[1],
+                    "{dtype:?} {layout:?}: threads changed bits"
+                );
+            }
+        }
+    }
+
+    /// A quantised key/value weight keeps the candle path, and says which.
+    #[test]
+    fn quantised_split_kv_b_is_refused_with_its_name() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let dev = Device::Cpu;
+        let q8 = |rows: usize, cols: usize| {
+            let t = Tensor::from_vec(vals(rows * cols, 9), (rows, cols), &dev).unwrap();
+            Arc::new(
+                QuantMatrix::ggml(Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap()))
+                    .unwrap(),
+            )
+        };
+        let rotary = Rotary::like_transformers(ROPE, 8, 10000.0, &dev).unwrap();
+        let norm = |n: usize| Norm::new(Tensor::ones(n, DType::F32, &dev).unwrap(), None, 1e-6);
+        let (attn_norm, kv_norm) = (norm(D), norm(RANK));
+        let q_proj = LatentQuery::Direct(linear(NH * (NOPE + ROPE), D, 5));
+        let (kv_a, o) = (linear(RANK + ROPE, D, 6), linear(D, NH * VD, 7));
+        // Rows of 32 values for Q8_0's blocks: RANK 16 would not quantise, so v_b is [NH * VD, 32]
+        // and the shape check would fire after the dtype one; only the dtype matters here.
+        let kv_b = LatentKv::Absorbed {
+            k_b: q8(NH * RANK, 32),
+            v_b: q8(NH * VD, 32),
+        };
+        let view = LatentView {
+            norm: &attn_norm,
+            q: &q_proj,
+            kv_a: &kv_a,
+            kv_norm: &kv_norm,
+            kv_b: &kv_b,
+            o: &o,
+            heads: NH,
+            shape: MlaShape {
+                q_lora_rank: None,
+                kv_lora_rank: RANK,
+                qk_nope_head_dim: NOPE,
+                qk_rope_head_dim: ROPE,
+                v_head_dim: VD,
+            },
+            rotary: &rotary,
+            interleaved: true,
+            scale: SCALE,
+        };
+        let Err(why) = Mla::new(3, D, &view) else {
+            panic!("quantised k_b accepted");
+        };
+        assert_eq!(why, "layer 3 attn_k_b has quantised (GGUF) weights");
+    }
 }

@@ -168,6 +168,16 @@ impl QuantMatrix {
         self.cols
     }
 
+    /// The matrix as a `[rows, cols]` tensor in its stored float dtype, when it is kept as one
+    /// (an F32 GGUF tensor, or one widened at load): code that multiplies on plain slices (the
+    /// lean decode path, `model::decode`) reads it in place. `None` for quantised blocks.
+    pub fn float_rows(&self) -> Option<&Tensor> {
+        match &self.kind {
+            Kind::Float(t) => Some(t),
+            _ => None,
+        }
+    }
+
     /// The stored type, as a name for messages and `inspect`.
     pub fn type_name(&self) -> String {
         match &self.kind {

@@ -86,7 +86,51 @@ pub struct LatentParts {
     pub o: Linear,
 }
 
+/// Every part of a [`LatentAttention`], borrowed (for the lean decode path, `model::decode`).
+pub struct LatentView<'a> {
+    /// Pre-norm.
+    pub norm: &'a Norm,
+    /// Query projection.
+    pub q: &'a LatentQuery,
+    /// `kv_a_proj_with_mqa`: width -> kv_lora_rank + qk_rope_head_dim.
+    pub kv_a: &'a Linear,
+    /// `kv_a_layernorm` over the latent.
+    pub kv_norm: &'a Norm,
+    /// `kv_b_proj` or its split form.
+    pub kv_b: &'a LatentKv,
+    /// `o_proj`.
+    pub o: &'a Linear,
+    /// Query heads.
+    pub heads: usize,
+    /// The latent sizes.
+    pub shape: MlaShape,
+    /// Rotary tables of `qk_rope_head_dim` (YaRN's factor already in cos and sin).
+    pub rotary: &'a Rotary,
+    /// Rotary pairs are adjacent dimensions, laid out as halves before rotating (see
+    /// [`LatentAttention::new`]).
+    pub interleaved: bool,
+    /// Multiplier of the query-key products.
+    pub scale: f64,
+}
+
 impl LatentAttention {
+    /// Every part, borrowed.
+    pub fn parts(&self) -> LatentView<'_> {
+        LatentView {
+            norm: &self.norm,
+            q: &self.q,
+            kv_a: &self.kv_a,
+            kv_norm: &self.kv_norm,
+            kv_b: &self.kv_b,
+            o: &self.o,
+            heads: self.heads,
+            shape: self.shape,
+            rotary: &self.rotary,
+            interleaved: self.interleaved,
+            scale: self.scale,
+        }
+    }
+
     /// Assembles the sublayer. `rotary` has tables of `qk_rope_head_dim`; `interleaved` when the
     /// checkpoint pairs rotary dimensions `(2i, 2i + 1)` (V2; V3's `rope_interleave`) rather than
     /// `(i, i + d/2)`; `scale` multiplies the query-key products (`qk_head_dim^-0.5`, times YaRN's

@@ -22,7 +22,7 @@ pub use block::{Block, BlockAttention, BlockFfn};
 pub use embedding::Embedding;
 pub use ffn::Ffn;
 pub use linear::{Linear, LinearWeight};
-pub use mla::{LatentAttention, LatentKv, LatentParts, LatentQuery};
+pub use mla::{LatentAttention, LatentKv, LatentParts, LatentQuery, LatentView};
 pub use moe_block::{MoeBlock, MoeParts, SharedExpert};
 pub use norm::Norm;
 
