@@ -141,13 +141,13 @@ struct Proj {
 }
 
 /// A stored-layout weight of at least this many bytes is multiplied on every rayon thread.
-/// `xmoe-top bench`'s "Splitting" table times one product repeated, so a product of 8.4 MB sits
-/// in the 32 MiB L3 after the first call, and there splitting never gained (0.58-1.15x). In a
-/// decode step every weight comes from memory once, and there it does: OLMoE-1B-7B's attention
-/// (64 products of 8.4 MB per token) took 41 ms on one thread and 28 ms split (docs/benchmarks.md,
-/// "Experts read in place"). Products under 4 MiB (every one of the embedded model and of the
-/// d-1024 peers) stay on the calling thread, where the hand-off would cost more than it saves.
-pub const SPLIT_MIN_BYTES: Option<usize> = Some(4 << 20);
+/// `xmoe-top bench`'s "Splitting" table times each size twice: repeated (the weight stays in the
+/// caches, as a small model's do) and from memory (a cycle over copies 4x the L3, as a large
+/// model's decode step reads them). From memory, splitting gained 1.43x at 1 MB and 1.6x from
+/// 8.4 MB up on a quiet machine; in cache, 1 MB lost (0.90x) and 8.4 MB gained 1.34x
+/// (docs/benchmarks.md, "Experts read in place"). Products under 1 MiB (every one of the embedded
+/// model's) stay on the calling thread, where the hand-off costs more than it saves.
+pub const SPLIT_MIN_BYTES: Option<usize> = Some(1 << 20);
 
 impl Proj {
     fn new(l: &Linear, what: &str) -> Result<Self, String> {
