@@ -578,17 +578,7 @@ fn in_place_layer(
     let mut buf = Vec::with_capacity(3 * e * hd * dtype.bytes());
     let mut put = |v: &[f32]| {
         let at = buf.len();
-        for &x in v {
-            match dtype {
-                WeightDtype::F32 => buf.extend_from_slice(&x.to_le_bytes()),
-                WeightDtype::F16 => {
-                    buf.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
-                }
-                WeightDtype::Bf16 => {
-                    buf.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes())
-                }
-            }
-        }
+        dtype.encode(v, &mut buf);
         RowRef {
             source: 0,
             offset: at,

@@ -91,6 +91,23 @@ impl WeightDtype {
             WeightDtype::F16 | WeightDtype::Bf16 => 2,
         }
     }
+
+    /// Appends `values` rounded to this precision (to nearest, ties to even) as little-endian
+    /// bytes: the form a checkpoint stores them in, which [`PackedExperts::from_rows`] reads.
+    pub fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        out.reserve(values.len() * self.bytes());
+        for &x in values {
+            match self {
+                WeightDtype::F32 => out.extend_from_slice(&x.to_le_bytes()),
+                WeightDtype::F16 => {
+                    out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
+                }
+                WeightDtype::Bf16 => {
+                    out.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes())
+                }
+            }
+        }
+    }
 }
 
 /// An element type [`PackedExperts`] can keep: `f32`, [`half::f16`] or [`half::bf16`].

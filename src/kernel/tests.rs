@@ -687,17 +687,7 @@ fn in_place(raw: &Raw, dtype: WeightDtype) -> (Raw, PackedExperts) {
     let push = |buf: &mut Vec<u8>, v: &[f32]| -> usize {
         buf.push(0xA5);
         let at = buf.len();
-        for &x in v {
-            match dtype {
-                WeightDtype::F32 => buf.extend_from_slice(&x.to_le_bytes()),
-                WeightDtype::F16 => {
-                    buf.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes())
-                }
-                WeightDtype::Bf16 => {
-                    buf.extend_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes())
-                }
-            }
-        }
+        dtype.encode(v, buf);
         at
     };
     let hd = raw.h * raw.d;

@@ -9,7 +9,8 @@ use super::blocks::ffn::activate;
 use super::format::{LoadError, ModelFile};
 use crate::kernel::{Activation, ClampedSwiglu};
 use crate::kernel::{
-    ExpertData, ExpertWeight, KernelVariant, MoeScratch, PackedExperts, moe_forward,
+    ExpertData, ExpertRows, ExpertWeight, KernelVariant, MoeScratch, PackedExperts, RowSource,
+    WeightDtype, moe_forward,
 };
 use crate::routing::ExpertGroups;
 
@@ -407,16 +408,24 @@ impl MoeExperts {
         })
     }
 
-    /// Experts the CPU kernel reads in place ([`PackedExperts::from_rows`]) with the variant
+    /// Gated SiLU experts (`down(silu(gate x) * up x)`, no biases: every family whose experts
+    /// are read in place) that the CPU kernel reads where they lie ([`PackedExperts::from_rows`]:
+    /// width `d`, hidden `h`, the matrices at `rows` in `sources`), with the variant
     /// `options.dispatch` asks for (`Auto` for anything but a kernel variant).
     ///
     /// # Errors
-    /// When that variant is not supported by this CPU.
+    /// A matrix outside its source, or a variant this CPU does not support.
     pub fn in_place(
-        packed: PackedExperts,
-        activation: Activation,
+        d: usize,
+        h: usize,
+        dtype: WeightDtype,
+        sources: Vec<std::sync::Arc<dyn RowSource>>,
+        rows: Vec<ExpertRows>,
         options: LoadOptions,
     ) -> Result<Self, String> {
+        let activation = Activation::Silu;
+        let packed =
+            PackedExperts::from_rows(d, h, true, activation, dtype, sources, rows, None, None)?;
         let variant = match options.dispatch {
             MoeDispatch::Kernel(v) => v,
             MoeDispatch::Auto | MoeDispatch::Candle => KernelVariant::Auto,

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use candle_core::{Device, Tensor};
 
-use crate::kernel::{Activation, ExpertRows, PackedExperts, RowRef, RowSource, WeightDtype};
+use crate::kernel::{Activation, ExpertRows, RowRef, RowSource, WeightDtype};
 use crate::model::blocks::{
     Attention, Block, BlockFfn, Embedding, Ffn, Linear, MoeBlock, Norm, QkNorm, Rotary,
     SharedExpert,
@@ -229,15 +229,10 @@ pub(super) fn gated_experts(
         }
     };
     if try_in_place {
-        match in_place_experts(ckpt, family, m, n, inter, h)? {
-            Ok((packed, names)) => {
+        match in_place_experts(ckpt, family, (m, n, inter, h), options)? {
+            Ok((experts, names)) => {
                 used.borrow_mut().extend(names);
-                return MoeExperts::in_place(packed, Activation::Silu, options).map_err(|detail| {
-                    LoadError::Device {
-                        path: ckpt.dir().to_path_buf(),
-                        detail,
-                    }
-                });
+                return Ok(experts);
             }
             Err(why) if options.experts == ExpertStorage::InPlace => return Err(refuse(why)),
             Err(_) => {}
@@ -252,17 +247,15 @@ pub(super) fn gated_experts(
     })
 }
 
-/// The experts under `m` as matrices read in place from the mapped shards, with the names of
-/// the tensors they come from; `Ok(Err(why))` when their dtypes do not allow it (not f32, f16 or
-/// bf16, or not one dtype for the layer). Names and layouts as [`expert_weights`] reads them.
+/// The experts under `m` read in place from the mapped shards, with the names of the tensors
+/// they come from; `Ok(Err(why))` when their dtypes do not allow it (not f32, f16 or bf16, or not
+/// one dtype for the layer). Names and layouts as [`expert_weights`] reads them.
 fn in_place_experts(
     ckpt: &HfCheckpoint,
     family: HfFamily,
-    m: &str,
-    n: usize,
-    inter: usize,
-    h: usize,
-) -> Result<Result<(PackedExperts, Vec<String>), String>, LoadError> {
+    (m, n, inter, h): (&str, usize, usize, usize),
+    options: LoadOptions,
+) -> Result<Result<(MoeExperts, Vec<String>), String>, LoadError> {
     // (tensor name, shape, byte offset of each expert's matrix inside it, per role)
     let mut places: Vec<(String, TensorPlace)> = Vec::new();
     let mut experts: Vec<[(usize, usize); 3]> = Vec::with_capacity(n);
@@ -341,22 +334,14 @@ fn in_place_experts(
             down: at(d),
         })
         .collect();
-    let packed = PackedExperts::from_rows(
-        h,
-        inter,
-        true,
-        Activation::Silu,
-        weight_dtype,
-        sources,
-        rows,
-        None,
-        None,
-    )
-    .map_err(|detail| LoadError::Device {
-        path: ckpt.dir().to_path_buf(),
-        detail: format!("experts under {m}: {detail}"),
-    })?;
-    Ok(Ok((packed, places.into_iter().map(|(n, _)| n).collect())))
+    let experts =
+        MoeExperts::in_place(h, inter, weight_dtype, sources, rows, options).map_err(|detail| {
+            LoadError::Device {
+                path: ckpt.dir().to_path_buf(),
+                detail: format!("experts under {m}: {detail}"),
+            }
+        })?;
+    Ok(Ok((experts, places.into_iter().map(|(n, _)| n).collect())))
 }
 
 /// Reads a tensor by name, checked against a shape.

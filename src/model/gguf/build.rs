@@ -17,7 +17,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 
 use super::{GgufArch, GgufFile, GgufModel, TensorType, candle_message, gguf_error};
-use crate::kernel::{Activation, ExpertRows, PackedExperts, RowRef, RowSource, WeightDtype};
+use crate::kernel::{Activation, ExpertRows, RowRef, RowSource, WeightDtype};
 use crate::model::blocks::{
     Attention, Block, BlockFfn, Embedding, Ffn, Linear, MoeBlock, Norm, QkNorm, Rotary,
     SharedExpert,
@@ -472,22 +472,10 @@ pub(super) fn in_place_experts(
         })
         .collect();
     let sources: Vec<Arc<dyn RowSource>> = vec![g.mapped()?];
-    let packed = PackedExperts::from_rows(
-        h,
-        inter,
-        true,
-        Activation::Silu,
-        weight_dtype,
-        sources,
-        rows,
-        None,
-        None,
-    )
-    .map_err(|detail| gguf_error(g.path(), format!("experts of {b}: {detail}")))?;
+    let experts = MoeExperts::in_place(h, inter, weight_dtype, sources, rows, options)
+        .map_err(|detail| gguf_error(g.path(), format!("experts of {b}: {detail}")))?;
     used.borrow_mut().extend(names);
-    MoeExperts::in_place(packed, Activation::Silu, options)
-        .map(Some)
-        .map_err(|detail| gguf_error(g.path(), detail))
+    Ok(Some(experts))
 }
 
 /// gpt-oss expert biases of block `b`: `ffn_{gate,up}_exps.bias` `[E, I]` and
