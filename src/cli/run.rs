@@ -78,7 +78,7 @@ pub struct SessionArgs {
     /// How MoE layers compute on the CPU: auto, kernel, portable, avx2, avx512, gemm or candle.
     #[arg(long, default_value = "auto")]
     pub moe_dispatch: MoeDispatch,
-    /// Where the CPU kernel keeps a Hugging Face checkpoint's experts: `in-place` (read from the
+    /// Where the CPU kernel keeps a checkpoint's float experts (Hugging Face or GGUF): `in-place` (read from the
     /// memory-mapped files: no copy, ready at once, pages read as experts are chosen), `packed`
     /// (copied into the kernel's layout at load), or `auto` (in place where possible).
     #[arg(long, default_value = "auto", value_name = "auto|packed|in-place")]
