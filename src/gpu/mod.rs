@@ -223,10 +223,29 @@ impl DeviceSampler {
         Self::start_with(period, CounterReader::new)
     }
 
+    /// [`DeviceSampler::start`], also handing every new sample to `observer` on the sampler
+    /// thread (it must not block): a reader that wants the counters while the model thread is
+    /// busy with a long pass, and so publishes nothing.
+    pub fn start_observed(
+        period: Duration,
+        observer: impl Fn(&DeviceSnapshot) + Send + 'static,
+    ) -> Self {
+        Self::start_inner(period, CounterReader::new, Some(Box::new(observer)))
+    }
+
     /// Starts sampling with a reader built by `make` on the sampler thread.
     pub fn start_with(
         period: Duration,
         make: impl FnOnce(Duration) -> CounterReader + Send + 'static,
+    ) -> Self {
+        Self::start_inner(period, make, None)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_inner(
+        period: Duration,
+        make: impl FnOnce(Duration) -> CounterReader + Send + 'static,
+        observer: Option<Box<dyn Fn(&DeviceSnapshot) + Send>>,
     ) -> Self {
         let shared = Arc::new(Shared {
             latest: Mutex::new(DeviceSnapshot::not_sampled()),
@@ -242,6 +261,9 @@ impl DeviceSampler {
                 loop {
                     reader.sample();
                     let snap = reader.snapshot();
+                    if let Some(observe) = &observer {
+                        observe(&snap);
+                    }
                     if let Ok(mut l) = s.latest.lock() {
                         *l = snap;
                     }

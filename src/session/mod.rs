@@ -96,6 +96,20 @@ pub struct SessionConfig {
     /// A/B: run every eval batch again under this routing (policy B) and compare it with the
     /// session's own (`--compare`); eval workload only.
     pub compare: Option<RoutingConfig>,
+    /// Called with every device sample, on the sampler thread (so it must not block), as well
+    /// as the sample going into the next snapshot: the UI shows the counters while a long pass
+    /// (a model that pages its experts in) keeps the model thread from publishing.
+    pub device_observer: Option<DeviceObserver>,
+}
+
+/// A callback shared with the device sampler thread; see [`SessionConfig::device_observer`].
+#[derive(Clone)]
+pub struct DeviceObserver(pub std::sync::Arc<dyn Fn(&DeviceSnapshot) + Send + Sync>);
+
+impl std::fmt::Debug for DeviceObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeviceObserver")
+    }
 }
 
 /// A callback shared with the session thread; see [`SessionConfig::pass_observer`].
@@ -155,6 +169,7 @@ impl SessionConfig {
             generated_capacity: 2048,
             pass_observer: None,
             snapshot_observer: None,
+            device_observer: None,
             compare: None,
         }
     }
@@ -486,7 +501,13 @@ impl Runner {
         let routing = config.routing.clone();
         let state = policy_state(model.moe_layers(), &routing, config.reference_policy);
         let stats = RunStats::new(cfg, top_k, config.window_tokens, state, 0.0);
-        let sampler = config.device_sample_period.map(DeviceSampler::start);
+        let sampler =
+            config
+                .device_sample_period
+                .map(|period| match config.device_observer.clone() {
+                    Some(obs) => DeviceSampler::start_observed(period, move |d| (obs.0)(d)),
+                    None => DeviceSampler::start(period),
+                });
         // Checked against the model in `start_inner`, so building the statistics cannot fail.
         let compare = config
             .compare

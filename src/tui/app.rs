@@ -294,6 +294,21 @@ impl App {
         self.exporter.is_some()
     }
 
+    /// Newer device counters than the latest snapshot's (the sampler runs while a pass keeps
+    /// the session from publishing): they replace that snapshot's. Returns whether the screen
+    /// changes (not while frozen, nor before the first snapshot, nor for an older sample).
+    pub fn update_device(&mut self, device: crate::profiling::snapshot::DeviceSnapshot) -> bool {
+        let Some(latest) = self.latest.as_mut() else {
+            return false;
+        };
+        let at = |d: &crate::profiling::snapshot::DeviceSnapshot| d.history.last().map(|p| p.t_s);
+        if at(&device) <= at(&latest.device) {
+            return false;
+        }
+        latest.device = device;
+        !self.is_frozen()
+    }
+
     /// Takes a new snapshot from the session: it becomes the latest (the display keeps the frozen
     /// copy while frozen), acknowledged requests are cleared and selections are kept in range.
     pub fn push_snapshot(&mut self, snap: Snapshot) {

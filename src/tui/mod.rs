@@ -92,6 +92,8 @@ pub enum UiEvent {
     Input(Event),
     /// A new snapshot from the session.
     Snapshot(Box<Snapshot>),
+    /// New device counters from the sampler, between snapshots.
+    Device(Box<crate::profiling::snapshot::DeviceSnapshot>),
     /// The session will publish no more snapshots.
     SessionEnded,
     /// Reading the terminal failed; the UI cannot take keys any more.
@@ -138,6 +140,19 @@ impl UiChannel {
     pub fn sink(&self) -> SnapshotSink {
         SnapshotSink {
             tx: self.tx.clone(),
+        }
+    }
+}
+
+impl UiChannel {
+    /// Where the device sampler puts its counters (`SessionConfig::device_observer`), so that
+    /// the device panel moves while a long pass keeps the session from publishing snapshots.
+    pub fn device_sender(
+        &self,
+    ) -> impl Fn(&crate::profiling::snapshot::DeviceSnapshot) + Send + Sync + 'static {
+        let tx = self.tx.clone();
+        move |d| {
+            let _ = tx.send(UiEvent::Device(Box::new(d.clone())));
         }
     }
 }
@@ -317,6 +332,7 @@ fn process(
             // While frozen the picture does not change.
             !app.is_frozen()
         }
+        UiEvent::Device(d) => app.update_device(*d),
         UiEvent::SessionEnded => {
             app.session_ended = true;
             let why =

@@ -19,6 +19,10 @@ pub fn run_session_tui(
 ) -> Result<SessionOutcome> {
     let channel = UiChannel::new();
     let mut sink = channel.sink();
+    let mut config = config;
+    config.device_observer = Some(session::DeviceObserver(std::sync::Arc::new(
+        channel.device_sender(),
+    )));
     let session = Session::start_with_sink(model, workload, config, move |s| {
         sink.send(s);
     })?;

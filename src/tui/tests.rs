@@ -1356,3 +1356,47 @@ fn a_starts_and_stops_comparing_and_b_keys_edit_policy_b() {
     assert!(press(&mut app, &[key(KeyCode::Char('a'))]).is_empty());
     assert!(app.message.as_ref().unwrap().text.contains("eval workload"));
 }
+
+#[test]
+fn device_counters_between_snapshots_update_the_panel_unless_frozen_or_older() {
+    let snap = example_snapshot(WorkloadKind::Eval, 16, false);
+    let mut app = App::new(Theme::new(ColorMode::NoColor));
+    // Before the first snapshot there is nothing to update.
+    assert!(!app.update_device(snap.device.clone()));
+    app.push_snapshot(snap.clone());
+    let screen = |app: &mut App| text(&draw(app, 120, 40));
+    let before = screen(&mut app);
+    has(&before, "RSS 329 MiB", "the snapshot's own counters");
+    // A newer sample (a later history point) replaces the snapshot's counters.
+    let mut newer = snap.device.clone();
+    let last = newer.history.last().cloned().unwrap();
+    newer
+        .history
+        .push(crate::profiling::snapshot::DeviceHistoryPoint {
+            t_s: last.t_s + 1.0,
+            ..last.clone()
+        });
+    newer.process.rss_bytes = Some(13 << 30);
+    newer.process.rss_file_bytes = Some(12 << 30);
+    assert!(app.update_device(newer.clone()));
+    has(
+        &screen(&mut app),
+        "RSS 13.00 GiB (12.00 GiB mapped)",
+        "the newer sample",
+    );
+    // The same sample again, or an older one, changes nothing.
+    assert!(!app.update_device(newer.clone()));
+    assert!(!app.update_device(snap.device.clone()));
+    // While frozen the screen keeps its counters (the latest snapshot still takes the sample).
+    app.toggle_freeze();
+    let mut later = newer.clone();
+    later
+        .history
+        .push(crate::profiling::snapshot::DeviceHistoryPoint {
+            t_s: last.t_s + 2.0,
+            ..last
+        });
+    later.process.rss_bytes = Some(14 << 30);
+    assert!(!app.update_device(later));
+    has(&screen(&mut app), "RSS 13.00 GiB", "frozen");
+}

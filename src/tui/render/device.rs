@@ -49,27 +49,40 @@ fn spark(
     );
 }
 
-fn process_line<'a>(d: &DeviceSnapshot, theme: &Theme) -> Line<'a> {
+/// This process's CPU and memory in `width` columns. Experts read in place count in the resident
+/// set as file pages the kernel may drop and reread: their share is said ("mapped"), so that a
+/// 13 GiB figure is not read as 13 GiB taken; to make room for it on a narrow panel the CPU count
+/// goes first.
+fn process_line<'a>(d: &DeviceSnapshot, theme: &Theme, width: usize) -> Line<'a> {
+    let cpu = opt(d.process.cpu_pct, |c| format!("{c:.0}%"));
+    let rss = opt(d.process.rss_bytes, bytes);
+    let mapped = match d.process.rss_file_bytes {
+        Some(f) if f >= 64 << 20 => format!(" ({} mapped)", bytes(f)),
+        _ => String::new(),
+    };
+    let cpus = format!(" ({} CPUs)", d.process.cpus);
+    let len = |cpus: &str, mapped: &str| {
+        " process CPU ".len()
+            + cpu.chars().count()
+            + " of one core".len()
+            + cpus.len()
+            + "  RSS ".len()
+            + rss.chars().count()
+            + mapped.len()
+    };
+    let (cpus, mapped) = if len(&cpus, &mapped) <= width {
+        (cpus, mapped)
+    } else if len("", &mapped) <= width {
+        (String::new(), mapped)
+    } else {
+        (cpus, String::new())
+    };
     Line::from(vec![
         Span::styled(" process CPU ", theme.dim()),
-        Span::styled(
-            opt(d.process.cpu_pct, |c| format!("{c:.0}%")),
-            theme.value(),
-        ),
-        Span::styled(
-            format!(" of one core ({} CPUs)  RSS ", d.process.cpus),
-            theme.dim(),
-        ),
-        Span::styled(opt(d.process.rss_bytes, bytes), theme.value()),
-        // Experts read in place count in the resident set as file pages the kernel may drop:
-        // say how much, so a 13 GiB figure is not read as 13 GiB taken.
-        Span::styled(
-            match d.process.rss_file_bytes {
-                Some(f) if f >= 64 << 20 => format!(" ({} mapped)", bytes(f)),
-                _ => String::new(),
-            },
-            theme.dim(),
-        ),
+        Span::styled(cpu, theme.value()),
+        Span::styled(format!(" of one core{cpus}  RSS "), theme.dim()),
+        Span::styled(rss, theme.value()),
+        Span::styled(mapped, theme.dim()),
     ])
 }
 
@@ -101,7 +114,7 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
             .note
             .clone()
             .unwrap_or_else(|| "no GPU found: showing this process's CPU and memory".into());
-        let mut lines = vec![process_line(d, theme)];
+        let mut lines = vec![process_line(d, theme, inner.width as usize)];
         // The note only when it fits whole.
         let used: usize = lines[0]
             .spans
@@ -201,6 +214,9 @@ pub fn render(frame: &mut Frame, area: Rect, app: &App) {
         }
     }
     if y < end {
-        frame.render_widget(Paragraph::new(process_line(d, theme)), line_at(y));
+        frame.render_widget(
+            Paragraph::new(process_line(d, theme, inner.width as usize)),
+            line_at(y),
+        );
     }
 }
