@@ -102,12 +102,13 @@ pub fn build(
         ))
     };
     let rope = mla.qk_rope_head_dim;
-    let rotary = match &c.rope_yarn {
-        Some(yarn) => {
-            Rotary::yarn_like_transformers(rope, c.max_positions, c.rope_theta as f32, yarn, device)
-        }
-        None => Rotary::like_transformers(rope, c.max_positions, c.rope_theta as f32, device),
-    }
+    let rotary = Rotary::for_config(
+        rope,
+        c.max_positions,
+        c.rope_theta as f32,
+        c.rope_yarn.as_deref(),
+        device,
+    )
     .map_err(de)?;
     let scale = softmax_scale(mla.qk_head_dim(), c.rope_yarn.as_deref());
     let qk = heads * mla.qk_head_dim();

@@ -67,16 +67,13 @@ pub fn build(
             linear(&format!("{p}.down_proj"), h, width, false)?,
         ))
     };
-    let rotary = match &c.rope_yarn {
-        Some(yarn) => Rotary::yarn_like_transformers(
-            c.head_dim,
-            c.max_positions,
-            c.rope_theta as f32,
-            yarn,
-            device,
-        ),
-        None => Rotary::like_transformers(c.head_dim, c.max_positions, c.rope_theta as f32, device),
-    }
+    let rotary = Rotary::for_config(
+        c.head_dim,
+        c.max_positions,
+        c.rope_theta as f32,
+        c.rope_yarn.as_deref(),
+        device,
+    )
     .map_err(de)?;
     let (q_w, kv_w) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
     let mut blocks = Vec::with_capacity(c.layers);

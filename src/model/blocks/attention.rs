@@ -188,6 +188,21 @@ impl Rotary {
         })
     }
 
+    /// [`Rotary::yarn_like_transformers`] when the model configures YaRN, else
+    /// [`Rotary::like_transformers`]: what every architecture builds from its config.
+    pub fn for_config(
+        head_dim: usize,
+        max_positions: usize,
+        theta: f32,
+        yarn: Option<&Yarn>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        match yarn {
+            Some(y) => Self::yarn_like_transformers(head_dim, max_positions, theta, y, device),
+            None => Self::like_transformers(head_dim, max_positions, theta, device),
+        }
+    }
+
     /// Tables with YaRN scaling, computed as transformers does (f32 `inv_freq`, f32 angles, cos
     /// and sin times the attention factor).
     pub fn yarn_like_transformers(

@@ -161,16 +161,13 @@ pub fn build(
         Ok(Norm::new(load(&format!("{name}.weight"), &[n])?, None, eps))
     };
     // YaRN only for gpt-oss (the other architectures refuse `rope.scaling.type` at open).
-    let rotary = match &c.rope_yarn {
-        Some(yarn) => Rotary::yarn_like_transformers(
-            c.head_dim,
-            c.max_positions,
-            c.rope_theta as f32,
-            yarn,
-            device,
-        ),
-        None => Rotary::like_transformers(c.head_dim, c.max_positions, c.rope_theta as f32, device),
-    }
+    let rotary = Rotary::for_config(
+        c.head_dim,
+        c.max_positions,
+        c.rope_theta as f32,
+        c.rope_yarn.as_deref(),
+        device,
+    )
     .map_err(de)?;
     let gpt_oss = model.arch() == GgufArch::GptOss;
     let (q_w, kv_w) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);

@@ -384,12 +384,13 @@ pub(crate) fn build(
         mla.qk_rope_head_dim,
         mla.v_head_dim,
     );
-    let rotary = match &c.rope_yarn {
-        Some(yarn) => {
-            Rotary::yarn_like_transformers(rope, c.max_positions, c.rope_theta as f32, yarn, device)
-        }
-        None => Rotary::like_transformers(rope, c.max_positions, c.rope_theta as f32, device),
-    }
+    let rotary = Rotary::for_config(
+        rope,
+        c.max_positions,
+        c.rope_theta as f32,
+        c.rope_yarn.as_deref(),
+        device,
+    )
     .map_err(|e| l.de(e))?;
     let scale = softmax_scale(mla.qk_head_dim(), c.rope_yarn.as_deref());
     let qk = heads * mla.qk_head_dim();
