@@ -85,6 +85,11 @@ pub struct LoadOptions {
     pub sigmoid_selection: crate::routing::SigmoidSelection,
 }
 
+/// Why `--expert-weights in-place` cannot be met when [`LoadOptions::experts_in_place`] is false
+/// (completes "experts are ...").
+pub(crate) const IN_PLACE_NEEDS_KERNEL: &str =
+    "read in place only by the CPU kernel (--device cpu, --moe-dispatch other than candle)";
+
 impl LoadOptions {
     /// True when these options let the CPU kernel read a checkpoint's experts in place on
     /// `device` (whether a given checkpoint allows it is decided at load).

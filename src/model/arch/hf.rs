@@ -16,7 +16,8 @@ use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
 use crate::model::hf::{HfCheckpoint, HfFamily, TensorPlace};
 use crate::model::moe::{
-    ExpertBiases, ExpertStorage, ExpertWeights, LoadOptions, MoeDispatch, MoeExperts,
+    ExpertBiases, ExpertStorage, ExpertWeights, IN_PLACE_NEEDS_KERNEL, LoadOptions, MoeDispatch,
+    MoeExperts,
 };
 
 /// Builds every block of `ckpt` on `device`. Returns the parts and the names of the tensors it
@@ -212,19 +213,10 @@ pub(super) fn gated_experts(
         path: ckpt.dir().to_path_buf(),
         detail: format!("--expert-weights in-place: {detail}"),
     };
-    let kernel = device.is_cpu() && options.dispatch != MoeDispatch::Candle;
-    let try_in_place = match options.experts {
-        ExpertStorage::Packed => false,
-        ExpertStorage::Auto => kernel,
-        ExpertStorage::InPlace if kernel => true,
-        ExpertStorage::InPlace => {
-            return Err(refuse(
-                "experts are read in place only by the CPU kernel (--device cpu, --moe-dispatch other \
-                 than candle)"
-                    .into(),
-            ));
-        }
-    };
+    let try_in_place = options.experts_in_place(device);
+    if options.experts == ExpertStorage::InPlace && !try_in_place {
+        return Err(refuse(format!("experts are {IN_PLACE_NEEDS_KERNEL}")));
+    }
     if try_in_place {
         match in_place_experts(ckpt, family, (m, n, inter, h), options)? {
             Ok((experts, names)) => {

@@ -25,7 +25,8 @@ use crate::model::blocks::{
 use crate::model::format::LoadError;
 use crate::model::forward::ModelParts;
 use crate::model::moe::{
-    ExpertBiases, ExpertStorage, ExpertWeights, LoadOptions, MoeDispatch, MoeExperts,
+    ExpertBiases, ExpertStorage, ExpertWeights, IN_PLACE_NEEDS_KERNEL, LoadOptions, MoeDispatch,
+    MoeExperts,
 };
 use crate::model::quant::{GateUp, QuantExperts, QuantMatrix};
 
@@ -423,10 +424,7 @@ pub(super) fn in_place_experts(
     };
     if !options.experts_in_place(device) {
         return if required {
-            Err(refuse(
-                "are read in place only by the CPU kernel (--device cpu, --moe-dispatch other \
-                 than candle)",
-            ))
+            Err(refuse(&format!("are {IN_PLACE_NEEDS_KERNEL}")))
         } else {
             Ok(None)
         };
