@@ -68,6 +68,22 @@ impl Raw {
         )
     }
 
+    /// The same experts with every weight matrix passed through `f` (biases kept): the values
+    /// a reduced-precision copy holds, for the reference.
+    fn map_weights(&self, f: impl Fn(&[f32]) -> Vec<f32>) -> Raw {
+        Raw {
+            e: self.e,
+            d: self.d,
+            h: self.h,
+            act: self.act,
+            up: f(&self.up),
+            gate: self.gate.as_deref().map(&f),
+            down: f(&self.down),
+            up_bias: self.up_bias.clone(),
+            down_bias: self.down_bias.clone(),
+        }
+    }
+
     /// Overwrites every weight and bias of expert `e` with NaN.
     fn poison(&mut self, e: usize) {
         let (d, h) = (self.d, self.h);
@@ -421,18 +437,7 @@ fn rounded<T: ExpertWeight>(
         raw.gate.as_deref().map(half),
         half(&raw.down),
     );
-    let wide = |v: &[T]| -> Vec<f32> { v.iter().map(|&x| back(x)).collect() };
-    let reference = Raw {
-        e: raw.e,
-        d: raw.d,
-        h: raw.h,
-        act: raw.act,
-        up: wide(&up),
-        gate: gate.as_deref().map(wide),
-        down: wide(&down),
-        up_bias: raw.up_bias.clone(),
-        down_bias: raw.down_bias.clone(),
-    };
+    let reference = raw.map_weights(|v| v.iter().map(|&x| back(to(x))).collect());
     let packed = PackedExperts::new(
         raw.e,
         raw.d,
@@ -673,17 +678,7 @@ fn in_place(raw: &Raw, dtype: WeightDtype) -> (Raw, PackedExperts) {
             })
             .collect()
     };
-    let reference = Raw {
-        e: raw.e,
-        d: raw.d,
-        h: raw.h,
-        act: raw.act,
-        up: round(&raw.up),
-        gate: raw.gate.as_deref().map(round),
-        down: round(&raw.down),
-        up_bias: raw.up_bias.clone(),
-        down_bias: raw.down_bias.clone(),
-    };
+    let reference = raw.map_weights(round);
     let push = |buf: &mut Vec<u8>, v: &[f32]| -> usize {
         buf.push(0xA5);
         let at = buf.len();
