@@ -187,6 +187,7 @@ fn main() {
         Ok("avx2") => KernelVariant::Avx2,
         Ok("portable") => KernelVariant::Portable,
         Ok("avx512") => KernelVariant::Avx512,
+        Ok("avx512bf16") => KernelVariant::Avx512Bf16,
         _ => KernelVariant::Auto,
     };
     assert!(

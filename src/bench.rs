@@ -602,7 +602,7 @@ fn in_place_layer(
 /// The half-precision expert layer against the f32 one (issue 15, section 1): useful GFLOP/s at
 /// prefill sizes, and decode time against the time to read the selected experts' weights at the
 /// read bandwidth measured in the same run.
-fn half_layer(quick: bool, threads: usize) {
+pub fn half_layer(quick: bool, threads: usize) {
     // OLMoE's expert shape (d 2048, gated experts of 1024) with 16 experts: 0.4 GB in f32, far
     // larger than the caches, so decode reads its experts from memory.
     let (e, d, h) = (16usize, 2048usize, 1024usize);
@@ -659,6 +659,16 @@ fn half_layer(quick: bool, threads: usize) {
     ];
     drop((up, gate, down));
     let variant = KernelVariant::Auto.resolve();
+    // On AVX-512 BF16 the bf16 layers also run with rounded activations (`vdpbf16ps`), the
+    // variant a user may choose instead of the exact default.
+    let mut runs: Vec<(String, &PackedExperts, KernelVariant)> = Vec::new();
+    for (name, layer) in &layers {
+        runs.push((name.to_string(), layer, variant));
+        if KernelVariant::Avx512Bf16.is_supported() && layer.dtype() == WeightDtype::Bf16 {
+            let v = KernelVariant::Avx512Bf16;
+            runs.push((format!("{name}, {}", v.name()), layer, v));
+        }
+    }
     let bw = read_bandwidth(1 << 30, threads, if quick { 2 } else { 5 });
     println!(
         "\n## Expert layer by weight precision: d {d}, {e} gated experts of {h}, {variant:?} kernel, {threads} threads\n"
@@ -678,7 +688,8 @@ fn half_layer(quick: bool, threads: usize) {
     let x: Vec<f32> = (0..prefill_t * d).map(|i| weight(i + 7, 1.0)).collect();
     let prefill = groups_for(prefill_t, e, k_prefill, |t| (t * 5) % e);
     let mut f32_gflops = 0.0;
-    for (name, layer) in &layers {
+    for (name, layer, variant) in &runs {
+        let (layer, variant) = (*layer, *variant);
         let mut out = vec![0.0f32; prefill_t * d];
         let reps = if quick { 3 } else { 10 };
         let mut best = f64::INFINITY;
@@ -698,7 +709,7 @@ fn half_layer(quick: bool, threads: usize) {
             }
         }
         let gflops = (prefill.pairs() * layer.flops_per_pair()) as f64 / best / 1e9;
-        if *name == "f32" {
+        if name == "f32" {
             f32_gflops = gflops;
         }
         println!(
@@ -716,7 +727,8 @@ fn half_layer(quick: bool, threads: usize) {
     let decode: Vec<ExpertGroups> = (0..steps)
         .map(|s| groups_for(1, e, k_decode, |_| (s * k_decode) % e))
         .collect();
-    for (name, layer) in &layers {
+    for (name, layer, variant) in &runs {
+        let (layer, variant) = (*layer, *variant);
         let mut out = vec![0.0f32; d];
         // Warm-up step (scratch, pool), then the timed steps.
         moe_forward(

@@ -225,3 +225,69 @@ fn half_precision_files_of_the_project_format_run_the_same_on_the_device_path() 
         }
     }
 }
+
+/// `--moe-dispatch avx512bf16` on bf16 checkpoints (packed and read in place): activations are
+/// rounded to bf16 before they meet the weights, so the logits move by about the rounding (far
+/// more than `TOL`, far less than a different model), and both expert layouts round the same.
+#[test]
+fn bf16_activations_stay_close_to_the_exact_kernel_on_avx512_bf16() {
+    use xmoe_top::kernel::KernelVariant;
+    use xmoe_top::model::ExpertStorage;
+    if !KernelVariant::Avx512Bf16.is_supported() {
+        println!(
+            "skipped: this CPU has no AVX-512 BF16 (the kernel tests require it where it has)"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for &(family, layout) in HF.iter().filter(|(f, _)| *f != "gpt_oss") {
+        let dir = hf_fixtures().join(family);
+        let tokens = input_ids(&golden_tensors(&dir.join("golden.safetensors")));
+        let out = tmp.path().join(format!("{family}-{layout}"));
+        half_copy(&dir.join(layout), DType::BF16, &out);
+        let source = ModelSource::open(&out).unwrap();
+        let exact = load(&source, MoeDispatch::Auto);
+        let routing = exact.default_routing();
+        let want = run(&exact, &tokens, 2, &routing);
+        let mut rounded_runs = Vec::new();
+        for experts in [ExpertStorage::Packed, ExpertStorage::InPlace] {
+            let options = LoadOptions {
+                dispatch: MoeDispatch::Kernel(KernelVariant::Avx512Bf16),
+                experts,
+                threads: 2,
+                ..Default::default()
+            };
+            let model = Model::from_source(&source, &Device::Cpu, options).unwrap();
+            let got = run(&model, &tokens, 2, &routing);
+            let (err, differ) = compare(&got, &want);
+            let pairs: usize = want.choices.iter().map(Vec::len).sum();
+            println!(
+                "{family}/{layout} {experts:?}: max rel logit diff {err:.2e}, {differ} of {pairs} choices differ"
+            );
+            assert!(got.logits.iter().all(|v| v.is_finite()));
+            assert!(err > 0.0, "{family}/{layout} {experts:?}: no rounding seen");
+            assert!(
+                err < 5e-2,
+                "{family}/{layout} {experts:?}: logits differ by {err}"
+            );
+            assert!(
+                differ * 10 <= pairs,
+                "{family}/{layout} {experts:?}: {differ} of {pairs} choices differ"
+            );
+            rounded_runs.push(got);
+        }
+        let (err, differ) = compare(&rounded_runs[0], &rounded_runs[1]);
+        println!("{family}/{layout} packed vs in place, both rounded: {err:.2e}, {differ} differ");
+        assert_eq!(
+            differ, 0,
+            "{family}/{layout}: packed and in place choose differently"
+        );
+        assert!(
+            err < TOL,
+            "{family}/{layout}: packed and in place differ by {err}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} checkpoints");
+}

@@ -24,6 +24,9 @@
 //!   packed `[up | gate]` weights into a scratch block, the epilogue adds the bias, applies the
 //!   activation (a vectorised `exp`, within a few ulp of [`Activation::apply`]) and the routing
 //!   weight, and a second micro-kernel multiplies by `down` and accumulates into the output rows.
+//! - [`KernelVariant::Avx512Bf16`]: the AVX-512 kernel, except that bf16 weights meet activations
+//!   rounded to bf16 in `vdpbf16ps` (module `bf16dot`). Chosen by name only (`--moe-dispatch
+//!   avx512bf16`), since it changes results; f32 and f16 weights run exactly as under `Avx512`.
 //! - [`KernelVariant::Portable`]: the same fused kernel on plain arrays (SSE2 after
 //!   auto-vectorisation) with the exact scalar activation; the fallback for any CPU.
 //! - [`KernelVariant::Gemm`]: per row block, gather into scratch and call the `gemm` crate twice
@@ -39,6 +42,8 @@
 //! arithmetic, so the fused variants give bit-identical results for every thread count.
 
 pub mod activation;
+#[cfg(target_arch = "x86_64")]
+mod bf16dot;
 pub(crate) mod matvec;
 mod rows;
 mod simd;
@@ -603,7 +608,9 @@ pub const REQUIRE_KERNELS_ENV: &str = "XMOE_REQUIRE_KERNELS";
 /// Which implementation [`moe_forward`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelVariant {
-    /// The fastest supported here: AVX-512, else AVX2, else portable.
+    /// The fastest exact variant supported here: AVX-512, else AVX2, else portable (never
+    /// `Avx512Bf16`, which rounds activations: a model must give the same results on every CPU
+    /// unless its user asks otherwise).
     Auto,
     /// Fused kernel in plain Rust; any CPU.
     Portable,
@@ -611,16 +618,22 @@ pub enum KernelVariant {
     Avx2,
     /// Fused kernel with AVX-512F (x86-64).
     Avx512,
+    /// As `Avx512`, and bf16 weights meet bf16-rounded activations in `vdpbf16ps` (AVX-512 BF16;
+    /// see the `bf16dot` module): twice the multiply-adds per instruction, activations rounded
+    /// as transformers and llama.cpp round them for bf16 weights. f32 and f16 weights run as
+    /// under `Avx512`.
+    Avx512Bf16,
     /// Gather + two `gemm` crate calls per row block, epilogue with the best SIMD available.
     Gemm,
 }
 
 impl KernelVariant {
     /// Every variant except `Auto`, for tests and benchmarks.
-    pub const ALL: [KernelVariant; 4] = [
+    pub const ALL: [KernelVariant; 5] = [
         KernelVariant::Portable,
         KernelVariant::Avx2,
         KernelVariant::Avx512,
+        KernelVariant::Avx512Bf16,
         KernelVariant::Gemm,
     ];
 
@@ -630,17 +643,19 @@ impl KernelVariant {
             KernelVariant::Auto | KernelVariant::Portable | KernelVariant::Gemm => true,
             KernelVariant::Avx2 => has_avx2(),
             KernelVariant::Avx512 => has_avx512(),
+            KernelVariant::Avx512Bf16 => has_avx512_bf16(),
         }
     }
 
     /// The name `XMOE_REQUIRE_KERNELS` and `MOE_BENCH_VARIANT` use: `auto`, `portable`, `avx2`,
-    /// `avx512`, `gemm`.
+    /// `avx512`, `avx512bf16`, `gemm`.
     pub fn name(self) -> &'static str {
         match self {
             KernelVariant::Auto => "auto",
             KernelVariant::Portable => "portable",
             KernelVariant::Avx2 => "avx2",
             KernelVariant::Avx512 => "avx512",
+            KernelVariant::Avx512Bf16 => "avx512bf16",
             KernelVariant::Gemm => "gemm",
         }
     }
@@ -705,6 +720,19 @@ fn has_avx512() -> bool {
     }
 }
 
+fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// One thread's reusable buffers.
 #[derive(Default, Debug)]
 struct ThreadScratch {
@@ -718,6 +746,10 @@ struct ThreadScratch {
     wp: Vec<f32>,
     /// Work items: (expert, first pair, end pair).
     items: Vec<(u32, u32, u32)>,
+    /// Token rows rounded to bf16 pairs (AVX-512 BF16 variant).
+    a16: Vec<u32>,
+    /// Hidden rows rounded to bf16 pairs (AVX-512 BF16 variant).
+    h16: Vec<u32>,
 }
 
 /// Buffers reused across [`moe_forward`] calls (one per calling thread): nothing is allocated once
@@ -995,6 +1027,15 @@ fn run_as<E: Elem>(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadS
         // token ids that bound every pointer the kernel forms (see `fused_items`).
         #[cfg(target_arch = "x86_64")]
         KernelVariant::Avx512 => unsafe { run_avx512::<E>(job, dst, ts) },
+        // SAFETY: as for the AVX-512 arm; `is_supported` also covered AVX-512BW and BF16, and
+        // `E` is bf16, so `job.ex` holds bf16 panels.
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx512Bf16 if E::DTYPE == WeightDtype::Bf16 => unsafe {
+            bf16dot::run_panels(job, dst, ts)
+        },
+        // SAFETY: as for the AVX-512 arm (f32 and f16 weights run the AVX-512 kernel).
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx512Bf16 => unsafe { run_avx512::<E>(job, dst, ts) },
         // SAFETY: as for the AVX-512 arm: `is_supported` was asserted; the same bounds hold.
         #[cfg(target_arch = "x86_64")]
         KernelVariant::Avx2 => unsafe { run_avx2::<E>(job, dst, ts) },

@@ -28,7 +28,7 @@ use super::{Dst, Job, KernelVariant, ThreadScratch, WeightDtype, hidden};
 
 /// Weight bytes a chunk of rows may take: a quarter of this machine kind's 512 KiB L2, leaving
 /// room for the activation rows and the hidden block.
-const CHUNK_BYTES: usize = 128 * 1024;
+pub(super) const CHUNK_BYTES: usize = 128 * 1024;
 
 /// Memory that holds expert weights: a mapped file, or any byte buffer. The bytes must not change
 /// while a layer reads them.
@@ -75,7 +75,7 @@ pub struct ExpertRows {
 pub(super) struct RowWeights {
     pub(super) dtype: WeightDtype,
     sources: Vec<Arc<dyn RowSource>>,
-    experts: Vec<ExpertRows>,
+    pub(super) experts: Vec<ExpertRows>,
 }
 
 impl std::fmt::Debug for RowWeights {
@@ -150,7 +150,7 @@ impl RowWeights {
         self.experts.len() * per * d * h * self.dtype.bytes()
     }
 
-    fn at<E>(&self, r: RowRef) -> *const E {
+    pub(super) fn at<E>(&self, r: RowRef) -> *const E {
         self.sources[r.source]
             .bytes()
             .as_ptr()
@@ -375,6 +375,15 @@ pub(super) fn run_rows<E: MatvecWeight>(
         v => v,
     };
     match variant {
+        // SAFETY: `moe_forward` asserted `is_supported()` for this variant, which includes
+        // AVX-512 BF16; `E` is the rows' type, bf16 here. Bounds: see `rows_items`.
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx512Bf16 if rows.dtype == WeightDtype::Bf16 => unsafe {
+            super::bf16dot::run_rows(job, rows, dst, ts)
+        },
+        // SAFETY: as above; on f32 and f16 rows the BF16 variant is the AVX-512 one.
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx512Bf16 => unsafe { rows_avx512::<E>(job, rows, dst, ts) },
         // SAFETY: `moe_forward` asserted `is_supported()` for the variant it was given; the gemm
         // variant maps to `Auto`, which resolves to a supported one. Bounds: see `rows_items`.
         #[cfg(target_arch = "x86_64")]

@@ -112,13 +112,18 @@ impl Raw {
 
     /// expert_e(f) exactly as docs/model-format.md writes it, in f64.
     fn expert(&self, e: usize, f: &[f32]) -> Vec<f64> {
+        self.down(e, &self.hidden(e, f))
+    }
+
+    /// The hidden activations of expert `e` for input row `f`.
+    fn hidden(&self, e: usize, f: &[f32]) -> Vec<f64> {
         let (d, h) = (self.d, self.h);
         let dot = |w: &[f32], j: usize| -> f64 {
             (0..d)
                 .map(|k| w[(e * h + j) * d + k] as f64 * f[k] as f64)
                 .sum()
         };
-        let hidden: Vec<f64> = (0..h)
+        (0..h)
             .map(|j| {
                 let u =
                     dot(&self.up, j) + self.up_bias.as_ref().map_or(0.0, |b| b[e * h + j] as f64);
@@ -127,7 +132,12 @@ impl Raw {
                     None => self.act64(u),
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// `down_e` applied to `hidden`, plus the down bias.
+    fn down(&self, e: usize, hidden: &[f64]) -> Vec<f64> {
+        let (d, h) = (self.d, self.h);
         (0..d)
             .map(|n| {
                 let s: f64 = (0..h)
@@ -136,6 +146,38 @@ impl Raw {
                 s + self.down_bias.as_ref().map_or(0.0, |b| b[e * d + n] as f64)
             })
             .collect()
+    }
+
+    /// As [`Raw::reference`], with the activations rounded to bf16 where
+    /// `KernelVariant::Avx512Bf16` rounds them on bf16 weights: each token row before the first
+    /// product, each hidden row (already scaled by its routing weight, in f32) before the second.
+    fn reference_bf16_activations(&self, x: &[f32], routing: &Routing) -> Vec<f64> {
+        let d = self.d;
+        let bf = |v: f32| half::bf16::from_f32(v).to_f32();
+        let mut out = vec![0.0f64; x.len()];
+        for t in 0..routing.tokens() {
+            let f: Vec<f32> = x[t * d..(t + 1) * d].iter().map(|&v| bf(v)).collect();
+            for (e, w, kept) in routing.choices(t) {
+                if kept {
+                    let z: Vec<f64> = self
+                        .hidden(e, &f)
+                        .iter()
+                        .map(|&v| bf(v as f32 * w) as f64)
+                        .collect();
+                    let mut y = self.down(e, &z);
+                    // `down` added the bias once; the kernel scales it by the routing weight.
+                    if let Some(b) = &self.down_bias {
+                        for (n, yn) in y.iter_mut().enumerate() {
+                            *yn += (w as f64 - 1.0) * b[e * d + n] as f64;
+                        }
+                    }
+                    for (o, v) in out[t * d..(t + 1) * d].iter_mut().zip(y) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Per token, the kept choices of the routing (not the groups, so a grouping bug shows).
@@ -292,6 +334,12 @@ fn only_the_rows_that_chose_an_expert_are_computed() {
         .map(|_| rng.random_range(-1.0f32..1.0))
         .collect();
     let want = raw.reference(&x, &routing);
+    // The same layer packed in bf16 (its own reference: rounded weights, and for the AVX-512
+    // BF16 variant rounded activations too), poisoned the same way below.
+    let bf16 = |raw: &Raw| rounded(raw, half::bf16::from_f32, half::bf16::to_f32);
+    let (ref16, _) = bf16(&raw);
+    let want16 = ref16.reference(&x, &routing);
+    let want16_rounded = ref16.reference_bf16_activations(&x, &routing);
     let empty: Vec<usize> = (0..e).filter(|&i| groups.rows(i) == 0).collect();
     assert!(empty.contains(&0), "expert 0 must be unused: {empty:?}");
     for &i in &empty {
@@ -306,19 +354,33 @@ fn only_the_rows_that_chose_an_expert_are_computed() {
     }
     assert!(idle_tokens > 0);
     let packed = raw.pack();
+    let (_, packed16) = bf16(&raw);
     let mut scratch = MoeScratch {
         par_min_flops: 0,
         ..MoeScratch::default()
     };
     for v in KernelVariant::testable() {
-        for threads in [1, 2] {
-            let mut out = vec![f32::NAN; x.len()];
-            moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, threads);
-            assert!(out.iter().all(|v| v.is_finite()), "{v:?}: NaN leaked");
-            check(&out, &want, &format!("{v:?} threads={threads}"));
-            for t in 0..tokens {
-                if routing.choices(t).all(|(_, _, kept)| !kept) {
-                    assert!(out[t * d..(t + 1) * d].iter().all(|&v| v == 0.0));
+        let rounds = v == KernelVariant::Avx512Bf16;
+        for (name, layer, want) in [
+            ("f32", &packed, &want),
+            (
+                "bf16",
+                &packed16,
+                if rounds { &want16_rounded } else { &want16 },
+            ),
+        ] {
+            for threads in [1, 2] {
+                let mut out = vec![f32::NAN; x.len()];
+                moe_forward(layer, &x, &groups, &mut out, &mut scratch, v, threads);
+                assert!(
+                    out.iter().all(|v| v.is_finite()),
+                    "{name} {v:?}: NaN leaked"
+                );
+                check(&out, want, &format!("{name} {v:?} threads={threads}"));
+                for t in 0..tokens {
+                    if routing.choices(t).all(|(_, _, kept)| !kept) {
+                        assert!(out[t * d..(t + 1) * d].iter().all(|&v| v == 0.0));
+                    }
                 }
             }
         }
@@ -494,15 +556,28 @@ fn half_precision_weights_match_f64_reference_and_the_f32_kernel_bit_for_bit() {
                     .map(|_| rng.random_range(-1.0f32..1.0))
                     .collect();
                 let want = reference.reference(&x, &routing);
+                let want_rounded = reference.reference_bf16_activations(&x, &routing);
                 for v in KernelVariant::testable() {
+                    // bf16 weights on AVX-512 BF16 meet rounded activations, which the f32
+                    // kernel on the widened weights does not round.
+                    let rounds = v == KernelVariant::Avx512Bf16 && dtype == WeightDtype::Bf16;
+                    let mut first: Option<Vec<f32>> = None;
                     for threads in [1, 2] {
                         let what = format!("{name} {v:?} threads={threads} T={tokens} shape#{si}");
                         let mut out = vec![f32::NAN; tokens * d];
                         moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, threads);
-                        check(&out, &want, &what);
+                        check(&out, if rounds { &want_rounded } else { &want }, &what);
+                        match &first {
+                            None => first = Some(out.clone()),
+                            Some(f) => assert!(
+                                f.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits())
+                                    || v == KernelVariant::Gemm,
+                                "{what}: differs from threads=1"
+                            ),
+                        }
                         let mut same = vec![f32::NAN; tokens * d];
                         moe_forward(&widened, &x, &groups, &mut same, &mut scratch, v, threads);
-                        if v != KernelVariant::Gemm {
+                        if v != KernelVariant::Gemm && !rounds {
                             assert!(
                                 out.iter()
                                     .zip(&same)
@@ -761,14 +836,16 @@ fn weights_read_in_place_match_f64_reference_every_variant_dtype_and_thread_coun
                     .map(|_| rng.random_range(-1.0f32..1.0))
                     .collect();
                 let want = reference.reference(&x, &routing);
+                let want_rounded = reference.reference_bf16_activations(&x, &routing);
                 for v in KernelVariant::testable() {
+                    let rounds = v == KernelVariant::Avx512Bf16 && dtype == WeightDtype::Bf16;
                     let mut first: Option<Vec<f32>> = None;
                     for threads in [1, 2] {
                         let what =
                             format!("{dtype:?} {v:?} threads={threads} T={tokens} shape#{si}");
                         let mut out = vec![f32::NAN; tokens * d];
                         moe_forward(&layer, &x, &groups, &mut out, &mut scratch, v, threads);
-                        check(&out, &want, &what);
+                        check(&out, if rounds { &want_rounded } else { &want }, &what);
                         // One FMA chain per output whatever the tile: the same bits for every
                         // thread count (and so for every split of the work).
                         match &first {
@@ -802,6 +879,7 @@ fn weights_read_in_place_compute_only_the_chosen_pairs() {
         .collect();
     let (reference, _) = in_place(&raw, WeightDtype::Bf16);
     let want = reference.reference(&x, &routing);
+    let want_rounded = reference.reference_bf16_activations(&x, &routing);
     for i in (0..e).filter(|&i| groups.rows(i) == 0) {
         raw.poison(i);
     }
@@ -820,7 +898,9 @@ fn weights_read_in_place_compute_only_the_chosen_pairs() {
             let mut out = vec![f32::NAN; x.len()];
             moe_forward(&layer, &x, &groups, &mut out, &mut scratch, v, threads);
             assert!(out.iter().all(|v| v.is_finite()), "{v:?}: NaN leaked");
-            check(&out, &want, &format!("{v:?} threads={threads}"));
+            let rounds = v == KernelVariant::Avx512Bf16;
+            let want = if rounds { &want_rounded } else { &want };
+            check(&out, want, &format!("{v:?} threads={threads}"));
         }
     }
 }

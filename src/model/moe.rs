@@ -37,10 +37,11 @@ impl std::str::FromStr for MoeDispatch {
             "portable" => MoeDispatch::Kernel(KernelVariant::Portable),
             "avx2" => MoeDispatch::Kernel(KernelVariant::Avx2),
             "avx512" => MoeDispatch::Kernel(KernelVariant::Avx512),
+            "avx512bf16" => MoeDispatch::Kernel(KernelVariant::Avx512Bf16),
             "gemm" => MoeDispatch::Kernel(KernelVariant::Gemm),
             _ => {
                 return Err(format!(
-                    "expected auto, candle, kernel, portable, avx2, avx512 or gemm, found `{s}`"
+                    "expected auto, candle, kernel, portable, avx2, avx512, avx512bf16 or gemm, found `{s}`"
                 ));
             }
         })
