@@ -188,6 +188,7 @@ fn main() {
         Ok("portable") => KernelVariant::Portable,
         Ok("avx512") => KernelVariant::Avx512,
         Ok("avx512bf16") => KernelVariant::Avx512Bf16,
+        Ok("amx") => KernelVariant::Amx,
         _ => KernelVariant::Auto,
     };
     assert!(

@@ -664,9 +664,10 @@ pub fn half_layer(quick: bool, threads: usize) {
     let mut runs: Vec<(String, &PackedExperts, KernelVariant)> = Vec::new();
     for (name, layer) in &layers {
         runs.push((name.to_string(), layer, variant));
-        if KernelVariant::Avx512Bf16.is_supported() && layer.dtype() == WeightDtype::Bf16 {
-            let v = KernelVariant::Avx512Bf16;
-            runs.push((format!("{name}, {}", v.name()), layer, v));
+        for v in [KernelVariant::Avx512Bf16, KernelVariant::Amx] {
+            if v.is_supported() && layer.dtype() == WeightDtype::Bf16 {
+                runs.push((format!("{name}, {}", v.name()), layer, v));
+            }
         }
     }
     let bw = read_bandwidth(1 << 30, threads, if quick { 2 } else { 5 });

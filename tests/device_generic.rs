@@ -226,16 +226,21 @@ fn half_precision_files_of_the_project_format_run_the_same_on_the_device_path() 
     }
 }
 
-/// `--moe-dispatch avx512bf16` on bf16 checkpoints (packed and read in place): activations are
-/// rounded to bf16 before they meet the weights, so the logits move by about the rounding (far
-/// more than `TOL`, far less than a different model), and both expert layouts round the same.
+/// `--moe-dispatch avx512bf16` and `amx` on bf16 checkpoints (packed and read in place):
+/// activations are rounded to bf16 before they meet the weights, so the logits move by about the
+/// rounding (far more than `TOL`, far less than a different model), and both expert layouts and
+/// both variants round the same.
 #[test]
-fn bf16_activations_stay_close_to_the_exact_kernel_on_avx512_bf16() {
+fn bf16_activations_stay_close_to_the_exact_kernel_on_avx512_bf16_and_amx() {
     use xmoe_top::kernel::KernelVariant;
     use xmoe_top::model::ExpertStorage;
-    if !KernelVariant::Avx512Bf16.is_supported() {
+    let variants: Vec<KernelVariant> = [KernelVariant::Avx512Bf16, KernelVariant::Amx]
+        .into_iter()
+        .filter(|v| v.is_supported())
+        .collect();
+    if variants.is_empty() {
         println!(
-            "skipped: this CPU has no AVX-512 BF16 (the kernel tests require it where it has)"
+            "skipped: no AVX-512 BF16 here (the kernel tests require it where the CPU has it)"
         );
         return;
     }
@@ -251,42 +256,49 @@ fn bf16_activations_stay_close_to_the_exact_kernel_on_avx512_bf16() {
         let routing = exact.default_routing();
         let want = run(&exact, &tokens, 2, &routing);
         let mut rounded_runs = Vec::new();
-        for experts in [ExpertStorage::Packed, ExpertStorage::InPlace] {
-            let options = LoadOptions {
-                dispatch: MoeDispatch::Kernel(KernelVariant::Avx512Bf16),
-                experts,
-                threads: 2,
-                ..Default::default()
-            };
-            let model = Model::from_source(&source, &Device::Cpu, options).unwrap();
-            let got = run(&model, &tokens, 2, &routing);
-            let (err, differ) = compare(&got, &want);
-            let pairs: usize = want.choices.iter().map(Vec::len).sum();
-            println!(
-                "{family}/{layout} {experts:?}: max rel logit diff {err:.2e}, {differ} of {pairs} choices differ"
-            );
-            assert!(got.logits.iter().all(|v| v.is_finite()));
-            assert!(err > 0.0, "{family}/{layout} {experts:?}: no rounding seen");
-            assert!(
-                err < 5e-2,
-                "{family}/{layout} {experts:?}: logits differ by {err}"
-            );
-            assert!(
-                differ * 10 <= pairs,
-                "{family}/{layout} {experts:?}: {differ} of {pairs} choices differ"
-            );
-            rounded_runs.push(got);
+        for &variant in &variants {
+            for experts in [ExpertStorage::Packed, ExpertStorage::InPlace] {
+                let options = LoadOptions {
+                    dispatch: MoeDispatch::Kernel(variant),
+                    experts,
+                    threads: 2,
+                    ..Default::default()
+                };
+                let model = Model::from_source(&source, &Device::Cpu, options).unwrap();
+                let got = run(&model, &tokens, 2, &routing);
+                let (err, differ) = compare(&got, &want);
+                let pairs: usize = want.choices.iter().map(Vec::len).sum();
+                let what = format!("{family}/{layout} {} {experts:?}", variant.name());
+                println!(
+                    "{what}: max rel logit diff {err:.2e}, {differ} of {pairs} choices differ"
+                );
+                assert!(
+                    got.logits.iter().all(|v| v.is_finite()),
+                    "{what}: not finite"
+                );
+                assert!(err > 0.0, "{what}: no rounding seen");
+                assert!(err < 5e-2, "{what}: logits differ by {err}");
+                assert!(
+                    differ * 10 <= pairs,
+                    "{what}: {differ} of {pairs} choices differ"
+                );
+                rounded_runs.push(got);
+            }
         }
-        let (err, differ) = compare(&rounded_runs[0], &rounded_runs[1]);
-        println!("{family}/{layout} packed vs in place, both rounded: {err:.2e}, {differ} differ");
-        assert_eq!(
-            differ, 0,
-            "{family}/{layout}: packed and in place choose differently"
-        );
-        assert!(
-            err < TOL,
-            "{family}/{layout}: packed and in place differ by {err}"
-        );
+        for other in &rounded_runs[1..] {
+            let (err, differ) = compare(other, &rounded_runs[0]);
+            println!(
+                "{family}/{layout}: a rounded run against the first: {err:.2e}, {differ} differ"
+            );
+            assert_eq!(
+                differ, 0,
+                "{family}/{layout}: the rounded runs choose differently"
+            );
+            assert!(
+                err < TOL,
+                "{family}/{layout}: the rounded runs differ by {err}"
+            );
+        }
         checked += 1;
     }
     assert!(checked >= 12, "only {checked} checkpoints");

@@ -75,7 +75,7 @@ pub struct SessionArgs {
     /// Where the model runs: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// How MoE layers compute on the CPU: auto, kernel, portable, avx2, avx512, avx512bf16, gemm or candle.
+    /// How MoE layers compute on the CPU: auto, kernel, portable, avx2, avx512, avx512bf16, amx, gemm or candle.
     #[arg(long, default_value = "auto")]
     pub moe_dispatch: MoeDispatch,
     /// Where the CPU kernel keeps a checkpoint's float experts (Hugging Face or GGUF): `in-place` (read from the

@@ -33,7 +33,7 @@ use super::{Dst, Job, PANEL, ThreadScratch, accumulate, hidden};
 /// `src` has `n` readable floats, `dst` has `pairs >= n.div_ceil(2)` writable values, and the
 /// CPU has AVX-512F and AVX-512 BF16.
 #[inline(always)]
-unsafe fn round_row(src: *const f32, n: usize, dst: *mut u32, pairs: usize) {
+pub(super) unsafe fn round_row(src: *const f32, n: usize, dst: *mut u32, pairs: usize) {
     // SAFETY: loads read `i + 32 <= n` floats, or `n - i` of them masked; stores write 16 pairs
     // at `i / 2 + 16 <= pairs` or the `pairs - i / 2` left, masked.
     unsafe {

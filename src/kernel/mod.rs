@@ -43,6 +43,8 @@
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
 mod bf16dot;
 pub(crate) mod matvec;
 mod rows;
@@ -623,17 +625,21 @@ pub enum KernelVariant {
     /// as transformers and llama.cpp round them for bf16 weights. f32 and f16 weights run as
     /// under `Avx512`.
     Avx512Bf16,
+    /// As `Avx512Bf16`, with the bf16 products on Intel AMX tiles (`tdpbf16ps`; see the `amx`
+    /// module) where `d` (and, read in place, `h`) is a multiple of 32.
+    Amx,
     /// Gather + two `gemm` crate calls per row block, epilogue with the best SIMD available.
     Gemm,
 }
 
 impl KernelVariant {
     /// Every variant except `Auto`, for tests and benchmarks.
-    pub const ALL: [KernelVariant; 5] = [
+    pub const ALL: [KernelVariant; 6] = [
         KernelVariant::Portable,
         KernelVariant::Avx2,
         KernelVariant::Avx512,
         KernelVariant::Avx512Bf16,
+        KernelVariant::Amx,
         KernelVariant::Gemm,
     ];
 
@@ -644,11 +650,12 @@ impl KernelVariant {
             KernelVariant::Avx2 => has_avx2(),
             KernelVariant::Avx512 => has_avx512(),
             KernelVariant::Avx512Bf16 => has_avx512_bf16(),
+            KernelVariant::Amx => has_amx(),
         }
     }
 
     /// The name `XMOE_REQUIRE_KERNELS` and `MOE_BENCH_VARIANT` use: `auto`, `portable`, `avx2`,
-    /// `avx512`, `avx512bf16`, `gemm`.
+    /// `avx512`, `avx512bf16`, `amx`, `gemm`.
     pub fn name(self) -> &'static str {
         match self {
             KernelVariant::Auto => "auto",
@@ -656,6 +663,7 @@ impl KernelVariant {
             KernelVariant::Avx2 => "avx2",
             KernelVariant::Avx512 => "avx512",
             KernelVariant::Avx512Bf16 => "avx512bf16",
+            KernelVariant::Amx => "amx",
             KernelVariant::Gemm => "gemm",
         }
     }
@@ -726,6 +734,17 @@ fn has_avx512_bf16() -> bool {
         has_avx512()
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn has_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -1033,9 +1052,20 @@ fn run_as<E: Elem>(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadS
         KernelVariant::Avx512Bf16 if E::DTYPE == WeightDtype::Bf16 => unsafe {
             bf16dot::run_panels(job, dst, ts)
         },
+        // SAFETY: as for the AVX-512 BF16 arm; `is_supported` also covered AMX (and the OS's
+        // grant), and `d` is a multiple of 32, as the tiles need.
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Amx if E::DTYPE == WeightDtype::Bf16 && job.ex.d.is_multiple_of(32) => unsafe {
+            amx::run_panels(job, dst, ts)
+        },
+        // SAFETY: as for the AVX-512 BF16 arm (AMX implies AVX-512 BF16 here).
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Amx if E::DTYPE == WeightDtype::Bf16 => unsafe {
+            bf16dot::run_panels(job, dst, ts)
+        },
         // SAFETY: as for the AVX-512 arm (f32 and f16 weights run the AVX-512 kernel).
         #[cfg(target_arch = "x86_64")]
-        KernelVariant::Avx512Bf16 => unsafe { run_avx512::<E>(job, dst, ts) },
+        KernelVariant::Avx512Bf16 | KernelVariant::Amx => unsafe { run_avx512::<E>(job, dst, ts) },
         // SAFETY: as for the AVX-512 arm: `is_supported` was asserted; the same bounds hold.
         #[cfg(target_arch = "x86_64")]
         KernelVariant::Avx2 => unsafe { run_avx2::<E>(job, dst, ts) },

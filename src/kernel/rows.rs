@@ -374,6 +374,10 @@ pub(super) fn run_rows<E: MatvecWeight>(
         KernelVariant::Gemm => KernelVariant::Auto.resolve(),
         v => v,
     };
+    // AMX tiles take 32 values of a row and 16 rows at a time.
+    let amx_tiles = rows.dtype == WeightDtype::Bf16
+        && job.ex.d.is_multiple_of(32)
+        && job.ex.h.is_multiple_of(32);
     match variant {
         // SAFETY: `moe_forward` asserted `is_supported()` for this variant, which includes
         // AVX-512 BF16; `E` is the rows' type, bf16 here. Bounds: see `rows_items`.
@@ -381,9 +385,19 @@ pub(super) fn run_rows<E: MatvecWeight>(
         KernelVariant::Avx512Bf16 if rows.dtype == WeightDtype::Bf16 => unsafe {
             super::bf16dot::run_rows(job, rows, dst, ts)
         },
-        // SAFETY: as above; on f32 and f16 rows the BF16 variant is the AVX-512 one.
+        // SAFETY: as above; `is_supported` covered AMX, and `d` and `h` are multiples of 32.
         #[cfg(target_arch = "x86_64")]
-        KernelVariant::Avx512Bf16 => unsafe { rows_avx512::<E>(job, rows, dst, ts) },
+        KernelVariant::Amx if amx_tiles => unsafe { super::amx::run_rows(job, rows, dst, ts) },
+        // SAFETY: as above (AMX implies AVX-512 BF16 here).
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Amx if rows.dtype == WeightDtype::Bf16 => unsafe {
+            super::bf16dot::run_rows(job, rows, dst, ts)
+        },
+        // SAFETY: as above; on f32 and f16 rows the BF16 variants are the AVX-512 one.
+        #[cfg(target_arch = "x86_64")]
+        KernelVariant::Avx512Bf16 | KernelVariant::Amx => unsafe {
+            rows_avx512::<E>(job, rows, dst, ts)
+        },
         // SAFETY: `moe_forward` asserted `is_supported()` for the variant it was given; the gemm
         // variant maps to `Auto`, which resolves to a supported one. Bounds: see `rows_items`.
         #[cfg(target_arch = "x86_64")]

@@ -219,6 +219,11 @@ fn random_routing(rng: &mut StdRng, tokens: usize, e: usize, policy: RoutingPoli
     r
 }
 
+/// The variants that round activations to bf16 when the weights are bf16.
+fn rounds_activations(v: KernelVariant) -> bool {
+    matches!(v, KernelVariant::Avx512Bf16 | KernelVariant::Amx)
+}
+
 fn check(got: &[f32], want: &[f64], what: &str) {
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -325,7 +330,7 @@ fn only_the_rows_that_chose_an_expert_are_computed() {
     // An expert whose group is empty has NaN weights, and a token with no pair has a NaN input
     // row: one stray row or expert would put a NaN in the output.
     let mut rng = StdRng::seed_from_u64(3);
-    let (e, d, h, tokens) = (12, 48, 32, 64);
+    let (e, d, h, tokens) = (12, 64, 32, 64);
     let mut raw = Raw::random(&mut rng, e, d, h, Activation::Gelu, false, true, true);
     let routing = random_routing(&mut rng, tokens, e, RoutingPolicy::threshold(0.5));
     let mut groups = ExpertGroups::default();
@@ -360,7 +365,7 @@ fn only_the_rows_that_chose_an_expert_are_computed() {
         ..MoeScratch::default()
     };
     for v in KernelVariant::testable() {
-        let rounds = v == KernelVariant::Avx512Bf16;
+        let rounds = rounds_activations(v);
         for (name, layer, want) in [
             ("f32", &packed, &want),
             (
@@ -521,11 +526,13 @@ fn half_precision_weights_match_f64_reference_and_the_f32_kernel_bit_for_bit() {
         par_min_flops: 0,
         ..MoeScratch::default()
     };
-    // Odd d (33, 47) exercises the bf16 pair padding and the odd-k tail.
+    // Odd d (33, 47) exercises the bf16 pair padding and the odd-k tail; d 96 with biases the
+    // AMX tiles (d a multiple of 32) with both token tiles of a block.
     let shapes = [
         (8, 64, 32, false, true, false),
         (8, 33, 40, true, true, true),
         (6, 47, 64, true, false, true),
+        (4, 96, 64, true, true, true),
     ];
     let mut runs = 0;
     for (si, &(e, d, h, gated, ub, db)) in shapes.iter().enumerate() {
@@ -560,7 +567,7 @@ fn half_precision_weights_match_f64_reference_and_the_f32_kernel_bit_for_bit() {
                 for v in KernelVariant::testable() {
                     // bf16 weights on AVX-512 BF16 meet rounded activations, which the f32
                     // kernel on the widened weights does not round.
-                    let rounds = v == KernelVariant::Avx512Bf16 && dtype == WeightDtype::Bf16;
+                    let rounds = rounds_activations(v) && dtype == WeightDtype::Bf16;
                     let mut first: Option<Vec<f32>> = None;
                     for threads in [1, 2] {
                         let what = format!("{name} {v:?} threads={threads} T={tokens} shape#{si}");
@@ -591,7 +598,7 @@ fn half_precision_weights_match_f64_reference_and_the_f32_kernel_bit_for_bit() {
             }
         }
     }
-    assert!(runs >= 3 * 2 * 3 * 2 * 2, "only {runs} runs");
+    assert!(runs >= 4 * 2 * 3 * 2 * 2, "only {runs} runs");
 }
 
 #[test]
@@ -803,12 +810,14 @@ fn weights_read_in_place_match_f64_reference_every_variant_dtype_and_thread_coun
         par_min_flops: 0,
         ..MoeScratch::default()
     };
-    // Ragged widths: tails of every register width, fewer rows than a tile, more than a chunk.
+    // Ragged widths: tails of every register width, fewer rows than a tile, more than a chunk;
+    // d 96 and h 64 with biases run the AMX tiles.
     let shapes = [
         (8, 64, 32, false, true, false),
         (8, 33, 40, true, true, true),
         (6, 47, 64, true, false, true),
         (5, 9, 3, true, false, false),
+        (4, 96, 64, true, true, true),
     ];
     let mut runs = 0;
     for (si, &(e, d, h, gated, ub, db)) in shapes.iter().enumerate() {
@@ -838,7 +847,7 @@ fn weights_read_in_place_match_f64_reference_every_variant_dtype_and_thread_coun
                 let want = reference.reference(&x, &routing);
                 let want_rounded = reference.reference_bf16_activations(&x, &routing);
                 for v in KernelVariant::testable() {
-                    let rounds = v == KernelVariant::Avx512Bf16 && dtype == WeightDtype::Bf16;
+                    let rounds = rounds_activations(v) && dtype == WeightDtype::Bf16;
                     let mut first: Option<Vec<f32>> = None;
                     for threads in [1, 2] {
                         let what =
@@ -861,7 +870,7 @@ fn weights_read_in_place_match_f64_reference_every_variant_dtype_and_thread_coun
             }
         }
     }
-    assert!(runs >= 4 * 3 * 3 * 2 * 2, "only {runs} runs");
+    assert!(runs >= 5 * 3 * 3 * 2 * 2, "only {runs} runs");
 }
 
 #[test]
@@ -869,7 +878,7 @@ fn weights_read_in_place_compute_only_the_chosen_pairs() {
     // As `only_the_rows_that_chose_an_expert_are_computed`, on the row layout: unused experts are
     // NaN in the source, tokens without a pair are NaN rows.
     let mut rng = StdRng::seed_from_u64(31);
-    let (e, d, h, tokens) = (12, 48, 32, 64);
+    let (e, d, h, tokens) = (12, 64, 32, 64);
     let mut raw = Raw::random(&mut rng, e, d, h, Activation::Silu, true, true, true);
     let routing = random_routing(&mut rng, tokens, e, RoutingPolicy::threshold(0.5));
     let mut groups = ExpertGroups::default();
@@ -898,7 +907,7 @@ fn weights_read_in_place_compute_only_the_chosen_pairs() {
             let mut out = vec![f32::NAN; x.len()];
             moe_forward(&layer, &x, &groups, &mut out, &mut scratch, v, threads);
             assert!(out.iter().all(|v| v.is_finite()), "{v:?}: NaN leaked");
-            let rounds = v == KernelVariant::Avx512Bf16;
+            let rounds = rounds_activations(v);
             let want = if rounds { &want_rounded } else { &want };
             check(&out, want, &format!("{v:?} threads={threads}"));
         }

@@ -38,10 +38,11 @@ impl std::str::FromStr for MoeDispatch {
             "avx2" => MoeDispatch::Kernel(KernelVariant::Avx2),
             "avx512" => MoeDispatch::Kernel(KernelVariant::Avx512),
             "avx512bf16" => MoeDispatch::Kernel(KernelVariant::Avx512Bf16),
+            "amx" => MoeDispatch::Kernel(KernelVariant::Amx),
             "gemm" => MoeDispatch::Kernel(KernelVariant::Gemm),
             _ => {
                 return Err(format!(
-                    "expected auto, candle, kernel, portable, avx2, avx512, avx512bf16 or gemm, found `{s}`"
+                    "expected auto, candle, kernel, portable, avx2, avx512, avx512bf16, amx or gemm, found `{s}`"
                 ));
             }
         })

@@ -1,0 +1,436 @@
+//! bf16 expert weights on Intel AMX (`tdpbf16ps`): [`KernelVariant::Amx`].
+//!
+//! # Why
+//! One `tdpbf16ps` multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 f32
+//! accumulators: 8192 multiply-adds, against 32 for an AVX-512 FMA. On a Xeon with AMX
+//! (Sapphire Rapids and later) a bf16 matrix product runs several times faster than f32 FMAs
+//! can (torch's bf16 1024^3 matmul: 455 GFLOP/s on one core of the 2026-11-29 machine, against
+//! 97 in f32). As with [`KernelVariant::Avx512Bf16`], the activations are rounded to bf16
+//! before they meet the weights, so the variant is chosen by name only.
+//!
+//! # Layouts
+//! - Packed panels: a bf16 panel is stored `(k, k + 1)` pairs per column, 32 columns, so a
+//!   run of 16 pair rows is exactly AMX's "VNNI" B tile (16 rows of 16 column pairs, 64 bytes,
+//!   128 bytes apart); the A tile is 16 rounded token rows, 32 values each.
+//! - Rows read in place (`[out, in]`): the product is taken transposed. The A tile is 16 weight
+//!   rows (32 values each, `in` apart), the B tile is the block's activations rounded and stored
+//!   pair-major (`[in / 2][32 tokens]`), and the 16 outputs x 16 tokens that come out are
+//!   transposed on their way to the hidden block or the output rows.
+//!
+//! Blocks are 32 rows (two A or B tiles of 16); a block with fewer rows is padded with zero
+//! rows. Each output is the same sequence of `tdpbf16ps` steps whatever block it falls in, so
+//! results are the same bits for every thread count. Where `d` is not a multiple of 32 the
+//! tiles would read past a matrix, and the variant runs as [`KernelVariant::Avx512Bf16`].
+//!
+//! # The operating system
+//! Linux hands a process the AMX register state only after it asks (`arch_prctl
+//! ARCH_REQ_XCOMP_PERM`, kernel 5.16 or later); [`available`] asks once, and the variant is
+//! unsupported where the CPU lacks AMX-BF16 or the request is refused.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use super::rows::RowWeights;
+use super::simd::Avx512;
+use super::{Dst, Job, PANEL, ThreadScratch, accumulate, hidden};
+
+/// Rows of a block: two tiles of 16.
+const BLOCK: usize = 32;
+
+/// True when this CPU has AMX-TILE and AMX-BF16, AVX-512 BF16 (for rounding), and Linux granted
+/// this process the tile data state. Asked once per process.
+pub(super) fn available() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        if !super::has_avx512_bf16() {
+            return false;
+        }
+        // CPUID.(EAX=7, ECX=0):EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
+        let edx = __cpuid_count(7, 0).edx;
+        if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+            return false;
+        }
+        request_tile_state()
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes which register state the kernel
+    // lets this process use; it reads and writes no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    r == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// The tile configuration every block uses: tiles 0-7 all 16 rows of 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette 1
+        for t in 0..8 {
+            c[16 + 2 * t] = 64; // bytes per row
+            c[48 + t] = 16; // rows
+        }
+        TileConfig(c)
+    }
+}
+
+macro_rules! tile_load {
+    ($t:literal, $p:expr, $stride:expr) => {
+        asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"), p = in(reg) $p, s = in(reg) $stride,
+             options(nostack, readonly))
+    };
+}
+macro_rules! tile_store {
+    ($t:literal, $p:expr, $stride:expr) => {
+        asm!(concat!("tilestored [{p} + {s}*1], tmm", $t), p = in(reg) $p, s = in(reg) $stride,
+             options(nostack))
+    };
+}
+macro_rules! tile_zero {
+    ($t:literal) => {
+        asm!(concat!("tilezero tmm", $t), options(nomem, nostack))
+    };
+}
+macro_rules! tile_dp {
+    ($c:literal, $a:literal, $b:literal) => {
+        asm!(
+            concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
+            options(nomem, nostack)
+        )
+    };
+}
+
+/// `C[g][v] = sum over k of A_g . B_v` for `groups` (1 or 2) A tiles of 16 rows and two B
+/// tiles, over `k_steps` steps of 32 values, stored as 16 rows of 16 floats at `c[g][v]`
+/// (`c_stride` bytes apart). A tile `g` at step `s` is at `a + g * a_group + s * 64` bytes
+/// (`a_stride` apart); B tile `v` at `b + v * b_half + s * b_step` (`b_stride` apart).
+///
+/// # Safety
+/// Every tile read and written lies in memory the caller owns; the tile configuration of
+/// [`TileConfig::new`] is loaded.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tiles(
+    groups: usize,
+    k_steps: usize,
+    a: *const u8,
+    a_group: usize,
+    a_step: usize,
+    a_stride: usize,
+    b: *const u8,
+    b_half: usize,
+    b_step: usize,
+    b_stride: usize,
+    c: [[*mut u8; 2]; 2],
+    c_stride: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        tile_zero!("0");
+        tile_zero!("1");
+        tile_zero!("2");
+        tile_zero!("3");
+        for s in 0..k_steps {
+            let (ap, bp) = (a.add(s * a_step), b.add(s * b_step));
+            tile_load!("6", bp, b_stride);
+            tile_load!("7", bp.add(b_half), b_stride);
+            tile_load!("4", ap, a_stride);
+            tile_dp!("0", "4", "6");
+            tile_dp!("1", "4", "7");
+            if groups == 2 {
+                tile_load!("5", ap.add(a_group), a_stride);
+                tile_dp!("2", "5", "6");
+                tile_dp!("3", "5", "7");
+            }
+        }
+        tile_store!("0", c[0][0], c_stride);
+        tile_store!("1", c[0][1], c_stride);
+        if groups == 2 {
+            tile_store!("2", c[1][0], c_stride);
+            tile_store!("3", c[1][1], c_stride);
+        }
+    }
+}
+
+/// Rounds `m` rows of `n` floats (`src_stride` apart) to bf16 pairs, `pairs` per row, and zeros
+/// the rows from `m` to `rows`.
+///
+/// # Safety
+/// As for `bf16dot::round_row`, per row; `dst` has `rows * pairs` writable values.
+#[inline(always)]
+unsafe fn round_rows(
+    src: impl Fn(usize) -> *const f32,
+    m: usize,
+    n: usize,
+    dst: *mut u32,
+    pairs: usize,
+    rows: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for r in 0..m {
+            super::bf16dot::round_row(src(r), n, dst.add(r * pairs), pairs);
+        }
+        std::ptr::write_bytes(dst.add(m * pairs), 0, (rows - m) * pairs);
+    }
+}
+
+/// This thread's items on packed bf16 panels.
+///
+/// # Safety
+/// As for the f32 kernel's `fused_items` (items and `dst` from `moe_forward`'s planning,
+/// `job.ex` packed in bf16 panels with `d` a multiple of 32), and [`available`] returned true.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub(super) unsafe fn run_panels(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
+    let ex = job.ex;
+    let (d, d_pad, h_pad, n1, k1) = (ex.d, ex.d_pad, ex.h_pad, ex.n1, ex.k1);
+    debug_assert!(d.is_multiple_of(32));
+    let (kp, hp) = (d / 2, h_pad / 2);
+    grow(&mut ts.z, BLOCK * n1);
+    grow(&mut ts.a16, BLOCK * kp);
+    grow(&mut ts.h16, BLOCK * hp);
+    grow(&mut ts.y, BLOCK * PANEL);
+    let (z, a16, h16, ct) = (
+        ts.z.as_mut_ptr(),
+        ts.a16.as_mut_ptr(),
+        ts.h16.as_mut_ptr(),
+        ts.y.as_mut_ptr(),
+    );
+    let xp = job.x.as_ptr();
+    let config = TileConfig::new();
+    // SAFETY: `available()` (the caller's promise) means the OS granted the tile state; the
+    // configuration is a valid palette-1 layout.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+    for &(e, lo, hi) in &ts.items {
+        let (e, lo, hi) = (e as usize, lo as usize, hi as usize);
+        let w1 = ex.w1::<half::bf16>(e).cast::<u8>();
+        let w2 = ex.w2::<half::bf16>(e).cast::<u8>();
+        let b2 = ex.b2.as_ref().map(|b| b[e * d_pad..].as_ptr());
+        let mut b0 = lo;
+        while b0 < hi {
+            let m = (hi - b0).min(BLOCK);
+            let groups = m.div_ceil(16);
+            // SAFETY: token ids are < T (checked in `moe_forward`), so each token row has `d`
+            // floats; `a16`, `h16`, `z` and `ct` were sized above for 32 rows. A panel of `w1`
+            // has `k1 = d` pair-interleaved rows (d even) of 32 columns, read in steps of 16
+            // pairs (128 bytes each) up to `d / 2`; `w2`'s have `h_pad` rows. Tiles of `a16`
+            // read rows `< 16 * groups` of `kp` pairs, up to pair `kp`; `z` rows are `n1`
+            // floats, written at columns `p..p + 32 <= n1`.
+            unsafe {
+                round_rows(
+                    |r| xp.add(job.groups.tokens[b0 + r] as usize * d),
+                    m,
+                    d,
+                    a16,
+                    kp,
+                    16 * groups,
+                );
+                let mut p = 0;
+                while p < n1 {
+                    let zc = |g: usize, v: usize| z.add(g * 16 * n1 + p + v * 16).cast::<u8>();
+                    tiles(
+                        groups,
+                        d / 32,
+                        a16.cast(),
+                        16 * kp * 4,
+                        64,
+                        kp * 4,
+                        w1.add(p * k1 * 2),
+                        64,
+                        16 * 2 * PANEL * 2,
+                        2 * PANEL * 2,
+                        [[zc(0, 0), zc(0, 1)], [zc(1, 0), zc(1, 1)]],
+                        n1 * 4,
+                    );
+                    p += PANEL;
+                }
+                hidden::<Avx512>(job, e, b0, m, z);
+                round_rows(|r| z.add(r * n1), m, h_pad, h16, hp, 16 * groups);
+                let out: [*mut f32; BLOCK] =
+                    std::array::from_fn(|r| if r < m { job.dst_row(dst, b0 + r) } else { ct });
+                let mut q = 0;
+                while q < d_pad {
+                    let cc = |g: usize, v: usize| ct.add(g * 16 * PANEL + v * 16).cast::<u8>();
+                    tiles(
+                        groups,
+                        h_pad / 32,
+                        h16.cast(),
+                        16 * hp * 4,
+                        64,
+                        hp * 4,
+                        w2.add(q * h_pad * 2),
+                        64,
+                        16 * 2 * PANEL * 2,
+                        2 * PANEL * 2,
+                        [[cc(0, 0), cc(0, 1)], [cc(1, 0), cc(1, 1)]],
+                        PANEL * 4,
+                    );
+                    for (r, &o) in out.iter().enumerate().take(m) {
+                        let w = job.groups.weights[b0 + r];
+                        for v in 0..2 {
+                            let col = q + v * 16;
+                            if col < d {
+                                let acc = _mm512_loadu_ps(ct.add(r * PANEL + v * 16));
+                                let bias = b2.map(|b| b.add(col));
+                                accumulate::<Avx512>(o.add(col), acc, w, bias, d - col);
+                            }
+                        }
+                    }
+                    q += PANEL;
+                }
+            }
+            b0 += m;
+        }
+    }
+    // SAFETY: releases the tile state this function configured.
+    unsafe { asm!("tilerelease", options(nomem, nostack)) };
+}
+
+/// This thread's items on bf16 rows read in place.
+///
+/// # Safety
+/// As for `rows::rows_items` (items and `dst` from `moe_forward`'s planning, `rows` bf16 and
+/// checked against `d` and `h`, `d` and `h` multiples of 32), and [`available`] returned true.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut ThreadScratch) {
+    let ex = job.ex;
+    let (d, h, n1) = (ex.d, ex.h, ex.n1);
+    debug_assert!(d.is_multiple_of(32) && h.is_multiple_of(32));
+    let up_col = if ex.gated { ex.h_pad } else { 0 };
+    grow(&mut ts.z, BLOCK * n1);
+    // Activations pair-major: `[pairs][32 tokens]`.
+    grow(&mut ts.a16, BLOCK * d / 2);
+    grow(&mut ts.h16, BLOCK * h / 2);
+    grow(&mut ts.y, BLOCK * 32);
+    grow(&mut ts.wp, BLOCK * d.max(h));
+    let (z, a16, h16, ct, tmp) = (
+        ts.z.as_mut_ptr(),
+        ts.a16.as_mut_ptr(),
+        ts.h16.as_mut_ptr(),
+        ts.y.as_mut_ptr(),
+        ts.wp.as_mut_ptr().cast::<u32>(),
+    );
+    let xp = job.x.as_ptr();
+    let config = TileConfig::new();
+    // SAFETY: as in `run_panels`.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly)) };
+    for &(e, lo, hi) in &ts.items {
+        let (e, lo, hi) = (e as usize, lo as usize, hi as usize);
+        let x = rows.experts[e];
+        let b2 = ex.b2.as_ref().map(|b| &b[e * ex.d_pad..e * ex.d_pad + d]);
+        let mut b0 = lo;
+        while b0 < hi {
+            let m = (hi - b0).min(BLOCK);
+            // SAFETY: token rows have `d` floats (ids checked in `moe_forward`); gate and up hold
+            // `h x d` bf16 values and down `d x h` (checked in `RowWeights::new`), read in A tiles
+            // of 16 rows x 32 values at rows `< h` (or `< d`) and columns `< d` (or `< h`), all
+            // multiples of 16 and 32; `a16`/`h16` hold `pairs x 32` tokens, `tmp` 32 rows of
+            // pairs, `ct` 16 x 32 floats, `z` the block's rows of `n1` floats; `dst_row` is the
+            // pair's destination row of `d` floats.
+            unsafe {
+                round_rows(
+                    |r| xp.add(job.groups.tokens[b0 + r] as usize * d),
+                    m,
+                    d,
+                    tmp,
+                    d / 2,
+                    BLOCK,
+                );
+                transpose_pairs(tmp, d / 2, a16);
+                // `[n, k]` rows times the pair-major activations: outputs `j0..j0 + 16` of the
+                // 32 tokens land in `ct` as `[16 outputs][32 tokens]`.
+                let product = |w: *const u8, k: usize, act: *const u32, j0: usize| {
+                    let cc = |v: usize| ct.add(v * 16).cast::<u8>();
+                    tiles(
+                        1,
+                        k / 32,
+                        w.add(j0 * k * 2),
+                        0,
+                        64,
+                        k * 2,
+                        act.cast(),
+                        64,
+                        16 * 32 * 4,
+                        32 * 4,
+                        [[cc(0), cc(1)], [cc(0), cc(1)]],
+                        32 * 4,
+                    );
+                };
+                for (mat, col0) in [(x.gate, 0), (Some(x.up), up_col)] {
+                    let Some(mat) = mat else { continue };
+                    let w = rows.at::<u8>(mat);
+                    for j0 in (0..h).step_by(16) {
+                        product(w, d, a16, j0);
+                        for r in 0..m {
+                            for j in 0..16 {
+                                *z.add(r * n1 + col0 + j0 + j) = *ct.add(j * 32 + r);
+                            }
+                        }
+                    }
+                }
+                hidden::<Avx512>(job, e, b0, m, z);
+                round_rows(|r| z.add(r * n1), m, h, tmp, h / 2, BLOCK);
+                transpose_pairs(tmp, h / 2, h16);
+                let w = rows.at::<u8>(x.down);
+                for n0 in (0..d).step_by(16) {
+                    product(w, h, h16, n0);
+                    for r in 0..m {
+                        let out = job.dst_row(dst, b0 + r);
+                        let wr = job.groups.weights[b0 + r];
+                        for n in 0..16 {
+                            let mut v = *ct.add(n * 32 + r);
+                            if let Some(b) = b2 {
+                                v += wr * b[n0 + n];
+                            }
+                            *out.add(n0 + n) += v;
+                        }
+                    }
+                }
+            }
+            b0 += m;
+        }
+    }
+    // SAFETY: releases the tile state this function configured.
+    unsafe { asm!("tilerelease", options(nomem, nostack)) };
+}
+
+/// `dst[q][t] = src[t][q]` for 32 rows `t` of `pairs` pairs: the pair-major layout a B tile of
+/// activations reads.
+///
+/// # Safety
+/// `src` has `32 * pairs` readable values, `dst` as many writable.
+#[inline(always)]
+unsafe fn transpose_pairs(src: *const u32, pairs: usize, dst: *mut u32) {
+    // SAFETY: indices stay below `32 * pairs` on both sides.
+    unsafe {
+        for t in 0..BLOCK {
+            for q in 0..pairs {
+                *dst.add(q * BLOCK + t) = *src.add(t * pairs + q);
+            }
+        }
+    }
+}
+
+fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
