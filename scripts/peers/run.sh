@@ -15,7 +15,8 @@
 # default implementation in f32 only (14 GiB resident: loading widens the bf16 file).
 # Other environment: PY (the Python with scripts/peers/requirements.txt; default
 # /work/venv-goldens), THREADS (2), XMOE (the binary; default target/release/xmoe-top, built if
-# missing), PASSES (3), NEW_TOKENS (32).
+# missing), PASSES (3), NEW_TOKENS (32), XMOE_ARGS (more `xmoe-top bench` options, e.g.
+# `--moe-dispatch amx`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-/work/venv-goldens/bin/python}
@@ -43,7 +44,7 @@ for p in $PLAN; do
     --passes "$PASSES" --new-tokens "$NEW_TOKENS" --json "$OUT/transformers-$m.json" 2>>"$OUT/stderr.log" | tee -a "$OUT/log.md"
   echo -e "\n## $m: xmoe-top (load average $(cut -d' ' -f1-3 /proc/loadavg))\n" | tee -a "$OUT/log.md"
   "$XMOE" bench --threads "$THREADS" --model "target/peers/$m" --device cpu --policies native,t=0.9,t=0.8 \
-    --passes "$PASSES" --new-tokens "$NEW_TOKENS" --json "$OUT/xmoe-$m.json" 2>>"$OUT/stderr.log" | tee -a "$OUT/log.md"
+    --passes "$PASSES" --new-tokens "$NEW_TOKENS" --json "$OUT/xmoe-$m.json" ${XMOE_ARGS:-} 2>>"$OUT/stderr.log" | tee -a "$OUT/log.md"
 done
 echo -e "\n## Ratios (xmoe-top / fastest transformers configuration)\n" | tee -a "$OUT/log.md"
 "$PY" scripts/peers/ratios.py "$OUT"/*.json | tee -a "$OUT/log.md"

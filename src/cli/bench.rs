@@ -55,6 +55,10 @@ pub struct BenchArgs {
     /// `xmoe-top run --help`).
     #[arg(long, default_value = "auto", value_name = "auto|packed|in-place")]
     expert_weights: crate::model::ExpertStorage,
+    /// With --model: how MoE layers compute on the CPU (auto, kernel, portable, avx2, avx512,
+    /// avx512bf16, amx, gemm or candle; see `xmoe-top run --help`).
+    #[arg(long, default_value = "auto")]
+    moe_dispatch: crate::model::MoeDispatch,
     /// With --model: load it even when its weights exceed the available memory.
     #[arg(long)]
     allow_large: bool,
@@ -150,6 +154,7 @@ fn model_bench(a: &BenchArgs, path: &std::path::Path, threads: usize) -> Result<
         a.allow_large,
         LoadOptions {
             experts: a.expert_weights,
+            dispatch: a.moe_dispatch,
             ..LoadOptions::default()
         },
     )?;
