@@ -227,9 +227,10 @@ fn half_precision_files_of_the_project_format_run_the_same_on_the_device_path() 
 }
 
 /// `--moe-dispatch avx512bf16` and `amx` on bf16 checkpoints (packed and read in place):
-/// activations are rounded to bf16 before they meet the weights, so the logits move by about the
-/// rounding (far more than `TOL`, far less than a different model), and both expert layouts and
-/// both variants round the same.
+/// activations are rounded to bf16 before they meet the weights (the experts' under
+/// `avx512bf16`; under `amx` every bf16 product of a pass of 16 rows or more), so the logits
+/// move by about the rounding (far more than `TOL`, far less than a different model), and both
+/// expert layouts round the same.
 #[test]
 fn bf16_activations_stay_close_to_the_exact_kernel_on_avx512_bf16_and_amx() {
     use xmoe_top::kernel::KernelVariant;
@@ -255,8 +256,8 @@ fn bf16_activations_stay_close_to_the_exact_kernel_on_avx512_bf16_and_amx() {
         let exact = load(&source, MoeDispatch::Auto);
         let routing = exact.default_routing();
         let want = run(&exact, &tokens, 2, &routing);
-        let mut rounded_runs = Vec::new();
         for &variant in &variants {
+            let mut rounded_runs = Vec::new();
             for experts in [ExpertStorage::Packed, ExpertStorage::InPlace] {
                 let options = LoadOptions {
                     dispatch: MoeDispatch::Kernel(variant),
@@ -277,27 +278,30 @@ fn bf16_activations_stay_close_to_the_exact_kernel_on_avx512_bf16_and_amx() {
                     "{what}: not finite"
                 );
                 assert!(err > 0.0, "{what}: no rounding seen");
-                assert!(err < 5e-2, "{what}: logits differ by {err}");
+                // Rounding the inputs of the attention projections moves qwen3_moe's logits by
+                // 0.27: its per-head q/k norms rescale 16-wide heads of a random model, where the
+                // rounding of a projection with cancellation is amplified. The same rounding
+                // done in f32 (inputs rounded, then candle's matmul) gave 0.273, so it is the
+                // rounding, not the tiles; the exact values are checked in the kernel and
+                // `Linear` tests.
+                let bound = if variant == KernelVariant::Amx {
+                    0.5
+                } else {
+                    5e-2
+                };
+                assert!(err < bound, "{what}: logits differ by {err}");
                 assert!(
                     differ * 10 <= pairs,
                     "{what}: {differ} of {pairs} choices differ"
                 );
                 rounded_runs.push(got);
             }
-        }
-        for other in &rounded_runs[1..] {
-            let (err, differ) = compare(other, &rounded_runs[0]);
-            println!(
-                "{family}/{layout}: a rounded run against the first: {err:.2e}, {differ} differ"
-            );
-            assert_eq!(
-                differ, 0,
-                "{family}/{layout}: the rounded runs choose differently"
-            );
-            assert!(
-                err < TOL,
-                "{family}/{layout}: the rounded runs differ by {err}"
-            );
+            // Packed and in place round the same values: as close as two exact runs.
+            let (err, differ) = compare(&rounded_runs[1], &rounded_runs[0]);
+            let what = format!("{family}/{layout} {}", variant.name());
+            println!("{what}: in place against packed: {err:.2e}, {differ} differ");
+            assert_eq!(differ, 0, "{what}: packed and in place choose differently");
+            assert!(err < TOL, "{what}: packed and in place differ by {err}");
         }
         checked += 1;
     }

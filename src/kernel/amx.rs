@@ -434,3 +434,118 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
         v.resize(n, T::default());
     }
 }
+
+/// `y[t][j] = sum over kk of x[t][kk] * w[j][kk]` for `rows` rows of `x` (`[rows, k]` f32,
+/// rounded to bf16) and `w` (`[n, k]` bf16, the stored `[out, in]` layout), on AMX tiles; `k`
+/// a multiple of 32 and `n` of 16. The rows are split over `threads` in whole blocks of 32; each
+/// thread rounds its rows once and then streams every weight row once, 16 rows at a time, over
+/// all its blocks.
+pub(super) fn linear(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[half::bf16],
+    n: usize,
+    y: &mut [f32],
+    threads: usize,
+) {
+    assert!(available() && k.is_multiple_of(32) && n.is_multiple_of(16));
+    assert!(x.len() >= rows * k && w.len() >= n * k && y.len() >= rows * n);
+    let blocks = rows.div_ceil(BLOCK);
+    let parts = threads.clamp(1, blocks.max(1));
+    let mut rest_x = &x[..rows * k];
+    let mut rest_y = &mut y[..rows * n];
+    let mut work = Vec::with_capacity(parts);
+    for i in 0..parts {
+        let (b0, b1) = (blocks * i / parts, blocks * (i + 1) / parts);
+        let m = ((b1 * BLOCK).min(rows)).saturating_sub(b0 * BLOCK);
+        let (xa, xb) = rest_x.split_at(m * k);
+        let (ya, yb) = std::mem::take(&mut rest_y).split_at_mut(m * n);
+        work.push((xa, ya, m));
+        rest_x = xb;
+        rest_y = yb;
+    }
+    rayon::in_place_scope(|s| {
+        let mut work = work.into_iter();
+        let first = work.next();
+        for (xa, ya, m) in work {
+            // SAFETY: `available()` was asserted, which includes the CPU features the entry
+            // enables; the slices were cut to `m` rows of `k` and `n` values.
+            s.spawn(move |_| unsafe { linear_rows(xa, m, k, w, n, ya) });
+        }
+        if let Some((xa, ya, m)) = first {
+            // SAFETY: as above.
+            unsafe { linear_rows(xa, m, k, w, n, ya) };
+        }
+    });
+}
+
+/// One thread's share of [`linear`]: `m` rows.
+///
+/// # Safety
+/// [`available`] returned true; `x` has `m * k` values, `w` `n * k`, `y` `m * n`; `k` is a
+/// multiple of 32 and `n` of 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
+unsafe fn linear_rows(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, y: &mut [f32]) {
+    if m == 0 {
+        return;
+    }
+    let blocks = m.div_ceil(BLOCK);
+    let pairs = k / 2;
+    let mut act = vec![0u32; blocks * pairs * BLOCK];
+    let mut tmp = vec![0u32; pairs * BLOCK];
+    let mut ct = vec![0f32; 16 * BLOCK];
+    let (xp, wp, yp, ctp) = (
+        x.as_ptr(),
+        w.as_ptr().cast::<u8>(),
+        y.as_mut_ptr(),
+        ct.as_mut_ptr(),
+    );
+    let config = TileConfig::new();
+    // SAFETY: `x` has `m` rows of `k` floats, so block `b`'s rows `< m` are in bounds and `tmp`
+    // holds 32 rows of `pairs`; `act` holds `blocks` transposed blocks. Tiles read weight rows
+    // `j0..j0 + 16 <= n` of `k` values and one block's `pairs x 32` activations; `ct` holds the
+    // 16 x 32 results, copied to rows `< m` of `y` (`n` floats each) at columns `< n`.
+    unsafe {
+        for b in 0..blocks {
+            let mb = (m - b * BLOCK).min(BLOCK);
+            round_rows(
+                |r| xp.add((b * BLOCK + r) * k),
+                mb,
+                k,
+                tmp.as_mut_ptr(),
+                pairs,
+                BLOCK,
+            );
+            transpose_pairs(tmp.as_ptr(), pairs, act.as_mut_ptr().add(b * pairs * BLOCK));
+        }
+        asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+        for j0 in (0..n).step_by(16) {
+            for b in 0..blocks {
+                let mb = (m - b * BLOCK).min(BLOCK);
+                let cc = |v: usize| ctp.add(v * 16).cast::<u8>();
+                tiles(
+                    1,
+                    k / 32,
+                    wp.add(j0 * k * 2),
+                    0,
+                    64,
+                    k * 2,
+                    act.as_ptr().add(b * pairs * BLOCK).cast(),
+                    64,
+                    16 * BLOCK * 4,
+                    BLOCK * 4,
+                    [[cc(0), cc(1)], [cc(0), cc(1)]],
+                    BLOCK * 4,
+                );
+                for r in 0..mb {
+                    let row = yp.add((b * BLOCK + r) * n + j0);
+                    for j in 0..16 {
+                        *row.add(j) = *ctp.add(j * BLOCK + r);
+                    }
+                }
+            }
+        }
+        asm!("tilerelease", options(nomem, nostack));
+    }
+}

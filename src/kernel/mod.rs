@@ -741,6 +741,33 @@ fn has_avx512_bf16() -> bool {
     }
 }
 
+/// `y = x w^T` for `x` `[rows, k]` (f32, rounded to bf16 as [`KernelVariant::Amx`] rounds
+/// activations) and a stored bf16 weight `w` `[n, k]`, on AMX tiles over up to `threads`
+/// threads, when this CPU runs [`KernelVariant::Amx`], `k` is a multiple of 32 and `n` of 16.
+/// Returns false, touching nothing, otherwise.
+///
+/// # Panics
+/// When a slice is shorter than its shape says.
+pub fn amx_linear(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[half::bf16],
+    n: usize,
+    y: &mut [f32],
+    threads: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_amx() && k.is_multiple_of(32) && n.is_multiple_of(16) {
+            amx::linear(x, rows, k, w, n, y, threads);
+            return true;
+        }
+    }
+    let _ = (x, rows, k, w, n, y, threads);
+    false
+}
+
 fn has_amx() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -811,6 +838,12 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// Whether AMX tiles pay here: `d` a multiple of 32 (a tile's 32 values), and at least 16
+    /// tokens in the pass (a tile's rows; a decode step's lone token runs `vdpbf16ps` instead).
+    fn amx_tiles(&self) -> bool {
+        self.ex.d.is_multiple_of(32) && self.x.len() >= 16 * self.ex.d
+    }
+
     #[inline(always)]
     fn dst_row(&self, dst: Dst, pair: usize) -> *mut f32 {
         let d = self.ex.d;
@@ -1055,7 +1088,7 @@ fn run_as<E: Elem>(variant: KernelVariant, job: &Job, dst: Dst, ts: &mut ThreadS
         // SAFETY: as for the AVX-512 BF16 arm; `is_supported` also covered AMX (and the OS's
         // grant), and `d` is a multiple of 32, as the tiles need.
         #[cfg(target_arch = "x86_64")]
-        KernelVariant::Amx if E::DTYPE == WeightDtype::Bf16 && job.ex.d.is_multiple_of(32) => unsafe {
+        KernelVariant::Amx if E::DTYPE == WeightDtype::Bf16 && job.amx_tiles() => unsafe {
             amx::run_panels(job, dst, ts)
         },
         // SAFETY: as for the AVX-512 BF16 arm (AMX implies AVX-512 BF16 here).

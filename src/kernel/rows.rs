@@ -375,9 +375,8 @@ pub(super) fn run_rows<E: MatvecWeight>(
         v => v,
     };
     // AMX tiles take 32 values of a row and 16 rows at a time.
-    let amx_tiles = rows.dtype == WeightDtype::Bf16
-        && job.ex.d.is_multiple_of(32)
-        && job.ex.h.is_multiple_of(32);
+    let amx_tiles =
+        rows.dtype == WeightDtype::Bf16 && job.amx_tiles() && job.ex.h.is_multiple_of(32);
     match variant {
         // SAFETY: `moe_forward` asserted `is_supported()` for this variant, which includes
         // AVX-512 BF16; `E` is the rows' type, bf16 here. Bounds: see `rows_items`.

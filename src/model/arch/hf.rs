@@ -45,6 +45,9 @@ pub fn build(
         ckpt.tensor_f32(name, shape, device)
     };
     let (h, eps) = (c.hidden, c.rms_norm_eps as f32);
+    // `--moe-dispatch amx` computes the model's bf16 products on AMX, the dense ones included.
+    let dense_amx = device.is_cpu()
+        && options.dispatch == MoeDispatch::Kernel(crate::kernel::KernelVariant::Amx);
     let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
         let w = stored(&format!("{name}.weight"), &[out, inp])?;
         let b = if bias {
@@ -52,7 +55,7 @@ pub fn build(
         } else {
             None
         };
-        Linear::stored(w, b).map_err(de)
+        Ok(Linear::stored(w, b).map_err(de)?.on_amx(dense_amx))
     };
     let rms = |name: &str, n: usize| -> Result<Norm, LoadError> {
         Ok(Norm::new(
@@ -177,7 +180,7 @@ pub fn build(
         embedding: Embedding::new(emb, None),
         blocks,
         final_norm: rms("model.norm", h)?,
-        lm_head: Linear::stored(head, None).map_err(de)?,
+        lm_head: Linear::stored(head, None).map_err(de)?.on_amx(dense_amx),
     };
     let used = used.into_inner();
     let unused = ckpt

@@ -28,6 +28,9 @@ pub enum LinearWeight<'a> {
 pub struct Linear {
     w: Weight,
     b: Option<Tensor>,
+    /// Multiply a stored bf16 weight on AMX tiles when a pass has enough rows (`--moe-dispatch
+    /// amx`: the model computes its bf16 products with bf16 activations throughout).
+    amx: bool,
 }
 
 impl Linear {
@@ -37,6 +40,7 @@ impl Linear {
         Ok(Self {
             w: Weight::Transposed(weight.t()?.contiguous()?),
             b: bias,
+            amx: false,
         })
     }
 
@@ -46,6 +50,7 @@ impl Linear {
         Ok(Self {
             w: Weight::Stored(weight),
             b: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+            amx: false,
         })
     }
 
@@ -58,6 +63,7 @@ impl Linear {
         Ok(Self {
             w: Weight::Quant(weight),
             b: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+            amx: false,
         })
     }
 
@@ -72,6 +78,14 @@ impl Linear {
         (w, self.b.as_ref())
     }
 
+    /// With `on`, a stored bf16 weight is multiplied on Intel AMX tiles where the CPU has them
+    /// and a pass has at least [`AMX_MIN_ROWS`] rows, the activations rounded to bf16; other
+    /// weights and passes are unchanged.
+    pub fn on_amx(mut self, on: bool) -> Self {
+        self.amx = on;
+        self
+    }
+
     /// `x` = [n, in] (f32) -> [n, out] (f32).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.w {
@@ -79,7 +93,10 @@ impl Linear {
             // `to_dtype` to the same dtype is a cheap clone: an f32 weight is not copied.
             Weight::Stored(w) => match stored_matvec(x, w)? {
                 Some(y) => y,
-                None => x.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+                None => match self.amx.then(|| stored_amx(x, w)).transpose()?.flatten() {
+                    Some(y) => y,
+                    None => x.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+                },
             },
             Weight::Quant(q) => q.forward(x)?,
         };
@@ -88,6 +105,49 @@ impl Linear {
             None => Ok(y),
         }
     }
+}
+
+/// Fewer rows than this stay on the f32 path: an AMX tile takes 16 rows, and a decode step's
+/// one row has its own matrix-vector product.
+pub const AMX_MIN_ROWS: usize = 16;
+
+/// `x w^T` on AMX tiles for f32 `x` with at least [`AMX_MIN_ROWS`] rows and a contiguous bf16
+/// `w` on the CPU; `None` where the shapes, dtypes or CPU do not allow it.
+fn stored_amx(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    use candle_core::Storage;
+    let dims = x.dims();
+    let Some(&k) = dims.last() else {
+        return Ok(None);
+    };
+    let (n, w_in) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    if !x.device().is_cpu()
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::BF16
+        || w_in != k
+        || rows < AMX_MIN_ROWS
+    {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let wv = &cpu.as_slice::<half::bf16>()?[start..end];
+    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = vec![0f32; rows * n];
+    let threads = rayon::current_num_threads();
+    if !crate::kernel::amx_linear(&xv, rows, k, wv, n, &mut y, threads) {
+        return Ok(None);
+    }
+    let mut shape = dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(y, shape, x.device()).map(Some)
 }
 
 /// `x @ w^T` for one row of `x` on the CPU, reading a stored weight in place (a decode step
@@ -175,6 +235,60 @@ mod tests {
             // These weights are exact in every dtype, so the results are too.
             assert_eq!(y.to_vec2::<f32>().unwrap(), reference, "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn bf16_weights_on_amx_match_the_f32_path_on_rounded_activations() {
+        if !crate::kernel::KernelVariant::Amx.is_supported() {
+            println!("skipped: no AMX here");
+            return;
+        }
+        // 40 rows: a full block of 32 and a partial one; 48 outputs: three tiles of 16; 300
+        // rows over both threads; 24 rows of 32 (one step), the test models' shape.
+        for (rows, k, n) in [(40, 96, 48), (300, 64, 512), (24, 32, 48), (16, 32, 16)] {
+            check_amx(rows, k, n);
+        }
+    }
+
+    fn check_amx(rows: usize, k: usize, n: usize) {
+        let dev = Device::Cpu;
+        let val = |i: usize, s: f32| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * s;
+        let w: Vec<f32> = (0..n * k).map(|i| val(i, 0.1)).collect();
+        let x: Vec<f32> = (0..rows * k).map(|i| val(i + 3, 1.0)).collect();
+        let w = Tensor::from_vec(w, (n, k), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let x = Tensor::from_vec(x, (rows, k), &dev).unwrap();
+        let b = Tensor::from_vec((0..n).map(|i| i as f32).collect::<Vec<_>>(), n, &dev).unwrap();
+        let rounded = x
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+        let plain = Linear::stored(w.clone(), Some(b.clone())).unwrap();
+        let amx = Linear::stored(w, Some(b)).unwrap().on_amx(true);
+        let want = plain.forward(&rounded).unwrap().to_vec2::<f32>().unwrap();
+        let got = amx.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let unrounded = plain.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let mut moved = false;
+        for (i, (g, w)) in got.iter().flatten().zip(want.iter().flatten()).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "element {i}: {g} against {w}"
+            );
+        }
+        for (g, u) in got.iter().flatten().zip(unrounded.iter().flatten()) {
+            moved |= g != u;
+        }
+        assert!(moved, "the AMX path did not run (no rounding seen)");
+        // Below 16 rows the f32 path runs, bit for bit.
+        let few = x.narrow(0, 0, 15).unwrap();
+        let plain15 = plain.forward(&few).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(
+            amx.forward(&few).unwrap().to_vec2::<f32>().unwrap(),
+            plain15
+        );
     }
 
     #[test]
