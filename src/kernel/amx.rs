@@ -12,8 +12,8 @@
 //! - Packed panels: a bf16 panel is stored `(k, k + 1)` pairs per column, 32 columns, so a
 //!   run of 16 pair rows is exactly AMX's "VNNI" B tile (16 rows of 16 column pairs, 64 bytes,
 //!   128 bytes apart); the A tile is 16 rounded token rows, 32 values each.
-//! - Rows read in place (`[out, in]`): the product is taken transposed. The A tile is 16 weight
-//!   rows (32 values each, `in` apart), the B tile is the block's activations rounded and stored
+//! - Rows read in place (`[out, in]`): the product is taken transposed. The A tiles are 2 x 16
+//!   weight rows (32 values each, `in` apart), the B tile is the block's activations rounded and stored
 //!   pair-major (`[in / 2][32 tokens]`), and the 16 outputs x 16 tokens that come out are
 //!   transposed on their way to the hidden block or the output rows.
 //!
@@ -118,8 +118,8 @@ macro_rules! tile_dp {
     };
 }
 
-/// `C[g][v] = sum over k of A_g . B_v` for `groups` (1 or 2) A tiles of 16 rows and two B
-/// tiles, over `k_steps` steps of 32 values, stored as 16 rows of 16 floats at `c[g][v]`
+/// `C[g][v] = sum over k of A_g . B_v` for `groups` (1 or 2) A tiles of 16 rows and `b_tiles`
+/// (1 or 2) B tiles, over `k_steps` steps of 32 values, stored as 16 rows of 16 floats at `c[g][v]`
 /// (`c_stride` bytes apart). A tile `g` at step `s` is at `a + g * a_group + s * 64` bytes
 /// (`a_stride` apart); B tile `v` at `b + v * b_half + s * b_step` (`b_stride` apart).
 ///
@@ -130,6 +130,7 @@ macro_rules! tile_dp {
 #[inline(always)]
 unsafe fn tiles(
     groups: usize,
+    b_tiles: usize,
     k_steps: usize,
     a: *const u8,
     a_group: usize,
@@ -151,21 +152,29 @@ unsafe fn tiles(
         for s in 0..k_steps {
             let (ap, bp) = (a.add(s * a_step), b.add(s * b_step));
             tile_load!("6", bp, b_stride);
-            tile_load!("7", bp.add(b_half), b_stride);
             tile_load!("4", ap, a_stride);
             tile_dp!("0", "4", "6");
-            tile_dp!("1", "4", "7");
+            if b_tiles == 2 {
+                tile_load!("7", bp.add(b_half), b_stride);
+                tile_dp!("1", "4", "7");
+            }
             if groups == 2 {
                 tile_load!("5", ap.add(a_group), a_stride);
                 tile_dp!("2", "5", "6");
-                tile_dp!("3", "5", "7");
+                if b_tiles == 2 {
+                    tile_dp!("3", "5", "7");
+                }
             }
         }
         tile_store!("0", c[0][0], c_stride);
-        tile_store!("1", c[0][1], c_stride);
+        if b_tiles == 2 {
+            tile_store!("1", c[0][1], c_stride);
+        }
         if groups == 2 {
             tile_store!("2", c[1][0], c_stride);
-            tile_store!("3", c[1][1], c_stride);
+            if b_tiles == 2 {
+                tile_store!("3", c[1][1], c_stride);
+            }
         }
     }
 }
@@ -248,6 +257,7 @@ pub(super) unsafe fn run_panels(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                     let zc = |g: usize, v: usize| z.add(g * 16 * n1 + p + v * 16).cast::<u8>();
                     tiles(
                         groups,
+                        2,
                         d / 32,
                         a16.cast(),
                         16 * kp * 4,
@@ -271,6 +281,7 @@ pub(super) unsafe fn run_panels(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                     let cc = |g: usize, v: usize| ct.add(g * 16 * PANEL + v * 16).cast::<u8>();
                     tiles(
                         groups,
+                        2,
                         h_pad / 32,
                         h16.cast(),
                         16 * hp * 4,
@@ -341,9 +352,9 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
             let m = (hi - b0).min(BLOCK);
             // SAFETY: token rows have `d` floats (ids checked in `moe_forward`); gate and up hold
             // `h x d` bf16 values and down `d x h` (checked in `RowWeights::new`), read in A tiles
-            // of 16 rows x 32 values at rows `< h` (or `< d`) and columns `< d` (or `< h`), all
-            // multiples of 16 and 32; `a16`/`h16` hold `pairs x 32` tokens, `tmp` 32 rows of
-            // pairs, `ct` 16 x 32 floats, `z` the block's rows of `n1` floats; `dst_row` is the
+            // of 2 x 16 rows x 32 values at rows `< h` (or `< d`) and columns `< d` (or `< h`),
+            // all multiples of 32; `a16`/`h16` hold `pairs x 32` tokens, `tmp` 32 rows of
+            // pairs, `ct` 32 x 32 floats, `z` the block's rows of `n1` floats; `dst_row` is the
             // pair's destination row of `d` floats.
             unsafe {
                 round_rows(
@@ -357,30 +368,35 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
                 transpose_pairs(tmp, d / 2, a16);
                 // `[n, k]` rows times the pair-major activations: outputs `j0..j0 + 16` of the
                 // 32 tokens land in `ct` as `[16 outputs][32 tokens]`.
+                // The second token tile only when the block has more than 16 rows.
+                let b_tiles = m.div_ceil(16);
+                // 32 weight rows (two A tiles) by the block's tokens (one or two B tiles): outputs
+                // `j0..j0 + 32` land in `ct` as `[32 outputs][32 tokens]`.
                 let product = |w: *const u8, k: usize, act: *const u32, j0: usize| {
-                    let cc = |v: usize| ct.add(v * 16).cast::<u8>();
+                    let cc = |g: usize, v: usize| ct.add(g * 16 * 32 + v * 16).cast::<u8>();
                     tiles(
-                        1,
+                        2,
+                        b_tiles,
                         k / 32,
                         w.add(j0 * k * 2),
-                        0,
+                        16 * k * 2,
                         64,
                         k * 2,
                         act.cast(),
                         64,
                         16 * 32 * 4,
                         32 * 4,
-                        [[cc(0), cc(1)], [cc(0), cc(1)]],
+                        [[cc(0, 0), cc(0, 1)], [cc(1, 0), cc(1, 1)]],
                         32 * 4,
                     );
                 };
                 for (mat, col0) in [(x.gate, 0), (Some(x.up), up_col)] {
                     let Some(mat) = mat else { continue };
                     let w = rows.at::<u8>(mat);
-                    for j0 in (0..h).step_by(16) {
+                    for j0 in (0..h).step_by(32) {
                         product(w, d, a16, j0);
                         for r in 0..m {
-                            for j in 0..16 {
+                            for j in 0..32 {
                                 *z.add(r * n1 + col0 + j0 + j) = *ct.add(j * 32 + r);
                             }
                         }
@@ -390,12 +406,12 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
                 round_rows(|r| z.add(r * n1), m, h, tmp, h / 2, BLOCK);
                 transpose_pairs(tmp, h / 2, h16);
                 let w = rows.at::<u8>(x.down);
-                for n0 in (0..d).step_by(16) {
+                for n0 in (0..d).step_by(32) {
                     product(w, h, h16, n0);
                     for r in 0..m {
                         let out = job.dst_row(dst, b0 + r);
                         let wr = job.groups.weights[b0 + r];
-                        for n in 0..16 {
+                        for n in 0..32 {
                             let mut v = *ct.add(n * 32 + r);
                             if let Some(b) = b2 {
                                 v += wr * b[n0 + n];
@@ -526,6 +542,7 @@ unsafe fn linear_rows(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize,
                 let cc = |v: usize| ctp.add(v * 16).cast::<u8>();
                 tiles(
                     1,
+                    mb.div_ceil(16),
                     k / 32,
                     wp.add(j0 * k * 2),
                     0,

@@ -100,6 +100,12 @@ impl LoadOptions {
             && self.dispatch != MoeDispatch::Candle
             && self.experts != ExpertStorage::Packed
     }
+
+    /// True when the dense bf16 products (attention projections, LM head) run on AMX tiles as
+    /// well as the experts: `--moe-dispatch amx` on the CPU (see `Linear::on_amx`).
+    pub fn dense_amx(&self, device: &Device) -> bool {
+        device.is_cpu() && self.dispatch == MoeDispatch::Kernel(KernelVariant::Amx)
+    }
 }
 
 impl Default for LoadOptions {

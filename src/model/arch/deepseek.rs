@@ -78,6 +78,7 @@ pub fn build(
         ckpt.tensor_f32(name, shape, device)
     };
     let (h, eps, heads) = (c.hidden, c.rms_norm_eps as f32, c.heads);
+    let dense_amx = options.dense_amx(device);
     let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
         let w = stored(&format!("{name}.weight"), &[out, inp])?;
         let b = if bias {
@@ -85,7 +86,7 @@ pub fn build(
         } else {
             None
         };
-        Linear::stored(w, b).map_err(de)
+        Ok(Linear::stored(w, b).map_err(de)?.on_amx(dense_amx))
     };
     let rms = |name: &str, n: usize| -> Result<Norm, LoadError> {
         Ok(Norm::new(
@@ -186,7 +187,7 @@ pub fn build(
         embedding: Embedding::new(emb, None),
         blocks,
         final_norm: rms("model.norm", h)?,
-        lm_head: Linear::stored(head, None).map_err(de)?,
+        lm_head: Linear::stored(head, None).map_err(de)?.on_amx(dense_amx),
     };
     let used = used.into_inner();
     let unused = ckpt

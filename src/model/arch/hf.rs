@@ -46,8 +46,7 @@ pub fn build(
     };
     let (h, eps) = (c.hidden, c.rms_norm_eps as f32);
     // `--moe-dispatch amx` computes the model's bf16 products on AMX, the dense ones included.
-    let dense_amx = device.is_cpu()
-        && options.dispatch == MoeDispatch::Kernel(crate::kernel::KernelVariant::Amx);
+    let dense_amx = options.dense_amx(device);
     let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear, LoadError> {
         let w = stored(&format!("{name}.weight"), &[out, inp])?;
         let b = if bias {
