@@ -123,10 +123,23 @@ fn sparse_forward_matches_naive_reference() {
                     let (reference, sel) =
                         naive.forward(&toks, batch, &vec![to_naive(policy); n_moe], capacity);
                     let err = max_rel_err(&logits, &reference);
+                    // The variants that round activations to bf16 on bf16 weights answer to the
+                    // rounding (2.4e-3 measured on these models), and a rounded layer may move a
+                    // later router's near-tie; their exact arithmetic is checked in the kernel's
+                    // tests against an f64 reference that rounds the same way.
+                    let rounds = dtype == StoreDtype::BF16
+                        && matches!(
+                            dispatch,
+                            MoeDispatch::Kernel(KernelVariant::Avx512Bf16 | KernelVariant::Amx)
+                        );
+                    let tol = if rounds { 1e-2 } else { 1e-4 };
                     assert!(
-                        err < 1e-4,
+                        err < tol,
                         "{name} {dispatch:?} {policy} cap {capacity:?}: relative error {err}"
                     );
+                    if rounds {
+                        continue;
+                    }
                     for (slot, layer) in trace.moe.iter().enumerate() {
                         for (t, want) in sel[slot].iter().enumerate() {
                             let mut got: Vec<usize> = layer
