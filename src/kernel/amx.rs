@@ -33,7 +33,7 @@ use std::sync::OnceLock;
 
 use super::rows::RowWeights;
 use super::simd::Avx512;
-use super::{Dst, Job, PANEL, ThreadScratch, accumulate, hidden};
+use super::{Dst, Job, PANEL, ThreadScratch, accumulate, grow, hidden};
 
 /// Rows of a block: two tiles of 16.
 const BLOCK: usize = 32;
@@ -442,12 +442,6 @@ unsafe fn transpose_pairs(src: *const u32, pairs: usize, dst: *mut u32) {
                 *dst.add(q * BLOCK + t) = *src.add(t * pairs + q);
             }
         }
-    }
-}
-
-fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
-    if v.len() < n {
-        v.resize(n, T::default());
     }
 }
 

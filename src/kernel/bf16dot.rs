@@ -22,9 +22,9 @@
 
 use std::arch::x86_64::*;
 
-use super::rows::{CHUNK_BYTES, RowWeights};
+use super::rows::{DotTile, RowWeights, expert_block};
 use super::simd::{Avx512, Simd};
-use super::{Dst, Job, PANEL, ThreadScratch, accumulate, hidden};
+use super::{Dst, Job, PANEL, ThreadScratch, accumulate, grow, hidden};
 
 /// Rounds `n` floats at `src` to bf16 (to nearest, ties to even) into `pairs` 32-bit pairs at
 /// `dst` (the even index in the low half), zero past `n`.
@@ -233,12 +233,8 @@ pub(super) unsafe fn run_panels(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     let ex = job.ex;
     let (d, n1, block) = (ex.d, ex.n1, ex.block_rows());
     let (kp, hp) = (d.div_ceil(2), ex.h_pad / 2);
-    if ts.a16.len() < block * kp {
-        ts.a16.resize(block * kp, 0);
-    }
-    if ts.h16.len() < block * hp {
-        ts.h16.resize(block * hp, 0);
-    }
+    grow(&mut ts.a16, block * kp);
+    grow(&mut ts.h16, block * hp);
     let (z, a16, h16) = (ts.z.as_mut_ptr(), ts.a16.as_mut_ptr(), ts.h16.as_mut_ptr());
     let xp = job.x.as_ptr();
     for &(e, lo, hi) in &ts.items {
@@ -312,75 +308,20 @@ unsafe fn dot_tile<const M: usize, const R: usize>(
     }
 }
 
-/// `sink(r, j, dot(a(r), w_j))` for `m` rounded activation rows and `n` bf16 weight rows of `k`
-/// values, chunk by chunk of weight rows (as `rows::rows_product`): 4 rows by 4 weight rows per
-/// tile, a lone row against 8.
-///
-/// # Safety
-/// `a(r)` is a padded rounded row (see [`dot_tile`]) for `r < m`, `w` holds `n x k` values, and
-/// the CPU has what [`dot_tile`] needs.
-#[inline(always)]
-unsafe fn rows_product(
-    m: usize,
-    a: impl Fn(usize) -> *const u32,
-    w: *const u16,
-    n: usize,
-    k: usize,
-    mut sink: impl FnMut(usize, usize, f32),
-) {
-    const MR: usize = 4;
-    const R: usize = 4;
-    const R1: usize = 8;
-    let chunk = (CHUNK_BYTES / (k * 2).max(1)).max(R1);
-    let row = |j: usize| w.wrapping_add(j * k);
-    let mut j0 = 0;
-    while j0 < n {
-        let j1 = (j0 + chunk).min(n);
-        let mut r0 = 0;
-        // SAFETY: every tile's activation rows are `< m` and its weight rows `< j1 <= n`.
-        unsafe {
-            while r0 + MR <= m {
-                let a_rows: [*const u32; MR] = std::array::from_fn(|i| a(r0 + i));
-                let mut j = j0;
-                while j + R <= j1 {
-                    let w_rows: [*const u16; R] = std::array::from_fn(|q| row(j + q));
-                    let t = dot_tile::<MR, R>(&a_rows, &w_rows, k);
-                    for (i, ti) in t.iter().enumerate() {
-                        for (q, &v) in ti.iter().enumerate() {
-                            sink(r0 + i, j + q, v);
-                        }
-                    }
-                    j += R;
-                }
-                while j < j1 {
-                    let t = dot_tile::<MR, 1>(&a_rows, &[row(j)], k);
-                    for (i, ti) in t.iter().enumerate() {
-                        sink(r0 + i, j, ti[0]);
-                    }
-                    j += 1;
-                }
-                r0 += MR;
-            }
-            while r0 < m {
-                let a_row = [a(r0)];
-                let mut j = j0;
-                while j + R1 <= j1 {
-                    let w_rows: [*const u16; R1] = std::array::from_fn(|q| row(j + q));
-                    let t = dot_tile::<1, R1>(&a_row, &w_rows, k);
-                    for (q, &v) in t[0].iter().enumerate() {
-                        sink(r0, j + q, v);
-                    }
-                    j += R1;
-                }
-                while j < j1 {
-                    let t = dot_tile::<1, 1>(&a_row, &[row(j)], k);
-                    sink(r0, j, t[0][0]);
-                    j += 1;
-                }
-                r0 += 1;
-            }
-        }
-        j0 = j1;
+/// [`dot_tile`] as a [`DotTile`] for `rows::rows_product`.
+struct Bf16Dot;
+
+impl DotTile for Bf16Dot {
+    type A = u32;
+    type W = u16;
+    #[inline(always)]
+    unsafe fn tile<const M: usize, const R: usize>(
+        a: &[*const u32; M],
+        w: &[*const u16; R],
+        k: usize,
+    ) -> [[f32; R]; M] {
+        // SAFETY: forwarded from the caller.
+        unsafe { dot_tile::<M, R>(a, w, k) }
     }
 }
 
@@ -394,21 +335,14 @@ unsafe fn rows_product(
 pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut ThreadScratch) {
     let ex = job.ex;
     let (d, h, n1, block) = (ex.d, ex.h, ex.n1, ex.block_rows());
-    let up_col = if ex.gated { ex.h_pad } else { 0 };
     // Rounded rows padded to whole vectors of 32 values, so `dot_tile` loads them unmasked.
     let (kp, hp) = (d.div_ceil(32) * 16, h.div_ceil(32) * 16);
-    if ts.a16.len() < block * kp {
-        ts.a16.resize(block * kp, 0);
-    }
-    if ts.h16.len() < block * hp {
-        ts.h16.resize(block * hp, 0);
-    }
+    grow(&mut ts.a16, block * kp);
+    grow(&mut ts.h16, block * hp);
     let (z, a16, h16) = (ts.z.as_mut_ptr(), ts.a16.as_mut_ptr(), ts.h16.as_mut_ptr());
     let xp = job.x.as_ptr();
     for &(e, lo, hi) in &ts.items {
         let (e, lo, hi) = (e as usize, lo as usize, hi as usize);
-        let x = rows.experts[e];
-        let b2 = ex.b2.as_ref().map(|b| &b[e * ex.d_pad..e * ex.d_pad + d]);
         let mut b0 = lo;
         while b0 < hi {
             let m = (hi - b0).min(block);
@@ -423,26 +357,20 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
                     let t = job.groups.tokens[b0 + r] as usize;
                     round_row(xp.add(t * d), d, a16.add(r * kp), kp);
                 }
-                if let Some(g) = x.gate {
-                    rows_product(m, a_row, rows.at::<u16>(g), h, d, |r, j, v| {
-                        *z.add(r * n1 + j) = v;
-                    });
-                }
-                rows_product(m, a_row, rows.at::<u16>(x.up), h, d, |r, j, v| {
-                    *z.add(r * n1 + up_col + j) = v;
-                });
-                hidden::<Avx512>(job, e, b0, m, z);
-                for r in 0..m {
-                    round_row(z.add(r * n1), h, h16.add(r * hp), hp);
-                }
-                rows_product(m, h_row, rows.at::<u16>(x.down), d, h, |r, n, v| {
-                    let out = job.dst_row(dst, b0 + r).add(n);
-                    let v = match b2 {
-                        Some(b) => v + job.groups.weights[b0 + r] * b[n],
-                        None => v,
-                    };
-                    *out += v;
-                });
+                expert_block::<Bf16Dot, Avx512, 4, 4, 8>(
+                    job,
+                    rows,
+                    (e, b0, m),
+                    z,
+                    dst,
+                    a_row,
+                    h_row,
+                    || {
+                        for r in 0..m {
+                            round_row(z.add(r * n1), h, h16.add(r * hp), hp);
+                        }
+                    },
+                );
             }
             b0 += m;
         }

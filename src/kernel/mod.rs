@@ -779,6 +779,14 @@ fn has_amx() -> bool {
     }
 }
 
+/// Grows `v` to at least `n` elements (scratch that keeps its largest size).
+#[cfg(target_arch = "x86_64")]
+fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+    if v.len() < n {
+        v.resize(n, T::default());
+    }
+}
+
 /// One thread's reusable buffers.
 #[derive(Default, Debug)]
 struct ThreadScratch {

@@ -28,7 +28,7 @@ use super::{Dst, Job, KernelVariant, ThreadScratch, WeightDtype, hidden};
 
 /// Weight bytes a chunk of rows may take: a quarter of this machine kind's 512 KiB L2, leaving
 /// room for the activation rows and the hidden block.
-pub(super) const CHUNK_BYTES: usize = 128 * 1024;
+const CHUNK_BYTES: usize = 128 * 1024;
 
 /// Memory that holds expert weights: a mapped file, or any byte buffer. The bytes must not change
 /// while a layer reads them.
@@ -204,29 +204,60 @@ unsafe fn dot_tile<S: Simd, E: MatvecWeight, const M: usize, const R: usize>(
     }
 }
 
+/// A dot-product tile over activation rows of `A` and weight rows of `W`: what
+/// [`rows_product`] runs, so that one tiling loop serves the exact kernels and the bf16-rounding
+/// one (`bf16dot`).
+pub(super) trait DotTile {
+    /// Activation element.
+    type A;
+    /// Weight element.
+    type W;
+    /// `out[i][j] = dot(a[i], w[j])` over `k` values.
+    ///
+    /// # Safety
+    /// The rows hold what the implementation reads for `k` values, and the caller enabled the
+    /// CPU features it needs.
+    unsafe fn tile<const M: usize, const R: usize>(
+        a: &[*const Self::A; M],
+        w: &[*const Self::W; R],
+        k: usize,
+    ) -> [[f32; R]; M];
+}
+
+/// [`dot_tile`] on `S` and weights of `E`.
+struct SimdDot<S, E>(std::marker::PhantomData<(S, E)>);
+
+impl<S: Simd, E: MatvecWeight> DotTile for SimdDot<S, E> {
+    type A = f32;
+    type W = E;
+    #[inline(always)]
+    unsafe fn tile<const M: usize, const R: usize>(
+        a: &[*const f32; M],
+        w: &[*const E; R],
+        k: usize,
+    ) -> [[f32; R]; M] {
+        // SAFETY: forwarded from the caller.
+        unsafe { dot_tile::<S, E, M, R>(a, w, k) }
+    }
+}
+
 /// `sink(r, j, dot(a(r), w_j))` for the `m` activation rows `a(r)` and the `n` weight rows `w_j`
 /// of `k` values each (`w` row-major), chunk by chunk of weight rows: `MR` rows by `R` weight rows
 /// per tile, and a lone row against `R1` weight rows (more independent FMA chains).
 ///
 /// # Safety
-/// `a(r)` has `k` readable floats for `r < m`, `w` holds `n x k` values, and the caller enabled
-/// what `S` needs.
+/// `a(r)` holds what `T` reads for `k` values for `r < m`, `w` holds `n x k` values, and the
+/// caller enabled what `T` needs.
 #[inline(always)]
-unsafe fn rows_product<
-    S: Simd,
-    E: MatvecWeight,
-    const MR: usize,
-    const R: usize,
-    const R1: usize,
->(
+pub(super) unsafe fn rows_product<T: DotTile, const MR: usize, const R: usize, const R1: usize>(
     m: usize,
-    a: impl Fn(usize) -> *const f32,
-    w: *const E,
+    a: impl Fn(usize) -> *const T::A,
+    w: *const T::W,
     n: usize,
     k: usize,
     mut sink: impl FnMut(usize, usize, f32),
 ) {
-    let chunk = (CHUNK_BYTES / (k * size_of::<E>()).max(1)).max(R1);
+    let chunk = (CHUNK_BYTES / (k * size_of::<T::W>()).max(1)).max(R1);
     let row = |j: usize| w.wrapping_add(j * k);
     let mut j0 = 0;
     while j0 < n {
@@ -236,11 +267,11 @@ unsafe fn rows_product<
         // the caller vouched for.
         unsafe {
             while r0 + MR <= m {
-                let a_rows: [*const f32; MR] = std::array::from_fn(|i| a(r0 + i));
+                let a_rows: [*const T::A; MR] = std::array::from_fn(|i| a(r0 + i));
                 let mut j = j0;
                 while j + R <= j1 {
-                    let w_rows: [*const E; R] = std::array::from_fn(|q| row(j + q));
-                    let t = dot_tile::<S, E, MR, R>(&a_rows, &w_rows, k);
+                    let w_rows: [*const T::W; R] = std::array::from_fn(|q| row(j + q));
+                    let t = T::tile::<MR, R>(&a_rows, &w_rows, k);
                     for (i, ti) in t.iter().enumerate() {
                         for (q, &v) in ti.iter().enumerate() {
                             sink(r0 + i, j + q, v);
@@ -249,7 +280,7 @@ unsafe fn rows_product<
                     j += R;
                 }
                 while j < j1 {
-                    let t = dot_tile::<S, E, MR, 1>(&a_rows, &[row(j)], k);
+                    let t = T::tile::<MR, 1>(&a_rows, &[row(j)], k);
                     for (i, ti) in t.iter().enumerate() {
                         sink(r0 + i, j, ti[0]);
                     }
@@ -261,15 +292,15 @@ unsafe fn rows_product<
                 let a_row = [a(r0)];
                 let mut j = j0;
                 while j + R1 <= j1 {
-                    let w_rows: [*const E; R1] = std::array::from_fn(|q| row(j + q));
-                    let t = dot_tile::<S, E, 1, R1>(&a_row, &w_rows, k);
+                    let w_rows: [*const T::W; R1] = std::array::from_fn(|q| row(j + q));
+                    let t = T::tile::<1, R1>(&a_row, &w_rows, k);
                     for (q, &v) in t[0].iter().enumerate() {
                         sink(r0, j + q, v);
                     }
                     j += R1;
                 }
                 while j < j1 {
-                    let t = dot_tile::<S, E, 1, 1>(&a_row, &[row(j)], k);
+                    let t = T::tile::<1, 1>(&a_row, &[row(j)], k);
                     sink(r0, j, t[0][0]);
                     j += 1;
                 }
@@ -277,6 +308,65 @@ unsafe fn rows_product<
             }
         }
         j0 = j1;
+    }
+}
+
+/// One block of expert `e` on row-layout weights through the dot tile `T`: gate and up products
+/// of the activation rows `a(r)` into `z`, the hidden epilogue, `after_hidden` (the bf16 variant
+/// rounds the hidden rows there), and the down product of the hidden rows `h(r)` added into the
+/// destination rows with the down bias scaled by the routing weight (as the panel kernel's
+/// `accumulate`). `block` is `(e, b0, m)`: rows `b0..b0 + m` of the expert-sorted pairs.
+///
+/// # Safety
+/// `a(r)` and `h(r)` hold what `T` reads for `d` and `h` values for `r < m`; `z` holds `m` rows
+/// of `n1` floats; the pairs are in this thread's `dst`; the caller enabled what `T` and `S`
+/// need.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) unsafe fn expert_block<
+    T: DotTile,
+    S: Simd,
+    const MR: usize,
+    const R: usize,
+    const R1: usize,
+>(
+    job: &Job,
+    rows: &RowWeights,
+    (e, b0, m): (usize, usize, usize),
+    z: *mut f32,
+    dst: Dst,
+    a: impl Fn(usize) -> *const T::A + Copy,
+    h_row: impl Fn(usize) -> *const T::A,
+    after_hidden: impl FnOnce(),
+) {
+    let ex = job.ex;
+    let (d, h, n1) = (ex.d, ex.h, ex.n1);
+    // Gate in columns 0..h, up from h_pad (gated) or 0 (not): the layout `hidden` reads.
+    let up_col = if ex.gated { ex.h_pad } else { 0 };
+    let x = rows.experts[e];
+    let b2 = ex.b2.as_ref().map(|b| &b[e * ex.d_pad..e * ex.d_pad + d]);
+    // SAFETY: gate and up hold `h x d` values and down `d x h` (checked in `RowWeights::new`);
+    // `z` rows are `n1` floats and `col + j < n1` for `j < h`; `dst_row` is the pair's
+    // destination row of `d` floats, written at `n < d`; the rest is the caller's promise.
+    unsafe {
+        if let Some(g) = x.gate {
+            rows_product::<T, MR, R, R1>(m, a, rows.at::<T::W>(g), h, d, |r, j, v| {
+                *z.add(r * n1 + j) = v;
+            });
+        }
+        rows_product::<T, MR, R, R1>(m, a, rows.at::<T::W>(x.up), h, d, |r, j, v| {
+            *z.add(r * n1 + up_col + j) = v;
+        });
+        hidden::<S>(job, e, b0, m, z);
+        after_hidden();
+        rows_product::<T, MR, R, R1>(m, h_row, rows.at::<T::W>(x.down), d, h, |r, n, v| {
+            let out = job.dst_row(dst, b0 + r).add(n);
+            let v = match b2 {
+                Some(b) => v + job.groups.weights[b0 + r] * b[n],
+                None => v,
+            };
+            *out += v;
+        });
     }
 }
 
@@ -293,16 +383,12 @@ unsafe fn rows_items<S: Simd, E: MatvecWeight, const MR: usize, const R: usize, 
     ts: &mut ThreadScratch,
 ) {
     let ex = job.ex;
-    let (d, h, n1) = (ex.d, ex.h, ex.n1);
-    // Gate in columns 0..h, up from h_pad (gated) or 0 (not): the layout `hidden` reads.
-    let up_col = if ex.gated { ex.h_pad } else { 0 };
+    let (d, n1) = (ex.d, ex.n1);
     let block = ex.block_rows();
     let z = ts.z.as_mut_ptr();
     let xp = job.x.as_ptr();
     for &(e, lo, hi) in &ts.items {
         let (e, lo, hi) = (e as usize, lo as usize, hi as usize);
-        let x = rows.experts[e];
-        let b2 = ex.b2.as_ref().map(|b| &b[e * ex.d_pad..e * ex.d_pad + d]);
         let mut b0 = lo;
         while b0 < hi {
             let m = (hi - b0).min(block);
@@ -311,49 +397,18 @@ unsafe fn rows_items<S: Simd, E: MatvecWeight, const MR: usize, const R: usize, 
                 xp.wrapping_add(t * d)
             };
             let hidden_row = |r: usize| z.cast_const().wrapping_add(r * n1);
-            // SAFETY: token rows have `d` floats (ids checked in `moe_forward`); gate and up hold
-            // `h x d` values and down `d x h` (checked in `RowWeights::new`); `z` holds the
-            // block's `m <= block_rows()` rows of `n1` floats, and `col + j < n1` for `j < h`;
-            // `dst_row` is the pair's destination row of `d` floats, written at `n < d`.
+            // SAFETY: token rows have `d` floats (ids checked in `moe_forward`), and `z` holds
+            // the block's `m <= block_rows()` rows of `n1` floats, as `expert_block` requires.
             unsafe {
-                if let Some(g) = x.gate {
-                    rows_product::<S, E, MR, R, R1>(
-                        m,
-                        token_row,
-                        rows.at::<E>(g),
-                        h,
-                        d,
-                        |r, j, v| {
-                            *z.add(r * n1 + j) = v;
-                        },
-                    );
-                }
-                rows_product::<S, E, MR, R, R1>(
-                    m,
+                expert_block::<SimdDot<S, E>, S, MR, R, R1>(
+                    job,
+                    rows,
+                    (e, b0, m),
+                    z,
+                    dst,
                     token_row,
-                    rows.at::<E>(x.up),
-                    h,
-                    d,
-                    |r, j, v| {
-                        *z.add(r * n1 + up_col + j) = v;
-                    },
-                );
-                hidden::<S>(job, e, b0, m, z);
-                rows_product::<S, E, MR, R, R1>(
-                    m,
                     hidden_row,
-                    rows.at::<E>(x.down),
-                    d,
-                    h,
-                    |r, n, v| {
-                        let out = job.dst_row(dst, b0 + r).add(n);
-                        // As the panel kernel's `accumulate`: the bias scaled by the routing weight.
-                        let v = match b2 {
-                            Some(b) => v + job.groups.weights[b0 + r] * b[n],
-                            None => v,
-                        };
-                        *out += v;
-                    },
+                    || {},
                 );
             }
             b0 += m;
