@@ -376,7 +376,15 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
             .bad_input()?
         }
     };
-    let mut config = SessionConfig::new(&model, device.description.clone());
+    // The variants that round activations change the numbers, so the header and every report
+    // name them.
+    let description = match model.moe_dispatch() {
+        Some(crate::model::MoeDispatch::Kernel(
+            v @ (crate::kernel::KernelVariant::Avx512Bf16 | crate::kernel::KernelVariant::Amx),
+        )) => format!("{}, bf16 products on {}", device.description, v.name()),
+        _ => device.description.clone(),
+    };
+    let mut config = SessionConfig::new(&model, description);
     config.routing = routing;
     config.compare = compare;
     config.reference_every = a.reference_every;
