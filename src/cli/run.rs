@@ -314,6 +314,7 @@ pub fn prepare(a: &SessionArgs, threads: usize) -> Result<Prepared> {
     }
     let load_start = std::time::Instant::now();
     let model = Model::from_source(&file, &device.device, options).bad_input()?;
+    super::amx_note(&model, &options);
     let load_s = load_start.elapsed().as_secs_f64();
     if load_s >= 1.0 {
         eprintln!(

@@ -462,6 +462,17 @@ impl Model {
         Ok(())
     }
 
+    /// True when some MoE layer's experts are bf16 on the CPU kernel: what `--moe-dispatch
+    /// amx` and `avx512bf16` speed up.
+    pub fn has_bf16_kernel_experts(&self) -> bool {
+        self.blocks.iter().filter_map(|b| b.moe()).any(|m| {
+            m.parts()
+                .experts
+                .packed()
+                .is_some_and(|p| p.dtype() == crate::kernel::WeightDtype::Bf16)
+        })
+    }
+
     /// True when the CPU kernel reads every MoE layer's experts in place from the mapped model
     /// files (see [`super::ExpertStorage`]), false when any layer holds its own copy.
     pub fn experts_in_place(&self) -> bool {
