@@ -1,11 +1,11 @@
-//! bf16 expert weights on Intel AMX (`tdpbf16ps`): [`KernelVariant::Amx`].
+//! bf16 expert weights on Intel AMX (`tdpbf16ps`): [`KernelVariant::Amx`](super::KernelVariant::Amx).
 //!
 //! # Why
 //! One `tdpbf16ps` multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 f32
 //! accumulators: 8192 multiply-adds, against 32 for an AVX-512 FMA. On a Xeon with AMX
 //! (Sapphire Rapids and later) a bf16 matrix product runs several times faster than f32 FMAs
 //! can (torch's bf16 1024^3 matmul: 455 GFLOP/s on one core of the 2026-11-29 machine, against
-//! 97 in f32). As with [`KernelVariant::Avx512Bf16`], the activations are rounded to bf16
+//! 97 in f32). As with [`KernelVariant::Avx512Bf16`](super::KernelVariant::Avx512Bf16), the activations are rounded to bf16
 //! before they meet the weights, so the variant is chosen by name only.
 //!
 //! # Layouts
@@ -13,14 +13,18 @@
 //!   run of 16 pair rows is exactly AMX's "VNNI" B tile (16 rows of 16 column pairs, 64 bytes,
 //!   128 bytes apart); the A tile is 16 rounded token rows, 32 values each.
 //! - Rows read in place (`[out, in]`): the product is taken transposed. The A tiles are 2 x 16
-//!   weight rows (32 values each, `in` apart), the B tile is the block's activations rounded and stored
-//!   pair-major (`[in / 2][32 tokens]`), and the 16 outputs x 16 tokens that come out are
+//!   weight rows (32 values each, `in` apart), the B tiles the block's activations rounded and
+//!   stored pair-major (`[in / 2][32 tokens]`), and the 32 outputs x 32 tokens that come out are
 //!   transposed on their way to the hidden block or the output rows.
+//! - Dense products ([`linear`], for `Linear::on_amx`): as rows read in place, with each
+//!   thread's tokens rounded once and every weight row streamed once over all its blocks.
 //!
 //! Blocks are 32 rows (two A or B tiles of 16); a block with fewer rows is padded with zero
-//! rows. Each output is the same sequence of `tdpbf16ps` steps whatever block it falls in, so
-//! results are the same bits for every thread count. Where `d` is not a multiple of 32 the
-//! tiles would read past a matrix, and the variant runs as [`KernelVariant::Avx512Bf16`].
+//! rows, and one of 16 or fewer takes one token tile. Each output is the same sequence of
+//! `tdpbf16ps` steps whatever block it falls in, so results are the same bits for every thread
+//! count. Where `d` (read in place, also `h`) is not a multiple of 32 the tiles would read past a
+//! matrix, and where a pass has fewer than 16 tokens (a decode step) the tiles would be mostly
+//! padding: there the variant runs as [`KernelVariant::Avx512Bf16`](super::KernelVariant::Avx512Bf16).
 //!
 //! # The operating system
 //! Linux hands a process the AMX register state only after it asks (`arch_prctl

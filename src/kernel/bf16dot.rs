@@ -1,11 +1,11 @@
-//! bf16 expert weights on AVX-512 BF16 (`vdpbf16ps`): [`KernelVariant::Avx512Bf16`].
+//! bf16 expert weights on AVX-512 BF16 (`vdpbf16ps`): [`KernelVariant::Avx512Bf16`](super::KernelVariant::Avx512Bf16).
 //!
 //! # Why a variant of its own
 //! `vdpbf16ps` multiplies pairs of bf16 values and adds both products to an f32 lane, twice the
 //! multiply-adds of an f32 FMA per instruction and no widening step. Its operands are both bf16,
 //! so the activations are rounded to bf16 (to nearest, ties to even) before they meet the weights,
 //! as transformers and llama.cpp do when a model's weights are bf16. That changes the results
-//! (by about 2^-9 of an activation, relative), so the exact [`KernelVariant::Avx512`] stays
+//! (by about 2^-9 of an activation, relative), so the exact [`KernelVariant::Avx512`](super::KernelVariant::Avx512) stays
 //! selectable; f32 and f16 weights run the same code under both names.
 //!
 //! # Layouts
