@@ -137,10 +137,15 @@ fn stored_amx(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     };
     let wv = &cpu.as_slice::<half::bf16>()?[start..end];
-    let xv = x.flatten_all()?.to_vec1::<f32>()?;
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (Storage::Cpu(xc), Some((x0, x1))) = (&*xs, xl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let xv = &xc.as_slice::<f32>()?[x0..x1];
     let mut y = vec![0f32; rows * n];
     let threads = rayon::current_num_threads();
-    if !crate::kernel::amx_linear(&xv, rows, k, wv, n, &mut y, threads) {
+    if !crate::kernel::amx_linear(xv, rows, k, wv, n, &mut y, threads) {
         return Ok(None);
     }
     let mut shape = dims.to_vec();
