@@ -35,6 +35,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
+use super::bf16dot::round_rows;
 use super::rows::RowWeights;
 use super::simd::Avx512;
 use super::{Dst, Job, PANEL, ThreadScratch, accumulate, grow, hidden};
@@ -183,26 +184,77 @@ unsafe fn tiles(
     }
 }
 
-/// Rounds `m` rows of `n` floats (`src_stride` apart) to bf16 pairs, `pairs` per row, and zeros
-/// the rows from `m` to `rows`.
+/// [`tiles`] with the packed-panel operands: A is `16 * groups` rounded activation rows of
+/// `pairs` pairs at `a`, B one 32-column bf16 panel at `panel` (pair rows 128 bytes apart), and
+/// C the `[16 * groups][32]` results at `c`, rows `c_stride` floats apart.
 ///
 /// # Safety
-/// As for `bf16dot::round_row`, per row; `dst` has `rows * pairs` writable values.
+/// As for [`tiles`], over `k / 32` steps.
 #[inline(always)]
-unsafe fn round_rows(
-    src: impl Fn(usize) -> *const f32,
-    m: usize,
-    n: usize,
-    dst: *mut u32,
+unsafe fn panel_tiles(
+    groups: usize,
+    k: usize,
+    a: *const u32,
     pairs: usize,
-    rows: usize,
+    panel: *const u8,
+    c: *mut f32,
+    c_stride: usize,
 ) {
+    let at = |g: usize, v: usize| c.wrapping_add(g * 16 * c_stride + v * 16).cast::<u8>();
     // SAFETY: forwarded from the caller.
     unsafe {
-        for r in 0..m {
-            super::bf16dot::round_row(src(r), n, dst.add(r * pairs), pairs);
-        }
-        std::ptr::write_bytes(dst.add(m * pairs), 0, (rows - m) * pairs);
+        tiles(
+            groups,
+            2,
+            k / 32,
+            a.cast(),
+            16 * pairs * 4,
+            64,
+            pairs * 4,
+            panel,
+            64,
+            16 * 2 * PANEL * 2,
+            2 * PANEL * 2,
+            [[at(0, 0), at(0, 1)], [at(1, 0), at(1, 1)]],
+            c_stride * 4,
+        );
+    }
+}
+
+/// [`tiles`] with the transposed operands of rows read in place and of [`linear`]: A is
+/// `16 * groups` weight rows of `k` bf16 values from `w`, B the 32 tokens of a pair-major
+/// activation block (`[k / 2][32]`) at `act`, `b_tiles` of them used, and C the `[16 * groups]
+/// [32]` results (outputs x tokens) at `c`.
+///
+/// # Safety
+/// As for [`tiles`], over `k / 32` steps.
+#[inline(always)]
+unsafe fn row_tiles(
+    groups: usize,
+    b_tiles: usize,
+    k: usize,
+    w: *const u8,
+    act: *const u32,
+    c: *mut f32,
+) {
+    let at = |g: usize, v: usize| c.wrapping_add(g * 16 * BLOCK + v * 16).cast::<u8>();
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        tiles(
+            groups,
+            b_tiles,
+            k / 32,
+            w,
+            16 * k * 2,
+            64,
+            k * 2,
+            act.cast(),
+            64,
+            16 * BLOCK * 4,
+            BLOCK * 4,
+            [[at(0, 0), at(0, 1)], [at(1, 0), at(1, 1)]],
+            BLOCK * 4,
+        );
     }
 }
 
@@ -258,22 +310,7 @@ pub(super) unsafe fn run_panels(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                 );
                 let mut p = 0;
                 while p < n1 {
-                    let zc = |g: usize, v: usize| z.add(g * 16 * n1 + p + v * 16).cast::<u8>();
-                    tiles(
-                        groups,
-                        2,
-                        d / 32,
-                        a16.cast(),
-                        16 * kp * 4,
-                        64,
-                        kp * 4,
-                        w1.add(p * k1 * 2),
-                        64,
-                        16 * 2 * PANEL * 2,
-                        2 * PANEL * 2,
-                        [[zc(0, 0), zc(0, 1)], [zc(1, 0), zc(1, 1)]],
-                        n1 * 4,
-                    );
+                    panel_tiles(groups, d, a16, kp, w1.add(p * k1 * 2), z.add(p), n1);
                     p += PANEL;
                 }
                 hidden::<Avx512>(job, e, b0, m, z);
@@ -282,22 +319,7 @@ pub(super) unsafe fn run_panels(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
                     std::array::from_fn(|r| if r < m { job.dst_row(dst, b0 + r) } else { ct });
                 let mut q = 0;
                 while q < d_pad {
-                    let cc = |g: usize, v: usize| ct.add(g * 16 * PANEL + v * 16).cast::<u8>();
-                    tiles(
-                        groups,
-                        2,
-                        h_pad / 32,
-                        h16.cast(),
-                        16 * hp * 4,
-                        64,
-                        hp * 4,
-                        w2.add(q * h_pad * 2),
-                        64,
-                        16 * 2 * PANEL * 2,
-                        2 * PANEL * 2,
-                        [[cc(0, 0), cc(0, 1)], [cc(1, 0), cc(1, 1)]],
-                        PANEL * 4,
-                    );
+                    panel_tiles(groups, h_pad, h16, hp, w2.add(q * h_pad * 2), ct, PANEL);
                     for (r, &o) in out.iter().enumerate().take(m) {
                         let w = job.groups.weights[b0 + r];
                         for v in 0..2 {
@@ -377,22 +399,7 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
                 // 32 weight rows (two A tiles) by the block's tokens (one or two B tiles): outputs
                 // `j0..j0 + 32` land in `ct` as `[32 outputs][32 tokens]`.
                 let product = |w: *const u8, k: usize, act: *const u32, j0: usize| {
-                    let cc = |g: usize, v: usize| ct.add(g * 16 * 32 + v * 16).cast::<u8>();
-                    tiles(
-                        2,
-                        b_tiles,
-                        k / 32,
-                        w.add(j0 * k * 2),
-                        16 * k * 2,
-                        64,
-                        k * 2,
-                        act.cast(),
-                        64,
-                        16 * 32 * 4,
-                        32 * 4,
-                        [[cc(0, 0), cc(0, 1)], [cc(1, 0), cc(1, 1)]],
-                        32 * 4,
-                    );
+                    row_tiles(2, b_tiles, k, w.add(j0 * k * 2), act, ct);
                 };
                 for (mat, col0) in [(x.gate, 0), (Some(x.up), up_col)] {
                     let Some(mat) = mat else { continue };
@@ -537,22 +544,8 @@ unsafe fn linear_rows(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize,
         for j0 in (0..n).step_by(16) {
             for b in 0..blocks {
                 let mb = (m - b * BLOCK).min(BLOCK);
-                let cc = |v: usize| ctp.add(v * 16).cast::<u8>();
-                tiles(
-                    1,
-                    mb.div_ceil(16),
-                    k / 32,
-                    wp.add(j0 * k * 2),
-                    0,
-                    64,
-                    k * 2,
-                    act.as_ptr().add(b * pairs * BLOCK).cast(),
-                    64,
-                    16 * BLOCK * 4,
-                    BLOCK * 4,
-                    [[cc(0), cc(1)], [cc(0), cc(1)]],
-                    BLOCK * 4,
-                );
+                let act_b = act.as_ptr().add(b * pairs * BLOCK);
+                row_tiles(1, mb.div_ceil(16), k, wp.add(j0 * k * 2), act_b, ctp);
                 for r in 0..mb {
                     let row = yp.add((b * BLOCK + r) * n + j0);
                     for j in 0..16 {

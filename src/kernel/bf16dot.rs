@@ -33,7 +33,7 @@ use super::{Dst, Job, PANEL, ThreadScratch, accumulate, grow, hidden};
 /// `src` has `n` readable floats, `dst` has `pairs >= n.div_ceil(2)` writable values, and the
 /// CPU has AVX-512F and AVX-512 BF16.
 #[inline(always)]
-pub(super) unsafe fn round_row(src: *const f32, n: usize, dst: *mut u32, pairs: usize) {
+unsafe fn round_row(src: *const f32, n: usize, dst: *mut u32, pairs: usize) {
     // SAFETY: loads read `i + 32 <= n` floats, or `n - i` of them masked; stores write 16 pairs
     // at `i / 2 + 16 <= pairs` or the `pairs - i / 2` left, masked.
     unsafe {
@@ -48,6 +48,29 @@ pub(super) unsafe fn round_row(src: *const f32, n: usize, dst: *mut u32, pairs: 
             _mm512_mask_storeu_epi32(dst.add(i / 2).cast(), mask16(left), bf);
             i += 32;
         }
+    }
+}
+
+/// Rounds `m` rows of `n` floats (row `r` at `src(r)`) to bf16 pairs, `pairs` per row, and
+/// zeros the rows from `m` to `rows` (padding for a whole AMX tile).
+///
+/// # Safety
+/// As for [`round_row`], per row; `dst` has `rows * pairs` writable values.
+#[inline(always)]
+pub(super) unsafe fn round_rows(
+    src: impl Fn(usize) -> *const f32,
+    m: usize,
+    n: usize,
+    dst: *mut u32,
+    pairs: usize,
+    rows: usize,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        for r in 0..m {
+            round_row(src(r), n, dst.add(r * pairs), pairs);
+        }
+        std::ptr::write_bytes(dst.add(m * pairs), 0, (rows - m) * pairs);
     }
 }
 
@@ -246,15 +269,11 @@ pub(super) unsafe fn run_panels(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
             // floats; `a16` and `h16` were sized above for `block >= m` rows, `z` in `run`; the
             // tiles' bounds are stated where they read.
             unsafe {
-                for r in 0..m {
-                    let t = job.groups.tokens[b0 + r] as usize;
-                    round_row(xp.add(t * d), d, a16.add(r * kp), kp);
-                }
+                let token_row = |r: usize| xp.add(job.groups.tokens[b0 + r] as usize * d);
+                round_rows(token_row, m, d, a16, kp, m);
                 tiles!(m, r0 => mm1(job, e, r0, a16, z));
                 hidden::<Avx512>(job, e, b0, m, z);
-                for r in 0..m {
-                    round_row(z.add(r * n1), ex.h_pad, h16.add(r * hp), hp);
-                }
+                round_rows(|r| z.add(r * n1), m, ex.h_pad, h16, hp, m);
                 tiles!(m, r0 => mm2(job, e, b0, r0, h16, dst));
             }
             b0 += m;
@@ -353,10 +372,8 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
             // n1` for `j < h`), `dst_row` a destination row of `d` floats; `a16` and `h16` were
             // sized above for `block >= m` padded rows.
             unsafe {
-                for r in 0..m {
-                    let t = job.groups.tokens[b0 + r] as usize;
-                    round_row(xp.add(t * d), d, a16.add(r * kp), kp);
-                }
+                let token_row = |r: usize| xp.add(job.groups.tokens[b0 + r] as usize * d);
+                round_rows(token_row, m, d, a16, kp, m);
                 expert_block::<Bf16Dot, Avx512, 4, 4, 8>(
                     job,
                     rows,
@@ -365,11 +382,7 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
                     dst,
                     a_row,
                     h_row,
-                    || {
-                        for r in 0..m {
-                            round_row(z.add(r * n1), h, h16.add(r * hp), hp);
-                        }
-                    },
+                    || round_rows(|r| z.add(r * n1), m, h, h16, hp, m),
                 );
             }
             b0 += m;
