@@ -198,8 +198,8 @@ pub(crate) fn amx_note(model: &crate::model::Model, options: &crate::model::Load
     {
         eprintln!(
             "xmoe-top: note: this CPU has AMX; `--moe-dispatch amx` computes this model's bf16 \
-             products on it (about 2x the eval speed on OLMoE-shaped models), with activations \
-             rounded to bf16 (docs/benchmarks.md, \"AVX-512 BF16 and AMX\")"
+             products on it, with activations rounded to bf16 (speed and effect measured in \
+             docs/benchmarks.md, \"AVX-512 BF16 and AMX\")"
         );
     }
 }
