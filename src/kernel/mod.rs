@@ -44,6 +44,7 @@
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
 mod amx;
+pub(crate) mod attention;
 #[cfg(target_arch = "x86_64")]
 mod bf16dot;
 pub(crate) mod matvec;

@@ -33,6 +33,11 @@ pub(crate) unsafe trait Simd: Copy {
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     /// The activation, lane-wise.
     unsafe fn act(a: Activation, x: Self::V) -> Self::V;
+    /// `e^x`, lane-wise (a Cephes-style polynomial on the SIMD variants, within 2 ulp for `x` in
+    /// `[-87, 88]`; below that, a tiny positive value instead of 0).
+    unsafe fn exp(x: Self::V) -> Self::V;
+    /// Lane-wise maximum.
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
     /// `W` IEEE half-precision values (bits) widened to f32 (exact).
     unsafe fn load_f16(p: *const u16) -> Self::V;
     /// `2 * W` bfloat16 values (bits) stored as `W` pairs `(k, k + 1)`, widened to f32 (exact):
@@ -91,6 +96,14 @@ unsafe impl Simd for Portable {
     #[inline(always)]
     unsafe fn act(a: Activation, x: Self::V) -> Self::V {
         x.map(|v| a.apply(v))
+    }
+    #[inline(always)]
+    unsafe fn exp(x: Self::V) -> Self::V {
+        x.map(f32::exp)
+    }
+    #[inline(always)]
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+        std::array::from_fn(|i| a[i].max(b[i]))
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> Self::V {
@@ -228,6 +241,17 @@ mod x86 {
             // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
             // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn exp(x: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: reached only from a `#[target_feature]` entry point that
+            // checked the CPU feature.
+            unsafe { exp256(x) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+            // SAFETY: as `exp`.
+            unsafe { _mm256_max_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn act(a: Activation, x: Self::V) -> Self::V {
@@ -371,6 +395,17 @@ mod x86 {
             // SAFETY: the `Simd` contract: this is reached only from a `#[target_feature]` entry point
             // (`run_avx2` / `run_avx512` / `run_gemm_*`) that `run` enters after checking the CPU feature.
             unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn exp(x: Self::V) -> Self::V {
+            // SAFETY: the `Simd` contract: reached only from a `#[target_feature]` entry point that
+            // checked the CPU feature.
+            unsafe { exp512(x) }
+        }
+        #[inline(always)]
+        unsafe fn max(a: Self::V, b: Self::V) -> Self::V {
+            // SAFETY: as `exp`.
+            unsafe { _mm512_max_ps(a, b) }
         }
         #[inline(always)]
         unsafe fn act(a: Activation, x: Self::V) -> Self::V {

@@ -305,7 +305,7 @@ pub struct AttentionOutput {
     /// its FFN has run: freeing these few MiB before the FFN allocates lets glibc return the top
     /// of the heap to the OS and fault it back in at every block (measured on the embedded model:
     /// 25x the page faults and about 30% fewer eval tokens/s).
-    pub(super) working: [Tensor; 7],
+    pub(super) working: Vec<Tensor>,
 }
 
 /// Normalisation of queries and keys, applied before the rotary positions.
@@ -484,6 +484,43 @@ impl Attention {
             Some(slot) => slot.append(k, v)?,
             None => (k, v),
         };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let fused = FusedAttention {
+            n_kv_heads: nkv,
+            window: self.sliding_window,
+            sinks: self.sinks.as_ref(),
+            scale,
+        };
+        let (ctx, working) = match fused.forward(&q, &k, &v, pass)? {
+            Some(ctx) => (ctx.clone(), vec![a, q, k, v, ctx]),
+            None => {
+                let (ctx, [scores, probs]) =
+                    self.candle_attention(&q, k.clone(), v.clone(), pass)?;
+                (ctx.clone(), vec![a, q, k, v, scores, probs, ctx])
+            }
+        };
+        // Taking `x` by value frees it as soon as the sum exists (allocation order is measurable).
+        let out = (x + self.o.forward(&ctx)?)?;
+        timing.attention_ns = elapsed_ns(t0, out.device())?;
+        Ok(AttentionOutput {
+            hidden: out,
+            working,
+        })
+    }
+}
+
+impl Attention {
+    /// Scores, softmax and context through candle's tensor operations (any device and dtype):
+    /// `q` `[b, h, seq, hd]`, `k` and `v` `[b, kv heads, keys, hd]` -> context `[tokens, h * hd]`,
+    /// with the scores and probabilities it computed.
+    fn candle_attention(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        pass: &PassContext,
+    ) -> candle_core::Result<(Tensor, [Tensor; 2])> {
+        let (nh, nkv, hd, seq) = (self.n_heads, self.n_kv_heads, self.head_dim, pass.seq);
         let (k, v) = (repeat_kv(k, nh / nkv)?, repeat_kv(v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // [b, h, seq, keys]
@@ -521,14 +558,105 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((pass.tokens(), nh * hd))?;
-        // Taking `x` by value frees it as soon as the sum exists (allocation order is measurable).
-        let out = (x + self.o.forward(&ctx)?)?;
-        timing.attention_ns = elapsed_ns(t0, out.device())?;
-        Ok(AttentionOutput {
-            hidden: out,
-            working: [a, q, k, v, scores, probs, ctx],
-        })
+        Ok((ctx, [scores, probs]))
     }
+}
+
+/// Scores, softmax and context of a pass in one CPU kernel (`kernel::attention`), where it
+/// applies: f32 tensors on the CPU. Elsewhere (a GPU, half-precision activations) the candle
+/// path runs.
+pub(super) struct FusedAttention<'a> {
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Sliding window, if any.
+    pub window: Option<usize>,
+    /// `[n_heads]` sink logits.
+    pub sinks: Option<&'a Tensor>,
+    /// Multiplies every score.
+    pub scale: f64,
+}
+
+impl FusedAttention<'_> {
+    /// `q` `[b, h, seq, hd]`, `k` `[b, kv heads, keys, hd]`, `v` `[b, kv heads, keys, vd]` ->
+    /// context `[tokens, h * vd]`; `None` where the kernel does not apply.
+    pub(super) fn forward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pass: &PassContext,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use crate::kernel::attention::{AttentionShape, causal_attention};
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+        if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v)) {
+            return Ok(None);
+        }
+        let (batch, nh, seq, hd) = q.dims4()?;
+        let (_, nkv, keys, vd) = v.dims4()?;
+        if nkv != self.n_kv_heads
+            || k.dims4()? != (batch, nkv, keys, hd)
+            || v.dim(0)? != batch
+            || keys != pass.start_pos + seq
+            || nkv == 0
+            || !nh.is_multiple_of(nkv)
+            || self.window == Some(0)
+        {
+            return Ok(None);
+        }
+        let sinks = match self.sinks {
+            Some(t) => Some(t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        if sinks.as_ref().is_some_and(|s| s.len() != nh) {
+            return Ok(None);
+        }
+        let shape = AttentionShape {
+            batch,
+            seq,
+            keys,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            v_dim: vd,
+            window: self.window,
+        };
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (Some(qv), Some(kv), Some(vv)) = (
+            cpu_f32_slice(&qs, ql),
+            cpu_f32_slice(&ks, kl),
+            cpu_f32_slice(&vs, vl),
+        ) else {
+            return Ok(None);
+        };
+        let mut out = vec![0f32; batch * seq * nh * vd];
+        causal_attention(
+            crate::kernel::KernelVariant::Auto,
+            &shape,
+            qv,
+            kv,
+            vv,
+            sinks.as_deref(),
+            self.scale as f32,
+            &mut out,
+        );
+        Tensor::from_vec(out, (batch * seq, nh * vd), q.device()).map(Some)
+    }
+}
+
+/// The f32 values of a contiguous CPU tensor's storage.
+fn cpu_f32_slice<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Option<&'a [f32]> {
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (storage, layout.contiguous_offsets())
+    else {
+        return None;
+    };
+    cpu.as_slice::<f32>().ok().map(|s| &s[start..end])
 }
 
 /// `[b, g, n, d]` -> `[b, g * rep, n, d]`, each key/value head repeated for its `rep` query heads.
@@ -545,6 +673,72 @@ fn repeat_kv(t: Tensor, rep: usize) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::DType;
+
+    /// The candle path (what a GPU runs) and the fused CPU kernel on the same inputs: grouped
+    /// heads, a cache before the pass, a sliding window shorter than the keys, sinks.
+    #[test]
+    fn fused_cpu_kernel_matches_the_candle_path() {
+        let dev = Device::Cpu;
+        let (nh, nkv, hd) = (4, 2, 16);
+        let lin = |o: usize, i: usize| {
+            Linear::new(&Tensor::zeros((o, i), DType::F32, &dev).unwrap(), None).unwrap()
+        };
+        for (batch, seq, start, window, sinks) in [
+            (2, 5, 0, None, false),
+            (1, 6, 7, None, false),
+            (2, 9, 4, Some(5), true),
+            (1, 1, 12, Some(4), true),
+        ] {
+            let keys = start + seq;
+            let norm = Norm::new(Tensor::ones(nh * hd, DType::F32, &dev).unwrap(), None, 1e-5);
+            let mut attn = Attention::new(
+                norm,
+                lin(nh * hd, nh * hd),
+                lin(nkv * hd, nh * hd),
+                lin(nkv * hd, nh * hd),
+                lin(nh * hd, nh * hd),
+                nh,
+                hd,
+                None,
+            )
+            .with_kv_heads(nkv)
+            .with_sliding_window(window);
+            let sink = Tensor::randn(0f32, 1.0, nh, &dev).unwrap();
+            if sinks {
+                attn = attn.with_sinks(sink.clone());
+            }
+            let pass = PassContext::new(batch, seq, start, &dev).unwrap();
+            let q = Tensor::randn(0f32, 1.0, (batch, nh, seq, hd), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (batch, nkv, keys, hd), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (batch, nkv, keys, hd), &dev).unwrap();
+            let fused = FusedAttention {
+                n_kv_heads: nkv,
+                window,
+                sinks: sinks.then_some(&sink),
+                scale: 1.0 / (hd as f64).sqrt(),
+            }
+            .forward(&q, &k, &v, &pass)
+            .unwrap()
+            .expect("f32 on the CPU takes the fused kernel");
+            let (candle, _) = attn.candle_attention(&q, k, v, &pass).unwrap();
+            assert_eq!(fused.dims(), candle.dims());
+            let diff = (fused - candle)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff < 1e-5,
+                "batch {batch} seq {seq} start {start} window {window:?} sinks {sinks}: {diff}"
+            );
+        }
+    }
 
     #[test]
     fn causal_mask_lets_each_token_see_the_cache_and_its_predecessors() {

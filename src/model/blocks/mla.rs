@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use candle_core::{D, Tensor};
 
-use super::attention::{AttentionOutput, KvSlot, PassContext, Rotary};
+use super::attention::{AttentionOutput, FusedAttention, KvSlot, PassContext, Rotary};
 use super::{Linear, Norm, elapsed_ns};
 use crate::model::config::MlaShape;
 use crate::model::quant::QuantMatrix;
@@ -223,6 +223,20 @@ impl LatentAttention {
                 )?;
                 let v = kv.narrow(D::Minus1, nope, vd)?.contiguous()?;
                 let q = Tensor::cat(&[&q_nope, &q_rope], D::Minus1)?.contiguous()?;
+                let fused = FusedAttention {
+                    n_kv_heads: nh,
+                    window: None,
+                    sinks: None,
+                    scale: self.scale,
+                };
+                if let Some(ctx) = fused.forward(&q, &k, &v, pass)? {
+                    let out = (x + self.o.forward(&ctx)?)?;
+                    timing.attention_ns = elapsed_ns(t0, out.device())?;
+                    return Ok(AttentionOutput {
+                        hidden: out,
+                        working: vec![a, q, k, v, ctx],
+                    });
+                }
                 let mut scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
                 if let Some(m) = &pass.mask {
                     scores = scores.broadcast_add(m)?;
@@ -233,7 +247,7 @@ impl LatentAttention {
                     .transpose(1, 2)?
                     .contiguous()?
                     .reshape((pass.tokens(), nh * vd))?;
-                ([a, q, k, v, scores, probs, ctx.clone()], ctx)
+                (vec![a, q, k, v, scores, probs, ctx.clone()], ctx)
             }
             LatentKv::Absorbed { k_b, v_b } => {
                 // Per head, q_nope · k_nope = (q_nope k_b_h^T) · latent: the query enters the
@@ -276,7 +290,7 @@ impl LatentAttention {
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 let ctx = Tensor::cat(&heads_out, 2)?.reshape((pass.tokens(), nh * vd))?;
-                ([a, q, q_abs, latent, scores, probs, ctx_latent], ctx)
+                (vec![a, q, q_abs, latent, scores, probs, ctx_latent], ctx)
             }
         };
         let out = (x + self.o.forward(&ctx)?)?;

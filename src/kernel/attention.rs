@@ -1,0 +1,716 @@
+//! Causal self-attention of a whole pass (eval, prefill) on plain slices: the scores, their
+//! softmax and the weighted sum of the values in one kernel, per key/value head for every query
+//! head it serves.
+//!
+//! Through candle the same step is a dozen tensor operations per layer: repeat the key/value
+//! heads for grouped queries, transpose the keys, a batched matmul of per-head sizes, scale, add
+//! the mask, softmax, a second batched matmul, transpose back. Each allocates and passes over a
+//! `[batch, heads, seq, keys]` or `[batch, heads, seq, head_dim]` tensor; together they were half
+//! of an eval pass at d 1024 (`docs/benchmarks.md`, "Fused attention"). Here the scores of a few
+//! query rows live in a small buffer, the mask is the loops' bounds, and the output is written
+//! where the output projection reads it.
+//!
+//! Every row's scores are dot products computed as `q[0] k[0] + q[1] k[1] + ...` (one FMA chain
+//! per score, in `head_dim` order) and its outputs as one FMA chain per value column in key order,
+//! so the result does not depend on the thread count or on where a row falls in a block.
+
+use super::KernelVariant;
+#[cfg(target_arch = "x86_64")]
+use super::simd::{Avx2, Avx512};
+use super::simd::{Portable, Simd};
+
+/// Query rows whose scores are computed together: each key vector loaded feeds this many rows.
+const ROWS: usize = 4;
+
+/// The shape of one attention pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AttentionShape {
+    /// Sequences.
+    pub batch: usize,
+    /// Query rows per sequence (this pass's tokens).
+    pub seq: usize,
+    /// Key positions per sequence: the cached ones, then this pass's (`>= seq`).
+    pub keys: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads; each serves `n_heads / n_kv_heads` consecutive query heads.
+    pub n_kv_heads: usize,
+    /// Width of a query or key head.
+    pub head_dim: usize,
+    /// Width of a value head (and of the output's heads): `head_dim` but in latent attention.
+    pub v_dim: usize,
+    /// A query sees itself and the `window - 1` positions before it, not further back.
+    pub window: Option<usize>,
+}
+
+impl AttentionShape {
+    /// Keys query row `i` sees: `lo..hi`. Row `i` is at position `keys - seq + i`.
+    fn visible(&self, i: usize) -> (usize, usize) {
+        let pos = self.keys - self.seq + i;
+        let lo = match self.window {
+            Some(w) if pos + 1 > w => pos + 1 - w,
+            _ => 0,
+        };
+        (lo, pos + 1)
+    }
+
+    fn check(&self, q: usize, k: usize, v: usize, out: usize, sinks: Option<usize>) {
+        let s = self;
+        assert!(s.keys >= s.seq, "{} keys for {} query rows", s.keys, s.seq);
+        assert!(
+            s.n_kv_heads > 0 && s.n_heads.is_multiple_of(s.n_kv_heads),
+            "{} query heads over {} key/value heads",
+            s.n_heads,
+            s.n_kv_heads
+        );
+        assert!(s.window != Some(0), "a window of 0 positions sees nothing");
+        assert_eq!(q, s.batch * s.n_heads * s.seq * s.head_dim, "q");
+        assert_eq!(k, s.batch * s.n_kv_heads * s.keys * s.head_dim, "k");
+        assert_eq!(v, s.batch * s.n_kv_heads * s.keys * s.v_dim, "v");
+        assert_eq!(out, s.batch * s.seq * s.n_heads * s.v_dim, "out");
+        if let Some(n) = sinks {
+            assert_eq!(n, s.n_heads, "sinks");
+        }
+    }
+}
+
+/// `out = softmax(q k^T * scale + causal mask) v` for every sequence and head.
+///
+/// Layouts: `q` `[batch, n_heads, seq, head_dim]`; `k` `[batch, n_kv_heads, keys, head_dim]`;
+/// `v` `[batch, n_kv_heads, keys, v_dim]`; `out` `[batch, seq, n_heads, v_dim]` (the rows the
+/// output projection takes).
+/// With `sinks` (`[n_heads]`), head `h`'s logit `sinks[h]` joins every softmax denominator as a
+/// key without a value (gpt-oss). The exact variants run as they are; the rounding ones
+/// (`Avx512Bf16`, `Amx`) and `Gemm` run `Avx512`, and `Auto` the best this CPU has: attention
+/// stays in f32. Work is spread over the rayon pool.
+///
+/// # Panics
+/// When the slices do not match `shape`, `n_heads` is not a multiple of `n_kv_heads`, or
+/// `variant` cannot run on this CPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn causal_attention(
+    variant: KernelVariant,
+    shape: &AttentionShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sinks: Option<&[f32]>,
+    scale: f32,
+    out: &mut [f32],
+) {
+    shape.check(
+        q.len(),
+        k.len(),
+        v.len(),
+        out.len(),
+        sinks.map(<[f32]>::len),
+    );
+    let isa = Isa::of(variant);
+    if shape.seq == 0 || shape.v_dim == 0 || shape.batch == 0 || shape.n_heads == 0 {
+        return;
+    }
+    let tasks = tasks(shape, rayon::current_num_threads());
+    let job = Job {
+        shape: *shape,
+        q,
+        k,
+        v,
+        sinks,
+        scale,
+        out: OutPtr(out.as_mut_ptr()),
+    };
+    let job = &job;
+    if tasks.len() == 1 {
+        return job.run(isa, tasks[0]);
+    }
+    rayon::in_place_scope(|s| {
+        for &t in &tasks[1..] {
+            s.spawn(move |_| job.run(isa, t));
+        }
+        job.run(isa, tasks[0]);
+    });
+}
+
+/// The instruction set a task runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Isa {
+    fn of(variant: KernelVariant) -> Isa {
+        assert!(
+            variant.is_supported(),
+            "kernel variant {} is not supported on this CPU",
+            variant.name()
+        );
+        match variant.resolve() {
+            #[cfg(target_arch = "x86_64")]
+            KernelVariant::Avx2 => Isa::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            KernelVariant::Avx512 | KernelVariant::Avx512Bf16 | KernelVariant::Amx => Isa::Avx512,
+            KernelVariant::Gemm => Isa::of(KernelVariant::Auto),
+            _ => Isa::Portable,
+        }
+    }
+}
+
+/// One task: sequence `b`, key/value head `g` (with its query heads), query rows `r0..r1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Task {
+    b: usize,
+    g: usize,
+    r0: usize,
+    r1: usize,
+}
+
+/// Every (sequence, key/value head), each whole when there are at least as many as threads;
+/// otherwise each one's rows cut into spans of about equal work (a causal row's work grows with
+/// its position), so that a single sequence with one key/value head still uses every thread.
+fn tasks(s: &AttentionShape, threads: usize) -> Vec<Task> {
+    let units = s.batch * s.n_kv_heads;
+    let parts = if units >= threads {
+        1
+    } else {
+        threads.div_ceil(units).min(s.seq.div_ceil(ROWS)).max(1)
+    };
+    let cost = |i: usize| {
+        let (lo, hi) = s.visible(i);
+        (hi - lo) as u64 + 1
+    };
+    let total: u64 = (0..s.seq).map(cost).sum();
+    let mut bounds = vec![0];
+    let mut acc = 0u64;
+    for i in 0..s.seq {
+        acc += cost(i);
+        let next = bounds.len() as u64;
+        // Cut after row `i` once the rows so far hold `next / parts` of the work, on a block
+        // boundary so that every span but the last fills whole blocks of `ROWS`.
+        if next < parts as u64 && acc * parts as u64 >= total * next && (i + 1) % ROWS == 0 {
+            bounds.push(i + 1);
+        }
+    }
+    bounds.push(s.seq);
+    let mut out = Vec::with_capacity(units * parts);
+    for b in 0..s.batch {
+        for g in 0..s.n_kv_heads {
+            for w in bounds.windows(2).filter(|w| w[0] < w[1]) {
+                out.push(Task {
+                    b,
+                    g,
+                    r0: w[0],
+                    r1: w[1],
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The output, shared by the tasks: each writes only its own rows and heads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own sequence, rows and query heads), and the
+// scope that runs them ends before the caller's `&mut` borrow does.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+struct Job<'a> {
+    shape: AttentionShape,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    sinks: Option<&'a [f32]>,
+    scale: f32,
+    out: OutPtr,
+}
+
+impl Job<'_> {
+    fn run(&self, isa: Isa, t: Task) {
+        // SAFETY: `Isa::of` checked the CPU feature of the variant; `check` the slice lengths;
+        // `tasks` gives every task its own rows and heads of `out`.
+        unsafe {
+            match isa {
+                Isa::Portable => task::<Portable>(self, t),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => task_avx2(self, t),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => task_avx512(self, t),
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn task_avx2(job: &Job, t: Task) {
+    // SAFETY: this function enables what `Avx2` uses; the caller checked the CPU.
+    unsafe { task::<Avx2>(job, t) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn task_avx512(job: &Job, t: Task) {
+    // SAFETY: this function enables what `Avx512` uses; the caller checked the CPU.
+    unsafe { task::<Avx512>(job, t) }
+}
+
+/// One task: the keys it needs transposed once (`kt`, `[head_dim, columns]`, columns padded to a
+/// whole register with zeros), then for each query head and each block of [`ROWS`] rows: scores
+/// into `sc`, softmax in place, and the weighted sum of values into `out`.
+///
+/// # Safety
+/// The CPU has what `S` needs; the slices match the shape; no other task writes this task's
+/// part of `out`.
+#[inline(always)]
+unsafe fn task<S: Simd>(job: &Job, t: Task) {
+    let s = &job.shape;
+    let (hd, vd, w) = (s.head_dim, s.v_dim, S::W);
+    let group = s.n_heads / s.n_kv_heads;
+    // Columns start at a whole register of absolute key positions, so that a row's sums see the
+    // same lanes whichever task it falls in (the same bits for every thread count).
+    let jlo = s.visible(t.r0).0 / w * w;
+    let (_, jhi) = s.visible(t.r1 - 1);
+    let nk = jhi - jlo;
+    let cols = nk.next_multiple_of(w);
+    let k0 = ((t.b * s.n_kv_heads + t.g) * s.keys + jlo) * hd;
+    let v0 = ((t.b * s.n_kv_heads + t.g) * s.keys + jlo) * vd;
+    let (kh, vh) = (&job.k[k0..k0 + nk * hd], &job.v[v0..v0 + nk * vd]);
+    let mut kt = vec![0f32; hd * cols];
+    for (j, row) in kh.chunks(hd.max(1)).take(nk).enumerate() {
+        for (d, &x) in row.iter().enumerate() {
+            kt[d * cols + j] = x;
+        }
+    }
+    let mut sc = vec![0f32; ROWS * cols];
+    for h in t.g * group..(t.g + 1) * group {
+        let q0 = (t.b * s.n_heads + h) * s.seq * hd;
+        let qh = &job.q[q0..q0 + s.seq * hd];
+        let sink = job.sinks.map(|sk| sk[h]);
+        let mut i0 = t.r0;
+        while i0 < t.r1 {
+            let m = (t.r1 - i0).min(ROWS);
+            let (blo, _) = s.visible(i0);
+            let (_, bhi) = s.visible(i0 + m - 1);
+            // Score columns `c_lo..c_hi` (relative to `jlo`, whole registers) cover every key
+            // one of the block's rows sees.
+            let c_lo = (blo - jlo) / w * w;
+            let c_hi = (bhi - jlo).next_multiple_of(w);
+            let rows: [*const f32; ROWS] =
+                std::array::from_fn(|r| qh.as_ptr().wrapping_add((i0 + r.min(m - 1)) * hd));
+            // SAFETY: the columns stay inside `kt`'s and `sc`'s `cols`; each row pointer has `hd`
+            // values.
+            unsafe { scores::<S>(&rows, &kt, cols, hd, c_lo, c_hi, &mut sc) };
+            let mut inv = [0f32; ROWS];
+            for (r, inv) in inv.iter_mut().enumerate().take(m) {
+                let (lo, hi) = s.visible(i0 + r);
+                let row = &mut sc[r * cols..(r + 1) * cols];
+                // SAFETY: `c_lo..c_hi` are whole registers inside the row.
+                *inv =
+                    unsafe { softmax::<S>(row, c_lo, c_hi, lo - jlo, hi - jlo, job.scale, sink) };
+            }
+            for r in 0..m {
+                let o = ((t.b * s.seq + i0 + r) * s.n_heads + h) * vd;
+                // SAFETY: element `o..o + vd` of `out` belongs to this task (its sequence, row
+                // and head), and `out` has them (`check`).
+                let dst = unsafe { std::slice::from_raw_parts_mut(job.out.0.add(o), vd) };
+                let (lo, hi) = s.visible(i0 + r);
+                let p = &sc[r * cols + (lo - jlo)..r * cols + (hi - jlo)];
+                let v = &vh[(lo - jlo) * vd..(hi - jlo) * vd];
+                // SAFETY: `p` and `v` hold the same keys; `dst` has `vd` values.
+                unsafe { weighted_sum::<S>(p, v, vd, inv[r], dst) };
+            }
+            i0 += m;
+        }
+    }
+}
+
+/// `sc[r][c] = q_r . k_c` for the block's rows and columns `c_lo..c_hi` (multiples of `S::W`):
+/// two registers of keys against [`ROWS`] rows per step of `d`.
+///
+/// # Safety
+/// The CPU has what `S` needs; `c_hi <= cols`; `kt` is `[hd, cols]`, `sc` `[ROWS, cols]`, and
+/// each row pointer has `hd` values.
+#[inline(always)]
+unsafe fn scores<S: Simd>(
+    rows: &[*const f32; ROWS],
+    kt: &[f32],
+    cols: usize,
+    hd: usize,
+    c_lo: usize,
+    c_hi: usize,
+    sc: &mut [f32],
+) {
+    let w = S::W;
+    let mut c = c_lo;
+    // SAFETY: every load reads `kt[d * cols + c ..][..n * w]` with `c + n * w <= c_hi <= cols`,
+    // every store `sc[r * cols + c ..][..n * w]`; rows have `hd` values.
+    unsafe {
+        while c + 2 * w <= c_hi {
+            let mut acc = [[S::zero(); 2]; ROWS];
+            for d in 0..hd {
+                let kp = kt.as_ptr().add(d * cols + c);
+                let kv = [S::load(kp), S::load(kp.add(w))];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let qb = S::splat(*rows[r].add(d));
+                    a[0] = S::fma(qb, kv[0], a[0]);
+                    a[1] = S::fma(qb, kv[1], a[1]);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let sp = sc.as_mut_ptr().add(r * cols + c);
+                S::store(sp, a[0]);
+                S::store(sp.add(w), a[1]);
+            }
+            c += 2 * w;
+        }
+        while c < c_hi {
+            let mut acc = [S::zero(); ROWS];
+            for d in 0..hd {
+                let kv = S::load(kt.as_ptr().add(d * cols + c));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = S::fma(S::splat(*rows[r].add(d)), kv, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                S::store(sc.as_mut_ptr().add(r * cols + c), *a);
+            }
+            c += w;
+        }
+    }
+}
+
+/// One row's softmax in place over the visible columns `a..z` (inside `c_lo..c_hi`, which are
+/// whole registers): `exp(x * scale - max)`, every other column of `c_lo..c_hi` zero. Returns
+/// `1 / sum`, the sink's term included.
+///
+/// # Safety
+/// The CPU has what `S` needs; `c_lo <= a < z <= c_hi <= row.len()`, `c_lo` and `c_hi`
+/// multiples of `S::W`.
+#[inline(always)]
+unsafe fn softmax<S: Simd>(
+    row: &mut [f32],
+    c_lo: usize,
+    c_hi: usize,
+    a: usize,
+    z: usize,
+    scale: f32,
+    sink: Option<f32>,
+) -> f32 {
+    let w = S::W;
+    // Columns no query of this row sees take no part in the maximum.
+    row[c_lo..a].fill(f32::NEG_INFINITY);
+    row[z..c_hi].fill(f32::NEG_INFINITY);
+    // SAFETY: every access is a whole register inside `c_lo..c_hi`.
+    unsafe {
+        let p = row.as_mut_ptr();
+        let mut mv = S::splat(f32::NEG_INFINITY);
+        let mut c = c_lo;
+        while c < c_hi {
+            mv = S::max(mv, S::load(p.add(c)));
+            c += w;
+        }
+        let mut lanes = [f32::NEG_INFINITY; 16];
+        S::store(lanes.as_mut_ptr(), mv);
+        let max_score = lanes[..w].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // `scale > 0`, so the largest score is the largest scaled one.
+        let mut max = max_score * scale;
+        if let Some(sk) = sink {
+            max = max.max(sk);
+        }
+        let (sv, mx) = (S::splat(scale), S::splat(-max));
+        let mut c = c_lo;
+        while c < c_hi {
+            let x = S::fma(S::load(p.add(c)), sv, mx);
+            S::store(p.add(c), S::exp(x));
+            c += w;
+        }
+        row[c_lo..a].fill(0.0);
+        row[z..c_hi].fill(0.0);
+        let p = row.as_ptr();
+        let mut sum = S::zero();
+        let mut c = c_lo;
+        while c < c_hi {
+            sum = S::add(sum, S::load(p.add(c)));
+            c += w;
+        }
+        let mut total = S::hsum(sum);
+        if let Some(sk) = sink {
+            total += (sk - max).exp();
+        }
+        1.0 / total
+    }
+}
+
+/// `dst = inv * sum over j of p[j] * v[j]` with `v` `[p.len(), hd]`: two registers of columns at
+/// a time, then one, then the columns left one by one.
+///
+/// # Safety
+/// The CPU has what `S` needs; `v.len() == p.len() * hd`, `dst.len() == hd`.
+#[inline(always)]
+unsafe fn weighted_sum<S: Simd>(p: &[f32], v: &[f32], hd: usize, inv: f32, dst: &mut [f32]) {
+    let w = S::W;
+    let mut x = 0;
+    // SAFETY: every load reads `v[j * hd + x ..][..n * w]` with `x + n * w <= hd`, every store
+    // `dst[x..][..n * w]`.
+    unsafe {
+        let iv = S::splat(inv);
+        while x + 4 * w <= hd {
+            let mut acc = [S::zero(); 4];
+            for (j, &pj) in p.iter().enumerate() {
+                let pb = S::splat(pj);
+                let vp = v.as_ptr().add(j * hd + x);
+                for (n, a) in acc.iter_mut().enumerate() {
+                    *a = S::fma(pb, S::load(vp.add(n * w)), *a);
+                }
+            }
+            for (n, a) in acc.iter().enumerate() {
+                S::store(dst.as_mut_ptr().add(x + n * w), S::mul(*a, iv));
+            }
+            x += 4 * w;
+        }
+        while x + w <= hd {
+            let mut acc = S::zero();
+            for (j, &pj) in p.iter().enumerate() {
+                acc = S::fma(S::splat(pj), S::load(v.as_ptr().add(j * hd + x)), acc);
+            }
+            S::store(dst.as_mut_ptr().add(x), S::mul(acc, iv));
+            x += w;
+        }
+    }
+    for (xi, o) in dst.iter_mut().enumerate().skip(x) {
+        let mut acc = 0f32;
+        for (j, &pj) in p.iter().enumerate() {
+            acc += pj * v[j * hd + xi];
+        }
+        *o = acc * inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plain definition in f64: per sequence, head and query row, the visible keys' scaled
+    /// dot products, their softmax (with the sink in the denominator) and the weighted values.
+    fn reference(
+        s: &AttentionShape,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        sinks: Option<&[f32]>,
+        scale: f32,
+    ) -> Vec<f64> {
+        let (hd, vd) = (s.head_dim, s.v_dim);
+        let mut out = vec![0f64; s.batch * s.seq * s.n_heads * vd];
+        for b in 0..s.batch {
+            for h in 0..s.n_heads {
+                let g = h / (s.n_heads / s.n_kv_heads);
+                for i in 0..s.seq {
+                    let pos = s.keys - s.seq + i;
+                    let qi = &q[((b * s.n_heads + h) * s.seq + i) * hd..][..hd];
+                    let kv = |t: &[f32], j: usize, n: usize| -> Vec<f64> {
+                        t[((b * s.n_kv_heads + g) * s.keys + j) * n..][..n]
+                            .iter()
+                            .map(|&x| x as f64)
+                            .collect()
+                    };
+                    let vis: Vec<usize> = (0..=pos)
+                        .filter(|&j| s.window.is_none_or(|w| j + w > pos))
+                        .collect();
+                    let logits: Vec<f64> = vis
+                        .iter()
+                        .map(|&j| {
+                            let kj = kv(k, j, hd);
+                            qi.iter().zip(&kj).map(|(&a, b)| a as f64 * b).sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let sink = sinks.map(|sk| sk[h] as f64);
+                    let max = logits
+                        .iter()
+                        .copied()
+                        .chain(sink)
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let den: f64 = logits.iter().map(|l| (l - max).exp()).sum::<f64>()
+                        + sink.map_or(0.0, |sk| (sk - max).exp());
+                    let o = &mut out[((b * s.seq + i) * s.n_heads + h) * vd..][..vd];
+                    for (&j, l) in vis.iter().zip(&logits) {
+                        let p = (l - max).exp() / den;
+                        for (oo, vv) in o.iter_mut().zip(kv(v, j, vd)) {
+                            *oo += p * vv;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn isas() -> Vec<KernelVariant> {
+        let mut seen = Vec::new();
+        KernelVariant::testable()
+            .into_iter()
+            .filter(|&v| {
+                let isa = Isa::of(v);
+                let new = !seen.contains(&isa);
+                seen.push(isa);
+                new
+            })
+            .collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn shape(
+        batch: usize,
+        seq: usize,
+        keys: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> AttentionShape {
+        AttentionShape {
+            batch,
+            seq,
+            keys,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            v_dim: head_dim,
+            window,
+        }
+    }
+
+    #[test]
+    fn matches_f64_reference_every_variant_thread_count_and_shape() {
+        let cases = [
+            // (shape, sinks): grouped heads, a head narrower than a register, partial blocks.
+            (shape(2, 7, 7, 4, 2, 8, None), false),
+            // A cache before the pass, a head with a tail after whole registers.
+            (shape(1, 9, 14, 2, 1, 20, None), false),
+            // gpt-oss: sliding window and sinks, the window shorter than the pass.
+            (shape(1, 33, 38, 4, 2, 64, Some(9)), true),
+            // One decode row against a long cache, head_dim 128.
+            (shape(2, 1, 41, 4, 4, 128, None), false),
+            // Many blocks, one key/value head (rows split over threads), window > pass.
+            (shape(1, 70, 70, 3, 1, 48, Some(100)), true),
+            // Latent attention expanded: values narrower than queries and keys.
+            (
+                AttentionShape {
+                    v_dim: 40,
+                    ..shape(2, 12, 12, 2, 2, 72, None)
+                },
+                false,
+            ),
+        ];
+        for (case, (s, with_sinks)) in cases.iter().enumerate() {
+            let q = values(s.batch * s.n_heads * s.seq * s.head_dim, 1 + case as u64);
+            let k = values(
+                s.batch * s.n_kv_heads * s.keys * s.head_dim,
+                11 + case as u64,
+            );
+            let v = values(s.batch * s.n_kv_heads * s.keys * s.v_dim, 21 + case as u64);
+            let sinks = with_sinks.then(|| values(s.n_heads, 31 + case as u64));
+            let scale = 1.0 / (s.head_dim as f32).sqrt();
+            let want = reference(s, &q, &k, &v, sinks.as_deref(), scale);
+            let mut first: Option<Vec<f32>> = None;
+            for variant in isas() {
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut out = vec![f32::NAN; s.batch * s.seq * s.n_heads * s.v_dim];
+                    pool.install(|| {
+                        causal_attention(variant, s, &q, &k, &v, sinks.as_deref(), scale, &mut out)
+                    });
+                    let err = out
+                        .iter()
+                        .zip(&want)
+                        .map(|(&a, &b)| (a as f64 - b).abs())
+                        .fold(0f64, f64::max);
+                    assert!(
+                        err < 2e-5,
+                        "case {case} {s:?}, {}, {threads} threads: max error {err}",
+                        variant.name()
+                    );
+                    // The same variant gives the same bits on every thread count.
+                    match &first {
+                        Some(f) if threads > 1 => assert!(
+                            f.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "case {case}, {}: {threads} threads differ from 1",
+                            variant.name()
+                        ),
+                        _ => first = Some(out),
+                    }
+                }
+                first = None;
+            }
+        }
+    }
+
+    #[test]
+    fn tasks_cover_every_row_once_and_use_every_thread() {
+        for (s, threads) in [
+            (shape(2, 128, 128, 16, 8, 64, None), 2),
+            (shape(1, 70, 70, 3, 1, 48, None), 2),
+            (shape(1, 70, 90, 3, 1, 48, Some(16)), 3),
+            (shape(1, 1, 90, 3, 1, 48, None), 4),
+        ] {
+            let t = tasks(&s, threads);
+            let units = s.batch * s.n_kv_heads;
+            assert!(
+                t.len() >= threads.min(units * s.seq.div_ceil(ROWS)),
+                "{s:?}: {t:?}"
+            );
+            for b in 0..s.batch {
+                for g in 0..s.n_kv_heads {
+                    let mut next = 0;
+                    for x in t.iter().filter(|x| x.b == b && x.g == g) {
+                        assert_eq!(x.r0, next, "{s:?}: {t:?}");
+                        assert!(x.r1 > x.r0);
+                        next = x.r1;
+                    }
+                    assert_eq!(next, s.seq, "{s:?}: {t:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "query heads over")]
+    fn heads_that_do_not_group_are_refused() {
+        let s = shape(1, 2, 2, 3, 2, 4, None);
+        let x = vec![0f32; 24];
+        let kv = vec![0f32; 16];
+        let mut out = x.clone();
+        causal_attention(
+            KernelVariant::Portable,
+            &s,
+            &x,
+            &kv,
+            &kv,
+            None,
+            1.0,
+            &mut out,
+        );
+    }
+}
