@@ -55,6 +55,7 @@ mod tests;
 
 use crate::routing::ExpertGroups;
 pub use activation::{Activation, ClampedSwiglu};
+pub(crate) use rows::dense_rows;
 pub use rows::{ExpertRows, RowRef, RowSource};
 #[cfg(target_arch = "x86_64")]
 use simd::{Avx2, Avx512};

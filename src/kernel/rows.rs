@@ -491,3 +491,128 @@ unsafe fn rows_avx2<E: MatvecWeight>(
     // SAFETY: this function enables what `Avx2` uses; the caller checked the CPU.
     unsafe { rows_items::<Avx2, E, 4, 3, 8>(job, rows, dst, ts) }
 }
+
+/// `y = x w^T` in f32 for `x` `[m, k]` and a weight `w` `[n, k]` of `E` read where it lies (a
+/// dense projection of a half-precision checkpoint: no widened copy of the weight), `y` `[m, n]`.
+/// The weight rows are split into one contiguous range per thread; each thread takes its range
+/// chunk by chunk with every activation row passing over a chunk while it is in L2. Each output
+/// is one FMA chain in `k` order, as in the expert layer, so the bits do not depend on `threads`.
+/// The rounding variants and `gemm` run the best exact SIMD variant.
+///
+/// # Panics
+/// When a slice does not match its shape or `variant` cannot run on this CPU.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dense_rows<E: MatvecWeight>(
+    variant: KernelVariant,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[E],
+    n: usize,
+    y: &mut [f32],
+    threads: usize,
+) {
+    assert_eq!(x.len(), m * k, "x must be [m, k]");
+    assert_eq!(w.len(), n * k, "w must be [n, k]");
+    assert_eq!(y.len(), m * n, "y must be [m, n]");
+    assert!(
+        variant.is_supported(),
+        "kernel variant {} is not supported on this CPU",
+        variant.name()
+    );
+    let variant = match variant.resolve() {
+        KernelVariant::Gemm => KernelVariant::Auto.resolve(),
+        KernelVariant::Avx512Bf16 | KernelVariant::Amx => KernelVariant::Avx512,
+        v => v,
+    };
+    let parts = threads.clamp(1, n.max(1));
+    let span = n.div_ceil(parts);
+    let out = DenseOut(y.as_mut_ptr());
+    let part = |j0: usize| {
+        let j1 = (j0 + span).min(n);
+        let wp = w[j0 * k..].as_ptr();
+        let xp = x.as_ptr();
+        // SAFETY: activation rows `< m` have `k` floats, weight rows `j0..j1` exist; the sink
+        // writes `y[r * n + j0 + j]` for `r < m`, `j < j1 - j0`: inside `y`, and this part's own
+        // columns. `variant` is supported (asserted).
+        unsafe {
+            let sink = move |r: usize, j: usize, v: f32| *out.at(r * n + j0 + j) = v;
+            match variant {
+                #[cfg(target_arch = "x86_64")]
+                KernelVariant::Avx512 => dense_avx512::<E>(xp, m, k, wp, j1 - j0, sink),
+                #[cfg(target_arch = "x86_64")]
+                KernelVariant::Avx2 => dense_avx2::<E>(xp, m, k, wp, j1 - j0, sink),
+                _ => rows_product::<SimdDot<Portable, E>, 2, 4, 8>(
+                    m,
+                    |r| xp.wrapping_add(r * k),
+                    wp,
+                    j1 - j0,
+                    k,
+                    sink,
+                ),
+            }
+        }
+    };
+    if parts == 1 || m == 0 {
+        return part(0);
+    }
+    rayon::in_place_scope(|s| {
+        let part = &part;
+        for p in 1..parts {
+            if p * span < n {
+                s.spawn(move |_| part(p * span));
+            }
+        }
+        part(0);
+    });
+}
+
+/// `y`, shared by [`dense_rows`]'s parts, each writing its own columns.
+#[derive(Clone, Copy)]
+struct DenseOut(*mut f32);
+// SAFETY: the parts write disjoint elements, and the scope that runs them ends before the
+// caller's `&mut` borrow of `y` does.
+unsafe impl Send for DenseOut {}
+// SAFETY: as above.
+unsafe impl Sync for DenseOut {}
+
+impl DenseOut {
+    /// Element `i` (a method, so that closures capture the `Send` wrapper, not the pointer).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn dense_avx512<E: MatvecWeight>(
+    x: *const f32,
+    m: usize,
+    k: usize,
+    w: *const E,
+    n: usize,
+    sink: impl FnMut(usize, usize, f32),
+) {
+    // The expert layer's tiles (see `rows_avx512`).
+    // SAFETY: forwarded from `dense_rows`; this function enables what `Avx512` uses.
+    unsafe {
+        rows_product::<SimdDot<Avx512, E>, 4, 4, 8>(m, |r| x.wrapping_add(r * k), w, n, k, sink)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dense_avx2<E: MatvecWeight>(
+    x: *const f32,
+    m: usize,
+    k: usize,
+    w: *const E,
+    n: usize,
+    sink: impl FnMut(usize, usize, f32),
+) {
+    // The expert layer's tiles (see `rows_avx2`).
+    // SAFETY: forwarded from `dense_rows`; this function enables what `Avx2` uses.
+    unsafe {
+        rows_product::<SimdDot<Avx2, E>, 4, 3, 8>(m, |r| x.wrapping_add(r * k), w, n, k, sink)
+    }
+}

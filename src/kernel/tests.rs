@@ -970,3 +970,52 @@ fn weights_read_in_place_refuse_matrices_outside_their_source() {
     let err = build(ok, false).unwrap_err();
     assert!(err.contains("a gate for non-gated experts"), "{err}");
 }
+
+#[test]
+fn dense_products_in_place_match_f64_reference_every_variant_dtype_and_thread_count() {
+    let mut rng = StdRng::seed_from_u64(41);
+    // Odd sizes: partial tiles of activation rows and weight rows, a `k` with a tail after whole
+    // registers, more threads than some products have rows.
+    for (m, k, n) in [(1, 7, 3), (5, 40, 11), (9, 130, 37), (16, 64, 2)] {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let reference = |wf: &dyn Fn(usize) -> f64| -> Vec<f64> {
+            (0..m * n)
+                .map(|i| {
+                    let (r, j) = (i / n, i % n);
+                    (0..k).map(|t| x[r * k + t] as f64 * wf(j * k + t)).sum()
+                })
+                .collect()
+        };
+        let want_f32 = reference(&|i| w[i] as f64);
+        let want_bf16 = reference(&|i| wb[i].to_f64());
+        let want_f16 = reference(&|i| wh[i].to_f64());
+        for variant in KernelVariant::testable() {
+            let mut first: [Option<Vec<f32>>; 3] = Default::default();
+            for threads in [1, 2, 3] {
+                let mut y = vec![f32::NAN; m * n];
+                super::dense_rows(variant, &x, m, k, &w, n, &mut y, threads);
+                let what = format!("{m}x{k}x{n} f32 {} {threads}t", variant.name());
+                check(&y, &want_f32, &what);
+                let mut yb = vec![f32::NAN; m * n];
+                super::dense_rows(variant, &x, m, k, &wb, n, &mut yb, threads);
+                check(&yb, &want_bf16, &what.replace("f32", "bf16"));
+                let mut yh = vec![f32::NAN; m * n];
+                super::dense_rows(variant, &x, m, k, &wh, n, &mut yh, threads);
+                check(&yh, &want_f16, &what.replace("f32", "f16"));
+                for (f, got) in first.iter_mut().zip([y, yb, yh]) {
+                    match f {
+                        Some(f) => assert!(
+                            f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{m}x{k}x{n} {}: {threads} threads differ from 1",
+                            variant.name()
+                        ),
+                        None => *f = Some(got),
+                    }
+                }
+            }
+        }
+    }
+}

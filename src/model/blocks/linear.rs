@@ -95,7 +95,10 @@ impl Linear {
                 Some(y) => y,
                 None => match self.amx.then(|| stored_amx(x, w)).transpose()?.flatten() {
                     Some(y) => y,
-                    None => x.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+                    None => match stored_rows(x, w)? {
+                        Some(y) => y,
+                        None => x.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+                    },
                 },
             },
             Weight::Quant(q) => q.forward(x)?,
@@ -147,6 +150,65 @@ fn stored_amx(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let threads = rayon::current_num_threads();
     if !crate::kernel::amx_linear(xv, rows, k, wv, n, &mut y, threads) {
         return Ok(None);
+    }
+    let mut shape = dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    Tensor::from_vec(y, shape, x.device()).map(Some)
+}
+
+/// Half-precision weights of at least this many bytes are multiplied in place
+/// ([`stored_rows`]); smaller ones are widened and go to candle's `gemm`, which was faster for
+/// them: on the Intel Xeon of `docs/benchmarks.md` ("Fused attention"), 256 rows against a
+/// 2048 x 2048 bf16 weight (8 MiB) took 16 ms through `gemm` and 18-22 ms in place, against
+/// OLMoE's 50304 x 2048 LM head (206 MB) 675 ms and 382-587 ms.
+const ROWS_MIN_BYTES: usize = 32 << 20;
+
+/// `x w^T` for f32 `x` and a contiguous half-precision `w` of [`ROWS_MIN_BYTES`] or more on the
+/// CPU, read in place by the expert kernel's dot-product tiles (`kernel::dense_rows`): exact f32
+/// arithmetic without the f32 copy of the whole weight that `to_dtype` writes and reads back at
+/// every pass (412 MB per pass for OLMoE's LM head). `None` where this does not apply.
+fn stored_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    use candle_core::Storage;
+    let dims = x.dims();
+    let Some(&k) = dims.last() else {
+        return Ok(None);
+    };
+    let (n, w_in) = w.dims2()?;
+    if !x.device().is_cpu()
+        || !w.device().is_cpu()
+        || x.dtype() != DType::F32
+        || !matches!(w.dtype(), DType::F16 | DType::BF16)
+        || w_in != k
+        || k == 0
+        || w.elem_count() * w.dtype().size_in_bytes() < ROWS_MIN_BYTES
+    {
+        return Ok(None);
+    }
+    let rows = x.elem_count() / k;
+    let (storage, layout) = w.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let x = x.contiguous()?;
+    let (xs, xl) = x.storage_and_layout();
+    let (Storage::Cpu(xc), Some((x0, x1))) = (&*xs, xl.contiguous_offsets()) else {
+        return Ok(None);
+    };
+    let xv = &xc.as_slice::<f32>()?[x0..x1];
+    let mut y = vec![0f32; rows * n];
+    let threads = rayon::current_num_threads();
+    let auto = crate::kernel::KernelVariant::Auto;
+    match w.dtype() {
+        DType::BF16 => {
+            let wv = &cpu.as_slice::<half::bf16>()?[start..end];
+            crate::kernel::dense_rows(auto, xv, rows, k, wv, n, &mut y, threads);
+        }
+        _ => {
+            let wv = &cpu.as_slice::<half::f16>()?[start..end];
+            crate::kernel::dense_rows(auto, xv, rows, k, wv, n, &mut y, threads);
+        }
     }
     let mut shape = dims.to_vec();
     if let Some(last) = shape.last_mut() {
@@ -240,6 +302,56 @@ mod tests {
             // These weights are exact in every dtype, so the results are too.
             assert_eq!(y.to_vec2::<f32>().unwrap(), reference, "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn large_half_precision_weights_are_read_in_place_and_agree_with_the_widened_matmul() {
+        let dev = Device::Cpu;
+        // 4100 x 4096 bf16 or f16: just over `ROWS_MIN_BYTES`, and an odd row count.
+        let (n, k) = (4100, 4096);
+        assert!(n * k * 2 >= ROWS_MIN_BYTES);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (3, k), &dev).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let wd = w.to_dtype(dtype).unwrap();
+            let fast = stored_rows(&x, &wd).unwrap().expect("in place");
+            let want = x
+                .matmul(&wd.to_dtype(DType::F32).unwrap().t().unwrap())
+                .unwrap();
+            let diff = (fast - &want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{dtype:?}: {diff}");
+            // Through `forward`, with a bias: the same product.
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let y = Linear::stored(wd.clone(), Some(b.clone()))
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            let want = want.broadcast_add(&b).unwrap();
+            let diff = (y - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{dtype:?} forward: {diff}");
+        }
+        // Smaller weights stay on the widened matmul.
+        let small = Tensor::zeros((64, 64), DType::BF16, &dev).unwrap();
+        let x = Tensor::zeros((2, 64), DType::F32, &dev).unwrap();
+        assert!(stored_rows(&x, &small).unwrap().is_none());
     }
 
     #[test]
