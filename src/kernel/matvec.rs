@@ -19,7 +19,7 @@
 //! both to, with an f64 product).
 
 #[cfg(target_arch = "x86_64")]
-use super::simd::Avx2;
+use super::simd::{Avx2, Avx512};
 use super::simd::{Portable, Simd};
 
 /// A weight element type [`matvec_rows`] reads: f32, f16 or bf16, widened exactly to f32.
@@ -70,24 +70,52 @@ impl MatvecWeight for half::bf16 {
     }
 }
 
-fn use_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// Which instructions a product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MatvecPath {
+    /// Plain Rust (any CPU; the tests' other reference).
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512F: twice the lanes, and eight rows at a time instead of four, so that a short row
+    /// (the embedded model's 128 inputs: eight FMAs) still has eight independent FMA chains.
+    Avx512,
 }
 
-/// Cached result of the feature check (one atomic load per call instead of `cpuid`).
-fn avx2() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(use_avx2)
+impl MatvecPath {
+    /// The fastest path this CPU runs (checked once).
+    pub(crate) fn best() -> MatvecPath {
+        use std::sync::OnceLock;
+        static BEST: OnceLock<MatvecPath> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let mut best = MatvecPath::Portable;
+            for p in [MatvecPath::Avx2, MatvecPath::Avx512] {
+                if p.is_supported() {
+                    best = p;
+                }
+            }
+            best
+        })
+    }
+
+    /// True when this CPU runs the path.
+    pub(crate) fn is_supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c");
+            match self {
+                MatvecPath::Portable => true,
+                MatvecPath::Avx2 => avx2,
+                MatvecPath::Avx512 => avx2 && std::arch::is_x86_feature_detected!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == MatvecPath::Portable
+        }
+    }
 }
 
 /// `y[o] = sum over i of x[i] * w_t[i * out + o]` with `w_t` = `[in, out]` row-major, `in =
@@ -96,20 +124,26 @@ fn avx2() -> bool {
 /// # Panics
 /// When `w_t.len() != x.len() * y.len()`.
 pub(crate) fn matvec_t(w_t: &[f32], x: &[f32], y: &mut [f32]) {
-    matvec_t_with(avx2(), w_t, x, y);
+    matvec_t_with(MatvecPath::best(), w_t, x, y);
 }
 
-/// [`matvec_t`] on the portable path or (when `simd` and the CPU has it) the AVX2 one.
-pub(crate) fn matvec_t_with(simd: bool, w_t: &[f32], x: &[f32], y: &mut [f32]) {
+/// [`matvec_t`] on `path`.
+///
+/// # Panics
+/// As [`matvec_t`], and when this CPU cannot run `path`.
+pub(crate) fn matvec_t_with(path: MatvecPath, w_t: &[f32], x: &[f32], y: &mut [f32]) {
     assert_eq!(w_t.len(), x.len() * y.len(), "w_t must be [in, out]");
-    #[cfg(target_arch = "x86_64")]
-    if simd && avx2() {
-        // SAFETY: `avx2()` checked the features `t_avx2` enables; the lengths were checked.
-        return unsafe { t_avx2(w_t, x, y) };
+    assert!(path.is_supported(), "{path:?} is not supported on this CPU");
+    match path {
+        // SAFETY: `is_supported` checked the features `t_avx2` enables; the lengths were checked.
+        #[cfg(target_arch = "x86_64")]
+        MatvecPath::Avx2 => unsafe { t_avx2(w_t, x, y) },
+        // SAFETY: as above, for `t_avx512`.
+        #[cfg(target_arch = "x86_64")]
+        MatvecPath::Avx512 => unsafe { t_avx512(w_t, x, y) },
+        // SAFETY: `Portable` needs no CPU feature; the lengths were checked.
+        _ => unsafe { t_body::<Portable>(w_t, x, y) },
     }
-    let _ = simd;
-    // SAFETY: `Portable` needs no CPU feature; the lengths were checked.
-    unsafe { t_body::<Portable>(w_t, x, y) }
 }
 
 /// `y[o] = sum over i of w[o * in + i] * x[i]` with `w` = `[out, in]` row-major in f32, f16 or
@@ -118,7 +152,7 @@ pub(crate) fn matvec_t_with(simd: bool, w_t: &[f32], x: &[f32], y: &mut [f32]) {
 /// # Panics
 /// When `w.len() != x.len() * y.len()`.
 pub(crate) fn matvec_rows<E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f32]) {
-    matvec_rows_with(avx2(), w, x, y);
+    matvec_rows_with(MatvecPath::best(), w, x, y);
 }
 
 /// [`matvec_rows`] with the output rows cut into `parts` contiguous ranges computed on the rayon
@@ -143,17 +177,29 @@ pub(crate) fn matvec_rows_split<E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f3
     });
 }
 
-/// [`matvec_rows`] on the portable path or (when `simd` and the CPU has it) the AVX2 one.
-pub(crate) fn matvec_rows_with<E: MatvecWeight>(simd: bool, w: &[E], x: &[f32], y: &mut [f32]) {
+/// [`matvec_rows`] on `path`.
+///
+/// # Panics
+/// As [`matvec_rows`], and when this CPU cannot run `path`.
+pub(crate) fn matvec_rows_with<E: MatvecWeight>(
+    path: MatvecPath,
+    w: &[E],
+    x: &[f32],
+    y: &mut [f32],
+) {
     assert_eq!(w.len(), x.len() * y.len(), "w must be [out, in]");
-    #[cfg(target_arch = "x86_64")]
-    if simd && avx2() {
-        // SAFETY: `avx2()` checked the features `rows_avx2` enables; the lengths were checked.
-        return unsafe { rows_avx2(w, x, y) };
+    assert!(path.is_supported(), "{path:?} is not supported on this CPU");
+    match path {
+        // SAFETY: `is_supported` checked the features `rows_avx2` enables; the lengths were
+        // checked.
+        #[cfg(target_arch = "x86_64")]
+        MatvecPath::Avx2 => unsafe { rows_avx2(w, x, y) },
+        // SAFETY: as above, for `rows_avx512`.
+        #[cfg(target_arch = "x86_64")]
+        MatvecPath::Avx512 => unsafe { rows_avx512(w, x, y) },
+        // SAFETY: `Portable` needs no CPU feature; the lengths were checked.
+        _ => unsafe { rows_body::<Portable, E, 4>(w, x, y) },
     }
-    let _ = simd;
-    // SAFETY: `Portable` needs no CPU feature; the lengths were checked.
-    unsafe { rows_body::<Portable, E>(w, x, y) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -167,7 +213,21 @@ unsafe fn t_avx2(w_t: &[f32], x: &[f32], y: &mut [f32]) {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_avx2<E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f32]) {
     // SAFETY: this function enables what `Avx2` uses; the caller checked the CPU and lengths.
-    unsafe { rows_body::<Avx2, E>(w, x, y) }
+    unsafe { rows_body::<Avx2, E, 4>(w, x, y) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn t_avx512(w_t: &[f32], x: &[f32], y: &mut [f32]) {
+    // SAFETY: this function enables what `Avx512` uses; the caller checked the CPU and lengths.
+    unsafe { t_body::<Avx512>(w_t, x, y) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn rows_avx512<E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f32]) {
+    // SAFETY: this function enables what `Avx512` uses; the caller checked the CPU and lengths.
+    unsafe { rows_body::<Avx512, E, 8>(w, x, y) }
 }
 
 /// Columns `c0..c0 + NV * W` of `x @ w_t`, accumulated over every row.
@@ -227,50 +287,64 @@ unsafe fn t_body<S: Simd>(w_t: &[f32], x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// Sum of the lanes of `v`.
-#[inline(always)]
-unsafe fn hsum<S: Simd>(v: S::V) -> f32 {
-    let mut lanes = [0.0f32; 16];
-    // SAFETY: `S::W <= 16` for every implementation, so the store stays inside `lanes`.
-    unsafe { S::store(lanes.as_mut_ptr(), v) };
-    lanes[..S::W].iter().sum()
-}
-
+/// Blocks of `R` rows (`R` independent FMA chains), then the rows left one by one.
+///
 /// # Safety
 /// The CPU has what `S` needs; `w.len() == x.len() * y.len()`.
 #[inline(always)]
-unsafe fn rows_body<S: Simd, E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f32]) {
-    const R: usize = 4;
+unsafe fn rows_body<S: Simd, E: MatvecWeight, const R: usize>(w: &[E], x: &[f32], y: &mut [f32]) {
+    let rows = y.len();
+    let mut r = 0;
+    // SAFETY: each block's rows `r..r + M` exist; the rest is the caller's promise.
+    unsafe {
+        while r + R <= rows {
+            rows_block::<S, E, R>(w, x, y, r);
+            r += R;
+        }
+        while r < rows {
+            rows_block::<S, E, 1>(w, x, y, r);
+            r += 1;
+        }
+    }
+}
+
+/// `y[r + j] = w[r + j] . x` for `j < M`: whole registers, one tree-shaped horizontal sum per row
+/// (a sequential sum of the lanes was a 16-add dependency chain per row, most of a decode step's
+/// projections at d 128), then the tail in order.
+///
+/// # Safety
+/// The CPU has what `S` needs; `w.len() == x.len() * y.len()`; `r + M <= y.len()`.
+#[inline(always)]
+unsafe fn rows_block<S: Simd, E: MatvecWeight, const M: usize>(
+    w: &[E],
+    x: &[f32],
+    y: &mut [f32],
+    r: usize,
+) {
     let n = x.len();
     let sw = S::W;
     let full = n / sw * sw;
-    let rows = y.len();
-    let mut r = 0;
-    while r < rows {
-        let m = (rows - r).min(R);
-        // SAFETY: rows r..r + m exist (m <= rows - r); each load reads `sw` values of one row at
-        // offset k + sw <= full <= n; the tail is indexed through the slices.
-        unsafe {
-            let mut acc = [S::zero(); R];
-            let base = w.as_ptr().add(r * n);
-            let mut k = 0;
-            while k < full {
-                let xv = S::load(x.as_ptr().add(k));
-                for (j, a) in acc.iter_mut().enumerate().take(m) {
-                    *a = S::fma(E::load::<S>(base.add(j * n + k)), xv, *a);
-                }
-                k += sw;
+    // SAFETY: rows r..r + M exist; each load reads `sw` values of one row at offset
+    // k + sw <= full <= n; the tail is indexed through the slices.
+    unsafe {
+        let mut acc = [S::zero(); M];
+        let base = w.as_ptr().add(r * n);
+        let mut k = 0;
+        while k < full {
+            let xv = S::load(x.as_ptr().add(k));
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = S::fma(E::load::<S>(base.add(j * n + k)), xv, *a);
             }
-            for (j, a) in acc.iter().enumerate().take(m) {
-                let mut s = hsum::<S>(*a);
-                let row = &w[(r + j) * n..(r + j + 1) * n];
-                for kk in full..n {
-                    s = row[kk].to_f32().mul_add(x[kk], s);
-                }
-                y[r + j] = s;
-            }
+            k += sw;
         }
-        r += m;
+        for (j, a) in acc.iter().enumerate() {
+            let mut s = S::hsum(*a);
+            let row = &w[(r + j) * n..(r + j + 1) * n];
+            for kk in full..n {
+                s += row[kk].to_f32() * x[kk];
+            }
+            y[r + j] = s;
+        }
     }
 }
 
@@ -317,7 +391,7 @@ mod tests {
     ];
 
     #[test]
-    fn transposed_matvec_matches_f64_reference_on_both_paths() {
+    fn transposed_matvec_matches_f64_reference_on_every_path() {
         let mut rng = StdRng::seed_from_u64(11);
         for (n_in, n_out) in SHAPES {
             let w_t: Vec<f32> = (0..n_in * n_out)
@@ -325,10 +399,10 @@ mod tests {
                 .collect();
             let x: Vec<f32> = (0..n_in).map(|_| rng.random_range(-2.0..2.0)).collect();
             let want = reference(|o, i| w_t[i * n_out + o], &x, n_out);
-            for simd in [false, true] {
+            for path in paths() {
                 let mut y = vec![f32::NAN; n_out];
-                matvec_t_with(simd, &w_t, &x, &mut y);
-                check(&y, &want, n_in, &format!("t {n_in}x{n_out} simd {simd}"));
+                matvec_t_with(path, &w_t, &x, &mut y);
+                check(&y, &want, n_in, &format!("t {n_in}x{n_out} {path:?}"));
             }
         }
     }
@@ -343,15 +417,10 @@ mod tests {
             // The reference multiplies the widened weights: widening is exact, so the only
             // difference allowed is f32 accumulation.
             let want = reference(|o, i| w[o * n_in + i].to_f32(), &x, n_out);
-            for simd in [false, true] {
+            for path in paths() {
                 let mut y = vec![f32::NAN; n_out];
-                matvec_rows_with(simd, &w, &x, &mut y);
-                check(
-                    &y,
-                    &want,
-                    n_in,
-                    &format!("{name} {n_in}x{n_out} simd {simd}"),
-                );
+                matvec_rows_with(path, &w, &x, &mut y);
+                check(&y, &want, n_in, &format!("{name} {n_in}x{n_out} {path:?}"));
             }
         }
     }
@@ -363,17 +432,23 @@ mod tests {
         rows_case::<half::bf16>(half::bf16::from_f32, "bf16");
     }
 
-    #[test]
-    fn avx2_path_is_taken_where_the_cpu_has_it() {
-        // A test that the SIMD arm is not silently skipped on CPUs that CI says have it.
-        if let Ok(list) = std::env::var(super::super::REQUIRE_KERNELS_ENV)
-            && list.split(',').any(|n| n.trim() == "avx2")
-        {
-            assert!(
-                avx2(),
-                "XMOE_REQUIRE_KERNELS names avx2 but the matvec check says no"
-            );
+    /// Every path this CPU runs; a path that `XMOE_REQUIRE_KERNELS` names (`avx2`, `avx512`)
+    /// must be among them, so that a detection bug fails instead of skipping it.
+    fn paths() -> Vec<MatvecPath> {
+        if let Ok(list) = std::env::var(super::super::REQUIRE_KERNELS_ENV) {
+            for (name, path) in [("avx2", MatvecPath::Avx2), ("avx512", MatvecPath::Avx512)] {
+                if list.split(',').any(|n| n.trim() == name) {
+                    assert!(
+                        path.is_supported(),
+                        "XMOE_REQUIRE_KERNELS names {name} but the matvec check says no"
+                    );
+                }
+            }
         }
+        [MatvecPath::Portable, MatvecPath::Avx2, MatvecPath::Avx512]
+            .into_iter()
+            .filter(|p| p.is_supported())
+            .collect()
     }
 
     #[test]
