@@ -45,6 +45,8 @@ use super::forward::RoutingConfig;
 use super::quant::QuantMatrix;
 use super::trace::ForwardTrace;
 use crate::kernel::Activation;
+use crate::kernel::KernelVariant;
+use crate::kernel::attention::{DecodeShape, attend_one};
 use crate::kernel::matvec::{MatvecWeight, matvec_rows, matvec_rows_split, matvec_t};
 use crate::routing::route_with;
 
@@ -1131,41 +1133,24 @@ impl LeanDecoder {
             _ => 0,
         };
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        let group = nh / nkv;
-        let ctx = &mut s.ctx[..qw];
-        for h in 0..nh {
-            let kh = h / group;
-            let qh = &q[h * hd..(h + 1) * hd];
-            let scores = &mut s.scores[..keys - first];
-            for (j, sc) in (first..keys).zip(scores.iter_mut()) {
-                let kj = &kv.k[j * kvw + kh * hd..j * kvw + (kh + 1) * hd];
-                *sc = dot(qh, kj) * scale;
-            }
-            let sink = a.sinks.as_ref().map(|sk| sk[h]);
-            let max = scores
-                .iter()
-                .copied()
-                .chain(sink)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            if let Some(sk) = sink {
-                sum += (sk - max).exp();
-            }
-            let inv = 1.0 / sum;
-            let out = &mut ctx[h * hd..(h + 1) * hd];
-            out.fill(0.0);
-            for (j, &p) in (first..keys).zip(scores.iter()) {
-                let vj = &kv.v[j * kvw + kh * hd..j * kvw + (kh + 1) * hd];
-                let w = p * inv;
-                for (o, &v) in out.iter_mut().zip(vj) {
-                    *o += w * v;
-                }
-            }
-        }
+        let shape = DecodeShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            first,
+            keys,
+        };
+        attend_one(
+            KernelVariant::Auto,
+            &shape,
+            q,
+            &kv.k,
+            &kv.v,
+            a.sinks.as_deref(),
+            scale,
+            &mut s.scores,
+            &mut s.ctx[..qw],
+        );
         a.o.apply(&s.ctx, &mut s.y)?;
         add(&mut s.x[..d], &s.y[..d]);
         Ok(())
