@@ -584,6 +584,7 @@ pub(crate) fn attend_one(
 const ONE_SPLIT_MIN_MACS: usize = 1 << 20;
 
 /// The inputs of [`attend_one`], shared by the threads.
+#[derive(Clone, Copy)]
 struct OneJob<'a> {
     s: &'a DecodeShape,
     q: &'a [f32],
@@ -596,15 +597,14 @@ struct OneJob<'a> {
 impl OneJob<'_> {
     /// Heads `heads` into `out` (their rows only).
     fn run(&self, isa: Isa, heads: std::ops::Range<usize>, scores: &mut [f32], out: &mut [f32]) {
-        let (s, q, k, v, sinks, scale) = (self.s, self.q, self.k, self.v, self.sinks, self.scale);
         // SAFETY: `attend_one` checked the lengths and `Isa::of` the CPU.
         unsafe {
             match isa {
-                Isa::Portable => one_body::<Portable>(s, heads, q, k, v, sinks, scale, scores, out),
+                Isa::Portable => one_body::<Portable>(self, heads, scores, out),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => one_avx2(s, heads, q, k, v, sinks, scale, scores, out),
+                Isa::Avx2 => one_avx2(self, heads, scores, out),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => one_avx512(s, heads, q, k, v, sinks, scale, scores, out),
+                Isa::Avx512 => one_avx512(self, heads, scores, out),
             }
         }
     }
@@ -612,58 +612,49 @@ impl OneJob<'_> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn one_avx2(
-    s: &DecodeShape,
+    job: &OneJob,
     heads: std::ops::Range<usize>,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    sinks: Option<&[f32]>,
-    scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     // SAFETY: this function enables what `Avx2` uses; the caller checked CPU and lengths.
-    unsafe { one_body::<Avx2>(s, heads, q, k, v, sinks, scale, scores, out) }
+    unsafe { one_body::<Avx2>(job, heads, scores, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn one_avx512(
-    s: &DecodeShape,
+    job: &OneJob,
     heads: std::ops::Range<usize>,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    sinks: Option<&[f32]>,
-    scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
     // SAFETY: this function enables what `Avx512` uses; the caller checked CPU and lengths.
-    unsafe { one_body::<Avx512>(s, heads, q, k, v, sinks, scale, scores, out) }
+    unsafe { one_body::<Avx512>(job, heads, scores, out) }
 }
 
-/// Heads `heads` into `out` (which starts at the first of them). Per head: scores four keys at a time (four independent FMA chains, one tree-shaped sum each),
-/// a vectorised softmax, and the weighted values with up to eight registers of columns in flight.
+/// Heads `heads` into `out` (which starts at the first of them). Per head: scores four keys at a
+/// time (four independent FMA chains, one tree-shaped sum each), a vectorised softmax, and the
+/// weighted values with up to eight registers of columns in flight.
 ///
 /// # Safety
 /// The CPU has what `S` needs; the slices are as [`attend_one`] checked.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn one_body<S: Simd>(
-    s: &DecodeShape,
+    job: &OneJob,
     heads: std::ops::Range<usize>,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    sinks: Option<&[f32]>,
-    scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    let OneJob {
+        s,
+        q,
+        k,
+        v,
+        sinks,
+        scale,
+    } = *job;
     const KEYS: usize = 4;
     let (hd, w) = (s.head_dim, S::W);
     let row = s.n_kv_heads * hd;

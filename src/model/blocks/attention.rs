@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use super::{Linear, Norm, elapsed_ns};
+use super::{Linear, Norm, cpu_f32_slice, elapsed_ns};
 use crate::model::trace::BlockTiming;
 
 /// What every block of one pass shares: its shape and the causal mask.
@@ -646,19 +646,6 @@ impl FusedAttention<'_> {
     }
 }
 
-/// The f32 values of a contiguous CPU tensor's storage.
-fn cpu_f32_slice<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &candle_core::Layout,
-) -> Option<&'a [f32]> {
-    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
-        (storage, layout.contiguous_offsets())
-    else {
-        return None;
-    };
-    cpu.as_slice::<f32>().ok().map(|s| &s[start..end])
-}
-
 /// `[b, g, n, d]` -> `[b, g * rep, n, d]`, each key/value head repeated for its `rep` query heads.
 fn repeat_kv(t: Tensor, rep: usize) -> candle_core::Result<Tensor> {
     if rep == 1 {
@@ -723,16 +710,7 @@ mod tests {
             .expect("f32 on the CPU takes the fused kernel");
             let (candle, _) = attn.candle_attention(&q, k, v, &pass).unwrap();
             assert_eq!(fused.dims(), candle.dims());
-            let diff = (fused - candle)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = super::super::max_abs_diff(&fused, &candle);
             assert!(
                 diff < 1e-5,
                 "batch {batch} seq {seq} start {start} window {window:?} sinks {sinks}: {diff}"

@@ -140,15 +140,30 @@ fn stored_amx(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     };
     let wv = &cpu.as_slice::<half::bf16>()?[start..end];
+    let threads = rayon::current_num_threads();
+    product_rows(x, n, |xv, rows, y| {
+        crate::kernel::amx_linear(xv, rows, k, wv, n, y, threads)
+    })
+}
+
+/// `f(x, rows, y)` on `x`'s values as `[rows, k]` (f32 on the CPU, made contiguous) into a new
+/// `[rows, n]` output shaped as `x` with its last dimension `n`; `None` where `x` is not such a
+/// tensor or `f` declines (returns false).
+fn product_rows(
+    x: &Tensor,
+    n: usize,
+    f: impl FnOnce(&[f32], usize, &mut [f32]) -> bool,
+) -> candle_core::Result<Option<Tensor>> {
+    let dims = x.dims();
+    let k = dims.last().copied().unwrap_or(0).max(1);
     let x = x.contiguous()?;
     let (xs, xl) = x.storage_and_layout();
-    let (Storage::Cpu(xc), Some((x0, x1))) = (&*xs, xl.contiguous_offsets()) else {
+    let Some(xv) = super::cpu_f32_slice(&xs, xl) else {
         return Ok(None);
     };
-    let xv = &xc.as_slice::<f32>()?[x0..x1];
+    let rows = xv.len() / k;
     let mut y = vec![0f32; rows * n];
-    let threads = rayon::current_num_threads();
-    if !crate::kernel::amx_linear(xv, rows, k, wv, n, &mut y, threads) {
+    if !f(xv, rows, &mut y) {
         return Ok(None);
     }
     let mut shape = dims.to_vec();
@@ -186,35 +201,25 @@ fn stored_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     {
         return Ok(None);
     }
-    let rows = x.elem_count() / k;
     let (storage, layout) = w.storage_and_layout();
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
         return Ok(None);
     };
-    let x = x.contiguous()?;
-    let (xs, xl) = x.storage_and_layout();
-    let (Storage::Cpu(xc), Some((x0, x1))) = (&*xs, xl.contiguous_offsets()) else {
-        return Ok(None);
-    };
-    let xv = &xc.as_slice::<f32>()?[x0..x1];
-    let mut y = vec![0f32; rows * n];
     let threads = rayon::current_num_threads();
     let auto = crate::kernel::KernelVariant::Auto;
-    match w.dtype() {
-        DType::BF16 => {
-            let wv = &cpu.as_slice::<half::bf16>()?[start..end];
-            crate::kernel::dense_rows(auto, xv, rows, k, wv, n, &mut y, threads);
-        }
-        _ => {
-            let wv = &cpu.as_slice::<half::f16>()?[start..end];
-            crate::kernel::dense_rows(auto, xv, rows, k, wv, n, &mut y, threads);
-        }
+    if w.dtype() == DType::BF16 {
+        let wv = &cpu.as_slice::<half::bf16>()?[start..end];
+        product_rows(x, n, |xv, rows, y| {
+            crate::kernel::dense_rows(auto, xv, rows, k, wv, n, y, threads);
+            true
+        })
+    } else {
+        let wv = &cpu.as_slice::<half::f16>()?[start..end];
+        product_rows(x, n, |xv, rows, y| {
+            crate::kernel::dense_rows(auto, xv, rows, k, wv, n, y, threads);
+            true
+        })
     }
-    let mut shape = dims.to_vec();
-    if let Some(last) = shape.last_mut() {
-        *last = n;
-    }
-    Tensor::from_vec(y, shape, x.device()).map(Some)
 }
 
 /// `x @ w^T` for one row of `x` on the CPU, reading a stored weight in place (a decode step
@@ -318,16 +323,7 @@ mod tests {
             let want = x
                 .matmul(&wd.to_dtype(DType::F32).unwrap().t().unwrap())
                 .unwrap();
-            let diff = (fast - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = super::super::max_abs_diff(&fast, &want);
             assert!(diff < 1e-4, "{dtype:?}: {diff}");
             // Through `forward`, with a bias: the same product.
             let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
@@ -336,16 +332,7 @@ mod tests {
                 .forward(&x)
                 .unwrap();
             let want = want.broadcast_add(&b).unwrap();
-            let diff = (y - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = super::super::max_abs_diff(&y, &want);
             assert!(diff < 1e-4, "{dtype:?} forward: {diff}");
         }
         // Smaller weights stay on the widened matmul.

@@ -26,6 +26,20 @@ pub use mla::{LatentAttention, LatentKv, LatentParts, LatentQuery, LatentView};
 pub use moe_block::{MoeBlock, MoeParts, SharedExpert};
 pub use norm::Norm;
 
+/// The f32 values of a contiguous CPU tensor's storage (`None` for another device, dtype or a
+/// strided layout).
+pub(crate) fn cpu_f32_slice<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Option<&'a [f32]> {
+    let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
+        (storage, layout.contiguous_offsets())
+    else {
+        return None;
+    };
+    cpu.as_slice::<f32>().ok().map(|s| &s[start..end])
+}
+
 /// Nanoseconds since `since`, counting the device work queued meanwhile.
 pub(crate) fn elapsed_ns(since: Instant, device: &Device) -> candle_core::Result<u64> {
     // GPU work is asynchronous: wait for it so that the time belongs to this part.
@@ -33,4 +47,15 @@ pub(crate) fn elapsed_ns(since: Instant, device: &Device) -> candle_core::Result
         device.synchronize()?;
     }
     Ok(since.elapsed().as_nanos() as u64)
+}
+
+/// The largest `|a - b|` over two tensors of one shape (for tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("two f32 tensors of one shape")
 }
