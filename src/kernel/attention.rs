@@ -447,8 +447,10 @@ unsafe fn softmax<S: Simd>(
     }
 }
 
-/// `dst = inv * sum over j of p[j] * v[j]` with `v` `[p.len(), hd]`: two registers of columns at
-/// a time, then one, then the columns left one by one.
+/// `dst = inv * sum over j of p[j] * v[j]` with `v` `[p.len(), hd]`: up to four registers of
+/// columns at a time, each with one accumulator for even and one for odd keys (two independent
+/// FMA chains even for a head of one or two registers, as the embedded model's 32), then the
+/// columns left one by one.
 ///
 /// # Safety
 /// The CPU has what `S` needs; `v.len() == p.len() * hd`, `dst.len() == hd`.
@@ -456,31 +458,18 @@ unsafe fn softmax<S: Simd>(
 unsafe fn weighted_sum<S: Simd>(p: &[f32], v: &[f32], hd: usize, inv: f32, dst: &mut [f32]) {
     let w = S::W;
     let mut x = 0;
-    // SAFETY: every load reads `v[j * hd + x ..][..n * w]` with `x + n * w <= hd`, every store
-    // `dst[x..][..n * w]`.
+    // SAFETY: each chunk reads and writes `regs * w` columns at `x + regs * w <= hd`.
     unsafe {
-        let iv = S::splat(inv);
-        while x + 4 * w <= hd {
-            let mut acc = [S::zero(); 4];
-            for (j, &pj) in p.iter().enumerate() {
-                let pb = S::splat(pj);
-                let vp = v.as_ptr().add(j * hd + x);
-                for (n, a) in acc.iter_mut().enumerate() {
-                    *a = S::fma(pb, S::load(vp.add(n * w)), *a);
-                }
-            }
-            for (n, a) in acc.iter().enumerate() {
-                S::store(dst.as_mut_ptr().add(x + n * w), S::mul(*a, iv));
-            }
-            x += 4 * w;
-        }
         while x + w <= hd {
-            let mut acc = S::zero();
-            for (j, &pj) in p.iter().enumerate() {
-                acc = S::fma(S::splat(pj), S::load(v.as_ptr().add(j * hd + x)), acc);
+            let regs = ((hd - x) / w).min(4);
+            // A constant register count keeps the accumulators in registers.
+            match regs {
+                4 => weighted_chunk::<S, 4>(p, v, hd, x, inv, dst),
+                3 => weighted_chunk::<S, 3>(p, v, hd, x, inv, dst),
+                2 => weighted_chunk::<S, 2>(p, v, hd, x, inv, dst),
+                _ => weighted_chunk::<S, 1>(p, v, hd, x, inv, dst),
             }
-            S::store(dst.as_mut_ptr().add(x), S::mul(acc, iv));
-            x += w;
+            x += regs * w;
         }
     }
     for (xi, o) in dst.iter_mut().enumerate().skip(x) {
@@ -489,6 +478,49 @@ unsafe fn weighted_sum<S: Simd>(p: &[f32], v: &[f32], hd: usize, inv: f32, dst: 
             acc += pj * v[j * hd + xi];
         }
         *o = acc * inv;
+    }
+}
+
+/// Columns `x..x + R * S::W` of [`weighted_sum`].
+///
+/// # Safety
+/// As [`weighted_sum`], and `x + R * S::W <= hd`.
+#[inline(always)]
+unsafe fn weighted_chunk<S: Simd, const R: usize>(
+    p: &[f32],
+    v: &[f32],
+    hd: usize,
+    x: usize,
+    inv: f32,
+    dst: &mut [f32],
+) {
+    let w = S::W;
+    // SAFETY: every load reads `v[j * hd + x ..][..R * w]`, every store `dst[x..][..R * w]`,
+    // inside the slices by the contract.
+    unsafe {
+        let mut even = [S::zero(); R];
+        let mut odd = [S::zero(); R];
+        let mut j = 0;
+        while j + 2 <= p.len() {
+            let (pe, po) = (S::splat(p[j]), S::splat(p[j + 1]));
+            let ve = v.as_ptr().add(j * hd + x);
+            let vo = ve.add(hd);
+            for r in 0..R {
+                even[r] = S::fma(pe, S::load(ve.add(r * w)), even[r]);
+                odd[r] = S::fma(po, S::load(vo.add(r * w)), odd[r]);
+            }
+            j += 2;
+        }
+        if j < p.len() {
+            let (pe, ve) = (S::splat(p[j]), v.as_ptr().add(j * hd + x));
+            for (r, e) in even.iter_mut().enumerate() {
+                *e = S::fma(pe, S::load(ve.add(r * w)), *e);
+            }
+        }
+        let iv = S::splat(inv);
+        for (r, (e, o)) in even.iter().zip(&odd).enumerate() {
+            S::store(dst.as_mut_ptr().add(x + r * w), S::mul(S::add(*e, *o), iv));
+        }
     }
 }
 
