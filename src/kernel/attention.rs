@@ -5,19 +5,22 @@
 //! Through candle the same step is a dozen tensor operations per layer: repeat the key/value
 //! heads for grouped queries, transpose the keys, a batched matmul of per-head sizes, scale, add
 //! the mask, softmax, a second batched matmul, transpose back. Each allocates and passes over a
-//! `[batch, heads, seq, keys]` or `[batch, heads, seq, head_dim]` tensor; together they were half
-//! of an eval pass at d 1024 (`docs/benchmarks.md`, "Fused attention"). Here the scores of a few
-//! query rows live in a small buffer, the mask is the loops' bounds, and the output is written
-//! where the output projection reads it.
+//! `[batch, heads, seq, keys]` or `[batch, heads, seq, head_dim]` tensor; together they were
+//! about 30% of an eval pass's CPU samples at d 1024 under `amx`, more than the experts
+//! (`docs/benchmarks.md`, "Fused attention, LM heads in place, decode projections"). Here the
+//! scores of a few query rows live in a small buffer, the mask is the loops' bounds, and the
+//! output is written where the output projection reads it.
 //!
 //! Every row's scores are dot products computed as `q[0] k[0] + q[1] k[1] + ...` (one FMA chain
-//! per score, in `head_dim` order) and its outputs as one FMA chain per value column in key order,
-//! so the result does not depend on the thread count or on where a row falls in a block.
+//! per score, in `head_dim` order) and its outputs as two FMA chains per value column (even and
+//! odd keys, each in key order), so the result does not depend on the thread count or on where a
+//! row falls in a block. The decode kernel ([`attend_one`]) shares the softmax and the weighted
+//! sum.
 
-use super::KernelVariant;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
-use super::simd::{Portable, Simd};
+use super::simd::{Isa, Portable, Simd};
+use super::{KernelVariant, SharedOut};
 
 /// Query rows whose scores are computed together: each key vector loaded feeds this many rows.
 const ROWS: usize = 4;
@@ -117,7 +120,7 @@ pub(crate) fn causal_attention(
         v,
         sinks,
         scale,
-        out: OutPtr(out.as_mut_ptr()),
+        out: SharedOut(out.as_mut_ptr()),
     };
     let job = &job;
     if tasks.len() == 1 {
@@ -129,34 +132,6 @@ pub(crate) fn causal_attention(
         }
         job.run(isa, tasks[0]);
     });
-}
-
-/// The instruction set a task runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Isa {
-    fn of(variant: KernelVariant) -> Isa {
-        assert!(
-            variant.is_supported(),
-            "kernel variant {} is not supported on this CPU",
-            variant.name()
-        );
-        match variant.resolve() {
-            #[cfg(target_arch = "x86_64")]
-            KernelVariant::Avx2 => Isa::Avx2,
-            #[cfg(target_arch = "x86_64")]
-            KernelVariant::Avx512 | KernelVariant::Avx512Bf16 | KernelVariant::Amx => Isa::Avx512,
-            KernelVariant::Gemm => Isa::of(KernelVariant::Auto),
-            _ => Isa::Portable,
-        }
-    }
 }
 
 /// One task: sequence `b`, key/value head `g` (with its query heads), query rows `r0..r1`.
@@ -211,15 +186,6 @@ fn tasks(s: &AttentionShape, threads: usize) -> Vec<Task> {
     out
 }
 
-/// The output, shared by the tasks: each writes only its own rows and heads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (their own sequence, rows and query heads), and the
-// scope that runs them ends before the caller's `&mut` borrow does.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
 struct Job<'a> {
     shape: AttentionShape,
     q: &'a [f32],
@@ -227,7 +193,8 @@ struct Job<'a> {
     v: &'a [f32],
     sinks: Option<&'a [f32]>,
     scale: f32,
-    out: OutPtr,
+    /// Each task writes only its own rows and heads.
+    out: SharedOut,
 }
 
 impl Job<'_> {
@@ -236,11 +203,11 @@ impl Job<'_> {
         // `tasks` gives every task its own rows and heads of `out`.
         unsafe {
             match isa {
-                Isa::Portable => task::<Portable>(self, t),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => task_avx2(self, t),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => task_avx512(self, t),
+                _ => task::<Portable>(self, t),
             }
         }
     }
@@ -318,12 +285,12 @@ unsafe fn task<S: Simd>(job: &Job, t: Task) {
                 let o = ((t.b * s.seq + i0 + r) * s.n_heads + h) * vd;
                 // SAFETY: element `o..o + vd` of `out` belongs to this task (its sequence, row
                 // and head), and `out` has them (`check`).
-                let dst = unsafe { std::slice::from_raw_parts_mut(job.out.0.add(o), vd) };
+                let dst = unsafe { std::slice::from_raw_parts_mut(job.out.at(o), vd) };
                 let (lo, hi) = s.visible(i0 + r);
                 let p = &sc[r * cols + (lo - jlo)..r * cols + (hi - jlo)];
                 let v = &vh[(lo - jlo) * vd..(hi - jlo) * vd];
                 // SAFETY: `p` and `v` hold the same keys; `dst` has `vd` values.
-                unsafe { weighted_sum::<S>(p, v, vd, inv[r], dst) };
+                unsafe { weighted_sum::<S>(p, v, vd, vd, inv[r], dst) };
             }
             i0 += m;
         }
@@ -447,27 +414,35 @@ unsafe fn softmax<S: Simd>(
     }
 }
 
-/// `dst = inv * sum over j of p[j] * v[j]` with `v` `[p.len(), hd]`: up to four registers of
-/// columns at a time, each with one accumulator for even and one for odd keys (two independent
-/// FMA chains even for a head of one or two registers, as the embedded model's 32), then the
-/// columns left one by one.
+/// `dst = inv * sum over j of p[j] * v_j`, with value row `j` at `v[j * stride..][..width]`:
+/// up to four registers of columns at a time, each with one accumulator for even and one for odd
+/// keys (two independent FMA chains even for a head of one or two registers, as the embedded
+/// model's 32), then the columns left one by one.
 ///
 /// # Safety
-/// The CPU has what `S` needs; `v.len() == p.len() * hd`, `dst.len() == hd`.
+/// The CPU has what `S` needs; `v` holds `(p.len() - 1) * stride + width` values (none read when
+/// `p` is empty); `dst.len() == width`.
 #[inline(always)]
-unsafe fn weighted_sum<S: Simd>(p: &[f32], v: &[f32], hd: usize, inv: f32, dst: &mut [f32]) {
+unsafe fn weighted_sum<S: Simd>(
+    p: &[f32],
+    v: &[f32],
+    stride: usize,
+    width: usize,
+    inv: f32,
+    dst: &mut [f32],
+) {
     let w = S::W;
     let mut x = 0;
-    // SAFETY: each chunk reads and writes `regs * w` columns at `x + regs * w <= hd`.
+    // SAFETY: each chunk reads and writes `regs * w` columns at `x + regs * w <= width`.
     unsafe {
-        while x + w <= hd {
-            let regs = ((hd - x) / w).min(4);
+        while x + w <= width {
+            let regs = ((width - x) / w).min(4);
             // A constant register count keeps the accumulators in registers.
             match regs {
-                4 => weighted_chunk::<S, 4>(p, v, hd, x, inv, dst),
-                3 => weighted_chunk::<S, 3>(p, v, hd, x, inv, dst),
-                2 => weighted_chunk::<S, 2>(p, v, hd, x, inv, dst),
-                _ => weighted_chunk::<S, 1>(p, v, hd, x, inv, dst),
+                4 => weighted_chunk::<S, 4>(p, v, stride, x, inv, dst),
+                3 => weighted_chunk::<S, 3>(p, v, stride, x, inv, dst),
+                2 => weighted_chunk::<S, 2>(p, v, stride, x, inv, dst),
+                _ => weighted_chunk::<S, 1>(p, v, stride, x, inv, dst),
             }
             x += regs * w;
         }
@@ -475,7 +450,7 @@ unsafe fn weighted_sum<S: Simd>(p: &[f32], v: &[f32], hd: usize, inv: f32, dst: 
     for (xi, o) in dst.iter_mut().enumerate().skip(x) {
         let mut acc = 0f32;
         for (j, &pj) in p.iter().enumerate() {
-            acc += pj * v[j * hd + xi];
+            acc += pj * v[j * stride + xi];
         }
         *o = acc * inv;
     }
@@ -484,18 +459,18 @@ unsafe fn weighted_sum<S: Simd>(p: &[f32], v: &[f32], hd: usize, inv: f32, dst: 
 /// Columns `x..x + R * S::W` of [`weighted_sum`].
 ///
 /// # Safety
-/// As [`weighted_sum`], and `x + R * S::W <= hd`.
+/// As [`weighted_sum`], and `x + R * S::W <= width`.
 #[inline(always)]
 unsafe fn weighted_chunk<S: Simd, const R: usize>(
     p: &[f32],
     v: &[f32],
-    hd: usize,
+    stride: usize,
     x: usize,
     inv: f32,
     dst: &mut [f32],
 ) {
     let w = S::W;
-    // SAFETY: every load reads `v[j * hd + x ..][..R * w]`, every store `dst[x..][..R * w]`,
+    // SAFETY: every load reads `v[j * stride + x ..][..R * w]`, every store `dst[x..][..R * w]`,
     // inside the slices by the contract.
     unsafe {
         let mut even = [S::zero(); R];
@@ -503,8 +478,8 @@ unsafe fn weighted_chunk<S: Simd, const R: usize>(
         let mut j = 0;
         while j + 2 <= p.len() {
             let (pe, po) = (S::splat(p[j]), S::splat(p[j + 1]));
-            let ve = v.as_ptr().add(j * hd + x);
-            let vo = ve.add(hd);
+            let ve = v.as_ptr().add(j * stride + x);
+            let vo = ve.add(stride);
             for r in 0..R {
                 even[r] = S::fma(pe, S::load(ve.add(r * w)), even[r]);
                 odd[r] = S::fma(po, S::load(vo.add(r * w)), odd[r]);
@@ -512,7 +487,7 @@ unsafe fn weighted_chunk<S: Simd, const R: usize>(
             j += 2;
         }
         if j < p.len() {
-            let (pe, ve) = (S::splat(p[j]), v.as_ptr().add(j * hd + x));
+            let (pe, ve) = (S::splat(p[j]), v.as_ptr().add(j * stride + x));
             for (r, e) in even.iter_mut().enumerate() {
                 *e = S::fma(pe, S::load(ve.add(r * w)), *e);
             }
@@ -543,7 +518,8 @@ pub(crate) struct DecodeShape {
 
 /// `out[h] = softmax(q[h] . k[j] * scale for j in first..keys) . v` for every head `h`, on the
 /// calling thread. `q` and `out` are `[n_heads * head_dim]`; `k` and `v` `[keys, n_kv_heads *
-/// head_dim]` (more rows are ignored); `scores` is scratch of at least `keys - first` floats.
+/// head_dim]` (more rows are ignored); `scores` is scratch of at least [`scores_len`]`(keys -
+/// first)` floats.
 /// With `sinks` (`[n_heads]`), head `h`'s logit joins the softmax denominator. A step at a long
 /// context spends its time here: 1500 cached positions took 14 of 18 ms of an olmoe-d1024 step
 /// in scalar code.
@@ -573,7 +549,7 @@ pub(crate) fn attend_one(
     );
     assert!(q.len() >= nh * hd && out.len() >= nh * hd, "q / out");
     assert!(k.len() >= s.keys * row && v.len() >= s.keys * row, "k / v");
-    assert!(scores.len() >= s.keys - s.first, "scores");
+    assert!(scores.len() >= scores_len(s.keys - s.first), "scores");
     if let Some(sk) = sinks {
         assert!(sk.len() >= nh, "sinks");
     }
@@ -601,7 +577,7 @@ pub(crate) fn attend_one(
         for (p, dst) in parts {
             scope.spawn(move |_| {
                 let h0 = p * per;
-                let mut own = vec![0f32; s.keys - s.first];
+                let mut own = vec![0f32; scores_len(s.keys - s.first)];
                 job.run(isa, h0..h0 + dst.len() / hd, &mut own, dst);
             });
         }
@@ -632,11 +608,11 @@ impl OneJob<'_> {
         // SAFETY: `attend_one` checked the lengths and `Isa::of` the CPU.
         unsafe {
             match isa {
-                Isa::Portable => one_body::<Portable>(self, heads, scores, out),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => one_avx2(self, heads, scores, out),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => one_avx512(self, heads, scores, out),
+                _ => one_body::<Portable>(self, heads, scores, out),
             }
         }
     }
@@ -667,8 +643,8 @@ unsafe fn one_avx512(
 }
 
 /// Heads `heads` into `out` (which starts at the first of them). Per head: scores four keys at a
-/// time (four independent FMA chains, one tree-shaped sum each), a vectorised softmax, and the
-/// weighted values with up to eight registers of columns in flight.
+/// time (four independent FMA chains, one tree-shaped sum each), then the pass kernel's softmax
+/// and weighted sum of the values.
 ///
 /// # Safety
 /// The CPU has what `S` needs; the slices are as [`attend_one`] checked.
@@ -692,8 +668,9 @@ unsafe fn one_body<S: Simd>(
     let row = s.n_kv_heads * hd;
     let group = s.n_heads / s.n_kv_heads;
     let n = s.keys - s.first;
+    let cols = n.next_multiple_of(w);
     let full = hd / w * w;
-    let sc = &mut scores[..n];
+    let sc = &mut scores[..cols];
     let h0 = heads.start;
     for h in heads {
         let off = (h / group) * hd;
@@ -721,68 +698,27 @@ unsafe fn one_body<S: Simd>(
                     for x in full..hd {
                         dot += qh[x] * kr[x];
                     }
-                    sc[j + t] = dot * scale;
+                    sc[j + t] = dot;
                 }
                 j += m;
             }
         }
         let sink = sinks.map(|sk| sk[h]);
-        let max = sc
-            .iter()
-            .copied()
-            .chain(sink)
-            .fold(f32::NEG_INFINITY, f32::max);
-        let whole = n / w * w;
-        // SAFETY: whole registers inside `sc`.
-        let mut sum = unsafe {
-            let (p, mx) = (sc.as_mut_ptr(), S::splat(-max));
-            let mut acc = S::zero();
-            let mut j = 0;
-            while j < whole {
-                let e = S::exp(S::add(S::load(p.add(j)), mx));
-                S::store(p.add(j), e);
-                acc = S::add(acc, e);
-                j += w;
-            }
-            S::hsum(acc)
-        };
-        for x in &mut sc[whole..] {
-            *x = (*x - max).exp();
-            sum += *x;
-        }
-        if let Some(sk) = sink {
-            sum += (sk - max).exp();
-        }
-        let inv = 1.0 / sum;
+        // SAFETY: `0..cols` are whole registers of `sc`, and `0 < n <= cols`.
+        let inv = unsafe { softmax::<S>(sc, 0, cols, 0, n, scale, sink) };
         let dst = &mut out[(h - h0) * hd..(h - h0 + 1) * hd];
-        let value = |j: usize| &v[(s.first + j) * row + off..][..hd];
-        let mut x = 0;
-        // SAFETY: every load and store covers `w` columns at `x + w <= full <= hd`.
+        // SAFETY: value row `j` is `v[(first + j) * row + off..][..hd]`, inside `v` for `j < n`
+        // (`off + hd <= row`, `first + n == keys`); `dst` has `hd` values.
         unsafe {
-            while x < full {
-                let regs = ((full - x) / w).min(8);
-                let mut acc = [S::zero(); 8];
-                for (j, &p) in sc.iter().enumerate() {
-                    let (pb, vp) = (S::splat(p), value(j).as_ptr().add(x));
-                    for (r, a) in acc.iter_mut().enumerate().take(regs) {
-                        *a = S::fma(pb, S::load(vp.add(r * w)), *a);
-                    }
-                }
-                let iv = S::splat(inv);
-                for (r, a) in acc.iter().enumerate().take(regs) {
-                    S::store(dst.as_mut_ptr().add(x + r * w), S::mul(*a, iv));
-                }
-                x += regs * w;
-            }
-        }
-        for (c, o) in dst.iter_mut().enumerate().skip(full) {
-            let mut acc = 0f32;
-            for (j, &p) in sc.iter().enumerate() {
-                acc += p * value(j)[c];
-            }
-            *o = acc * inv;
+            weighted_sum::<S>(&sc[..n], &v[s.first * row + off..], row, hd, inv, dst);
         }
     }
+}
+
+/// Scratch floats [`attend_one`] needs for `positions` cached positions: whole registers of the
+/// widest SIMD level, so that the softmax of the pass kernel runs on them as it is.
+pub(crate) fn scores_len(positions: usize) -> usize {
+    positions.next_multiple_of(16)
 }
 
 #[cfg(test)]
@@ -1019,7 +955,7 @@ mod tests {
                         .num_threads(threads)
                         .build()
                         .unwrap();
-                    let mut scores = vec![f32::NAN; keys];
+                    let mut scores = vec![f32::NAN; scores_len(keys - first)];
                     let mut out = vec![f32::NAN; nh * hd];
                     pool.install(|| {
                         attend_one(

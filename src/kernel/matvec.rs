@@ -20,7 +20,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
-use super::simd::{Portable, Simd};
+use super::simd::{Isa, Portable, Simd};
 
 /// A weight element type [`matvec_rows`] reads: f32, f16 or bf16, widened exactly to f32.
 pub(crate) trait MatvecWeight: Copy + Send + Sync + 'static {
@@ -70,77 +70,29 @@ impl MatvecWeight for half::bf16 {
     }
 }
 
-/// Which instructions a product runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum MatvecPath {
-    /// Plain Rust (any CPU; the tests' other reference).
-    Portable,
-    /// AVX2 + FMA + F16C.
-    Avx2,
-    /// AVX-512F: twice the lanes, and eight rows at a time instead of four, so that a short row
-    /// (the embedded model's 128 inputs: eight FMAs) still has eight independent FMA chains.
-    Avx512,
-}
-
-impl MatvecPath {
-    /// The fastest path this CPU runs (checked once).
-    pub(crate) fn best() -> MatvecPath {
-        use std::sync::OnceLock;
-        static BEST: OnceLock<MatvecPath> = OnceLock::new();
-        *BEST.get_or_init(|| {
-            let mut best = MatvecPath::Portable;
-            for p in [MatvecPath::Avx2, MatvecPath::Avx512] {
-                if p.is_supported() {
-                    best = p;
-                }
-            }
-            best
-        })
-    }
-
-    /// True when this CPU runs the path.
-    pub(crate) fn is_supported(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c");
-            match self {
-                MatvecPath::Portable => true,
-                MatvecPath::Avx2 => avx2,
-                MatvecPath::Avx512 => avx2 && std::arch::is_x86_feature_detected!("avx512f"),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            self == MatvecPath::Portable
-        }
-    }
-}
-
 /// `y[o] = sum over i of x[i] * w_t[i * out + o]` with `w_t` = `[in, out]` row-major, `in =
 /// x.len()`, `out = y.len()`.
 ///
 /// # Panics
 /// When `w_t.len() != x.len() * y.len()`.
 pub(crate) fn matvec_t(w_t: &[f32], x: &[f32], y: &mut [f32]) {
-    matvec_t_with(MatvecPath::best(), w_t, x, y);
+    matvec_t_with(Isa::best(), w_t, x, y);
 }
 
 /// [`matvec_t`] on `path`.
 ///
 /// # Panics
 /// As [`matvec_t`], and when this CPU cannot run `path`.
-pub(crate) fn matvec_t_with(path: MatvecPath, w_t: &[f32], x: &[f32], y: &mut [f32]) {
+pub(crate) fn matvec_t_with(path: Isa, w_t: &[f32], x: &[f32], y: &mut [f32]) {
     assert_eq!(w_t.len(), x.len() * y.len(), "w_t must be [in, out]");
     assert!(path.is_supported(), "{path:?} is not supported on this CPU");
     match path {
         // SAFETY: `is_supported` checked the features `t_avx2` enables; the lengths were checked.
         #[cfg(target_arch = "x86_64")]
-        MatvecPath::Avx2 => unsafe { t_avx2(w_t, x, y) },
+        Isa::Avx2 => unsafe { t_avx2(w_t, x, y) },
         // SAFETY: as above, for `t_avx512`.
         #[cfg(target_arch = "x86_64")]
-        MatvecPath::Avx512 => unsafe { t_avx512(w_t, x, y) },
+        Isa::Avx512 => unsafe { t_avx512(w_t, x, y) },
         // SAFETY: `Portable` needs no CPU feature; the lengths were checked.
         _ => unsafe { t_body::<Portable>(w_t, x, y) },
     }
@@ -152,7 +104,7 @@ pub(crate) fn matvec_t_with(path: MatvecPath, w_t: &[f32], x: &[f32], y: &mut [f
 /// # Panics
 /// When `w.len() != x.len() * y.len()`.
 pub(crate) fn matvec_rows<E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f32]) {
-    matvec_rows_with(MatvecPath::best(), w, x, y);
+    matvec_rows_with(Isa::best(), w, x, y);
 }
 
 /// [`matvec_rows`] with the output rows cut into `parts` contiguous ranges computed on the rayon
@@ -181,22 +133,17 @@ pub(crate) fn matvec_rows_split<E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f3
 ///
 /// # Panics
 /// As [`matvec_rows`], and when this CPU cannot run `path`.
-pub(crate) fn matvec_rows_with<E: MatvecWeight>(
-    path: MatvecPath,
-    w: &[E],
-    x: &[f32],
-    y: &mut [f32],
-) {
+pub(crate) fn matvec_rows_with<E: MatvecWeight>(path: Isa, w: &[E], x: &[f32], y: &mut [f32]) {
     assert_eq!(w.len(), x.len() * y.len(), "w must be [out, in]");
     assert!(path.is_supported(), "{path:?} is not supported on this CPU");
     match path {
         // SAFETY: `is_supported` checked the features `rows_avx2` enables; the lengths were
         // checked.
         #[cfg(target_arch = "x86_64")]
-        MatvecPath::Avx2 => unsafe { rows_avx2(w, x, y) },
+        Isa::Avx2 => unsafe { rows_avx2(w, x, y) },
         // SAFETY: as above, for `rows_avx512`.
         #[cfg(target_arch = "x86_64")]
-        MatvecPath::Avx512 => unsafe { rows_avx512(w, x, y) },
+        Isa::Avx512 => unsafe { rows_avx512(w, x, y) },
         // SAFETY: `Portable` needs no CPU feature; the lengths were checked.
         _ => unsafe { rows_body::<Portable, E, 4>(w, x, y) },
     }
@@ -434,9 +381,9 @@ mod tests {
 
     /// Every path this CPU runs; a path that `XMOE_REQUIRE_KERNELS` names (`avx2`, `avx512`)
     /// must be among them, so that a detection bug fails instead of skipping it.
-    fn paths() -> Vec<MatvecPath> {
+    fn paths() -> Vec<Isa> {
         if let Ok(list) = std::env::var(super::super::REQUIRE_KERNELS_ENV) {
-            for (name, path) in [("avx2", MatvecPath::Avx2), ("avx512", MatvecPath::Avx512)] {
+            for (name, path) in [("avx2", Isa::Avx2), ("avx512", Isa::Avx512)] {
                 if list.split(',').any(|n| n.trim() == name) {
                     assert!(
                         path.is_supported(),
@@ -445,7 +392,7 @@ mod tests {
                 }
             }
         }
-        [MatvecPath::Portable, MatvecPath::Avx2, MatvecPath::Avx512]
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
             .into_iter()
             .filter(|p| p.is_supported())
             .collect()

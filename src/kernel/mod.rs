@@ -781,6 +781,23 @@ fn has_amx() -> bool {
     }
 }
 
+/// An output buffer shared by the threads of one kernel call, each writing elements no other
+/// thread writes (its own rows, columns or heads), within a scope that ends before the caller's
+/// `&mut` borrow of the buffer does.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: the users write disjoint elements and join before the buffer's borrow ends (above).
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Element `i` (a method, so that closures capture the `Send` wrapper, not the pointer).
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// Grows `v` to at least `n` elements (scratch that keeps its largest size).
 #[cfg(target_arch = "x86_64")]
 fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {

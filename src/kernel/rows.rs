@@ -23,8 +23,8 @@ use std::sync::Arc;
 use super::matvec::MatvecWeight;
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
-use super::simd::{Portable, Simd};
-use super::{Dst, Job, KernelVariant, ThreadScratch, WeightDtype, hidden};
+use super::simd::{Isa, Portable, Simd};
+use super::{Dst, Job, KernelVariant, SharedOut, ThreadScratch, WeightDtype, hidden};
 
 /// Weight bytes a chunk of rows may take: a quarter of this machine kind's 512 KiB L2, leaving
 /// room for the activation rows and the hidden block.
@@ -497,7 +497,7 @@ unsafe fn rows_avx2<E: MatvecWeight>(
 /// The weight rows are split into one contiguous range per thread; each thread takes its range
 /// chunk by chunk with every activation row passing over a chunk while it is in L2. Each output
 /// is one FMA chain in `k` order, as in the expert layer, so the bits do not depend on `threads`.
-/// The rounding variants and `gemm` run the best exact SIMD variant.
+/// The rounding variants and `gemm` run the best exact SIMD variant ([`Isa::of`]).
 ///
 /// # Panics
 /// When a slice does not match its shape or `variant` cannot run on this CPU.
@@ -515,19 +515,10 @@ pub(crate) fn dense_rows<E: MatvecWeight>(
     assert_eq!(x.len(), m * k, "x must be [m, k]");
     assert_eq!(w.len(), n * k, "w must be [n, k]");
     assert_eq!(y.len(), m * n, "y must be [m, n]");
-    assert!(
-        variant.is_supported(),
-        "kernel variant {} is not supported on this CPU",
-        variant.name()
-    );
-    let variant = match variant.resolve() {
-        KernelVariant::Gemm => KernelVariant::Auto.resolve(),
-        KernelVariant::Avx512Bf16 | KernelVariant::Amx => KernelVariant::Avx512,
-        v => v,
-    };
+    let isa = Isa::of(variant);
     let parts = threads.clamp(1, n.max(1));
     let span = n.div_ceil(parts);
-    let out = DenseOut(y.as_mut_ptr());
+    let out = SharedOut(y.as_mut_ptr());
     let part = |j0: usize| {
         let j1 = (j0 + span).min(n);
         let wp = w[j0 * k..].as_ptr();
@@ -537,11 +528,11 @@ pub(crate) fn dense_rows<E: MatvecWeight>(
         // columns. `variant` is supported (asserted).
         unsafe {
             let sink = move |r: usize, j: usize, v: f32| *out.at(r * n + j0 + j) = v;
-            match variant {
+            match isa {
                 #[cfg(target_arch = "x86_64")]
-                KernelVariant::Avx512 => dense_avx512::<E>(xp, m, k, wp, j1 - j0, sink),
+                Isa::Avx512 => dense_avx512::<E>(xp, m, k, wp, j1 - j0, sink),
                 #[cfg(target_arch = "x86_64")]
-                KernelVariant::Avx2 => dense_avx2::<E>(xp, m, k, wp, j1 - j0, sink),
+                Isa::Avx2 => dense_avx2::<E>(xp, m, k, wp, j1 - j0, sink),
                 _ => rows_product::<SimdDot<Portable, E>, 2, 4, 8>(
                     m,
                     |r| xp.wrapping_add(r * k),
@@ -565,22 +556,6 @@ pub(crate) fn dense_rows<E: MatvecWeight>(
         }
         part(0);
     });
-}
-
-/// `y`, shared by [`dense_rows`]'s parts, each writing its own columns.
-#[derive(Clone, Copy)]
-struct DenseOut(*mut f32);
-// SAFETY: the parts write disjoint elements, and the scope that runs them ends before the
-// caller's `&mut` borrow of `y` does.
-unsafe impl Send for DenseOut {}
-// SAFETY: as above.
-unsafe impl Sync for DenseOut {}
-
-impl DenseOut {
-    /// Element `i` (a method, so that closures capture the `Send` wrapper, not the pointer).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -7,6 +7,54 @@
 
 use super::Activation;
 
+/// The instruction set of the kernels written once over [`Simd`] (attention, matrix-vector
+/// products, dense rows): the exact SIMD levels of [`KernelVariant`](super::KernelVariant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512F.
+    Avx512,
+}
+
+impl Isa {
+    /// The level `variant` computes with: the rounding variants (`Avx512Bf16`, `Amx`) run these
+    /// kernels in f32 on AVX-512, `Gemm` and `Auto` on the best this CPU has.
+    ///
+    /// # Panics
+    /// When `variant` cannot run on this CPU.
+    pub(crate) fn of(variant: super::KernelVariant) -> Isa {
+        use super::KernelVariant as V;
+        assert!(
+            variant.is_supported(),
+            "kernel variant {} is not supported on this CPU",
+            variant.name()
+        );
+        match variant.resolve() {
+            V::Avx2 => Isa::Avx2,
+            V::Avx512 | V::Avx512Bf16 | V::Amx => Isa::Avx512,
+            V::Gemm => Isa::of(V::Auto),
+            _ => Isa::Portable,
+        }
+    }
+
+    /// The best level this CPU runs.
+    pub(crate) fn best() -> Isa {
+        Isa::of(super::KernelVariant::Auto)
+    }
+
+    /// True when this CPU runs the level.
+    pub(crate) fn is_supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            Isa::Avx2 => super::KernelVariant::Avx2.is_supported(),
+            Isa::Avx512 => super::KernelVariant::Avx512.is_supported(),
+        }
+    }
+}
+
 /// A SIMD register of `W` f32 lanes and the operations the kernel uses on it.
 ///
 /// # Safety

@@ -46,7 +46,7 @@ use super::quant::QuantMatrix;
 use super::trace::ForwardTrace;
 use crate::kernel::Activation;
 use crate::kernel::KernelVariant;
-use crate::kernel::attention::{DecodeShape, attend_one};
+use crate::kernel::attention::{DecodeShape, attend_one, scores_len};
 use crate::kernel::matvec::{MatvecWeight, matvec_rows, matvec_rows_split, matvec_t};
 use crate::routing::route_with;
 
@@ -834,7 +834,7 @@ impl LeanDecoder {
             grow(v, w);
         }
         grow(&mut s.tmp, w);
-        grow(&mut s.scores, self.max_positions + 1);
+        grow(&mut s.scores, scores_len(self.max_positions + 1));
         grow(&mut s.logits, self.vocab);
         let e = self
             .layers
