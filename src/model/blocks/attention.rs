@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use super::{Linear, Norm, cpu_f32_slice, elapsed_ns};
+use super::{Linear, Norm, cpu_slice, elapsed_ns};
 use crate::model::trace::BlockTiming;
 
 /// What every block of one pass shares: its shape and the causal mask.
@@ -625,9 +625,9 @@ impl FusedAttention<'_> {
         let (ks, kl) = k.storage_and_layout();
         let (vs, vl) = v.storage_and_layout();
         let (Some(qv), Some(kv), Some(vv)) = (
-            cpu_f32_slice(&qs, ql),
-            cpu_f32_slice(&ks, kl),
-            cpu_f32_slice(&vs, vl),
+            cpu_slice::<f32>(&qs, ql),
+            cpu_slice::<f32>(&ks, kl),
+            cpu_slice::<f32>(&vs, vl),
         ) else {
             return Ok(None);
         };

@@ -90,23 +90,34 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.w {
             Weight::Transposed(w_t) => x.matmul(w_t)?,
-            // `to_dtype` to the same dtype is a cheap clone: an f32 weight is not copied.
-            Weight::Stored(w) => match stored_matvec(x, w)? {
-                Some(y) => y,
-                None => match self.amx.then(|| stored_amx(x, w)).transpose()?.flatten() {
-                    Some(y) => y,
-                    None => match stored_rows(x, w)? {
-                        Some(y) => y,
-                        None => x.matmul(&w.to_dtype(x.dtype())?.t()?)?,
-                    },
-                },
-            },
+            Weight::Stored(w) => self.stored_forward(x, w)?,
             Weight::Quant(q) => q.forward(x)?,
         };
         match &self.b {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
+    }
+}
+
+impl Linear {
+    /// `x w^T` for a stored weight: the first of one row's matrix-vector product, the AMX tiles
+    /// (when on), the in-place rows of a large half-precision weight, and candle's matmul of the
+    /// widened weight that applies.
+    fn stored_forward(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = stored_matvec(x, w)? {
+            return Ok(y);
+        }
+        if self.amx
+            && let Some(y) = stored_amx(x, w)?
+        {
+            return Ok(y);
+        }
+        if let Some(y) = stored_rows(x, w)? {
+            return Ok(y);
+        }
+        // `to_dtype` to the same dtype is a cheap clone: an f32 weight is not copied.
+        x.matmul(&w.to_dtype(x.dtype())?.t()?)
     }
 }
 
@@ -117,7 +128,6 @@ pub const AMX_MIN_ROWS: usize = 16;
 /// `x w^T` on AMX tiles for f32 `x` with at least [`AMX_MIN_ROWS`] rows and a contiguous bf16
 /// `w` on the CPU; `None` where the shapes, dtypes or CPU do not allow it.
 fn stored_amx(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    use candle_core::Storage;
     let dims = x.dims();
     let Some(&k) = dims.last() else {
         return Ok(None);
@@ -133,13 +143,9 @@ fn stored_amx(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     let (storage, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
+    let Some(wv) = super::cpu_slice::<half::bf16>(&storage, layout) else {
         return Ok(None);
     };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        return Ok(None);
-    };
-    let wv = &cpu.as_slice::<half::bf16>()?[start..end];
     let threads = rayon::current_num_threads();
     product_rows(x, n, |xv, rows, y| {
         crate::kernel::amx_linear(xv, rows, k, wv, n, y, threads)
@@ -158,7 +164,7 @@ fn product_rows(
     let k = dims.last().copied().unwrap_or(0).max(1);
     let x = x.contiguous()?;
     let (xs, xl) = x.storage_and_layout();
-    let Some(xv) = super::cpu_f32_slice(&xs, xl) else {
+    let Some(xv) = super::cpu_slice::<f32>(&xs, xl) else {
         return Ok(None);
     };
     let rows = xv.len() / k;
@@ -185,7 +191,6 @@ const ROWS_MIN_BYTES: usize = 32 << 20;
 /// arithmetic without the f32 copy of the whole weight that `to_dtype` writes and reads back at
 /// every pass (412 MB per pass for OLMoE's LM head). `None` where this does not apply.
 fn stored_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    use candle_core::Storage;
     let dims = x.dims();
     let Some(&k) = dims.last() else {
         return Ok(None);
@@ -202,23 +207,20 @@ fn stored_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
         return Ok(None);
     }
     let (storage, layout) = w.storage_and_layout();
-    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-        return Ok(None);
-    };
     let threads = rayon::current_num_threads();
     let auto = crate::kernel::KernelVariant::Auto;
-    if w.dtype() == DType::BF16 {
-        let wv = &cpu.as_slice::<half::bf16>()?[start..end];
+    if let Some(wv) = super::cpu_slice::<half::bf16>(&storage, layout) {
+        product_rows(x, n, |xv, rows, y| {
+            crate::kernel::dense_rows(auto, xv, rows, k, wv, n, y, threads);
+            true
+        })
+    } else if let Some(wv) = super::cpu_slice::<half::f16>(&storage, layout) {
         product_rows(x, n, |xv, rows, y| {
             crate::kernel::dense_rows(auto, xv, rows, k, wv, n, y, threads);
             true
         })
     } else {
-        let wv = &cpu.as_slice::<half::f16>()?[start..end];
-        product_rows(x, n, |xv, rows, y| {
-            crate::kernel::dense_rows(auto, xv, rows, k, wv, n, y, threads);
-            true
-        })
+        Ok(None)
     }
 }
 

@@ -229,25 +229,22 @@ impl LatentAttention {
                     sinks: None,
                     scale: self.scale,
                 };
-                if let Some(ctx) = fused.forward(&q, &k, &v, pass)? {
-                    let out = (x + self.o.forward(&ctx)?)?;
-                    timing.attention_ns = elapsed_ns(t0, out.device())?;
-                    return Ok(AttentionOutput {
-                        hidden: out,
-                        working: vec![a, q, k, v, ctx],
-                    });
+                match fused.forward(&q, &k, &v, pass)? {
+                    Some(ctx) => (vec![a, q, k, v, ctx.clone()], ctx),
+                    None => {
+                        let mut scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
+                        if let Some(m) = &pass.mask {
+                            scores = scores.broadcast_add(m)?;
+                        }
+                        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                        let ctx = probs
+                            .matmul(&v)?
+                            .transpose(1, 2)?
+                            .contiguous()?
+                            .reshape((pass.tokens(), nh * vd))?;
+                        (vec![a, q, k, v, scores, probs, ctx.clone()], ctx)
+                    }
                 }
-                let mut scores = (q.matmul(&k.t()?.contiguous()?)? * self.scale)?;
-                if let Some(m) = &pass.mask {
-                    scores = scores.broadcast_add(m)?;
-                }
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                let ctx = probs
-                    .matmul(&v)?
-                    .transpose(1, 2)?
-                    .contiguous()?
-                    .reshape((pass.tokens(), nh * vd))?;
-                (vec![a, q, k, v, scores, probs, ctx.clone()], ctx)
             }
             LatentKv::Absorbed { k_b, v_b } => {
                 // Per head, q_nope · k_nope = (q_nope k_b_h^T) · latent: the query enters the

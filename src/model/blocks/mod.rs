@@ -26,18 +26,18 @@ pub use mla::{LatentAttention, LatentKv, LatentParts, LatentQuery, LatentView};
 pub use moe_block::{MoeBlock, MoeParts, SharedExpert};
 pub use norm::Norm;
 
-/// The f32 values of a contiguous CPU tensor's storage (`None` for another device, dtype or a
-/// strided layout).
-pub(crate) fn cpu_f32_slice<'a>(
+/// The values of a contiguous CPU tensor's storage as `T` (`None` for another device, dtype or
+/// a strided layout).
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
     storage: &'a candle_core::Storage,
     layout: &candle_core::Layout,
-) -> Option<&'a [f32]> {
+) -> Option<&'a [T]> {
     let (candle_core::Storage::Cpu(cpu), Some((start, end))) =
         (storage, layout.contiguous_offsets())
     else {
         return None;
     };
-    cpu.as_slice::<f32>().ok().map(|s| &s[start..end])
+    cpu.as_slice::<T>().ok().map(|s| &s[start..end])
 }
 
 /// Nanoseconds since `since`, counting the device work queued meanwhile.
