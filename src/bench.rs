@@ -227,24 +227,44 @@ impl DecodeBound {
 }
 
 /// Whether splitting one decode matrix-vector product over the threads pays: bf16 `[out, in]`
-/// weights from 1 MiB (a d-1024 projection) to OLMoE's LM head (50304 x 2048, 206 MB), each on
-/// one thread and split, best of a few runs (wall clock).
+/// weights from 128 KiB to OLMoE's LM head (50304 x 2048, 206 MB), each on one thread, split on
+/// the rayon pool and split on a decode [`Team`](crate::kernel::Team), best of a few runs (wall
+/// clock).
 fn matvec_split(quick: bool, threads: usize) {
     use crate::kernel::matvec::matvec_rows_split;
+    use crate::kernel::team::Fork;
     println!(
-        "\n## Splitting one matrix-vector product (bf16 weights, decode): 1 thread vs {threads}\n"
+        "\n## Splitting one matrix-vector product (bf16 weights, decode): 1 thread vs {threads}, on rayon and on a decode team\n"
     );
     println!(
         "\"in cache\": the same weight multiplied again and again (it stays in the caches when it fits, as a small model's do); \"from memory\": a cycle over copies that together exceed 4x the last-level cache, each used once per cycle, as the weights of a large model are in a decode step.\n"
     );
     println!(
-        "| weight | bytes | in cache: 1 thread (us) | {threads} threads (us) | speed-up | from memory: 1 thread (us) | {threads} threads (us) | speed-up |"
+        "| weight | bytes | in cache: 1 thread (us) | {threads} threads, rayon (us) | team (us) | speed-up, rayon / team | from memory: 1 thread (us) | rayon (us) | team (us) | speed-up, rayon / team |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let team = crate::kernel::Team::new(threads, "xmoe-bench").ok();
+    let team_fork = team.as_ref().map_or(Fork::Rayon, Fork::Team);
+    // What a split costs by itself: one empty item per thread, best of 5 rounds of 20000.
+    let empty_split = |fork: Fork<'_>| {
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            for _ in 0..20_000 {
+                fork.each((0..threads).collect(), |i| {
+                    std::hint::black_box(i);
+                });
+            }
+            best = best.min(t0.elapsed().as_secs_f64() / 20_000.0);
+        }
+        best
+    };
     let reps = if quick { 3 } else { 10 };
     let cold_bytes = 4 * last_level_cache_bytes().unwrap_or(32 << 20);
     for (out, inp) in [
-        (512usize, 1024usize),
+        (64usize, 1024usize),
+        (128, 1024),
+        (512, 1024),
         (2048, 2048),
         (8192, 2048),
         (50304, 2048),
@@ -261,12 +281,12 @@ fn matvec_split(quick: bool, threads: usize) {
         let x: Vec<f32> = (0..inp).map(|i| weight(i + 5, 1.0)).collect();
         let mut y = vec![0.0f32; out];
         // Seconds per product, best of `reps` rounds: over `uses` of the copies in turn.
-        let mut time = |parts: usize, uses: usize| {
+        let mut time = |parts: usize, uses: usize, fork: Fork<'_>| {
             let mut best = f64::INFINITY;
             for r in 0..=reps {
                 let t0 = Instant::now();
                 for w in ws.iter().cycle().take(uses) {
-                    matvec_rows_split(w, &x, &mut y, parts);
+                    matvec_rows_split(w, &x, &mut y, parts, fork);
                     std::hint::black_box(&y);
                 }
                 if r > 0 {
@@ -275,19 +295,33 @@ fn matvec_split(quick: bool, threads: usize) {
             }
             best
         };
-        let (hot1, hot_n) = (time(1, 1), time(threads, 1));
-        let (cold1, cold_n) = (time(1, copies), time(threads, copies));
+        let (hot1, hot_n) = (time(1, 1, Fork::Rayon), time(threads, 1, Fork::Rayon));
+        let hot_t = time(threads, 1, team_fork);
+        let (cold1, cold_n) = (
+            time(1, copies, Fork::Rayon),
+            time(threads, copies, Fork::Rayon),
+        );
+        let cold_t = time(threads, copies, team_fork);
         println!(
-            "| {out} x {inp} | {:.1} MB | {:.1} | {:.1} | {:.2}x | {:.1} | {:.1} | {:.2}x |",
+            "| {out} x {inp} | {:.2} MB | {:.1} | {:.1} | {:.1} | {:.2}x / {:.2}x | {:.1} | {:.1} | {:.1} | {:.2}x / {:.2}x |",
             bytes as f64 / 1e6,
             hot1 * 1e6,
             hot_n * 1e6,
+            hot_t * 1e6,
             hot1 / hot_n,
+            hot1 / hot_t,
             cold1 * 1e6,
             cold_n * 1e6,
-            cold1 / cold_n
+            cold_t * 1e6,
+            cold1 / cold_n,
+            cold1 / cold_t
         );
     }
+    println!(
+        "\nAn empty split over {threads} threads (the hand-off alone): {:.2} us on rayon, {:.2} us on a team.",
+        empty_split(Fork::Rayon) * 1e6,
+        empty_split(team_fork) * 1e6
+    );
 }
 
 /// Per-token time of a decode run and its bound.

@@ -20,6 +20,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
 use super::simd::{Isa, Portable, Simd};
+use super::team::Fork;
 use super::{KernelVariant, SharedOut};
 
 /// Query rows whose scores are computed together: each key vector loaded feeds this many rows.
@@ -516,10 +517,11 @@ pub(crate) struct DecodeShape {
     pub keys: usize,
 }
 
-/// `out[h] = softmax(q[h] . k[j] * scale for j in first..keys) . v` for every head `h`, on the
-/// calling thread. `q` and `out` are `[n_heads * head_dim]`; `k` and `v` `[keys, n_kv_heads *
-/// head_dim]` (more rows are ignored); `scores` is scratch of at least [`scores_len`]`(keys -
-/// first)` floats.
+/// `out[h] = softmax(q[h] . k[j] * scale for j in first..keys) . v` for every head `h`, split over
+/// `fork`'s threads by heads when the step is long enough. `q` and `out` are `[n_heads *
+/// head_dim]`; `k` and `v` `[keys, n_kv_heads * head_dim]` (more rows are ignored); `scores` is
+/// scratch of at least [`scores_len`]`(keys - first)` floats (a split allocates unless it holds
+/// that many per thread).
 /// With `sinks` (`[n_heads]`), head `h`'s logit joins the softmax denominator. A step at a long
 /// context spends its time here: 1500 cached positions took 14 of 18 ms of an olmoe-d1024 step
 /// in scalar code.
@@ -538,6 +540,7 @@ pub(crate) fn attend_one(
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
+    fork: Fork<'_>,
 ) {
     let (nh, hd) = (s.n_heads, s.head_dim);
     let row = s.n_kv_heads * hd;
@@ -563,33 +566,40 @@ pub(crate) fn attend_one(
         scale,
     };
     // A long context is worth the other threads: the heads are cut into one contiguous range
-    // per thread (each with its own scores), when a step reads at least `SPLIT_MIN_MACS`.
-    let threads = rayon::current_num_threads().min(nh);
+    // per thread, each with its own run of scores (from `scores` when it holds one per thread).
+    let threads = fork.parts().min(nh);
     let macs = (s.keys - s.first) * nh * hd;
-    if threads < 2 || macs < ONE_SPLIT_MIN_MACS {
+    if threads < 2 || macs < fork.split_from(ONE_SPLIT_MIN_MACS, ONE_TEAM_SPLIT_MIN_MACS) {
         return job.run(isa, 0..nh, scores, &mut out[..nh * hd]);
     }
     let per = nh.div_ceil(threads);
+    let len = scores_len(s.keys - s.first);
+    let mut own: Vec<f32> = Vec::new();
+    let scratch: &mut [f32] = if scores.len() >= threads * len {
+        scores
+    } else {
+        own.resize(threads * len, 0.0);
+        &mut own
+    };
+    let work: Vec<_> = out[..nh * hd]
+        .chunks_mut(per * hd)
+        .zip(scratch.chunks_mut(len))
+        .enumerate()
+        .collect();
     let job = &job;
-    rayon::in_place_scope(|scope| {
-        let mut parts = out[..nh * hd].chunks_mut(per * hd).enumerate();
-        let first = parts.next();
-        for (p, dst) in parts {
-            scope.spawn(move |_| {
-                let h0 = p * per;
-                let mut own = vec![0f32; scores_len(s.keys - s.first)];
-                job.run(isa, h0..h0 + dst.len() / hd, &mut own, dst);
-            });
-        }
-        if let Some((_, dst)) = first {
-            job.run(isa, 0..dst.len() / hd, scores, dst);
-        }
+    fork.each(work, |(p, (dst, sc))| {
+        let h0 = p * per;
+        job.run(isa, h0..h0 + dst.len() / hd, sc, dst);
     });
 }
 
 /// Multiply-adds of a decode step's attention from which [`attend_one`] splits the heads over
-/// the threads: about 1000 cached positions of 16 heads of 64.
+/// the rayon pool: about 1000 cached positions of 16 heads of 64.
 const ONE_SPLIT_MIN_MACS: usize = 1 << 20;
+/// The same over a [`Team`](super::Team), whose split costs about 1 us: a few microseconds of
+/// work (128 positions of 16 heads of 64). The embedded model's steps (at most 256 positions of 4
+/// heads of 32) stay whole.
+const ONE_TEAM_SPLIT_MIN_MACS: usize = 1 << 17;
 
 /// The inputs of [`attend_one`], shared by the threads.
 #[derive(Clone, Copy)]
@@ -724,6 +734,7 @@ pub(crate) fn scores_len(positions: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::Team;
 
     /// The plain definition in f64: per sequence, head and query row, the visible keys' scaled
     /// dot products, their softmax (with the sink in the denominator) and the weighted values.
@@ -950,11 +961,14 @@ mod tests {
             assert_eq!(case == 5, keys * nh * hd >= ONE_SPLIT_MIN_MACS);
             for variant in isas() {
                 let mut first_bits: Option<Vec<u32>> = None;
-                for threads in [1, 2, 3] {
+                // 1-3 rayon threads, then teams of 2 and 3 (which split from shorter steps).
+                for threads in [1, 2, 3, 12, 13] {
                     let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
+                        .num_threads(threads.min(10))
                         .build()
                         .unwrap();
+                    let team = (threads > 10).then(|| Team::new(threads - 10, "test").unwrap());
+                    let fork = team.as_ref().map_or(Fork::Rayon, Fork::Team);
                     let mut scores = vec![f32::NAN; scores_len(keys - first)];
                     let mut out = vec![f32::NAN; nh * hd];
                     pool.install(|| {
@@ -968,6 +982,7 @@ mod tests {
                             scale,
                             &mut scores,
                             &mut out,
+                            fork,
                         )
                     });
                     let err = out

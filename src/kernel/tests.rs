@@ -420,6 +420,56 @@ fn repeated_runs_are_bit_identical() {
 }
 
 #[test]
+fn a_team_gives_the_serial_result_bit_for_bit_for_one_token_and_for_many() {
+    // A decode step (1 token, every expert: the pair split) and a small pass (the token split),
+    // on teams of 2 and 3 and on rayon, against the calling thread alone.
+    let mut rng = StdRng::seed_from_u64(21);
+    let raw = Raw::random(&mut rng, 8, 64, 48, Activation::Silu, true, true, true);
+    let packed = raw.pack();
+    let teams = [
+        team::Team::new(2, "test").unwrap(),
+        team::Team::new(3, "test").unwrap(),
+    ];
+    for tokens in [1usize, 100] {
+        let routing = random_routing(&mut rng, tokens, 8, RoutingPolicy::Dense);
+        let mut groups = ExpertGroups::default();
+        groups.build(&routing);
+        let x: Vec<f32> = (0..tokens * 64)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        for v in KernelVariant::testable() {
+            let mut serial = vec![0.0; x.len()];
+            moe_forward(
+                &packed,
+                &x,
+                &groups,
+                &mut serial,
+                &mut MoeScratch::default(),
+                v,
+                1,
+            );
+            let mut scratch = MoeScratch {
+                par_min_flops: 0,
+                ..MoeScratch::default()
+            };
+            let forks = [Fork::Rayon, Fork::Team(&teams[0]), Fork::Team(&teams[1])];
+            for (i, fork) in forks.into_iter().enumerate() {
+                for _ in 0..3 {
+                    let mut out = vec![f32::NAN; x.len()];
+                    moe_forward_on(&packed, &x, &groups, &mut out, &mut scratch, v, 3, fork);
+                    assert!(
+                        out.iter()
+                            .zip(&serial)
+                            .all(|(p, q)| p.to_bits() == q.to_bits()),
+                        "{v:?}, {tokens} tokens, fork {i}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn activation_matches_engine_scalar() {
     // The SIMD exp-based activations against Activation::apply over a wide range.
     let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.01).collect();

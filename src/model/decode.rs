@@ -23,6 +23,13 @@
 //! candle path, and [`DecodePath::Candle`] says why. `xmoe-top inspect` and `xmoe-top bench`
 //! print it.
 //!
+//! # Threads
+//! A step splits its large products (weights of [`TEAM_SPLIT_MIN_BYTES`] or more, the routed
+//! experts from four of the embedded model's, attention over long contexts) over the decoder's own
+//! [`Team`], started by the first step with as many threads as the rayon pool: its threads stay
+//! awake between the splits of a step, where rayon's would sleep and need waking at each one, and
+//! each always takes the same share of a weight. Splits give the unsplit result bit for bit.
+//!
 //! Latent attention caches what the candle path caches (per position the normalised latent and
 //! the rotated shared key), so the cache changes hands between the paths as for plain attention.
 //!
@@ -46,8 +53,10 @@ use super::quant::QuantMatrix;
 use super::trace::ForwardTrace;
 use crate::kernel::Activation;
 use crate::kernel::KernelVariant;
+use crate::kernel::Team;
 use crate::kernel::attention::{DecodeShape, attend_one, scores_len};
 use crate::kernel::matvec::{MatvecWeight, matvec_rows, matvec_rows_split, matvec_t};
+use crate::kernel::team::Fork;
 use crate::routing::route_with;
 
 /// Which code decodes one token with a KV cache, decided once when the model is loaded.
@@ -151,6 +160,27 @@ struct Proj {
 /// model's) stay on the calling thread, where the hand-off costs more than it saves.
 pub const SPLIT_MIN_BYTES: Option<usize> = Some(1 << 20);
 
+/// A weight of at least this many bytes is split over the lean decoder's [`Team`], whose split
+/// costs about 1 us where rayon's costs about 6 (`xmoe-top bench --quick`, "Splitting one
+/// matrix-vector product"): a 128 KiB product split on the team ran 1.4x faster in cache and 1.9x
+/// from memory, on rayon 0.6x and 1.2x. Smaller ones stay on the calling thread: splitting the
+/// embedded model's 32 KiB projections (q, k and v together in one split) made its decode steps
+/// slower, not faster (docs/benchmarks.md, "A decode team").
+pub const TEAM_SPLIT_MIN_BYTES: usize = 128 << 10;
+
+/// Threads a product over `bytes` of weights takes on `fork` (1: the calling thread alone).
+pub(crate) fn split_parts(bytes: usize, fork: Fork<'_>) -> usize {
+    let min = match fork {
+        Fork::Rayon => SPLIT_MIN_BYTES,
+        Fork::Team(_) => Some(TEAM_SPLIT_MIN_BYTES),
+    };
+    if min.is_some_and(|min| bytes >= min) {
+        fork.parts()
+    } else {
+        1
+    }
+}
+
 impl Proj {
     fn new(l: &Linear, what: &str) -> Result<Self, String> {
         let (w, b) = l.weight_view();
@@ -199,16 +229,17 @@ impl Proj {
         })
     }
 
-    /// `y = W x + b`.
-    fn apply(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+    /// `y = W x + b`, split over `fork` when the weight is large enough for it.
+    fn apply(&self, x: &[f32], y: &mut [f32], fork: Fork<'_>) -> Result<()> {
         if let Some(w) = &self.half {
-            matvec_rows_split(w, &x[..self.n_in], &mut y[..self.n_out], 1);
+            let parts = split_parts(std::mem::size_of_val(&w[..]), fork);
+            matvec_rows_split(w, &x[..self.n_in], &mut y[..self.n_out], parts, fork);
             self.add_bias(y);
             return Ok(());
         }
         let (x, y) = (&x[..self.n_in], &mut y[..self.n_out]);
         if !self.transposed {
-            matvec_stored(&self.w, x, y)?;
+            matvec_stored(&self.w, x, y, fork)?;
         } else {
             let (storage, layout) = self.w.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else {
@@ -599,6 +630,9 @@ pub(crate) struct LeanDecoder {
     widest: usize,
     /// What each layer caches per position.
     cache: Vec<CacheShape>,
+    /// The threads a step splits its products over, started by the first step (`None`: one
+    /// thread, or the OS refused one, and the step runs on the caller).
+    team: std::sync::OnceLock<Option<Team>>,
 }
 
 /// One layer's cached keys and values, position-major: position `p` is `[p * width, (p + 1) *
@@ -775,6 +809,7 @@ impl LeanDecoder {
             head,
             widest,
             cache,
+            team: std::sync::OnceLock::new(),
         })
     }
 
@@ -817,8 +852,21 @@ impl LeanDecoder {
         (dense, expert)
     }
 
-    /// Sizes `s`'s buffers for this model (a no-op once they are).
-    fn prepare(&self, s: &mut LeanState) {
+    /// Where a step splits its products: the decoder's team, started here on the first call with
+    /// as many threads as the rayon pool has.
+    fn fork(&self) -> Fork<'_> {
+        let team = self.team.get_or_init(|| {
+            let parts = rayon::current_num_threads();
+            // Without a helper thread the step runs on the caller, as with one thread.
+            (parts > 1)
+                .then(|| Team::new(parts, "xmoe-decode").ok())
+                .flatten()
+        });
+        team.as_ref().map_or(Fork::Rayon, Fork::Team)
+    }
+
+    /// Sizes `s`'s buffers for this model and `fork` (a no-op once they are).
+    fn prepare(&self, s: &mut LeanState, fork: Fork<'_>) {
         let grow = |v: &mut Vec<f32>, n: usize| {
             if v.len() < n {
                 v.resize(n, 0.0);
@@ -834,7 +882,11 @@ impl LeanDecoder {
             grow(v, w);
         }
         grow(&mut s.tmp, w);
-        grow(&mut s.scores, scores_len(self.max_positions + 1));
+        // One run of scores per thread, for a split of the heads.
+        grow(
+            &mut s.scores,
+            fork.parts() * scores_len(self.max_positions + 1),
+        );
         grow(&mut s.logits, self.vocab);
         let e = self
             .layers
@@ -881,7 +933,7 @@ impl LeanDecoder {
         slots: &[super::blocks::KvSlot],
         len: usize,
     ) -> Result<()> {
-        self.prepare(s);
+        self.prepare(s, self.fork());
         for (li, ((kv, slot), c)) in s.kv.iter_mut().zip(slots).zip(&self.cache).enumerate() {
             kv.k.clear();
             kv.v.clear();
@@ -940,7 +992,8 @@ impl LeanDecoder {
         trace: &mut ForwardTrace,
     ) -> Result<()> {
         let start = Instant::now();
-        self.prepare(s);
+        let fork = self.fork();
+        self.prepare(s, fork);
         let pos = s.len;
         let d = self.d;
         trace.begin(1, 1, pos, self.layers.len());
@@ -951,8 +1004,8 @@ impl LeanDecoder {
         for (li, layer) in self.layers.iter().enumerate() {
             let t0 = Instant::now();
             match &layer.attn {
-                LayerAttn::Multi(a) => self.attention(a, li, pos, s)?,
-                LayerAttn::Latent(m) => self.latent_attention(m, li, pos, s)?,
+                LayerAttn::Multi(a) => self.attention(a, li, pos, s, fork)?,
+                LayerAttn::Latent(m) => self.latent_attention(m, li, pos, s, fork)?,
             }
             trace.blocks[li].attention_ns = t0.elapsed().as_nanos() as u64;
             match &layer.ffn {
@@ -965,18 +1018,18 @@ impl LeanDecoder {
                 } => {
                     let t1 = Instant::now();
                     norm.apply(&s.x[..d], &mut s.a[..d]);
-                    up.apply(&s.a, &mut s.h1)?;
+                    up.apply(&s.a, &mut s.h1, fork)?;
                     let hn = up.n_out;
                     match gate {
                         Some(g) => {
-                            g.apply(&s.a, &mut s.h2)?;
+                            g.apply(&s.a, &mut s.h2, fork)?;
                             for (u, &g) in s.h1[..hn].iter_mut().zip(&s.h2[..hn]) {
                                 *u *= act.apply(g);
                             }
                         }
                         None => s.h1[..hn].iter_mut().for_each(|u| *u = act.apply(*u)),
                     }
-                    down.apply(&s.h1, &mut s.y)?;
+                    down.apply(&s.h1, &mut s.y, fork)?;
                     add(&mut s.x[..d], &s.y[..d]);
                     trace.blocks[li].ffn_ns = t1.elapsed().as_nanos() as u64;
                 }
@@ -1017,20 +1070,20 @@ impl LeanDecoder {
                     let t2 = Instant::now();
                     parts
                         .experts
-                        .forward_slices(&s.a[..d], &lt.groups, &mut s.y[..d])
+                        .forward_slices(&s.a[..d], &lt.groups, &mut s.y[..d], fork)
                         .context("the experts left the CPU kernel")?;
                     add(&mut s.x[..d], &s.y[..d]);
                     if let Some(sh) = shared {
                         let hn = sh.up.n_out;
-                        sh.gate.apply(&s.a, &mut s.h1)?;
-                        sh.up.apply(&s.a, &mut s.h2)?;
+                        sh.gate.apply(&s.a, &mut s.h1, fork)?;
+                        sh.up.apply(&s.a, &mut s.h2, fork)?;
                         for (g, &u) in s.h1[..hn].iter_mut().zip(&s.h2[..hn]) {
                             *g = sh.act.apply(*g) * u;
                         }
-                        sh.down.apply(&s.h1, &mut s.y)?;
+                        sh.down.apply(&s.h1, &mut s.y, fork)?;
                         let scale = match &sh.scale {
                             Some(p) => {
-                                p.apply(&s.a, &mut s.tmp)?;
+                                p.apply(&s.a, &mut s.tmp, fork)?;
                                 1.0 / (1.0 + (-s.tmp[0]).exp())
                             }
                             None => 1.0,
@@ -1048,7 +1101,7 @@ impl LeanDecoder {
         s.len = pos + 1;
         let t3 = Instant::now();
         self.final_norm.apply(&s.x[..d], &mut s.a[..d]);
-        self.head.apply(&s.a, &mut s.logits)?;
+        self.head.apply(&s.a, &mut s.logits, fork)?;
         let logits = &s.logits[..self.vocab];
         if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
             bail!(
@@ -1095,14 +1148,21 @@ impl LeanDecoder {
 
     /// The attention sublayer for the token at `pos`: `s.x += o(attn(...))`, its keys and values
     /// appended to layer `li`'s cache.
-    fn attention(&self, a: &Attn, li: usize, pos: usize, s: &mut LeanState) -> Result<()> {
+    fn attention(
+        &self,
+        a: &Attn,
+        li: usize,
+        pos: usize,
+        s: &mut LeanState,
+        fork: Fork<'_>,
+    ) -> Result<()> {
         let d = self.d;
         let (nh, nkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
         let (qw, kvw) = (nh * hd, nkv * hd);
         a.norm.apply(&s.x[..d], &mut s.a[..d]);
-        a.q.apply(&s.a, &mut s.q)?;
-        a.k.apply(&s.a, &mut s.k)?;
-        a.v.apply(&s.a, &mut s.v)?;
+        a.q.apply(&s.a, &mut s.q, fork)?;
+        a.k.apply(&s.a, &mut s.k, fork)?;
+        a.v.apply(&s.a, &mut s.v, fork)?;
         let (q, k) = (&mut s.q[..qw], &mut s.k[..kvw]);
         match &a.qk_norm {
             Some(QkNormW::Full { q: qn, k: kn }) | Some(QkNormW::PerHead { q: qn, k: kn }) => {
@@ -1150,8 +1210,9 @@ impl LeanDecoder {
             scale,
             &mut s.scores,
             &mut s.ctx[..qw],
+            fork,
         );
-        a.o.apply(&s.ctx, &mut s.y)?;
+        a.o.apply(&s.ctx, &mut s.y, fork)?;
         add(&mut s.x[..d], &s.y[..d]);
         Ok(())
     }
@@ -1169,7 +1230,14 @@ impl LeanDecoder {
     /// values written and read back. Absorbed, a step reads and multiplies `kv_b` once (`heads *
     /// (nope + vd) * rank`) whatever the context, and a cached position costs each head `2 *
     /// rank + rope` multiply-adds (its score and its share of the output).
-    fn latent_attention(&self, m: &Mla, li: usize, pos: usize, s: &mut LeanState) -> Result<()> {
+    fn latent_attention(
+        &self,
+        m: &Mla,
+        li: usize,
+        pos: usize,
+        s: &mut LeanState,
+        fork: Fork<'_>,
+    ) -> Result<()> {
         let d = self.d;
         let (nh, rank, nope, rope, vd) = (m.heads, m.rank, m.nope, m.rope, m.vd);
         let qk = nope + rope;
@@ -1181,14 +1249,14 @@ impl LeanDecoder {
         }
         m.norm.apply(&s.x[..d], &mut s.a[..d]);
         match &m.q {
-            MlaQuery::Direct(p) => p.apply(&s.a, &mut s.q)?,
+            MlaQuery::Direct(p) => p.apply(&s.a, &mut s.q, fork)?,
             MlaQuery::LowRank { a, norm, b } => {
-                a.apply(&s.a, &mut s.h1)?;
+                a.apply(&s.a, &mut s.h1, fork)?;
                 norm.apply(&s.h1[..a.n_out], &mut s.h2[..a.n_out]);
-                b.apply(&s.h2, &mut s.q)?;
+                b.apply(&s.h2, &mut s.q, fork)?;
             }
         }
-        m.kv_a.apply(&s.a, &mut s.k)?;
+        m.kv_a.apply(&s.a, &mut s.k, fork)?;
         let half = rope / 2;
         let (c, sn) = (
             &m.cos[pos * half..(pos + 1) * half],
@@ -1211,13 +1279,7 @@ impl LeanDecoder {
         // threads on the same rule as one large product.
         let bytes = m.kv_b_bytes + nh * keys * (2 * rank + rope) * 4;
         let stride = head_scratch(rank, keys);
-        let parts = if SPLIT_MIN_BYTES.is_some_and(|min| bytes >= min) {
-            rayon::current_num_threads()
-                .min(nh)
-                .min(s.heads.len() / stride)
-        } else {
-            1
-        };
+        let parts = split_parts(bytes, fork).min(nh).min(s.heads.len() / stride);
         let cached = Cached {
             latents: &kv.k,
             k_ropes: &kv.v,
@@ -1229,8 +1291,9 @@ impl LeanDecoder {
             &mut s.heads,
             &mut s.ctx[..nh * vd],
             parts.max(1),
+            fork,
         )?;
-        m.o.apply(&s.ctx, &mut s.y)?;
+        m.o.apply(&s.ctx, &mut s.y, fork)?;
         add(&mut s.x[..d], &s.y[..d]);
         Ok(())
     }
@@ -1259,6 +1322,7 @@ impl Mla {
         scratch: &mut [f32],
         ctx: &mut [f32],
         parts: usize,
+        fork: Fork<'_>,
     ) -> Result<()> {
         let (ks, kl) = self.k_b.storage_and_layout();
         let (vs, vl) = self.v_b.storage_and_layout();
@@ -1270,7 +1334,7 @@ impl Mla {
             ($t:ty) => {{
                 let k = &kc.as_slice::<$t>()?[kr];
                 let v = &vc.as_slice::<$t>()?[vr];
-                self.heads_on::<$t>(k, v, q, cached, scratch, ctx, parts);
+                self.heads_on::<$t>(k, v, q, cached, scratch, ctx, parts, fork);
             }};
         }
         match self.k_b.dtype() {
@@ -1292,6 +1356,7 @@ impl Mla {
         scratch: &mut [f32],
         ctx: &mut [f32],
         parts: usize,
+        fork: Fork<'_>,
     ) {
         let vd = self.vd;
         let stride = head_scratch(self.rank, cached.keys);
@@ -1304,17 +1369,12 @@ impl Mla {
         if parts <= 1 {
             return run(0, ctx, &mut scratch[..stride]);
         }
-        let run = &run;
-        rayon::in_place_scope(|sc| {
-            let mut chunks = ctx.chunks_mut(per * vd).zip(scratch.chunks_mut(stride));
-            let first = chunks.next();
-            for (i, (c, s)) in chunks.enumerate() {
-                sc.spawn(move |_| run((i + 1) * per, c, s));
-            }
-            if let Some((c, s)) = first {
-                run(0, c, s);
-            }
-        });
+        let work: Vec<_> = ctx
+            .chunks_mut(per * vd)
+            .zip(scratch.chunks_mut(stride))
+            .enumerate()
+            .collect();
+        fork.each(work, |(i, (c, s))| run(i * per, c, s));
     }
 
     /// Head `h`'s attention output `out` (`[vd]`), absorbed (see
@@ -1604,7 +1664,7 @@ mod tests {
                 for parts in [1, 3] {
                     let mut scratch = vec![0f32; parts * head_scratch(RANK, KEYS)];
                     let mut ctx = vec![0f32; NH * VD];
-                    mla.all_heads(&q, &cached, &mut scratch, &mut ctx, parts)
+                    mla.all_heads(&q, &cached, &mut scratch, &mut ctx, parts, Fork::Rayon)
                         .unwrap();
                     for (i, (&g, &w)) in ctx.iter().zip(&want).enumerate() {
                         let err = (f64::from(g) - w).abs() / (1.0 + w.abs());

@@ -7,10 +7,11 @@ use safetensors::Dtype;
 
 use super::blocks::ffn::activate;
 use super::format::{LoadError, ModelFile};
+use crate::kernel::team::Fork;
 use crate::kernel::{Activation, ClampedSwiglu};
 use crate::kernel::{
     ExpertData, ExpertRows, ExpertWeight, KernelVariant, MoeScratch, PackedExperts, RowSource,
-    WeightDtype, moe_forward,
+    WeightDtype, moe_forward, moe_forward_on,
 };
 use crate::routing::ExpertGroups;
 
@@ -531,14 +532,21 @@ impl MoeExperts {
 
 impl MoeExperts {
     /// Runs the CPU kernel on plain slices (`x`, `out` = `[T, d]`), as [`MoeExperts::forward`]
-    /// does for tensors: the lean decode path (`model::decode`) calls it with `T = 1`. `None` when
+    /// does for tensors, splitting on `fork`: the lean decode path (`model::decode`) calls it with
+    /// `T = 1` and its team. `None` when
     /// these experts are not on the kernel path (candle, stored or quantised experts).
-    pub fn forward_slices(&self, x: &[f32], groups: &ExpertGroups, out: &mut [f32]) -> Option<()> {
+    pub(crate) fn forward_slices(
+        &self,
+        x: &[f32],
+        groups: &ExpertGroups,
+        out: &mut [f32],
+        fork: Fork<'_>,
+    ) -> Option<()> {
         let ExpertCompute::Kernel(k) = &self.compute else {
             return None;
         };
         let mut scratch = k.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        moe_forward(
+        moe_forward_on(
             &k.packed,
             x,
             groups,
@@ -546,6 +554,7 @@ impl MoeExperts {
             &mut scratch,
             k.variant,
             k.threads,
+            fork,
         );
         Some(())
     }
