@@ -122,6 +122,9 @@ fn whole_model(quick: bool, device: &Device, threads: usize) -> anyhow::Result<(
             cpu(&candle),
         );
     }
+    println!(
+        "\nCPU columns: the calling thread's time. From eight routed experts in a layer (dense, top-8) the lean step splits them over its decode team, and the helper's share is not counted there: compare wall time for those rows."
+    );
     Ok(())
 }
 
@@ -328,8 +331,10 @@ fn matvec_split(quick: bool, threads: usize) {
 struct DecodeRun {
     /// Wall clock.
     us_per_token: f64,
-    /// CPU time of the calling thread (a decode step of the embedded model runs on it alone):
-    /// on a shared machine the time the step computed, without the time it waited for a core.
+    /// CPU time of the calling thread: on a shared machine the time the step computed, without
+    /// the time it waited for a core. A step of the embedded model runs on it alone unless it
+    /// routes eight or more experts in a layer (dense, top-8), when the decode team's helper
+    /// computes part of them, uncounted here.
     cpu_us_per_token: Option<f64>,
     bound_us: f64,
 }
