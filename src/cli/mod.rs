@@ -127,10 +127,13 @@ pub fn main() -> ExitCode {
 }
 
 fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Result<ExitCode> {
+    // The commands that run the model on this thread run it on the pool (see `on_pool`); `run`
+    // does so on its session thread.
+    use crate::model::on_pool;
     match command {
-        Some(Command::Bench(a)) => bench::run(a, threads),
+        Some(Command::Bench(a)) => on_pool(move || bench::run(a, threads)),
         Some(Command::Inspect(a)) => inspect::run(a),
-        Some(Command::Parity(a)) => parity::run(a, threads),
+        Some(Command::Parity(a)) => on_pool(move || parity::run(a, threads)),
         Some(Command::Run(a)) => run::run(a, threads),
         Some(Command::Synth(a)) => synth::run(a),
         Some(Command::Train(a)) => {
@@ -138,10 +141,10 @@ fn dispatch(command: Option<Command>, main: run::RunArgs, threads: usize) -> Res
             crate::train::run(&a).map(|()| ExitCode::SUCCESS)
         }
         Some(Command::TrainEval(a)) => crate::train::run_eval(&a).map(|()| ExitCode::SUCCESS),
-        Some(Command::Sweep(a)) => sweep::run(a, threads),
+        Some(Command::Sweep(a)) => on_pool(move || sweep::run(a, threads)),
         Some(Command::Report(a)) => report::run(a),
         Some(Command::Config(a)) => config::run(a),
-        Some(Command::Tune(a)) => tune::run(a, threads),
+        Some(Command::Tune(a)) => on_pool(move || tune::run(a, threads)),
         Some(Command::Route(a)) => route::run(a),
         Some(Command::Import(a)) => import::run(a),
         Some(Command::Moefy(a)) => moefy::run(a),

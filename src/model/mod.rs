@@ -22,3 +22,15 @@ pub use format::{LoadError, ModelFile};
 pub use forward::{KvCache, Model, ModelParts, ParamCounts, RoutingConfig};
 pub use moe::{ExpertStorage, ExpertWeights, LoadOptions, MoeDispatch};
 pub use source::ModelSource;
+
+/// Runs `f` on a thread of the rayon pool, the calling thread waiting, and returns its result.
+///
+/// For a thread that runs the model (the session thread, `bench`, `sweep`, `tune`): the kernels'
+/// rayon splits and candle's `gemm` then run on the pool's own threads, with the model's thread
+/// one of them. Called from outside the pool, a split keeps the caller busy beside the pool's
+/// threads, three threads on two cores: on the pool, olmoe-d1024's eval ran 1.02-1.19x faster
+/// (medians) and the monitor's passes of the embedded model 1.2-1.3x (docs/benchmarks.md, "The
+/// model's thread on the pool").
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}

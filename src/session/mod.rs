@@ -352,7 +352,7 @@ impl Session {
         );
         let handle = std::thread::Builder::new()
             .name("xmoe-session".into())
-            .spawn(move || runner.run())
+            .spawn(move || crate::model::on_pool(move || runner.run()))
             .context("cannot start the session thread")?;
         Ok(Self {
             controller: SessionController {
