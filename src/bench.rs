@@ -248,19 +248,25 @@ fn matvec_split(quick: bool, threads: usize) {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let team = crate::kernel::Team::new(threads, "xmoe-bench").ok();
     let team_fork = team.as_ref().map_or(Fork::Rayon, Fork::Team);
-    // What a split costs by itself: one empty item per thread, best of 5 rounds of 20000.
-    let empty_split = |fork: Fork<'_>| {
-        let mut best = f64::INFINITY;
-        for _ in 0..5 {
-            let t0 = Instant::now();
-            for _ in 0..20_000 {
+    // What a split of small parts costs: one 20 us part per thread (20 us when the threads run
+    // them side by side at once, more when a thread is late or the caller runs them all), median
+    // of 2000 splits.
+    let part = std::time::Duration::from_micros(20);
+    let small_split = |fork: Fork<'_>| {
+        let mut times: Vec<f64> = (0..2000)
+            .map(|_| {
+                let t0 = Instant::now();
                 fork.each((0..threads).collect(), |i| {
-                    std::hint::black_box(i);
+                    let t = Instant::now();
+                    while t.elapsed() < part {
+                        std::hint::black_box(i);
+                    }
                 });
-            }
-            best = best.min(t0.elapsed().as_secs_f64() / 20_000.0);
-        }
-        best
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
     };
     let reps = if quick { 3 } else { 10 };
     let cold_bytes = 4 * last_level_cache_bytes().unwrap_or(32 << 20);
@@ -321,9 +327,9 @@ fn matvec_split(quick: bool, threads: usize) {
         );
     }
     println!(
-        "\nAn empty split over {threads} threads (the hand-off alone): {:.2} us on rayon, {:.2} us on a team.",
-        empty_split(Fork::Rayon) * 1e6,
-        empty_split(team_fork) * 1e6
+        "\nA split of {threads} parts of 20 us each (20 us if they run side by side), median of 2000: {:.1} us on rayon, {:.1} us on a team.",
+        small_split(Fork::Rayon) * 1e6,
+        small_split(team_fork) * 1e6
     );
 }
 

@@ -26,9 +26,10 @@
 //! # Threads
 //! A step splits its large products (weights of [`TEAM_SPLIT_MIN_BYTES`] or more, the routed
 //! experts from four of the embedded model's, attention over long contexts) over the decoder's own
-//! [`Team`], started by the first step with as many threads as the rayon pool: its threads stay
+//! [`Team`], started by the first step with as many threads as the rayon pool: its helpers stay
 //! awake between the splits of a step, where rayon's would sleep and need waking at each one, and
-//! each always takes the same share of a weight. Splits give the unsplit result bit for bit.
+//! a split never waits for one (the caller runs the parts no helper has claimed). Splits give the
+//! unsplit result bit for bit.
 //!
 //! Latent attention caches what the candle path caches (per position the normalised latent and
 //! the rotated shared key), so the cache changes hands between the paths as for plain attention.
@@ -161,9 +162,10 @@ struct Proj {
 pub const SPLIT_MIN_BYTES: Option<usize> = Some(1 << 20);
 
 /// A weight of at least this many bytes is split over the lean decoder's [`Team`], whose split
-/// costs about 1 us where rayon's costs about 6 (`xmoe-top bench --quick`, "Splitting one
-/// matrix-vector product"): a 128 KiB product split on the team ran 1.4x faster in cache and 1.9x
-/// from memory, on rayon 0.6x and 1.2x. Smaller ones stay on the calling thread: splitting the
+/// cost about 1 us where rayon's cost about 6 when called from outside its pool, as the decoder
+/// was (`xmoe-top bench --quick`, "Splitting one matrix-vector product", before `bench` ran on the
+/// pool): a 128 KiB product split on the team ran 1.4x faster in cache and 1.9x from memory, on
+/// rayon 0.6x and 1.2x. Smaller ones stay on the calling thread: splitting the
 /// embedded model's 32 KiB projections (q, k and v together in one split) made its decode steps
 /// slower, not faster (docs/benchmarks.md, "A decode team").
 pub const TEAM_SPLIT_MIN_BYTES: usize = 128 << 10;
