@@ -7,7 +7,11 @@
 //! futex wake-up, and the calling thread (outside the pool) stays busy beside the pool's threads.
 //! A [`Team`] is the caller plus helpers that spin between splits (then yield, then park), and a
 //! split never waits for a helper to wake: the caller claims whatever parts the helpers have not.
-//! An empty split costs about 1 us against about 6 on rayon (`xmoe-top bench --quick`).
+//! Called from outside the pool, an empty split cost about 1 us on a team against about 6 on
+//! rayon. Since the model's thread runs on the pool (`model::on_pool`), rayon's back-to-back
+//! splits are about as cheap (two 20 us parts: 21.8 us against 21.1 on a team, `xmoe-top bench
+//! --quick`), and whether the team still beats rayon in a decode step is not settled
+//! (docs/benchmarks.md, "A decode team").
 //!
 //! [`Fork`] is what the kernels take: the rayon pool (full passes, and any caller without a team)
 //! or a team (the lean decoder's).
