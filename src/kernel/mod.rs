@@ -36,8 +36,9 @@
 //! Small passes (under ~4 MFLOP, e.g. decode) run on the calling thread: waking the pool costs
 //! more than it saves. Larger ones split either the *tokens* (each thread owns a contiguous range of
 //! output rows, balanced by pair count, and runs every expert's rows in that range) or, when there
-//! are too few tokens for that, the *pairs* (each thread computes a balanced slice of the
-//! expert-sorted pairs into a per-pair buffer, summed per token afterwards). Either way every output
+//! are too few tokens for that or too few rows per expert (a wide layer, whose every expert each
+//! thread would stream for a partial block), the *pairs* (each thread computes a balanced slice of
+//! the expert-sorted pairs into a per-pair buffer, summed per token afterwards). Either way every output
 //! row receives its experts' contributions in ascending expert order, each computed by the same
 //! arithmetic, so the fused variants give bit-identical results for every thread count.
 //!
@@ -80,6 +81,16 @@ const PAR_MIN_FLOPS: usize = 4_000_000;
 const TEAM_PAR_MIN_FLOPS: usize = 256_000;
 /// Token splitting needs enough rows per thread for the weights each thread streams to be reused.
 const MIN_TOKENS_PER_THREAD: usize = 32;
+/// A token split streams every chosen expert's weights once per thread. Where that leaves a
+/// thread fewer than this many rows of an expert on average (a partial block of the expert
+/// tiles), the pairs are split instead, so that most experts are streamed by one thread only:
+/// OLMoE-1B-7B's layer (64 experts of 12.6 MB, 256 tokens, top-8: 16 rows per expert and thread)
+/// took 1.2-1.3x less time on AMX, and 3% less on the exact kernel; at 32 rows and more the two
+/// splits measured the same (docs/benchmarks.md, "Splitting the pairs of a wide layer").
+const MIN_EXPERT_ROWS_PER_THREAD: usize = 32;
+/// The pair split writes one output row per pair before summing them per token; past this many
+/// bytes of such rows the token split is kept whatever the rows per expert.
+const PAIR_SPLIT_MAX_BYTES: usize = 64 << 20;
 
 fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
@@ -986,7 +997,7 @@ pub(crate) fn moe_forward_on(
             row0: 0,
         };
         run(variant, &job, dst, ts);
-    } else if tokens >= threads * MIN_TOKENS_PER_THREAD {
+    } else if tokens >= threads * MIN_TOKENS_PER_THREAD && !pairs_split_better(groups, d, threads) {
         // Token split: cut points balanced by pairs, so a hot expert does not load one thread.
         let cuts = token_cuts(groups, tokens, threads, &mut scratch.token_pairs);
         let mut rest: &mut [f32] = out;
@@ -1027,6 +1038,17 @@ pub(crate) fn moe_forward_on(
             }
         }
     }
+}
+
+/// True when a token split would leave each thread fewer than [`MIN_EXPERT_ROWS_PER_THREAD`]
+/// rows of a chosen expert on average and the pair split's rows fit [`PAIR_SPLIT_MAX_BYTES`].
+fn pairs_split_better(groups: &ExpertGroups, d: usize, threads: usize) -> bool {
+    let pairs = groups.pairs();
+    let chosen = (0..groups.n_experts())
+        .filter(|&e| groups.offsets[e] < groups.offsets[e + 1])
+        .count();
+    pairs * d * size_of::<f32>() <= PAIR_SPLIT_MAX_BYTES
+        && pairs < chosen * threads * MIN_EXPERT_ROWS_PER_THREAD
 }
 
 fn token_range(

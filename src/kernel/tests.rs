@@ -420,6 +420,58 @@ fn repeated_runs_are_bit_identical() {
 }
 
 #[test]
+fn a_wide_layer_splits_its_pairs_and_gives_the_serial_result_bit_for_bit() {
+    let mut rng = StdRng::seed_from_u64(33);
+    let top = |rng: &mut StdRng, tokens: usize, e: usize, k: usize| {
+        let logits: Vec<f32> = (0..tokens * e)
+            .map(|_| rng.random_range(-3.0f32..3.0))
+            .collect();
+        let mut r = Routing::default();
+        let cf = crate::routing::CapacityFactor::optional(None).unwrap();
+        let policy = RoutingPolicy::TopK {
+            k,
+            renormalize: false,
+        };
+        route(&logits, policy.check(e).unwrap(), cf, &mut r).unwrap();
+        let mut groups = ExpertGroups::default();
+        groups.build(&r);
+        groups
+    };
+    // OLMoE's routing (64 experts, top-8) over 256 tokens: 16 rows per expert and thread on a
+    // token split of 2 threads, so the pairs are split; 32 (8 experts, top-2) keeps the token
+    // split, and so do pair rows past the byte cap.
+    let wide = top(&mut rng, 256, 64, 8);
+    assert!(pairs_split_better(&wide, 64, 2));
+    assert!(!pairs_split_better(&wide, 64, 1));
+    assert!(!pairs_split_better(&wide, 1 << 14, 2));
+    assert!(!pairs_split_better(&top(&mut rng, 256, 8, 2), 64, 2));
+    let raw = Raw::random(&mut rng, 64, 64, 32, Activation::Silu, true, true, true);
+    let packed = raw.pack();
+    let x: Vec<f32> = (0..256 * 64)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    for v in KernelVariant::testable() {
+        let mut serial = vec![0.0; x.len()];
+        let mut scratch = MoeScratch::default();
+        moe_forward(&packed, &x, &wide, &mut serial, &mut scratch, v, 1);
+        let mut scratch = MoeScratch {
+            par_min_flops: 0,
+            ..MoeScratch::default()
+        };
+        for threads in [2, 3] {
+            let mut out = vec![f32::NAN; x.len()];
+            moe_forward(&packed, &x, &wide, &mut out, &mut scratch, v, threads);
+            assert!(
+                out.iter()
+                    .zip(&serial)
+                    .all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{v:?}, {threads} threads"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_team_gives_the_serial_result_bit_for_bit_for_one_token_and_for_many() {
     // A decode step (1 token, every expert: the pair split) and a small pass (the token split),
     // on teams of 2 and 3 and on rayon, against the calling thread alone.
