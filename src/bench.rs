@@ -123,7 +123,7 @@ fn whole_model(quick: bool, device: &Device, threads: usize) -> anyhow::Result<(
         );
     }
     println!(
-        "\nCPU columns: the calling thread's time. From eight routed experts in a layer (dense, top-8) the lean step splits them over its decode team, and the helper's share is not counted there: compare wall time for those rows."
+        "\nCPU columns: the calling thread's time. From eight routed experts in a layer (dense, top-8) the lean step splits them over the rayon pool, and the other thread's share is not counted there: compare wall time for those rows."
     );
     Ok(())
 }
@@ -230,33 +230,34 @@ impl DecodeBound {
 }
 
 /// Whether splitting one decode matrix-vector product over the threads pays: bf16 `[out, in]`
-/// weights from 128 KiB to OLMoE's LM head (50304 x 2048, 206 MB), each on one thread, split on
-/// the rayon pool and split on a decode [`Team`](crate::kernel::Team), best of a few runs (wall
-/// clock).
+/// weights from 128 KiB to OLMoE's LM head (50304 x 2048, 206 MB), each on one thread and split
+/// on the rayon pool, called from a pool thread (as the lean decoder is, `model::on_pool`) and
+/// from a thread outside the pool, best of a few runs (wall clock).
 fn matvec_split(quick: bool, threads: usize) {
     use crate::kernel::matvec::matvec_rows_split;
-    use crate::kernel::team::Fork;
     println!(
-        "\n## Splitting one matrix-vector product (bf16 weights, decode): 1 thread vs {threads}, on rayon and on a decode team\n"
+        "\n## Splitting one matrix-vector product (bf16 weights, decode): 1 thread vs {threads}, called from a pool thread and from outside the pool\n"
     );
     println!(
         "\"in cache\": the same weight multiplied again and again (it stays in the caches when it fits, as a small model's do); \"from memory\": a cycle over copies that together exceed 4x the last-level cache, each used once per cycle, as the weights of a large model are in a decode step.\n"
     );
     println!(
-        "| weight | bytes | in cache: 1 thread (us) | {threads} threads, rayon (us) | team (us) | speed-up, rayon / team | from memory: 1 thread (us) | rayon (us) | team (us) | speed-up, rayon / team |"
+        "| weight | bytes | in cache: 1 thread (us) | {threads} threads, from the pool (us) | from outside (us) | speed-up, pool / outside | from memory: 1 thread (us) | from the pool (us) | from outside (us) | speed-up, pool / outside |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let team = crate::kernel::Team::new(threads, "xmoe-bench").ok();
-    let team_fork = team.as_ref().map_or(Fork::Rayon, Fork::Team);
+    // `f` on a thread of its own, outside the rayon pool.
+    fn outside<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        std::thread::scope(|s| s.spawn(f).join().expect("a timing thread panicked"))
+    }
     // What a split of small parts costs: one 20 us part per thread (20 us when the threads run
     // them side by side at once, more when a thread is late or the caller runs them all), median
     // of 2000 splits.
     let part = std::time::Duration::from_micros(20);
-    let small_split = |fork: Fork<'_>| {
+    let small_split = || {
         let mut times: Vec<f64> = (0..2000)
             .map(|_| {
                 let t0 = Instant::now();
-                fork.each((0..threads).collect(), |i| {
+                crate::kernel::split::each((0..threads).collect(), |i| {
                     let t = Instant::now();
                     while t.elapsed() < part {
                         std::hint::black_box(i);
@@ -288,14 +289,14 @@ fn matvec_split(quick: bool, threads: usize) {
             })
             .collect();
         let x: Vec<f32> = (0..inp).map(|i| weight(i + 5, 1.0)).collect();
-        let mut y = vec![0.0f32; out];
         // Seconds per product, best of `reps` rounds: over `uses` of the copies in turn.
-        let mut time = |parts: usize, uses: usize, fork: Fork<'_>| {
+        let time = |parts: usize, uses: usize| {
+            let mut y = vec![0.0f32; out];
             let mut best = f64::INFINITY;
             for r in 0..=reps {
                 let t0 = Instant::now();
                 for w in ws.iter().cycle().take(uses) {
-                    matvec_rows_split(w, &x, &mut y, parts, fork);
+                    matvec_rows_split(w, &x, &mut y, parts);
                     std::hint::black_box(&y);
                 }
                 if r > 0 {
@@ -304,32 +305,29 @@ fn matvec_split(quick: bool, threads: usize) {
             }
             best
         };
-        let (hot1, hot_n) = (time(1, 1, Fork::Rayon), time(threads, 1, Fork::Rayon));
-        let hot_t = time(threads, 1, team_fork);
-        let (cold1, cold_n) = (
-            time(1, copies, Fork::Rayon),
-            time(threads, copies, Fork::Rayon),
-        );
-        let cold_t = time(threads, copies, team_fork);
+        let (hot1, hot_n) = (time(1, 1), time(threads, 1));
+        let hot_o = outside(|| time(threads, 1));
+        let (cold1, cold_n) = (time(1, copies), time(threads, copies));
+        let cold_o = outside(|| time(threads, copies));
         println!(
             "| {out} x {inp} | {:.2} MB | {:.1} | {:.1} | {:.1} | {:.2}x / {:.2}x | {:.1} | {:.1} | {:.1} | {:.2}x / {:.2}x |",
             bytes as f64 / 1e6,
             hot1 * 1e6,
             hot_n * 1e6,
-            hot_t * 1e6,
+            hot_o * 1e6,
             hot1 / hot_n,
-            hot1 / hot_t,
+            hot1 / hot_o,
             cold1 * 1e6,
             cold_n * 1e6,
-            cold_t * 1e6,
+            cold_o * 1e6,
             cold1 / cold_n,
-            cold1 / cold_t
+            cold1 / cold_o
         );
     }
     println!(
-        "\nA split of {threads} parts of 20 us each (20 us if they run side by side), median of 2000: {:.1} us on rayon, {:.1} us on a team.",
-        small_split(Fork::Rayon) * 1e6,
-        small_split(team_fork) * 1e6
+        "\nA split of {threads} parts of 20 us each (20 us if they run side by side), median of 2000: {:.1} us from a pool thread, {:.1} us from outside the pool.",
+        small_split() * 1e6,
+        outside(small_split) * 1e6
     );
 }
 
@@ -339,8 +337,8 @@ struct DecodeRun {
     us_per_token: f64,
     /// CPU time of the calling thread: on a shared machine the time the step computed, without
     /// the time it waited for a core. A step of the embedded model runs on it alone unless it
-    /// routes eight or more experts in a layer (dense, top-8), when the decode team's helper
-    /// computes part of them, uncounted here.
+    /// routes eight or more experts in a layer (dense, top-8), when another pool thread computes
+    /// part of them, uncounted here.
     cpu_us_per_token: Option<f64>,
     bound_us: f64,
 }

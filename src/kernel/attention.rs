@@ -20,7 +20,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
 use super::simd::{Isa, Portable, Simd};
-use super::team::Fork;
+use super::split;
 use super::{KernelVariant, SharedOut};
 
 /// Query rows whose scores are computed together: each key vector loaded feeds this many rows.
@@ -518,7 +518,7 @@ pub(crate) struct DecodeShape {
 }
 
 /// `out[h] = softmax(q[h] . k[j] * scale for j in first..keys) . v` for every head `h`, split over
-/// `fork`'s threads by heads when the step is long enough. `q` and `out` are `[n_heads *
+/// the rayon pool by heads when the step is long enough. `q` and `out` are `[n_heads *
 /// head_dim]`; `k` and `v` `[keys, n_kv_heads * head_dim]` (more rows are ignored); `scores` is
 /// scratch of at least [`scores_len`]`(keys - first)` floats (a split allocates unless it holds
 /// that many per thread).
@@ -540,7 +540,6 @@ pub(crate) fn attend_one(
     scale: f32,
     scores: &mut [f32],
     out: &mut [f32],
-    fork: Fork<'_>,
 ) {
     let (nh, hd) = (s.n_heads, s.head_dim);
     let row = s.n_kv_heads * hd;
@@ -567,9 +566,9 @@ pub(crate) fn attend_one(
     };
     // A long context is worth the other threads: the heads are cut into one contiguous range
     // per thread, each with its own run of scores (from `scores` when it holds one per thread).
-    let threads = fork.parts().min(nh);
+    let threads = split::parts().min(nh);
     let macs = (s.keys - s.first) * nh * hd;
-    if threads < 2 || macs < fork.split_from(ONE_SPLIT_MIN_MACS, ONE_TEAM_SPLIT_MIN_MACS) {
+    if threads < 2 || macs < split::split_from(ONE_SPLIT_MIN_MACS, ONE_POOL_SPLIT_MIN_MACS) {
         return job.run(isa, 0..nh, scores, &mut out[..nh * hd]);
     }
     let per = nh.div_ceil(threads);
@@ -587,19 +586,19 @@ pub(crate) fn attend_one(
         .enumerate()
         .collect();
     let job = &job;
-    fork.each(work, |(p, (dst, sc))| {
+    split::each(work, |(p, (dst, sc))| {
         let h0 = p * per;
         job.run(isa, h0..h0 + dst.len() / hd, sc, dst);
     });
 }
 
 /// Multiply-adds of a decode step's attention from which [`attend_one`] splits the heads over
-/// the rayon pool: about 1000 cached positions of 16 heads of 64.
+/// the rayon pool when called from outside it: about 1000 cached positions of 16 heads of 64.
 const ONE_SPLIT_MIN_MACS: usize = 1 << 20;
-/// The same over a [`Team`](super::Team), whose split costs about 1 us: a few microseconds of
-/// work (128 positions of 16 heads of 64). The embedded model's steps (at most 256 positions of 4
-/// heads of 32) stay whole.
-const ONE_TEAM_SPLIT_MIN_MACS: usize = 1 << 17;
+/// The same from a pool thread (the lean decoder's), whose split costs about 1 us: a few
+/// microseconds of work (128 positions of 16 heads of 64). The embedded model's steps (at most
+/// 256 positions of 4 heads of 32) stay whole.
+const ONE_POOL_SPLIT_MIN_MACS: usize = 1 << 17;
 
 /// The inputs of [`attend_one`], shared by the threads.
 #[derive(Clone, Copy)]
@@ -734,7 +733,6 @@ pub(crate) fn scores_len(positions: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::Team;
 
     /// The plain definition in f64: per sequence, head and query row, the visible keys' scaled
     /// dot products, their softmax (with the sink in the denominator) and the weighted values.
@@ -961,17 +959,16 @@ mod tests {
             assert_eq!(case == 5, keys * nh * hd >= ONE_SPLIT_MIN_MACS);
             for variant in isas() {
                 let mut first_bits: Option<Vec<u32>> = None;
-                // 1-3 rayon threads, then teams of 2 and 3 (which split from shorter steps).
-                for threads in [1, 2, 3, 12, 13] {
+                // From a pool thread of 1-3 threads (which splits from shorter steps), then from
+                // this thread, outside any pool (`threads` 0: the global pool, larger splits).
+                for threads in [1, 2, 3, 0] {
                     let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads.min(10))
+                        .num_threads(threads.max(1))
                         .build()
                         .unwrap();
-                    let team = (threads > 10).then(|| Team::new(threads - 10, "test").unwrap());
-                    let fork = team.as_ref().map_or(Fork::Rayon, Fork::Team);
                     let mut scores = vec![f32::NAN; scores_len(keys - first)];
                     let mut out = vec![f32::NAN; nh * hd];
-                    pool.install(|| {
+                    let run = |scores: &mut [f32], out: &mut [f32]| {
                         attend_one(
                             variant,
                             &d,
@@ -980,11 +977,15 @@ mod tests {
                             &v,
                             sinks.as_deref(),
                             scale,
-                            &mut scores,
-                            &mut out,
-                            fork,
+                            scores,
+                            out,
                         )
-                    });
+                    };
+                    if threads == 0 {
+                        run(&mut scores, &mut out);
+                    } else {
+                        pool.install(|| run(&mut scores, &mut out));
+                    }
                     let err = out
                         .iter()
                         .zip(&want)

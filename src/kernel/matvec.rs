@@ -21,7 +21,7 @@
 #[cfg(target_arch = "x86_64")]
 use super::simd::{Avx2, Avx512};
 use super::simd::{Isa, Portable, Simd};
-use super::team::Fork;
+use super::split;
 
 /// A weight element type [`matvec_rows`] reads: f32, f16 or bf16, widened exactly to f32.
 pub(crate) trait MatvecWeight: Copy + Send + Sync + 'static {
@@ -108,16 +108,10 @@ pub(crate) fn matvec_rows<E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f32]) {
     matvec_rows_with(Isa::best(), w, x, y);
 }
 
-/// [`matvec_rows`] with the output rows cut into `parts` contiguous ranges computed on `fork`
-/// (the calling thread takes the first): each thread streams its own share of the weight, the same
-/// share at every call. The result is the unsplit one, bit for bit.
-pub(crate) fn matvec_rows_split<E: MatvecWeight>(
-    w: &[E],
-    x: &[f32],
-    y: &mut [f32],
-    parts: usize,
-    fork: Fork<'_>,
-) {
+/// [`matvec_rows`] with the output rows cut into `parts` contiguous ranges computed on the rayon
+/// pool (the calling thread takes the first): each part streams its own share of the weight. The
+/// result is the unsplit one, bit for bit.
+pub(crate) fn matvec_rows_split<E: MatvecWeight>(w: &[E], x: &[f32], y: &mut [f32], parts: usize) {
     let n = x.len();
     assert_eq!(w.len(), n * y.len(), "w must be [out, in]");
     let parts = parts.clamp(1, y.len().max(1));
@@ -126,7 +120,7 @@ pub(crate) fn matvec_rows_split<E: MatvecWeight>(
     }
     let rows = y.len().div_ceil(parts);
     let work: Vec<_> = y.chunks_mut(rows).zip(w.chunks(rows * n)).collect();
-    fork.each(work, |(yc, wc)| matvec_rows(wc, x, yc));
+    split::each(work, |(yc, wc)| matvec_rows(wc, x, yc));
 }
 
 /// [`matvec_rows`] on `path`.
@@ -410,16 +404,12 @@ mod tests {
         matvec_rows(&w, &x, &mut whole);
         for parts in [1, 2, 3, 7] {
             let mut split = vec![f32::NAN; n_out];
-            matvec_rows_split(&w, &x, &mut split, parts, Fork::Rayon);
+            matvec_rows_split(&w, &x, &mut split, parts);
             assert_eq!(split, whole, "{parts} parts");
-        }
-        for parts in [2, 3] {
-            let team = super::super::Team::new(parts, "test-matvec").unwrap();
-            for _ in 0..3 {
-                let mut split = vec![f32::NAN; n_out];
-                matvec_rows_split(&w, &x, &mut split, parts, Fork::Team(&team));
-                assert_eq!(split, whole, "a team of {parts}");
-            }
+            // From a pool thread, as the lean decoder calls it.
+            let mut split = vec![f32::NAN; n_out];
+            rayon::scope(|_| matvec_rows_split(&w, &x, &mut split, parts));
+            assert_eq!(split, whole, "{parts} parts, from the pool");
         }
     }
 

@@ -42,9 +42,9 @@
 //! row receives its experts' contributions in ascending expert order, each computed by the same
 //! arithmetic, so the fused variants give bit-identical results for every thread count.
 //!
-//! Splits run on a [`team::Fork`]: the rayon pool, or the lean decoder's [`Team`] of threads
-//! that stay awake between the splits of a decode step (a split cost about 1 us there, against 6
-//! on rayon called from outside its pool), which therefore splits from smaller passes.
+//! A split from a rayon pool thread costs about a microsecond, from outside the pool several
+//! ([`split`]); a pass called from the pool (a decode step of the lean decoder) therefore splits
+//! from a smaller size.
 
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
@@ -55,7 +55,7 @@ mod bf16dot;
 pub(crate) mod matvec;
 mod rows;
 mod simd;
-pub(crate) mod team;
+pub(crate) mod split;
 #[cfg(test)]
 mod tests;
 
@@ -66,19 +66,18 @@ pub use rows::{ExpertRows, RowRef, RowSource};
 #[cfg(target_arch = "x86_64")]
 use simd::{Avx2, Avx512};
 use simd::{Portable, Simd};
-use team::Fork;
-pub use team::Team;
 
 /// Width of a weight panel: the micro-kernels compute 32 output columns at a time (2 AVX-512 or 4
 /// AVX2 registers), so `h` and `d` are padded to multiples of it in the packed weights.
 const PANEL: usize = 32;
 /// Below this many FLOPs a pass runs on the calling thread (about 20-40 us of one core).
 const PAR_MIN_FLOPS: usize = 4_000_000;
-/// The same for a split on a [`Team`] (about 1 us): eight of the embedded model's experts (33
-/// kFLOP, about 1 us each in a decode step). Fewer lost: the helper computes experts whose
-/// weights sit in the other core's L2, and two split one each way took 10.8-14.0 us a step against
-/// 8.3-9.8 us unsplit (top-2); from eight (top-8, dense) the split won 1.2-1.7x.
-const TEAM_PAR_MIN_FLOPS: usize = 256_000;
+/// The same when the caller is a pool thread, where a split costs about 1 us: eight of the
+/// embedded model's experts (33 kFLOP, about 1 us each in a decode step). Fewer lost: the other
+/// thread computes experts whose weights sit in the other core's L2, and two split one each way
+/// took 10.8-14.0 us a step against 8.3-9.8 us unsplit (top-2); from eight (top-8, dense) the
+/// split won 1.2-1.7x.
+const POOL_PAR_MIN_FLOPS: usize = 256_000;
 /// Token splitting needs enough rows per thread for the weights each thread streams to be reused.
 const MIN_TOKENS_PER_THREAD: usize = 32;
 /// A token split streams every chosen expert's weights once per thread. Where that leaves a
@@ -923,31 +922,6 @@ pub fn moe_forward(
     variant: KernelVariant,
     threads: usize,
 ) {
-    moe_forward_on(
-        experts,
-        x,
-        groups,
-        out,
-        scratch,
-        variant,
-        threads,
-        Fork::Rayon,
-    );
-}
-
-/// [`moe_forward`] with its splits on `fork` (a [`Team`] splits from smaller passes, as a decode
-/// step's: see [`TEAM_PAR_MIN_FLOPS`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn moe_forward_on(
-    experts: &PackedExperts,
-    x: &[f32],
-    groups: &ExpertGroups,
-    out: &mut [f32],
-    scratch: &mut MoeScratch,
-    variant: KernelVariant,
-    threads: usize,
-    fork: Fork<'_>,
-) {
     let d = experts.d;
     assert!(d > 0, "d_model must be positive");
     assert_eq!(x.len() % d, 0, "x must be [T, d]");
@@ -976,16 +950,13 @@ pub(crate) fn moe_forward_on(
     };
     let pairs = groups.pairs();
     let flops = pairs * 2 * (d * experts.n1 + experts.h_pad * d);
-    let threads = match fork {
-        Fork::Rayon => threads.max(1),
-        Fork::Team(team) => threads.clamp(1, team.parts()),
-    };
+    let threads = threads.max(1);
     if scratch.threads.len() < threads {
         scratch.threads.resize_with(threads, ThreadScratch::default);
     }
-    let min_flops = fork.split_from(
+    let min_flops = split::split_from(
         scratch.par_min_flops,
-        scratch.par_min_flops.min(TEAM_PAR_MIN_FLOPS),
+        scratch.par_min_flops.min(POOL_PAR_MIN_FLOPS),
     );
 
     if threads == 1 || flops < min_flops || pairs < 2 {
@@ -1009,7 +980,7 @@ pub(crate) fn moe_forward_on(
         }
         let work: Vec<_> = chunks.into_iter().zip(scratch.threads.iter_mut()).collect();
         let job = &job;
-        fork.each(work, |((t0, t1, chunk), ts)| {
+        split::each(work, |((t0, t1, chunk), ts)| {
             token_range(variant, job, t0, t1, chunk, ts);
         });
     } else {
@@ -1027,7 +998,7 @@ pub(crate) fn moe_forward_on(
         }
         let work: Vec<_> = chunks.into_iter().zip(scratch.threads.iter_mut()).collect();
         let job = &job;
-        fork.each(work, |((p0, p1, chunk), ts)| {
+        split::each(work, |((p0, p1, chunk), ts)| {
             pair_range(variant, job, p0, p1, chunk, ts);
         });
         out.fill(0.0);

@@ -472,16 +472,19 @@ fn a_wide_layer_splits_its_pairs_and_gives_the_serial_result_bit_for_bit() {
 }
 
 #[test]
-fn a_team_gives_the_serial_result_bit_for_bit_for_one_token_and_for_many() {
+fn a_split_from_a_pool_thread_gives_the_serial_result_bit_for_bit_for_one_token_and_for_many() {
     // A decode step (1 token, every expert: the pair split) and a small pass (the token split),
-    // on teams of 2 and 3 and on rayon, against the calling thread alone.
+    // called from a pool thread of 2 and of 3 threads (which splits from smaller passes, as the
+    // lean decoder does) and from outside the pool, against the calling thread alone.
     let mut rng = StdRng::seed_from_u64(21);
     let raw = Raw::random(&mut rng, 8, 64, 48, Activation::Silu, true, true, true);
     let packed = raw.pack();
-    let teams = [
-        team::Team::new(2, "test").unwrap(),
-        team::Team::new(3, "test").unwrap(),
-    ];
+    let pools = [2, 3].map(|n| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    });
     for tokens in [1usize, 100] {
         let routing = random_routing(&mut rng, tokens, 8, RoutingPolicy::Dense);
         let mut groups = ExpertGroups::default();
@@ -491,31 +494,29 @@ fn a_team_gives_the_serial_result_bit_for_bit_for_one_token_and_for_many() {
             .collect();
         for v in KernelVariant::testable() {
             let mut serial = vec![0.0; x.len()];
-            moe_forward(
-                &packed,
-                &x,
-                &groups,
-                &mut serial,
-                &mut MoeScratch::default(),
-                v,
-                1,
-            );
-            let mut scratch = MoeScratch {
-                par_min_flops: 0,
-                ..MoeScratch::default()
+            let mut scratch = MoeScratch::default();
+            moe_forward(&packed, &x, &groups, &mut serial, &mut scratch, v, 1);
+            let run = |threads: usize| {
+                let mut out = vec![f32::NAN; x.len()];
+                let mut scratch = MoeScratch {
+                    par_min_flops: 0,
+                    ..MoeScratch::default()
+                };
+                moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, threads);
+                out
             };
-            let forks = [Fork::Rayon, Fork::Team(&teams[0]), Fork::Team(&teams[1])];
-            for (i, fork) in forks.into_iter().enumerate() {
-                for _ in 0..3 {
-                    let mut out = vec![f32::NAN; x.len()];
-                    moe_forward_on(&packed, &x, &groups, &mut out, &mut scratch, v, 3, fork);
-                    assert!(
-                        out.iter()
-                            .zip(&serial)
-                            .all(|(p, q)| p.to_bits() == q.to_bits()),
-                        "{v:?}, {tokens} tokens, fork {i}"
-                    );
-                }
+            let mut outs = vec![("outside the pool", run(3))];
+            for (pool, name) in pools.iter().zip(["a pool of 2", "a pool of 3"]) {
+                let threads = pool.current_num_threads();
+                outs.push((name, pool.install(|| run(threads))));
+            }
+            for (name, out) in outs {
+                assert!(
+                    out.iter()
+                        .zip(&serial)
+                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{v:?}, {tokens} tokens, from {name}"
+                );
             }
         }
     }

@@ -24,13 +24,12 @@
 //! print it.
 //!
 //! # Threads
-//! A step splits its large products (weights of [`TEAM_SPLIT_MIN_BYTES`] or more, the routed
-//! experts from four of the embedded model's, attention over long contexts) over the decoder's own
-//! [`Team`], started by the first step with as many threads as the rayon pool: its helpers stay
-//! awake between the splits of a step, where rayon's would sleep and need waking at each one, and
-//! a split never waits for one (the caller runs the parts no helper has claimed). Splits give the
-//! unsplit result bit for bit.
-//!
+//! A step splits its large products (weights of [`POOL_SPLIT_MIN_BYTES`] or more, the routed
+//! experts from eight of the embedded model's, attention over long contexts) over the rayon
+//! pool. The model's thread is a pool thread (`model::on_pool`), from which a split costs about a
+//! microsecond ([`crate::kernel::split`]); from any other thread the larger sizes of full passes
+//! apply. Splits give the unsplit result bit for bit.
+
 //! Latent attention caches what the candle path caches (per position the normalised latent and
 //! the rotated shared key), so the cache changes hands between the paths as for plain attention.
 //!
@@ -54,10 +53,9 @@ use super::quant::QuantMatrix;
 use super::trace::ForwardTrace;
 use crate::kernel::Activation;
 use crate::kernel::KernelVariant;
-use crate::kernel::Team;
 use crate::kernel::attention::{DecodeShape, attend_one, scores_len};
 use crate::kernel::matvec::{MatvecWeight, matvec_rows, matvec_rows_split, matvec_t};
-use crate::kernel::team::Fork;
+use crate::kernel::split;
 use crate::routing::route_with;
 
 /// Which code decodes one token with a KV cache, decided once when the model is loaded.
@@ -152,32 +150,25 @@ struct Proj {
     half: Option<Vec<half::f16>>,
 }
 
-/// A stored-layout weight of at least this many bytes is multiplied on every rayon thread.
-/// `xmoe-top bench`'s "Splitting" table times each size twice: repeated (the weight stays in the
-/// caches, as a small model's do) and from memory (a cycle over copies 4x the L3, as a large
-/// model's decode step reads them). From memory, splitting gained 1.43x at 1 MB and 1.6x from
-/// 8.4 MB up on a quiet machine; in cache, 1 MB lost (0.90x) and 8.4 MB gained 1.34x
-/// (docs/benchmarks.md, "Experts read in place"). Products under 1 MiB (every one of the embedded
-/// model's) stay on the calling thread, where the hand-off costs more than it saves.
-pub const SPLIT_MIN_BYTES: Option<usize> = Some(1 << 20);
+/// A stored-layout weight of at least this many bytes is multiplied on every rayon thread when
+/// the caller is outside the pool. `xmoe-top bench`'s "Splitting" table times each size twice:
+/// repeated (the weight stays in the caches, as a small model's do) and from memory (a cycle over
+/// copies 4x the L3, as a large model's decode step reads them). From memory, splitting gained
+/// 1.43x at 1 MB and 1.6x from 8.4 MB up on a quiet machine; in cache, 1 MB lost (0.90x) and
+/// 8.4 MB gained 1.34x (docs/benchmarks.md, "Experts read in place").
+pub const SPLIT_MIN_BYTES: usize = 1 << 20;
 
-/// A weight of at least this many bytes is split over the lean decoder's [`Team`], whose split
-/// cost about 1 us where rayon's cost about 6 when called from outside its pool, as the decoder
-/// was (`xmoe-top bench --quick`, "Splitting one matrix-vector product", before `bench` ran on the
-/// pool): a 128 KiB product split on the team ran 1.4x faster in cache and 1.9x from memory, on
-/// rayon 0.6x and 1.2x. Smaller ones stay on the calling thread: splitting the
-/// embedded model's 32 KiB projections (q, k and v together in one split) made its decode steps
-/// slower, not faster (docs/benchmarks.md, "A decode team").
-pub const TEAM_SPLIT_MIN_BYTES: usize = 128 << 10;
+/// The same for a caller on a pool thread (the lean decoder's, `model::on_pool`), whose split
+/// costs about 1 us instead of about 6: a 128 KiB product split ran 1.4x faster in cache and
+/// 1.9x from memory at that cost. Smaller ones stay on the calling thread: splitting the embedded
+/// model's 32 KiB projections (q, k and v together in one split) made its decode steps slower,
+/// not faster (docs/benchmarks.md, "A decode team").
+pub const POOL_SPLIT_MIN_BYTES: usize = 128 << 10;
 
-/// Threads a product over `bytes` of weights takes on `fork` (1: the calling thread alone).
-pub(crate) fn split_parts(bytes: usize, fork: Fork<'_>) -> usize {
-    let min = match fork {
-        Fork::Rayon => SPLIT_MIN_BYTES,
-        Fork::Team(_) => Some(TEAM_SPLIT_MIN_BYTES),
-    };
-    if min.is_some_and(|min| bytes >= min) {
-        fork.parts()
+/// Threads a product over `bytes` of weights takes (1: the calling thread alone).
+pub(crate) fn split_parts(bytes: usize) -> usize {
+    if bytes >= split::split_from(SPLIT_MIN_BYTES, POOL_SPLIT_MIN_BYTES) {
+        split::parts()
     } else {
         1
     }
@@ -231,17 +222,17 @@ impl Proj {
         })
     }
 
-    /// `y = W x + b`, split over `fork` when the weight is large enough for it.
-    fn apply(&self, x: &[f32], y: &mut [f32], fork: Fork<'_>) -> Result<()> {
+    /// `y = W x + b`, split over the pool when the weight is large enough for it.
+    fn apply(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         if let Some(w) = &self.half {
-            let parts = split_parts(std::mem::size_of_val(&w[..]), fork);
-            matvec_rows_split(w, &x[..self.n_in], &mut y[..self.n_out], parts, fork);
+            let parts = split_parts(std::mem::size_of_val(&w[..]));
+            matvec_rows_split(w, &x[..self.n_in], &mut y[..self.n_out], parts);
             self.add_bias(y);
             return Ok(());
         }
         let (x, y) = (&x[..self.n_in], &mut y[..self.n_out]);
         if !self.transposed {
-            matvec_stored(&self.w, x, y, fork)?;
+            matvec_stored(&self.w, x, y)?;
         } else {
             let (storage, layout) = self.w.storage_and_layout();
             let Storage::Cpu(cpu) = &*storage else {
@@ -632,9 +623,6 @@ pub(crate) struct LeanDecoder {
     widest: usize,
     /// What each layer caches per position.
     cache: Vec<CacheShape>,
-    /// The threads a step splits its products over, started by the first step (`None`: one
-    /// thread, or the OS refused one, and the step runs on the caller).
-    team: std::sync::OnceLock<Option<Team>>,
 }
 
 /// One layer's cached keys and values, position-major: position `p` is `[p * width, (p + 1) *
@@ -811,7 +799,6 @@ impl LeanDecoder {
             head,
             widest,
             cache,
-            team: std::sync::OnceLock::new(),
         })
     }
 
@@ -854,21 +841,8 @@ impl LeanDecoder {
         (dense, expert)
     }
 
-    /// Where a step splits its products: the decoder's team, started here on the first call with
-    /// as many threads as the rayon pool has.
-    fn fork(&self) -> Fork<'_> {
-        let team = self.team.get_or_init(|| {
-            let parts = rayon::current_num_threads();
-            // Without a helper thread the step runs on the caller, as with one thread.
-            (parts > 1)
-                .then(|| Team::new(parts, "xmoe-decode").ok())
-                .flatten()
-        });
-        team.as_ref().map_or(Fork::Rayon, Fork::Team)
-    }
-
-    /// Sizes `s`'s buffers for this model and `fork` (a no-op once they are).
-    fn prepare(&self, s: &mut LeanState, fork: Fork<'_>) {
+    /// Sizes `s`'s buffers for this model (a no-op once they are).
+    fn prepare(&self, s: &mut LeanState) {
         let grow = |v: &mut Vec<f32>, n: usize| {
             if v.len() < n {
                 v.resize(n, 0.0);
@@ -887,7 +861,7 @@ impl LeanDecoder {
         // One run of scores per thread, for a split of the heads.
         grow(
             &mut s.scores,
-            fork.parts() * scores_len(self.max_positions + 1),
+            split::parts() * scores_len(self.max_positions + 1),
         );
         grow(&mut s.logits, self.vocab);
         let e = self
@@ -935,7 +909,7 @@ impl LeanDecoder {
         slots: &[super::blocks::KvSlot],
         len: usize,
     ) -> Result<()> {
-        self.prepare(s, self.fork());
+        self.prepare(s);
         for (li, ((kv, slot), c)) in s.kv.iter_mut().zip(slots).zip(&self.cache).enumerate() {
             kv.k.clear();
             kv.v.clear();
@@ -994,8 +968,7 @@ impl LeanDecoder {
         trace: &mut ForwardTrace,
     ) -> Result<()> {
         let start = Instant::now();
-        let fork = self.fork();
-        self.prepare(s, fork);
+        self.prepare(s);
         let pos = s.len;
         let d = self.d;
         trace.begin(1, 1, pos, self.layers.len());
@@ -1006,8 +979,8 @@ impl LeanDecoder {
         for (li, layer) in self.layers.iter().enumerate() {
             let t0 = Instant::now();
             match &layer.attn {
-                LayerAttn::Multi(a) => self.attention(a, li, pos, s, fork)?,
-                LayerAttn::Latent(m) => self.latent_attention(m, li, pos, s, fork)?,
+                LayerAttn::Multi(a) => self.attention(a, li, pos, s)?,
+                LayerAttn::Latent(m) => self.latent_attention(m, li, pos, s)?,
             }
             trace.blocks[li].attention_ns = t0.elapsed().as_nanos() as u64;
             match &layer.ffn {
@@ -1020,18 +993,18 @@ impl LeanDecoder {
                 } => {
                     let t1 = Instant::now();
                     norm.apply(&s.x[..d], &mut s.a[..d]);
-                    up.apply(&s.a, &mut s.h1, fork)?;
+                    up.apply(&s.a, &mut s.h1)?;
                     let hn = up.n_out;
                     match gate {
                         Some(g) => {
-                            g.apply(&s.a, &mut s.h2, fork)?;
+                            g.apply(&s.a, &mut s.h2)?;
                             for (u, &g) in s.h1[..hn].iter_mut().zip(&s.h2[..hn]) {
                                 *u *= act.apply(g);
                             }
                         }
                         None => s.h1[..hn].iter_mut().for_each(|u| *u = act.apply(*u)),
                     }
-                    down.apply(&s.h1, &mut s.y, fork)?;
+                    down.apply(&s.h1, &mut s.y)?;
                     add(&mut s.x[..d], &s.y[..d]);
                     trace.blocks[li].ffn_ns = t1.elapsed().as_nanos() as u64;
                 }
@@ -1072,20 +1045,20 @@ impl LeanDecoder {
                     let t2 = Instant::now();
                     parts
                         .experts
-                        .forward_slices(&s.a[..d], &lt.groups, &mut s.y[..d], fork)
+                        .forward_slices(&s.a[..d], &lt.groups, &mut s.y[..d])
                         .context("the experts left the CPU kernel")?;
                     add(&mut s.x[..d], &s.y[..d]);
                     if let Some(sh) = shared {
                         let hn = sh.up.n_out;
-                        sh.gate.apply(&s.a, &mut s.h1, fork)?;
-                        sh.up.apply(&s.a, &mut s.h2, fork)?;
+                        sh.gate.apply(&s.a, &mut s.h1)?;
+                        sh.up.apply(&s.a, &mut s.h2)?;
                         for (g, &u) in s.h1[..hn].iter_mut().zip(&s.h2[..hn]) {
                             *g = sh.act.apply(*g) * u;
                         }
-                        sh.down.apply(&s.h1, &mut s.y, fork)?;
+                        sh.down.apply(&s.h1, &mut s.y)?;
                         let scale = match &sh.scale {
                             Some(p) => {
-                                p.apply(&s.a, &mut s.tmp, fork)?;
+                                p.apply(&s.a, &mut s.tmp)?;
                                 1.0 / (1.0 + (-s.tmp[0]).exp())
                             }
                             None => 1.0,
@@ -1103,7 +1076,7 @@ impl LeanDecoder {
         s.len = pos + 1;
         let t3 = Instant::now();
         self.final_norm.apply(&s.x[..d], &mut s.a[..d]);
-        self.head.apply(&s.a, &mut s.logits, fork)?;
+        self.head.apply(&s.a, &mut s.logits)?;
         let logits = &s.logits[..self.vocab];
         if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
             bail!(
@@ -1150,21 +1123,14 @@ impl LeanDecoder {
 
     /// The attention sublayer for the token at `pos`: `s.x += o(attn(...))`, its keys and values
     /// appended to layer `li`'s cache.
-    fn attention(
-        &self,
-        a: &Attn,
-        li: usize,
-        pos: usize,
-        s: &mut LeanState,
-        fork: Fork<'_>,
-    ) -> Result<()> {
+    fn attention(&self, a: &Attn, li: usize, pos: usize, s: &mut LeanState) -> Result<()> {
         let d = self.d;
         let (nh, nkv, hd) = (a.n_heads, a.n_kv_heads, a.head_dim);
         let (qw, kvw) = (nh * hd, nkv * hd);
         a.norm.apply(&s.x[..d], &mut s.a[..d]);
-        a.q.apply(&s.a, &mut s.q, fork)?;
-        a.k.apply(&s.a, &mut s.k, fork)?;
-        a.v.apply(&s.a, &mut s.v, fork)?;
+        a.q.apply(&s.a, &mut s.q)?;
+        a.k.apply(&s.a, &mut s.k)?;
+        a.v.apply(&s.a, &mut s.v)?;
         let (q, k) = (&mut s.q[..qw], &mut s.k[..kvw]);
         match &a.qk_norm {
             Some(QkNormW::Full { q: qn, k: kn }) | Some(QkNormW::PerHead { q: qn, k: kn }) => {
@@ -1212,9 +1178,8 @@ impl LeanDecoder {
             scale,
             &mut s.scores,
             &mut s.ctx[..qw],
-            fork,
         );
-        a.o.apply(&s.ctx, &mut s.y, fork)?;
+        a.o.apply(&s.ctx, &mut s.y)?;
         add(&mut s.x[..d], &s.y[..d]);
         Ok(())
     }
@@ -1232,14 +1197,7 @@ impl LeanDecoder {
     /// values written and read back. Absorbed, a step reads and multiplies `kv_b` once (`heads *
     /// (nope + vd) * rank`) whatever the context, and a cached position costs each head `2 *
     /// rank + rope` multiply-adds (its score and its share of the output).
-    fn latent_attention(
-        &self,
-        m: &Mla,
-        li: usize,
-        pos: usize,
-        s: &mut LeanState,
-        fork: Fork<'_>,
-    ) -> Result<()> {
+    fn latent_attention(&self, m: &Mla, li: usize, pos: usize, s: &mut LeanState) -> Result<()> {
         let d = self.d;
         let (nh, rank, nope, rope, vd) = (m.heads, m.rank, m.nope, m.rope, m.vd);
         let qk = nope + rope;
@@ -1251,14 +1209,14 @@ impl LeanDecoder {
         }
         m.norm.apply(&s.x[..d], &mut s.a[..d]);
         match &m.q {
-            MlaQuery::Direct(p) => p.apply(&s.a, &mut s.q, fork)?,
+            MlaQuery::Direct(p) => p.apply(&s.a, &mut s.q)?,
             MlaQuery::LowRank { a, norm, b } => {
-                a.apply(&s.a, &mut s.h1, fork)?;
+                a.apply(&s.a, &mut s.h1)?;
                 norm.apply(&s.h1[..a.n_out], &mut s.h2[..a.n_out]);
-                b.apply(&s.h2, &mut s.q, fork)?;
+                b.apply(&s.h2, &mut s.q)?;
             }
         }
-        m.kv_a.apply(&s.a, &mut s.k, fork)?;
+        m.kv_a.apply(&s.a, &mut s.k)?;
         let half = rope / 2;
         let (c, sn) = (
             &m.cos[pos * half..(pos + 1) * half],
@@ -1281,7 +1239,7 @@ impl LeanDecoder {
         // threads on the same rule as one large product.
         let bytes = m.kv_b_bytes + nh * keys * (2 * rank + rope) * 4;
         let stride = head_scratch(rank, keys);
-        let parts = split_parts(bytes, fork).min(nh).min(s.heads.len() / stride);
+        let parts = split_parts(bytes).min(nh).min(s.heads.len() / stride);
         let cached = Cached {
             latents: &kv.k,
             k_ropes: &kv.v,
@@ -1293,9 +1251,8 @@ impl LeanDecoder {
             &mut s.heads,
             &mut s.ctx[..nh * vd],
             parts.max(1),
-            fork,
         )?;
-        m.o.apply(&s.ctx, &mut s.y, fork)?;
+        m.o.apply(&s.ctx, &mut s.y)?;
         add(&mut s.x[..d], &s.y[..d]);
         Ok(())
     }
@@ -1324,7 +1281,6 @@ impl Mla {
         scratch: &mut [f32],
         ctx: &mut [f32],
         parts: usize,
-        fork: Fork<'_>,
     ) -> Result<()> {
         let (ks, kl) = self.k_b.storage_and_layout();
         let (vs, vl) = self.v_b.storage_and_layout();
@@ -1336,7 +1292,7 @@ impl Mla {
             ($t:ty) => {{
                 let k = &kc.as_slice::<$t>()?[kr];
                 let v = &vc.as_slice::<$t>()?[vr];
-                self.heads_on::<$t>(k, v, q, cached, scratch, ctx, parts, fork);
+                self.heads_on::<$t>(k, v, q, cached, scratch, ctx, parts);
             }};
         }
         match self.k_b.dtype() {
@@ -1358,7 +1314,6 @@ impl Mla {
         scratch: &mut [f32],
         ctx: &mut [f32],
         parts: usize,
-        fork: Fork<'_>,
     ) {
         let vd = self.vd;
         let stride = head_scratch(self.rank, cached.keys);
@@ -1376,7 +1331,7 @@ impl Mla {
             .zip(scratch.chunks_mut(stride))
             .enumerate()
             .collect();
-        fork.each(work, |(i, (c, s))| run(i * per, c, s));
+        split::each(work, |(i, (c, s))| run(i * per, c, s));
     }
 
     /// Head `h`'s attention output `out` (`[vd]`), absorbed (see
@@ -1666,7 +1621,7 @@ mod tests {
                 for parts in [1, 3] {
                     let mut scratch = vec![0f32; parts * head_scratch(RANK, KEYS)];
                     let mut ctx = vec![0f32; NH * VD];
-                    mla.all_heads(&q, &cached, &mut scratch, &mut ctx, parts, Fork::Rayon)
+                    mla.all_heads(&q, &cached, &mut scratch, &mut ctx, parts)
                         .unwrap();
                     for (i, (&g, &w)) in ctx.iter().zip(&want).enumerate() {
                         let err = (f64::from(g) - w).abs() / (1.0 + w.abs());

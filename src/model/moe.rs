@@ -7,11 +7,10 @@ use safetensors::Dtype;
 
 use super::blocks::ffn::activate;
 use super::format::{LoadError, ModelFile};
-use crate::kernel::team::Fork;
 use crate::kernel::{Activation, ClampedSwiglu};
 use crate::kernel::{
     ExpertData, ExpertRows, ExpertWeight, KernelVariant, MoeScratch, PackedExperts, RowSource,
-    WeightDtype, moe_forward, moe_forward_on,
+    WeightDtype, moe_forward,
 };
 use crate::routing::ExpertGroups;
 
@@ -532,21 +531,19 @@ impl MoeExperts {
 
 impl MoeExperts {
     /// Runs the CPU kernel on plain slices (`x`, `out` = `[T, d]`), as [`MoeExperts::forward`]
-    /// does for tensors, splitting on `fork`: the lean decode path (`model::decode`) calls it with
-    /// `T = 1` and its team. `None` when
+    /// does for tensors: the lean decode path (`model::decode`) calls it with `T = 1`. `None` when
     /// these experts are not on the kernel path (candle, stored or quantised experts).
     pub(crate) fn forward_slices(
         &self,
         x: &[f32],
         groups: &ExpertGroups,
         out: &mut [f32],
-        fork: Fork<'_>,
     ) -> Option<()> {
         let ExpertCompute::Kernel(k) = &self.compute else {
             return None;
         };
         let mut scratch = k.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        moe_forward_on(
+        moe_forward(
             &k.packed,
             x,
             groups,
@@ -554,7 +551,6 @@ impl MoeExperts {
             &mut scratch,
             k.variant,
             k.threads,
-            fork,
         );
         Some(())
     }

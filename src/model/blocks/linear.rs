@@ -248,7 +248,7 @@ fn stored_matvec(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> 
     }
     let xv = x.flatten_all()?.to_vec1::<f32>()?;
     let mut y = vec![0f32; out];
-    matvec_stored(w, &xv, &mut y, crate::kernel::team::Fork::Rayon)?;
+    matvec_stored(w, &xv, &mut y)?;
     let mut shape = dims.to_vec();
     if let Some(last) = shape.last_mut() {
         *last = out;
@@ -257,19 +257,14 @@ fn stored_matvec(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> 
 }
 
 /// `y = w x` for a weight `[out, in]` kept on the CPU in its stored dtype (f32, f16 or bf16), read
-/// in place, split over `fork`'s threads when it is large enough for that fork
-/// (`model::decode::SPLIT_MIN_BYTES`, `TEAM_SPLIT_MIN_BYTES`). Shared by [`Linear::forward`] for
-/// one row (on rayon) and the lean decoder's projections (on its team).
-pub(crate) fn matvec_stored(
-    w: &Tensor,
-    x: &[f32],
-    y: &mut [f32],
-    fork: crate::kernel::team::Fork<'_>,
-) -> candle_core::Result<()> {
+/// in place, split over the rayon pool when it is large enough (`model::decode::SPLIT_MIN_BYTES`,
+/// or `POOL_SPLIT_MIN_BYTES` from a pool thread). Shared by [`Linear::forward`] for one row and
+/// the lean decoder's projections.
+pub(crate) fn matvec_stored(w: &Tensor, x: &[f32], y: &mut [f32]) -> candle_core::Result<()> {
     use crate::kernel::matvec::matvec_rows_split;
     use candle_core::Storage;
     let bytes = w.elem_count() * w.dtype().size_in_bytes();
-    let parts = crate::model::decode::split_parts(bytes, fork);
+    let parts = crate::model::decode::split_parts(bytes);
     let (storage, layout) = w.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("a weight left the CPU");
@@ -278,17 +273,9 @@ pub(crate) fn matvec_stored(
         candle_core::bail!("a weight is not contiguous");
     };
     match w.dtype() {
-        DType::F32 => matvec_rows_split(&cpu.as_slice::<f32>()?[start..end], x, y, parts, fork),
-        DType::F16 => {
-            matvec_rows_split(&cpu.as_slice::<half::f16>()?[start..end], x, y, parts, fork)
-        }
-        DType::BF16 => matvec_rows_split(
-            &cpu.as_slice::<half::bf16>()?[start..end],
-            x,
-            y,
-            parts,
-            fork,
-        ),
+        DType::F32 => matvec_rows_split(&cpu.as_slice::<f32>()?[start..end], x, y, parts),
+        DType::F16 => matvec_rows_split(&cpu.as_slice::<half::f16>()?[start..end], x, y, parts),
+        DType::BF16 => matvec_rows_split(&cpu.as_slice::<half::bf16>()?[start..end], x, y, parts),
         other => candle_core::bail!("{other:?} weight for a matrix-vector product"),
     }
     Ok(())
