@@ -166,18 +166,26 @@ impl RowWeights {
 /// Each `a[i]` has `k` readable floats, each `w[j]` `k` readable values (any alignment), and the
 /// caller enabled what `S` needs.
 #[inline(always)]
-unsafe fn dot_tile<S: Simd, E: MatvecWeight, const M: usize, const R: usize>(
+unsafe fn dot_tile<S: Simd, E: MatvecWeight, const M: usize, const R: usize, const PF: bool>(
     a: &[*const f32; M],
     w: &[*const E; R],
+    pf: &[*const E; R],
     k: usize,
 ) -> [[f32; R]; M] {
     let full = k / S::W * S::W;
+    // Weights per cache line.
+    let line = 64 / size_of::<E>();
     // SAFETY: every load reads `W` values at `kk + W <= full <= k` of a row, the tail reads
     // `kk < k`; the caller guarantees those are readable.
     unsafe {
         let mut acc = [[S::zero(); R]; M];
         let mut kk = 0;
         while kk < full {
+            if PF && kk % line == 0 {
+                for p in pf {
+                    prefetch(p.wrapping_add(kk));
+                }
+            }
             let mut wv = [S::zero(); R];
             for j in 0..R {
                 wv[j] = E::load::<S>(w[j].add(kk));
@@ -222,6 +230,35 @@ pub(super) trait DotTile {
         w: &[*const Self::W; R],
         k: usize,
     ) -> [[f32; R]; M];
+
+    /// [`DotTile::tile`], also prefetching the weight rows `pf` (the same `k` values), which the
+    /// next chunk of [`rows_product`] reads; by default it does not prefetch.
+    ///
+    /// # Safety
+    /// As for [`DotTile::tile`]; `pf` may point anywhere (a prefetch never faults).
+    #[inline(always)]
+    unsafe fn tile_prefetching<const M: usize, const R: usize>(
+        a: &[*const Self::A; M],
+        w: &[*const Self::W; R],
+        pf: &[*const Self::W; R],
+        k: usize,
+    ) -> [[f32; R]; M] {
+        let _ = pf;
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::tile::<M, R>(a, w, k) }
+    }
+}
+
+/// Asks for the cache line at `p` (a hint: never faults, whatever `p`).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` reads nothing architecturally and cannot fault on any address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// [`dot_tile`] on `S` and weights of `E`.
@@ -237,7 +274,18 @@ impl<S: Simd, E: MatvecWeight> DotTile for SimdDot<S, E> {
         k: usize,
     ) -> [[f32; R]; M] {
         // SAFETY: forwarded from the caller.
-        unsafe { dot_tile::<S, E, M, R>(a, w, k) }
+        unsafe { dot_tile::<S, E, M, R, false>(a, w, w, k) }
+    }
+
+    #[inline(always)]
+    unsafe fn tile_prefetching<const M: usize, const R: usize>(
+        a: &[*const f32; M],
+        w: &[*const E; R],
+        pf: &[*const E; R],
+        k: usize,
+    ) -> [[f32; R]; M] {
+        // SAFETY: forwarded from the caller.
+        unsafe { dot_tile::<S, E, M, R, true>(a, w, pf, k) }
     }
 }
 
@@ -271,7 +319,19 @@ pub(super) unsafe fn rows_product<T: DotTile, const MR: usize, const R: usize, c
                 let mut j = j0;
                 while j + R <= j1 {
                     let w_rows: [*const T::W; R] = std::array::from_fn(|q| row(j + q));
-                    let t = T::tile::<MR, R>(&a_rows, &w_rows, k);
+                    // The first row block of a chunk reads it from memory; it also brings in
+                    // the same rows of the next chunk, so that chunk's first block finds them in
+                    // the caches (the hardware prefetcher starts afresh at each 4 KiB row of a
+                    // wide layer, and a few rows per expert give it little to learn from):
+                    // OLMoE-1B-7B's layer, exact kernel, 1.0-1.16x (docs/benchmarks.md, "Wide
+                    // layers and the decode team settled").
+                    let t = if r0 == 0 && j1 < n {
+                        let next: [*const T::W; R] =
+                            std::array::from_fn(|q| row((j + q + (j1 - j0)).min(n - 1)));
+                        T::tile_prefetching::<MR, R>(&a_rows, &w_rows, &next, k)
+                    } else {
+                        T::tile::<MR, R>(&a_rows, &w_rows, k)
+                    };
                     for (i, ti) in t.iter().enumerate() {
                         for (q, &v) in ti.iter().enumerate() {
                             sink(r0 + i, j + q, v);
