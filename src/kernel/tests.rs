@@ -419,6 +419,27 @@ fn repeated_runs_are_bit_identical() {
     }
 }
 
+/// The layer on `threads` threads (1: the calling thread alone), every pass large enough to split.
+fn split_pass(
+    packed: &PackedExperts,
+    x: &[f32],
+    groups: &ExpertGroups,
+    v: KernelVariant,
+    threads: usize,
+) -> Vec<f32> {
+    let mut out = vec![f32::NAN; x.len()];
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
+    moe_forward(packed, x, groups, &mut out, &mut scratch, v, threads);
+    out
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits())
+}
+
 #[test]
 fn a_wide_layer_splits_its_pairs_and_gives_the_serial_result_bit_for_bit() {
     let mut rng = StdRng::seed_from_u64(33);
@@ -451,22 +472,10 @@ fn a_wide_layer_splits_its_pairs_and_gives_the_serial_result_bit_for_bit() {
         .map(|_| rng.random_range(-1.0f32..1.0))
         .collect();
     for v in KernelVariant::testable() {
-        let mut serial = vec![0.0; x.len()];
-        let mut scratch = MoeScratch::default();
-        moe_forward(&packed, &x, &wide, &mut serial, &mut scratch, v, 1);
-        let mut scratch = MoeScratch {
-            par_min_flops: 0,
-            ..MoeScratch::default()
-        };
+        let serial = split_pass(&packed, &x, &wide, v, 1);
         for threads in [2, 3] {
-            let mut out = vec![f32::NAN; x.len()];
-            moe_forward(&packed, &x, &wide, &mut out, &mut scratch, v, threads);
-            assert!(
-                out.iter()
-                    .zip(&serial)
-                    .all(|(p, q)| p.to_bits() == q.to_bits()),
-                "{v:?}, {threads} threads"
-            );
+            let out = split_pass(&packed, &x, &wide, v, threads);
+            assert!(same_bits(&out, &serial), "{v:?}, {threads} threads");
         }
     }
 }
@@ -493,18 +502,8 @@ fn a_split_from_a_pool_thread_gives_the_serial_result_bit_for_bit_for_one_token_
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
         for v in KernelVariant::testable() {
-            let mut serial = vec![0.0; x.len()];
-            let mut scratch = MoeScratch::default();
-            moe_forward(&packed, &x, &groups, &mut serial, &mut scratch, v, 1);
-            let run = |threads: usize| {
-                let mut out = vec![f32::NAN; x.len()];
-                let mut scratch = MoeScratch {
-                    par_min_flops: 0,
-                    ..MoeScratch::default()
-                };
-                moe_forward(&packed, &x, &groups, &mut out, &mut scratch, v, threads);
-                out
-            };
+            let serial = split_pass(&packed, &x, &groups, v, 1);
+            let run = |threads: usize| split_pass(&packed, &x, &groups, v, threads);
             let mut outs = vec![("outside the pool", run(3))];
             for (pool, name) in pools.iter().zip(["a pool of 2", "a pool of 3"]) {
                 let threads = pool.current_num_threads();
@@ -512,9 +511,7 @@ fn a_split_from_a_pool_thread_gives_the_serial_result_bit_for_bit_for_one_token_
             }
             for (name, out) in outs {
                 assert!(
-                    out.iter()
-                        .zip(&serial)
-                        .all(|(p, q)| p.to_bits() == q.to_bits()),
+                    same_bits(&out, &serial),
                     "{v:?}, {tokens} tokens, from {name}"
                 );
             }
