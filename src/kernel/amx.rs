@@ -439,6 +439,51 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
     unsafe { asm!("tilerelease", options(nomem, nostack)) };
 }
 
+/// The 16 x 16 transpose: `out[c][r] = rows[r][c]`, in registers (two rounds of unpacks within
+/// 128-bit lanes, then two of lane shuffles).
+#[inline(always)]
+unsafe fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
+    // SAFETY: register shuffles only; the caller enabled AVX-512F.
+    unsafe {
+        // Lane l of `t[2i]` = rows 2i and 2i + 1 at columns 4l, 4l + 1 (interleaved); `t[2i + 1]`
+        // the same at 4l + 2, 4l + 3.
+        let t: [__m512; 16] = std::array::from_fn(|q| {
+            let (a, b) = (rows[q / 2 * 2], rows[q / 2 * 2 + 1]);
+            if q % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        // Lane l of `u[4g + c]` = rows 4g..4g + 4 at column 4l + c.
+        let u: [__m512; 16] = std::array::from_fn(|q| {
+            let (g, c) = (q / 4, q % 4);
+            let (a, b) = (
+                _mm512_castps_pd(t[4 * g + c / 2]),
+                _mm512_castps_pd(t[4 * g + 2 + c / 2]),
+            );
+            _mm512_castpd_ps(if c % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        // Column 4l + c gathers lane l of u[c], u[4 + c], u[8 + c], u[12 + c].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let v88 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let vdd = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let w88 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let wdd = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v88, w88);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xdd>(v88, w88);
+            out[4 + c] = _mm512_shuffle_f32x4::<0x88>(vdd, wdd);
+            out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(vdd, wdd);
+        }
+        out
+    }
+}
+
 /// `dst[q][t] = src[t][q]` for 32 rows `t` of `pairs` pairs: the pair-major layout a B tile of
 /// activations reads.
 ///
@@ -546,14 +591,54 @@ unsafe fn linear_rows(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize,
                 let mb = (m - b * BLOCK).min(BLOCK);
                 let act_b = act.as_ptr().add(b * pairs * BLOCK);
                 row_tiles(1, mb.div_ceil(16), k, wp.add(j0 * k * 2), act_b, ctp);
-                for r in 0..mb {
-                    let row = yp.add((b * BLOCK + r) * n + j0);
-                    for j in 0..16 {
-                        *row.add(j) = *ctp.add(j * BLOCK + r);
+                // `ct` is [16 outputs][32 tokens]: each half of the tokens transposed in
+                // registers into its rows of `y`.
+                for h in 0..mb.div_ceil(16) {
+                    let cols = transpose16(std::array::from_fn(|j| {
+                        _mm512_loadu_ps(ctp.add(j * BLOCK + h * 16))
+                    }));
+                    for (t, col) in cols.iter().enumerate().take(mb - h * 16) {
+                        _mm512_storeu_ps(yp.add((b * BLOCK + h * 16 + t) * n + j0), *col);
                     }
                 }
             }
         }
         asm!("tilerelease", options(nomem, nostack));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose_of(m: &[f32; 256]) -> [f32; 256] {
+        let mut out = [0f32; 256];
+        // SAFETY: the caller checked AVX-512F; each row is 16 floats of `m` and of `out`.
+        unsafe {
+            let cols = transpose16(std::array::from_fn(|r| {
+                _mm512_loadu_ps(m.as_ptr().add(16 * r))
+            }));
+            for (c, v) in cols.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *v);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn transpose16_moves_every_element_to_its_mirror() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            println!("skipped: no AVX-512F here");
+            return;
+        }
+        let m: [f32; 256] = std::array::from_fn(|i| i as f32);
+        // SAFETY: AVX-512F was detected above.
+        let t = unsafe { transpose_of(&m) };
+        for r in 0..16 {
+            for c in 0..16 {
+                assert_eq!(t[16 * c + r], m[16 * r + c], "row {r}, column {c}");
+            }
+        }
     }
 }
