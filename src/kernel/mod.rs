@@ -43,7 +43,7 @@
 //! arithmetic, so the fused variants give bit-identical results for every thread count.
 //!
 //! A split from a rayon pool thread costs about a microsecond, from outside the pool several
-//! ([`split`]); a pass called from the pool (a decode step of the lean decoder) therefore splits
+//! (`split`); a pass called from the pool (a decode step of the lean decoder) therefore splits
 //! from a smaller size.
 
 pub mod activation;

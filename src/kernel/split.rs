@@ -18,9 +18,9 @@ pub(crate) fn on_pool() -> bool {
     rayon::current_thread_index().is_some()
 }
 
-/// The size from which a split pays: `on_pool` on a pool thread, `outside` elsewhere.
-pub(crate) fn split_from(outside: usize, on_pool: usize) -> usize {
-    if self::on_pool() { on_pool } else { outside }
+/// The size from which a split pays: `pooled` on a pool thread, `outside` elsewhere.
+pub(crate) fn split_from(outside: usize, pooled: usize) -> usize {
+    if on_pool() { pooled } else { outside }
 }
 
 /// Threads a split may use: the pool's.

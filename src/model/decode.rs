@@ -27,9 +27,9 @@
 //! A step splits its large products (weights of [`POOL_SPLIT_MIN_BYTES`] or more, the routed
 //! experts from eight of the embedded model's, attention over long contexts) over the rayon
 //! pool. The model's thread is a pool thread (`model::on_pool`), from which a split costs about a
-//! microsecond ([`crate::kernel::split`]); from any other thread the larger sizes of full passes
+//! microsecond (`kernel::split`); from any other thread the larger sizes of full passes
 //! apply. Splits give the unsplit result bit for bit.
-
+//!
 //! Latent attention caches what the candle path caches (per position the normalised latent and
 //! the rotated shared key), so the cache changes hands between the paths as for plain attention.
 //!
