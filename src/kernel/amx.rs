@@ -12,12 +12,19 @@
 //! - Packed panels: a bf16 panel is stored `(k, k + 1)` pairs per column, 32 columns, so a
 //!   run of 16 pair rows is exactly AMX's "VNNI" B tile (16 rows of 16 column pairs, 64 bytes,
 //!   128 bytes apart); the A tile is 16 rounded token rows, 32 values each.
-//! - Rows read in place (`[out, in]`): the product is taken transposed. The A tiles are 2 x 16
-//!   weight rows (32 values each, `in` apart), the B tiles the block's activations rounded and
-//!   stored pair-major (`[in / 2][32 tokens]`), and the 32 outputs x 32 tokens that come out are
-//!   transposed on their way to the hidden block or the output rows.
+//! - Rows read in place (`[out, in]`): the product is taken transposed. The A tile is 16 weight
+//!   rows (32 values each, `in` apart), the B tiles the block's activations rounded and stored
+//!   pair-major (`[in / 2][32 tokens]`, [`round_block`]), and the 16 outputs x 32 tokens that
+//!   come out are transposed in registers on their way to the hidden block or the output rows.
+//!   An expert's rows are taken in chunks of several blocks, so that each weight row read serves
+//!   the whole chunk.
 //! - Dense products ([`linear`], for `Linear::on_amx`): as rows read in place, with each
 //!   thread's tokens rounded once and every weight row streamed once over all its blocks.
+//!
+//! The scratch the tiles read is 64-byte aligned: a tile row that straddles two cache lines
+//! loads at about half the rate. The weights read in place are wherever the checkpoint put them
+//! (safetensors aligns a tensor to 8 bytes); an aligned copy of each 16-row slab was tried and
+//! did not pay for itself (`docs/benchmarks.md`).
 //!
 //! Blocks are 32 rows (two A or B tiles of 16); a block with fewer rows is padded with zero
 //! rows, and one of 16 or fewer takes one token tile. Each output is the same sequence of
@@ -147,6 +154,7 @@ unsafe fn tiles(
     b_stride: usize,
     c: [[*mut u8; 2]; 2],
     c_stride: usize,
+    prefetch: *const u8,
 ) {
     // SAFETY: forwarded from the caller.
     unsafe {
@@ -156,6 +164,13 @@ unsafe fn tiles(
         tile_zero!("3");
         for s in 0..k_steps {
             let (ap, bp) = (a.add(s * a_step), b.add(s * b_step));
+            if !prefetch.is_null() {
+                for r in 0..16 {
+                    _mm_prefetch::<_MM_HINT_T1>(
+                        prefetch.wrapping_add(r * a_stride + s * 64).cast(),
+                    );
+                }
+            }
             tile_load!("6", bp, b_stride);
             tile_load!("4", ap, a_stride);
             tile_dp!("0", "4", "6");
@@ -217,31 +232,34 @@ unsafe fn panel_tiles(
             2 * PANEL * 2,
             [[at(0, 0), at(0, 1)], [at(1, 0), at(1, 1)]],
             c_stride * 4,
+            std::ptr::null(),
         );
     }
 }
 
-/// [`tiles`] with the transposed operands of rows read in place and of [`linear`]: A is
-/// `16 * groups` weight rows of `k` bf16 values from `w`, B the 32 tokens of a pair-major
-/// activation block (`[k / 2][32]`) at `act`, `b_tiles` of them used, and C the `[16 * groups]
-/// [32]` results (outputs x tokens) at `c`.
+/// [`tiles`] with the transposed operands of rows read in place and of [`linear`]: A is 16 weight
+/// rows of `k` bf16 values from `w`, B the 32 tokens of a pair-major activation block (`[k / 2]
+/// [32]`) at `act`, `b_tiles` of them used, and C the `[16][32]` results (outputs x tokens) at
+/// `c`. One A tile against two B tiles: on the Xeon of `docs/benchmarks.md` a tile load costs
+/// more than a `tdpbf16ps`, and this order (three loads per two products) ran faster than two A
+/// tiles against two B tiles (four loads per four products) whose loads wait on more products.
 ///
 /// # Safety
 /// As for [`tiles`], over `k / 32` steps.
 #[inline(always)]
 unsafe fn row_tiles(
-    groups: usize,
     b_tiles: usize,
     k: usize,
     w: *const u8,
     act: *const u32,
     c: *mut f32,
+    prefetch: *const u8,
 ) {
-    let at = |g: usize, v: usize| c.wrapping_add(g * 16 * BLOCK + v * 16).cast::<u8>();
+    let at = |v: usize| c.wrapping_add(v * 16).cast::<u8>();
     // SAFETY: forwarded from the caller.
     unsafe {
         tiles(
-            groups,
+            1,
             b_tiles,
             k / 32,
             w,
@@ -252,8 +270,9 @@ unsafe fn row_tiles(
             64,
             16 * BLOCK * 4,
             BLOCK * 4,
-            [[at(0, 0), at(0, 1)], [at(1, 0), at(1, 1)]],
+            [[at(0), at(1)], [at(0), at(1)]],
             BLOCK * 4,
+            prefetch,
         );
     }
 }
@@ -341,7 +360,27 @@ pub(super) unsafe fn run_panels(job: &Job, dst: Dst, ts: &mut ThreadScratch) {
     unsafe { asm!("tilerelease", options(nomem, nostack)) };
 }
 
-/// This thread's items on bf16 rows read in place.
+/// `v` grown to `n` values past its first 64-byte boundary, and a pointer to that boundary: a tile
+/// row that straddles two cache lines loads at about half the rate (measured on the Xeon of
+/// `docs/benchmarks.md`).
+fn aligned<T: Default + Clone>(v: &mut Vec<T>, n: usize) -> *mut T {
+    grow(v, n + 64 / size_of::<T>());
+    let p = v.as_mut_ptr();
+    p.wrapping_add(p.align_offset(64))
+}
+
+/// Token rows the in-place kernel rounds at once for one expert (a multiple of [`BLOCK`]): each
+/// 16 weight rows loaded then serve all of them, and their rounded activations, pre-activations
+/// and rounded hidden rows (`rows x (d / 2 + n1 + h / 2)` 32-bit values) stay within about
+/// 768 KiB of L2.
+fn chunk_rows(d: usize, h: usize, n1: usize) -> usize {
+    let per_row = (d / 2 + n1 + h / 2) * 4;
+    (768 * 1024 / per_row.max(1) / BLOCK * BLOCK).clamp(BLOCK, 8 * BLOCK)
+}
+
+/// This thread's items on bf16 rows read in place: each item's rows in chunks of
+/// [`chunk_rows`], every weight matrix streamed once per chunk, 16 rows at a time over all the
+/// chunk's blocks.
 ///
 /// # Safety
 /// As for `rows::rows_items` (items and `dst` from `moe_forward`'s planning, `rows` bf16 and
@@ -352,18 +391,13 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
     let (d, h, n1) = (ex.d, ex.h, ex.n1);
     debug_assert!(d.is_multiple_of(32) && h.is_multiple_of(32));
     let up_col = if ex.gated { ex.h_pad } else { 0 };
-    grow(&mut ts.z, BLOCK * n1);
-    // Activations pair-major: `[pairs][32 tokens]`.
-    grow(&mut ts.a16, BLOCK * d / 2);
-    grow(&mut ts.h16, BLOCK * h / 2);
-    grow(&mut ts.y, BLOCK * 32);
-    grow(&mut ts.wp, BLOCK * d.max(h));
-    let (z, a16, h16, ct, tmp) = (
-        ts.z.as_mut_ptr(),
-        ts.a16.as_mut_ptr(),
-        ts.h16.as_mut_ptr(),
-        ts.y.as_mut_ptr(),
-        ts.wp.as_mut_ptr().cast::<u32>(),
+    let chunk = chunk_rows(d, h, n1);
+    // Activations pair-major per block: `[pairs][32 tokens]`.
+    let (z, a16, h16, ct) = (
+        aligned(&mut ts.z, chunk * n1),
+        aligned(&mut ts.a16, chunk * d / 2),
+        aligned(&mut ts.h16, chunk * h / 2),
+        aligned(&mut ts.y, 16 * BLOCK),
     );
     let xp = job.x.as_ptr();
     let config = TileConfig::new();
@@ -373,70 +407,149 @@ pub(super) unsafe fn run_rows(job: &Job, rows: &RowWeights, dst: Dst, ts: &mut T
         let (e, lo, hi) = (e as usize, lo as usize, hi as usize);
         let x = rows.experts[e];
         let b2 = ex.b2.as_ref().map(|b| &b[e * ex.d_pad..e * ex.d_pad + d]);
-        let mut b0 = lo;
-        while b0 < hi {
-            let m = (hi - b0).min(BLOCK);
+        let mut c0 = lo;
+        while c0 < hi {
+            let m = (hi - c0).min(chunk);
+            let blocks = m.div_ceil(BLOCK);
+            let block_rows = |b: usize| (m - b * BLOCK).min(BLOCK);
             // SAFETY: token rows have `d` floats (ids checked in `moe_forward`); gate and up hold
             // `h x d` bf16 values and down `d x h` (checked in `RowWeights::new`), read in A tiles
-            // of 2 x 16 rows x 32 values at rows `< h` (or `< d`) and columns `< d` (or `< h`),
-            // all multiples of 32; `a16`/`h16` hold `pairs x 32` tokens, `tmp` 32 rows of
-            // pairs, `ct` 32 x 32 floats, `z` the block's rows of `n1` floats; `dst_row` is the
+            // of 16 rows x 32 values at rows `< h` (or `< d`) and columns `< d` (or `< h`), all
+            // multiples of 32; `a16`/`h16` hold `blocks` blocks of `pairs x 32` tokens, `ct`
+            // 16 x 32 floats, `z` the chunk's `m <= chunk` rows of `n1` floats; `dst_row` is the
             // pair's destination row of `d` floats.
             unsafe {
-                round_rows(
-                    |r| xp.add(job.groups.tokens[b0 + r] as usize * d),
-                    m,
-                    d,
-                    tmp,
-                    d / 2,
-                    BLOCK,
-                );
-                transpose_pairs(tmp, d / 2, a16);
-                // `[n, k]` rows times the pair-major activations: outputs `j0..j0 + 16` of the
-                // 32 tokens land in `ct` as `[16 outputs][32 tokens]`.
-                // The second token tile only when the block has more than 16 rows.
-                let b_tiles = m.div_ceil(16);
-                // 32 weight rows (two A tiles) by the block's tokens (one or two B tiles): outputs
-                // `j0..j0 + 32` land in `ct` as `[32 outputs][32 tokens]`.
-                let product = |w: *const u8, k: usize, act: *const u32, j0: usize| {
-                    row_tiles(2, b_tiles, k, w.add(j0 * k * 2), act, ct);
-                };
+                for b in 0..blocks {
+                    let first = c0 + b * BLOCK;
+                    round_block(
+                        |r| xp.add(job.groups.tokens[first + r] as usize * d),
+                        block_rows(b),
+                        d,
+                        a16.add(b * BLOCK * d / 2),
+                    );
+                }
                 for (mat, col0) in [(x.gate, 0), (Some(x.up), up_col)] {
                     let Some(mat) = mat else { continue };
                     let w = rows.at::<u8>(mat);
-                    for j0 in (0..h).step_by(32) {
-                        product(w, d, a16, j0);
-                        for r in 0..m {
-                            for j in 0..32 {
-                                *z.add(r * n1 + col0 + j0 + j) = *ct.add(j * 32 + r);
-                            }
+                    for j0 in (0..h).step_by(16) {
+                        for b in 0..blocks {
+                            let mb = block_rows(b);
+                            let act = a16.add(b * BLOCK * d / 2);
+                            let pf = next_rows(w, j0, h, d, b);
+                            row_tiles(mb.div_ceil(16), d, w.add(j0 * d * 2), act, ct, pf);
+                            each_result(ct, mb, |t, v| {
+                                _mm512_storeu_ps(z.add((b * BLOCK + t) * n1 + col0 + j0), v);
+                            });
                         }
                     }
                 }
-                hidden::<Avx512>(job, e, b0, m, z);
-                round_rows(|r| z.add(r * n1), m, h, tmp, h / 2, BLOCK);
-                transpose_pairs(tmp, h / 2, h16);
+                hidden::<Avx512>(job, e, c0, m, z);
+                for b in 0..blocks {
+                    let hz = z.add(b * BLOCK * n1);
+                    round_block(
+                        |r| hz.add(r * n1),
+                        block_rows(b),
+                        h,
+                        h16.add(b * BLOCK * h / 2),
+                    );
+                }
                 let w = rows.at::<u8>(x.down);
-                for n0 in (0..d).step_by(32) {
-                    product(w, h, h16, n0);
-                    for r in 0..m {
-                        let out = job.dst_row(dst, b0 + r);
-                        let wr = job.groups.weights[b0 + r];
-                        for n in 0..32 {
-                            let mut v = *ct.add(n * 32 + r);
-                            if let Some(b) = b2 {
-                                v += wr * b[n0 + n];
+                for n0 in (0..d).step_by(16) {
+                    for b in 0..blocks {
+                        let mb = block_rows(b);
+                        let act = h16.add(b * BLOCK * h / 2);
+                        let pf = next_rows(w, n0, d, h, b);
+                        row_tiles(mb.div_ceil(16), h, w.add(n0 * h * 2), act, ct, pf);
+                        each_result(ct, mb, |t, mut v| {
+                            let pair = c0 + b * BLOCK + t;
+                            let out = job.dst_row(dst, pair).add(n0);
+                            if let Some(b2) = b2 {
+                                let wr = _mm512_set1_ps(job.groups.weights[pair]);
+                                let bias = _mm512_loadu_ps(b2.as_ptr().add(n0));
+                                v = _mm512_add_ps(v, _mm512_mul_ps(wr, bias));
                             }
-                            *out.add(n0 + n) += v;
-                        }
+                            _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), v));
+                        });
                     }
                 }
             }
-            b0 += m;
+            c0 += m;
         }
     }
     // SAFETY: releases the tile state this function configured.
     unsafe { asm!("tilerelease", options(nomem, nostack)) };
+}
+
+/// The 16 weight rows after `j0` of an `[n, k]` bf16 matrix at `w`, to prefetch while the first
+/// block multiplies rows `j0..j0 + 16`; null for the other blocks (the rows are cached by then)
+/// and after the last rows.
+fn next_rows(w: *const u8, j0: usize, n: usize, k: usize, block: usize) -> *const u8 {
+    if block == 0 && j0 + 32 <= n {
+        w.wrapping_add((j0 + 16) * k * 2)
+    } else {
+        std::ptr::null()
+    }
+}
+
+/// Hands `f(t, v)` each result of a block: `ct` is `[16 outputs][32 tokens]`, and `v` holds the
+/// 16 outputs of token `t < m`, transposed in registers.
+///
+/// # Safety
+/// `ct` holds 16 x 32 floats; AVX-512F is enabled.
+#[inline(always)]
+unsafe fn each_result(ct: *const f32, m: usize, mut f: impl FnMut(usize, __m512)) {
+    // SAFETY: rows `j < 16` of `ct`, columns `16 half + 16 <= 32`.
+    unsafe {
+        for half in 0..m.div_ceil(16) {
+            let cols = transpose16(std::array::from_fn(|j| {
+                _mm512_loadu_ps(ct.add(j * BLOCK + half * 16))
+            }));
+            for (t, &v) in cols.iter().enumerate().take(m - half * 16) {
+                f(half * 16 + t, v);
+            }
+        }
+    }
+}
+
+/// Rounds `m <= 32` rows of `k` floats (row `r` at `src(r)`, `k` a multiple of 32) to bf16 pairs
+/// and stores them pair-major, `[k / 2][32]` (the B tiles of a block), with rows `m..32` zero:
+/// 16 rows of 16 pairs at a time, transposed in registers.
+///
+/// # Safety
+/// Each row `r < m` has `k` readable floats, `dst` has `16 * k` writable values; AVX-512F and
+/// AVX-512 BF16 are enabled.
+#[inline(always)]
+unsafe fn round_block(src: impl Fn(usize) -> *const f32, m: usize, k: usize, dst: *mut u32) {
+    // SAFETY: loads read floats `2 q0 .. 2 q0 + 32 <= k` of rows `< m`; stores write pair rows
+    // `q0 + c < k / 2` at tokens `16 half .. 16 half + 16 <= 32`.
+    unsafe {
+        for half in 0..2 {
+            let rows = m.saturating_sub(16 * half).min(16);
+            let ptrs: [*const f32; 16] = std::array::from_fn(|r| {
+                if r < rows {
+                    src(16 * half + r)
+                } else {
+                    std::ptr::null()
+                }
+            });
+            for q0 in (0..k / 2).step_by(16) {
+                let pairs = std::array::from_fn(|r| {
+                    if r < rows {
+                        let p = ptrs[r].add(2 * q0);
+                        let bf =
+                            _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p));
+                        _mm512_castsi512_ps(std::mem::transmute::<__m512bh, __m512i>(bf))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                let cols = transpose16(pairs);
+                for (c, &v) in cols.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add((q0 + c) * BLOCK + 16 * half).cast(), v);
+                }
+            }
+        }
+    }
 }
 
 /// The 16 x 16 transpose: `out[c][r] = rows[r][c]`, in registers (two rounds of unpacks within
@@ -481,23 +594,6 @@ unsafe fn transpose16(rows: [__m512; 16]) -> [__m512; 16] {
             out[12 + c] = _mm512_shuffle_f32x4::<0xdd>(vdd, wdd);
         }
         out
-    }
-}
-
-/// `dst[q][t] = src[t][q]` for 32 rows `t` of `pairs` pairs: the pair-major layout a B tile of
-/// activations reads.
-///
-/// # Safety
-/// `src` has `32 * pairs` readable values, `dst` as many writable.
-#[inline(always)]
-unsafe fn transpose_pairs(src: *const u32, pairs: usize, dst: *mut u32) {
-    // SAFETY: indices stay below `32 * pairs` on both sides.
-    unsafe {
-        for t in 0..BLOCK {
-            for q in 0..pairs {
-                *dst.add(q * BLOCK + t) = *src.add(t * pairs + q);
-            }
-        }
     }
 }
 
@@ -558,49 +654,38 @@ unsafe fn linear_rows(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize,
     }
     let blocks = m.div_ceil(BLOCK);
     let pairs = k / 2;
-    let mut act = vec![0u32; blocks * pairs * BLOCK];
-    let mut tmp = vec![0u32; pairs * BLOCK];
-    let mut ct = vec![0f32; 16 * BLOCK];
-    let (xp, wp, yp, ctp) = (
-        x.as_ptr(),
-        w.as_ptr().cast::<u8>(),
-        y.as_mut_ptr(),
-        ct.as_mut_ptr(),
+    let (mut act, mut ct) = (Vec::new(), Vec::new());
+    let (act, ctp) = (
+        aligned::<u32>(&mut act, blocks * pairs * BLOCK),
+        aligned::<f32>(&mut ct, 16 * BLOCK),
     );
+    let (xp, wp, yp) = (x.as_ptr(), w.as_ptr().cast::<u8>(), y.as_mut_ptr());
     let config = TileConfig::new();
-    // SAFETY: `x` has `m` rows of `k` floats, so block `b`'s rows `< m` are in bounds and `tmp`
-    // holds 32 rows of `pairs`; `act` holds `blocks` transposed blocks. Tiles read weight rows
-    // `j0..j0 + 16 <= n` of `k` values and one block's `pairs x 32` activations; `ct` holds the
-    // 16 x 32 results, copied to rows `< m` of `y` (`n` floats each) at columns `< n`.
+    // SAFETY: `x` has `m` rows of `k` floats, so block `b`'s rows `< m` are in bounds; `act`
+    // holds `blocks` pair-major blocks. Tiles read weight rows `j0..j0 + 16 <= n` of `k` values
+    // and one block's `pairs x 32` activations; `ct` holds the 16 x 32 results, copied to rows
+    // `< m` of `y` (`n` floats each) at columns `< n`.
     unsafe {
         for b in 0..blocks {
             let mb = (m - b * BLOCK).min(BLOCK);
-            round_rows(
-                |r| xp.add((b * BLOCK + r) * k),
-                mb,
-                k,
-                tmp.as_mut_ptr(),
-                pairs,
-                BLOCK,
-            );
-            transpose_pairs(tmp.as_ptr(), pairs, act.as_mut_ptr().add(b * pairs * BLOCK));
+            let rows = |r| xp.add((b * BLOCK + r) * k);
+            round_block(rows, mb, k, act.add(b * pairs * BLOCK));
         }
         asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
         for j0 in (0..n).step_by(16) {
             for b in 0..blocks {
                 let mb = (m - b * BLOCK).min(BLOCK);
-                let act_b = act.as_ptr().add(b * pairs * BLOCK);
-                row_tiles(1, mb.div_ceil(16), k, wp.add(j0 * k * 2), act_b, ctp);
-                // `ct` is [16 outputs][32 tokens]: each half of the tokens transposed in
-                // registers into its rows of `y`.
-                for h in 0..mb.div_ceil(16) {
-                    let cols = transpose16(std::array::from_fn(|j| {
-                        _mm512_loadu_ps(ctp.add(j * BLOCK + h * 16))
-                    }));
-                    for (t, col) in cols.iter().enumerate().take(mb - h * 16) {
-                        _mm512_storeu_ps(yp.add((b * BLOCK + h * 16 + t) * n + j0), *col);
-                    }
-                }
+                row_tiles(
+                    mb.div_ceil(16),
+                    k,
+                    wp.add(j0 * k * 2),
+                    act.add(b * pairs * BLOCK),
+                    ctp,
+                    next_rows(wp, j0, n, k, b),
+                );
+                each_result(ctp, mb, |t, v| {
+                    _mm512_storeu_ps(yp.add((b * BLOCK + t) * n + j0), v);
+                });
             }
         }
         asm!("tilerelease", options(nomem, nostack));
