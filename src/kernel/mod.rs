@@ -53,6 +53,7 @@ pub(crate) mod attention;
 #[cfg(target_arch = "x86_64")]
 mod bf16dot;
 pub(crate) mod matvec;
+pub(crate) mod norm;
 mod rows;
 mod simd;
 pub(crate) mod split;

@@ -96,10 +96,10 @@ impl NormW {
         })
     }
 
-    /// `out = norm(x)` over the whole slice (LayerNorm with a bias, RMSNorm without), with
-    /// candle-nn's own formulas (one pass, `var = E[x^2] - mean^2`; RMSNorm divides by the root):
-    /// a full pass normalises the prompt with them, and the two-pass variance differs by enough
-    /// rounding to move the embedded model's logits by 5e-5.
+    /// `out = norm(x)` over the whole slice (LayerNorm with a bias, RMSNorm without), with the
+    /// full pass's formulas: candle-nn's LayerNorm (one pass, `var = E[x^2] - mean^2`; the
+    /// two-pass variance differs by enough rounding to move the embedded model's logits by 5e-5)
+    /// and [`crate::kernel::norm`]'s RMSNorm.
     fn apply(&self, x: &[f32], out: &mut [f32]) {
         let n = x.len() as f32;
         match &self.b {
@@ -116,13 +116,7 @@ impl NormW {
                     *o = (v - mean) * inv_std * w + b;
                 }
             }
-            None => {
-                let sum2 = x.iter().map(|v| v * v).sum::<f32>();
-                let m = (sum2 / n + self.eps).sqrt();
-                for ((o, &v), &w) in out.iter_mut().zip(x).zip(&self.w) {
-                    *o = v / m * w;
-                }
-            }
+            None => crate::kernel::norm::rms_norm_row(x, &self.w, self.eps, out),
         }
     }
 
