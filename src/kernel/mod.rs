@@ -52,6 +52,7 @@ mod amx;
 pub(crate) mod attention;
 #[cfg(target_arch = "x86_64")]
 mod bf16dot;
+pub(crate) mod heads;
 pub(crate) mod matvec;
 pub(crate) mod norm;
 mod rows;

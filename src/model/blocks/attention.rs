@@ -254,6 +254,63 @@ impl Rotary {
     }
 }
 
+/// `x` `[batch, seq, heads, head_dim]` -> `[batch, heads, seq, head_dim]`, rotated by the pass's
+/// positions where `rotary` is given: one pass on the CPU ([`crate::kernel::heads`]), candle's
+/// transpose and rope elsewhere (the same bits).
+fn split_heads(
+    x: Tensor,
+    rotary: Option<&Rotary>,
+    pass: &PassContext,
+) -> candle_core::Result<Tensor> {
+    if let Some(y) = split_heads_cpu(&x, rotary, pass)? {
+        return Ok(y);
+    }
+    let x = x.transpose(1, 2)?.contiguous()?;
+    match rotary {
+        Some(r) => r.apply(&x, pass),
+        None => Ok(x),
+    }
+}
+
+fn split_heads_cpu(
+    x: &Tensor,
+    rotary: Option<&Rotary>,
+    pass: &PassContext,
+) -> candle_core::Result<Option<Tensor>> {
+    use crate::kernel::heads::RotaryRows;
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    let (batch, seq, n, hd) = x.dims4()?;
+    if !f32_cpu(x) || rotary.is_some_and(|r| !f32_cpu(&r.cos) || !f32_cpu(&r.sin)) {
+        return Ok(None);
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let Some(src) = cpu_slice::<f32>(&xs, xl) else {
+        return Ok(None);
+    };
+    let tables = rotary.map(|r| (r.cos.storage_and_layout(), r.sin.storage_and_layout()));
+    let rows = match &tables {
+        Some(((cs, cl), (ss, sl))) => {
+            let half = hd / 2;
+            let (Some(cos), Some(sin)) = (cpu_slice::<f32>(cs, cl), cpu_slice::<f32>(ss, sl))
+            else {
+                return Ok(None);
+            };
+            let (lo, hi) = (pass.start_pos * half, (pass.start_pos + seq) * half);
+            if !hd.is_multiple_of(2) || cos.len() < hi || sin.len() < hi || pass.seq != seq {
+                return Ok(None);
+            }
+            Some(RotaryRows {
+                cos: &cos[lo..hi],
+                sin: &sin[lo..hi],
+            })
+        }
+        None => None,
+    };
+    let mut out = vec![0f32; src.len()];
+    crate::kernel::heads::split_heads(src, batch, seq, n, hd, rows.as_ref(), &mut out);
+    Tensor::from_vec(out, (batch, n, seq, hd), x.device()).map(Some)
+}
+
 /// One layer's cached keys and values, [batch, heads, positions, head_dim] each.
 #[derive(Clone, Default)]
 pub struct KvSlot {
@@ -473,13 +530,9 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let split = |t: Tensor| t.transpose(1, 2)?.contiguous();
-        let (mut q, mut k) = (split(q)?, split(k)?);
-        let v = split(heads(self.v.forward(&a)?, nkv)?)?;
-        if let Some(rotary) = &self.rotary {
-            q = rotary.apply(&q, pass)?;
-            k = rotary.apply(&k, pass)?;
-        }
+        let rotary = self.rotary.as_ref();
+        let (q, k) = (split_heads(q, rotary, pass)?, split_heads(k, rotary, pass)?);
+        let v = split_heads(heads(self.v.forward(&a)?, nkv)?, None, pass)?;
         let (k, v) = match cache {
             Some(slot) => slot.append(k, v)?,
             None => (k, v),
