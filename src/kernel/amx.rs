@@ -132,12 +132,14 @@ macro_rules! tile_dp {
 
 /// `C[g][v] = sum over k of A_g . B_v` for `groups` (1 or 2) A tiles of 16 rows and `b_tiles`
 /// (1 or 2) B tiles, over `k_steps` steps of 32 values, stored as 16 rows of 16 floats at `c[g][v]`
-/// (`c_stride` bytes apart). A tile `g` at step `s` is at `a + g * a_group + s * 64` bytes
-/// (`a_stride` apart); B tile `v` at `b + v * b_half + s * b_step` (`b_stride` apart).
+/// (`c_stride` bytes apart). A tile `g` at step `s` is at `a + g * a_group + s * a_step` bytes
+/// (`a_stride` apart); B tile `v` at `b + v * b_half + s * b_step` (`b_stride` apart). Unless
+/// `prefetch` is null, step `s` also prefetches (into L2) the 64 bytes at `prefetch + r *
+/// a_stride + s * 64` for `r < 16`: the same step of the 16 rows an A tile will read next.
 ///
 /// # Safety
 /// Every tile read and written lies in memory the caller owns; the tile configuration of
-/// [`TileConfig::new`] is loaded.
+/// [`TileConfig::new`] is loaded. (A prefetch reads nothing and cannot fault.)
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tiles(

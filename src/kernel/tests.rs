@@ -1119,3 +1119,53 @@ fn dense_products_in_place_match_f64_reference_every_variant_dtype_and_thread_co
         }
     }
 }
+
+#[test]
+fn an_expert_with_more_rows_than_one_chunk_matches_the_reference_on_every_thread_count() {
+    // 600 tokens on 2 experts, every token on both: 600 rows per expert, more than the AMX
+    // in-place kernel takes in one chunk (at most 8 blocks of 32), with a partial last block.
+    let mut rng = StdRng::seed_from_u64(43);
+    let (e, d, h, tokens) = (2, 64, 32, 600);
+    let raw = Raw::random(&mut rng, e, d, h, Activation::Silu, true, true, true);
+    let logits: Vec<f32> = (0..tokens * e)
+        .map(|_| rng.random_range(-3.0f32..3.0))
+        .collect();
+    let mut routing = Routing::default();
+    let no_capacity = crate::routing::CapacityFactor::optional(None).unwrap();
+    let dense = RoutingPolicy::Dense.check(e).unwrap();
+    route(&logits, dense, no_capacity, &mut routing).unwrap();
+    let mut groups = ExpertGroups::default();
+    groups.build(&routing);
+    assert!(
+        (0..e).all(|i| groups.rows(i) == tokens),
+        "rows {:?}",
+        groups.offsets
+    );
+    let x: Vec<f32> = (0..tokens * d)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let (reference, layer) = in_place(&raw, WeightDtype::Bf16);
+    let want = reference.reference(&x, &routing);
+    let want_rounded = reference.reference_bf16_activations(&x, &routing);
+    let mut scratch = MoeScratch {
+        par_min_flops: 0,
+        ..MoeScratch::default()
+    };
+    for v in KernelVariant::testable() {
+        let mut first: Option<Vec<f32>> = None;
+        for threads in [1, 2, 3] {
+            let mut out = vec![f32::NAN; tokens * d];
+            moe_forward(&layer, &x, &groups, &mut out, &mut scratch, v, threads);
+            let rounds = rounds_activations(v);
+            check(
+                &out,
+                if rounds { &want_rounded } else { &want },
+                &format!("{v:?} {threads}t"),
+            );
+            match &first {
+                None => first = Some(out),
+                Some(f) => assert!(same_bits(f, &out), "{v:?}: {threads} threads differ from 1"),
+            }
+        }
+    }
+}

@@ -28,7 +28,7 @@ impl Norm {
     }
 
     /// Normalises every row of `x`. An RMSNorm of f32 rows on the CPU runs
-    /// [`crate::kernel::norm`] (the lean decoder's arithmetic); the rest runs candle-nn's.
+    /// `kernel::norm` (the lean decoder's arithmetic); the rest runs candle-nn's.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.b {
             Some(b) => candle_nn::ops::layer_norm(x, &self.w, b, self.eps),
