@@ -629,51 +629,32 @@ pub(super) fn linear(
         rest_x = xb;
         rest_y = yb;
     }
-    rayon::in_place_scope(|s| {
-        let mut work = work.into_iter();
-        let first = work.next();
-        for (xa, ya, m) in work {
+    super::split::each(work, |(xa, ya, m)| {
+        LINEAR_SCRATCH.with_borrow_mut(|(act, ct)| {
             // SAFETY: `available()` was asserted, which includes the CPU features the entry
             // enables; the slices were cut to `m` rows of `k` and `n` values.
-            s.spawn(move |_| unsafe { linear_rows(xa, m, k, w, n, ya) });
-        }
-        if let Some((xa, ya, m)) = first {
-            // SAFETY: as above.
-            unsafe { linear_rows(xa, m, k, w, n, ya) };
-        }
+            unsafe { linear_rows(xa, m, k, w, n, ya, act, ct) }
+        })
     });
 }
 
-/// One thread's share of [`linear`]: `m` rows.
+thread_local! {
+    /// Each thread's rounded activations and result tile for [`linear`], kept between products:
+    /// a fresh buffer per call was zeroed and faulted in again (a 256-row pass at d 1024 rounds
+    /// 512 KiB of them).
+    static LINEAR_SCRATCH: std::cell::RefCell<(Vec<u32>, Vec<f32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// One thread's share of [`linear`]: `m` rows, with the thread's scratch `act` and `ct`.
 ///
 /// # Safety
 /// [`available`] returned true; `x` has `m * k` values, `w` `n * k`, `y` `m * n`; `k` is a
 /// multiple of 32 and `n` of 16.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-unsafe fn linear_rows(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, y: &mut [f32]) {
-    if m == 0 {
-        return;
-    }
-    // Each thread keeps its rounded activations between products: a fresh buffer per call was
-    // zeroed and faulted in again (a 256-row pass at d 1024 rounds 512 KiB of them).
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<(Vec<u32>, Vec<f32>)> = const {
-            std::cell::RefCell::new((Vec::new(), Vec::new()))
-        };
-    }
-    SCRATCH.with_borrow_mut(|(act, ct)| {
-        // SAFETY: forwarded from the caller.
-        unsafe { linear_rows_in(x, m, k, w, n, y, act, ct) }
-    });
-}
-
-/// [`linear_rows`] with the thread's scratch.
-///
-/// # Safety
-/// As for [`linear_rows`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma,f16c")]
-unsafe fn linear_rows_in(
+unsafe fn linear_rows(
     x: &[f32],
     m: usize,
     k: usize,
@@ -683,6 +664,9 @@ unsafe fn linear_rows_in(
     act: &mut Vec<u32>,
     ct: &mut Vec<f32>,
 ) {
+    if m == 0 {
+        return;
+    }
     let blocks = m.div_ceil(BLOCK);
     let pairs = k / 2;
     let (act, ctp) = (

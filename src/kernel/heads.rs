@@ -49,15 +49,14 @@ pub(crate) fn split_heads(
     let one = |bh: usize, dst: &mut [f32]| {
         let (b, h) = (bh / heads, bh % heads);
         for (t, d) in dst.chunks_exact_mut(head_dim).enumerate() {
-            let s = &src[((b * seq + t) * heads + h) * head_dim..][..head_dim];
-            match rotary {
-                Some(r) => {
-                    let half = head_dim / 2;
-                    let cs = &r.cos[t * half..(t + 1) * half];
-                    let sn = &r.sin[t * half..(t + 1) * half];
-                    rotate(s, cs, sn, d);
-                }
-                None => d.copy_from_slice(s),
+            d.copy_from_slice(&src[((b * seq + t) * heads + h) * head_dim..][..head_dim]);
+            if let Some(r) = rotary {
+                let half = head_dim / 2;
+                rotate_half(
+                    d,
+                    &r.cos[t * half..(t + 1) * half],
+                    &r.sin[t * half..(t + 1) * half],
+                );
             }
         }
     };
@@ -74,17 +73,17 @@ pub(crate) fn split_heads(
     }
 }
 
-/// One head: `d[i] = s[i] cos[i] - s[i + half] sin[i]`, `d[i + half] = s[i] sin[i] + s[i + half]
-/// cos[i]`.
+/// Rotates one head in place by one position's `cos` and `sin` (`[x.len() / 2]` each), pairing
+/// `(i, i + n / 2)` as candle-nn's rope does: `x[i] cos - x[i + n/2] sin`, `x[i + n/2] cos + x[i]
+/// sin`. The lean decoder rotates its heads with it too.
 #[inline(always)]
-fn rotate(s: &[f32], cos: &[f32], sin: &[f32], d: &mut [f32]) {
-    let half = cos.len();
-    let (s1, s2) = s.split_at(half);
-    let (d1, d2) = d.split_at_mut(half);
+pub(crate) fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at_mut(half);
     for i in 0..half {
-        let (x1, x2) = (s1[i], s2[i]);
-        d1[i] = x1 * cos[i] - x2 * sin[i];
-        d2[i] = x1 * sin[i] + x2 * cos[i];
+        let (a1, a2) = (x1[i], x2[i]);
+        x1[i] = a1 * cos[i] - a2 * sin[i];
+        x2[i] = a2 * cos[i] + a1 * sin[i];
     }
 }
 

@@ -1142,7 +1142,7 @@ impl LeanDecoder {
                 &sin[pos * half..(pos + 1) * half],
             );
             for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-                rotate_half(head, c, sn);
+                crate::kernel::heads::rotate_half(head, c, sn);
             }
         }
         let kv = &mut s.kv[li];
@@ -1386,18 +1386,6 @@ fn offsets(layout: &candle_core::Layout) -> Result<std::ops::Range<usize>> {
     Ok(start..end)
 }
 
-/// Rotates `x` by one position's `cos` and `sin` (`[x.len() / 2]` each), pairing `(i, i + n/2)`
-/// as candle's `rope` does.
-fn rotate_half(x: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = x.len() / 2;
-    let (x1, x2) = x.split_at_mut(half);
-    for i in 0..half {
-        let (a1, a2) = (x1[i], x2[i]);
-        x1[i] = a1 * cos[i] - a2 * sin[i];
-        x2[i] = a2 * cos[i] + a1 * sin[i];
-    }
-}
-
 /// One latent attention head's rotary part rotated in place, as `LatentAttention::rotate` does
 /// it: when `interleaved`, the adjacent pairs `(2i, 2i + 1)` are first laid out as halves (evens,
 /// then odds), so that the keys cached here are the very vectors the candle path caches.
@@ -1410,7 +1398,7 @@ fn rotate_latent(x: &mut [f32], cos: &[f32], sin: &[f32], interleaved: bool, tmp
             x[half + i] = tmp[2 * i + 1];
         }
     }
-    rotate_half(x, cos, sin);
+    crate::kernel::heads::rotate_half(x, cos, sin);
 }
 
 /// `w_t` (`[n_in, n_out]` f32) as `[n_out, n_in]` f16, if every value converts exactly.

@@ -278,11 +278,9 @@ fn split_heads_cpu(
     pass: &PassContext,
 ) -> candle_core::Result<Option<Tensor>> {
     use crate::kernel::heads::RotaryRows;
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+    // `cpu_slice` is `None` for another device or dtype (of `x` or of the tables): those run
+    // candle's transpose and rope.
     let (batch, seq, n, hd) = x.dims4()?;
-    if !f32_cpu(x) || rotary.is_some_and(|r| !f32_cpu(&r.cos) || !f32_cpu(&r.sin)) {
-        return Ok(None);
-    }
     let (xs, xl) = x.storage_and_layout();
     let Some(src) = cpu_slice::<f32>(&xs, xl) else {
         return Ok(None);

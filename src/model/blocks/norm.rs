@@ -1,6 +1,6 @@
 //! LayerNorm (weight and bias) or RMSNorm (weight only) over the last dimension.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::cpu_slice;
 
@@ -40,8 +40,8 @@ impl Norm {
     }
 
     fn rms_on_cpu(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-        if !f32_cpu(x) || !f32_cpu(&self.w) || x.dims().last() != Some(&self.w.elem_count()) {
+        // `cpu_slice` is `None` for another device or dtype: those run candle-nn's norm.
+        if !x.device().is_cpu() || x.dims().last() != Some(&self.w.elem_count()) {
             return Ok(None);
         }
         let x = x.contiguous()?;
